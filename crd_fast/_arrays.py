@@ -1,0 +1,88 @@
+"""Input checking and conversion shared by every public entry point.
+
+Users hand in torch tensors or numpy arrays; results go back in the same kind and, for tensors, on the
+same device. Bad input is refused here with an error that names the problem, before any math runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ArrayKind:
+    """Remembers how an input came in, so the output can go back the same way."""
+
+    is_numpy: bool
+    device: torch.device
+    dtype: torch.dtype
+
+    def wrap(self, result: torch.Tensor) -> ArrayLike:
+        """Return ``result`` as the caller's kind: a numpy array, or a tensor on the caller's device."""
+        if self.is_numpy:
+            return result.detach().cpu().numpy()
+        return result.to(self.device)
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_tensor(x: Any, name: str = "input") -> tuple[torch.Tensor, ArrayKind]:
+    """Convert a tensor, numpy array (or nested sequence) to a tensor, refusing non-float data."""
+    if isinstance(x, torch.Tensor):
+        tensor, is_numpy = x.detach(), False
+    elif isinstance(x, np.ndarray):
+        if x.dtype.kind not in "f":
+            raise TypeError(f"{name} must have a floating-point dtype, got numpy {x.dtype}")
+        tensor, is_numpy = torch.from_numpy(np.ascontiguousarray(x)), True
+    elif isinstance(x, (list, tuple)):
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "f":
+            raise TypeError(f"{name} must hold floating-point values, got {arr.dtype}")
+        tensor, is_numpy = torch.from_numpy(arr), True
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating-point dtype (float16/bfloat16/float32/float64), got {tensor.dtype}")
+    return tensor, ArrayKind(is_numpy=is_numpy, device=tensor.device, dtype=tensor.dtype)
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise ValueError if ``t`` holds NaN or Inf (one reduction; cheap next to any matmul)."""
+    if not bool(torch.isfinite(t).all()):
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+
+
+def as_patch_matrix(
+    x: Any,
+    name: str = "X",
+    dim: Optional[int] = None,
+    min_rows: int = 1,
+) -> tuple[torch.Tensor, ArrayKind]:
+    """Check a (N, d) patch matrix: 2-D, float, finite, at least ``min_rows`` rows, ``dim`` columns."""
+    tensor, kind = as_tensor(x, name)
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N, d) array of patch features, got shape {tuple(tensor.shape)}")
+    n, d = tensor.shape
+    if n < min_rows:
+        what = "is empty" if n == 0 else f"has {n} row(s)"
+        raise ValueError(f"{name} {what}; at least {min_rows} patch(es) are needed")
+    if d == 0:
+        raise ValueError(f"{name} has zero feature dimensions (shape {tuple(tensor.shape)})")
+    if dim is not None and d != dim:
+        raise ValueError(f"{name} has feature dimension d={d}, but the model was fitted with d={dim}")
+    check_finite(tensor, name)
+    return tensor, kind
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scoring runs in: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,1 @@
+"""The ``crd-fast`` command line."""

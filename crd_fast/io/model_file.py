@@ -1,0 +1,125 @@
+"""Reading and writing crd_fast model files.
+
+A model file is a safetensors file whose metadata holds one JSON document under the key
+``crd_fast``: the format name and version, the crd_fast version, the kind of model, the model's own
+fields, and a SHA-256 checksum of every tensor (name, dtype, shape and bytes). Loading checks all of
+it, so a truncated, edited or foreign file is refused with an error naming the file and the problem.
+Writes go to a temporary file in the same folder and are renamed into place: a crash or an
+exception never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Union
+
+import torch
+
+from .._version import __version__
+
+FORMAT_NAME = "crd-fast-model"
+FORMAT_VERSION = 1
+METADATA_KEY = "crd_fast"
+
+PathLike = Union[str, os.PathLike]
+
+
+class ModelFileError(ValueError):
+    """A model file could not be read: missing, truncated, corrupt, of another format or inconsistent."""
+
+
+def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_model_file(path: PathLike, kind: str, tensors: Mapping[str, torch.Tensor], fields: Mapping[str, Any]) -> Path:
+    """Write ``tensors`` and JSON-serialisable ``fields`` as a model file of ``kind``, atomically."""
+    from safetensors.torch import save_file
+
+    clean = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "crd_fast_version": __version__,
+        "kind": kind,
+        "checksum": tensor_checksum(clean),
+        **fields,
+    }
+    text = json.dumps(meta, sort_keys=True)
+    with atomic_write(path) as tmp:
+        save_file(clean, str(tmp), metadata={METADATA_KEY: text})
+    return Path(path)
+
+
+def read_model_file(path: PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify a model file of ``kind``; return its tensors (on CPU) and metadata fields."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"{p}: no such model file")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            raw_meta = fh.metadata() or {}
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except ModelFileError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for truncated or malformed files
+        raise ModelFileError(f"{p}: not a readable model file (truncated or corrupt?): {exc}") from exc
+    if METADATA_KEY not in raw_meta:
+        raise ModelFileError(f"{p}: not a crd_fast model file (no '{METADATA_KEY}' metadata)")
+    try:
+        meta = json.loads(raw_meta[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{p}: model metadata is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{p}: not a crd_fast model file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{p}: model file format version {meta.get('format_version')!r} is not supported "
+            f"(this crd_fast {__version__} reads version {FORMAT_VERSION})"
+        )
+    if meta.get("kind") != kind:
+        raise ModelFileError(f"{p}: holds a {meta.get('kind')!r} model, expected {kind!r}")
+    if meta.get("checksum") != tensor_checksum(tensors):
+        raise ModelFileError(f"{p}: checksum mismatch: the tensors were modified or corrupted after saving")
+    return tensors, meta
+
+
+def require(condition: bool, path: PathLike, message: str) -> None:
+    """Raise ModelFileError naming ``path`` unless ``condition`` holds (for consistency checks)."""
+    if not condition:
+        raise ModelFileError(f"{path}: inconsistent model file: {message}")

@@ -1,0 +1,107 @@
+"""The pure-PyTorch reference path: the specification every fast path is tested against.
+
+From backbone feature maps to a CRD patch score map (DESIGN.md section 2):
+
+    per layer: 3x3 average pooling, stride 1, padding 1 (zero padding counted, as PatchCore)
+    every layer bilinearly resized to the first layer's grid (align_corners=False)
+    concatenated along channels ("concat"), or reduced to ``target_dim`` channels by PatchCore's
+    two adaptive average poolings ("patchcore")
+    score of each patch = ||P (y - mu)||_2
+
+Readable first, fast never: use ``crd_fast.ops`` for speed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+EMBEDDINGS = ("concat", "patchcore")
+
+
+def pool_feature_map(fmap: torch.Tensor) -> torch.Tensor:
+    """3x3 average pooling, stride 1, zero padding 1 counted in the average (PatchCore's local aggregation)."""
+    return F.avg_pool2d(fmap, kernel_size=3, stride=1, padding=1, count_include_pad=True)
+
+
+def resize_to(fmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize to ``size`` (align_corners=False); a no-op when already that size."""
+    if tuple(fmap.shape[-2:]) == tuple(size):
+        return fmap
+    return F.interpolate(fmap, size=size, mode="bilinear", align_corners=False)
+
+
+def patchcore_reduce(features: torch.Tensor, layer_channels: Sequence[int], target_dim: int = 1024) -> torch.Tensor:
+    """PatchCore's channel reduction of a (N, sum(layer_channels)) patch matrix to (N, target_dim).
+
+    Each layer's channels are adaptively average-pooled to ``target_dim``, the layers are laid side by
+    side, and that vector is adaptively average-pooled to ``target_dim`` again. Both steps are linear.
+    """
+    per_layer = torch.split(features, list(layer_channels), dim=1)
+    pooled = [F.adaptive_avg_pool1d(part.unsqueeze(1), target_dim).squeeze(1) for part in per_layer]
+    stacked = torch.cat(pooled, dim=1)
+    return F.adaptive_avg_pool1d(stacked.unsqueeze(1), target_dim).squeeze(1)
+
+
+def embedding_dim(layer_channels: Sequence[int], embedding: str = "concat", target_dim: int = 1024) -> int:
+    """The patch dimension d an embedding produces from layers of the given channel counts."""
+    check_embedding(embedding)
+    return int(sum(layer_channels)) if embedding == "concat" else int(target_dim)
+
+
+def check_embedding(embedding: str) -> None:
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+
+
+def embed_patches(
+    feature_maps: Sequence[torch.Tensor], embedding: str = "concat", target_dim: int = 1024
+) -> torch.Tensor:
+    """Patch embeddings (B, d, H, W) on the first layer's (H, W) grid from (B, C_l, H_l, W_l) maps."""
+    check_embedding(embedding)
+    if len(feature_maps) == 0:
+        raise ValueError("at least one feature map is needed")
+    batch = feature_maps[0].shape[0]
+    for i, f in enumerate(feature_maps):
+        if f.ndim != 4 or f.shape[0] != batch:
+            raise ValueError(f"feature map {i} must be (B={batch}, C, H, W), got shape {tuple(f.shape)}")
+    size = tuple(feature_maps[0].shape[-2:])
+    layers = [resize_to(pool_feature_map(f), size) for f in feature_maps]
+    concat = torch.cat(layers, dim=1)
+    if embedding == "concat":
+        return concat
+    b, c, h, w = concat.shape
+    flat = concat.permute(0, 2, 3, 1).reshape(-1, c)
+    reduced = patchcore_reduce(flat, [f.shape[1] for f in feature_maps], target_dim)
+    return reduced.reshape(b, h, w, target_dim).permute(0, 3, 1, 2)
+
+
+def patch_matrix(embeddings: torch.Tensor) -> torch.Tensor:
+    """(B, d, H, W) embeddings as a (B*H*W, d) matrix of patches, row-major over (b, y, x)."""
+    b, d, h, w = embeddings.shape
+    return embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
+
+
+def crd_scores(patches: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """||matrix (y - offset)||_2 for each row y of ``patches``, in float64."""
+    z = patches.to(torch.float64) - offset.to(patches.device, torch.float64)
+    return torch.linalg.vector_norm(z @ matrix.to(patches.device, torch.float64).T, dim=1)
+
+
+def crd_score_map(embeddings: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) CRD score map of (B, d, H, W) embeddings, in float64."""
+    b, _, h, w = embeddings.shape
+    return crd_scores(patch_matrix(embeddings), matrix, offset).reshape(b, h, w)
+
+
+def crd_head(
+    feature_maps: Sequence[torch.Tensor],
+    matrix: torch.Tensor,
+    offset: torch.Tensor,
+    embedding: str = "concat",
+    target_dim: int = 1024,
+) -> torch.Tensor:
+    """The whole head, feature maps to (B, H, W) float64 patch score map: the fused kernels' specification."""
+    return crd_score_map(embed_patches(feature_maps, embedding, target_dim), matrix, offset)

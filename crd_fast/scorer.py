@@ -1,0 +1,275 @@
+"""CRDScorer: the Collaborative Representation Distance as a small estimator object.
+
+Fit it on normal patch features (rows of an (N, d) array), then score new patches: the score of y is
+||M_pre (y - mu)||_2, the ridge residual of y over all training patches, computed from a d x d matrix.
+The scorer keeps only float64 sufficient statistics (count, mean, scatter), never the patches, so its
+memory is O(d^2) whatever N is, and lam_rel, center and rank can be changed after fitting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+import torch
+
+from . import _native
+from ._arrays import ArrayLike, as_patch_matrix, compute_dtype
+from .core.projection import CRDProjection, crd_lambda
+from .core.stats import PatchStatistics
+from .io.model_file import PathLike, read_model_file, require, write_model_file
+
+#: Default ridge strength relative to the mean eigenvalue of C (lam = lam_rel * trace(C) / d).
+#: Chosen by the sweep in the README ("Choosing lam_rel"): 0.01 ranks anomalies best on average there.
+DEFAULT_LAM_REL = 0.01
+
+#: Rows scored per chunk: bounds the temporary (chunk x d) projection to about 64 MB in float32.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class CRDScorer:
+    """Collaborative Representation Distance scorer.
+
+    Args:
+        lam_rel: ridge strength relative to the mean eigenvalue of the patch covariance
+            (lam = lam_rel * trace(C) / d). Small values approach a Mahalanobis-like distance, large
+            values approach the plain distance to the mean.
+        center: subtract the patch mean (True) or use the paper's uncentred second moment (False).
+        rank: keep only the ``rank`` most significant rows of W = diag(c) U^T (see ``error_bound``);
+            None keeps the exact full-rank M_pre.
+
+    Inputs are (N, d) torch tensors (CPU or CUDA) or numpy arrays; ``score`` returns the same kind,
+    on the same device. float64 inputs are scored in float64, all others in float32.
+    """
+
+    def __init__(self, lam_rel: float = DEFAULT_LAM_REL, center: bool = True, rank: Optional[int] = None) -> None:
+        self._check_params(lam_rel, rank)
+        self._lam_rel = float(lam_rel)
+        self._center = bool(center)
+        self._rank = None if rank is None else int(rank)
+        self._stats: Optional[PatchStatistics] = None
+        self._projection: Optional[CRDProjection] = None
+        self._device_cache: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---- parameters ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_params(lam_rel: float, rank: Optional[int]) -> None:
+        if not (isinstance(lam_rel, (int, float)) and math.isfinite(lam_rel) and lam_rel > 0):
+            raise ValueError(f"lam_rel must be a positive finite number, got {lam_rel!r}")
+        if rank is not None and (not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
+
+    @property
+    def lam_rel(self) -> float:
+        return self._lam_rel
+
+    @lam_rel.setter
+    def lam_rel(self, value: float) -> None:
+        self._check_params(value, self._rank)
+        self._lam_rel = float(value)
+        self._invalidate()
+
+    @property
+    def center(self) -> bool:
+        return self._center
+
+    @center.setter
+    def center(self, value: bool) -> None:
+        self._center = bool(value)
+        self._invalidate()
+
+    @property
+    def rank(self) -> Optional[int]:
+        return self._rank
+
+    @rank.setter
+    def rank(self, value: Optional[int]) -> None:
+        self._check_params(self._lam_rel, value)
+        self._rank = value
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._projection = None
+        self._device_cache.clear()
+
+    # ---- fitting ------------------------------------------------------------------------------
+    def fit(self, X: ArrayLike) -> "CRDScorer":
+        """Fit on (N, d) normal patches (N >= 2), discarding any earlier fit."""
+        x, _ = as_patch_matrix(X, "X", min_rows=2)
+        self._stats = None
+        return self.partial_fit(x)
+
+    def partial_fit(self, X: ArrayLike) -> "CRDScorer":
+        """Add (N, d) normal patches to the fit; any chunking gives the same model as one ``fit``."""
+        dim = self._stats.dim if self._stats is not None else None
+        x, _ = as_patch_matrix(X, "X", dim=dim, min_rows=1)
+        if self._stats is None:
+            self._stats = PatchStatistics(x.shape[1])
+        self._stats.update(x)
+        self._invalidate()
+        return self
+
+    def merge(self, other: "CRDScorer") -> "CRDScorer":
+        """Add another scorer's statistics (fitted on other patches of the same d) into this one."""
+        if other._stats is None:
+            return self
+        if self._stats is None:
+            self._stats = PatchStatistics(other._stats.dim)
+        self._stats.merge(other._stats)
+        self._invalidate()
+        return self
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._stats is not None and self._stats.count >= 2
+
+    def _require_fitted(self) -> PatchStatistics:
+        if self._stats is None:
+            raise RuntimeError("this CRDScorer is not fitted yet: call fit(X) first")
+        if self._stats.count < 2:
+            raise ValueError(f"CRD needs at least 2 training patches, got {self._stats.count}")
+        return self._stats
+
+    # ---- fitted attributes (float64, CPU) -------------------------------------------------------
+    @property
+    def statistics(self) -> PatchStatistics:
+        """The float64 sufficient statistics (count, mean, scatter)."""
+        return self._require_fitted()
+
+    @property
+    def dim(self) -> int:
+        return self._require_fitted().dim
+
+    @property
+    def n_samples(self) -> int:
+        return self._require_fitted().count
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """mu: the patch mean when centred, zeros otherwise."""
+        return self.projection.offset
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self._require_fitted().covariance(self._center)
+
+    @property
+    def lam(self) -> float:
+        return self.projection.lam
+
+    @property
+    def projection(self) -> CRDProjection:
+        """The deploy-time head (M_pre, or rank-r W, with the offset mu), float64 on CPU."""
+        if self._projection is None:
+            stats = self._require_fitted()
+            cov = stats.covariance(self._center)
+            lam = crd_lambda(cov, self._lam_rel)
+            self._projection = CRDProjection.from_covariance(cov, stats.location(self._center), lam, self._rank)
+        return self._projection
+
+    @property
+    def error_bound(self) -> float:
+        """At rank r: 0 <= full score - rank-r score <= error_bound * ||y - mu||; 0 at full rank."""
+        return self.projection.error_bound
+
+    # ---- scoring --------------------------------------------------------------------------------
+    def _operands(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projection matrix P and q = P mu in ``dtype`` on ``device``, cached."""
+        key = (str(device), dtype)
+        if key not in self._device_cache:
+            proj = self.projection
+            q = proj.matrix @ proj.offset  # float64, so the folded offset loses nothing before the cast
+            self._device_cache[key] = (
+                proj.matrix.to(device=device, dtype=dtype).contiguous(),
+                q.to(device=device, dtype=dtype).contiguous(),
+            )
+        return self._device_cache[key]
+
+    def score(self, Y: ArrayLike) -> ArrayLike:
+        """CRD score ||P (y - mu)|| of every row of the (N, d) array ``Y``; same kind and device as ``Y``."""
+        stats = self._require_fitted()
+        y, kind = as_patch_matrix(Y, "Y", dim=stats.dim, min_rows=0)
+        dtype = compute_dtype(y.dtype)
+        y = y.to(dtype)
+        matrix, q = self._operands(y.device, dtype)
+        out = torch.empty(y.shape[0], dtype=dtype, device=y.device)
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, matrix.shape[0]))
+        use_native = _native.has_native() and (y.device.type == "cpu" or _native.has_native_cuda())
+        for start in range(0, y.shape[0], chunk):
+            z = y[start : start + chunk] @ matrix.T
+            if use_native:
+                out[start : start + chunk] = _native.residual_norm(z, q)
+            else:
+                out[start : start + chunk] = torch.linalg.vector_norm(z - q, dim=1)
+        return kind.wrap(out)
+
+    __call__ = score
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def state(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and metadata fields describing this fitted scorer (used by ``save`` and the detector)."""
+        stats = self._require_fitted()
+        proj = self.projection
+        tensors = {
+            f"{prefix}mean": stats.mean.cpu(),
+            f"{prefix}scatter": stats.scatter.cpu(),
+            f"{prefix}projection": proj.matrix.cpu(),
+            f"{prefix}offset": proj.offset.cpu(),
+        }
+        fields = {
+            "d": stats.dim,
+            "n": stats.count,
+            "lam": proj.lam,
+            "lam_rel": self._lam_rel,
+            "center": self._center,
+            "rank": self._rank,
+            "error_bound": proj.error_bound,
+        }
+        return tensors, fields
+
+    @classmethod
+    def from_state(
+        cls, tensors: Mapping[str, torch.Tensor], fields: Mapping[str, Any], path: PathLike = "<memory>", prefix: str = ""
+    ) -> "CRDScorer":
+        """Rebuild a scorer from ``state()`` output, checking that every piece is consistent."""
+        names = [f"{prefix}{k}" for k in ("mean", "scatter", "projection", "offset")]
+        for name in names:
+            require(name in tensors, path, f"tensor '{name}' is missing")
+        mean, scatter, matrix, offset = (tensors[n] for n in names)
+        try:
+            d, n = int(fields["d"]), int(fields["n"])
+            lam, lam_rel = float(fields["lam"]), float(fields["lam_rel"])
+            center, rank = bool(fields["center"]), fields["rank"]
+        except (KeyError, TypeError, ValueError) as exc:
+            require(False, path, f"metadata field missing or malformed: {exc}")
+        require(n >= 2, path, f"n={n} training patches (at least 2 are needed)")
+        require(mean.shape == (d,) and offset.shape == (d,), path, f"mean/offset shapes do not match d={d}")
+        require(scatter.shape == (d, d), path, f"scatter shape {tuple(scatter.shape)} does not match d={d}")
+        r = d if rank is None else min(int(rank), d)
+        require(matrix.shape == (r, d), path, f"projection shape {tuple(matrix.shape)}, expected {(r, d)}")
+        for name, t in zip(names, (mean, scatter, matrix, offset)):
+            require(t.dtype == torch.float64, path, f"tensor '{name}' is {t.dtype}, expected float64")
+            require(bool(torch.isfinite(t).all()), path, f"tensor '{name}' holds NaN or Inf")
+        scorer = cls(lam_rel=lam_rel, center=center, rank=None if rank is None else int(rank))
+        scorer._stats = PatchStatistics.from_tensors(n, mean, scatter)
+        expected_lam = crd_lambda(scorer._stats.covariance(center), lam_rel)
+        require(math.isclose(lam, expected_lam, rel_tol=1e-9), path, f"lam={lam} but the statistics give {expected_lam}")
+        expected_offset = scorer._stats.location(center)
+        require(torch.equal(offset, expected_offset), path, "offset does not match the stored mean and 'center'")
+        scorer._projection = CRDProjection(matrix.clone(), offset.clone(), lam, scorer._rank, float(fields.get("error_bound", 0.0)))
+        return scorer
+
+    def save(self, path: PathLike) -> None:
+        """Write the fitted scorer to ``path`` (safetensors + JSON metadata), atomically."""
+        tensors, fields = self.state()
+        write_model_file(path, "crd_scorer", tensors, fields)
+
+    @classmethod
+    def load(cls, path: PathLike) -> "CRDScorer":
+        """Read a scorer written by ``save``; refuses truncated, edited or foreign files."""
+        tensors, meta = read_model_file(path, "crd_scorer")
+        return cls.from_state(tensors, meta, path)
+
+    def __repr__(self) -> str:
+        fitted = f"d={self._stats.dim}, n={self._stats.count}" if self._stats is not None else "unfitted"
+        return f"CRDScorer(lam_rel={self._lam_rel}, center={self._center}, rank={self._rank}; {fitted})"
