@@ -84,16 +84,20 @@ def patch_matrix(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
 
 
-def crd_scores(patches: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """||matrix (y - offset)||_2 for each row y of ``patches``, in float64."""
-    z = patches.to(torch.float64) - offset.to(patches.device, torch.float64)
-    return torch.linalg.vector_norm(z @ matrix.to(patches.device, torch.float64).T, dim=1)
+def crd_scores(
+    patches: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """||matrix (y - offset)||_2 for each row y of ``patches``, computed in ``dtype`` (float64: the specification)."""
+    z = patches.to(dtype) - offset.to(patches.device, dtype)
+    return torch.linalg.vector_norm(z @ matrix.to(patches.device, dtype).T, dim=1)
 
 
-def crd_score_map(embeddings: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) CRD score map of (B, d, H, W) embeddings, in float64."""
+def crd_score_map(
+    embeddings: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """(B, H, W) CRD score map of (B, d, H, W) embeddings, computed in ``dtype``."""
     b, _, h, w = embeddings.shape
-    return crd_scores(patch_matrix(embeddings), matrix, offset).reshape(b, h, w)
+    return crd_scores(patch_matrix(embeddings), matrix, offset, dtype).reshape(b, h, w)
 
 
 def crd_head(
@@ -102,6 +106,12 @@ def crd_head(
     offset: torch.Tensor,
     embedding: str = "concat",
     target_dim: int = 1024,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """The whole head, feature maps to (B, H, W) float64 patch score map: the fused kernels' specification."""
-    return crd_score_map(embed_patches(feature_maps, embedding, target_dim), matrix, offset)
+    """The whole head, feature maps to a (B, H, W) patch score map: the fused kernels' specification.
+
+    In float64 (the default) the feature maps are promoted first, so every step runs in float64;
+    ``dtype=torch.float32`` gives the unfused float32 path that benchmarks compare against.
+    """
+    maps = [f.to(dtype) for f in feature_maps]
+    return crd_score_map(embed_patches(maps, embedding, target_dim), matrix, offset, dtype)

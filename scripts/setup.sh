@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Make (or refresh) the project's virtual environment and install crd-fast into it as a user would.
+# Everything comes from this repository and the package registries: no data, weights or network at run time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${CRD_FAST_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# torch and torchvision first, pinned to the newest pair this project supports (a CUDA build that also runs on CPUs).
+"$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+# The package itself, built from source (C++ kernels, and CUDA kernels when nvcc is found), with test extras.
+"$VENV/bin/python" -m pip install -q ".[dev]" ${CRD_FAST_PIP_ARGS:-}
+"$VENV/bin/python" -c "import crd_fast; print('crd_fast', crd_fast.__version__, crd_fast.backends())"
