@@ -13,4 +13,6 @@ fi
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 # The package itself, built from source (C++ kernels, and CUDA kernels when nvcc is found), with test extras.
 "$VENV/bin/python" -m pip install -q ".[dev]" ${CRD_FAST_PIP_ARGS:-}
-"$VENV/bin/python" -c "import crd_fast; print('crd_fast', crd_fast.__version__, crd_fast.backends())"
+# Report what was built, importing the installed package (not the source tree beside us).
+VENV_PY="$(cd "$VENV" && pwd)/bin/python"
+(cd / && "$VENV_PY" -c "import crd_fast; print('crd_fast', crd_fast.__version__, crd_fast.backends())")

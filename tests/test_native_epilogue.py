@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -64,6 +65,14 @@ def test_import_and_score_without_compiled_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "(2,)" in out.stdout
+
+
+def test_build_has_the_expected_kernels():
+    """scripts/test.sh sets these after a pip install, so a build that lost its kernels fails here."""
+    if os.environ.get("CRD_FAST_EXPECT_NATIVE"):
+        assert _native.has_native(), crd_fast.backends()["native_error"]
+    if os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS"):
+        assert _native.has_native_cuda(), "nvcc was found but the installed build has no CUDA kernels"
 
 
 def test_backends_reports_build():
