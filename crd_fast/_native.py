@@ -53,6 +53,13 @@ def backends() -> dict[str, Any]:
         info["faiss"] = True
     except Exception:
         info["faiss"] = False
+    # the fused head (crd_fast.ops.crd_head): imported here, lazily, because those modules import this one
+    from .kernels import cpu as _head_cpu
+    from .kernels import cuda as _head_cuda
+
+    info["fused_cpu"] = _head_cpu.available()
+    info["fused_cpu_openmp"] = _head_cpu.openmp()
+    info["fused_cuda"] = _head_cuda.cuda_backend()
     return info
 
 
@@ -93,3 +100,104 @@ def residual_norm(z: torch.Tensor, q: Optional[torch.Tensor] = None) -> torch.Te
     else:
         raise RuntimeError(f"no native residual_norm kernel for device {z.device} in this build")
     return out
+
+
+#: torch dtype -> dtype name of the fused head kernels (operand dtype; fp16/bf16 accumulate in float32).
+HEAD_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def head_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation (and output) dtype of the head kernels for operand ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_head_cuda_args(
+    maps: list[torch.Tensor],
+    plan: torch.Tensor,
+    weights: torch.Tensor,
+    matrix: torch.Tensor,
+    q: torch.Tensor,
+    partial: torch.Tensor,
+    out: torch.Tensor,
+) -> str:
+    """Checks every tensor the CUDA head kernels read or write; returns the operand dtype name.
+
+    Shared by the compiled launcher below and the CuPy one (crd_fast/kernels/cupy_module.py): both take
+    the same pointers with the layouts of csrc/cuda/crd_head_kernels.cuh.
+    """
+    if not 1 <= len(maps) <= 4:
+        raise ValueError(f"the CUDA head kernels take 1 to 4 feature maps, got {len(maps)}")
+    dtype = maps[0].dtype
+    if dtype not in HEAD_DTYPES:
+        raise TypeError(f"CUDA head kernels take {list(HEAD_DTYPES)} maps, got {dtype}")
+    device = maps[0].device
+    if device.type != "cuda":
+        raise ValueError(f"CUDA head kernels need CUDA tensors, got device {device}")
+    acc = head_acc_dtype(dtype)
+    batch, _, h0, w0 = maps[0].shape
+    for i, f in enumerate(maps):
+        if f.device != device or f.dtype != dtype or f.ndim != 4 or f.shape[0] != batch or not f.is_contiguous():
+            raise ValueError(
+                f"feature map {i}: expected a contiguous {dtype} (B={batch}, C, H, W) tensor on {device}, got "
+                f"{f.dtype} {tuple(f.shape)} on {f.device} (contiguous={f.is_contiguous()})"
+            )
+    c_total = sum(int(f.shape[1]) for f in maps)
+    n = int(batch) * int(h0) * int(w0)
+
+    def need(t: torch.Tensor, name: str, shape: tuple, want: torch.dtype) -> None:
+        if t.device != device or t.dtype != want or tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(
+                f"{name}: expected a contiguous {want} {shape} tensor on {device}, got {t.dtype} "
+                f"{tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})"
+            )
+
+    if matrix.ndim != 2:
+        raise ValueError(f"matrix must be 2-D (r, {c_total}), got shape {tuple(matrix.shape)}")
+    r = int(matrix.shape[0])
+    rows = int(h0) + int(w0)
+    need(matrix, "matrix", (r, c_total), dtype)
+    need(q, "q", (r,), acc)
+    need(plan, "plan", (len(maps) * 4 + len(maps) * rows * 2,), torch.int32)
+    need(weights, "weights", (len(maps) * rows * 4,), acc)
+    need(partial, "partial", ((r + 63) // 64, n), acc)
+    need(out, "out", (int(batch), int(h0), int(w0)), acc)
+    if max(n, c_total, r) >= 2**31:
+        raise ValueError(f"sizes beyond int32 (N={n}, C={c_total}, r={r}): split the batch")
+    return HEAD_DTYPES[dtype]
+
+
+def crd_head_cuda(
+    maps: list[torch.Tensor],
+    plan: torch.Tensor,
+    weights: torch.Tensor,
+    matrix: torch.Tensor,
+    q: torch.Tensor,
+    partial: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Fused CRD head through the compiled CUDA kernels, on the current stream; fills and returns ``out``.
+
+    Layouts: csrc/cuda/crd_head_kernels.cuh. ``crd_fast.ops.crd_head`` is the user-facing entry point.
+    """
+    if not has_native_cuda():
+        raise RuntimeError("crd_fast._C was built without CUDA kernels")
+    name = check_head_cuda_args(maps, plan, weights, matrix, q, partial, out)
+    batch, _, h0, w0 = maps[0].shape
+    if out.numel() == 0 or matrix.shape[0] == 0:
+        return out.zero_()  # nothing to launch; a rank-0 matrix scores every patch 0
+    device = maps[0].device
+    stream = torch.cuda.current_stream(device).cuda_stream
+    with torch.cuda.device(device):
+        _C.crd_head_cuda(
+            name, [f.data_ptr() for f in maps], plan.data_ptr(), weights.data_ptr(), matrix.data_ptr(),
+            q.data_ptr(), partial.data_ptr(), out.data_ptr(), int(batch), int(h0), int(w0),
+            int(matrix.shape[1]), int(matrix.shape[0]), stream,
+        )
+    return out
+
+
+def crd_head_cuda_attributes() -> list[dict[str, Any]]:
+    """Registers, local (spill) bytes and static shared bytes of each compiled head kernel (needs a GPU)."""
+    if not has_native_cuda():
+        raise RuntimeError("crd_fast._C was built without CUDA kernels")
+    return list(_C.crd_head_cuda_attributes())

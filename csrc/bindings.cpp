@@ -1,6 +1,7 @@
 // pybind11 bindings of crd_fast._C. Every function takes pointers as integers; see crd_fast/_native.py
 // for the checked Python wrappers that are the only callers.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "common.h"
 
@@ -38,7 +39,7 @@ PYBIND11_MODULE(_C, m) {
       "residual_norm_cpu",
       [](const std::string& dtype, std::uintptr_t z, std::uintptr_t q, std::uintptr_t out, std::int64_t rows,
          std::int64_t cols) {
-        const DType dt = dtype_from_name(dtype);
+        const DType dt = real_dtype_from_name(dtype);
         py::gil_scoped_release release;
         cpu::residual_norm(dt, z, q, out, rows, cols);
       },
@@ -50,11 +51,59 @@ PYBIND11_MODULE(_C, m) {
       "residual_norm_cuda",
       [](const std::string& dtype, std::uintptr_t z, std::uintptr_t q, std::uintptr_t out, std::int64_t rows,
          std::int64_t cols, std::uintptr_t stream) {
-        const DType dt = dtype_from_name(dtype);
+        const DType dt = real_dtype_from_name(dtype);
         py::gil_scoped_release release;
         cuda::residual_norm(dt, z, q, out, rows, cols, stream);
       },
       py::arg("dtype"), py::arg("z"), py::arg("q"), py::arg("out"), py::arg("rows"), py::arg("cols"),
       py::arg("stream"), "CUDA twin of residual_norm_cpu, launched on the given stream.");
+
+  m.def(
+      "crd_head_cuda",
+      [](const std::string& dtype, const std::vector<std::uintptr_t>& maps, std::uintptr_t plan,
+         std::uintptr_t weights, std::uintptr_t matrix, std::uintptr_t q, std::uintptr_t partial, std::uintptr_t out,
+         int batch, int h0, int w0, int c_total, int r, std::uintptr_t stream) {
+        const DType dt = dtype_from_name(dtype);
+        if (maps.empty() || maps.size() > 4) {
+          throw std::invalid_argument("crd_head_cuda: 1 to 4 feature maps, got " + std::to_string(maps.size()));
+        }
+        HeadArgs a{};
+        for (std::size_t l = 0; l < 4; ++l) a.maps[l] = maps[l < maps.size() ? l : 0];
+        a.num_layers = static_cast<int>(maps.size());
+        a.plan = plan;
+        a.weights = weights;
+        a.matrix = matrix;
+        a.q = q;
+        a.partial = partial;
+        a.out = out;
+        a.batch = batch;
+        a.h0 = h0;
+        a.w0 = w0;
+        a.c_total = c_total;
+        a.r = r;
+        py::gil_scoped_release release;
+        cuda::crd_head(dt, a, stream);
+      },
+      py::arg("dtype"), py::arg("maps"), py::arg("plan"), py::arg("weights"), py::arg("matrix"), py::arg("q"),
+      py::arg("partial"), py::arg("out"), py::arg("batch"), py::arg("h0"), py::arg("w0"), py::arg("c_total"),
+      py::arg("r"), py::arg("stream"),
+      "Fused CRD head on CUDA (see csrc/cuda/crd_head_kernels.cuh): out[p] = ||P' e_p - q||.");
+
+  m.def(
+      "crd_head_cuda_attributes",
+      []() {
+        py::list result;
+        for (const auto& k : cuda::crd_head_attributes()) {
+          py::dict d;
+          d["name"] = k.name;
+          d["num_regs"] = k.num_regs;
+          d["local_bytes"] = k.local_bytes;
+          d["shared_bytes"] = k.shared_bytes;
+          d["binary_version"] = k.binary_version;
+          result.append(d);
+        }
+        return result;
+      },
+      "Registers, local-memory (spill) bytes and static shared bytes of the head kernels on this device.");
 #endif
 }

@@ -5,16 +5,50 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace crd_fast {
 
-enum class DType : int { Float32 = 0, Float64 = 1 };
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
 inline DType dtype_from_name(const std::string& name) {
   if (name == "float32") return DType::Float32;
   if (name == "float64") return DType::Float64;
-  throw std::invalid_argument("crd_fast._C: unsupported dtype '" + name + "' (float32 or float64)");
+  if (name == "float16") return DType::Float16;
+  if (name == "bfloat16") return DType::BFloat16;
+  throw std::invalid_argument("crd_fast._C: unsupported dtype '" + name + "'");
 }
+
+// float32 or float64 only: the kernels that have no half-precision variant parse with this.
+inline DType real_dtype_from_name(const std::string& name) {
+  const DType dt = dtype_from_name(name);
+  if (dt != DType::Float32 && dt != DType::Float64) {
+    throw std::invalid_argument("crd_fast._C: dtype '" + name + "' is not supported here (float32 or float64)");
+  }
+  return dt;
+}
+
+// Arguments of the fused head (see csrc/cuda/crd_head_kernels.cuh for their layouts). Pointers are
+// device addresses; plan/weights are the tables of crd_fast/kernels/plan.py.
+struct HeadArgs {
+  std::uintptr_t maps[4];  // per-layer (B, C_l, H_l, W_l) feature maps, operand dtype
+  int num_layers;
+  std::uintptr_t plan;     // int32
+  std::uintptr_t weights;  // accumulation dtype (float32, or float64 for the float64 kernel)
+  std::uintptr_t matrix;   // (r, c_total) operand dtype, row-major
+  std::uintptr_t q;        // (r,) accumulation dtype
+  std::uintptr_t partial;  // (ceil(r / 64), N) accumulation dtype, scratch
+  std::uintptr_t out;      // (N,) accumulation dtype
+  int batch, h0, w0, c_total, r;
+};
+
+struct KernelAttributes {
+  std::string name;
+  int num_regs;
+  long long local_bytes;
+  long long shared_bytes;
+  int binary_version;
+};
 
 namespace cpu {
 // out[i] = || Z[i, :] - q ||_2 for a row-major (rows x cols) Z; q may be null (treated as 0).
@@ -26,6 +60,10 @@ void residual_norm(DType dtype, std::uintptr_t z, std::uintptr_t q, std::uintptr
 namespace cuda {
 void residual_norm(DType dtype, std::uintptr_t z, std::uintptr_t q, std::uintptr_t out,
                    std::int64_t rows, std::int64_t cols, std::uintptr_t stream);
+// The fused head: tile kernel then finish kernel, both on the given stream.
+void crd_head(DType dtype, const HeadArgs& args, std::uintptr_t stream);
+// Registers / local (spill) / static shared bytes of every head kernel (needs a CUDA device).
+std::vector<KernelAttributes> crd_head_attributes();
 }  // namespace cuda
 #endif
 

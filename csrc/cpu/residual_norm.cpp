@@ -44,7 +44,8 @@ void residual_norm(DType dtype, std::uintptr_t z, std::uintptr_t q, std::uintptr
     case DType::Float64:
       residual_norm_impl(reinterpret_cast<const double*>(z), reinterpret_cast<const double*>(q),
                          reinterpret_cast<double*>(out), rows, cols);
-      break;
+      break;    default:
+      throw std::invalid_argument("residual_norm: float32 or float64 only");
   }
 }
 

@@ -51,7 +51,8 @@ void residual_norm(DType dtype, std::uintptr_t z, std::uintptr_t q, std::uintptr
                    std::int64_t cols, std::uintptr_t stream) {
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (dtype == DType::Float32) launch<float>(z, q, out, rows, cols, s);
-  else launch<double>(z, q, out, rows, cols, s);
+  else if (dtype == DType::Float64) launch<double>(z, q, out, rows, cols, s);
+  else throw std::invalid_argument("residual_norm: float32 or float64 only");
 }
 
 }  // namespace cuda

@@ -1,0 +1,122 @@
+"""CPU fused head: per-layer BLAS projection at native resolution, then one fused Cython pass.
+
+    Z_l = F_l^T P'_l^T        (B, H_l W_l, r), torch's BLAS, layer l at its own resolution
+    score = ||sum_l A_l Z_l - q||   one pass over the output grid (csrc/cpu/crd_head.pyx)
+
+For the default wide_resnet50_2 embedding this halves the multiply-adds of "embed, then project"
+(layer3 is projected on 14x14 instead of 28x28) and never builds the (B, d, 28, 28) embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .plan import geometry_of, tables
+
+try:  # compiled from csrc/cpu/crd_head.pyx; absent in a pure-Python checkout
+    from . import _crd_head_cpu  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _crd_head_cpu = None
+    _IMPORT_ERROR = str(exc)
+
+_REAL = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def available() -> bool:
+    """True when the compiled fused pass imports."""
+    return _crd_head_cpu is not None
+
+
+def import_error() -> Optional[str]:
+    return _IMPORT_ERROR
+
+
+def openmp() -> bool:
+    """True when the fused pass was compiled with OpenMP."""
+    return _crd_head_cpu is not None and bool(_crd_head_cpu.openmp_compiled())
+
+
+def _check(maps: Sequence[torch.Tensor], matrix_t: torch.Tensor, q: torch.Tensor, out: Optional[torch.Tensor]) -> None:
+    """Last line of defence before pointers leave Python: every tensor exactly as the pass expects."""
+    if len(maps) == 0:
+        raise ValueError("at least one feature map is needed")
+    dtype = maps[0].dtype
+    if dtype not in _REAL:
+        raise TypeError(f"the CPU fused pass takes float32 or float64 maps, got {dtype}")
+    batch = maps[0].shape[0]
+    for i, f in enumerate(maps):
+        if f.device.type != "cpu" or f.dtype != dtype or f.ndim != 4 or f.shape[0] != batch:
+            raise ValueError(
+                f"feature map {i}: expected a CPU {dtype} (B={batch}, C, H, W) tensor, got "
+                f"{f.dtype} {tuple(f.shape)} on {f.device}"
+            )
+    total = sum(int(f.shape[1]) for f in maps)
+    if (
+        matrix_t.dtype != dtype or matrix_t.ndim != 2 or matrix_t.shape[0] != total
+        or matrix_t.device.type != "cpu" or not matrix_t.is_contiguous()
+    ):
+        raise ValueError(
+            f"matrix_t must be a contiguous CPU {dtype} ({total}, r) tensor (the folded matrix transposed), "
+            f"got {matrix_t.dtype} {tuple(matrix_t.shape)}"
+        )
+    r = matrix_t.shape[1]
+    if q.dtype != dtype or tuple(q.shape) != (r,) or not q.is_contiguous() or q.device.type != "cpu":
+        raise ValueError(f"q must be a contiguous CPU {dtype} ({r},) tensor, got {q.dtype} {tuple(q.shape)}")
+    if out is not None:
+        h0, w0 = maps[0].shape[2:]
+        if out.dtype != dtype or tuple(out.shape) != (batch, h0, w0) or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"out must be a contiguous CPU {dtype} {(batch, h0, w0)} tensor, got {out.dtype} {tuple(out.shape)}")
+
+
+def fused_head_cpu(
+    maps: Sequence[torch.Tensor],
+    matrix_t: torch.Tensor,
+    q: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+    num_threads: Optional[int] = None,
+) -> torch.Tensor:
+    """(B, H_0, W_0) scores ||P' e - q|| of the concat-space embeddings e of ``maps``.
+
+    ``matrix_t`` is the folded P' transposed, a contiguous (sum C_l, r) tensor, and ``q`` = P mu
+    (crd_fast.kernels.plan.folded_operands(..., transposed=True)), both in the maps' dtype; ``out``
+    (optional) is filled in place. Maps may be NCHW or channels_last: channels_last skips one copy.
+    ``crd_fast.ops.crd_head`` is the checked, converting entry point.
+    """
+    if _crd_head_cpu is None:
+        raise RuntimeError(f"the CPU fused pass is not built: {_IMPORT_ERROR}")
+    _check(maps, matrix_t, q, out)
+    geom = geometry_of(maps)
+    dtype = maps[0].dtype
+    batch, (h0, w0) = geom.batch, geom.out_size
+    r = int(matrix_t.shape[1])
+    if out is None:
+        out = torch.empty((batch, h0, w0), dtype=dtype)
+    if batch == 0 or r == 0:
+        return out.zero_()  # an empty batch, or a rank-0 matrix: every score is ||0|| = 0
+    plan, weights = tables(geom, dtype, torch.device("cpu"))
+    projected = []
+    for f, off, c in zip(maps, geom.offsets, geom.channels):
+        # one BLAS call per layer: (B H_l W_l, C_l) channels-last rows times the (C_l, r) block of P'^T.
+        # The permute is free for channels_last maps and one copy for NCHW ones.
+        rows = f.permute(0, 2, 3, 1).reshape(-1, c)
+        projected.append(torch.mm(rows, matrix_t[off : off + c]))
+    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    _crd_head_cpu.fused_pass(
+        _REAL[dtype],
+        [z.data_ptr() for z in projected],
+        plan.data_ptr(),
+        weights.data_ptr(),
+        q.data_ptr(),
+        out.data_ptr(),
+        batch,
+        h0,
+        w0,
+        r,
+        max(s[1] for s in geom.sizes),
+        threads,
+    )
+    return out

@@ -1,0 +1,151 @@
+"""Torch custom ops of crd-fast: the fused CRD head, ``torch.ops.crd_fast.crd_head``.
+
+    scores = crd_fast.ops.crd_head(feature_maps, matrix, offset, embedding="concat", target_dim=1024)
+
+``feature_maps`` are the backbone's (B, C_l, H_l, W_l) maps; the result is the (B, H_0, W_0) patch
+score map of ``crd_fast.reference.crd_head`` (3x3 average pool with zero padding counted, bilinear
+resize to the first layer's grid, concat or PatchCore reduction, ||matrix (y - offset)||), without ever
+building the (B, d, H_0, W_0) embedding.
+
+Precision: float64 maps are scored in float64; all other maps in float32 (output float32). On CUDA,
+float16 / bfloat16 maps stay in that dtype as tensor-core operands (matrix cast to match) with float32
+accumulation; on the CPU they are converted to float32 first.
+
+Dispatch (registered per device with torch.library, so ``torch.compile`` sees one opaque op with a
+fake implementation):
+
+* CPU tensors: the fused CPU path (crd_fast/kernels/cpu.py: per-layer BLAS, then one Cython pass);
+* CUDA tensors: the kernels compiled into ``crd_fast._C``, else the same source built at run time by
+  CuPy, else the reference in float32/float64 (``crd_fast.kernels.cuda.cuda_backend()`` says which;
+  more than 4 layers also take the reference);
+* any other device: the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .kernels import cpu as _cpu
+from .kernels import cuda as _cuda
+from .kernels.plan import folded_operands
+
+_MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+__all__ = ["crd_head", "check_head_inputs", "output_dtype"]
+
+
+def output_dtype(map_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the score map for feature maps of ``map_dtype``: float64 stays float64, all else float32."""
+    return torch.float64 if map_dtype == torch.float64 else torch.float32
+
+
+def check_head_inputs(
+    feature_maps: Sequence[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int
+) -> None:
+    """Refuses malformed head inputs with an error naming the problem (shapes only: safe on fake tensors)."""
+    if not isinstance(feature_maps, (list, tuple)) or len(feature_maps) == 0:
+        raise ValueError("feature_maps must be a non-empty list of (B, C, H, W) tensors")
+    reference.check_embedding(embedding)
+    if isinstance(target_dim, bool) or not isinstance(target_dim, int) or target_dim < 1:
+        raise ValueError(f"target_dim must be a positive integer, got {target_dim!r}")
+    first = feature_maps[0]
+    for i, f in enumerate(feature_maps):
+        if not isinstance(f, Tensor):
+            raise TypeError(f"feature map {i} is a {type(f).__name__}, not a tensor")
+        if f.ndim != 4:
+            raise ValueError(f"feature map {i} must be 4-D (B, C, H, W), got shape {tuple(f.shape)}")
+        if f.dtype not in _MAP_DTYPES:
+            raise TypeError(f"feature map {i} has dtype {f.dtype}; expected one of {_MAP_DTYPES}")
+        if f.dtype != first.dtype:
+            raise TypeError(f"feature maps must share one dtype: map 0 is {first.dtype}, map {i} is {f.dtype}")
+        if f.device != first.device:
+            raise ValueError(f"feature maps must be on one device: map 0 is on {first.device}, map {i} on {f.device}")
+        if f.shape[0] != first.shape[0]:
+            raise ValueError(f"feature maps must share the batch size: map 0 has {first.shape[0]}, map {i} has {f.shape[0]}")
+        if f.shape[1] < 1 or f.shape[2] < 1 or f.shape[3] < 1:
+            raise ValueError(f"feature map {i} has an empty channel or spatial dimension: {tuple(f.shape)}")
+    d = reference.embedding_dim([f.shape[1] for f in feature_maps], embedding, target_dim)
+    for name, t in (("matrix", matrix), ("offset", offset)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but the feature maps are on {first.device}")
+    if matrix.ndim != 2 or matrix.shape[1] != d:
+        raise ValueError(
+            f"matrix must be (r, d) with d={d} for the {embedding!r} embedding of layers "
+            f"{[int(f.shape[1]) for f in feature_maps]}, got shape {tuple(matrix.shape)}"
+        )
+    if offset.ndim != 1 or offset.shape[0] != d:
+        raise ValueError(f"offset must have shape ({d},), got {tuple(offset.shape)}")
+
+
+def _reference(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
+    dtype = output_dtype(feature_maps[0].dtype)
+    return reference.crd_head(feature_maps, matrix, offset, embedding, target_dim, dtype=dtype).contiguous()
+
+
+@torch.library.custom_op("crd_fast::crd_head", mutates_args=())
+def _crd_head_op(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
+    """Default kernel (devices without a fused path): the reference, in the output dtype."""
+    check_head_inputs(feature_maps, matrix, offset, embedding, target_dim)
+    return _reference(feature_maps, matrix, offset, embedding, target_dim)
+
+
+@_crd_head_op.register_kernel("cpu")
+def _crd_head_cpu(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
+    check_head_inputs(feature_maps, matrix, offset, embedding, target_dim)
+    if not _cpu.available():
+        return _reference(feature_maps, matrix, offset, embedding, target_dim)
+    dtype = output_dtype(feature_maps[0].dtype)
+    maps = [f.detach().to(dtype) for f in feature_maps]
+    channels = tuple(int(f.shape[1]) for f in maps)
+    matrix_t, q = folded_operands(matrix, offset, channels, embedding, target_dim, dtype, transposed=True)
+    return _cpu.fused_head_cpu(maps, matrix_t, q)
+
+
+@_crd_head_op.register_kernel("cuda")
+def _crd_head_cuda(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
+    check_head_inputs(feature_maps, matrix, offset, embedding, target_dim)
+    backend = _cuda.cuda_backend()
+    if backend == "reference" or len(feature_maps) > _cuda.MAX_LAYERS:
+        return _reference(feature_maps, matrix, offset, embedding, target_dim)
+    operands = _cuda.prepare([f.detach() for f in feature_maps], matrix, offset, embedding, target_dim)
+    return _cuda.run(operands, backend)
+
+
+@_crd_head_op.register_fake
+def _crd_head_fake(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
+    check_head_inputs(feature_maps, matrix, offset, embedding, target_dim)
+    b, _, h, w = feature_maps[0].shape
+    return feature_maps[0].new_empty((b, h, w), dtype=output_dtype(feature_maps[0].dtype))
+
+
+def crd_head(
+    feature_maps: Sequence[Tensor],
+    matrix: Tensor,
+    offset: Tensor,
+    embedding: str = "concat",
+    target_dim: int = 1024,
+) -> Tensor:
+    """(B, H_0, W_0) CRD patch score map ||matrix (y - offset)|| of the patch embeddings y of ``feature_maps``.
+
+    Args:
+        feature_maps: (B, C_l, H_l, W_l) backbone maps on one device, one dtype; the first sets the grid.
+        matrix: (r, d) projection (M_pre, or the rank-r W), d = sum C_l ("concat") or ``target_dim``
+            ("patchcore"); any floating dtype, on the maps' device. Folded and cast copies are cached
+            per matrix tensor (refreshed when it is modified in place).
+        offset: (d,) mu.
+        embedding: "concat" or "patchcore" (PatchCore's two adaptive average poolings to ``target_dim``).
+        target_dim: d of the "patchcore" embedding.
+
+    Returns float64 scores for float64 maps, float32 otherwise (see the module docstring).
+    """
+    maps = list(feature_maps) if isinstance(feature_maps, (list, tuple)) else feature_maps
+    check_head_inputs(maps, matrix, offset, embedding, target_dim)
+    return torch.ops.crd_fast.crd_head(maps, matrix, offset, embedding, int(target_dim))
