@@ -5,10 +5,36 @@
     scores = scorer.score(test_patches)          # one score per row, same kind and device
 """
 
-from ._native import backends
 from ._version import __version__
-from .io.model_file import ModelFileError
-from .nn import NNScorer
-from .scorer import DEFAULT_LAM_REL, CRDScorer
 
-__all__ = ["CRDScorer", "NNScorer", "ModelFileError", "DEFAULT_LAM_REL", "backends", "__version__"]
+# Everything below needs torch, so it is imported on first use: `import crd_fast.deploy` (the ONNX
+# runtime) must work on a machine without torch.
+_LAZY = {
+    "backends": "._native",
+    "ModelFileError": ".io.model_file",
+    "NNScorer": ".nn",
+    "CRDScorer": ".scorer",
+    "DEFAULT_LAM_REL": ".scorer",
+    "CRDDetector": ".detector",
+    "DetectionResult": ".results",
+}
+
+__all__ = [
+    "CRDScorer",
+    "NNScorer",
+    "ModelFileError",
+    "DEFAULT_LAM_REL",
+    "backends",
+    "__version__",
+    "CRDDetector",
+    "DetectionResult",
+]
+
+
+def __getattr__(name: str):
+    # The detector pulls in torchvision and PIL, the rest torch: import on first use, not with the package.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'crd_fast' has no attribute {name!r}")

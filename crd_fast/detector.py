@@ -1,0 +1,482 @@
+"""CRDDetector: fit on defect-free images, then score new images and locate their defects.
+
+    from crd_fast import CRDDetector
+    det = CRDDetector(backbone="wide_resnet50_2", weights="imagenet").fit("train/good")
+    result = det.predict("test/")        # image_scores (N,), anomaly_maps (N, crop, crop), ...
+    det.save("model.crd"); det = CRDDetector.load("model.crd")
+
+Fitting streams the images in batches into ``CRDScorer.partial_fit``: only the d x d float64 sums are
+kept, so memory does not grow with the number of training images. A small fixed-size random sample of
+training inputs (``SCORE_SAMPLE`` images) is kept to compute the training score statistics used for
+score normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from . import reference
+from .data.images import Images, count_images, iter_images
+from .features.backbone import BackboneWeightsError, FeatureExtractor, WeightsSpec, weights_identity
+from .features.preprocess import Preprocess, load_image
+from .head import CRDHead
+from .io.model_file import ModelFileError, PathLike, read_model_file, require, write_model_file
+from .maps import AnomalyMapper
+from .model import InferenceModel
+from .results import DetectionResult
+from .scorer import DEFAULT_LAM_REL, CRDScorer
+from .thresholds import f1_threshold, normalize_scores, quantile_threshold
+
+MODEL_KIND = "crd_detector"
+#: Training inputs kept (reservoir sample, fixed size) to compute the training score statistics.
+SCORE_SAMPLE = 32
+#: Options that describe how to run a model, not what it is: ``load`` accepts other values for them.
+RUNTIME_OPTIONS = ("device", "batch_size")
+OPTIONS = ("backbone", "weights", "layers", "embedding", "lam_rel", "center", "rank", "resize", "crop", "device",
+           "batch_size", "seed", "blur_sigma", "target_dim")
+
+
+def _resolve_device(device: Union[str, torch.device]) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid device {device!r} (use 'cpu', 'cuda', 'cuda:N' or 'auto')") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return dev
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples to lists etc., so requested and stored option values compare as JSON does."""
+    return json.loads(json.dumps(value))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class CRDDetector:
+    """Anomaly detector: backbone features + CRD patch scores + anomaly maps.
+
+    Args:
+        backbone: torchvision ResNet name ("wide_resnet50_2", "resnet18", ...) or an ``nn.Module`` returning a
+            list of (B, C, H, W) feature maps.
+        weights: "imagenet" (torchvision's, from the hub cache or a download; no fallback), a path to a
+            state-dict file (safetensors or .pth), or "random" (seeded by ``seed``; not real accuracy).
+        layers: backbone stages whose maps are used; the first sets the patch grid.
+        embedding: "concat" (d = sum of channels) or "patchcore" (d = ``target_dim``).
+        lam_rel, center, rank: the CRD scorer's options (see ``CRDScorer``).
+        resize, crop: preprocessing (shorter side resized to ``resize``, center crop ``crop``).
+        device: "cpu", "cuda", "cuda:N" or "auto".
+        batch_size: images per forward pass.
+        seed: seed of random weights and of the training score sample.
+        blur_sigma: Gaussian blur of the anomaly maps, in pixels (0: none).
+        target_dim: d of the "patchcore" embedding.
+
+    ``images`` anywhere below: a folder, an image file, a list of paths/PIL images/arrays, a tensor batch
+    (B, 3, H, W) of RGB values in [0, 1], or a data set object (see ``crd_fast.data.images``).
+    """
+
+    def __init__(
+        self,
+        backbone: Union[str, nn.Module] = "wide_resnet50_2",
+        weights: WeightsSpec = "imagenet",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        embedding: str = "concat",
+        lam_rel: float = DEFAULT_LAM_REL,
+        center: bool = True,
+        rank: Optional[int] = None,
+        resize: int = 256,
+        crop: int = 224,
+        device: Union[str, torch.device] = "cpu",
+        batch_size: int = 8,
+        seed: int = 0,
+        blur_sigma: float = 4.0,
+        target_dim: int = 1024,
+    ) -> None:
+        reference.check_embedding(embedding)
+        if isinstance(layers, str):
+            layers = (layers,)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.target_dim = _check_int("target_dim", target_dim, 1)
+        self.embedding = embedding
+        self.blur_sigma = float(blur_sigma)
+        self._device_option = str(device)
+        self.device = _resolve_device(device)
+        self.preprocess = Preprocess(resize, crop)
+        self.mapper = AnomalyMapper((crop, crop), blur_sigma)  # validates blur_sigma against crop
+        self.scorer = CRDScorer(lam_rel, center, rank)
+        is_module = isinstance(backbone, nn.Module)
+        if not is_module and not isinstance(weights, (str, os.PathLike)):
+            raise ValueError(f"weights must be 'imagenet', 'random' or a path to a state-dict file, got {weights!r}")
+        self.backbone_name = f"custom:{type(backbone).__name__}" if is_module else str(backbone)
+        self.weights = None if is_module else (weights if weights in ("imagenet", "random") else os.fspath(weights))
+        self.extractor = FeatureExtractor(backbone, tuple(layers), weights, self.seed).to(self.device)
+        self.weights_identity = weights_identity(self.weights, self.seed, self.backbone_name)
+        self.layers = tuple(layers)
+        shapes = self.extractor.feature_shapes(crop)
+        self.layer_channels = [s[0] for s in shapes]
+        self.patch_grid = (shapes[0][1], shapes[0][2])
+        self.dim = reference.embedding_dim(self.layer_channels, embedding, self.target_dim)
+        self.threshold: Optional[float] = None
+        self._reset_fit()
+
+    # ---- state ------------------------------------------------------------------------------------
+    def _reset_fit(self) -> None:
+        self.n_images = 0
+        self._sample: list[torch.Tensor] = []  # reservoir of normalised training inputs (CPU)
+        self._sample_seen = 0
+        self._sample_rng = random.Random(self.seed)
+        self._train_stats: Optional[dict[str, float]] = None
+        self._stats_stale = False
+        self._model: Optional[InferenceModel] = None
+        self._model_projection: Any = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Every constructor option, JSON-serialisable (lam_rel/center/rank as the scorer has them now)."""
+        return {
+            "backbone": self.backbone_name,
+            "weights": self.weights,
+            "layers": list(self.layers),
+            "embedding": self.embedding,
+            "lam_rel": self.scorer.lam_rel,
+            "center": self.scorer.center,
+            "rank": self.scorer.rank,
+            "resize": self.preprocess.resize,
+            "crop": self.preprocess.crop,
+            "device": self._device_option,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "blur_sigma": self.blur_sigma,
+            "target_dim": self.target_dim,
+        }
+
+    @property
+    def uses_random_weights(self) -> bool:
+        return self.weights_identity.get("kind") == "random"
+
+    @property
+    def weights_description(self) -> str:
+        """One line for reports saying where the backbone weights came from."""
+        ident = self.weights_identity
+        if ident["kind"] == "random":
+            return (f"{self.backbone_name} with seeded RANDOM weights (seed {ident['seed']}): "
+                    "scores do not show the accuracy of real (ImageNet) weights")
+        if ident["kind"] == "file":
+            return f"{self.backbone_name} with weights from {ident['file']} (sha256 {ident['sha256'][:12]}...)"
+        if ident["kind"] == "imagenet":
+            return f"{self.backbone_name} with torchvision ImageNet weights ({ident['name']})"
+        return f"{self.backbone_name} (user module)"
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.scorer.is_fitted
+
+    # ---- images -> batches ----------------------------------------------------------------------
+    def _prepare(self, index: int, path: Optional[str], image: Any) -> torch.Tensor:
+        if isinstance(image, str):
+            return self.preprocess(load_image(image))
+        try:
+            return self.preprocess(image)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"image {index}: {exc}") from exc
+
+    def iter_batches(self, images: Images) -> Iterator[tuple[list[Optional[str]], torch.Tensor]]:
+        """Yield (paths, normalised (B, 3, crop, crop) float32 batch on the detector's device).
+
+        Files are decoded and preprocessed in a small thread pool, one batch ahead of the consumer.
+        """
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            for start in range(0, images.shape[0], self.batch_size):
+                chunk = images[start : start + self.batch_size].to(self.device)
+                # contiguous: the same picture must give the same scores whatever the caller's memory layout
+                yield [None] * chunk.shape[0], self.preprocess.batch(chunk).contiguous()
+            return
+        workers = max(1, min(self.batch_size, os.cpu_count() or 1, 8))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = None
+            batch: list[tuple[int, Optional[str], Any]] = []
+
+            def submit(items: list) -> tuple[list[Optional[str]], list]:
+                return [p for _, p, _ in items], [pool.submit(self._prepare, *it) for it in items]
+
+            def collect(job: tuple[list[Optional[str]], list]) -> tuple[list[Optional[str]], torch.Tensor]:
+                paths, futures = job
+                return paths, torch.stack([f.result() for f in futures]).to(self.device)
+
+            for index, (path, image) in enumerate(iter_images(images)):
+                batch.append((index, path, image))
+                if len(batch) == self.batch_size:
+                    job = submit(batch)
+                    batch = []
+                    if pending is not None:
+                        yield collect(pending)
+                    pending = job
+            if batch:
+                job = submit(batch)
+                if pending is not None:
+                    yield collect(pending)
+                pending = job
+            if pending is not None:
+                yield collect(pending)
+
+    def _progress(self, images: Images, desc: str, progress: bool) -> tqdm:
+        try:
+            total = count_images(images)
+        except (OSError, ValueError):
+            total = None
+        return tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+
+    # ---- features -------------------------------------------------------------------------------
+    def extract_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of a normalised (B, 3, H, W) batch, one per layer (inference mode)."""
+        with torch.inference_mode():
+            return self.extractor(x.to(self.device))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings (B, d, h, w) of a normalised batch (the scorer's input, as in ``reference``)."""
+        with torch.inference_mode():
+            return reference.embed_patches(self.extract_features(x), self.embedding, self.target_dim)
+
+    # ---- fitting ----------------------------------------------------------------------------------
+    def fit(self, images: Images, progress: bool = True) -> "CRDDetector":
+        """Fit on defect-free images, discarding any earlier fit and threshold."""
+        self.scorer = CRDScorer(self.scorer.lam_rel, self.scorer.center, self.scorer.rank)
+        self.threshold = None
+        self._reset_fit()
+        return self.partial_fit(images, progress)
+
+    def partial_fit(self, images: Images, progress: bool = True) -> "CRDDetector":
+        """Add defect-free images to the fit (online updates); from empty this is exactly ``fit``."""
+        added = 0
+        with self._progress(images, "fit", progress) as bar:
+            for _, x in self.iter_batches(images):
+                patches = reference.patch_matrix(self.embed(x))
+                self._add_patches(patches)
+                self._remember(x)
+                added += x.shape[0]
+                bar.update(x.shape[0])
+        if added == 0:
+            raise ValueError("no images to fit on")
+        self.n_images += added
+        self._stats_stale = True
+        return self
+
+    def _add_patches(self, patches: torch.Tensor) -> None:
+        # Keep the float64 statistics on the features' device, so a GPU fit does not ship every
+        # batch of patches to the CPU: seed them with two rows, move them, then add the rest.
+        if not self.scorer.is_fitted:
+            self.scorer.partial_fit(patches[:2])
+            patches = patches[2:]
+        stats = self.scorer.statistics
+        if stats.device != patches.device:
+            stats.to(patches.device)
+        if patches.shape[0]:
+            self.scorer.partial_fit(patches)
+
+    def _remember(self, x: torch.Tensor) -> None:
+        """Reservoir sampling (Algorithm R) of at most SCORE_SAMPLE training inputs."""
+        for img in x:
+            self._sample_seen += 1
+            if len(self._sample) < SCORE_SAMPLE:
+                self._sample.append(img.detach().to("cpu", copy=True))
+            else:
+                j = self._sample_rng.randrange(self._sample_seen)
+                if j < SCORE_SAMPLE:
+                    self._sample[j] = img.detach().to("cpu", copy=True)
+
+    @property
+    def train_score_stats(self) -> Optional[dict[str, float]]:
+        """Statistics of training image scores (n, mean, std, min, max, q50, q90, q95, q99), from a
+        random sample of up to SCORE_SAMPLE training images; None before fitting."""
+        if self._stats_stale and self._sample:
+            scores = self._image_scores(torch.stack(self._sample))
+            q = np.quantile(scores, [0.5, 0.9, 0.95, 0.99])
+            self._train_stats = {
+                "n": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()),
+                "min": float(scores.min()), "max": float(scores.max()),
+                "q50": float(q[0]), "q90": float(q[1]), "q95": float(q[2]), "q99": float(q[3]),
+            }
+            self._stats_stale = False
+        return self._train_stats
+
+    def _image_scores(self, x: torch.Tensor) -> np.ndarray:
+        model = self.inference_model()
+        out = []
+        with torch.inference_mode():
+            for start in range(0, x.shape[0], self.batch_size):
+                out.append(model(x[start : start + self.batch_size].to(self.device))[0].double().cpu())
+        return torch.cat(out).numpy()
+
+    # ---- inference --------------------------------------------------------------------------------
+    def inference_model(self) -> InferenceModel:
+        """The fitted extractor + head + mapper as one module, on the detector's device, in eval mode.
+
+        Rebuilt whenever the scorer's projection changes (new data, lam_rel, center or rank).
+        """
+        if not self.scorer.is_fitted:
+            raise RuntimeError("this CRDDetector is not fitted yet: call fit(images) first")
+        proj = self.scorer.projection
+        if self._model is None or self._model_projection is not proj:
+            head = CRDHead.from_scorer(self.scorer, self.embedding, self.target_dim, self.layer_channels)
+            self._model = InferenceModel(self.extractor, head, self.mapper).to(self.device).eval()
+            self._model_projection = proj
+        return self._model
+
+    def predict(self, images: Images, progress: bool = True) -> DetectionResult:
+        """Image scores, anomaly maps and patch maps for ``images`` (labels once a threshold is set)."""
+        model = self.inference_model()
+        scores, amaps, pmaps, paths = [], [], [], []
+        with self._progress(images, "predict", progress) as bar:
+            for batch_paths, x in self.iter_batches(images):
+                with torch.inference_mode():
+                    s, a, p = model(x)
+                scores.append(s.double().cpu().numpy())
+                amaps.append(a.float().cpu().numpy())
+                pmaps.append(p.float().cpu().numpy())
+                paths += batch_paths
+                bar.update(x.shape[0])
+        if not scores:
+            raise ValueError("no images to predict")
+        result = DetectionResult(np.concatenate(scores), np.concatenate(amaps), np.concatenate(pmaps), paths)
+        if self.threshold is not None:
+            result.threshold = self.threshold
+            result.labels = result.image_scores >= self.threshold
+            result.normalized_scores = normalize_scores(result.image_scores, self.threshold, self.train_score_stats)
+        return result
+
+    # ---- thresholds -------------------------------------------------------------------------------
+    def set_threshold(self, value: Optional[float]) -> None:
+        """Set the image-score threshold (score >= threshold is defective); None removes it."""
+        if value is not None and not (isinstance(value, (int, float, np.floating)) and math.isfinite(value)):
+            raise ValueError(f"threshold must be a finite number or None, got {value!r}")
+        self.threshold = None if value is None else float(value)
+
+    def calibrate(self, normal_images: Images, q: float = 0.99, progress: bool = True) -> float:
+        """Set the threshold to the ``q`` quantile of held-out defect-free images' scores; returns it."""
+        threshold = quantile_threshold(self.predict(normal_images, progress).image_scores, q)
+        self.set_threshold(threshold)
+        return threshold
+
+    def calibrate_labelled(self, images: Images, labels: Any, progress: bool = True) -> float:
+        """Set the F1-optimal threshold on labelled validation images (1 = defective); returns it."""
+        threshold = f1_threshold(self.predict(images, progress).image_scores, labels)
+        self.set_threshold(threshold)
+        return threshold
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def save(self, path: PathLike) -> None:
+        """Write one model file (safetensors + JSON metadata, atomically) with everything predict needs."""
+        if not self.scorer.is_fitted:
+            raise RuntimeError("this CRDDetector is not fitted yet: nothing to save")
+        tensors, crd_fields = self.scorer.state(prefix="crd.")
+        fields = {
+            "config": self.config,
+            "weights_identity": self.weights_identity,
+            "backbone": self.backbone_name,
+            "layers": list(self.layers),
+            "layer_channels": self.layer_channels,
+            "patch_grid": list(self.patch_grid),
+            "resize": self.preprocess.resize,
+            "crop": self.preprocess.crop,
+            "embedding": self.embedding,
+            "d": self.dim,
+            "lam": crd_fields["lam"],
+            "lam_rel": crd_fields["lam_rel"],
+            "n_images": self.n_images,
+            "n_patches": crd_fields["n"],
+            "train_score_stats": self.train_score_stats,
+            "threshold": self.threshold,
+            "crd": crd_fields,
+        }
+        write_model_file(path, MODEL_KIND, tensors, fields)
+
+    @classmethod
+    def load(cls, path: PathLike, device: Optional[Union[str, torch.device]] = None, **expected: Any) -> "CRDDetector":
+        """Read a model file written by ``save``.
+
+        ``expected``: constructor options the caller requires (e.g. backbone="resnet18", layers=(...));
+        any that differ from the file raise ModelFileError. ``device`` and ``batch_size`` are run-time
+        choices and simply override the stored ones (``device=None``: the stored device, or "cpu" when
+        the model was fitted on CUDA and this machine has none). ``weights`` is compared by identity (a file by its
+        SHA-256), so a moved weights file can be passed at its new path. A model fitted with a user
+        module needs ``backbone=<that module>``.
+        """
+        tensors, meta = read_model_file(path, MODEL_KIND)
+        config = meta.get("config")
+        require(isinstance(config, dict) and set(OPTIONS) <= set(config), path, "metadata has no complete 'config'")
+        unknown = sorted(set(expected) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown detector option(s) {unknown}; known: {', '.join(OPTIONS)}")
+        stored_ident = meta.get("weights_identity") or {}
+        init = dict(config)
+        for key, want in expected.items():
+            stored = config[key]
+            if key in RUNTIME_OPTIONS:
+                init[key] = want
+            elif key == "backbone" and isinstance(want, nn.Module):
+                if f"custom:{type(want).__name__}" != stored:
+                    raise ModelFileError(f"{path}: the model was made with backbone {stored!r}, not a {type(want).__name__} module")
+                init[key] = want
+            elif key == "weights":
+                ident = weights_identity(want if want in ("imagenet", "random") else os.fspath(want), config["seed"], config["backbone"])
+                if {k: v for k, v in ident.items() if k != "file"} != {k: v for k, v in stored_ident.items() if k != "file"}:
+                    raise ModelFileError(f"{path}: the model was made with weights {stored_ident}, but weights={want!r} "
+                                         f"({ident}) was requested")
+                init[key] = want
+            elif key == "seed" and stored_ident.get("kind") != "random":
+                init[key] = want  # the seed only matters for random weights (and the score sample)
+            elif _jsonable(want) != _jsonable(stored):
+                raise ModelFileError(f"{path}: the model was made with {key}={stored!r}, but {key}={want!r} was requested")
+        if device is not None:
+            init["device"] = device
+        elif str(init["device"]) not in ("cpu", "auto") and not torch.cuda.is_available():
+            init["device"] = "cpu"  # a run-time choice of the machine that fitted it, not part of the model
+        if str(init["backbone"]).startswith("custom:") and not isinstance(init["backbone"], nn.Module):
+            raise ModelFileError(f"{path}: the model was made with a user backbone module ({config['backbone']}); "
+                                 "pass it as CRDDetector.load(path, backbone=module)")
+        if stored_ident.get("kind") == "file" and "weights" not in expected:
+            if os.path.isfile(init["weights"]):
+                ident = weights_identity(init["weights"], config["seed"], config["backbone"])
+                require(ident.get("sha256") == stored_ident.get("sha256"), path,
+                        f"weights file {init['weights']} changed since the model was saved (SHA-256 differs)")
+        try:
+            det = cls(**init)
+        except BackboneWeightsError as exc:
+            if stored_ident.get("kind") == "file" and "weights" not in expected:
+                raise BackboneWeightsError(f"{exc} (the model {path} was fitted with this weights file; "
+                                           "pass CRDDetector.load(path, weights=<its new path>) if it moved)") from exc
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: cannot rebuild the detector from its stored config: {exc}") from exc
+        require(det.layer_channels == meta.get("layer_channels"), path,
+                f"the backbone gives layer channels {det.layer_channels}, the file says {meta.get('layer_channels')}")
+        det.scorer = CRDScorer.from_state(tensors, meta.get("crd") or {}, path, prefix="crd.")
+        require(det.scorer.dim == det.dim, path, f"the stored scorer has d={det.scorer.dim}, the features have d={det.dim}")
+        det.n_images = int(meta.get("n_images", 0))
+        det._train_stats = meta.get("train_score_stats")
+        threshold = meta.get("threshold")
+        require(threshold is None or isinstance(threshold, (int, float)), path, f"threshold {threshold!r} is not a number")
+        det.set_threshold(threshold)
+        return det
+
+    def __repr__(self) -> str:
+        state = f"fitted on {self.n_images} images" if self.is_fitted else "unfitted"
+        return (f"CRDDetector(backbone={self.backbone_name!r}, weights={self.weights!r}, layers={self.layers}, "
+                f"embedding={self.embedding!r}, d={self.dim}; {state})")

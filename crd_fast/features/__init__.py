@@ -1,0 +1,17 @@
+"""Feature extraction: backbones and preprocessing (DESIGN.md section 2)."""
+
+from .backbone import RESNETS, BackboneWeightsError, FeatureExtractor, build_backbone, weights_identity
+from .preprocess import IMAGE_EXTENSIONS, ImageReadError, Preprocess, load_image, to_unit_tensor
+
+__all__ = [
+    "RESNETS",
+    "BackboneWeightsError",
+    "FeatureExtractor",
+    "build_backbone",
+    "weights_identity",
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "Preprocess",
+    "load_image",
+    "to_unit_tensor",
+]

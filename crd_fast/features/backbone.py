@@ -1,0 +1,224 @@
+"""Backbones: torchvision ResNets (or any user module) turned into multi-layer feature extractors.
+
+``weights`` is explicit and never falls back from one source to another:
+
+- ``"imagenet"``: torchvision's ImageNet weights (IMAGENET1K_V1, the ones PatchCore's published numbers use),
+  read from the torch hub cache or downloaded where a network exists. Offline, it fails with
+  :class:`BackboneWeightsError` saying how to pass a local file instead.
+- a path to a local state-dict file: safetensors, or a torch ``.pth``/``.pt`` file read with
+  ``torch.load(weights_only=True)`` (never unpickled).
+- ``"random"``: torchvision's own initialisation, seeded by ``seed`` (same seed, same weights, same features).
+  Scores from random weights are not the product's real accuracy: reports should say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+#: torchvision ResNet family accepted by name.
+RESNETS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+)
+RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+_STEM = ("conv1", "bn1", "relu", "maxpool")
+
+WeightsSpec = Union[str, os.PathLike]
+
+
+class BackboneWeightsError(RuntimeError):
+    """Backbone weights could not be obtained or do not fit the architecture (the message says what to do)."""
+
+
+def _is_random(weights: WeightsSpec) -> bool:
+    return isinstance(weights, str) and weights == "random"
+
+
+def _is_imagenet(weights: WeightsSpec) -> bool:
+    return isinstance(weights, str) and weights == "imagenet"
+
+
+def file_sha256(path: WeightsSpec) -> str:
+    """SHA-256 of a file's bytes (the identity of a local weights file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_identity(weights: WeightsSpec, seed: int = 0, backbone: str = "") -> dict[str, Any]:
+    """A JSON-serialisable description of where the weights came from (stored in model files).
+
+    ``{"kind": "imagenet", "name": ...}``, ``{"kind": "file", "file": ..., "sha256": ...}``,
+    ``{"kind": "random", "seed": ...}`` or ``{"kind": "custom"}`` for a user module.
+    """
+    if _is_random(weights):
+        return {"kind": "random", "seed": int(seed)}
+    if _is_imagenet(weights):
+        return {"kind": "imagenet", "name": f"{backbone}:IMAGENET1K_V1" if backbone else "IMAGENET1K_V1"}
+    if weights is None:
+        return {"kind": "custom"}
+    path = Path(weights)
+    if not path.is_file():
+        raise BackboneWeightsError(f"weights file {str(path)!r} does not exist (weights must be 'imagenet', 'random' or a file path)")
+    return {"kind": "file", "file": str(path), "sha256": file_sha256(path)}
+
+
+def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    import torchvision.models as tvm
+
+    try:
+        enum = tvm.get_model_weights(name)
+        spec = enum.IMAGENET1K_V1
+    except (ValueError, AttributeError, KeyError) as exc:
+        raise BackboneWeightsError(f"torchvision has no ImageNet weights for backbone {name!r}: {exc}") from exc
+    try:
+        # Reads <torch hub dir>/checkpoints/<file> when present, downloads otherwise.
+        return torch.hub.load_state_dict_from_url(spec.url, progress=False, check_hash=True, weights_only=True)
+    except Exception as exc:  # URLError, socket errors, hash mismatches: all mean "no weights here"
+        filename = spec.url.rsplit("/", 1)[-1]
+        raise BackboneWeightsError(
+            f"could not get the ImageNet weights for {name} ({type(exc).__name__}: {exc}). "
+            f"Without a network, download {spec.url} elsewhere and either put it at "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints' / filename} or pass its path as weights='/path/{filename}' "
+            f"(or use weights='random' for a seeded random backbone, for tests only)"
+        ) from exc
+
+
+def load_state_dict_file(path: WeightsSpec) -> dict[str, torch.Tensor]:
+    """Read a state dict from a safetensors or torch file without unpickling arbitrary objects."""
+    p = Path(path)
+    if not p.is_file():
+        raise BackboneWeightsError(f"weights file {str(p)!r} does not exist (weights must be 'imagenet', 'random' or a file path)")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneWeightsError(f"{p}: not a readable state-dict file (safetensors or torch .pth): {exc}") from exc
+    # Common checkpoint wrappers: {"state_dict": {...}} or {"model": {...}}.
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneWeightsError(f"{p}: does not hold a state dict (a mapping of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def build_backbone(name: str = "wide_resnet50_2", weights: WeightsSpec = "imagenet", seed: int = 0) -> nn.Module:
+    """A torchvision ResNet ``name`` with ``weights`` ("imagenet", "random" or a state-dict file), in eval mode."""
+    import torchvision.models as tvm
+
+    if name not in RESNETS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(RESNETS)} or pass an nn.Module")
+    if not (_is_random(weights) or _is_imagenet(weights) or isinstance(weights, (str, os.PathLike))):
+        raise ValueError(f"weights must be 'imagenet', 'random' or a path to a state-dict file, got {weights!r}")
+    if _is_random(weights):
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        # fork_rng: seeding here must not disturb the caller's global random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = tvm.get_model(name, weights=None)
+        return model.eval()
+    state = _imagenet_state_dict(name) if _is_imagenet(weights) else load_state_dict_file(weights)
+    model = tvm.get_model(name, weights=None)
+    _load_into(model, state, str(weights))
+    return model.eval()
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` strictly, except that a headless file (no ``fc.``) is accepted."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s) such as {missing[:3]}")
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected tensor(s) such as {result.unexpected_keys[:3]}")
+    if problems:
+        raise BackboneWeightsError(f"{source}: weights do not match the {type(model).__name__} architecture: {'; '.join(problems)}")
+
+
+class FeatureExtractor(nn.Module):
+    """Feature maps of selected layers of a backbone, one (B, C_l, H_l, W_l) tensor per layer.
+
+    Args:
+        backbone: a torchvision ResNet name (see ``RESNETS``), or any ``nn.Module`` whose forward returns a
+            list/tuple of (B, C, H, W) feature maps (``layers`` is then only a label).
+        layers: ResNet stages to return, e.g. ("layer2", "layer3"); the first one sets the patch grid.
+        weights: "imagenet", "random" or a state-dict file path (ignored for a user module).
+        seed: the seed of "random" weights.
+
+    The ResNet is cut after its deepest requested layer, so unused stages cost nothing.
+    """
+
+    def __init__(
+        self,
+        backbone: Union[str, nn.Module] = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        weights: WeightsSpec = "imagenet",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        layers = tuple(layers)
+        if not layers or not all(isinstance(l, str) for l in layers):
+            raise ValueError(f"layers must be a non-empty sequence of layer names, got {layers!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers must not repeat, got {layers!r}")
+        self.layers = layers
+        if isinstance(backbone, nn.Module):
+            self.custom: Optional[nn.Module] = backbone.eval()
+            self.body = nn.ModuleDict()
+            return
+        self.custom = None
+        bad = [l for l in layers if l not in RESNET_LAYERS]
+        if bad:
+            raise ValueError(f"unknown layer(s) {bad} for {backbone}; choose from {RESNET_LAYERS}")
+        model = build_backbone(backbone, weights, seed)
+        last = max(RESNET_LAYERS.index(l) for l in layers)
+        names = _STEM + RESNET_LAYERS[: last + 1]
+        self.body = nn.ModuleDict({n: getattr(model, n) for n in names})
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) normalised images -> list of feature maps, in the order of ``layers``."""
+        if self.custom is not None:
+            maps = self.custom(x)
+            if isinstance(maps, torch.Tensor) or not isinstance(maps, (list, tuple)):
+                raise TypeError(f"a custom backbone must return a list of feature maps, got {type(maps).__name__}")
+            return list(maps)
+        out: dict[str, torch.Tensor] = {}
+        for name, module in self.body.items():
+            x = module(x)
+            if name in self.layers:
+                out[name] = x
+        return [out[l] for l in self.layers]
+
+    @torch.inference_mode()
+    def feature_shapes(self, size: int) -> list[tuple[int, int, int]]:
+        """(C, H, W) of every returned map for a (size x size) input (one dummy forward)."""
+        param = next(iter(self.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        maps = self(torch.zeros(1, 3, size, size, device=device))
+        return [tuple(int(s) for s in m.shape[1:]) for m in maps]  # type: ignore[misc]

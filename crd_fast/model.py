@@ -1,0 +1,33 @@
+"""InferenceModel: normalised images -> image scores, anomaly maps and patch maps, in one module.
+
+This is what gets exported (ONNX, TorchScript): backbone features, the CRD head and the anomaly mapper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .features.backbone import FeatureExtractor
+from .head import CRDHead
+from .maps import AnomalyMapper
+
+
+class InferenceModel(nn.Module):
+    """extractor + head + mapper.
+
+    forward(x: (B, 3, H, W) normalised images) -> (image_scores (B,), anomaly_maps (B, H, W), patch_maps (B, h, w));
+    the image score is the largest patch score (before upsampling and blur).
+    """
+
+    def __init__(self, extractor: FeatureExtractor, head: CRDHead, mapper: AnomalyMapper) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.head = head
+        self.mapper = mapper
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        patch_maps = self.head(self.extractor(x))
+        anomaly_maps = self.mapper(patch_maps)
+        image_scores = patch_maps.flatten(1).amax(dim=1)
+        return image_scores, anomaly_maps, patch_maps

@@ -1,0 +1,35 @@
+"""DetectionResult: what a detector returns for N images (torch-free, shared by CRDDetector and the ONNX runtime)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class DetectionResult:
+    """Predictions for N images.
+
+    image_scores: (N,) float64, the largest patch score of each image.
+    anomaly_maps: (N, H, W) float32 at the model input (crop) resolution, aligned with
+        ``Preprocess.display(image)``.
+    patch_maps: (N, h, w) float32 patch scores on the feature grid.
+    paths: the image file of each row, None for in-memory images.
+    normalized_scores: (N,) in [0, 1], 0.5 at the threshold (see ``thresholds.normalize_scores``);
+        None without a threshold.
+    labels: (N,) bool, image_scores >= threshold; None without a threshold.
+    threshold: the threshold used, or None.
+    """
+
+    image_scores: np.ndarray
+    anomaly_maps: np.ndarray
+    patch_maps: np.ndarray
+    paths: list[Optional[str]]
+    normalized_scores: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+    threshold: Optional[float] = None
+
+    def __len__(self) -> int:
+        return int(self.image_scores.shape[0])

@@ -1,0 +1,298 @@
+"""CRDDetector end to end on small generated textures with a seeded random resnet18."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crd_fast import CRDDetector, CRDScorer, DetectionResult, ModelFileError, reference
+from crd_fast.detector import SCORE_SAMPLE
+from crd_fast.features import BackboneWeightsError, ImageReadError
+
+SMALL = dict(backbone="resnet18", weights="random", resize=80, crop=64, batch_size=4)
+
+
+def texture(rng: np.random.Generator, size: int = 72) -> np.ndarray:
+    """A periodic texture with a random phase and a little noise, uint8 (size, size, 3)."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    p1, p2 = rng.uniform(0, 2 * np.pi, 2)
+    base = 0.5 + 0.2 * np.sin(2 * np.pi * xx / 9 + p1) + 0.2 * np.sin(2 * np.pi * yy / 9 + p2)
+    img = np.stack([base, 0.9 * base, 0.8 * base], -1) + rng.normal(0, 0.03, (size, size, 3))
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def plant_defect(img: np.ndarray, y: int, x: int) -> np.ndarray:
+    out = img.copy()
+    out[y : y + 12, x : x + 12] = (15, 80, 15)
+    return out
+
+
+def as_batch(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("textures")
+    train = [texture(rng) for _ in range(12)]
+    normal = [texture(rng) for _ in range(3)]
+    spots = [(20, 40), (40, 16), (30, 30)]
+    defective = [plant_defect(texture(rng), y, x) for y, x in spots]
+    for folder, imgs in (("train", train), ("normal", normal), ("defective", defective)):
+        (root / folder).mkdir()
+        for i, img in enumerate(imgs):
+            Image.fromarray(img).save(root / folder / f"{i:02d}.png")
+    return dict(root=root, train=train, normal=normal, defective=defective, spots=spots)
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    return CRDDetector(**SMALL).fit(data["root"] / "train", progress=False)
+
+
+def test_fit_predict_shapes_and_paths(fitted, data):
+    res = fitted.predict(data["root"] / "defective", progress=False)
+    assert isinstance(res, DetectionResult) and len(res) == 3
+    assert res.image_scores.shape == (3,) and res.image_scores.dtype == np.float64
+    assert res.anomaly_maps.shape == (3, 64, 64) and res.anomaly_maps.dtype == np.float32
+    assert res.patch_maps.shape == (3, 8, 8)
+    assert [Path(p).name for p in res.paths] == ["00.png", "01.png", "02.png"]
+    np.testing.assert_array_equal(res.image_scores, res.patch_maps.reshape(3, -1).max(axis=1).astype(np.float64))
+    assert res.labels is None and res.normalized_scores is None and res.threshold is None
+    assert fitted.n_images == 12 and fitted.scorer.n_samples == 12 * 64
+    assert fitted.dim == 384 and fitted.layer_channels == [128, 256] and fitted.patch_grid == (8, 8)
+
+
+def test_every_input_kind_gives_the_same_scores(fitted, data):
+    root = data["root"] / "normal"
+    paths = sorted(str(p) for p in root.iterdir())
+    by_folder = fitted.predict(root, progress=False)
+    by_list = fitted.predict(paths, progress=False)
+    by_tensor = fitted.predict(as_batch(data["normal"]), progress=False)
+    by_arrays = fitted.predict(list(data["normal"]), progress=False)
+    for res in (by_list, by_tensor, by_arrays):
+        np.testing.assert_array_equal(res.image_scores, by_folder.image_scores)
+        np.testing.assert_array_equal(res.anomaly_maps, by_folder.anomaly_maps)
+    assert by_tensor.paths == [None] * 3
+
+
+def test_planted_defects_score_higher_and_are_located(fitted, data):
+    normal = fitted.predict(as_batch(data["normal"]), progress=False)
+    bad = fitted.predict(as_batch(data["defective"]), progress=False)
+    assert bad.image_scores.min() > normal.image_scores.max()
+    scale, offset = 80 / 72, (80 - 64) / 2  # resize then center crop
+    for amap, (y, x) in zip(bad.anomaly_maps, data["spots"]):
+        peak = np.unravel_index(int(amap.argmax()), amap.shape)
+        centre = ((y + 6) * scale - offset, (x + 6) * scale - offset)
+        assert abs(peak[0] - centre[0]) <= 10 and abs(peak[1] - centre[1]) <= 10
+
+
+def test_patch_maps_equal_scorer_scores_on_embeddings(fitted, data):
+    x = next(fitted.iter_batches(as_batch(data["defective"])))[1]
+    emb = fitted.embed(x)
+    assert emb.shape == (3, 384, 8, 8)
+    want = fitted.scorer.score(reference.patch_matrix(emb).double()).reshape(3, 8, 8)
+    got = fitted.predict(as_batch(data["defective"]), progress=False).patch_maps
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4 * float(want.max()))
+
+
+def test_fit_streams_batches_into_partial_fit(data, monkeypatch):
+    rows = []
+    original = CRDScorer.partial_fit
+
+    def spy(self, X):
+        rows.append(X.shape[0])
+        return original(self, X)
+
+    monkeypatch.setattr(CRDScorer, "partial_fit", spy)
+    det = CRDDetector(**SMALL).fit(data["root"] / "train", progress=False)
+    # 12 images in batches of 4: never more than one batch of patches at a time, and all of them in the end.
+    assert max(rows) <= 4 * 64 and sum(rows) == 12 * 64
+    # What the detector holds does not depend on the number of images: d x d sums and a bounded sample.
+    assert len(det._sample) <= SCORE_SAMPLE and det.scorer.statistics.scatter.shape == (384, 384)
+
+
+def test_partial_fit_in_halves_equals_fit(fitted, data):
+    paths = sorted(str(p) for p in (data["root"] / "train").iterdir())
+    det = CRDDetector(**SMALL).partial_fit(paths[:4], progress=False).partial_fit(paths[4:], progress=False)
+    a, b = det.scorer.statistics, fitted.scorer.statistics
+    assert a.count == b.count and det.n_images == fitted.n_images
+    torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=1e-13)
+    torch.testing.assert_close(a.scatter, b.scatter, rtol=1e-12, atol=1e-10)
+    x = as_batch(data["defective"])
+    np.testing.assert_allclose(det.predict(x, progress=False).image_scores,
+                               fitted.predict(x, progress=False).image_scores, rtol=1e-5)
+
+
+def test_train_score_stats(fitted):
+    stats = fitted.train_score_stats
+    assert stats["n"] == 12 and stats["min"] <= stats["q50"] <= stats["q99"] <= stats["max"]
+    assert stats["std"] > 0
+
+
+def test_thresholds_give_labels_and_normalised_scores(fitted, data):
+    det = fitted
+    x = as_batch(data["normal"] + data["defective"])
+    try:
+        t = det.calibrate(as_batch(data["normal"]), q=1.0, progress=False)
+        res = det.predict(x, progress=False)
+        assert t == pytest.approx(res.image_scores[:3].max()) and res.threshold == t
+        np.testing.assert_array_equal(res.labels, res.image_scores >= t)
+        assert res.labels[:3].sum() == 1 and res.labels[3:].all()  # q=1: only the highest normal reaches t
+        assert np.all((res.normalized_scores >= 0) & (res.normalized_scores <= 1))
+        assert np.all(res.normalized_scores[res.labels] >= 0.5) and np.all(res.normalized_scores[~res.labels] < 0.5)
+        t2 = det.calibrate_labelled(x, [0, 0, 0, 1, 1, 1], progress=False)
+        assert res.image_scores[:3].max() < t2 <= res.image_scores[3:].min()
+        det.set_threshold(None)
+        assert det.predict(x, progress=False).labels is None
+        with pytest.raises(ValueError, match="threshold"):
+            det.set_threshold(float("nan"))
+    finally:
+        det.set_threshold(None)
+
+
+def test_refit_resets_threshold_and_lam_change_rebuilds_model(data):
+    det = CRDDetector(**SMALL).fit(as_batch(data["train"][:6]), progress=False)
+    det.set_threshold(1.0)
+    x = as_batch(data["defective"])
+    before = det.predict(x, progress=False).image_scores
+    det.scorer.lam_rel = 1.0
+    after = det.predict(x, progress=False).image_scores
+    assert not np.allclose(before, after)
+    assert det.config["lam_rel"] == 1.0
+    det.fit(as_batch(data["train"][6:]), progress=False)
+    assert det.threshold is None and det.n_images == 6
+
+
+def test_save_load_round_trip_is_exact(fitted, data, tmp_path):
+    fitted.set_threshold(0.5)
+    path = tmp_path / "model.crd"
+    try:
+        fitted.save(path)
+    finally:
+        fitted.set_threshold(None)
+    loaded = CRDDetector.load(path)
+    x = as_batch(data["defective"] + data["normal"])
+    a, b = fitted.predict(x, progress=False), loaded.predict(x, progress=False)
+    np.testing.assert_array_equal(a.image_scores, b.image_scores)
+    np.testing.assert_array_equal(a.anomaly_maps, b.anomaly_maps)
+    assert loaded.threshold == 0.5 and b.labels is not None
+    assert loaded.config == fitted.config and loaded.n_images == 12
+    assert loaded.train_score_stats == fitted.train_score_stats
+    from crd_fast.io.model_file import read_model_file
+
+    _, meta = read_model_file(path, "crd_detector")
+    assert meta["weights_identity"] == {"kind": "random", "seed": 0}
+    assert meta["layers"] == ["layer2", "layer3"] and meta["d"] == 384 and meta["n_patches"] == 12 * 64
+    assert meta["crop"] == 64 and meta["embedding"] == "concat" and meta["crd_fast_version"]
+    # Run-time options may differ; the model must not.
+    assert CRDDetector.load(path, device="cpu", batch_size=2, backbone="resnet18", layers=["layer2", "layer3"]).batch_size == 2
+
+
+@pytest.mark.parametrize(
+    "expected, match",
+    [
+        (dict(backbone="resnet34"), "backbone='resnet18'"),
+        (dict(layers=("layer1", "layer2")), "layers="),
+        (dict(embedding="patchcore"), "embedding='concat'"),
+        (dict(crop=56), "crop=64"),
+        (dict(weights="imagenet"), "weights"),
+        (dict(seed=3), "seed=0"),
+    ],
+)
+def test_load_refuses_another_configuration(fitted, tmp_path, expected, match):
+    path = tmp_path / "model.crd"
+    fitted.save(path)
+    with pytest.raises(ModelFileError, match=match):
+        CRDDetector.load(path, **expected)
+
+
+def test_load_refuses_corrupt_files(fitted, tmp_path):
+    path = tmp_path / "model.crd"
+    fitted.save(path)
+    blob = path.read_bytes()
+    truncated = tmp_path / "truncated.crd"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ModelFileError, match="truncated.crd"):
+        CRDDetector.load(truncated)
+    garbage = tmp_path / "garbage.crd"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelFileError, match="garbage.crd"):
+        CRDDetector.load(garbage)
+    flipped = tmp_path / "flipped.crd"
+    flipped.write_bytes(blob[:-8] + bytes(b ^ 0xFF for b in blob[-8:]))
+    with pytest.raises(ModelFileError, match="flipped.crd"):
+        CRDDetector.load(flipped)
+    scorer_only = tmp_path / "scorer.crd"
+    fitted.scorer.save(scorer_only)
+    with pytest.raises(ModelFileError, match="expected 'crd_detector'"):
+        CRDDetector.load(scorer_only)
+    with pytest.raises(TypeError, match="unknown detector option"):
+        CRDDetector.load(path, colour="red")
+
+
+def test_weights_file_detector_round_trip(data, tmp_path):
+    from crd_fast.features import build_backbone
+
+    weights = tmp_path / "r18.pth"
+    torch.save(build_backbone("resnet18", "random", seed=7).state_dict(), weights)
+    options = dict(SMALL, weights=str(weights))
+    det = CRDDetector(**options).fit(as_batch(data["train"][:4]), progress=False)
+    seeded = CRDDetector(**dict(SMALL, seed=7)).fit(as_batch(data["train"][:4]), progress=False)
+    x = as_batch(data["defective"])
+    np.testing.assert_array_equal(det.predict(x, progress=False).image_scores, seeded.predict(x, progress=False).image_scores)
+    path = tmp_path / "m.crd"
+    det.save(path)
+    moved = tmp_path / "moved.pth"
+    weights.rename(moved)
+    loaded = CRDDetector.load(path, weights=str(moved))  # same SHA-256 at a new path
+    np.testing.assert_array_equal(loaded.predict(x, progress=False).image_scores, det.predict(x, progress=False).image_scores)
+    with pytest.raises(BackboneWeightsError, match=r"r18.pth.*weights=<its new path>"):
+        CRDDetector.load(path)
+    torch.save(build_backbone("resnet18", "random", seed=8).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ModelFileError, match="weights"):
+        CRDDetector.load(path, weights=str(tmp_path / "other.pth"))
+    assert "sha256" in det.weights_description and "RANDOM" in seeded.weights_description
+
+
+def test_bad_inputs(fitted, data, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_text("nope")
+    with pytest.raises(ImageReadError, match="broken.png"):
+        fitted.predict([str(broken)], progress=False)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fitted.predict(torch.rand(2, 3, 64, 64) * 255, progress=False)
+    with pytest.raises(ValueError, match=r"image 1: .*\[0, 1\]"):
+        fitted.predict([data["normal"][0], np.full((64, 64, 3), 3.0)], progress=False)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        CRDDetector(**SMALL).predict(as_batch(data["normal"]), progress=False)
+    with pytest.raises(ValueError, match="no images"):
+        CRDDetector(**SMALL).fit([], progress=False)
+    with pytest.raises(ValueError, match="embedding"):
+        CRDDetector(**dict(SMALL, embedding="sum"))
+    with pytest.raises(ValueError, match="batch_size"):
+        CRDDetector(**dict(SMALL, batch_size=0))
+    with pytest.raises(ValueError, match="device"):
+        CRDDetector(**dict(SMALL, device="tpu:9"))
+    with pytest.raises(ValueError, match="lam_rel"):
+        CRDDetector(**dict(SMALL, lam_rel=-1.0))
+
+
+def test_progress_bars(fitted, data, capsys):
+    fitted.predict(as_batch(data["normal"]), progress=False)
+    assert "predict" not in capsys.readouterr().err
+    fitted.predict(as_batch(data["normal"]), progress=True)
+    assert "predict" in capsys.readouterr().err
+
+
+def test_patchcore_embedding_end_to_end(data):
+    det = CRDDetector(**dict(SMALL, embedding="patchcore", target_dim=96)).fit(as_batch(data["train"]), progress=False)
+    assert det.dim == 96
+    normal = det.predict(as_batch(data["normal"]), progress=False)
+    bad = det.predict(as_batch(data["defective"]), progress=False)
+    assert bad.image_scores.min() > normal.image_scores.max()
