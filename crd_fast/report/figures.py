@@ -1,0 +1,90 @@
+"""Pictures for the report: curve plots (matplotlib, Agg, no pyplot state) and overlay tiles, as PNG bytes."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Optional
+
+import numpy as np
+
+from ..viz import colorize, heatmap_overlay, normalize_map, png_bytes, to_rgb_uint8
+
+
+def curves_png(name: str, curves: dict[str, Any], metrics: dict[str, Any]) -> bytes:
+    """One row of plots for a category: image ROC, pixel ROC and the PRO curve (where available)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [("image_roc", "Image ROC", "image_auroc", "AUROC")]
+    if curves.get("pixel_roc") is not None:
+        panels.append(("pixel_roc", "Pixel ROC", "pixel_auroc", "AUROC"))
+    if curves.get("pro") is not None:
+        panels.append(("pro", "PRO curve", "aupro", "AUPRO"))
+    fig = Figure(figsize=(3.6 * len(panels), 3.4), dpi=90)
+    FigureCanvasAgg(fig)
+    for k, (key, title, metric, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        curve = curves[key]
+        if key == "pro":
+            limit = curve["fpr_limit"]
+            fpr, pro = np.asarray(curve["fpr"]), np.asarray(curve["pro"])
+            ax.plot(fpr, pro, color="tab:green", lw=1.8)
+            ax.axvline(limit, color="grey", ls=":", lw=1)
+            ax.set_xlim(0, min(1.0, 2 * limit))
+            ax.set_ylabel("per-region overlap")
+        else:
+            ax.plot(curve["fpr"], curve["tpr"], color="tab:blue", lw=1.8)
+            ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+            ax.set_xlim(0, 1)
+            ax.set_ylabel("true positive rate")
+        value = metrics.get(metric)
+        ax.set_title(f"{name}: {title}\n{label} {value:.3f}" if value is not None else f"{name}: {title}", fontsize=9)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.09 / len(panels) * 1.6, right=0.98, bottom=0.15, top=0.84, wspace=0.32)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def map_range(anomaly_maps: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Colour range shared by a category's overlays: from the median pixel of the good images' maps to the max.
+
+    The median of normal pixels maps to the bottom of the colour scale, so a normal image looks calm and
+    colours are comparable between images.
+    """
+    normal = anomaly_maps[~labels] if (~labels).any() else anomaly_maps
+    sample = normal.reshape(-1)[:: max(1, normal.size // 2_000_000)]  # a subsample is plenty for a median
+    lo, hi = float(np.median(sample)), float(anomaly_maps.max())
+    return (lo, hi) if hi > lo else (float(anomaly_maps.min()), hi)
+
+
+def overlay_tile(
+    image: Optional[np.ndarray],
+    anomaly_map: Optional[np.ndarray],
+    mask: Optional[np.ndarray],
+    vmin: float,
+    vmax: float,
+) -> Optional[bytes]:
+    """PNG of [image | heatmap overlay with the mask outlined], or what of it is available."""
+    parts = []
+    if image is not None:
+        parts.append(to_rgb_uint8(image))
+    if anomaly_map is not None:
+        if image is not None:
+            over = heatmap_overlay(image, anomaly_map, vmin=vmin, vmax=vmax, alpha=0.5, mask=mask)
+        else:
+            over = colorize(normalize_map(anomaly_map, vmin, vmax))
+        parts.append(over)
+    elif image is not None and mask is not None:
+        parts.append(heatmap_overlay(image, np.zeros(mask.shape), vmin=0, vmax=1, alpha=0.0, mask=mask))
+    if not parts:
+        return None
+    height = max(p.shape[0] for p in parts)
+    gap = np.full((height, 4, 3), 255, dtype=np.uint8)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in parts]
+    row = [padded[0]]
+    for p in padded[1:]:
+        row += [gap, p]
+    return png_bytes(np.concatenate(row, axis=1))

@@ -1,0 +1,282 @@
+"""Build the report's figures (JSON) and page (self-contained HTML) and write both atomically."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .. import metrics as M
+from .._version import __version__
+from ..io.model_file import atomic_write
+from .figures import curves_png, map_range, overlay_tile
+from .results import CategoryResult, RunInfo, example_indices
+
+PathLike = Union[str, os.PathLike]
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+EXAMPLE_TITLES = {
+    "highest_defects": "Highest-scoring defective images (found most clearly)",
+    "lowest_defects": "Lowest-scoring defective images (missed first)",
+    "highest_good": "Highest-scoring good images (false alarms first)",
+}
+RANDOM_WEIGHTS_WARNING = (
+    "The backbone's weights were RANDOM (seeded, untrained). These numbers show that the pipeline runs "
+    "end to end; they say nothing about the detector's accuracy with real (e.g. ImageNet) weights."
+)
+
+
+@dataclass
+class Report:
+    """Where the report went, and its figures (the JSON document as a dict)."""
+
+    html_path: Path
+    json_path: Path
+    data: dict[str, Any]
+
+
+def category_figures(result: CategoryResult, fpr_limit: float = 0.3, n_examples: int = 4,
+                     max_points: int = 512) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSON figures of one category and its curves (for plotting), via :mod:`crd_fast.metrics`."""
+    y, s = result.labels, result.image_scores
+    notes: list[str] = []
+    metrics: dict[str, Any] = {"image_auroc": None, "f1_max": None, "f1_threshold": None, "pixel_auroc": None, "aupro": None}
+    curves: dict[str, Any] = {"image_roc": None, "pixel_roc": None, "pro": None}
+    if y.any() and not y.all():
+        have_pixels = result.masks is not None and result.anomaly_maps is not None and result.masks.any()
+        out = M.evaluate(y, s, result.masks if have_pixels else None, result.anomaly_maps if have_pixels else None,
+                         fpr_limit=fpr_limit, curves=True, max_points=max_points)
+        curves = out.pop("curves")
+        metrics.update(out)
+        if not have_pixels:
+            notes.append("no pixel metrics: " + ("no anomaly maps" if result.anomaly_maps is None else "no ground-truth masks"))
+    else:
+        notes.append("image metrics need both good and defective test images; this category has only "
+                     + ("defective" if y.all() else "good") + " ones")
+    metrics["fit_seconds"] = result.fit_seconds
+    metrics["ms_per_image"] = result.ms_per_image
+    types, counts = np.unique(result.defect_types, return_counts=True)
+    figures = {
+        "name": result.name,
+        "n_images": result.n_images,
+        "n_good": int((~y).sum()),
+        "n_defect": int(y.sum()),
+        "defect_types": {str(t): int(c) for t, c in zip(types, counts)},
+        "metrics": metrics,
+        "extra": result.extra,
+        "notes": notes,
+        "roc": {"image": curves["image_roc"], "pixel": curves["pixel_roc"]},
+        "pro_curve": curves["pro"],
+        "examples": example_indices(y, s, n_examples),
+        "per_image": [
+            {"path": p, "label": int(lab), "defect_type": t, "score": float(sc)}
+            for p, lab, t, sc in zip(result.paths, y, result.defect_types, s)
+        ],
+    }
+    return figures, curves
+
+
+def _mean_metrics(categories: Sequence[dict[str, Any]]) -> dict[str, Optional[float]]:
+    out: dict[str, Optional[float]] = {}
+    for key in METRIC_KEYS + ("fit_seconds", "ms_per_image"):
+        values = [c["metrics"][key] for c in categories if c["metrics"].get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def _jsonable(x: Any) -> Any:
+    """Numpy scalars/arrays to Python, NaN/Inf to None: the JSON file must be strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def write_report(
+    out_dir: PathLike,
+    results: Sequence[CategoryResult],
+    run: Optional[RunInfo] = None,
+    n_examples: int = 4,
+    fpr_limit: float = 0.3,
+) -> Report:
+    """Write ``out_dir/report.html`` (self-contained: images inlined) and ``out_dir/report.json``.
+
+    The page shows a metrics table per category (and the mean), the run's settings, ROC and PRO curves,
+    and for each category a grid of heatmap overlays: the highest- and lowest-scoring defective images
+    and the highest-scoring good images (``n_examples`` each). With random backbone weights it opens with
+    a banner saying so. Both files are written atomically; the JSON holds the same figures as the page.
+    """
+    if isinstance(results, CategoryResult):
+        results = [results]
+    if not results:
+        raise ValueError("write_report needs at least one CategoryResult")
+    names = [r.name for r in results]
+    if len(set(names)) != len(names):
+        raise ValueError(f"category names must be unique, got {names}")
+    if n_examples < 0:
+        raise ValueError(f"n_examples must be >= 0, got {n_examples}")
+    run = run or RunInfo()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    categories, sections = [], []
+    for result in results:
+        figures, curves = category_figures(result, fpr_limit=fpr_limit, n_examples=n_examples)
+        categories.append(figures)
+        sections.append(_category_section(result, figures, curves))
+
+    data = _jsonable({
+        "title": run.title,
+        "crd_fast_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "run": {"settings": run.settings, "weights": run.weights, "random_weights": run.random_weights,
+                "command": run.command, "notes": run.notes},
+        "fpr_limit": fpr_limit,
+        "categories": categories,
+        "mean": _mean_metrics(categories),
+    })
+    html_text = _page(run, data, sections)
+    json_path, html_path = out / "report.json", out / "report.html"
+    with atomic_write(json_path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    with atomic_write(html_path) as tmp:
+        tmp.write_text(html_text, encoding="utf-8")
+    return Report(html_path=html_path, json_path=json_path, data=data)
+
+
+# ------------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:1.6em;margin-bottom:4px} h2{margin-top:36px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{font-size:1.05em;margin:18px 0 6px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:0.92em}
+th,td{border:1px solid #ccc;padding:4px 9px;text-align:right} th{background:#f2f2f2}
+td.l,th.l{text-align:left} tr.mean td{font-weight:600;background:#fafafa}
+.banner{background:#b00020;color:#fff;padding:14px 18px;border-radius:6px;font-size:1.05em;margin:12px 0}
+.note{color:#666;font-size:0.9em}
+.grid{display:flex;flex-wrap:wrap;gap:14px}
+figure{margin:0;font-size:0.82em;max-width:460px} figure img{display:block;max-width:100%;border:1px solid #ddd}
+figcaption{margin-top:3px;word-break:break-all}
+"""
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, (int, np.integer)):
+        return str(v)
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
+    return out
+
+
+def _metrics_table(data: dict[str, Any]) -> str:
+    extra_keys: list[str] = []
+    for c in data["categories"]:
+        for k in _flatten(c["extra"]):
+            if k not in extra_keys:
+                extra_keys.append(k)
+    head = ["category", "image AUROC", "pixel AUROC", f"AUPRO@{data['fpr_limit']:g}", "F1-max", "F1 threshold",
+            "good", "defective", "fit s", "ms / image"] + extra_keys
+    rows = ["<tr>" + "".join(f'<th class="{"l" if i == 0 else ""}">{html.escape(h)}</th>' for i, h in enumerate(head)) + "</tr>"]
+    for c in data["categories"]:
+        m, ex = c["metrics"], _flatten(c["extra"])
+        cells = [html.escape(c["name"]), _fmt(m["image_auroc"]), _fmt(m["pixel_auroc"]), _fmt(m["aupro"]),
+                 _fmt(m["f1_max"]), _fmt(m["f1_threshold"], 4), str(c["n_good"]), str(c["n_defect"]),
+                 _fmt(m["fit_seconds"], 2), _fmt(m["ms_per_image"], 1)] + [_fmt(ex.get(k)) for k in extra_keys]
+        rows.append("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>")
+    if len(data["categories"]) > 1:
+        mean = data["mean"]
+        cells = ["mean", _fmt(mean["image_auroc"]), _fmt(mean["pixel_auroc"]), _fmt(mean["aupro"]), _fmt(mean["f1_max"]),
+                 "", "", "", _fmt(mean["fit_seconds"], 2), _fmt(mean["ms_per_image"], 1)] + [""] * len(extra_keys)
+        rows.append('<tr class="mean">' + "".join(f'<td class="{"l" if i == 0 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _settings_table(run: dict[str, Any]) -> str:
+    rows = [f'<tr><th class="l">weights</th><td class="l">{html.escape(str(run["weights"]))}</td></tr>']
+    if run.get("command"):
+        rows.append(f'<tr><th class="l">command</th><td class="l"><code>{html.escape(run["command"])}</code></td></tr>')
+    for k, v in run["settings"].items():
+        text = v if isinstance(v, str) else json.dumps(v)
+        rows.append(f'<tr><th class="l">{html.escape(str(k))}</th><td class="l">{html.escape(text)}</td></tr>')
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _category_section(result: CategoryResult, figures: dict[str, Any], curves: dict[str, Any]) -> str:
+    parts = [f'<h2 id="cat-{html.escape(result.name)}">{html.escape(result.name)}</h2>']
+    types = ", ".join(f"{html.escape(t)}: {n}" for t, n in figures["defect_types"].items())
+    parts.append(f'<p class="note">{figures["n_images"]} test images ({types})</p>')
+    for note in figures["notes"]:
+        parts.append(f'<p class="note">{html.escape(note)}</p>')
+    if curves.get("image_roc") is not None:
+        parts.append(_img(curves_png(result.name, curves, figures["metrics"]), f"{result.name} curves"))
+    maps, masks = result.anomaly_maps, result.masks
+    vmin, vmax = map_range(maps, result.labels) if maps is not None else (0.0, 1.0)
+    if maps is not None:
+        parts.append(f'<p class="note">Heatmap colours span anomaly-map values {vmin:.4g} (median of the good images) '
+                     f'to {vmax:.4g} (the maximum), the same for every image of this category; ground truth outlined in white.</p>')
+    for group, indices in figures["examples"].items():
+        if not indices:
+            continue
+        tiles = []
+        for i in indices:
+            png = overlay_tile(result.image(i), None if maps is None else maps[i], None if masks is None else masks[i], vmin, vmax)
+            caption = (f"{html.escape(result.defect_types[i])} · score {result.image_scores[i]:.4g}<br>"
+                       f"{html.escape(result.paths[i])}")
+            body = _img(png, result.paths[i]) if png is not None else '<p class="note">(no image or map kept)</p>'
+            tiles.append(f"<figure>{body}<figcaption>{caption}</figcaption></figure>")
+        parts.append(f"<h3>{EXAMPLE_TITLES[group]}</h3><div class=\"grid\">{''.join(tiles)}</div>")
+    return "\n".join(parts)
+
+
+def _page(run: RunInfo, data: dict[str, Any], sections: list[str]) -> str:
+    banner = f'<div class="banner">⚠ {html.escape(RANDOM_WEIGHTS_WARNING)}</div>' if run.random_weights else ""
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in run.notes)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(run.title)}</title>
+<style>{_CSS}</style></head><body>
+<h1>{html.escape(run.title)}</h1>
+<p class="note">crd-fast {html.escape(__version__)} · {html.escape(data["created_utc"])} ·
+image score = max of the patch scores; AUPRO integrated to FPR {data["fpr_limit"]:g} (MVTec AD definition)</p>
+{banner}{notes}
+<h2>Metrics</h2>
+{_metrics_table(data)}
+<h2>Settings</h2>
+{_settings_table(data["run"])}
+{"".join(sections)}
+</body></html>
+"""
