@@ -1,0 +1,91 @@
+"""The metadata file that travels with an exported ONNX model (torch-free).
+
+``model.onnx`` is accompanied by ``model.onnx.json``: one JSON document with the format name and
+version, the crd_fast version, what was exported (whole detector or head only), the input and output
+names and shapes, the detector's config, threshold and training score statistics, and the SHA-256 of
+the ONNX file's bytes. The runtime refuses an ONNX file whose bytes do not match that hash, so a model
+and the metadata of another model (or a truncated copy) are never paired silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+FORMAT_NAME = "crd-fast-onnx"
+FORMAT_VERSION = 1
+#: Key under which a short identification is also written into the ONNX file's metadata_props.
+ONNX_PROPS_KEY = "crd_fast"
+
+PathLike = Union[str, os.PathLike]
+
+
+class DeployError(ValueError):
+    """An exported model or its metadata is missing, corrupt, mismatched, or given input of the wrong shape."""
+
+
+def metadata_path_for(onnx_path: PathLike) -> Path:
+    """The metadata file that belongs to ``onnx_path``: the same name with ``.json`` appended."""
+    p = Path(onnx_path)
+    return p.with_name(p.name + ".json")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_onnx_and_metadata(
+    onnx_path: PathLike, metadata_path: Optional[PathLike] = None
+) -> tuple[bytes, dict[str, Any]]:
+    """Read an exported model's bytes and its metadata, and check that they belong together."""
+    onnx_p = Path(onnx_path)
+    meta_p = Path(metadata_path) if metadata_path is not None else metadata_path_for(onnx_p)
+    if not onnx_p.is_file():
+        raise DeployError(f"{onnx_p}: no such ONNX file")
+    if not meta_p.is_file():
+        raise DeployError(
+            f"{meta_p}: metadata file missing; it is written next to the ONNX file by crd_fast.deploy.export_onnx "
+            f"(copy it along with {onnx_p.name}, or pass metadata_path=...)"
+        )
+    data = onnx_p.read_bytes()
+    try:
+        meta = json.loads(meta_p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DeployError(f"{meta_p}: metadata is not valid JSON (truncated or edited?): {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DeployError(f"{meta_p}: not a crd_fast ONNX metadata file (format {found!r}, expected {FORMAT_NAME!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DeployError(
+            f"{meta_p}: metadata format version {meta.get('format_version')!r} is not supported (this runtime reads {FORMAT_VERSION})"
+        )
+    digest = sha256_bytes(data)
+    if meta.get("onnx_sha256") != digest:
+        raise DeployError(
+            f"{onnx_p}: does not match its metadata {meta_p.name} (SHA-256 {digest[:12]}... but the metadata "
+            f"expects {str(meta.get('onnx_sha256'))[:12]}...): the ONNX file was modified or truncated, or the "
+            f"metadata belongs to another export"
+        )
+    for key in ("inputs", "outputs", "head_only"):
+        if key not in meta:
+            raise DeployError(f"{meta_p}: metadata field {key!r} is missing")
+    return data, meta
+
+
+def check_expected(meta: dict[str, Any], expected: dict[str, Any], where: PathLike) -> None:
+    """Refuse metadata whose values differ from what the caller expects (e.g. embedding='concat')."""
+    sources = [meta, meta.get("config") or {}]
+    for key, want in expected.items():
+        for src in sources:
+            if key in src:
+                have = src[key]
+                if isinstance(have, list) and isinstance(want, tuple):
+                    want = list(want)
+                if have != want:
+                    raise DeployError(f"{where}: exported model has {key}={have!r}, expected {want!r}")
+                break
+        else:
+            raise DeployError(f"{where}: exported model metadata has no field {key!r} to compare with {want!r}")
