@@ -1,0 +1,133 @@
+"""Distributed fitting: every rank streams its shard, the ranks add their statistics, rank 0 writes.
+
+    fit_distributed(model, items, save_path="model.crd")   # run on every rank (torchrun)
+
+``items`` is the full, ordered list of inputs, the same on every rank; rank r takes its shard (see
+``sharding``). For a CRDScorer an item is one (N_i, d) array of patch features; for a CRDDetector an
+item is one image (path, array or tensor). Each rank adds its shard's patches to float64 statistics
+(only d x d sums, whatever the shard size), ``all_reduce_statistics`` combines them exactly, and every
+rank ends with the same fitted model. Rank 0 alone writes ``save_path``, atomically and only after
+every rank has finished: an exception or a killed process on any rank leaves no file, or the old one
+untouched. ``update=True`` adds the new items to an already fitted (e.g. loaded) model instead of
+replacing it: the result equals a fit on the old and new inputs together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .._arrays import as_patch_matrix
+from ..core.stats import PatchStatistics
+from ..io.model_file import PathLike
+from ..scorer import CRDScorer
+from .reduce import _combine, exchange_status, raise_if_any_failed, rank_and_world
+from .sharding import shard
+
+
+def _scorer_statistics(scorer: CRDScorer) -> Optional[PatchStatistics]:
+    """The scorer's statistics, or None when it was never fitted."""
+    return scorer._stats  # package-internal: CRDScorer keeps them here (see scorer.py)
+
+
+def install_statistics(scorer: CRDScorer, stats: PatchStatistics) -> CRDScorer:
+    """Replace ``scorer``'s statistics with ``stats`` (its lam_rel, center and rank are kept)."""
+    scorer._stats = stats
+    scorer._invalidate()  # the projection is derived from the statistics: recompute it on demand
+    return scorer
+
+
+def _copy(stats: PatchStatistics) -> PatchStatistics:
+    return PatchStatistics.from_tensors(stats.count, stats.mean, stats.scatter)
+
+
+def _patch_shard_statistics(
+    items: Sequence[Any], dim: Optional[int], indices: Sequence[int], progress: bool = False
+) -> Optional[PatchStatistics]:
+    """Float64 statistics of a shard of (N_i, d) patch arrays; None for an empty shard."""
+    stats: Optional[PatchStatistics] = None
+    for index, item in tqdm(zip(indices, items), total=len(items), desc="fit (this rank's shard)", disable=not progress):
+        x, _ = as_patch_matrix(item, f"items[{index}]", dim=dim, min_rows=1)
+        if stats is None:
+            stats = PatchStatistics(x.shape[1])
+            dim = x.shape[1]
+        stats.update(x)
+    return stats
+
+
+def check_items(items: Any) -> Sequence[Any]:
+    """``items`` must be indexable with a length (list, tuple, data set): each rank picks its shard by index."""
+    if isinstance(items, (str, bytes)) or not (hasattr(items, "__len__") and hasattr(items, "__getitem__")):
+        raise TypeError(f"items must be a list, tuple or data set of inputs (indexable, with a length), got {type(items).__name__}")
+    return items
+
+
+def _is_detector(model: Any) -> bool:
+    return hasattr(model, "scorer") and hasattr(model, "iter_batches") and isinstance(model.scorer, CRDScorer)
+
+
+def fit_distributed(
+    model: Any,
+    items: Sequence[Any],
+    *,
+    update: bool = False,
+    save_path: Optional[PathLike] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    shard_mode: str = "strided",
+    progress: bool = False,
+) -> Any:
+    """Fit ``model`` (a CRDScorer or CRDDetector) on ``items`` split over the ranks of ``group``.
+
+    A collective: every rank calls it with the same ``items`` and an identically configured model.
+    Returns ``model``, fitted identically on every rank. Without a process group it is a plain
+    single-process fit. If any rank fails, every rank raises (the failing one its own error, the others
+    DistributedError) and nothing is written.
+    """
+    if _is_detector(model):
+        from .detector import as_item_list, fit_detector_distributed
+
+        items = check_items(as_item_list(items))
+        return fit_detector_distributed(
+            model, items, update=update, save_path=save_path, group=group, shard_mode=shard_mode, progress=progress
+        )
+    items = check_items(items)
+    if not isinstance(model, CRDScorer):
+        raise TypeError(f"model must be a CRDScorer or CRDDetector, got {type(model).__name__}")
+
+    rank, world = rank_and_world(group)
+    old = _scorer_statistics(model) if update else None
+    error: Optional[BaseException] = None
+    local: Optional[PatchStatistics] = None
+    try:
+        indices, mine = shard(items, rank, world, shard_mode)
+        local = _patch_shard_statistics(mine, old.dim if old is not None else None, indices, progress and rank == 0)
+    except Exception as exc:  # reported to every rank by _combine, so none waits in a collective
+        error = exc
+    new = _combine(local, group, "fitting their shard", error)
+    if old is not None:
+        if old.dim != new.dim:
+            raise ValueError(f"the model was fitted on d={old.dim} features but the new items have d={new.dim}")
+        merged = _copy(old).merge(new)
+    else:
+        merged = new
+    if merged.count < 2:
+        raise ValueError(f"CRD needs at least 2 training patches, got {merged.count} over all ranks")
+    install_statistics(model, merged)
+    if save_path is not None:
+        save_on_rank0(lambda: model.save(save_path), group, f"writing {save_path}")
+    return model
+
+
+def save_on_rank0(write: Any, group: Optional[dist.ProcessGroup], what: str) -> None:
+    """Run ``write()`` on rank 0 only, then tell every rank whether it worked (all raise if not)."""
+    rank, _ = rank_and_world(group)
+    error: Optional[BaseException] = None
+    if rank == 0:
+        try:
+            write()
+        except Exception as exc:
+            error = exc
+    status = exchange_status(error is None, 0, 0, group)
+    raise_if_any_failed(status, what, error)
