@@ -1,56 +1,133 @@
-"""Entry point of the ``crd-fast`` command line."""
+"""Entry point of the ``crd-fast`` command line: the parser, dispatch to one module per command, errors.
+
+Each command lives in its own module with ``register(subparsers)`` (adds its parser and sets
+``func``); to add a command, write such a module and list it in ``COMMANDS``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from typing import Optional, Sequence
+import textwrap
+from typing import NoReturn, Optional, Sequence
+
+from . import demo, evaluate, export, fit, predict
+from .options import CLIError, apply_common_flags
+
+#: The command modules, in the order ``--help`` lists them.
+COMMANDS = (fit, predict, evaluate, demo, export)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    success
+  1    runtime failure (anything not caused by the input: out of memory, a failed distributed peer, a bug)
+  2    usage error or bad input: unknown option or bad value, missing file or folder, unreadable image,
+       corrupt or mismatched model file, backbone weights not available (e.g. 'imagenet' offline)
+  130  interrupted (Ctrl-C)
+Errors are one line 'crd-fast: error: ...'; add --debug to see the traceback."""
+
+MAIN_EPILOG = """\
+quick start (no data, weights or network needed):
+  crd-fast demo                          generate a small data set, fit, evaluate, write an HTML report
+
+typical use:
+  crd-fast fit good_images/ -o model.crd
+  crd-fast predict model.crd new_images/ -o results/
+  crd-fast eval mvtec_ad/ --category bottle --report report/
+  crd-fast export model.crd -o model.onnx
+
+'crd-fast COMMAND --help' explains each command.
+
+""" + EXIT_CODES_HELP
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """Fit a CRD scorer on generated normal patches and score held-out normal and anomalous ones."""
-    import torch
-    from sklearn.metrics import roc_auc_score
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``crd-fast: error: ...``, exit 2) instead of usage + error."""
 
-    from .. import CRDScorer, NNScorer
-
-    gen = torch.Generator().manual_seed(args.seed)
-    d, rank_true = args.dim, max(2, args.dim // 8)
-    basis = torch.randn(d, rank_true, generator=gen)
-    def normal(n: int) -> torch.Tensor:  # normal patches live near a low-dimensional subspace
-        return torch.randn(n, rank_true, generator=gen) @ basis.T + 0.05 * torch.randn(n, d, generator=gen)
-    train, test_ok = normal(args.n_train), normal(args.n_test)
-    test_bad = normal(args.n_test) + 0.5 * torch.randn(args.n_test, d, generator=gen)  # off-subspace noise
-    labels = [0] * args.n_test + [1] * args.n_test
-    test = torch.cat([test_ok, test_bad])
-    print(f"crd-fast demo: {args.n_train} generated normal patches of d={d}; {2 * args.n_test} test patches")
-    for name, scorer in (("CRD", CRDScorer()), ("NN (exact)", NNScorer())):
-        t0 = time.perf_counter()
-        scorer.fit(train)
-        t1 = time.perf_counter()
-        scores = scorer.score(test)
-        t2 = time.perf_counter()
-        auroc = roc_auc_score(labels, scores.numpy())
-        print(f"  {name:<11} AUROC {auroc:.4f}   fit {1e3 * (t1 - t0):8.1f} ms   score {1e3 * (t2 - t1):8.1f} ms")
-    return 0
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see '{self.prog} --help')"
+        self.exit(EXIT_USAGE, f"crd-fast: error: {message}{hint}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crd-fast", description="Anomaly detection with the Collaborative Representation Distance.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run a self-contained demo on generated data (no data, weights or network needed)")
-    demo.add_argument("--dim", type=int, default=256)
-    demo.add_argument("--n-train", type=int, default=20000)
-    demo.add_argument("--n-test", type=int, default=2000)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_cmd_demo)
+    parser = Parser(
+        prog="crd-fast",
+        description=textwrap.dedent("""\
+            Find defects in images with a model trained on defect-free images only.
+            crd-fast scores each image patch by its Collaborative Representation Distance (CRD) to the
+            training patches: one d x d matrix replaces the memory bank of nearest-neighbour methods."""),
+        epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from .._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"crd-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.required = True
+    for module in COMMANDS:
+        module.register(sub)
     return parser
 
 
+def _classify(exc: BaseException) -> int:
+    """Exit code for an exception: 2 for bad input / usage, 1 for everything else."""
+    user_errors: tuple[type, ...] = (CLIError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                     PermissionError, FileExistsError, ValueError)
+    try:  # imported lazily: they pull in torch, which --help does not need
+        from ..features.backbone import BackboneWeightsError
+        from ..features.preprocess import ImageReadError
+        from ..io.model_file import ModelFileError
+
+        user_errors += (BackboneWeightsError, ImageReadError, ModelFileError)
+    except ImportError:
+        pass
+    try:
+        from ..distributed.reduce import DistributedError
+
+        if isinstance(exc, DistributedError):
+            return EXIT_FAILURE
+    except ImportError:
+        pass
+    return EXIT_USAGE if isinstance(exc, user_errors) else EXIT_FAILURE
+
+
+def _message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())  # one line, whatever the exception's formatting
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and exc.filename \
+            and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    if type(exc).__name__ == "BackboneWeightsError" and "weights=" in text:
+        text += " -- on the command line: --weights PATH (or --weights random)"
+    if isinstance(exc, ModuleNotFoundError):
+        text = f"{text} (an optional dependency is missing: pip install 'crd-fast[onnx]' for export, 'crd-fast[faiss]' for faiss)"
+    return text or type(exc).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    """Run the command line with ``argv`` (default: sys.argv[1:]); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports ("command" line)
+    try:
+        apply_common_flags(args)
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("crd-fast: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        code = _classify(exc)
+        hint = "" if getattr(args, "debug", False) else ("" if code == EXIT_USAGE else " (run with --debug for the traceback)")
+        print(f"crd-fast: error: {_message(exc)}{hint}", file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""``crd-fast export``: a model file to ONNX (the whole detector, or the head alone) via crd_fast.deploy."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from .options import wrap, add_common_flags, echo, positive_int
+
+EPILOG = """\
+what is written:
+  OUT.onnx        whole detector: input "images" (batch, 3, crop, crop), normalised with ImageNet mean/std;
+                  outputs "image_scores" (batch), "anomaly_maps" (batch, crop, crop), "patch_maps".
+                  With --head-only: one input per backbone layer (its feature map), outputs
+                  "image_scores" and "patch_maps" (for users who run their own backbone).
+  OUT.onnx.json   metadata: config, sizes, threshold, training score statistics, SHA-256 of the ONNX file.
+Only standard ONNX operators are used (no custom ops); the batch axis is dynamic. Run it without torch:
+  python -c "from crd_fast.deploy import OnnxDetector; print(OnnxDetector('model.onnx').predict('images/').image_scores)"
+
+examples:
+  crd-fast export model.crd -o model.onnx
+  crd-fast export model.crd -o head.onnx --head-only
+  crd-fast export model.crd -o small.onnx --half --rank 256   (fp16 head weights, rank-256 projection)
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="export a model file to ONNX (whole detector or head only)",
+        description=wrap("Export a fitted model to ONNX for onnxruntime, TensorRT, OpenVINO and similar runtimes. "
+                    "The exporter checks the written graph against PyTorch on a random input before writing."),
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="model file from 'crd-fast fit'")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="ONNX file to write (e.g. model.onnx)")
+    p.add_argument("--head-only", action="store_true", help="export only the CRD head: feature maps in, scores out")
+    p.add_argument("--half", action="store_true",
+                   help="store the head's matrix in float16 (half the size; small score error, computed in float32)")
+    p.add_argument("--rank", type=positive_int, metavar="R",
+                   help="export the rank-R projection (fewer multiply-adds; error bound in the metadata)")
+    p.add_argument("--opset", type=positive_int, default=17, metavar="N", help="ONNX opset (default: 17)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the onnxruntime-vs-PyTorch check of the written graph")
+    add_common_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.model):
+        raise FileNotFoundError(f"model file {args.model!r} does not exist")
+    from ..deploy import export_onnx
+
+    result = export_onnx(args.model, args.output, head_only=args.head_only, opset=args.opset,
+                         precision="fp16" if args.half else "fp32", rank=args.rank, verify=args.verify)
+    meta = result.metadata
+    size = os.path.getsize(result.onnx_path) / 2**20
+    echo(f"crd-fast export: wrote {result.onnx_path} ({size:.2f} MiB) and {result.metadata_path}")
+    echo(f"  {'head only' if args.head_only else 'whole detector'}, opset {meta['opset']}, "
+         f"head weights {meta['precision']}, "
+         + (f"rank {meta['rank']} of d = {meta.get('d')}" if meta.get("rank") else f"full rank (d = {meta.get('d')})")
+         + (f" (score error bound {meta['error_bound']:.3g})" if meta.get("error_bound") else ""))
+    for kind in ("inputs", "outputs"):
+        echo(f"  {kind}: " + ", ".join(f"{x['name']} {tuple(x['shape'])}" for x in meta[kind]))
+    return 0

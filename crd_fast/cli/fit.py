@@ -1,0 +1,149 @@
+"""``crd-fast fit``: fit a detector on defect-free images and write one model file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .options import (wrap, CLIError, add_common_flags, add_detector_options, echo, finite_float, make_detector, probability,
+                      progress_enabled, warn)
+
+EPILOG = """\
+examples:
+  crd-fast fit bottle/train/good -o bottle.crd
+  crd-fast fit mvtec_ad/bottle -o bottle.crd                (an MVTec AD category: uses its train/good)
+  crd-fast fit good/ -o model.crd --backbone resnet18 --weights /models/resnet18.pth
+  crd-fast fit good/ -o model.crd --calibrate held_out_good/ (threshold = 99% quantile of their scores)
+  crd-fast fit new_good/ -o model.crd --update              (add images to an existing model)
+
+distributed fitting (torch.distributed; each process reads its share of the images, the d x d sums
+are added with one all_reduce, rank 0 writes the file):
+  torchrun --nproc-per-node 2 -m crd_fast fit good/ -o model.crd --distributed
+  on several machines (same command on each, NODE = 0, 1, ...):
+  torchrun --nnodes 2 --node-rank NODE --nproc-per-node 4 --master-addr HOST --master-port 29500 \\
+      -m crd_fast fit /shared/good -o /shared/model.crd --distributed --device cuda
+  gloo is used on CPU, nccl on GPU. Without torchrun, --distributed runs as a single process.
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "fit", help="fit a detector on defect-free images and write a model file",
+        description=wrap("Fit a CRD detector on defect-free (good) images and write everything needed to predict "
+                    "into one model file. Only d x d sums are kept, so memory does not grow with the number of images."),
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", metavar="DATA",
+                   help="a folder of good images, or an MVTec AD category folder (its train/good is used)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (e.g. model.crd)")
+    p.add_argument("--update", action="store_true",
+                   help="add DATA to the existing model MODEL instead of starting afresh (its detector options are "
+                        "kept; only --device and --batch-size apply)")
+    thr = p.add_mutually_exclusive_group()
+    thr.add_argument("--calibrate", metavar="DIR",
+                     help="held-out good images: the threshold becomes the --quantile of their scores")
+    thr.add_argument("--threshold", type=finite_float, metavar="T", help="store this image-score threshold")
+    p.add_argument("--quantile", type=probability, default=0.99, metavar="Q",
+                   help="quantile for --calibrate (default: 0.99, about 1%% of good images flagged)")
+    p.add_argument("--distributed", action="store_true",
+                   help="fit with torch.distributed across the processes torchrun started (see below)")
+    add_detector_options(p)
+    add_common_flags(p)
+    p.set_defaults(func=run)
+
+
+def training_images(data: str) -> tuple[list[str], Path]:
+    """The image files to fit on: DATA's images, or DATA/train/good for an MVTec AD category folder."""
+    from ..data import MVTecAD, list_image_files
+    from ..features import IMAGE_EXTENSIONS
+
+    root = Path(data)
+    if not root.exists():
+        raise FileNotFoundError(f"training data {data!r} does not exist")
+    if root.is_file():
+        return [str(root)], root.parent
+    folder = root / "train" / "good" if (root / "train" / "good").is_dir() else root
+    files = list_image_files(folder)
+    if files:
+        return files, folder
+    categories = MVTecAD.categories(root)
+    if categories:
+        raise CLIError(f"{data!r} looks like an MVTec AD root (categories: {', '.join(categories)}); "
+                       f"pass one category folder, e.g. {root / categories[0]}")
+    raise CLIError(f"no image files in {str(folder)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _fit(args: argparse.Namespace, files: list[str]) -> Any:
+    from ..detector import CRDDetector
+
+    progress = progress_enabled(args)
+    runtime = {"batch_size": args.batch_size}
+    if args.update and not os.path.isfile(args.output):
+        raise FileNotFoundError(f"--update: model file {args.output!r} does not exist (fit without --update first)")
+    if not args.distributed:
+        if args.update:
+            det = CRDDetector.load(args.output, device=args.device, **runtime)
+            return det.partial_fit(files, progress=progress)
+        return make_detector(args).fit(files, progress=progress)
+
+    from ..distributed import launched_by_torchrun, run_fit
+
+    if not launched_by_torchrun():
+        warn("--distributed without torchrun: fitting in this single process (see 'crd-fast fit --help')")
+    device = None if args.device == "auto" else args.device
+
+    def build(env: Any) -> Any:
+        dev = str(env.device) if env.device.type == "cuda" else args.device
+        if args.update:
+            return CRDDetector.load(args.output, device=dev, **runtime)
+        return make_detector(args, device=dev)
+
+    return run_fit(build, files, args.output, update=args.update, device=device, progress=progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    files, folder = training_images(args.data)
+    if args.calibrate is not None and not Path(args.calibrate).is_dir():
+        raise FileNotFoundError(f"--calibrate folder {args.calibrate!r} does not exist")
+    main = _rank() == 0
+    if main:
+        echo(f"crd-fast fit: {len(files)} training images from {folder}")
+    t0 = time.perf_counter()
+    det = _fit(args, files)
+    seconds = time.perf_counter() - t0
+    if not main:  # rank 0 wrote the file and reports; the other ranks are done
+        return 0
+    threshold_note = "none (predict gives scores only; set one with --calibrate or --threshold)"
+    if args.calibrate is not None:
+        value = det.calibrate(args.calibrate, q=args.quantile, progress=progress_enabled(args))
+        threshold_note = f"{value:.6g} (quantile {args.quantile:g} of the scores of {args.calibrate})"
+    elif args.threshold is not None:
+        det.set_threshold(args.threshold)
+        threshold_note = f"{args.threshold:.6g} (given)"
+    elif det.threshold is not None:
+        threshold_note = f"{det.threshold:.6g} (kept from the model file)"
+    if not args.distributed or args.calibrate is not None or args.threshold is not None:
+        det.save(args.output)  # a distributed fit has already written it (rank 0), unless a threshold was added
+    _summary(det, args.output, seconds, threshold_note)
+    return 0
+
+
+def _summary(det: Any, path: str, seconds: float, threshold_note: str) -> None:
+    stats: Optional[dict] = det.train_score_stats
+    echo(f"  backbone:   {det.weights_description}")
+    echo(f"  features:   layers {','.join(det.layers)}, embedding {det.embedding}, d = {det.dim}, "
+         f"patch grid {det.patch_grid[0]}x{det.patch_grid[1]}")
+    echo(f"  fitted:     {det.n_images} images, {det.scorer.n_samples} patches, lam_rel = {det.scorer.lam_rel:g}, "
+         f"in {seconds:.1f} s")
+    if stats:
+        echo(f"  training image scores: mean {stats['mean']:.4g}, max {stats['max']:.4g} (from {stats['n']} images)")
+    echo(f"  threshold:  {threshold_note}")
+    echo(f"wrote {path} ({os.path.getsize(path) / 2**20:.2f} MiB)")
+    if det.uses_random_weights:
+        warn("the backbone has RANDOM weights: fine for trying things out, not for real inspection")

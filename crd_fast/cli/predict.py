@@ -1,0 +1,247 @@
+"""``crd-fast predict``: score images with a model file; write scores (CSV + JSON) and heatmap overlays."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .options import (wrap, CLIError, add_common_flags, add_runtime_options, echo, finite_float, progress_enabled, warn,
+                      weights_spec)
+
+EPILOG = """\
+outputs in OUT/:
+  scores.csv, scores.json   one row per image, in input order: index, path, image_score, and when the model
+                            has a threshold normalized_score (0..1, 0.5 at the threshold) and label
+                            (True = defective, i.e. image_score >= threshold); heatmap = the overlay file
+  heatmaps/NAME.png         the image as the model saw it (resized, cropped) with its anomaly map on top;
+                            colours: blue = normal, green = at the threshold (or, without one, at the highest
+                            score of the training images), red = beyond
+
+examples:
+  crd-fast predict model.crd new_images/ -o results/
+  crd-fast predict model.crd a.png b.png -o results/ --no-images
+  crd-fast predict model.crd mvtec_ad/bottle/test -r -o results/ --threshold 2.5
+
+sharded prediction (each process scores its share; rank 0 writes the tables in input order):
+  torchrun --nproc-per-node 2 -m crd_fast predict model.crd images/ -o results/ --distributed
+"""
+
+#: Images scored per call of ``predict`` in a single process: bounds memory (maps are 4 bytes per pixel).
+CHUNK = 64
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict", help="score images with a model; write scores and heatmaps",
+        description=wrap("Score images with a model file written by 'crd-fast fit': one anomaly score per image "
+                    "(the largest patch score) and an anomaly map showing where."),
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="model file from 'crd-fast fit'")
+    p.add_argument("images", metavar="IMAGES", nargs="+", help="image files and/or folders of images")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for scores.csv, scores.json, heatmaps/")
+    p.add_argument("-r", "--recursive", action="store_true", help="also take images from subfolders of IMAGES folders")
+    p.add_argument("--no-images", action="store_true", help="write the scores only, no heatmap PNGs")
+    p.add_argument("--threshold", type=finite_float, metavar="T",
+                   help="image-score threshold to use instead of the model's")
+    p.add_argument("--weights", type=weights_spec, metavar="PATH",
+                   help="where the backbone weights file is now, if it moved since fitting (checked by SHA-256)")
+    p.add_argument("--distributed", action="store_true", help="shard the images over the processes torchrun started")
+    g = p.add_argument_group("run-time options (default: as stored in the model)")
+    add_runtime_options(g, batch_size=None)
+    add_common_flags(p)
+    p.set_defaults(func=run)
+
+
+def collect_images(inputs: Sequence[str], recursive: bool = False) -> list[str]:
+    """The image files named by ``inputs`` (files, or folders: their images sorted by name), in order."""
+    from ..data import list_image_files
+
+    files: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = list_image_files(p, recursive=recursive)
+            if not found:
+                raise CLIError(f"no image files in folder {item!r}" + ("" if recursive else " (use -r for subfolders)"))
+            files += found
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise FileNotFoundError(f"{item!r} is neither an image file nor a folder")
+    return files
+
+
+def heatmap_names(paths: Sequence[str]) -> list[str]:
+    """Unique, readable PNG names for ``paths``: the file stems; when stems repeat, every name gets its
+    parent folder (``good_000.png``, ``hole_000.png``); when that still repeats, the input index too."""
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return [f"{s}.png" for s in stems]
+    named = [f"{Path(p).parent.name}_{s}" for p, s in zip(paths, stems)]
+    if len(set(named)) == len(named):
+        return [f"{n}.png" for n in named]
+    return [f"{i:05d}_{n}.png" for i, n in enumerate(named)]
+
+
+def overlay_range(detector: Any) -> Optional[tuple[float, float]]:
+    """Anomaly-map values mapped to the ends of the colour scale, fixed per model so colours compare
+    across images and runs: the threshold (or the largest training image score) sits in the middle,
+    and the spread of the training image scores sets the width (as ``thresholds.normalize_scores``)."""
+    stats = detector.train_score_stats
+    centre = detector.threshold if detector.threshold is not None else (stats or {}).get("max")
+    if centre is None:
+        return None
+    span = float(stats["max"] - stats["min"]) if stats else 0.0
+    if not span > 0:
+        span = abs(float(centre)) or 1.0
+    return float(centre) - span / 2, float(centre) + span / 2
+
+
+def save_overlays(detector: Any, paths: Sequence[str], maps: Any, names: Sequence[str], folder: Path,
+                  value_range: Optional[tuple[float, float]]) -> None:
+    """One overlay PNG per image: ``preprocess.display(image)`` (the crop the map is aligned with) + map."""
+    from ..features import load_image
+    from ..viz import heatmap_overlay, save_png
+
+    vmin, vmax = value_range if value_range is not None else (None, None)
+    for path, amap, name in zip(paths, maps, names):
+        shown = detector.preprocess.display(load_image(path))
+        save_png(folder / name, heatmap_overlay(shown, amap, vmin=vmin, vmax=vmax))
+
+
+def _records(result: Any, indices: Sequence[int], paths: Sequence[str]) -> list[dict]:
+    records = []
+    for k, index in enumerate(indices):
+        rec: dict[str, Any] = {"index": int(index), "path": paths[k], "image_score": float(result.image_scores[k])}
+        if result.normalized_scores is not None:
+            rec["normalized_score"] = float(result.normalized_scores[k])
+        if result.labels is not None:
+            rec["label"] = bool(result.labels[k])
+        records.append(rec)
+    return records
+
+
+def _predict_local(detector: Any, files: list[str], heat_dir: Optional[Path], names: list[str],
+                   value_range: Optional[tuple[float, float]], progress: bool) -> list[dict]:
+    """Predict in chunks so memory stays bounded, writing overlays as each chunk is done."""
+    from tqdm.auto import tqdm
+
+    records: list[dict] = []
+    with tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(files), CHUNK):
+            chunk = files[start : start + CHUNK]
+            result = detector.predict(chunk, progress=False)
+            records += _records(result, range(start, start + len(chunk)), chunk)
+            if heat_dir is not None:
+                save_overlays(detector, chunk, result.anomaly_maps, names[start : start + len(chunk)], heat_dir, value_range)
+            bar.update(len(chunk))
+    return records
+
+
+def _predict_distributed(args: argparse.Namespace, files: list[str], heat_dir: Optional[Path],
+                         names: list[str]) -> tuple[list[dict], Any]:
+    from ..distributed import launched_by_torchrun, run_predict
+
+    if not launched_by_torchrun():
+        warn("--distributed without torchrun: predicting in this single process (see 'crd-fast predict --help')")
+    device = None if args.device in (None, "auto") else args.device
+    loaded: dict[str, Any] = {}
+
+    def build(env: Any) -> Any:
+        dev = str(env.device) if env.device.type == "cuda" else args.device
+        loaded["det"] = _load(args, dev)
+        return loaded["det"]
+
+    def on_result(indices: list[int], result: Any) -> None:  # on each rank, for its own shard
+        if heat_dir is not None:
+            det = loaded["det"]
+            save_overlays(det, [files[i] for i in indices], result.anomaly_maps, [names[i] for i in indices],
+                          heat_dir, overlay_range(det))
+
+    records = run_predict(build, files, on_result=on_result, device=device, progress=progress_enabled(args))
+    return records, loaded["det"]
+
+
+def _load(args: argparse.Namespace, device: Optional[str]) -> Any:
+    from ..detector import CRDDetector
+
+    expected: dict[str, Any] = {}
+    if args.batch_size is not None:
+        expected["batch_size"] = args.batch_size
+    if args.weights is not None:
+        expected["weights"] = args.weights
+    det = CRDDetector.load(args.model, device=device, **expected)
+    if args.threshold is not None:
+        det.set_threshold(args.threshold)
+    return det
+
+
+def write_scores(out: Path, records: list[dict], detector: Any, model_path: str) -> tuple[Path, Path]:
+    """scores.csv (via crd_fast.distributed.write_records) and scores.json (records + model summary)."""
+    from ..distributed import write_records
+    from ..io.model_file import atomic_write
+
+    csv_path, json_path = out / "scores.csv", out / "scores.json"
+    write_records(records, csv_path)
+    doc = {
+        "model": os.fspath(model_path),
+        "weights": detector.weights_description,
+        "random_weights": detector.uses_random_weights,
+        "threshold": detector.threshold,
+        "train_score_stats": detector.train_score_stats,
+        "n_images": len(records),
+        "n_defective": sum(1 for r in records if r.get("label")) if detector.threshold is not None else None,
+        "images": records,
+    }
+    with atomic_write(json_path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    return csv_path, json_path
+
+
+def run(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.model):
+        raise FileNotFoundError(f"model file {args.model!r} does not exist")
+    files = collect_images(args.images, args.recursive)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"output {args.output!r} exists and is not a folder")
+    heat_dir = None if args.no_images else out / "heatmaps"
+    (heat_dir or out).mkdir(parents=True, exist_ok=True)
+    names = heatmap_names(files)
+    main = int(os.environ.get("RANK", "0")) == 0
+    t0 = time.perf_counter()
+    if args.distributed:
+        records, detector = _predict_distributed(args, files, heat_dir, names)
+    else:
+        detector = _load(args, args.device)
+        records = _predict_local(detector, files, heat_dir, names, overlay_range(detector), progress_enabled(args))
+    seconds = time.perf_counter() - t0
+    if not main:
+        return 0
+    if heat_dir is not None:
+        for rec, name in zip(records, names):
+            rec["heatmap"] = str(heat_dir / name)
+    csv_path, json_path = write_scores(out, records, detector, args.model)
+    _summary(detector, records, seconds, csv_path, json_path, heat_dir)
+    return 0
+
+
+def _summary(detector: Any, records: list[dict], seconds: float, csv_path: Path, json_path: Path,
+             heat_dir: Optional[Path]) -> None:
+    n = len(records)
+    echo(f"crd-fast predict: {n} images in {seconds:.1f} s ({1e3 * seconds / n:.1f} ms per image)")
+    echo(f"  backbone:  {detector.weights_description}")
+    if detector.threshold is not None:
+        flagged = sum(1 for r in records if r.get("label"))
+        echo(f"  threshold: {detector.threshold:.6g} -> {flagged} of {n} images flagged as defective")
+    else:
+        echo("  threshold: none in the model (scores only; use --threshold, or fit with --calibrate)")
+    top = sorted(records, key=lambda r: -r["image_score"])[:5]
+    echo("  highest scores: " + ", ".join(f"{Path(r['path']).parent.name}/{Path(r['path']).name} {r['image_score']:.4g}" for r in top))
+    echo(f"wrote {csv_path} and {json_path}" + (f"; heatmaps in {heat_dir}/" if heat_dir is not None else ""))
+    if detector.uses_random_weights:
+        warn("the model's backbone has RANDOM weights: its scores are not real inspection results")
