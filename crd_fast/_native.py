@@ -7,7 +7,8 @@ says what this installation has.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -166,38 +167,93 @@ def check_head_cuda_args(
     return HEAD_DTYPES[dtype]
 
 
-def crd_head_cuda(
-    maps: list[torch.Tensor],
-    plan: torch.Tensor,
-    weights: torch.Tensor,
-    matrix: torch.Tensor,
-    q: torch.Tensor,
-    partial: torch.Tensor,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """Fused CRD head through the compiled CUDA kernels, on the current stream; fills and returns ``out``.
+@dataclass(frozen=True)
+class HeadLaunch:
+    """One checked, non-empty fused-head launch: the operands and their sizes (checked by
+    :func:`check_head_cuda_args`), handed to a launcher body by :func:`head_launcher`."""
 
-    Layouts: csrc/cuda/crd_head_kernels.cuh. ``crd_fast.ops.crd_head`` is the user-facing entry point.
+    dtype: str  #: operand dtype name, a value of HEAD_DTYPES
+    maps: list[torch.Tensor]
+    plan: torch.Tensor
+    weights: torch.Tensor
+    matrix: torch.Tensor
+    q: torch.Tensor
+    partial: torch.Tensor
+    out: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.maps[0].device
+
+    @property
+    def sizes(self) -> tuple[int, int, int, int, int]:
+        """(batch, h0, w0, c_total, r) as Python ints, the kernels' size arguments."""
+        batch, _, h0, w0 = (int(s) for s in self.maps[0].shape)
+        return batch, h0, w0, int(self.matrix.shape[1]), int(self.matrix.shape[0])
+
+    def stream(self) -> int:
+        """The current torch CUDA stream of the operands' device (the kernels run on it)."""
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+
+def head_launcher(
+    body: Callable[[HeadLaunch], None], ready: Callable[[], Any], name: str, doc: str
+) -> Callable[..., torch.Tensor]:
+    """A fused-head launcher ``(maps, plan, weights, matrix, q, partial, out) -> out`` around ``body``.
+
+    The compiled launcher (:func:`crd_head_cuda`) and the CuPy one (crd_fast/kernels/cupy_module.py) share
+    this contract: ``ready()`` first (raises when the backend is missing), then every argument checked
+    before any pointer crosses, an empty output zeroed without a launch, else ``body`` fills ``out``.
     """
+
+    def launch(
+        maps: list[torch.Tensor],
+        plan: torch.Tensor,
+        weights: torch.Tensor,
+        matrix: torch.Tensor,
+        q: torch.Tensor,
+        partial: torch.Tensor,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        ready()
+        dtype = check_head_cuda_args(maps, plan, weights, matrix, q, partial, out)
+        if out.numel() == 0 or matrix.shape[0] == 0:
+            return out.zero_()  # nothing to launch; a rank-0 matrix scores every patch 0
+        body(HeadLaunch(dtype, maps, plan, weights, matrix, q, partial, out))
+        return out
+
+    launch.__name__ = launch.__qualname__ = name
+    launch.__module__ = body.__module__
+    launch.__doc__ = doc
+    return launch
+
+
+def _require_native_cuda() -> None:
     if not has_native_cuda():
         raise RuntimeError("crd_fast._C was built without CUDA kernels")
-    name = check_head_cuda_args(maps, plan, weights, matrix, q, partial, out)
-    batch, _, h0, w0 = maps[0].shape
-    if out.numel() == 0 or matrix.shape[0] == 0:
-        return out.zero_()  # nothing to launch; a rank-0 matrix scores every patch 0
-    device = maps[0].device
-    stream = torch.cuda.current_stream(device).cuda_stream
-    with torch.cuda.device(device):
+
+
+def _launch_compiled(launch: HeadLaunch) -> None:
+    batch, h0, w0, c_total, r = launch.sizes
+    with torch.cuda.device(launch.device):
         _C.crd_head_cuda(
-            name, [f.data_ptr() for f in maps], plan.data_ptr(), weights.data_ptr(), matrix.data_ptr(),
-            q.data_ptr(), partial.data_ptr(), out.data_ptr(), int(batch), int(h0), int(w0),
-            int(matrix.shape[1]), int(matrix.shape[0]), stream,
+            launch.dtype, [f.data_ptr() for f in launch.maps], launch.plan.data_ptr(), launch.weights.data_ptr(),
+            launch.matrix.data_ptr(), launch.q.data_ptr(), launch.partial.data_ptr(), launch.out.data_ptr(),
+            batch, h0, w0, c_total, r, launch.stream(),
         )
-    return out
+
+
+crd_head_cuda = head_launcher(
+    _launch_compiled, _require_native_cuda, "crd_head_cuda",
+    """Fused CRD head through the compiled CUDA kernels, on the current stream; fills and returns ``out``.
+
+    Arguments ``(maps, plan, weights, matrix, q, partial, out)``; layouts: csrc/cuda/crd_head_kernels.cuh.
+    ``crd_fast.ops.crd_head`` is the user-facing entry point.
+    """,
+)
 
 
 def crd_head_cuda_attributes() -> list[dict[str, Any]]:
     """Registers, local (spill) bytes and static shared bytes of each compiled head kernel (needs a GPU)."""
-    if not has_native_cuda():
-        raise RuntimeError("crd_fast._C was built without CUDA kernels")
+    _require_native_cuda()
     return list(_C.crd_head_cuda_attributes())

@@ -12,6 +12,17 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole module (restored after it), for modules that run CLI jobs, torchrun
+    workers or the demo: the two cores are shared, and MKL's threaded eigh stalls badly when oversubscribed.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A fresh generator per test, seeded from the test's id so every test sees its own data and failures reproduce."""

@@ -41,13 +41,7 @@ def assert_same_statistics(a: CRDDetector, b: CRDDetector) -> None:
     torch.testing.assert_close(sa.scatter, sb.scatter, rtol=1e-10, atol=1e-10)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the two cores are shared, and MKL's threaded eigh stalls badly when oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from crd_fast.cli.main import main
 from crd_fast.synthetic import MARKER
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the two cores are shared, and MKL's threaded eigh stalls badly when oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_quick_demo_finds_the_defects(tmp_path, capsys):

@@ -41,13 +41,7 @@ WORLD = 2
 JOB_TIMEOUT_S = 75.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread here too: the torchrun workers and other jobs share the two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ---- data shared by the workers and the checks ---------------------------------------------------

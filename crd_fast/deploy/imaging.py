@@ -3,58 +3,32 @@
 numpy and PIL only. Every image becomes RGB float32 in [0, 1], its shorter side is resized to ``resize``
 (bilinear with antialiasing: PIL's float ("F" mode) resampler, the algorithm torchvision's antialiased
 resize was ported from; they agree to about 2e-5 on [0, 1] pixels), center-cropped to ``crop`` and
-normalised with the ImageNet mean and std. Accepted inputs mirror ``crd_fast.data.images``: a folder, an
-image file, a list of paths / PIL images / numpy arrays / CHW tensors, or one PIL image or array.
+normalised with the ImageNet mean and std. Accepted inputs are those of ``crd_fast.data.images`` (both use
+``crd_fast.imageio``): a folder, an image file, a list or data set of paths / PIL images / numpy arrays /
+CHW tensors, or one PIL image or array.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# The torch-free decoding and input handling shared with the PyTorch pipeline (re-exported for callers here).
+from ..imageio import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageItem, is_tensor_like, list_image_files, to_rgb  # noqa: F401
+from ..imageio import iter_images as _iter_images
+from ..imageio import load_image as _load_image
 
 
 class ImageInputError(ValueError):
     """An image could not be read or has an unusable shape, dtype or value range (the message says which)."""
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB: grayscale replicated, alpha dropped, palettes expanded, 16-bit scaled to 0..255."""
-    if img.mode == "RGB":
-        return img
-    if img.mode.startswith("I;16") or img.mode == "I":
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
-        return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if img.mode in ("P", "PA"):
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
 def load_image(path: Union[str, os.PathLike]) -> Image.Image:
     """Open and decode an image file as 8-bit RGB; ImageInputError naming the file if it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        reason = "no such file" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
-        raise ImageInputError(f"cannot read image {os.fspath(path)!r}: {reason}") from exc
-
-
-def _is_tensor_like(x: Any) -> bool:
-    return hasattr(x, "detach") and hasattr(x, "cpu") and hasattr(x, "numpy")
+    return _load_image(path, error=ImageInputError)
 
 
 def to_unit_array(image: Any) -> np.ndarray:
@@ -67,7 +41,7 @@ def to_unit_array(image: Any) -> np.ndarray:
         image = load_image(image)
     if isinstance(image, Image.Image):
         return np.ascontiguousarray(np.asarray(to_rgb(image), dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0))
-    if _is_tensor_like(image):
+    if is_tensor_like(image):
         t = image.detach().cpu()
         arr = np.asarray(t.float().numpy() if str(t.dtype) not in ("torch.uint8",) else t.numpy())
         if arr.ndim == 2:
@@ -134,46 +108,7 @@ class NumpyPreprocess:
         return np.ascontiguousarray((self.geometric(to_unit_array(image)) - self.mean) / self.std, dtype=np.float32)
 
 
-def list_image_files(folder: Union[str, os.PathLike]) -> list[str]:
-    root = Path(folder)
-    return sorted(str(p) for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def iter_images(images: Any) -> Iterator[tuple[Optional[str], Any]]:
-    """(path or None, image) for a folder, a file, one PIL image / array, a (B, 3, H, W) tensor or a list of these."""
-    if isinstance(images, (str, os.PathLike)):
-        p = Path(images)
-        if p.is_dir():
-            files = list_image_files(p)
-            if not files:
-                raise ImageInputError(f"image folder {str(p)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-            for f in files:
-                yield f, f
-        elif p.exists():
-            yield str(p), str(p)
-        else:
-            raise FileNotFoundError(f"{str(p)!r} is neither an image file nor a folder")
-        return
-    if isinstance(images, (Image.Image, np.ndarray)):
-        yield None, images
-        return
-    if _is_tensor_like(images):
-        batch = images[None] if images.ndim == 3 else images
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ImageInputError(f"an image tensor must be (B, 3, H, W) or (3, H, W), got shape {tuple(images.shape)}")
-        for i in range(batch.shape[0]):
-            yield None, batch[i]
-        return
-    try:
-        items = iter(images)
-    except TypeError:
-        raise TypeError(f"images must be a folder, a file, a list of images or paths, or one image; got {type(images).__name__}") from None
-    for i, obj in enumerate(items):
-        if isinstance(obj, (str, os.PathLike)):
-            yield os.fspath(obj), os.fspath(obj)
-        elif isinstance(obj, (Image.Image, np.ndarray)) or _is_tensor_like(obj):
-            yield None, obj
-        elif getattr(obj, "image_path", None) is not None:
-            yield os.fspath(obj.image_path), os.fspath(obj.image_path)
-        else:
-            raise TypeError(f"images[{i}]: cannot use an item of type {type(obj).__name__} as an image")
+def iter_images(images: Any) -> Iterator[ImageItem]:
+    """(path or None, image) for a folder, a file, one PIL image / array, a (B, 3, H, W) tensor, a list or a
+    data set of these (see :func:`crd_fast.imageio.iter_images`); bad folders and tensor shapes raise ImageInputError."""
+    return _iter_images(images, error=ImageInputError)

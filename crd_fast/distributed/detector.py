@@ -26,9 +26,8 @@ import torch.distributed as dist
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike
 from ..scorer import CRDScorer
-from .fit import _copy, _scorer_statistics, install_statistics, save_on_rank0
-from .reduce import _combine, all_gather_objects, raise_if_any_failed, rank_and_world
-from .sharding import shard
+from .fit import _copy, _scorer_statistics, fit_shards, install_statistics, save_on_rank0
+from .reduce import all_gather_objects, raise_if_any_failed, rank_and_world
 
 
 def as_item_list(items: Any) -> Sequence[Any]:
@@ -87,7 +86,7 @@ def fit_detector_distributed(
     from ..detector import SCORE_SAMPLE
 
     items = as_item_list(items)
-    rank, world = rank_and_world(group)
+    rank, _ = rank_and_world(group)
     params = (detector.scorer.lam_rel, detector.scorer.center, detector.scorer.rank)
     if not update:  # what CRDDetector.fit does before streaming
         detector.scorer = CRDScorer(*params)
@@ -101,18 +100,14 @@ def fit_detector_distributed(
     rng.setstate(detector._sample_rng.getstate())
     old_sample, old_seen = list(detector._sample), detector._sample_seen
 
-    error: Optional[BaseException] = None
-    local: Optional[PatchStatistics] = None
-    indices: list[int] = []
-    try:
-        indices, mine = shard(items, rank, world, shard_mode)
-        if mine:
-            detector.scorer = CRDScorer(*params)
-            detector.partial_fit(mine, progress=progress and rank == 0)
-            local = _scorer_statistics(detector.scorer)
-    except Exception as exc:  # reported to every rank by _combine, so none waits in a collective
-        error = exc
-    new = _combine(local, group, "fitting their shard of images", error)
+    def fit_shard(_: list[int], mine: list[Any]) -> Optional[PatchStatistics]:
+        if not mine:
+            return None
+        detector.scorer = CRDScorer(*params)
+        detector.partial_fit(mine, progress=progress and rank == 0)
+        return _scorer_statistics(detector.scorer)
+
+    indices, new = fit_shards(items, group, shard_mode, "fitting their shard of images", fit_shard)
 
     # The training-score sample: positions chosen by replaying the reservoir, inputs from their owners.
     slots, seen = replay_reservoir(rng, old_seen, len(old_sample), len(items), SCORE_SAMPLE)

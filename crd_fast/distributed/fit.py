@@ -14,7 +14,7 @@ replacing it: the result equals a fit on the old and new inputs together.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch.distributed as dist
 from tqdm.auto import tqdm
@@ -57,6 +57,30 @@ def _patch_shard_statistics(
     return stats
 
 
+def fit_shards(
+    items: Sequence[Any],
+    group: Optional[dist.ProcessGroup],
+    shard_mode: str,
+    what: str,
+    fit_shard: Callable[[list[int], list[Any]], Optional[PatchStatistics]],
+) -> tuple[list[int], PatchStatistics]:
+    """This rank's shard of ``items`` through ``fit_shard(indices, shard)``, the statistics of all ranks added.
+
+    Returns (this rank's global indices, the combined statistics). An exception in ``fit_shard`` on any
+    rank is reported to every rank by ``_combine`` (so none waits in a collective) and raised on all.
+    """
+    rank, world = rank_and_world(group)
+    error: Optional[BaseException] = None
+    local: Optional[PatchStatistics] = None
+    indices: list[int] = []
+    try:
+        indices, mine = shard(items, rank, world, shard_mode)
+        local = fit_shard(indices, mine)
+    except Exception as exc:  # reported to every rank by _combine, so none waits in a collective
+        error = exc
+    return indices, _combine(local, group, what, error)
+
+
 def check_items(items: Any) -> Sequence[Any]:
     """``items`` must be indexable with a length (list, tuple, data set): each rank picks its shard by index."""
     if isinstance(items, (str, bytes)) or not (hasattr(items, "__len__") and hasattr(items, "__getitem__")):
@@ -96,16 +120,13 @@ def fit_distributed(
     if not isinstance(model, CRDScorer):
         raise TypeError(f"model must be a CRDScorer or CRDDetector, got {type(model).__name__}")
 
-    rank, world = rank_and_world(group)
+    rank, _ = rank_and_world(group)
     old = _scorer_statistics(model) if update else None
-    error: Optional[BaseException] = None
-    local: Optional[PatchStatistics] = None
-    try:
-        indices, mine = shard(items, rank, world, shard_mode)
-        local = _patch_shard_statistics(mine, old.dim if old is not None else None, indices, progress and rank == 0)
-    except Exception as exc:  # reported to every rank by _combine, so none waits in a collective
-        error = exc
-    new = _combine(local, group, "fitting their shard", error)
+    dim = old.dim if old is not None else None
+    _, new = fit_shards(
+        items, group, shard_mode, "fitting their shard",
+        lambda indices, mine: _patch_shard_statistics(mine, dim, indices, progress and rank == 0),
+    )
     if old is not None:
         if old.dim != new.dim:
             raise ValueError(f"the model was fitted on d={old.dim} features but the new items have d={new.dim}")

@@ -9,54 +9,17 @@ of the same picture give the same model input:
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
+# Decoding and the ImageNet constants are torch-free and shared with the ONNX runtime; re-exported here,
+# where the pipeline imports them.
+from ..imageio import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_image, to_rgb  # noqa: F401
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
-
-
-class ImageReadError(OSError):
-    """An image file could not be read or decoded; the message names the file."""
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB: grayscale is replicated, alpha dropped, palettes expanded,
-    16-bit (and 32-bit integer) grayscale scaled from its full range to 0..255."""
-    if img.mode == "RGB":
-        return img
-    if img.mode.startswith("I;16") or img.mode == "I":
-        arr = np.asarray(img).astype(np.float64)
-        # PNG 16-bit grayscale opens as I;16 (or I in older Pillow): its range is 0..65535.
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr8 = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
-        return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if img.mode in ("P", "PA"):
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open an image file as 8-bit RGB; raise :class:`ImageReadError` naming the file if it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, inside the try, so truncated files fail here
-            return to_rgb(img)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        reason = "no such file" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
-        raise ImageReadError(f"cannot read image {os.fspath(path)!r}: {reason}") from exc
 
 
 def _from_uint8(t: torch.Tensor) -> torch.Tensor:

@@ -85,41 +85,39 @@ def _module(device_index: int):
     return module
 
 
-def crd_head_cupy(
-    maps: list[torch.Tensor],
-    plan: torch.Tensor,
-    weights: torch.Tensor,
-    matrix: torch.Tensor,
-    q: torch.Tensor,
-    partial: torch.Tensor,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """Same contract as ``crd_fast._native.crd_head_cuda``, through CuPy; fills and returns ``out``."""
+def _launch_cupy(launch: _native.HeadLaunch) -> None:
     import cupy
 
-    name = _native.check_head_cuda_args(maps, plan, weights, matrix, q, partial, out)
-    batch, _, h0, w0 = (int(s) for s in maps[0].shape)
-    c_total, r = int(matrix.shape[1]), int(matrix.shape[0])
+    batch, h0, w0, c_total, r = launch.sizes
     n = batch * h0 * w0
-    if n == 0 or r == 0:
-        return out.zero_()
-    device = maps[0].device
+    device = launch.device
     index = device.index if device.index is not None else torch.cuda.current_device()
     module = _module(index)
     ptr = lambda t: np.uint64(t.data_ptr())  # noqa: E731 - kernel pointer parameters are 8-byte values
+    maps = launch.maps
     f = [ptr(m) for m in maps] + [ptr(maps[0])] * (4 - len(maps))  # unused slots are never read
     tiles = (r + TILE_R - 1) // TILE_R
-    stream = torch.cuda.current_stream(device).cuda_stream
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # CuPy 14 deprecates ExternalStream; it still works
-        external = cupy.cuda.ExternalStream(stream, index)
+        external = cupy.cuda.ExternalStream(launch.stream(), index)
     with cupy.cuda.Device(index), external:
-        module.get_function(_ENTRY[name])(
+        module.get_function(_ENTRY[launch.dtype])(
             ((n + TILE_P - 1) // TILE_P, tiles),
             (THREADS,),
-            (*f, np.int32(len(maps)), ptr(plan), ptr(weights), ptr(matrix), ptr(q), ptr(partial),
-             np.int32(batch), np.int32(h0), np.int32(w0), np.int32(c_total), np.int32(r)),
+            (*f, np.int32(len(maps)), ptr(launch.plan), ptr(launch.weights), ptr(launch.matrix), ptr(launch.q),
+             ptr(launch.partial), np.int32(batch), np.int32(h0), np.int32(w0), np.int32(c_total), np.int32(r)),
         )
-        finish = "crd_head_finish_f64" if name == "float64" else "crd_head_finish_f32"
-        module.get_function(finish)(((n + 255) // 256,), (256,), (ptr(partial), ptr(out), np.int64(n), np.int32(tiles)))
-    return out
+        finish = "crd_head_finish_f64" if launch.dtype == "float64" else "crd_head_finish_f32"
+        module.get_function(finish)(
+            ((n + 255) // 256,), (256,), (ptr(launch.partial), ptr(launch.out), np.int64(n), np.int32(tiles))
+        )
+
+
+def _import_cupy() -> None:
+    import cupy  # noqa: F401 - ImportError here, before any argument check, when the extra is missing
+
+
+crd_head_cupy = _native.head_launcher(
+    _launch_cupy, _import_cupy, "crd_head_cupy",
+    """Same contract as ``crd_fast._native.crd_head_cuda``, through CuPy; fills and returns ``out``.""",
+)

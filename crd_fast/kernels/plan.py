@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -183,26 +183,16 @@ class _FoldCache:
         self,
         matrix: torch.Tensor,
         offset: torch.Tensor,
-        channels: tuple[int, ...],
-        embedding: str,
-        target_dim: int,
-        dtype: torch.dtype,
-        acc_dtype: torch.dtype,
-        transposed: bool,
-        device: torch.device,
+        params: tuple,
+        compute: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (
-            matrix._version, offset._version, matrix.data_ptr(), offset.data_ptr(), tuple(matrix.shape),
-            channels, embedding, int(target_dim), dtype, acc_dtype, bool(transposed), str(device),
-        )
+        """The cached value for (``matrix``, ``offset``, ``params``), else ``compute()`` (cached when possible)."""
+        key = (matrix._version, offset._version, matrix.data_ptr(), offset.data_ptr(), tuple(matrix.shape), params)
         with self._lock:
             for k, mref, oref, value in self._entries:
                 if k == key and mref() is matrix and oref() is offset:
                     return value
-        p, q = fold_matrix(matrix.detach(), offset.detach(), channels, embedding, target_dim)
-        if transposed:
-            p = p.T
-        value = (p.to(device=device, dtype=dtype).contiguous(), q.to(device=device, dtype=acc_dtype).contiguous())
+        value = compute()
         try:
             entry = (key, weakref.ref(matrix), weakref.ref(offset), value)
         except TypeError:  # some tensor subclasses refuse weak references: just do not cache
@@ -237,4 +227,13 @@ def folded_operands(
     defaults to the matrix's device.
     """
     dev = matrix.device if device is None else torch.device(device)
-    return FOLDS.get(matrix, offset, channels, embedding, target_dim, dtype, acc_dtype or dtype, transposed, dev)
+    acc = acc_dtype or dtype
+
+    def fold() -> tuple[torch.Tensor, torch.Tensor]:
+        p, q = fold_matrix(matrix.detach(), offset.detach(), channels, embedding, target_dim)
+        if transposed:
+            p = p.T
+        return p.to(device=dev, dtype=dtype).contiguous(), q.to(device=dev, dtype=acc).contiguous()
+
+    params = (channels, embedding, int(target_dim), dtype, acc, bool(transposed), str(dev))
+    return FOLDS.get(matrix, offset, params, fold)
