@@ -5,6 +5,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # A build that silently lost its kernels must fail the tests, not skip them.
 export CRD_FAST_EXPECT_NATIVE=1
-if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDACXX:-}" ]; then export CRD_FAST_EXPECT_CUDA_KERNELS=1; fi
+if [ "${CRD_FAST_CPU_ONLY:-0}" = "1" ]; then
+  export CRD_FAST_EXPECT_CUDA_KERNELS=0
+elif command -v nvcc >/dev/null 2>&1 || [ -n "${CUDACXX:-}" ]; then
+  export CRD_FAST_EXPECT_CUDA_KERNELS=1
+fi
 cd tests  # run against the installed package, not the source tree
 exec ../"${CRD_FAST_VENV:-.venv}"/bin/python -m pytest -q -p no:cacheprovider "$@" .

@@ -71,8 +71,11 @@ def test_build_has_the_expected_kernels():
     """scripts/test.sh sets these after a pip install, so a build that lost its kernels fails here."""
     if os.environ.get("CRD_FAST_EXPECT_NATIVE"):
         assert _native.has_native(), crd_fast.backends()["native_error"]
-    if os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS"):
+    expect_cuda = os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS")
+    if expect_cuda == "1":
         assert _native.has_native_cuda(), "nvcc was found but the installed build has no CUDA kernels"
+    elif expect_cuda == "0":
+        assert not _native.has_native_cuda(), "a CPU-only build (CRD_FAST_CUDA=OFF) contains CUDA kernels"
 
 
 def test_backends_reports_build():
