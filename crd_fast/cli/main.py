@@ -11,11 +11,11 @@ import sys
 import textwrap
 from typing import NoReturn, Optional, Sequence
 
-from . import demo, evaluate, export, fit, predict
+from . import bench, demo, evaluate, export, fit, predict
 from .options import CLIError, apply_common_flags
 
 #: The command modules, in the order ``--help`` lists them.
-COMMANDS = (fit, predict, evaluate, demo, export)
+COMMANDS = (fit, predict, evaluate, demo, export, bench)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -1,0 +1,82 @@
+"""``crd-fast bench``: the ratio table to read before choosing crd-fast (via crd_fast.benchmarking)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from .options import add_common_flags, echo, positive_int
+
+PARTS = ("head", "e2e", "fit")  # kept in step with crd_fast.benchmarking.PARTS (no torch import for --help)
+
+EPILOG = """\
+what is compared (all on this machine, in this one run; times are the best of a few rounds):
+  head   the fused CRD head vs the unfused float32 reference path vs exact nearest-neighbour search
+         (faiss IndexFlatL2 and chunked torch matmul) over memory banks of 1%, 10% and 100% of the
+         patches of 200 training images (156,800 patches), d=1536 ("concat") and d=1024 ("patchcore"),
+         all on the same random wide_resnet50_2-shaped feature maps (8 query images)
+  e2e    images/s of the whole detector (backbone + head + anomaly map) vs the backbone alone
+         (wide_resnet50_2, seeded random weights, 224 px, batch 8): the head's share of the time
+  fit    patches/s and peak memory of fitting 50, 200 and 1,000 images (one process per size):
+         CRD memory stays flat while an NN memory bank grows with the training set
+The full run takes 15 to 25 minutes on 2 cores (exact NN over the 100% bank is the slow part);
+--quick takes two minutes or so with smaller sizes (its NN bank is 15,680 patches, not 156,800, so its
+NN ratio is far below the full run's).
+Features and weights are random (nothing is downloaded): speed does not depend on their values.
+
+examples:
+  crd-fast bench --quick
+  crd-fast bench --only head --json bench.json
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench", help="measure crd-fast against exact nearest-neighbour search on this machine",
+        description="Time the CRD head, exact nearest-neighbour search, the whole detector and fitting on this "
+                    "machine, side by side in one run, and print the ratios.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds: two minutes or so")
+    p.add_argument("--only", action="append", choices=PARTS, metavar="PART",
+                   help=f"run only this part ({', '.join(PARTS)}); repeat for several (default: all)")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="torch (and faiss) threads (default: torch's default for this machine)")
+    p.add_argument("--json", metavar="FILE", help="also write every timing, the machine and the targets to FILE (JSON)")
+    add_common_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import benchmarking as bm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(args.threads)
+        except ImportError:
+            pass
+    parts = tuple(dict.fromkeys(args.only)) if args.only else bm.PARTS
+    config = bm.BenchConfig.quick(parts=parts) if args.quick else bm.BenchConfig(parts=parts)
+    info = bm.machine_info()
+    log = (lambda s: None) if args.no_progress else (lambda s: print(f"crd-fast bench: {s}", file=sys.stderr, flush=True))
+    log(bm.describe_machine(info))
+    results, extra = bm.run_all(config, log)
+    echo(bm.format_table(results, info, extra))
+    if args.json:
+        from ..io.model_file import atomic_write
+
+        timings = {k: {"best_s": t.best, "median_s": t.median, "times_s": t.times} for k, t in results.items()}
+        payload = {"machine": info, "config": config.describe(), "timings": timings, "extra": extra,
+                   "targets": [{"name": t.name, "value": t.value, "threshold": t.threshold, "met": t.met}
+                               for t in bm.targets(results, extra)]}
+        with atomic_write(os.fspath(args.json)) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        echo(f"crd-fast bench: wrote {args.json}")
+    return 0
