@@ -30,8 +30,11 @@ def test_expected_builds_are_present():
     """scripts/test.sh sets these: a build that silently lost a kernel fails here instead of skipping."""
     if os.environ.get("CRD_FAST_EXPECT_NATIVE"):
         assert kcpu.available(), kcpu.import_error()
-    if os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS"):
+    expect_cuda = os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS")
+    if expect_cuda == "1":
         assert _native.has_native_cuda() and hasattr(_native._C, "crd_head_cuda")
+    elif expect_cuda == "0":  # the CPU-only build (CRD_FAST_CUDA=OFF)
+        assert not _native.has_native_cuda() and not hasattr(_native._C, "crd_head_cuda")
 
 
 # ---- plan tables ---------------------------------------------------------------------------------
