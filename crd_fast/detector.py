@@ -14,7 +14,6 @@ score normalisation.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from .maps import AnomalyMapper
 from .model import InferenceModel
 from .results import DetectionResult
 from .scorer import DEFAULT_LAM_REL, CRDScorer
-from .thresholds import f1_threshold, normalize_scores, quantile_threshold
+from .thresholds import check_threshold, f1_threshold, quantile_threshold
 
 MODEL_KIND = "crd_detector"
 #: Training inputs kept (reservoir sample, fixed size) to compute the training score statistics.
@@ -355,18 +354,12 @@ class CRDDetector:
         if not scores:
             raise ValueError("no images to predict")
         result = DetectionResult(np.concatenate(scores), np.concatenate(amaps), np.concatenate(pmaps), paths)
-        if self.threshold is not None:
-            result.threshold = self.threshold
-            result.labels = result.image_scores >= self.threshold
-            result.normalized_scores = normalize_scores(result.image_scores, self.threshold, self.train_score_stats)
-        return result
+        return result.apply_threshold(self.threshold, self.train_score_stats)
 
     # ---- thresholds -------------------------------------------------------------------------------
     def set_threshold(self, value: Optional[float]) -> None:
         """Set the image-score threshold (score >= threshold is defective); None removes it."""
-        if value is not None and not (isinstance(value, (int, float, np.floating)) and math.isfinite(value)):
-            raise ValueError(f"threshold must be a finite number or None, got {value!r}")
-        self.threshold = None if value is None else float(value)
+        self.threshold = check_threshold(value)
 
     def calibrate(self, normal_images: Images, q: float = 0.99, progress: bool = True) -> float:
         """Set the threshold to the ``q`` quantile of held-out defect-free images' scores; returns it."""

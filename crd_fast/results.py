@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
+
+from .thresholds import normalize_scores
 
 
 @dataclass
@@ -33,3 +35,11 @@ class DetectionResult:
 
     def __len__(self) -> int:
         return int(self.image_scores.shape[0])
+
+    def apply_threshold(self, threshold: Optional[float], train_score_stats: Optional[Mapping[str, Any]]) -> "DetectionResult":
+        """Fill ``labels``, ``normalized_scores`` and ``threshold`` for ``threshold`` (no-op when None); returns self."""
+        if threshold is not None:
+            self.threshold = float(threshold)
+            self.labels = self.image_scores >= self.threshold
+            self.normalized_scores = normalize_scores(self.image_scores, self.threshold, train_score_stats)
+        return self

@@ -64,3 +64,10 @@ def normalize_scores(scores: Any, threshold: float, stats: Optional[Mapping[str,
     if not (math.isfinite(span) and span > 0):
         span = abs(float(threshold)) or 1.0
     return np.clip((s - float(threshold)) / span + 0.5, 0.0, 1.0)
+
+
+def check_threshold(value: Any) -> Optional[float]:
+    """A threshold as float, or None; anything else (NaN, Inf, not a number) is a ValueError."""
+    if value is not None and not (isinstance(value, (int, float, np.floating)) and math.isfinite(value)):
+        raise ValueError(f"threshold must be a finite number or None, got {value!r}")
+    return None if value is None else float(value)

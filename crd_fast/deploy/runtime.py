@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..results import DetectionResult
-from ..thresholds import normalize_scores
+from ..thresholds import check_threshold
 from .imaging import NumpyPreprocess, iter_images
 from .metadata import DeployError, PathLike, check_expected, read_onnx_and_metadata
 
@@ -154,20 +154,12 @@ class OnnxDetector:
         if not scores:
             raise ValueError("no images to predict")
         result = DetectionResult(np.concatenate(scores), np.concatenate(amaps), np.concatenate(pmaps), paths)
-        return self._with_threshold(result)
+        return result.apply_threshold(self.threshold, self.train_score_stats)
 
-    def _with_threshold(self, result: DetectionResult) -> DetectionResult:
-        if self.threshold is not None:
-            result.threshold = float(self.threshold)
-            result.labels = result.image_scores >= self.threshold
-            result.normalized_scores = normalize_scores(result.image_scores, self.threshold, self.train_score_stats)
-        return result
 
     def set_threshold(self, value: Optional[float]) -> None:
         """Override the exported threshold (score >= threshold is defective); None removes it."""
-        if value is not None and not (isinstance(value, (int, float, np.floating)) and np.isfinite(value)):
-            raise ValueError(f"threshold must be a finite number or None, got {value!r}")
-        self.threshold = None if value is None else float(value)
+        self.threshold = check_threshold(value)
 
     # ---- head only ----------------------------------------------------------------------------------
     def score_features(self, feature_maps: FeatureInput) -> tuple[np.ndarray, np.ndarray]:
