@@ -351,9 +351,7 @@ class CRDDetector:
                 pmaps.append(p.float().cpu().numpy())
                 paths += batch_paths
                 bar.update(x.shape[0])
-        if not scores:
-            raise ValueError("no images to predict")
-        result = DetectionResult(np.concatenate(scores), np.concatenate(amaps), np.concatenate(pmaps), paths)
+        result = DetectionResult.from_batches(scores, amaps, pmaps, paths)
         return result.apply_threshold(self.threshold, self.train_score_stats)
 
     # ---- thresholds -------------------------------------------------------------------------------

@@ -33,6 +33,13 @@ class DetectionResult:
     labels: Optional[np.ndarray] = None
     threshold: Optional[float] = None
 
+    @classmethod
+    def from_batches(cls, scores: list, anomaly_maps: list, patch_maps: list, paths: list) -> "DetectionResult":
+        """Concatenate per-batch numpy outputs; refuses an empty prediction (no images were given)."""
+        if not scores:
+            raise ValueError("no images to predict")
+        return cls(np.concatenate(scores), np.concatenate(anomaly_maps), np.concatenate(patch_maps), list(paths))
+
     def __len__(self) -> int:
         return int(self.image_scores.shape[0])
 

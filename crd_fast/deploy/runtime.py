@@ -151,11 +151,8 @@ class OnnxDetector:
             flush()
         if bar is not None:
             bar.close()
-        if not scores:
-            raise ValueError("no images to predict")
-        result = DetectionResult(np.concatenate(scores), np.concatenate(amaps), np.concatenate(pmaps), paths)
+        result = DetectionResult.from_batches(scores, amaps, pmaps, paths)
         return result.apply_threshold(self.threshold, self.train_score_stats)
-
 
     def set_threshold(self, value: Optional[float]) -> None:
         """Override the exported threshold (score >= threshold is defective); None removes it."""
