@@ -21,7 +21,7 @@ import torch
 
 from crd_fast import CRDScorer
 from crd_fast.deploy import DeployHead, OnnxDetector, export_onnx, measure_error, rank_for_error_bound
-from crd_fast.detector import CRDDetector
+from crd_fast.detector.detector import CRDDetector
 from crd_fast.synthetic import render_sample
 
 QUICK = os.environ.get("CRD_BENCH_QUICK", "") not in ("", "0")

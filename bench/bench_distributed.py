@@ -122,7 +122,7 @@ def _worker(workload: str, result_path: str) -> None:
 
             model, items, n_patches = CRDScorer(), LazyPatches(), n * grid
         else:
-            from crd_fast.detector import CRDDetector
+            from crd_fast.detector.detector import CRDDetector
 
             crop = cfg["crop"]
             model = CRDDetector(backbone="resnet18", weights="random", resize=crop, crop=crop, batch_size=8)

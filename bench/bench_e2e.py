@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crd_fast import benchmarking as bm
+from crd_fast.benchmark import suite as bm
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
     cd bench && python -m pytest bench_fit.py -s --benchmark-columns=min,rounds
 
 Each size (50, 200, 1,000 images of 784 patches, d = 1536) runs in its own Python process
-(``crd_fast.benchmarking.fit_in_subprocess``), which streams random patches batch by batch (8 images)
+(``crd_fast.benchmark.suite.fit_in_subprocess``), which streams random patches batch by batch (8 images)
 through ``partial_fit`` and reports its peak RSS (VmHWM; see benchmarking._rss_mb) before and after fitting. CRD keeps
 only the d x d float64 statistics, so the peak does not grow with the number of images; the NN memory bank
 the same patches would need is shown for contrast. pytest-benchmark's time includes the process start;
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from crd_fast import benchmarking as bm
+from crd_fast.benchmark import suite as bm
 
 _CFG = bm.BenchConfig.from_env()
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crd_fast import benchmarking as bm
-from crd_fast import reference
+from crd_fast.benchmark import suite as bm
+from crd_fast.ops import reference
 
 _CFG = bm.BenchConfig.from_env()
 

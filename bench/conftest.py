@@ -1,8 +1,8 @@
 """Shared by the benchmark suites: the run's sizes, and one table of ratios at the end of the run.
 
-Each benchmark records its rounds under the key crd_fast.benchmarking uses (``head/concat/fused``,
+Each benchmark records its rounds under the key crd_fast.benchmark.suite uses (``head/concat/fused``,
 ``e2e/full``, ...) and any sizes or errors in ``extra``; after the run the terminal summary prints
-``crd_fast.benchmarking.format_table`` of everything measured in this one run, with issue 4's targets.
+``crd_fast.benchmark.suite.format_table`` of everything measured in this one run, with issue 4's targets.
 Paths whose ratio is a target and that are cheap enough (fused vs reference; backbone vs head vs full)
 are timed round-robin inside one benchmark, so a change in the shared machine's load hits them alike.
 
@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import pytest
 
-from crd_fast import benchmarking as bm
+from crd_fast.benchmark import suite as bm
 
 
 @dataclass

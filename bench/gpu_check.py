@@ -71,10 +71,13 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 2
-    from crd_fast import _native, backends, ops, reference
-    from crd_fast.kernels import cpu as kcpu
-    from crd_fast.kernels import cuda as kcuda
-    from crd_fast.kernels import cupy_module
+    from crd_fast.core.embedding import embedding_dim
+    from crd_fast.ops import native as _native, head_op as ops, reference
+    from crd_fast.ops import cuda_launch
+    from crd_fast import backends
+    from crd_fast.ops import cpu as kcpu
+    from crd_fast.ops import cuda as kcuda
+    from crd_fast.ops import cupy_jit as cupy_module
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -87,7 +90,7 @@ def main() -> int:
     if _native.has_native_cuda():
         kernel_backends.append("native")
         try:
-            report["attributes"] = _native.crd_head_cuda_attributes()
+            report["attributes"] = cuda_launch.crd_head_cuda_attributes()
             for a in report["attributes"]:
                 print(f"  {a['name']:22s} regs {a['num_regs']:3d}  local {a['local_bytes']} B  shared {a['shared_bytes']} B  sm_{a['binary_version']}")
         except Exception as exc:  # pragma: no cover - diagnostic only
@@ -117,7 +120,7 @@ def main() -> int:
         print(f"  {'ok  ' if ok else 'FAIL'} {name:24s} {backend:10s} {str(dtype).split('.')[1]:9s} max rel {err:.2e}  norm rel {norm_err:.2e} {note}", flush=True)
 
     for name, shapes, emb, td, r in cases:
-        d = reference.embedding_dim([s[1] for s in shapes], emb, td)
+        d = embedding_dim([s[1] for s in shapes], emb, td)
         matrix = torch.randn(r, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
         offset = torch.randn(d, generator=gen, dtype=torch.float64)
         base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]

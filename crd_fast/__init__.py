@@ -10,13 +10,13 @@ from ._version import __version__
 # Everything below needs torch, so it is imported on first use: `import crd_fast.deploy` (the ONNX
 # runtime) must work on a machine without torch.
 _LAZY = {
-    "backends": "._native",
+    "backends": ".ops",
     "ModelFileError": ".io.model_file",
-    "NNScorer": ".nn",
-    "CRDScorer": ".scorer",
-    "DEFAULT_LAM_REL": ".scorer",
+    "NNScorer": ".scorers",
+    "CRDScorer": ".scorers",
+    "DEFAULT_LAM_REL": ".scorers",
     "CRDDetector": ".detector",
-    "DetectionResult": ".results",
+    "DetectionResult": ".postprocess",
 }
 
 __all__ = [

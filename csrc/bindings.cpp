@@ -1,4 +1,4 @@
-// pybind11 bindings of crd_fast._C. Every function takes pointers as integers; see crd_fast/_native.py
+// pybind11 bindings of crd_fast.ops._C. Every function takes pointers as integers; see crd_fast/ops/native.py
 // for the checked Python wrappers that are the only callers.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

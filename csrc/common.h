@@ -16,20 +16,20 @@ inline DType dtype_from_name(const std::string& name) {
   if (name == "float64") return DType::Float64;
   if (name == "float16") return DType::Float16;
   if (name == "bfloat16") return DType::BFloat16;
-  throw std::invalid_argument("crd_fast._C: unsupported dtype '" + name + "'");
+  throw std::invalid_argument("crd_fast.ops._C: unsupported dtype '" + name + "'");
 }
 
 // float32 or float64 only: the kernels that have no half-precision variant parse with this.
 inline DType real_dtype_from_name(const std::string& name) {
   const DType dt = dtype_from_name(name);
   if (dt != DType::Float32 && dt != DType::Float64) {
-    throw std::invalid_argument("crd_fast._C: dtype '" + name + "' is not supported here (float32 or float64)");
+    throw std::invalid_argument("crd_fast.ops._C: dtype '" + name + "' is not supported here (float32 or float64)");
   }
   return dt;
 }
 
 // Arguments of the fused head (see csrc/cuda/crd_head_kernels.cuh for their layouts). Pointers are
-// device addresses; plan/weights are the tables of crd_fast/kernels/plan.py.
+// device addresses; plan/weights are the tables of crd_fast/ops/plan.py.
 struct HeadArgs {
   std::uintptr_t maps[4];  // per-layer (B, C_l, H_l, W_l) feature maps, operand dtype
   int num_layers;

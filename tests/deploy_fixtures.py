@@ -25,7 +25,7 @@ def demo_images(n: int, defect: bool = False, size: int = 72) -> list[np.ndarray
 @lru_cache(maxsize=None)
 def fitted_detector(embedding: str):
     """A fitted resnet18 detector (random weights) with a threshold between its normal and defective scores."""
-    from crd_fast.detector import CRDDetector
+    from crd_fast.detector.detector import CRDDetector
 
     det = CRDDetector(backbone="resnet18", weights="random", resize=CROP, crop=CROP, embedding=embedding,
                       target_dim=TARGET_DIM, batch_size=4)

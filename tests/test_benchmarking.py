@@ -1,4 +1,4 @@
-"""crd_fast.benchmarking: the benchmarks compare like with like (same inputs, same scores). No timing."""
+"""crd_fast.benchmark.suite: the benchmarks compare like with like (same inputs, same scores). No timing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import statistics
 import pytest
 import torch
 
-from crd_fast import CRDScorer, benchmarking as bm, reference
+from crd_fast import CRDScorer
+from crd_fast.benchmark import suite as bm
+from crd_fast.ops import reference
 
 SMALL = ((24, 8, 8), (40, 4, 4))  # two layers shaped like layer2/layer3: one at half the grid
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from crd_fast import CRDDetector, CRDScorer, DetectionResult, ModelFileError, reference
-from crd_fast.detector import SCORE_SAMPLE
+from crd_fast import CRDDetector, CRDScorer, DetectionResult, ModelFileError
+from crd_fast.core.embedding import patch_matrix
+from crd_fast.detector.detector import SCORE_SAMPLE
 from crd_fast.features import BackboneWeightsError, ImageReadError
 
 SMALL = dict(backbone="resnet18", weights="random", resize=80, crop=64, batch_size=4)
@@ -96,7 +97,7 @@ def test_patch_maps_equal_scorer_scores_on_embeddings(fitted, data):
     x = next(fitted.iter_batches(as_batch(data["defective"])))[1]
     emb = fitted.embed(x)
     assert emb.shape == (3, 384, 8, 8)
-    want = fitted.scorer.score(reference.patch_matrix(emb).double()).reshape(3, 8, 8)
+    want = fitted.scorer.score(patch_matrix(emb).double()).reshape(3, 8, 8)
     got = fitted.predict(as_batch(data["defective"]), progress=False).patch_maps
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4 * float(want.max()))
 

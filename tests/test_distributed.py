@@ -22,19 +22,7 @@ import torch
 
 from crd_fast import CRDScorer
 from crd_fast.core.stats import PatchStatistics
-from crd_fast.distributed import (
-    DistributedError,
-    all_reduce_bytes,
-    init_distributed,
-    run_fit,
-    run_predict,
-    all_reduce_statistics,
-    fit_distributed,
-    merge_records,
-    predict_sharded,
-    shard,
-    shard_indices,
-)
+from crd_fast.distributed import DistributedError, all_reduce_bytes, init_distributed, run_fit, run_predict, all_reduce_statistics, fit_distributed, merge_records, predict_sharded, shard, shard_indices
 
 D = 12  # feature dimension of the scorer-level data
 WORLD = 2
@@ -79,7 +67,7 @@ def write_images(folder: Path, images: list[np.ndarray]) -> list[str]:
 
 
 def make_detector():
-    from crd_fast.detector import CRDDetector
+    from crd_fast.detector.detector import CRDDetector
 
     return CRDDetector(**DETECTOR_OPTIONS)
 
@@ -293,7 +281,7 @@ def test_detector_fit_without_group_equals_detector_fit():
 def test_detector_online_update_equals_fit_on_everything(tmp_path):
     old, new = tiny_images(41, 9), tiny_images(42, 7)
     make_detector().fit(old, progress=False).save(tmp_path / "det.crd")
-    from crd_fast.detector import CRDDetector
+    from crd_fast.detector.detector import CRDDetector
 
     everything = make_detector().fit(old + new, progress=False)
     updated = CRDDetector.load(tmp_path / "det.crd").partial_fit(new, progress=False)
@@ -391,7 +379,7 @@ def test_two_rank_prediction_equals_single_process_in_input_order(main_job):
 
 
 def test_two_rank_detector_fit_equals_single_process_fit(main_job):
-    from crd_fast.detector import CRDDetector
+    from crd_fast.detector.detector import CRDDetector
 
     expected = make_detector().fit(str(main_job / "train"), progress=False)
     written = CRDDetector.load(main_job / "detector.crd")
@@ -400,7 +388,7 @@ def test_two_rank_detector_fit_equals_single_process_fit(main_job):
 
 
 def test_two_rank_detector_prediction_equals_single_process(main_job):
-    from crd_fast.detector import CRDDetector
+    from crd_fast.detector.detector import CRDDetector
 
     model = CRDDetector.load(main_job / "detector.crd")
     model.set_threshold(THRESHOLD)

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from crd_fast import reference
+from crd_fast.ops import reference
 from crd_fast.deploy import DeployError, OnnxDetector, make_head_file, check_default_domain, export_onnx, variant_projection
 from deploy_fixtures import CROP, fitted_detector
 
@@ -152,7 +152,7 @@ def test_bad_arguments_and_custom_ops(tmp_path):
 
 
 def test_unfitted_detector_is_refused(tmp_path):
-    from crd_fast.detector import CRDDetector
+    from crd_fast.detector.detector import CRDDetector
 
     det = CRDDetector(backbone="resnet18", weights="random", resize=CROP, crop=CROP)
     with pytest.raises(RuntimeError, match="not fitted"):

@@ -7,12 +7,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-import crd_fast.head as head_mod
-from crd_fast import CRDScorer, reference
+import crd_fast.models.head as head_mod
+from crd_fast import CRDScorer
+from crd_fast.core.embedding import embed_patches, patch_matrix, patchcore_reduce
+from crd_fast.ops import reference
 from crd_fast.features import FeatureExtractor
-from crd_fast.head import CRDHead, folded_matrix
-from crd_fast.maps import AnomalyMapper, gaussian_kernel1d
-from crd_fast.model import InferenceModel
+from crd_fast.models.head import CRDHead, folded_matrix
+from crd_fast.models.anomaly_map import AnomalyMapper, gaussian_kernel1d
+from crd_fast.models.inference import InferenceModel
 
 
 def _maps(seed, batch=2, specs=((8, 8, 8), (12, 4, 4))):
@@ -59,15 +61,15 @@ def test_folded_matrix_is_the_composed_linear_map():
     matrix, _ = _projection(5, 16, 16)
     folded = folded_matrix(matrix, [8, 12], "patchcore", 16)
     y = torch.randn(7, 20, dtype=torch.float64)
-    torch.testing.assert_close(y @ folded.T, reference.patchcore_reduce(y, [8, 12], 16) @ matrix.T)
+    torch.testing.assert_close(y @ folded.T, patchcore_reduce(y, [8, 12], 16) @ matrix.T)
 
 
 def test_head_from_scorer_equals_scorer_scores():
     maps = _maps(6, batch=4)
-    emb = reference.embed_patches(maps, "concat")
-    scorer = CRDScorer(lam_rel=0.05).fit(reference.patch_matrix(emb))
+    emb = embed_patches(maps, "concat")
+    scorer = CRDScorer(lam_rel=0.05).fit(patch_matrix(emb))
     head = CRDHead.from_scorer(scorer, "concat", layer_channels=[8, 12], use_fused=False)
-    want = scorer.score(reference.patch_matrix(emb).double()).reshape(4, 8, 8)
+    want = scorer.score(patch_matrix(emb).double()).reshape(4, 8, 8)
     torch.testing.assert_close(head(maps).double(), want, rtol=1e-5, atol=1e-5 * float(want.max()))
     assert head.q.dtype == torch.float32
     torch.testing.assert_close(head.q.double(), scorer.projection.matrix @ scorer.projection.offset, rtol=1e-6, atol=1e-6)
@@ -165,8 +167,8 @@ def test_inference_model_outputs():
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         maps = ext(x)
-    emb = reference.embed_patches(maps)
-    scorer = CRDScorer().fit(reference.patch_matrix(emb))
+    emb = embed_patches(maps)
+    scorer = CRDScorer().fit(patch_matrix(emb))
     model = InferenceModel(ext, CRDHead.from_scorer(scorer, layer_channels=[128, 256], use_fused=False), AnomalyMapper(64))
     with torch.inference_mode():
         scores, amaps, pmaps = model(x)

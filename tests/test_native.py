@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from conftest import cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from crd_fast import _native, reference
-from crd_fast.kernels import cpu as kcpu
-from crd_fast.kernels import cuda as kcuda
-from crd_fast.kernels import cupy_module
-from crd_fast.kernels.plan import MAX_TAPS, Geometry, axis_matrix, axis_taps, build_tables
+from crd_fast.core.embedding import embed_patches, patch_matrix, pool_feature_map, resize_to
+from crd_fast.ops import native as _native, reference
+from crd_fast.ops import cuda_launch
+from crd_fast.ops import cpu as kcpu
+from crd_fast.ops import cuda as kcuda
+from crd_fast.ops import cupy_jit as cupy_module
+from crd_fast.ops.plan import MAX_TAPS, Geometry, axis_matrix, axis_taps, build_tables
 
 needs_fused_cpu = pytest.mark.skipif(not kcpu.available(), reason=f"CPU fused pass not built: {kcpu.import_error()}")
 ENTRIES = ["crd_head_tile_f32", "crd_head_tile_f64", "crd_head_tile_f16", "crd_head_tile_bf16", "crd_head_finish_f32", "crd_head_finish_f64"]
@@ -42,7 +44,7 @@ def test_expected_builds_are_present():
 def test_axis_tables_reproduce_pool_and_resize(n_src, n_out):
     gen = torch.Generator().manual_seed(n_src * 100 + n_out)
     fmap = torch.randn(2, 3, n_src, n_src + 2, generator=gen, dtype=torch.float64)
-    want = reference.resize_to(reference.pool_feature_map(fmap), (n_out, n_src + 4))
+    want = resize_to(pool_feature_map(fmap), (n_out, n_src + 4))
     got = torch.einsum("oi,pj,bcij->bcop", axis_matrix(n_src, n_out), axis_matrix(n_src + 2, n_src + 4), fmap)
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
     idx, w = axis_taps(n_src, n_out)
@@ -117,7 +119,7 @@ def test_fused_head_cpu_checks_and_fills_out():
     q = torch.randn(5, generator=gen)
     out = torch.full((2, 5, 6), float("nan"))
     assert kcpu.fused_head_cpu(maps, matrix_t, q, out=out) is out and torch.isfinite(out).all()
-    embed = reference.patch_matrix(reference.embed_patches([m.double() for m in maps]))
+    embed = patch_matrix(embed_patches([m.double() for m in maps]))
     want = torch.linalg.vector_norm(embed @ matrix_t.double() - q.double(), dim=1).reshape(2, 5, 6)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
     with pytest.raises(TypeError, match="float32 or float64"):
@@ -137,10 +139,10 @@ def test_fused_head_cpu_checks_and_fills_out():
 def test_reference_fallback_without_compiled_kernels():
     """With neither _C nor the Cython module importable, the op still runs (the reference) and agrees."""
     code = (
-        "import sys; sys.modules['crd_fast._C'] = None; sys.modules['crd_fast.kernels._crd_head_cpu'] = None\n"
+        "import sys; sys.modules['crd_fast.ops._C'] = None; sys.modules['crd_fast.ops._crd_head_cpu'] = None\n"
         "import torch, crd_fast\n"
-        "from crd_fast import ops, reference\n"
-        "from crd_fast.kernels import cpu\n"
+        "from crd_fast import ops\nfrom crd_fast.ops import reference\n"
+        "from crd_fast.ops import cpu\n"
         "assert not cpu.available() and not crd_fast.backends()['fused_cpu']\n"
         "g = torch.Generator().manual_seed(0)\n"
         "maps = [torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 4, 3, 3, generator=g)]\n"
@@ -156,7 +158,7 @@ def test_reference_fallback_without_compiled_kernels():
 # ---- CUDA arguments, checked without a GPU (fake CUDA tensors) -------------------------------------------
 def _cuda_args(dtype=torch.float32, batch=2, r=70):
     maps = [torch.empty(batch, 4, 6, 5, device="cuda", dtype=dtype), torch.empty(batch, 3, 3, 3, device="cuda", dtype=dtype)]
-    acc = _native.head_acc_dtype(dtype)
+    acc = cuda_launch.head_acc_dtype(dtype)
     rows = 6 + 5
     return dict(
         maps=maps,
@@ -173,8 +175,8 @@ def _cuda_args(dtype=torch.float32, batch=2, r=70):
 def test_cuda_argument_checks(dtype):
     with FakeTensorMode():
         args = _cuda_args(dtype)
-        assert _native.check_head_cuda_args(**args) == _native.HEAD_DTYPES[dtype]
-        acc = _native.head_acc_dtype(dtype)
+        assert cuda_launch.check_head_cuda_args(**args) == cuda_launch.HEAD_DTYPES[dtype]
+        acc = cuda_launch.head_acc_dtype(dtype)
         bad = {
             "q": torch.empty(69, device="cuda", dtype=acc),
             "partial": torch.empty(1, 60, device="cuda", dtype=acc),
@@ -185,22 +187,22 @@ def test_cuda_argument_checks(dtype):
         }
         for name, value in bad.items():
             with pytest.raises(ValueError, match=f"^{name}"):
-                _native.check_head_cuda_args(**{**args, name: value})
+                cuda_launch.check_head_cuda_args(**{**args, name: value})
         noncontig = torch.empty(2, 4, 5, 6, device="cuda", dtype=dtype).transpose(2, 3)
         with pytest.raises(ValueError, match="feature map 0: expected a contiguous"):
-            _native.check_head_cuda_args(**{**args, "maps": [noncontig, args["maps"][1]]})
+            cuda_launch.check_head_cuda_args(**{**args, "maps": [noncontig, args["maps"][1]]})
         with pytest.raises(ValueError, match="1 to 4 feature maps"):
-            _native.check_head_cuda_args(**{**args, "maps": args["maps"] * 3})
+            cuda_launch.check_head_cuda_args(**{**args, "maps": args["maps"] * 3})
     cpu_args = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in _cuda_args_cpu(dtype).items()}
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        _native.check_head_cuda_args(**cpu_args)
+        cuda_launch.check_head_cuda_args(**cpu_args)
     if _native.has_native_cuda():  # the compiled launcher checks before any pointer crosses
         with pytest.raises(ValueError, match="need CUDA tensors"):
-            _native.crd_head_cuda(**cpu_args)
+            cuda_launch.crd_head_cuda(**cpu_args)
 
 
 def _cuda_args_cpu(dtype):
-    acc = _native.head_acc_dtype(dtype)
+    acc = cuda_launch.head_acc_dtype(dtype)
     return dict(
         maps=[torch.zeros(2, 4, 6, 5, dtype=dtype)], plan=torch.zeros(4 + 22, dtype=torch.int32),
         weights=torch.zeros(44, dtype=acc), matrix=torch.zeros(3, 4, dtype=dtype), q=torch.zeros(3, dtype=acc),
@@ -303,5 +305,5 @@ def test_gpu_kernels_match_reference(backend, dtype, shapes, r):
 def test_gpu_kernel_resources():
     if not _native.has_native_cuda():
         pytest.skip("no compiled CUDA kernels")
-    for k in _native.crd_head_cuda_attributes():
+    for k in cuda_launch.crd_head_cuda_attributes():
         assert k["local_bytes"] == 0, k  # no spills to local memory on this device's binary

@@ -12,9 +12,10 @@ import torch
 from conftest import cuda, random_bank
 
 import crd_fast
-from crd_fast import CRDScorer, _native
+from crd_fast import CRDScorer
+from crd_fast.ops import native as _native
 
-needs_native = pytest.mark.skipif(not _native.has_native(), reason="crd_fast._C not built")
+needs_native = pytest.mark.skipif(not _native.has_native(), reason="crd_fast.ops._C not built")
 
 
 @needs_native
@@ -56,7 +57,7 @@ def test_scorer_native_and_torch_paths_agree(rng, monkeypatch):
 
 def test_import_and_score_without_compiled_module():
     code = (
-        "import sys; sys.modules['crd_fast._C'] = None\n"
+        "import sys; sys.modules['crd_fast.ops._C'] = None\n"
         "import numpy as np, crd_fast\n"
         "assert crd_fast.backends()['native'] is False\n"
         "s = crd_fast.CRDScorer().fit(np.random.default_rng(0).standard_normal((50, 4)))\n"

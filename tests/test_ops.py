@@ -9,10 +9,11 @@ import torch
 from conftest import cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from crd_fast import ops, reference
-from crd_fast.kernels import cpu as kcpu
-from crd_fast.kernels import cuda as kcuda
-from crd_fast.kernels.plan import FOLDS
+from crd_fast.core.embedding import embed_patches, embedding_dim, patch_matrix
+from crd_fast.ops import head_op as ops, reference
+from crd_fast.ops import cpu as kcpu
+from crd_fast.ops import cuda as kcuda
+from crd_fast.ops.plan import FOLDS
 
 # (layer shapes without batch, embedding, target_dim, rank or None for full)
 CASES = [
@@ -27,7 +28,7 @@ CASES = [
 
 def make_inputs(gen: torch.Generator, shapes, embedding, target_dim, rank, batch=2, dtype=torch.float64):
     maps = [torch.randn((batch, *s), generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
-    d = reference.embedding_dim([s[0] for s in shapes], embedding, target_dim)
+    d = embedding_dim([s[0] for s in shapes], embedding, target_dim)
     r = d if rank is None else rank
     matrix = torch.randn((r, d), generator=gen, dtype=torch.float64) / d**0.5
     offset = torch.randn(d, generator=gen, dtype=torch.float64)
@@ -199,8 +200,8 @@ def test_torch_compile_calls_the_op():
 
 # ---- CUDA dispatch, testable without a GPU -------------------------------------------------------------
 def test_cuda_backend_selection(monkeypatch):
-    from crd_fast import _native
-    from crd_fast.kernels import cupy_module
+    from crd_fast.ops import native as _native
+    from crd_fast.ops import cupy_jit as cupy_module
 
     monkeypatch.delenv(kcuda.BACKEND_ENV, raising=False)
     monkeypatch.setattr(_native, "has_native_cuda", lambda: True)
@@ -237,7 +238,7 @@ def test_cuda_operands_and_kernel_routing(monkeypatch, dtype, operand, acc):
 
     monkeypatch.setattr(kcuda, "run", fake_run)
     monkeypatch.setenv(kcuda.BACKEND_ENV, "cupy")
-    from crd_fast.ops import _crd_head_cuda
+    from crd_fast.ops.head_op import _crd_head_cuda
 
     got = _crd_head_cuda(maps, matrix, offset, "patchcore", 9)
     o = seen["ops"]
@@ -248,10 +249,10 @@ def test_cuda_operands_and_kernel_routing(monkeypatch, dtype, operand, acc):
     assert o.new_partial().shape == (1, 2 * 36)
     # the folded operands reproduce the reference scores (embedding-space identity, checked in float64)
     if dtype == torch.float64:
-        from crd_fast.kernels.plan import fold_matrix
+        from crd_fast.ops.plan import fold_matrix
 
         p, q = fold_matrix(matrix, offset, (6, 10, 4), "patchcore", 9)
-        emb = reference.patch_matrix(reference.embed_patches(maps, "concat"))
+        emb = patch_matrix(embed_patches(maps, "concat"))
         want = reference.crd_head(maps, matrix, offset, "patchcore", 9).flatten()
         torch.testing.assert_close(torch.linalg.vector_norm(emb @ p.T - q, dim=1), want, rtol=1e-10, atol=0)
     # "reference" and more than 4 layers take the reference path, in the output dtype

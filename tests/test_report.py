@@ -1,4 +1,4 @@
-"""Heatmap overlays and the HTML/JSON report: self-contained page, figures equal to crd_fast.metrics, banner."""
+"""Heatmap overlays and the HTML/JSON report: self-contained page, figures equal to crd_fast.evaluation.metrics, banner."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
-from crd_fast import metrics as M
+from crd_fast.evaluation import metrics as M
 from crd_fast.report import RANDOM_WEIGHTS_WARNING, CategoryResult, RunInfo, example_indices, write_report
 from crd_fast.synthetic import render_sample
-from crd_fast.viz import heatmap_overlay, normalize_map, save_png
+from crd_fast.report.overlay import heatmap_overlay, normalize_map, save_png
 
 # ------------------------------------------------------------------------------------------ viz
 

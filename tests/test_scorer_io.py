@@ -12,7 +12,7 @@ import torch
 from conftest import random_bank
 
 from crd_fast import CRDScorer, ModelFileError, NNScorer
-from crd_fast.io.model_file import atomic_write
+from crd_fast.io.atomic import atomic_write
 
 
 @pytest.fixture

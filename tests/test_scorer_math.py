@@ -9,7 +9,7 @@ from conftest import random_bank
 
 from crd_fast import CRDScorer
 from crd_fast.core.projection import crd_lambda, eigen_form, projection_matrix
-from crd_fast.reference import crd_scores
+from crd_fast.ops.reference import crd_scores
 
 
 def ridge_residual(bank: np.ndarray, y: np.ndarray, lam: float, center: bool) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from crd_fast.thresholds import f1_threshold, normalize_scores, quantile_threshold
+from crd_fast.postprocess.thresholds import f1_threshold, normalize_scores, quantile_threshold
 
 
 def test_quantile_threshold():

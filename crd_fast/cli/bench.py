@@ -1,4 +1,4 @@
-"""``crd-fast bench``: the ratio table to read before choosing crd-fast (via crd_fast.benchmarking)."""
+"""``crd-fast bench``: the ratio table to read before choosing crd-fast (via crd_fast.benchmark.suite)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from .options import add_common_flags, echo, positive_int
 
-PARTS = ("head", "e2e", "fit")  # kept in step with crd_fast.benchmarking.PARTS (no torch import for --help)
+PARTS = ("head", "e2e", "fit")  # kept in step with crd_fast.benchmark.suite.PARTS (no torch import for --help)
 
 EPILOG = """\
 what is compared (all on this machine, in this one run; times are the best of a few rounds):
@@ -52,7 +52,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import benchmarking as bm
+    from ..benchmark import suite as bm
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     results, extra = bm.run_all(config, log)
     echo(bm.format_table(results, info, extra))
     if args.json:
-        from ..io.model_file import atomic_write
+        from ..io.atomic import atomic_write
 
         timings = {k: {"best_s": t.best, "median_s": t.median, "times_s": t.times} for k, t in results.items()}
         payload = {"machine": info, "config": config.describe(), "timings": timings, "extra": extra,

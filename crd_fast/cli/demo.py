@@ -85,7 +85,7 @@ def run_demo(args: argparse.Namespace) -> DemoRun:
     """Generate, fit, evaluate, report (the library side of the command; ``args`` as parsed)."""
     from tqdm.auto import tqdm
 
-    from ..evaluation import evaluate_mvtec
+    from ..evaluation.mvtec import evaluate_mvtec
     from ..synthetic import CATEGORIES, generate_dataset
     from .evaluate import run_report
 
@@ -119,7 +119,7 @@ def run_demo(args: argparse.Namespace) -> DemoRun:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import format_table
+    from ..evaluation.mvtec import format_table
 
     echo(f"crd-fast demo: synthetic data set in {Path(args.out) / 'data'} (seed {args.seed}"
          f"{', quick' if args.quick else ''})")

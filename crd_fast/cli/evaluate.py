@@ -7,8 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .options import (wrap, CLIError, add_common_flags, add_detector_options, echo, fraction, make_detector,
-                      progress_enabled, warn)
+from .options import wrap, CLIError, add_common_flags, add_detector_options, echo, fraction, make_detector, progress_enabled, warn
 
 EPILOG = """\
 ROOT layout (MVTec AD):
@@ -83,7 +82,7 @@ def run_report(out_dir: str, evals: Sequence[Any], detector: Any, argv: Sequence
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_mvtec, format_table
+    from ..evaluation.mvtec import evaluate_mvtec, format_table
 
     root, categories = resolve_root(args.root, args.category)
     detector = make_detector(args)

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .options import (wrap, CLIError, add_common_flags, add_detector_options, echo, finite_float, make_detector, probability,
-                      progress_enabled, warn)
+from .options import wrap, CLIError, add_common_flags, add_detector_options, echo, finite_float, make_detector, probability, progress_enabled, warn
 
 EPILOG = """\
 examples:
@@ -80,7 +79,7 @@ def _rank() -> int:
 
 
 def _fit(args: argparse.Namespace, files: list[str]) -> Any:
-    from ..detector import CRDDetector
+    from ..detector.detector import CRDDetector
 
     progress = progress_enabled(args)
     runtime = {"batch_size": args.batch_size}

@@ -153,7 +153,7 @@ def detector_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def make_detector(args: argparse.Namespace, **override: Any) -> Any:
     """Build the CRDDetector the options describe (imports torch)."""
-    from ..detector import CRDDetector
+    from ..detector.detector import CRDDetector
 
     return CRDDetector(**{**detector_kwargs(args), **override})
 

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .options import (wrap, CLIError, add_common_flags, add_runtime_options, echo, finite_float, progress_enabled, warn,
-                      weights_spec)
+from .options import wrap, CLIError, add_common_flags, add_runtime_options, echo, finite_float, progress_enabled, warn, weights_spec
 
 EPILOG = """\
 outputs in OUT/:
@@ -105,7 +104,7 @@ def save_overlays(detector: Any, paths: Sequence[str], maps: Any, names: Sequenc
                   value_range: Optional[tuple[float, float]]) -> None:
     """One overlay PNG per image: ``preprocess.display(image)`` (the crop the map is aligned with) + map."""
     from ..features import load_image
-    from ..viz import heatmap_overlay, save_png
+    from ..report.overlay import heatmap_overlay, save_png
 
     vmin, vmax = value_range if value_range is not None else (None, None)
     for path, amap, name in zip(paths, maps, names):
@@ -167,7 +166,7 @@ def _predict_distributed(args: argparse.Namespace, files: list[str], heat_dir: O
 
 
 def _load(args: argparse.Namespace, device: Optional[str]) -> Any:
-    from ..detector import CRDDetector
+    from ..detector.detector import CRDDetector
 
     expected: dict[str, Any] = {}
     if args.batch_size is not None:
@@ -183,7 +182,7 @@ def _load(args: argparse.Namespace, device: Optional[str]) -> Any:
 def write_scores(out: Path, records: list[dict], detector: Any, model_path: str) -> tuple[Path, Path]:
     """scores.csv (via crd_fast.distributed.write_records) and scores.json (records + model summary)."""
     from ..distributed import write_records
-    from ..io.model_file import atomic_write
+    from ..io.atomic import atomic_write
 
     csv_path, json_path = out / "scores.csv", out / "scores.json"
     write_records(records, csv_path)

@@ -1,7 +1,7 @@
 """Turn the many ways users hand over images into one stream of (path or None, image).
 
-The logic lives in the torch-free :mod:`crd_fast.imageio` (shared with the ONNX runtime); this module keeps
-the names the PyTorch pipeline imports and adds :func:`count_images`. See :func:`crd_fast.imageio.iter_images`
+The logic lives in the torch-free :mod:`crd_fast.io.images` (shared with the ONNX runtime); this module keeps
+the names the PyTorch pipeline imports and adds :func:`count_images`. See :func:`crd_fast.io.images.iter_images`
 for the accepted inputs. Paths are not opened here: the consumer loads them (so loading can run in parallel
 with the model).
 """
@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from ..imageio import ImageItem, iter_images, list_image_files
+from ..io.images import ImageItem, iter_images, list_image_files
 
 __all__ = ["ImageItem", "Images", "count_images", "iter_images", "list_image_files"]
 

@@ -34,8 +34,9 @@ import torch
 import torch.nn as nn
 
 from .._version import __version__
-from ..head import CRDHead
-from ..io.model_file import ModelFileError, atomic_write
+from ..models.head import CRDHead
+from ..io.model_file import ModelFileError
+from ..io.atomic import atomic_write
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .metadata import FORMAT_NAME, FORMAT_VERSION, ONNX_PROPS_KEY, DeployError, PathLike, metadata_path_for, sha256_bytes
 from .precision import HEAD_KIND, DeployHead, check_precision, detector_info, variant_projection
@@ -82,7 +83,7 @@ class _WholeModel(nn.Module):
 
 def _load_source(source: Any) -> tuple[Any, Optional[DeployHead], dict[str, Any]]:
     """(detector or None, head file or None, provenance) from a CRDDetector, a detector file or a head file."""
-    from ..detector import CRDDetector
+    from ..detector.detector import CRDDetector
 
     if isinstance(source, CRDDetector):
         return source, None, {"source": "CRDDetector (in memory)"}
@@ -102,7 +103,7 @@ def _load_source(source: Any) -> tuple[Any, Optional[DeployHead], dict[str, Any]
 
 def _detector_from_head(head: DeployHead) -> Any:
     """An (unfitted) detector with the backbone and preprocessing a head file's detector metadata describes."""
-    from ..detector import CRDDetector
+    from ..detector.detector import CRDDetector
 
     det_meta = head.detector or {}
     config = det_meta.get("config")

@@ -4,7 +4,7 @@ numpy and PIL only. Every image becomes RGB float32 in [0, 1], its shorter side 
 (bilinear with antialiasing: PIL's float ("F" mode) resampler, the algorithm torchvision's antialiased
 resize was ported from; they agree to about 2e-5 on [0, 1] pixels), center-cropped to ``crop`` and
 normalised with the ImageNet mean and std. Accepted inputs are those of ``crd_fast.data.images`` (both use
-``crd_fast.imageio``): a folder, an image file, a list or data set of paths / PIL images / numpy arrays /
+``crd_fast.io.images``): a folder, an image file, a list or data set of paths / PIL images / numpy arrays /
 CHW tensors, or one PIL image or array.
 """
 
@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 
 # The torch-free decoding and input handling shared with the PyTorch pipeline (re-exported for callers here).
-from ..imageio import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageItem, is_tensor_like, list_image_files, to_rgb  # noqa: F401
-from ..imageio import iter_images as _iter_images
-from ..imageio import load_image as _load_image
+from ..io.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageItem, is_tensor_like, list_image_files, to_rgb  # noqa: F401
+from ..io.images import iter_images as _iter_images
+from ..io.images import load_image as _load_image
 
 
 class ImageInputError(ValueError):
@@ -110,5 +110,5 @@ class NumpyPreprocess:
 
 def iter_images(images: Any) -> Iterator[ImageItem]:
     """(path or None, image) for a folder, a file, one PIL image / array, a (B, 3, H, W) tensor, a list or a
-    data set of these (see :func:`crd_fast.imageio.iter_images`); bad folders and tensor shapes raise ImageInputError."""
+    data set of these (see :func:`crd_fast.io.images.iter_images`); bad folders and tensor shapes raise ImageInputError."""
     return _iter_images(images, error=ImageInputError)

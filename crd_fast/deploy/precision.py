@@ -27,7 +27,7 @@ import torch
 
 from ..core.projection import CRDProjection, eigen_form
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
-from ..scorer import CRDScorer
+from ..scorers.crd import CRDScorer
 
 #: Storage precisions of the head matrix, by name.
 PRECISIONS: dict[str, torch.dtype] = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16}
@@ -233,7 +233,7 @@ def head_from(source: Union[CRDScorer, Any, PathLike], precision: str = "fp64", 
     except ModelFileError as exc:
         if "holds a 'crd_detector' model" not in str(exc):
             raise
-    from ..detector import CRDDetector
+    from ..detector.detector import CRDDetector
 
     detector = CRDDetector.load(source)
     return DeployHead.from_scorer(detector.scorer, precision, rank, detector=detector_info(detector))

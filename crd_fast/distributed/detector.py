@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike
-from ..scorer import CRDScorer
+from ..scorers.crd import CRDScorer
 from .fit import _copy, _scorer_statistics, fit_shards, install_statistics, save_on_rank0
 from .reduce import all_gather_objects, raise_if_any_failed, rank_and_world
 
@@ -83,7 +83,7 @@ def fit_detector_distributed(
     progress: bool = False,
 ) -> Any:
     """See ``fit_distributed``: the same contract for a CRDDetector whose items are images."""
-    from ..detector import SCORE_SAMPLE
+    from ..detector.detector import SCORE_SAMPLE
 
     items = as_item_list(items)
     rank, _ = rank_and_world(group)

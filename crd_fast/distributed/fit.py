@@ -19,10 +19,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .._arrays import as_patch_matrix
+from ..scorers._validation import as_patch_matrix
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike
-from ..scorer import CRDScorer
+from ..scorers.crd import CRDScorer
 from .reduce import _combine, exchange_status, raise_if_any_failed, rank_and_world
 from .sharding import shard
 

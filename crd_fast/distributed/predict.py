@@ -20,8 +20,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..io.model_file import PathLike, atomic_write
-from ..scorer import CRDScorer
+from ..io.model_file import PathLike
+from ..io.atomic import atomic_write
+from ..scorers.crd import CRDScorer
 from .reduce import DistributedError, all_gather_objects, raise_if_any_failed, rank_and_world
 from .fit import check_items, save_on_rank0
 from .sharding import shard

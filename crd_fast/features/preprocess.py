@@ -18,7 +18,7 @@ from PIL import Image
 
 # Decoding and the ImageNet constants are torch-free and shared with the ONNX runtime; re-exported here,
 # where the pipeline imports them.
-from ..imageio import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_image, to_rgb  # noqa: F401
+from ..io.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_image, to_rgb  # noqa: F401
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
 

@@ -10,24 +10,19 @@ exception never leaves a half-written model behind.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Union
+from typing import Any, Mapping
 
 import torch
 
 from .._version import __version__
+from .atomic import PathLike, atomic_write
 
 FORMAT_NAME = "crd-fast-model"
 FORMAT_VERSION = 1
 METADATA_KEY = "crd_fast"
-
-PathLike = Union[str, os.PathLike]
-
 
 class ModelFileError(ValueError):
     """A model file could not be read: missing, truncated, corrupt, of another format or inconsistent."""
@@ -41,28 +36,6 @@ def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``.
-
-    On any exception the temporary file is removed and ``path`` is left as it was.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def write_model_file(path: PathLike, kind: str, tensors: Mapping[str, torch.Tensor], fields: Mapping[str, Any]) -> Path:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..viz import colorize, heatmap_overlay, normalize_map, png_bytes, to_rgb_uint8
+from .overlay import colorize, heatmap_overlay, normalize_map, png_bytes, to_rgb_uint8
 
 
 def curves_png(name: str, curves: dict[str, Any], metrics: dict[str, Any]) -> bytes:

@@ -14,9 +14,9 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .. import metrics as M
+from ..evaluation import metrics as M
 from .._version import __version__
-from ..io.model_file import atomic_write
+from ..io.atomic import atomic_write
 from .figures import curves_png, map_range, overlay_tile
 from .results import CategoryResult, RunInfo, example_indices
 
@@ -45,7 +45,7 @@ class Report:
 
 def category_figures(result: CategoryResult, fpr_limit: float = 0.3, n_examples: int = 4,
                      max_points: int = 512) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The JSON figures of one category and its curves (for plotting), via :mod:`crd_fast.metrics`."""
+    """The JSON figures of one category and its curves (for plotting), via :mod:`crd_fast.evaluation.metrics`."""
     y, s = result.labels, result.image_scores
     notes: list[str] = []
     metrics: dict[str, Any] = {"image_auroc": None, "f1_max": None, "f1_threshold": None, "pixel_auroc": None, "aupro": None}

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..io.model_file import atomic_write
+from ..io.atomic import atomic_write
 from .defects import MIN_MASK_PIXELS, PAINTERS
 from .scenes import Scene, render_cap, render_fabric, render_stone
 

@@ -9,7 +9,7 @@ materialising any (B, d, H, W) tensor:
     score[b, y, x] = || sum_l  (A_l^y (x) A_l^x) Z_l[b]  (y, x)  -  q ||_2
 
 where A_l are the separable "3x3 average pool, then bilinear resize to the first grid" band matrices
-of crd_fast/kernels/plan.py (``plan`` / ``weights`` tables, shared with the CUDA kernels).
+of crd_fast/ops/plan.py (``plan`` / ``weights`` tables, shared with the CUDA kernels).
 
 Layout: Z_l is (B, H_l, W_l, r) contiguous (channels last, so every tap is one contiguous r-vector).
 One output row (b, y) per work item: a vertical pass builds T_l[j] = sum_i wy_i Z_l[sy+i, j] for every
@@ -26,7 +26,7 @@ ctypedef fused real:
     float
     double
 
-# Must match crd_fast/kernels/plan.py: ints per layer header, taps per band row.
+# Must match crd_fast/ops/plan.py: ints per layer header, taps per band row.
 cdef enum:
     HEADER = 4
     MAX_TAPS = 4
@@ -153,8 +153,8 @@ def fused_pass(str dtype, list z_ptrs, uintptr_t plan, uintptr_t weights, uintpt
                int num_threads):
     """out[b, y, x] = ||sum_l pool/resize(Z_l)[b, y, x] - q||, pointers as integers (see module docstring).
 
-    Callers (crd_fast/kernels/cpu.py only) have checked every shape, dtype and contiguity: this takes
-    the ``plan``/``weights`` tables of crd_fast/kernels/plan.py, Z_l (B, H_l, W_l, r), q (r,), out (B, H0, W0).
+    Callers (crd_fast/ops/cpu.py only) have checked every shape, dtype and contiguity: this takes
+    the ``plan``/``weights`` tables of crd_fast/ops/plan.py, Z_l (B, H_l, W_l, r), q (r,), out (B, H0, W0).
     """
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")

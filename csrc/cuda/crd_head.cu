@@ -1,5 +1,5 @@
 // Host launchers of the fused CRD head kernels (device code: crd_head_kernels.cuh, shared with CuPy).
-// Twin of csrc/cpu/crd_head.pyx. Python (crd_fast/_native.py) checks every pointer's device, dtype,
+// Twin of csrc/cpu/crd_head.pyx. Python (crd_fast/ops/native.py) checks every pointer's device, dtype,
 // shape and contiguity and allocates partial (tiles x N) and out (N) before calling here.
 #include <cuda_runtime.h>
 

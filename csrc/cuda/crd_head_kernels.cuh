@@ -1,13 +1,13 @@
 // CUDA kernels of the fused CRD head (twin of csrc/cpu/crd_head.pyx). Device code only.
 //
-// This one file is compiled twice: by nvcc into crd_fast._C (csrc/cuda/crd_head.cu adds the host
-// launchers), and at run time by NVRTC through CuPy (crd_fast/kernels/cupy_head.py) when _C was built
+// This one file is compiled twice: by nvcc into crd_fast.ops._C (csrc/cuda/crd_head.cu adds the host
+// launchers), and at run time by NVRTC through CuPy (crd_fast/ops/cupy_jit.py) when _C was built
 // without CUDA. So: no standard-library headers, C-linkage entry points, flat scalar/pointer parameters.
 //
 // What one launch of crd_head_tile_* computes, for a tile of kTileP patches x kTileR projection rows:
 //
 //   E[p, c]   = sum_{i,j} wy_i wx_j F_l[b, c - off_l, sy + i, sx + j]     (pool 3x3 + bilinear resize,
-//               as separable tap bands: the plan/weights tables of crd_fast/kernels/plan.py, the same
+//               as separable tap bands: the plan/weights tables of crd_fast/ops/plan.py, the same
 //               tables the CPU pass reads; c runs over the concatenated channels of all layers)
 //   Z[p, j]   = sum_c E[p, c] M[j, c]                                      (M = P' folded, r x C_total)
 //   partial[tile_r, p] = sum_{j in tile} (Z[p, j] - q[j])^2

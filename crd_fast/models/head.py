@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import reference
-from .scorer import CRDScorer
+from ..core.embedding import check_embedding, patchcore_reduce, pool_feature_map, resize_to
+from ..scorers.crd import CRDScorer
 
 _FUSED: Any = None  # crd_fast.ops.crd_head once looked up; False when it does not exist
 
@@ -53,7 +53,7 @@ def folded_matrix(
     linear reduction R (target_dim x sum C) is materialised by reducing the identity and P R is returned.
     Computed in float64.
     """
-    reference.check_embedding(embedding)
+    check_embedding(embedding)
     total = int(sum(layer_channels))
     m64 = matrix.to(torch.float64)
     if embedding == "concat":
@@ -63,7 +63,7 @@ def folded_matrix(
     if m64.shape[1] != target_dim:
         raise ValueError(f"matrix has {m64.shape[1]} columns but the patchcore embedding has target_dim={target_dim}")
     eye = torch.eye(total, dtype=torch.float64, device=m64.device)
-    reduction = reference.patchcore_reduce(eye, list(layer_channels), target_dim).T  # (target_dim, total)
+    reduction = patchcore_reduce(eye, list(layer_channels), target_dim).T  # (target_dim, total)
     return m64 @ reduction
 
 
@@ -73,7 +73,7 @@ class CRDHead(nn.Module):
     Args:
         matrix: P, (r, d) (M_pre when r = d, or the rank-r W).
         offset: mu, (d,).
-        embedding: "concat" or "patchcore" (see ``crd_fast.reference``).
+        embedding: "concat" or "patchcore" (see ``crd_fast.ops.reference``).
         target_dim: d of the patchcore embedding.
         layer_channels: channels of each input layer; needed up front for "patchcore" (it fixes the
             folded matrix), optional for "concat" (then taken from the inputs).
@@ -93,7 +93,7 @@ class CRDHead(nn.Module):
         use_fused: bool = True,
     ) -> None:
         super().__init__()
-        reference.check_embedding(embedding)
+        check_embedding(embedding)
         if matrix.ndim != 2 or offset.ndim != 1 or matrix.shape[1] != offset.shape[0]:
             raise ValueError(f"matrix must be (r, d) and offset (d,), got {tuple(matrix.shape)} and {tuple(offset.shape)}")
         if embedding == "patchcore" and layer_channels is None:
@@ -160,7 +160,7 @@ class CRDHead(nn.Module):
             start += c
             # 1x1 convolution = the matmul P_l f at every position of this layer's own grid.
             z = F.conv2d(fmap, weight[:, :, None, None])
-            z = reference.resize_to(reference.pool_feature_map(z), size)
+            z = resize_to(pool_feature_map(z), size)
             total = z if total is None else total + z
         assert total is not None
         diff = total - self.q.to(total.dtype)[None, :, None, None]

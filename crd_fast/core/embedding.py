@@ -1,14 +1,14 @@
-"""The pure-PyTorch reference path: the specification every fast path is tested against.
+"""The patch embedding: backbone feature maps -> one d-dimensional vector per grid position.
 
-From backbone feature maps to a CRD patch score map (DESIGN.md section 2):
+Specified in docs/DESIGN.md ("Pipeline"):
 
     per layer: 3x3 average pooling, stride 1, padding 1 (zero padding counted, as PatchCore)
     every layer bilinearly resized to the first layer's grid (align_corners=False)
     concatenated along channels ("concat"), or reduced to ``target_dim`` channels by PatchCore's
     two adaptive average poolings ("patchcore")
-    score of each patch = ||P (y - mu)||_2
 
-Readable first, fast never: use ``crd_fast.ops`` for speed.
+Every step is linear, which the fused kernels exploit (crd_fast/ops/plan.py). Readable first: the
+fused path never builds these embeddings.
 """
 
 from __future__ import annotations
@@ -82,36 +82,3 @@ def patch_matrix(embeddings: torch.Tensor) -> torch.Tensor:
     """(B, d, H, W) embeddings as a (B*H*W, d) matrix of patches, row-major over (b, y, x)."""
     b, d, h, w = embeddings.shape
     return embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
-
-
-def crd_scores(
-    patches: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype = torch.float64
-) -> torch.Tensor:
-    """||matrix (y - offset)||_2 for each row y of ``patches``, computed in ``dtype`` (float64: the specification)."""
-    z = patches.to(dtype) - offset.to(patches.device, dtype)
-    return torch.linalg.vector_norm(z @ matrix.to(patches.device, dtype).T, dim=1)
-
-
-def crd_score_map(
-    embeddings: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype = torch.float64
-) -> torch.Tensor:
-    """(B, H, W) CRD score map of (B, d, H, W) embeddings, computed in ``dtype``."""
-    b, _, h, w = embeddings.shape
-    return crd_scores(patch_matrix(embeddings), matrix, offset, dtype).reshape(b, h, w)
-
-
-def crd_head(
-    feature_maps: Sequence[torch.Tensor],
-    matrix: torch.Tensor,
-    offset: torch.Tensor,
-    embedding: str = "concat",
-    target_dim: int = 1024,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """The whole head, feature maps to a (B, H, W) patch score map: the fused kernels' specification.
-
-    In float64 (the default) the feature maps are promoted first, so every step runs in float64;
-    ``dtype=torch.float32`` gives the unfused float32 path that benchmarks compare against.
-    """
-    maps = [f.to(dtype) for f in feature_maps]
-    return crd_score_map(embed_patches(maps, embedding, target_dim), matrix, offset, dtype)

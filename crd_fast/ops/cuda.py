@@ -14,8 +14,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import _native
-from . import cupy_module
+from . import native as _native
+from . import cuda_launch
+from . import cupy_jit as cupy_module
 from .plan import folded_operands, geometry_of, tables
 
 BACKENDS = ("native", "cupy", "reference")
@@ -54,7 +55,7 @@ class Operands:
 
     @property
     def acc_dtype(self) -> torch.dtype:
-        return _native.head_acc_dtype(self.maps[0].dtype)
+        return cuda_launch.head_acc_dtype(self.maps[0].dtype)
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
@@ -77,7 +78,7 @@ def prepare(
     dtype = operand_dtype(feature_maps[0].dtype)
     maps = [f.to(dtype).contiguous() for f in feature_maps]
     geom = geometry_of(maps)
-    acc = _native.head_acc_dtype(dtype)
+    acc = cuda_launch.head_acc_dtype(dtype)
     p, q = folded_operands(matrix, offset, geom.channels, embedding, target_dim, dtype, acc, device=maps[0].device)
     plan, weights = tables(geom, acc, maps[0].device)
     return Operands(maps, plan, weights, p, q)
@@ -90,7 +91,7 @@ def run(
     out = ops.new_out() if out is None else out
     partial = ops.new_partial() if partial is None else partial
     if backend == "native":
-        return _native.crd_head_cuda(ops.maps, ops.plan, ops.weights, ops.matrix, ops.q, partial, out)
+        return cuda_launch.crd_head_cuda(ops.maps, ops.plan, ops.weights, ops.matrix, ops.q, partial, out)
     if backend == "cupy":
         return cupy_module.crd_head_cupy(ops.maps, ops.plan, ops.weights, ops.matrix, ops.q, partial, out)
     raise ValueError(f"no CUDA kernel backend {backend!r} (native or cupy)")

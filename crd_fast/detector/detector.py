@@ -24,17 +24,17 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import reference
-from .data.images import Images, count_images, iter_images
-from .features.backbone import BackboneWeightsError, FeatureExtractor, WeightsSpec, weights_identity
-from .features.preprocess import Preprocess, load_image
-from .head import CRDHead
-from .io.model_file import ModelFileError, PathLike, read_model_file, require, write_model_file
-from .maps import AnomalyMapper
-from .model import InferenceModel
-from .results import DetectionResult
-from .scorer import DEFAULT_LAM_REL, CRDScorer
-from .thresholds import check_threshold, f1_threshold, quantile_threshold
+from ..core.embedding import check_embedding, embed_patches, embedding_dim, patch_matrix
+from ..data.images import Images, count_images, iter_images
+from ..features.backbone import BackboneWeightsError, FeatureExtractor, WeightsSpec, weights_identity
+from ..features.preprocess import Preprocess, load_image
+from ..models.head import CRDHead
+from ..io.model_file import ModelFileError, PathLike, read_model_file, require, write_model_file
+from ..models.anomaly_map import AnomalyMapper
+from ..models.inference import InferenceModel
+from ..postprocess.results import DetectionResult
+from ..scorers.crd import DEFAULT_LAM_REL, CRDScorer
+from ..postprocess.thresholds import check_threshold, f1_threshold, quantile_threshold
 
 MODEL_KIND = "crd_detector"
 #: Training inputs kept (reservoir sample, fixed size) to compute the training score statistics.
@@ -107,7 +107,7 @@ class CRDDetector:
         blur_sigma: float = 4.0,
         target_dim: int = 1024,
     ) -> None:
-        reference.check_embedding(embedding)
+        check_embedding(embedding)
         if isinstance(layers, str):
             layers = (layers,)
         self.batch_size = _check_int("batch_size", batch_size, 1)
@@ -131,7 +131,7 @@ class CRDDetector:
         shapes = self.extractor.feature_shapes(crop)
         self.layer_channels = [s[0] for s in shapes]
         self.patch_grid = (shapes[0][1], shapes[0][2])
-        self.dim = reference.embedding_dim(self.layer_channels, embedding, self.target_dim)
+        self.dim = embedding_dim(self.layer_channels, embedding, self.target_dim)
         self.threshold: Optional[float] = None
         self._reset_fit()
 
@@ -251,7 +251,7 @@ class CRDDetector:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embeddings (B, d, h, w) of a normalised batch (the scorer's input, as in ``reference``)."""
         with torch.inference_mode():
-            return reference.embed_patches(self.extract_features(x), self.embedding, self.target_dim)
+            return embed_patches(self.extract_features(x), self.embedding, self.target_dim)
 
     # ---- fitting ----------------------------------------------------------------------------------
     def fit(self, images: Images, progress: bool = True) -> "CRDDetector":
@@ -266,7 +266,7 @@ class CRDDetector:
         added = 0
         with self._progress(images, "fit", progress) as bar:
             for _, x in self.iter_batches(images):
-                patches = reference.patch_matrix(self.embed(x))
+                patches = patch_matrix(self.embed(x))
                 self._add_patches(patches)
                 self._remember(x)
                 added += x.shape[0]

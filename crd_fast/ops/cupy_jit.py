@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import _native
+from . import native as _native
+from . import cuda_launch
 
 SOURCE_NAME = "crd_head_kernels.cuh"
 TILE_P = 64  # crd_head::kTileP
@@ -38,7 +39,7 @@ def source_path() -> Optional[Path]:
 def source_text() -> str:
     path = source_path()
     if path is None:
-        raise FileNotFoundError(f"{SOURCE_NAME} is neither installed in crd_fast/kernels nor in csrc/cuda")
+        raise FileNotFoundError(f"{SOURCE_NAME} is neither installed in crd_fast/ops nor in csrc/cuda")
     return path.read_text()
 
 
@@ -85,7 +86,7 @@ def _module(device_index: int):
     return module
 
 
-def _launch_cupy(launch: _native.HeadLaunch) -> None:
+def _launch_cupy(launch: cuda_launch.HeadLaunch) -> None:
     import cupy
 
     batch, h0, w0, c_total, r = launch.sizes
@@ -117,7 +118,7 @@ def _import_cupy() -> None:
     import cupy  # noqa: F401 - ImportError here, before any argument check, when the extra is missing
 
 
-crd_head_cupy = _native.head_launcher(
+crd_head_cupy = cuda_launch.head_launcher(
     _launch_cupy, _import_cupy, "crd_head_cupy",
-    """Same contract as ``crd_fast._native.crd_head_cuda``, through CuPy; fills and returns ``out``.""",
+    """Same contract as ``crd_fast.ops.native.crd_head_cuda``, through CuPy; fills and returns ``out``.""",
 )

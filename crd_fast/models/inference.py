@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .features.backbone import FeatureExtractor
+from ..features.backbone import FeatureExtractor
 from .head import CRDHead
-from .maps import AnomalyMapper
+from .anomaly_map import AnomalyMapper
 
 
 class InferenceModel(nn.Module):

@@ -82,7 +82,7 @@ def fused_head_cpu(
     """(B, H_0, W_0) scores ||P' e - q|| of the concat-space embeddings e of ``maps``.
 
     ``matrix_t`` is the folded P' transposed, a contiguous (sum C_l, r) tensor, and ``q`` = P mu
-    (crd_fast.kernels.plan.folded_operands(..., transposed=True)), both in the maps' dtype; ``out``
+    (crd_fast.ops.plan.folded_operands(..., transposed=True)), both in the maps' dtype; ``out``
     (optional) is filled in place. Maps may be NCHW or channels_last: channels_last skips one copy.
     ``crd_fast.ops.crd_head`` is the checked, converting entry point.
     """

@@ -13,11 +13,11 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from . import _native
-from ._arrays import ArrayLike, as_patch_matrix, compute_dtype
-from .core.projection import CRDProjection, crd_lambda
-from .core.stats import PatchStatistics
-from .io.model_file import PathLike, read_model_file, require, write_model_file
+from ..ops import native as _native
+from ._validation import ArrayLike, as_patch_matrix, compute_dtype
+from ..core.projection import CRDProjection, crd_lambda
+from ..core.stats import PatchStatistics
+from ..io.model_file import PathLike, read_model_file, require, write_model_file
 
 #: Default ridge strength relative to the mean eigenvalue of C (lam = lam_rel * trace(C) / d).
 #: Chosen by the sweep in the README ("Choosing lam_rel"): 0.01 ranks anomalies best on average there.

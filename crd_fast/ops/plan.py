@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..reference import EMBEDDINGS, patchcore_reduce
+from ..core.embedding import EMBEDDINGS, patchcore_reduce
 
 #: Most taps one output row/column reads from one layer (2 bilinear taps, each widened by the 3-tap pool).
 MAX_TAPS = 4

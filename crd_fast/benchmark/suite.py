@@ -31,9 +31,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import reference
-from .nn import NNScorer
-from .scorer import CRDScorer
+from ..core.embedding import check_embedding, embed_patches, embedding_dim, patch_matrix
+from ..ops import reference
+from ..scorers.nn import NNScorer
+from ..scorers.crd import CRDScorer
 
 #: wide_resnet50_2 layer2 and layer3 maps at 224 px: (channels, height, width).
 WRN50_LAYERS: tuple[tuple[int, int, int], ...] = ((512, 28, 28), (1024, 14, 14))
@@ -64,7 +65,7 @@ def cpu_model() -> str:
 
 def machine_info() -> dict[str, Any]:
     """What a timing depends on: CPU, cores, torch version and threads, the fused CPU pass, GPU, date."""
-    from .kernels import cpu as cpu_kernels
+    from ..ops import cpu as cpu_kernels
 
     try:
         import faiss
@@ -154,7 +155,7 @@ def random_patches(n: int, dim: int, rank: int = 32, noise: float = 0.5, seed: i
 
 def patch_rows(maps: Sequence[Tensor], embedding: str, target_dim: int = 1024) -> Tensor:
     """The (B*H*W, d) patch matrix of the maps' embedding (the reference's, row order (b, y, x))."""
-    return reference.patch_matrix(reference.embed_patches(list(maps), embedding, target_dim)).contiguous()
+    return patch_matrix(embed_patches(list(maps), embedding, target_dim)).contiguous()
 
 
 # ---- the head case --------------------------------------------------------------------------------
@@ -193,11 +194,11 @@ def make_head_case(embedding: str = "concat", n_train: int = 200, n_query: int =
     The training maps are embedded batch by batch into one float32 bank (what an NN detector stores)
     and streamed into ``CRDScorer.partial_fit`` (what CRD keeps: the d x d statistics).
     """
-    reference.check_embedding(embedding)
+    check_embedding(embedding)
     if n_train < 1 or n_query < 1 or batch < 1:
         raise ValueError(f"n_train, n_query and batch must be positive, got {n_train}, {n_query}, {batch}")
     gen = generator or FeatureGenerator(seed=seed)
-    d = reference.embedding_dim(gen.channels, embedding, target_dim)
+    d = embedding_dim(gen.channels, embedding, target_dim)
     bank = torch.empty(n_train * gen.patches_per_image, d, dtype=torch.float32)
     scorer = CRDScorer()
     row = 0
@@ -214,7 +215,7 @@ def make_head_case(embedding: str = "concat", n_train: int = 200, n_query: int =
 
 def fused_path(case: HeadCase) -> Callable[[], Tensor]:
     """The fused op: feature maps -> (B, 28, 28) float32 scores, never building the embedding."""
-    from . import ops
+    from ..ops import head_op as ops
 
     maps, matrix, offset = case.maps, case.matrix, case.offset
     return lambda: ops.crd_head(maps, matrix, offset, case.embedding, case.target_dim)
@@ -276,7 +277,7 @@ def make_e2e_case(backbone: str = "wide_resnet50_2", crop: int = 224, batch: int
 
     Throughput does not depend on the weights' values, so random weights time the real network.
     """
-    from .detector import CRDDetector
+    from ..detector.detector import CRDDetector
 
     gen = torch.Generator().manual_seed(seed)
     det = CRDDetector(backbone=backbone, weights="random", resize=crop, crop=crop, batch_size=batch, seed=seed)
@@ -368,7 +369,7 @@ def fit_run(n_images: int, dim: int = 1536, batch: int = 8, patches_per_image: i
 def fit_in_subprocess(n_images: int, dim: int = 1536, batch: int = 8, seed: int = 0, timeout: float = 1800.0,
                       threads: Optional[int] = None) -> dict[str, Any]:
     """``fit_run`` in a fresh Python process, so its peak memory is its own (not the caller's)."""
-    cmd = [sys.executable, "-m", "crd_fast.benchmarking", "fit", str(n_images), str(dim), str(batch), str(seed)]
+    cmd = [sys.executable, "-m", "crd_fast.benchmark.suite", "fit", str(n_images), str(dim), str(batch), str(seed)]
     env = dict(os.environ)
     if threads is not None:
         env["CRD_BENCH_THREADS"] = str(threads)
@@ -711,4 +712,4 @@ if __name__ == "__main__":  # the child process of fit_in_subprocess
     if len(sys.argv) == 6 and sys.argv[1] == "fit":
         _fit_child(sys.argv[2:])
     else:
-        sys.exit("usage: python -m crd_fast.benchmarking fit N_IMAGES DIM BATCH SEED")
+        sys.exit("usage: python -m crd_fast.benchmark.suite fit N_IMAGES DIM BATCH SEED")

@@ -1,106 +1,18 @@
-"""The compiled module ``crd_fast._C``, loaded if present, and checked wrappers around it.
+"""The launch contract of the CUDA head kernels, shared by the compiled (``_C``) and CuPy launchers.
 
-``_C`` takes raw pointers; the wrappers here are its only callers and check device, dtype, shape
-and contiguity first. Everything works without ``_C`` (the pure-PyTorch path): ``backends()``
-says what this installation has.
+Every tensor a kernel reads or writes is checked here before any pointer crosses into C++ or NVRTC code;
+layouts are those of csrc/cuda/crd_head_kernels.cuh.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
-try:  # the extension is optional: a pure-Python checkout still imports
-    from . import _C  # type: ignore[attr-defined]
-
-    _IMPORT_ERROR: Optional[str] = None
-except ImportError as exc:  # pragma: no cover - depends on how the package was built
-    _C = None
-    _IMPORT_ERROR = str(exc)
-
-
-def has_native() -> bool:
-    """True when the compiled module was built and imports."""
-    return _C is not None
-
-
-def has_native_cuda() -> bool:
-    """True when the compiled module contains the CUDA kernels (whether or not a GPU is present)."""
-    return _C is not None and bool(_C.build_info()["cuda"])
-
-
-def backends() -> dict[str, Any]:
-    """What this installation can run: native CPU kernels, compiled CUDA kernels, a GPU, CuPy, faiss."""
-    info: dict[str, Any] = {
-        "native": has_native(),
-        "native_error": _IMPORT_ERROR,
-        "openmp": bool(_C.build_info()["openmp"]) if _C is not None else False,
-        "cuda_kernels": has_native_cuda(),
-        "cuda_kernels_version": _C.build_info()["cuda_version"] if _C is not None else None,
-        "cuda_device": torch.cuda.is_available(),
-        "torch": torch.__version__,
-    }
-    try:
-        import cupy  # noqa: F401
-
-        info["cupy"] = True
-    except Exception:
-        info["cupy"] = False
-    try:
-        import faiss  # noqa: F401
-
-        info["faiss"] = True
-    except Exception:
-        info["faiss"] = False
-    # the fused head (crd_fast.ops.crd_head): imported here, lazily, because those modules import this one
-    from .kernels import cpu as _head_cpu
-    from .kernels import cuda as _head_cuda
-
-    info["fused_cpu"] = _head_cpu.available()
-    info["fused_cpu_openmp"] = _head_cpu.openmp()
-    info["fused_cuda"] = _head_cuda.cuda_backend()
-    return info
-
-
-def _dtype_name(t: torch.Tensor) -> str:
-    if t.dtype == torch.float32:
-        return "float32"
-    if t.dtype == torch.float64:
-        return "float64"
-    raise TypeError(f"native kernels take float32 or float64, got {t.dtype}")
-
-
-def residual_norm(z: torch.Tensor, q: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Row norms ||z_i - q|| through the native kernel (CPU, or CUDA when compiled in).
-
-    Raises RuntimeError when no native kernel serves ``z``'s device: callers choose the torch path
-    themselves rather than getting a silent fallback here.
-    """
-    if _C is None:
-        raise RuntimeError(f"crd_fast._C is not available: {_IMPORT_ERROR}")
-    if z.ndim != 2:
-        raise ValueError(f"z must be 2-D, got shape {tuple(z.shape)}")
-    name = _dtype_name(z)
-    z = z.contiguous()
-    if q is not None:
-        if q.shape != (z.shape[1],):
-            raise ValueError(f"q must have shape ({z.shape[1]},), got {tuple(q.shape)}")
-        if q.dtype != z.dtype or q.device != z.device:
-            raise ValueError(f"q must match z in dtype and device ({z.dtype}, {z.device}), got ({q.dtype}, {q.device})")
-        q = q.contiguous()
-    out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
-    q_ptr = q.data_ptr() if q is not None else 0
-    if z.device.type == "cpu":
-        _C.residual_norm_cpu(name, z.data_ptr(), q_ptr, out.data_ptr(), z.shape[0], z.shape[1])
-    elif z.device.type == "cuda" and has_native_cuda():
-        stream = torch.cuda.current_stream(z.device).cuda_stream
-        with torch.cuda.device(z.device):
-            _C.residual_norm_cuda(name, z.data_ptr(), q_ptr, out.data_ptr(), z.shape[0], z.shape[1], stream)
-    else:
-        raise RuntimeError(f"no native residual_norm kernel for device {z.device} in this build")
-    return out
+from . import native
+from .native import has_native_cuda
 
 
 #: torch dtype -> dtype name of the fused head kernels (operand dtype; fp16/bf16 accumulate in float32).
@@ -123,7 +35,7 @@ def check_head_cuda_args(
 ) -> str:
     """Checks every tensor the CUDA head kernels read or write; returns the operand dtype name.
 
-    Shared by the compiled launcher below and the CuPy one (crd_fast/kernels/cupy_module.py): both take
+    Shared by the compiled launcher below and the CuPy one (crd_fast/ops/cupy_jit.py): both take
     the same pointers with the layouts of csrc/cuda/crd_head_kernels.cuh.
     """
     if not 1 <= len(maps) <= 4:
@@ -201,7 +113,7 @@ def head_launcher(
 ) -> Callable[..., torch.Tensor]:
     """A fused-head launcher ``(maps, plan, weights, matrix, q, partial, out) -> out`` around ``body``.
 
-    The compiled launcher (:func:`crd_head_cuda`) and the CuPy one (crd_fast/kernels/cupy_module.py) share
+    The compiled launcher (:func:`crd_head_cuda`) and the CuPy one (crd_fast/ops/cupy_jit.py) share
     this contract: ``ready()`` first (raises when the backend is missing), then every argument checked
     before any pointer crosses, an empty output zeroed without a launch, else ``body`` fills ``out``.
     """
@@ -230,13 +142,13 @@ def head_launcher(
 
 def _require_native_cuda() -> None:
     if not has_native_cuda():
-        raise RuntimeError("crd_fast._C was built without CUDA kernels")
+        raise RuntimeError("crd_fast.ops._C was built without CUDA kernels")
 
 
 def _launch_compiled(launch: HeadLaunch) -> None:
     batch, h0, w0, c_total, r = launch.sizes
     with torch.cuda.device(launch.device):
-        _C.crd_head_cuda(
+        native._C.crd_head_cuda(
             launch.dtype, [f.data_ptr() for f in launch.maps], launch.plan.data_ptr(), launch.weights.data_ptr(),
             launch.matrix.data_ptr(), launch.q.data_ptr(), launch.partial.data_ptr(), launch.out.data_ptr(),
             batch, h0, w0, c_total, r, launch.stream(),
@@ -256,4 +168,4 @@ crd_head_cuda = head_launcher(
 def crd_head_cuda_attributes() -> list[dict[str, Any]]:
     """Registers, local (spill) bytes and static shared bytes of each compiled head kernel (needs a GPU)."""
     _require_native_cuda()
-    return list(_C.crd_head_cuda_attributes())
+    return list(native._C.crd_head_cuda_attributes())

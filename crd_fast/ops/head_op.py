@@ -3,7 +3,7 @@
     scores = crd_fast.ops.crd_head(feature_maps, matrix, offset, embedding="concat", target_dim=1024)
 
 ``feature_maps`` are the backbone's (B, C_l, H_l, W_l) maps; the result is the (B, H_0, W_0) patch
-score map of ``crd_fast.reference.crd_head`` (3x3 average pool with zero padding counted, bilinear
+score map of ``crd_fast.ops.reference.crd_head`` (3x3 average pool with zero padding counted, bilinear
 resize to the first layer's grid, concat or PatchCore reduction, ||matrix (y - offset)||), without ever
 building the (B, d, H_0, W_0) embedding.
 
@@ -14,9 +14,9 @@ accumulation; on the CPU they are converted to float32 first.
 Dispatch (registered per device with torch.library, so ``torch.compile`` sees one opaque op with a
 fake implementation):
 
-* CPU tensors: the fused CPU path (crd_fast/kernels/cpu.py: per-layer BLAS, then one Cython pass);
-* CUDA tensors: the kernels compiled into ``crd_fast._C``, else the same source built at run time by
-  CuPy, else the reference in float32/float64 (``crd_fast.kernels.cuda.cuda_backend()`` says which;
+* CPU tensors: the fused CPU path (crd_fast/ops/cpu.py: per-layer BLAS, then one Cython pass);
+* CUDA tensors: the kernels compiled into ``crd_fast.ops._C``, else the same source built at run time by
+  CuPy, else the reference in float32/float64 (``crd_fast.ops.cuda.cuda_backend()`` says which;
   more than 4 layers also take the reference);
 * any other device: the reference.
 """
@@ -28,10 +28,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..core.embedding import check_embedding, embedding_dim
 from . import reference
-from .kernels import cpu as _cpu
-from .kernels import cuda as _cuda
-from .kernels.plan import folded_operands
+from . import cpu as _cpu
+from . import cuda as _cuda
+from .plan import folded_operands
 
 _MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -49,7 +50,7 @@ def check_head_inputs(
     """Refuses malformed head inputs with an error naming the problem (shapes only: safe on fake tensors)."""
     if not isinstance(feature_maps, (list, tuple)) or len(feature_maps) == 0:
         raise ValueError("feature_maps must be a non-empty list of (B, C, H, W) tensors")
-    reference.check_embedding(embedding)
+    check_embedding(embedding)
     if isinstance(target_dim, bool) or not isinstance(target_dim, int) or target_dim < 1:
         raise ValueError(f"target_dim must be a positive integer, got {target_dim!r}")
     first = feature_maps[0]
@@ -68,7 +69,7 @@ def check_head_inputs(
             raise ValueError(f"feature maps must share the batch size: map 0 has {first.shape[0]}, map {i} has {f.shape[0]}")
         if f.shape[1] < 1 or f.shape[2] < 1 or f.shape[3] < 1:
             raise ValueError(f"feature map {i} has an empty channel or spatial dimension: {tuple(f.shape)}")
-    d = reference.embedding_dim([f.shape[1] for f in feature_maps], embedding, target_dim)
+    d = embedding_dim([f.shape[1] for f in feature_maps], embedding, target_dim)
     for name, t in (("matrix", matrix), ("offset", offset)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")

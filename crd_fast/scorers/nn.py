@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from ._arrays import ArrayLike, as_patch_matrix, compute_dtype
-from .io.model_file import PathLike, read_model_file, require, write_model_file
+from ._validation import ArrayLike, as_patch_matrix, compute_dtype
+from ..io.model_file import PathLike, read_model_file, require, write_model_file
 
 _BACKENDS = ("auto", "faiss", "torch")
 

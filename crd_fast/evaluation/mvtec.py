@@ -12,7 +12,7 @@ report's :class:`~crd_fast.report.CategoryResult` (labels, scores, maps, masks, 
 timings and the nearest-neighbour comparison in ``extra``) plus the metrics as a dict.
 
 ``compare_nn`` scores the same test images with the exact nearest-neighbour baseline
-(:class:`~crd_fast.nn.NNScorer`, PatchCore's rule without coreset) on the very same patch features and
+(:class:`~crd_fast.scorers.nn.NNScorer`, PatchCore's rule without coreset) on the very same patch features and
 the same anomaly-map upsampling and blur, so the two heads are compared like for like; both heads are
 timed from the backbone's feature maps to the patch scores.
 """
@@ -28,10 +28,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from . import reference
-from .data.datasets import MVTecAD
-from .features.preprocess import load_image
-from .report.results import CategoryResult, example_indices
+from ..core.embedding import embed_patches, patch_matrix
+from ..data.datasets import MVTecAD
+from ..features.preprocess import load_image
+from ..report.results import CategoryResult, example_indices
 
 #: Columns of :func:`format_table` (key in the metrics dict, header, format).
 TABLE_COLUMNS = (
@@ -89,17 +89,17 @@ def compare_nn(detector: Any, train_images: Sequence[Any], test_images: Sequence
                progress: bool = True) -> dict[str, Any]:
     """Score ``test_images`` with exact 1-NN on the fitted ``detector``'s own patch features.
 
-    Builds an :class:`~crd_fast.nn.NNScorer` memory bank from ``train_images`` (``subsample``: fraction kept),
+    Builds an :class:`~crd_fast.scorers.nn.NNScorer` memory bank from ``train_images`` (``subsample``: fraction kept),
     then for every test batch runs the backbone once and times both heads from the feature maps: the
     detector's CRD head, and embedding + nearest-neighbour search. Returns the NN figures (image/pixel
     AUROC, AUPRO, head ms per image, bank size) and the CRD head's ms per image on the same features.
     """
-    from .nn import NNScorer
+    from ..scorers.nn import NNScorer
 
     nn_scorer = NNScorer(subsample=subsample, seed=detector.seed)
     with tqdm(total=len(train_images), desc="NN memory bank", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for _, x in detector.iter_batches(list(train_images)):
-            nn_scorer.partial_fit(reference.patch_matrix(detector.embed(x)))
+            nn_scorer.partial_fit(patch_matrix(detector.embed(x)))
             bar.update(x.shape[0])
     model = detector.inference_model()
     device = detector.device
@@ -116,8 +116,8 @@ def compare_nn(detector: Any, train_images: Sequence[Any], test_images: Sequence
                 model.head(feats)
                 _sync(device)
                 t1 = time.perf_counter()
-                emb = reference.embed_patches(feats, detector.embedding, detector.target_dim)
-                dist = torch.as_tensor(nn_scorer.score(reference.patch_matrix(emb)))
+                emb = embed_patches(feats, detector.embedding, detector.target_dim)
+                dist = torch.as_tensor(nn_scorer.score(patch_matrix(emb)))
                 _sync(device)
                 t2 = time.perf_counter()
                 b, _, h, w = emb.shape
@@ -167,7 +167,7 @@ def evaluate_dataset(detector: Any, train: Any, test: Any, name: str, compare_nn
     if compare_nn_baseline:
         train_items = train.image_paths if hasattr(train, "image_paths") else train
         if isinstance(train_items, str) or not hasattr(train_items, "__len__"):
-            from .data.images import iter_images
+            from ..data.images import iter_images
 
             train_items = [img for _, img in iter_images(train_items)]
         extra = compare_nn(detector, train_items, paths, labels, masks, nn_subsample, progress)

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .io.model_file import atomic_write
+from ..io.atomic import atomic_write
 
 PathLike = Union[str, os.PathLike]
 

@@ -1,0 +1,12 @@
+"""Torch modules of the inference pipeline: feature maps -> CRD head -> anomaly map, exportable as one.
+
+* ``head``: :class:`CRDHead`, feature maps -> patch score map;
+* ``anomaly_map``: :class:`AnomalyMapper`, patch scores -> blurred map at the input resolution;
+* ``inference``: :class:`InferenceModel`, normalised images -> image scores, anomaly maps, patch maps.
+"""
+
+from .anomaly_map import AnomalyMapper
+from .head import CRDHead
+from .inference import InferenceModel
+
+__all__ = ["AnomalyMapper", "CRDHead", "InferenceModel"]

@@ -1,0 +1,10 @@
+"""Estimators on patch features (arrays or tensors in, one score per row out).
+
+* ``crd``: :class:`CRDScorer`, the Collaborative Representation Distance (the product);
+* ``nn``: :class:`NNScorer`, exact 1-NN distance to a memory bank (PatchCore's rule, the baseline).
+"""
+
+from .crd import DEFAULT_LAM_REL, CRDScorer
+from .nn import NNScorer
+
+__all__ = ["CRDScorer", "DEFAULT_LAM_REL", "NNScorer"]
