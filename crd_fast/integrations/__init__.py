@@ -1,0 +1,4 @@
+"""Adapters to the tools users already work in (optional dependencies, imported on use).
+
+* ``sklearn``: scikit-learn / PyOD outlier estimators over the CRD scorer and the NN baseline.
+"""
