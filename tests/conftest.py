@@ -1,4 +1,6 @@
-"""Shared fixtures: seeded generators and small random patch banks."""
+"""Shared fixtures: one torch thread, and a seeded generator per test.
+
+Tests never import this file; plain helpers (the CUDA marker, random patch banks) are in helpers.py."""
 
 from __future__ import annotations
 
@@ -28,12 +30,3 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A fresh generator per test, seeded from the test's id so every test sees its own data and failures reproduce."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
-
-def random_bank(rng: np.random.Generator, n: int, d: int, offset: float = 0.0) -> np.ndarray:
-    """n correlated Gaussian patches of dimension d (float64), with a decaying spectrum like CNN features."""
-    scales = 1.0 / np.sqrt(1.0 + np.arange(d))
-    mixing = rng.standard_normal((d, d)) * scales[None, :]
-    return rng.standard_normal((n, d)) @ mixing.T + offset
-
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -149,6 +149,7 @@ def test_e2e_head_is_the_models_head() -> None:
     assert amaps.shape == (2, 64, 64) and torch.equal(scores, pmaps.flatten(1).amax(dim=1))
 
 
+@pytest.mark.slow
 def test_cli_bench_prints_the_table_and_writes_json(tmp_path, monkeypatch, capsys) -> None:
     from crd_fast.cli import bench
 

@@ -138,6 +138,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_fit_distributed_under_torchrun_two_processes(data, tmp_path):
     """The torchrun recipe of 'crd-fast fit --help', for real: two gloo ranks, rank 0 writes the same model."""
     path, single = tmp_path / "two.crd", tmp_path / "one.crd"

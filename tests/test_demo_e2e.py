@@ -18,6 +18,7 @@ from crd_fast.synthetic import MARKER
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
+@pytest.mark.slow
 def test_quick_demo_finds_the_defects(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--seed", "0", "--no-progress"]) == 0

@@ -335,6 +335,7 @@ def main_job(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_rank_fit_equals_single_process_fit(main_job):
     expected = single_process_scorer(patch_items(20, FIT_SIZES), lam_rel=0.03, rank=9)
     written = CRDScorer.load(main_job / "fit.crd")
@@ -349,6 +350,7 @@ def test_two_rank_fit_equals_single_process_fit(main_job):
     assert sorted(p.name for p in main_job.glob(".*")) == [], "temporary files left behind"
 
 
+@pytest.mark.slow
 def test_two_rank_fit_in_contiguous_blocks_gives_the_same_model(main_job):
     assert_same_model(CRDScorer.load(main_job / "fit_contiguous.crd"), single_process_scorer(patch_items(20, FIT_SIZES)))
 
@@ -358,11 +360,13 @@ def test_rank_with_an_empty_shard_still_works(main_job):
     assert_same_model(CRDScorer.load(main_job / "single_item.crd"), single_process_scorer(patch_items(21, [50])))
 
 
+@pytest.mark.slow
 def test_two_rank_online_update_equals_fit_on_everything(main_job):
     expected = single_process_scorer(patch_items(20, FIT_SIZES) + patch_items(22, UPDATE_SIZES), lam_rel=0.03, rank=9)
     assert_same_model(CRDScorer.load(main_job / "updated.crd"), expected)
 
 
+@pytest.mark.slow
 def test_two_rank_prediction_equals_single_process_in_input_order(main_job):
     model = CRDScorer.load(main_job / "fit.crd")
     items = patch_items(23, PREDICT_SIZES)
@@ -378,6 +382,7 @@ def test_two_rank_prediction_equals_single_process_in_input_order(main_job):
         assert json.loads((main_job / f"predict.rank{r}.json").read_text()) == expected
 
 
+@pytest.mark.slow
 def test_two_rank_detector_fit_equals_single_process_fit(main_job):
     from crd_fast.detector.detector import CRDDetector
 
@@ -387,6 +392,7 @@ def test_two_rank_detector_fit_equals_single_process_fit(main_job):
     assert written.train_score_stats == CRDDetector.load(main_job / "detector.rank1.crd").train_score_stats
 
 
+@pytest.mark.slow
 def test_two_rank_detector_prediction_equals_single_process(main_job):
     from crd_fast.detector.detector import CRDDetector
 
@@ -406,6 +412,7 @@ def test_two_rank_detector_prediction_equals_single_process(main_job):
         np.testing.assert_allclose(np.load(main_job / "maps" / f"{i}.npy"), expected.anomaly_maps[i], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_exception_on_one_rank_stops_every_rank_and_keeps_the_old_file(main_job, tmp_path):
     folder = main_job / "raise"
     errors = [json.loads((folder / f"error.rank{r}.json").read_text()) for r in range(WORLD)]
@@ -416,6 +423,7 @@ def test_exception_on_one_rank_stops_every_rank_and_keeps_the_old_file(main_job,
     assert sorted(p.name for p in folder.iterdir()) == ["error.rank0.json", "error.rank1.json", "model.crd"]
 
 
+@pytest.mark.slow
 def test_killed_rank_leaves_no_model_file(tmp_path):
     rc = run_two_ranks("kill", tmp_path)
     assert rc != 0

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import cuda, random_bank
+from helpers import cuda, random_bank
 
 import crd_fast
 from crd_fast import CRDScorer
@@ -70,6 +70,8 @@ def test_import_and_score_without_compiled_module():
 
 def test_build_has_the_expected_kernels():
     """scripts/test.sh sets these after a pip install, so a build that lost its kernels fails here."""
+    if not os.environ.get("CRD_FAST_EXPECT_NATIVE") and not os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS"):
+        pytest.skip("CRD_FAST_EXPECT_NATIVE and CRD_FAST_EXPECT_CUDA_KERNELS are unset: no expected build to check")
     if os.environ.get("CRD_FAST_EXPECT_NATIVE"):
         assert _native.has_native(), crd_fast.backends()["native_error"]
     expect_cuda = os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_bank
+from helpers import random_bank
 
 from crd_fast import ModelFileError, NNScorer
 

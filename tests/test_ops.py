@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import cuda
+from helpers import cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from crd_fast.core.embedding import embed_patches, embedding_dim, patch_matrix

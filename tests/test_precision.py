@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_bank
+from helpers import random_bank
 from crd_fast import CRDScorer, ModelFileError
 from crd_fast.deploy import DeployHead, make_head_file, measure_error, variant_projection
 from crd_fast.deploy.precision import deployed_scores, head_from, round_matrix

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_bank
+from helpers import random_bank
 
 from crd_fast import CRDScorer, ModelFileError, NNScorer
 from crd_fast.io.atomic import atomic_write
@@ -173,3 +173,44 @@ def test_failed_write_keeps_previous_file(tmp_path, fitted):
             raise RuntimeError("disk full")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.crd"]
+
+
+class _Booby:
+    """Unpickling this object creates the file named in it: proof that a loader ran pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _loaders():
+    from crd_fast import CRDDetector
+    from crd_fast.deploy import DeployHead
+
+    return {"CRDScorer": CRDScorer.load, "NNScorer": NNScorer.load, "CRDDetector": CRDDetector.load,
+            "DeployHead": DeployHead.load}
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+@pytest.mark.parametrize("loader", ["CRDScorer", "NNScorer", "CRDDetector", "DeployHead"])
+def test_pickled_files_are_refused_without_unpickling(tmp_path, writer, loader):
+    """Model files are safetensors + JSON: a pickle in their place is refused, and its code never runs."""
+    import pickle
+
+    marker, path = tmp_path / "unpickled", tmp_path / "model.crd"
+    payload = {"crd.mean": _Booby(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(ModelFileError, match=r"model\.crd.*(truncated|corrupt)"):
+        _loaders()[loader](path)
+    assert not marker.exists()
+    with open(path, "rb") as fh:  # the file really is a live pickle: loading it with pickle runs the payload
+        if writer == "torch.save":
+            torch.load(fh, weights_only=False)
+        else:
+            pickle.load(fh)
+    assert marker.exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_bank
+from helpers import random_bank
 
 from crd_fast import CRDScorer
 from crd_fast.core.projection import crd_lambda, eigen_form, projection_matrix
