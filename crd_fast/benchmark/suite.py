@@ -1,7 +1,7 @@
 """What the benchmarks share: their inputs, the timed paths, timing, and the ratio table.
 
 Used by the pytest-benchmark suites in bench/ and by ``crd-fast bench``, so both compare the same
-paths on the same inputs (DESIGN.md section 4, "What fast means"):
+paths on the same inputs (docs/DESIGN.md "What fast means"):
 
 * head: the fused op (``crd_fast.ops.crd_head``) vs the unfused float32 reference path vs exact
   nearest-neighbour search (``NNScorer``, faiss IndexFlatL2 and chunked torch matmul) over memory

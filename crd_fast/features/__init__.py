@@ -1,4 +1,4 @@
-"""Feature extraction: backbones and preprocessing (DESIGN.md section 2)."""
+"""Feature extraction: backbones and preprocessing (docs/DESIGN.md "Pipeline")."""
 
 from .backbone import RESNETS, BackboneWeightsError, FeatureExtractor, build_backbone, weights_identity
 from .preprocess import IMAGE_EXTENSIONS, ImageReadError, Preprocess, load_image, to_unit_tensor

@@ -4,7 +4,7 @@ The score of a patch y is ||P (y - mu)|| = ||P y - q|| with q = P mu. Everything
 and y (3x3 average pooling, bilinear resize, concatenation, PatchCore's channel reduction) is linear and
 acts on channels and positions separately, so the torch path here applies P first, on each layer at its
 own resolution (P = [P_1 | P_2 | ...] by column blocks, with PatchCore's reduction folded into P), and
-pools/resizes the r-channel result (DESIGN.md "Linearity"). Deep layers are projected on their coarse
+pools/resizes the r-channel result (docs/DESIGN.md "Linearity"). Deep layers are projected on their coarse
 grid, and the module is plain conv2d / pooling / interpolation / arithmetic, which ONNX exports.
 
 When ``crd_fast.ops.crd_head`` exists (the fused kernel) and ``use_fused`` is set, eager calls use it

@@ -14,7 +14,7 @@ take the same two tables built here, so their spatial indexing is one piece of c
   H_0 + W_0 (start, count) pairs: rows 0..H_0-1 for y, then W_0 rows for x.
   ``weights`` (float32 / float64) = for each layer, the same H_0 + W_0 rows of 4 tap weights (zero padded).
 
-* Matrix folding (DESIGN.md "linearity"): the PatchCore reduction is linear, y_pc = R y_concat, so
+* Matrix folding (docs/DESIGN.md "Linearity"): the PatchCore reduction is linear, y_pc = R y_concat, so
   ||P (R y - mu)|| = ||(P R) y - P mu||; the kernels always see concat-space operands P' = P R (r x sum C_l)
   and q = P mu, computed once in float64 and cached per matrix.
 """

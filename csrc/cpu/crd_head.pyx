@@ -3,7 +3,7 @@
 """CPU fused pass of the CRD head (twin of csrc/cuda/crd_head.cu).
 
 The projections Z_l = P'_l F_l are done beforehand by torch's BLAS, one per layer at that layer's own
-resolution (DESIGN.md "linearity"). This pass then does, in one sweep over the output grid and without
+resolution (docs/DESIGN.md "Linearity"). This pass then does, in one sweep over the output grid and without
 materialising any (B, d, H, W) tensor:
 
     score[b, y, x] = || sum_l  (A_l^y (x) A_l^x) Z_l[b]  (y, x)  -  q ||_2
