@@ -61,3 +61,19 @@ def test_normalize_scores():
     mid = normalize_scores([3.5, 4.0, 4.5], threshold=4.0, stats=stats)
     np.testing.assert_allclose(mid, [0.25, 0.5, 0.75])
     assert normalize_scores([4.0], threshold=4.0, stats=None)[0] == 0.5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_f1_threshold_is_the_threshold_of_f1_max(seed):
+    """One F1-max: the detector's labelled threshold is the evaluation metric's, for numpy and tensor input."""
+    from crd_fast.evaluation.metrics import f1_max
+
+    rng = np.random.default_rng(100 + seed)
+    labels = rng.random(50) < 0.3
+    labels[:2] = [True, False]
+    scores = rng.normal(size=50).astype(np.float32) + labels
+    scores[7] = scores[8]
+    _, thr = f1_max(labels, scores)
+    assert f1_threshold(scores, labels) == thr
+    assert f1_threshold(torch.from_numpy(scores), torch.from_numpy(labels)) == thr
+    assert f1_threshold(scores.astype(np.float64), labels.astype(int)) == thr

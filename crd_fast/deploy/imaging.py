@@ -17,9 +17,10 @@ import numpy as np
 from PIL import Image
 
 # The torch-free decoding and input handling shared with the PyTorch pipeline (re-exported for callers here).
-from ..io.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageItem, is_tensor_like, list_image_files, to_rgb  # noqa: F401
+from ..io.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageItem, list_image_files, to_rgb  # noqa: F401
 from ..io.images import iter_images as _iter_images
 from ..io.images import load_image as _load_image
+from ..io.tensors import is_tensor_like
 
 
 class ImageInputError(ValueError):

@@ -21,6 +21,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
+from ..io.tensors import numpy_if_tensor
+
 __all__ = [
     "image_auroc",
     "pixel_auroc",
@@ -37,8 +39,7 @@ ArrayInput = Union[np.ndarray, Sequence[Any], Any]
 
 def _to_numpy(x: ArrayInput, name: str) -> np.ndarray:
     """Turn a numpy array, torch tensor or (nested) sequence of arrays into a numpy array."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch here
-        x = x.detach().cpu().numpy()
+    x = numpy_if_tensor(x)
     if isinstance(x, (list, tuple)):
         parts = [_to_numpy(p, f"{name}[{i}]") for i, p in enumerate(x)]
         shapes = {p.shape for p in parts}
@@ -74,7 +75,7 @@ def _labels_scores(labels: ArrayInput, scores: ArrayInput) -> tuple[np.ndarray, 
         raise ValueError("labels contain NaN or Inf")
     values = set(np.unique(y).tolist())
     if not values <= {0, 1}:
-        raise ValueError(f"labels must be 0 (normal) or 1 (defective), got values {sorted(values)[:10]}")
+        raise ValueError(f"labels must be 0 (normal) or 1 (defective) (0/1 or bool), got values {sorted(values)[:10]}")
     y = y.astype(bool)
     if not y.any():
         raise ValueError("labels contain no defective (1) samples; the metric needs both classes")

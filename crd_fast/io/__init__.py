@@ -1,6 +1,6 @@
 """Files in and out: model files (safetensors + JSON, never unpickled), atomic writes, image input.
 
-``atomic`` and ``images`` are torch-free (the ONNX runtime uses them); ``model_file`` needs torch and is
+``atomic``, ``images`` and ``tensors`` are torch-free (the ONNX runtime uses them); ``model_file`` needs torch and is
 imported on first use.
 """
 

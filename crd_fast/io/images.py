@@ -29,6 +29,8 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .tensors import is_tensor_like
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -72,11 +74,6 @@ def load_image(path: Union[str, os.PathLike], error: type[Exception] = ImageRead
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         reason = "no such file" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
         raise error(f"cannot read image {os.fspath(path)!r}: {reason}") from exc
-
-
-def is_tensor_like(x: Any) -> bool:
-    """True for torch tensors (and look-alikes), found without importing torch."""
-    return hasattr(x, "detach") and hasattr(x, "cpu") and hasattr(x, "numpy")
 
 
 def list_image_files(folder: Union[str, os.PathLike], recursive: bool = False) -> list[str]:

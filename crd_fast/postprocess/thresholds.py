@@ -14,9 +14,11 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from ..io.tensors import numpy_if_tensor
+
 
 def _scores(x: Any, name: str) -> np.ndarray:
-    arr = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64).reshape(-1)
+    arr = np.asarray(numpy_if_tensor(x), dtype=np.float64).reshape(-1)
     if arr.size == 0:
         raise ValueError(f"{name} is empty")
     if not np.all(np.isfinite(arr)):
@@ -32,23 +34,14 @@ def quantile_threshold(normal_scores: Any, q: float = 0.99) -> float:
 
 
 def f1_threshold(scores: Any, labels: Any) -> float:
-    """The threshold t maximising F1 of the rule "score >= t is defective" (labels: 1/True = defective)."""
-    from sklearn.metrics import precision_recall_curve
+    """The threshold t maximising F1 of the rule "score >= t is defective" (labels: 1/True = defective).
 
-    s = _scores(scores, "scores")
-    y = np.asarray(labels).reshape(-1)
-    if y.shape[0] != s.shape[0]:
-        raise ValueError(f"scores ({s.shape[0]}) and labels ({y.shape[0]}) differ in length")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0/1 or booleans")
-    y = y.astype(bool)
-    if y.all() or not y.any():
-        raise ValueError("labels must contain both normal (0) and defective (1) images to choose an F1 threshold")
-    precision, recall, thresholds = precision_recall_curve(y, s)
-    # The last (precision, recall) pair has no threshold; thresholds are the distinct scores.
-    p, r = precision[:-1], recall[:-1]
-    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
-    return float(thresholds[int(np.argmax(f1))])
+    The threshold of :func:`crd_fast.evaluation.metrics.f1_max`, which checks the inputs.
+    """
+    # Imported here: scipy and scikit-learn load only when a labelled threshold is chosen.
+    from ..evaluation.metrics import f1_max
+
+    return f1_max(labels, scores)[1]
 
 
 def normalize_scores(scores: Any, threshold: float, stats: Optional[Mapping[str, float]] = None) -> np.ndarray:

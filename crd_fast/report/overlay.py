@@ -15,6 +15,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..io.atomic import atomic_write
+from ..io.tensors import numpy_if_tensor
 
 PathLike = Union[str, os.PathLike]
 
@@ -25,9 +26,7 @@ def to_rgb_uint8(image: Any, name: str = "image") -> np.ndarray:
     """A PIL image or (H, W) / (H, W, 1|3|4) array as (H, W, 3) uint8 (floats are read as [0, 1])."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
-    if hasattr(image, "detach") and hasattr(image, "cpu"):  # torch tensor
-        image = image.detach().cpu().numpy()
-    arr = np.asarray(image)
+    arr = np.asarray(numpy_if_tensor(image))
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
@@ -53,9 +52,7 @@ def normalize_map(anomaly_map: Any, vmin: Optional[float] = None, vmax: Optional
 
     Pass the same vmin/vmax for every image of a set so colours are comparable between images.
     """
-    if hasattr(anomaly_map, "detach") and hasattr(anomaly_map, "cpu"):
-        anomaly_map = anomaly_map.detach().cpu().numpy()
-    amap = np.asarray(anomaly_map, dtype=np.float64)
+    amap = np.asarray(numpy_if_tensor(anomaly_map), dtype=np.float64)
     if amap.ndim != 2:
         raise ValueError(f"anomaly_map must be a 2-D (H, W) array, got shape {amap.shape}")
     if not np.isfinite(amap).all():
@@ -109,9 +106,7 @@ def heatmap_overlay(
     out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
     out = np.round(out).astype(np.uint8)
     if mask is not None:
-        if hasattr(mask, "detach") and hasattr(mask, "cpu"):
-            mask = mask.detach().cpu().numpy()
-        m = np.asarray(mask)
+        m = np.asarray(numpy_if_tensor(mask))
         if m.shape != rgb.shape[:2]:
             raise ValueError(f"mask shape {m.shape} does not match the image size {rgb.shape[:2]}")
         m = m != 0

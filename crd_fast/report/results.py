@@ -7,6 +7,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ..io.tensors import numpy_if_tensor
+
 ImagesInput = Union[np.ndarray, Sequence[Optional[np.ndarray]], Mapping[int, np.ndarray], None]
 
 
@@ -111,9 +113,7 @@ class CategoryResult:
 
 
 def _numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
+    return np.asarray(numpy_if_tensor(x))
 
 
 def example_indices(labels: Any, image_scores: Any, n: int = 4) -> dict[str, list[int]]:
