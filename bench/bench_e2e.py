@@ -13,27 +13,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crd_fast.benchmark import suite as bm
+from crd_fast.benchmark.config import BenchConfig
+from crd_fast.benchmark.paths import EndToEndCase, e2e_paths, make_e2e_case
+from crd_fast.benchmark.timing import RoundRobin
 
 
 @pytest.fixture(scope="module")
-def e2e(bench_config: bm.BenchConfig, recorder) -> bm.EndToEndCase:
-    c = bm.make_e2e_case(bench_config.e2e_backbone, bench_config.e2e_crop, bench_config.e2e_batch)
+def e2e(bench_config: BenchConfig, recorder) -> EndToEndCase:
+    c = make_e2e_case(bench_config.e2e_backbone, bench_config.e2e_crop, bench_config.e2e_batch)
     recorder.extra["e2e"] = {"backbone": c.backbone, "crop": c.crop, "batch": c.batch}
     return c
 
 
-def test_head_matches_model(e2e: bm.EndToEndCase) -> None:
+def test_head_matches_model(e2e: EndToEndCase) -> None:
     """The timed head is the model's: its output equals the patch maps of the full forward."""
-    paths = bm.e2e_paths(e2e)
+    paths = e2e_paths(e2e)
     _, _, patch_maps = paths["full"]()
     torch.testing.assert_close(paths["head"](), patch_maps)
 
 
-def test_e2e(benchmark, e2e: bm.EndToEndCase, bench_config: bm.BenchConfig, recorder) -> None:
+def test_e2e(benchmark, e2e: EndToEndCase, bench_config: BenchConfig, recorder) -> None:
     """Backbone, head and full model timed round-robin (one pytest-benchmark round = one call of each):
     the shared machine's load changes over minutes, and the head's share is a ratio of these times."""
-    rr = bm.RoundRobin(bm.e2e_paths(e2e))
+    rr = RoundRobin(e2e_paths(e2e))
     rr()  # warm-up, not recorded
     rr.reset()
     benchmark.group = f"end to end {e2e.backbone} {e2e.crop}px batch {e2e.batch}"

@@ -3,8 +3,8 @@
     cd bench && python -m pytest bench_fit.py -s --benchmark-columns=min,rounds
 
 Each size (50, 200, 1,000 images of 784 patches, d = 1536) runs in its own Python process
-(``crd_fast.benchmark.suite.fit_in_subprocess``), which streams random patches batch by batch (8 images)
-through ``partial_fit`` and reports its peak RSS (VmHWM; see benchmarking._rss_mb) before and after fitting. CRD keeps
+(``crd_fast.benchmark.fit.fit_in_subprocess``), which streams random patches batch by batch (8 images)
+through ``partial_fit`` and reports its peak RSS (VmHWM; see ``peak_rss_mb`` there) before and after fitting. CRD keeps
 only the d x d float64 statistics, so the peak does not grow with the number of images; the NN memory bank
 the same patches would need is shown for contrast. pytest-benchmark's time includes the process start;
 patches/s counts only the partial_fit calls.
@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import pytest
 
-from crd_fast.benchmark import suite as bm
+from crd_fast.benchmark.config import BenchConfig
+from crd_fast.benchmark.fit import fit_in_subprocess
 
-_CFG = bm.BenchConfig.from_env()
+_CFG = BenchConfig.from_env()
 
 
 @pytest.mark.parametrize("n_images", _CFG.fit_sizes)
-def test_fit(benchmark, n_images: int, bench_config: bm.BenchConfig, recorder) -> None:
+def test_fit(benchmark, n_images: int, bench_config: BenchConfig, recorder) -> None:
     benchmark.group = f"fit d={bench_config.fit_dim}"
-    out = benchmark.pedantic(bm.fit_in_subprocess, args=(n_images, bench_config.fit_dim), rounds=1, iterations=1)
+    out = benchmark.pedantic(fit_in_subprocess, args=(n_images, bench_config.fit_dim), rounds=1, iterations=1)
     recorder.extra["fit"].append(out)
     benchmark.extra_info.update({k: out[k] for k in ("patches_per_s", "peak_rss_mb", "rss_before_mb", "nn_bank_mb")})
 

@@ -1,4 +1,4 @@
-"""``crd-fast bench``: the ratio table to read before choosing crd-fast (via crd_fast.benchmark.suite)."""
+"""``crd-fast bench``: the ratio table to read before choosing crd-fast (via crd_fast.benchmark)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import os
 import sys
 from typing import Any
 
+from ..benchmark.config import PARTS  # torch-free, so --help does not import torch
 from .options import add_common_flags, echo, positive_int
-
-PARTS = ("head", "e2e", "fit")  # kept in step with crd_fast.benchmark.suite.PARTS (no torch import for --help)
 
 EPILOG = """\
 what is compared (all on this machine, in this one run; times are the best of a few rounds):
@@ -44,7 +43,7 @@ def register(sub: Any) -> None:
                    help=f"run only this part ({', '.join(PARTS)}); repeat for several (default: all)")
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="torch (and faiss) threads (default: torch's default for this machine)")
-    p.add_argument("--json", metavar="FILE", help="also write every timing, the machine and the targets to FILE (JSON)")
+    p.add_argument("--json", metavar="FILE", help="also write every timing, the machine and the sizes to FILE (JSON)")
     add_common_flags(p)
     p.set_defaults(func=run)
 
@@ -52,7 +51,10 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..benchmark import suite as bm
+    from ..benchmark.config import BenchConfig
+    from ..benchmark.machine import describe_machine, machine_info
+    from ..benchmark.run import run_all
+    from ..benchmark.table import format_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,20 +64,22 @@ def run(args: argparse.Namespace) -> int:
             faiss.omp_set_num_threads(args.threads)
         except ImportError:
             pass
-    parts = tuple(dict.fromkeys(args.only)) if args.only else bm.PARTS
-    config = bm.BenchConfig.quick(parts=parts) if args.quick else bm.BenchConfig(parts=parts)
-    info = bm.machine_info()
-    log = (lambda s: None) if args.no_progress else (lambda s: print(f"crd-fast bench: {s}", file=sys.stderr, flush=True))
-    log(bm.describe_machine(info))
-    results, extra = bm.run_all(config, log)
-    echo(bm.format_table(results, info, extra))
+    parts = tuple(dict.fromkeys(args.only)) if args.only else PARTS
+    config = BenchConfig.quick(parts=parts) if args.quick else BenchConfig(parts=parts)
+    info = machine_info()
+
+    def log(message: str) -> None:
+        if not args.no_progress:
+            print(f"crd-fast bench: {message}", file=sys.stderr, flush=True)
+
+    log(describe_machine(info))
+    results, extra = run_all(config, log)
+    echo(format_table(results, info, extra))
     if args.json:
         from ..io.atomic import atomic_write
 
         timings = {k: {"best_s": t.best, "median_s": t.median, "times_s": t.times} for k, t in results.items()}
-        payload = {"machine": info, "config": config.describe(), "timings": timings, "extra": extra,
-                   "targets": [{"name": t.name, "value": t.value, "threshold": t.threshold, "met": t.met}
-                               for t in bm.targets(results, extra)]}
+        payload = {"machine": info, "config": config.describe(), "timings": timings, "extra": extra}
         with atomic_write(os.fspath(args.json)) as tmp:
             tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
         echo(f"crd-fast bench: wrote {args.json}")
