@@ -75,11 +75,30 @@ def test_every_command_has_help_with_examples(capsys):
         assert "examples:" in out and f"crd-fast {command}" in out
 
 
-def test_backbone_choices_match_the_feature_module():
-    from crd_fast.cli.options import BACKBONES, LAYERS
-    from crd_fast.features.backbone import RESNET_LAYERS, RESNETS
+def test_help_does_not_import_torch():
+    code = ("import sys, contextlib, io\n"
+            "from crd_fast.cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    codes = [main([c, '--help']) for c in ('fit', 'predict', 'eval', 'demo', 'export', 'bench')]\n"
+            "assert codes == [0] * 6, codes\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
 
-    assert tuple(BACKBONES) == tuple(RESNETS) and tuple(LAYERS) == tuple(RESNET_LAYERS)
+
+def test_detector_options_come_from_the_detector_config():
+    """Every option the command line sets is a DetectorConfig field with the config's default (the demo's
+    own defaults aside), so ``crd-fast fit DATA`` builds what ``CRDDetector()`` builds."""
+    from crd_fast.cli.main import build_parser
+    from crd_fast.cli.options import detector_kwargs
+    from crd_fast.detector.config import DEFAULTS
+
+    args = build_parser().parse_args(["fit", "data", "-o", "m.crd"])
+    kwargs = detector_kwargs(args)
+    assert set(kwargs) == set(DEFAULTS) - {"blur_sigma", "target_dim"}
+    assert {k: v for k, v in kwargs.items()} == {k: DEFAULTS[k] for k in kwargs}
+    demo = detector_kwargs(build_parser().parse_args(["demo"]))
+    assert demo["weights"] == "random" and demo["resize"] is None and demo["lam_rel"] == DEFAULTS["lam_rel"]
 
 
 # ---- fit ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from PIL import Image
 
 from crd_fast import CRDDetector, CRDScorer, DetectionResult, ModelFileError
 from crd_fast.core.embedding import patch_matrix
+from crd_fast.detector import OPTIONS, DetectorConfig, Reservoir
 from crd_fast.detector.detector import SCORE_SAMPLE
 from crd_fast.features import BackboneWeightsError, ImageReadError
 
@@ -115,7 +116,7 @@ def test_fit_streams_batches_into_partial_fit(data, monkeypatch):
     # 12 images in batches of 4: never more than one batch of patches at a time, and all of them in the end.
     assert max(rows) <= 4 * 64 and sum(rows) == 12 * 64
     # What the detector holds does not depend on the number of images: d x d sums and a bounded sample.
-    assert len(det._sample) <= SCORE_SAMPLE and det.scorer.statistics.scatter.shape == (384, 384)
+    assert len(det.reservoir) <= SCORE_SAMPLE and det.scorer.statistics.scatter.shape == (384, 384)
 
 
 def test_partial_fit_in_halves_equals_fit(fitted, data):
@@ -297,3 +298,137 @@ def test_patchcore_embedding_end_to_end(data):
     normal = det.predict(as_batch(data["normal"]), progress=False)
     bad = det.predict(as_batch(data["defective"]), progress=False)
     assert bad.image_scores.min() > normal.image_scores.max()
+
+
+# ---- options (DetectorConfig) -------------------------------------------------------------------------
+def test_detector_options_are_the_config_fields(fitted):
+    assert tuple(fitted.config) == OPTIONS  # the stored config: every option, in field order
+    assert fitted.options == DetectorConfig(**SMALL) and fitted.config == DetectorConfig(**SMALL).to_dict()
+    # positional options follow the same order as before (backbone, weights, layers, ...)
+    positional = CRDDetector("resnet18", "random", ("layer2",), resize=80, crop=64)
+    assert positional.config == dict(DetectorConfig(**SMALL).to_dict(), layers=["layer2"], batch_size=8)
+    rebuilt = CRDDetector.from_config(fitted.options)
+    assert rebuilt.config == fitted.config and not rebuilt.is_fitted
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        CRDDetector(colour="red")
+    with pytest.raises(TypeError, match="DetectorConfig"):
+        CRDDetector.from_config(SMALL)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(embedding="sum"), r"embedding must be one of \('concat', 'patchcore'\), got 'sum'"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+        (dict(target_dim=2.5), "target_dim must be an integer >= 1, got 2.5"),
+        (dict(lam_rel=float("nan")), "lam_rel must be a positive finite number, got nan"),
+        (dict(rank=0), "rank must be a positive integer or None, got 0"),
+        (dict(crop="64"), "crop must be a positive integer, got '64'"),
+        (dict(blur_sigma=-1.0), r"blur_sigma must be a finite number >= 0, got -1.0"),
+        (dict(weights=3), "weights must be 'imagenet', 'random' or a path to a state-dict file, got 3"),
+    ],
+)
+def test_bad_options_are_named_without_torch(change, match):
+    with pytest.raises(ValueError, match=match):
+        DetectorConfig(**dict(SMALL, **change))
+
+
+def test_config_normalises_what_means_the_same(tmp_path):
+    config = DetectorConfig(backbone="resnet18", weights=tmp_path / "w.pth", layers="layer2", device=torch.device("cpu"))
+    assert config.weights == str(tmp_path / "w.pth") and config.layers == ("layer2",) and config.device == "cpu"
+    assert config.replace(batch_size=2).batch_size == 2 and config.batch_size == 8
+    with pytest.raises(ValueError, match="batch_size"):
+        config.replace(batch_size=0)
+    module_config = DetectorConfig(backbone=torch.nn.Identity(), weights="imagenet")
+    assert module_config.weights is None and module_config.to_dict()["backbone"] == "custom:Identity"
+
+
+def test_load_compares_options_by_their_validated_value(fitted, tmp_path):
+    path = tmp_path / "model.crd"
+    fitted.save(path)
+    assert CRDDetector.load(path, layers=("layer2", "layer3"), lam_rel=fitted.scorer.lam_rel).is_fitted
+    with pytest.raises(ModelFileError, match="layers="):
+        CRDDetector.load(path, layers="layer2")
+    with pytest.raises(ValueError, match="crop must be a positive integer"):
+        CRDDetector.load(path, crop=-64)
+
+
+# ---- fitting state: reset, install_fit, the training-score sample ---------------------------------------
+def test_reset_forgets_the_fit_but_keeps_options_and_threshold(data):
+    det = CRDDetector(**SMALL).fit(as_batch(data["train"][:3]), progress=False)
+    det.set_threshold(0.7)
+    det.scorer.lam_rel = 0.2
+    det.reset()
+    assert not det.is_fitted and det.n_images == 0 and len(det.reservoir) == 0
+    assert det.threshold == 0.7 and det.config["lam_rel"] == 0.2 and det.train_score_stats is None
+
+
+def test_install_fit_takes_over_a_fit_made_elsewhere(fitted, data):
+    det = CRDDetector(**SMALL)
+    det.install_fit(CRDScorer.from_statistics(fitted.scorer.statistics), fitted.n_images, fitted.reservoir.copy())
+    x = as_batch(data["defective"])
+    np.testing.assert_array_equal(det.predict(x, progress=False).image_scores,
+                                  fitted.predict(x, progress=False).image_scores)
+    assert det.train_score_stats == fitted.train_score_stats and det.n_images == 12
+    with pytest.raises(ValueError, match="d=384"):
+        det.install_fit(CRDScorer().fit(torch.randn(10, 5)), 1, det.reservoir)
+    with pytest.raises(ValueError, match=f"up to {SCORE_SAMPLE} inputs"):
+        det.install_fit(fitted.scorer, 1, Reservoir(3))
+
+
+def _algorithm_r(stream: list, capacity: int, seed: int) -> list:
+    """Reservoir sampling written out item by item (Vitter's Algorithm R), the reference."""
+    import random
+
+    rng, sample = random.Random(seed), []
+    for seen, item in enumerate(stream, start=1):
+        if len(sample) < capacity:
+            sample.append(item)
+        else:
+            j = rng.randrange(seen)
+            if j < capacity:
+                sample[j] = item
+    return sample
+
+
+@pytest.mark.parametrize("capacity, n, seed", [(5, 3, 0), (5, 5, 1), (4, 60, 2), (32, 500, 7)])
+def test_reservoir_equals_algorithm_r_whatever_the_chunking(rng, capacity, n, seed):
+    stream = list(range(n))
+    reservoir: Reservoir[int] = Reservoir(capacity, seed)
+    start = 0
+    while start < n:  # random chunk sizes, empty ones included
+        stop = min(n, start + int(rng.integers(0, 9)))
+        reservoir.extend(stream[start:stop])
+        start = stop
+    assert reservoir.items == _algorithm_r(stream, capacity, seed)
+    assert reservoir.seen == n and len(reservoir) == min(n, capacity)
+
+
+def test_reservoir_fetches_only_kept_items_and_fails_cleanly():
+    stream = [f"img{i}" for i in range(40)]
+    calls = []
+
+    def fetch(offset):
+        def get(positions):
+            calls.append(positions)
+            return {p: stream[offset + p] for p in positions}
+
+        return get
+
+    lazy: Reservoir[str] = Reservoir(6, 3)
+    lazy.extend_lazily(20, fetch(0))
+    twin = lazy.copy()
+
+    def broken(positions):
+        raise OSError("unreadable")
+
+    with pytest.raises(OSError, match="unreadable"):
+        lazy.extend_lazily(20, broken)
+    lazy.extend_lazily(20, fetch(20))  # the failed call left no trace
+    assert lazy.items == _algorithm_r(stream, 6, 3) and lazy.seen == 40
+    assert all(len(c) <= 6 and c == sorted(set(c)) for c in calls)
+    assert len(calls) == 2 and len(calls[0]) == 6  # an empty reservoir keeps 6 of the first 20
+    assert twin.seen == 20 and twin.items == _algorithm_r(stream[:20], 6, 3)  # the copy did not move
+    with pytest.raises(ValueError, match="capacity"):
+        Reservoir(0)

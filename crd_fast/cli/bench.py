@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ..benchmark.config import PARTS  # torch-free, so --help does not import torch
-from .options import add_common_flags, echo, positive_int
+from .options import command, echo
 
 EPILOG = """\
 what is compared (all on this machine, in this one run; times are the best of a few rounds):
@@ -33,19 +33,15 @@ examples:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "bench", help="measure crd-fast against exact nearest-neighbour search on this machine",
-        description="Time the CRD head, exact nearest-neighbour search, the whole detector and fitting on this "
-                    "machine, side by side in one run, and print the ratios.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds: two minutes or so")
-    p.add_argument("--only", action="append", choices=PARTS, metavar="PART",
-                   help=f"run only this part ({', '.join(PARTS)}); repeat for several (default: all)")
-    p.add_argument("--threads", type=positive_int, metavar="N",
-                   help="torch (and faiss) threads (default: torch's default for this machine)")
-    p.add_argument("--json", metavar="FILE", help="also write every timing, the machine and the sizes to FILE (JSON)")
-    add_common_flags(p)
-    p.set_defaults(func=run)
+    with command(sub, "bench", epilog=EPILOG, run=run,
+                 help="measure crd-fast against exact nearest-neighbour search on this machine",
+                 description="Time the CRD head, exact nearest-neighbour search, the whole detector and fitting "
+                             "on this machine, side by side in one run, and print the ratios.") as p:
+        p.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds: two minutes or so")
+        p.add_argument("--only", action="append", choices=PARTS, metavar="PART",
+                       help=f"run only this part ({', '.join(PARTS)}); repeat for several (default: all)")
+        p.add_argument("--json", metavar="FILE",
+                       help="also write every timing, the machine and the sizes to FILE (JSON)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .options import wrap, add_common_flags, add_detector_options, echo, make_detector, positive_int, progress_enabled, warn
+from .options import add_detector_options, command, echo, make_detector, positive_int, progress_enabled, warn
 
 DEMO_BACKBONE = "resnet18"
 #: Data set and image sizes of the full demo and of --quick.
@@ -46,27 +46,30 @@ examples:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "demo", help="run the built-in demo: synthetic data, fit, evaluate, HTML report (no data needed)",
-        description=wrap("Generate a small synthetic inspection data set, fit and evaluate the detector on it and "
-                    "write an HTML + JSON report. Needs no data, no weights and no network."),
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="crd-fast-demo", metavar="DIR",
-                   help="output folder: data/, report.html, report.json (default: crd-fast-demo)")
-    p.add_argument("--quick", action="store_true",
-                   help="smaller images (128 px), fewer images, two categories: a few seconds")
-    p.add_argument("--categories", metavar="C1,C2", type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-                   help="synthetic categories among fabric, stone, cap (default: all three; fabric,cap with --quick)")
-    p.add_argument("--n-train", type=positive_int, metavar="N", help="good training images per category (default: 30; 20 with --quick)")
-    p.add_argument("--n-test-good", type=positive_int, metavar="N", help="good test images per category (default: 10)")
-    p.add_argument("--n-test-defect", type=positive_int, metavar="N", help="defective test images per category (default: 12)")
-    p.add_argument("--size", type=positive_int, metavar="PX", help="generated image size (default: 256; 128 with --quick)")
-    p.add_argument("--no-compare-nn", dest="compare_nn", action="store_false",
-                   help="skip the nearest-neighbour comparison")
-    add_detector_options(p, backbone=DEMO_BACKBONE, weights="random", resize=None, crop=None,
-                         size_note="256 / 224, or 128 / 128 with --quick")
-    add_common_flags(p)
-    p.set_defaults(func=run)
+    with command(sub, "demo", epilog=EPILOG, run=run,
+                 help="run the built-in demo: synthetic data, fit, evaluate, HTML report (no data needed)",
+                 description="Generate a small synthetic inspection data set, fit and evaluate the detector on it and "
+                             "write an HTML + JSON report. Needs no data, no weights and no network.") as p:
+        p.add_argument("--out", default="crd-fast-demo", metavar="DIR",
+                       help="output folder: data/, report.html, report.json (default: crd-fast-demo)")
+        p.add_argument("--quick", action="store_true",
+                       help="smaller images (128 px), fewer images, two categories: a few seconds")
+        p.add_argument("--categories", metavar="C1,C2",
+                       type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+                       help="synthetic categories among fabric, stone, cap (default: all three; fabric,cap with "
+                            "--quick)")
+        p.add_argument("--n-train", type=positive_int, metavar="N",
+                       help="good training images per category (default: 30; 20 with --quick)")
+        p.add_argument("--n-test-good", type=positive_int, metavar="N",
+                       help="good test images per category (default: 10)")
+        p.add_argument("--n-test-defect", type=positive_int, metavar="N",
+                       help="defective test images per category (default: 12)")
+        p.add_argument("--size", type=positive_int, metavar="PX",
+                       help="generated image size (default: 256; 128 with --quick)")
+        p.add_argument("--no-compare-nn", dest="compare_nn", action="store_false",
+                       help="skip the nearest-neighbour comparison")
+        add_detector_options(p, backbone=DEMO_BACKBONE, weights="random", resize=None, crop=None,
+                             size_note="256 / 224, or 128 / 128 with --quick")
 
 
 @dataclass

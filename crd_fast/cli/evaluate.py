@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .options import wrap, CLIError, add_common_flags, add_detector_options, echo, fraction, make_detector, progress_enabled, warn
+from .options import CLIError, add_detector_options, command, echo, fraction, make_detector, progress_enabled, warn
 
 EPILOG = """\
 ROOT layout (MVTec AD):
@@ -30,22 +30,19 @@ examples:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "eval", help="fit and evaluate per category on an MVTec AD-layout data set",
-        description=wrap("For each category: fit on train/good, score test/, and print image AUROC, pixel AUROC, "
-                    "AUPRO, F1-max and timings; optionally write an HTML + JSON report."),
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("root", metavar="ROOT", help="data set root (or one category folder)")
-    p.add_argument("-c", "--category", action="append", metavar="C",
-                   help="category to evaluate (repeatable; default: every category under ROOT)")
-    p.add_argument("--compare-nn", action="store_true",
-                   help="also score with exact nearest-neighbour search on the same features, side by side")
-    p.add_argument("--nn-subsample", type=fraction, default=None, metavar="F",
-                   help="keep this fraction of training patches in the NN memory bank (default: all)")
-    p.add_argument("--report", metavar="DIR", help="write DIR/report.html and DIR/report.json")
-    add_detector_options(p)
-    add_common_flags(p)
-    p.set_defaults(func=run)
+    with command(sub, "eval", epilog=EPILOG, run=run,
+                 help="fit and evaluate per category on an MVTec AD-layout data set",
+                 description="For each category: fit on train/good, score test/, and print image AUROC, pixel AUROC, "
+                             "AUPRO, F1-max and timings; optionally write an HTML + JSON report.") as p:
+        p.add_argument("root", metavar="ROOT", help="data set root (or one category folder)")
+        p.add_argument("-c", "--category", action="append", metavar="C",
+                       help="category to evaluate (repeatable; default: every category under ROOT)")
+        p.add_argument("--compare-nn", action="store_true",
+                       help="also score with exact nearest-neighbour search on the same features, side by side")
+        p.add_argument("--nn-subsample", type=fraction, default=None, metavar="F",
+                       help="keep this fraction of training patches in the NN memory bank (default: all)")
+        p.add_argument("--report", metavar="DIR", help="write DIR/report.html and DIR/report.json")
+        add_detector_options(p)
 
 
 def resolve_root(root: str, categories: Optional[Sequence[str]]) -> tuple[Path, list[str]]:

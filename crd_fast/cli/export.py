@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from .options import wrap, add_common_flags, echo, positive_int
+from .options import command, echo, positive_int
 
 EPILOG = """\
 what is written:
@@ -26,23 +26,22 @@ examples:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "export", help="export a model file to ONNX (whole detector or head only)",
-        description=wrap("Export a fitted model to ONNX for onnxruntime, TensorRT, OpenVINO and similar runtimes. "
-                    "The exporter checks the written graph against PyTorch on a random input before writing."),
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="model file from 'crd-fast fit'")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="ONNX file to write (e.g. model.onnx)")
-    p.add_argument("--head-only", action="store_true", help="export only the CRD head: feature maps in, scores out")
-    p.add_argument("--half", action="store_true",
-                   help="store the head's matrix in float16 (half the size; small score error, computed in float32)")
-    p.add_argument("--rank", type=positive_int, metavar="R",
-                   help="export the rank-R projection (fewer multiply-adds; error bound in the metadata)")
-    p.add_argument("--opset", type=positive_int, default=17, metavar="N", help="ONNX opset (default: 17)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the onnxruntime-vs-PyTorch check of the written graph")
-    add_common_flags(p)
-    p.set_defaults(func=run)
+    with command(sub, "export", epilog=EPILOG, run=run,
+                 help="export a model file to ONNX (whole detector or head only)",
+                 description="Export a fitted model to ONNX for onnxruntime, TensorRT, OpenVINO and similar "
+                             "runtimes. The exporter checks the written graph against PyTorch on a random input "
+                             "before writing.") as p:
+        p.add_argument("model", metavar="MODEL", help="model file from 'crd-fast fit'")
+        p.add_argument("-o", "--output", required=True, metavar="OUT", help="ONNX file to write (e.g. model.onnx)")
+        p.add_argument("--head-only", action="store_true", help="export only the CRD head: feature maps in, scores out")
+        p.add_argument("--half", action="store_true",
+                       help="store the head's matrix in float16 (half the size; small score error, computed in "
+                            "float32)")
+        p.add_argument("--rank", type=positive_int, metavar="R",
+                       help="export the rank-R projection (fewer multiply-adds; error bound in the metadata)")
+        p.add_argument("--opset", type=positive_int, default=17, metavar="N", help="ONNX opset (default: 17)")
+        p.add_argument("--no-verify", dest="verify", action="store_false",
+                       help="skip the onnxruntime-vs-PyTorch check of the written graph")
 
 
 def run(args: argparse.Namespace) -> int:

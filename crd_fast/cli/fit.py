@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .options import wrap, CLIError, add_common_flags, add_detector_options, echo, finite_float, make_detector, probability, progress_enabled, warn
+from .options import (CLIError, add_detector_options, command, echo, finite_float, make_detector, probability,
+                      progress_enabled, warn)
 
 EPILOG = """\
 examples:
@@ -29,28 +30,26 @@ are added with one all_reduce, rank 0 writes the file):
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "fit", help="fit a detector on defect-free images and write a model file",
-        description=wrap("Fit a CRD detector on defect-free (good) images and write everything needed to predict "
-                    "into one model file. Only d x d sums are kept, so memory does not grow with the number of images."),
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", metavar="DATA",
-                   help="a folder of good images, or an MVTec AD category folder (its train/good is used)")
-    p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (e.g. model.crd)")
-    p.add_argument("--update", action="store_true",
-                   help="add DATA to the existing model MODEL instead of starting afresh (its detector options are "
-                        "kept; only --device and --batch-size apply)")
-    thr = p.add_mutually_exclusive_group()
-    thr.add_argument("--calibrate", metavar="DIR",
-                     help="held-out good images: the threshold becomes the --quantile of their scores")
-    thr.add_argument("--threshold", type=finite_float, metavar="T", help="store this image-score threshold")
-    p.add_argument("--quantile", type=probability, default=0.99, metavar="Q",
-                   help="quantile for --calibrate (default: 0.99, about 1%% of good images flagged)")
-    p.add_argument("--distributed", action="store_true",
-                   help="fit with torch.distributed across the processes torchrun started (see below)")
-    add_detector_options(p)
-    add_common_flags(p)
-    p.set_defaults(func=run)
+    with command(sub, "fit", epilog=EPILOG, run=run,
+                 help="fit a detector on defect-free images and write a model file",
+                 description="Fit a CRD detector on defect-free (good) images and write everything needed to "
+                             "predict into one model file. Only d x d sums are kept, so memory does not grow with "
+                             "the number of images.") as p:
+        p.add_argument("data", metavar="DATA",
+                       help="a folder of good images, or an MVTec AD category folder (its train/good is used)")
+        p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (e.g. model.crd)")
+        p.add_argument("--update", action="store_true",
+                       help="add DATA to the existing model MODEL instead of starting afresh (its detector options are "
+                            "kept; only --device and --batch-size apply)")
+        thr = p.add_mutually_exclusive_group()
+        thr.add_argument("--calibrate", metavar="DIR",
+                         help="held-out good images: the threshold becomes the --quantile of their scores")
+        thr.add_argument("--threshold", type=finite_float, metavar="T", help="store this image-score threshold")
+        p.add_argument("--quantile", type=probability, default=0.99, metavar="Q",
+                       help="quantile for --calibrate (default: 0.99, about 1%% of good images flagged)")
+        p.add_argument("--distributed", action="store_true",
+                       help="fit with torch.distributed across the processes torchrun started (see below)")
+        add_detector_options(p)
 
 
 def training_images(data: str) -> tuple[list[str], Path]:

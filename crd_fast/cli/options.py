@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
-# Kept in step with crd_fast.features.backbone (checked by tests/test_cli.py), so that building the parser
-# does not import torch.
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
-             "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
-LAYERS = ("layer1", "layer2", "layer3", "layer4")
-EMBEDDINGS = ("concat", "patchcore")
+from ..choices import BACKBONES, EMBEDDINGS, LAYERS, WEIGHT_SOURCES
+from ..detector.config import DEFAULTS, OPTIONS, RUNTIME_OPTIONS, DetectorConfig
+
+__all__ = ["BACKBONES", "EMBEDDINGS", "LAYERS", "CLIError", "command", "add_common_flags", "add_detector_options",
+           "add_runtime_options", "detector_kwargs", "make_detector"]
 
 
 def wrap(text: str, width: int = 100) -> str:
@@ -69,7 +69,7 @@ def layer_list(text: str) -> tuple[str, ...]:
 
 def weights_spec(text: str) -> str:
     """'imagenet', 'random' or the path of an existing state-dict file."""
-    if text in ("imagenet", "random"):
+    if text in WEIGHT_SOURCES:
         return text
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(
@@ -77,18 +77,29 @@ def weights_spec(text: str) -> str:
     return text
 
 
-# ---- option groups ------------------------------------------------------------------------------------
+# ---- parsers ------------------------------------------------------------------------------------------
+@contextmanager
+def command(sub: Any, name: str, *, help: str, description: str, epilog: str,
+            run: Callable[[argparse.Namespace], int]) -> Iterator[argparse.ArgumentParser]:
+    """Build one command's parser: ``with command(sub, "fit", ...) as p:`` then add its own options.
+
+    Every command gets a one-line ``help``, a wrapped ``description``, an ``epilog`` of examples kept as
+    written, and, after its own options, the common flags; ``run(args)`` is what it does.
+    """
+    parser = sub.add_parser(name, help=help, description=wrap(description), epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    yield parser
+    add_common_flags(parser)
+    parser.set_defaults(func=run)
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
-    """--debug, --no-progress and --threads, on every command (a flag the command defines itself is kept)."""
-    flags = [
-        (("--debug",), dict(action="store_true", help="show the full traceback when something fails")),
-        (("--no-progress",), dict(action="store_true", help="no progress bars (e.g. in logs)")),
-        (("--threads",), dict(type=positive_int, metavar="N",
-                              help="CPU threads for PyTorch (default: PyTorch's choice; 1 helps on a busy shared machine)")),
-    ]
-    for names, kwargs in flags:
-        if not any(n in parser._option_string_actions for n in names):  # argparse has no public "has option"
-            parser.add_argument(*names, **kwargs)
+    """--debug, --no-progress and --threads (every command has them)."""
+    parser.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in logs)")
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="CPU threads for PyTorch (and faiss) (default: PyTorch's choice; 1 helps on a busy "
+                             "shared machine)")
 
 
 def apply_common_flags(args: argparse.Namespace) -> None:
@@ -99,63 +110,72 @@ def apply_common_flags(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def add_detector_options(parser: argparse.ArgumentParser, backbone: str = "wide_resnet50_2",
-                         weights: str = "imagenet", batch_size: int = 8, resize: Optional[int] = 256,
-                         crop: Optional[int] = 224, size_note: str = "") -> None:
-    """The CRDDetector settings (fit, eval, demo). Defaults may differ per command (the demo's are small);
-    ``resize``/``crop`` None: the command fills them in (``size_note`` tells the user how)."""
-    g = parser.add_argument_group("detector options")
-    g.add_argument("--backbone", choices=BACKBONES, default=backbone, metavar="NAME",
-                   help=f"torchvision ResNet feature extractor: {', '.join(BACKBONES)} (default: {backbone})")
-    g.add_argument("--weights", type=weights_spec, default=weights, metavar="W",
-                   help="backbone weights: 'imagenet' (torchvision's; needs its cache or a network), 'random' "
-                        "(seeded, for tests: not real accuracy) or PATH to a state-dict file "
-                        f"(default: {weights})")
-    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of random weights (default: 0)")
-    g.add_argument("--layers", type=layer_list, default=("layer2", "layer3"), metavar="L1,L2",
-                   help="backbone layers whose features are used (default: layer2,layer3)")
-    g.add_argument("--embedding", choices=EMBEDDINGS, default="concat",
-                   help="concat: all channels (d = 1536 for wide_resnet50_2); patchcore: reduced to 1024 "
-                        "(default: concat)")
-    g.add_argument("--lam-rel", type=positive_float, default=None, metavar="X",
-                   help="CRD regularisation relative to the mean feature variance (default: the package's, "
-                        "crd_fast.DEFAULT_LAM_REL)")
-    g.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
-                   help="subtract the mean patch before projecting (default: --center)")
-    g.add_argument("--rank", type=positive_int, default=None, metavar="R",
-                   help="keep only the R strongest directions of the CRD projection (default: exact, full rank)")
-    g.add_argument("--resize", type=positive_int, default=resize, metavar="PX",
-                   help=f"shorter image side after resizing (default: {resize if resize else size_note})")
-    g.add_argument("--crop", type=positive_int, default=crop, metavar="PX",
-                   help=f"center crop the model sees; anomaly maps have this size (default: {crop if crop else size_note})")
-    add_runtime_options(g, batch_size)
+#: How the detector options (DetectorConfig's fields; help texts and defaults come from there) appear on the
+#: command line. blur_sigma and target_dim keep their defaults there.
+_FLAGS: dict[str, dict[str, Any]] = {
+    "backbone": dict(choices=BACKBONES, metavar="NAME"),
+    "weights": dict(type=weights_spec, metavar="W"),
+    "layers": dict(type=layer_list, metavar="L1,L2"),
+    "embedding": dict(choices=EMBEDDINGS),
+    "lam_rel": dict(type=positive_float, metavar="X"),
+    "center": dict(action=argparse.BooleanOptionalAction),
+    "rank": dict(type=positive_int, metavar="R"),
+    "resize": dict(type=positive_int, metavar="PX"),
+    "crop": dict(type=positive_int, metavar="PX"),
+    "device": dict(metavar="DEV"),
+    "batch_size": dict(type=positive_int, metavar="N"),
+    "seed": dict(type=non_negative_int, metavar="S"),
+}
 
 
-def add_runtime_options(group: Any, batch_size: Optional[int] = 8) -> None:
-    """--device and --batch-size (also on predict, where they override what the model file says)."""
-    group.add_argument("--device", default=None if batch_size is None else "cpu", metavar="DEV",
-                       help="cpu, cuda, cuda:N or auto" + ("" if batch_size is None else " (default: cpu)"))
-    group.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
-                       help="images per forward pass" + ("" if batch_size is None else f" (default: {batch_size})"))
+def _shown(name: str, value: Any) -> str:
+    if name == "center":
+        return "--center" if value else "--no-center"
+    if name == "layers":
+        return ",".join(value)
+    if name == "backbone":
+        return f"{value}; choose from {', '.join(BACKBONES)}"
+    return str(value)
+
+
+def _add_flag(group: Any, name: str, default: Any, note: str = "") -> None:
+    """``--name`` for detector option ``name``: its DetectorConfig help, and the default (or ``note``) shown."""
+    shown = _shown(name, default) if default is not None else note
+    text = DetectorConfig.help(name) + (f" (default: {shown})" if shown else "")
+    group.add_argument("--" + name.replace("_", "-"), default=default, help=text.replace("%", "%%"), **_FLAGS[name])
+
+
+def add_detector_options(parser: argparse.ArgumentParser, size_note: str = "", **defaults: Any) -> None:
+    """The CRDDetector options (fit, eval, demo), defaults from DetectorConfig unless given here (the demo's
+    are small); ``resize=None``/``crop=None``: the command fills them in (``size_note`` tells the user how)."""
+    unknown = set(defaults) - set(_FLAGS)
+    if unknown:
+        raise TypeError(f"not detector options on the command line: {sorted(unknown)}")
+    group = parser.add_argument_group("detector options")
+    for name in OPTIONS:
+        if name in _FLAGS and name not in RUNTIME_OPTIONS:
+            _add_flag(group, name, defaults.get(name, DEFAULTS[name]), size_note if name in ("resize", "crop") else "")
+    add_runtime_options(group, defaults.get("batch_size", DEFAULTS["batch_size"]))
+
+
+def add_runtime_options(group: Any, batch_size: Optional[int] = DEFAULTS["batch_size"]) -> None:
+    """--device and --batch-size; ``batch_size=None`` (predict): no defaults, the model file's values apply."""
+    defaults = {"batch_size": batch_size, "device": None if batch_size is None else DEFAULTS["device"]}
+    for name in RUNTIME_OPTIONS:
+        _add_flag(group, name, defaults[name])
 
 
 def detector_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """CRDDetector keyword arguments from parsed detector options."""
-    kwargs: dict[str, Any] = {
-        "backbone": args.backbone, "weights": args.weights, "seed": args.seed, "layers": tuple(args.layers),
-        "embedding": args.embedding, "center": args.center, "rank": args.rank, "resize": args.resize,
-        "crop": args.crop, "device": args.device, "batch_size": args.batch_size,
-    }
-    if args.lam_rel is not None:
-        kwargs["lam_rel"] = args.lam_rel
-    return kwargs
+    return {name: getattr(args, name) for name in OPTIONS if name in _FLAGS and hasattr(args, name)}
 
 
 def make_detector(args: argparse.Namespace, **override: Any) -> Any:
     """Build the CRDDetector the options describe (imports torch)."""
+    config = DetectorConfig(**{**detector_kwargs(args), **override})
     from ..detector.detector import CRDDetector
 
-    return CRDDetector(**{**detector_kwargs(args), **override})
+    return CRDDetector.from_config(config)
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:

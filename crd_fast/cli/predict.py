@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .options import wrap, CLIError, add_common_flags, add_runtime_options, echo, finite_float, progress_enabled, warn, weights_spec
+from .options import CLIError, add_runtime_options, command, echo, finite_float, progress_enabled, warn, weights_spec
 
 EPILOG = """\
 outputs in OUT/:
@@ -34,25 +34,25 @@ CHUNK = 64
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "predict", help="score images with a model; write scores and heatmaps",
-        description=wrap("Score images with a model file written by 'crd-fast fit': one anomaly score per image "
-                    "(the largest patch score) and an anomaly map showing where."),
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="model file from 'crd-fast fit'")
-    p.add_argument("images", metavar="IMAGES", nargs="+", help="image files and/or folders of images")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for scores.csv, scores.json, heatmaps/")
-    p.add_argument("-r", "--recursive", action="store_true", help="also take images from subfolders of IMAGES folders")
-    p.add_argument("--no-images", action="store_true", help="write the scores only, no heatmap PNGs")
-    p.add_argument("--threshold", type=finite_float, metavar="T",
-                   help="image-score threshold to use instead of the model's")
-    p.add_argument("--weights", type=weights_spec, metavar="PATH",
-                   help="where the backbone weights file is now, if it moved since fitting (checked by SHA-256)")
-    p.add_argument("--distributed", action="store_true", help="shard the images over the processes torchrun started")
-    g = p.add_argument_group("run-time options (default: as stored in the model)")
-    add_runtime_options(g, batch_size=None)
-    add_common_flags(p)
-    p.set_defaults(func=run)
+    with command(sub, "predict", epilog=EPILOG, run=run,
+                 help="score images with a model; write scores and heatmaps",
+                 description="Score images with a model file written by 'crd-fast fit': one anomaly score per image "
+                             "(the largest patch score) and an anomaly map showing where.") as p:
+        p.add_argument("model", metavar="MODEL", help="model file from 'crd-fast fit'")
+        p.add_argument("images", metavar="IMAGES", nargs="+", help="image files and/or folders of images")
+        p.add_argument("-o", "--output", required=True, metavar="OUT",
+                       help="folder for scores.csv, scores.json, heatmaps/")
+        p.add_argument("-r", "--recursive", action="store_true",
+                       help="also take images from subfolders of IMAGES folders")
+        p.add_argument("--no-images", action="store_true", help="write the scores only, no heatmap PNGs")
+        p.add_argument("--threshold", type=finite_float, metavar="T",
+                       help="image-score threshold to use instead of the model's")
+        p.add_argument("--weights", type=weights_spec, metavar="PATH",
+                       help="where the backbone weights file is now, if it moved since fitting (checked by SHA-256)")
+        p.add_argument("--distributed", action="store_true",
+                       help="shard the images over the processes torchrun started")
+        g = p.add_argument_group("run-time options (default: as stored in the model)")
+        add_runtime_options(g, batch_size=None)
 
 
 def collect_images(inputs: Sequence[str], recursive: bool = False) -> list[str]:

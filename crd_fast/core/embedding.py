@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-EMBEDDINGS = ("concat", "patchcore")
+from ..choices import EMBEDDINGS
 
 
 def pool_feature_map(fmap: torch.Tensor) -> torch.Tensor:

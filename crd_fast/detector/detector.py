@@ -13,36 +13,35 @@ score normalisation.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
-import random
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..core.embedding import check_embedding, embed_patches, embedding_dim, patch_matrix
+from ..core.embedding import embed_patches, embedding_dim, patch_matrix
 from ..data.images import Images, count_images, iter_images
-from ..features.backbone import BackboneWeightsError, FeatureExtractor, WeightsSpec, weights_identity
+from ..features.backbone import BackboneWeightsError, FeatureExtractor, weights_identity
 from ..features.preprocess import Preprocess, load_image
 from ..models.head import CRDHead
 from ..io.model_file import ModelFileError, PathLike, read_model_file, require, write_model_file
 from ..models.anomaly_map import AnomalyMapper
 from ..models.inference import InferenceModel
 from ..postprocess.results import DetectionResult
-from ..scorers.crd import DEFAULT_LAM_REL, CRDScorer
+from ..scorers.crd import CRDScorer
 from ..postprocess.thresholds import check_threshold, f1_threshold, quantile_threshold
+from .config import OPTIONS, RUNTIME_OPTIONS, DetectorConfig
+from .reservoir import Reservoir
 
 MODEL_KIND = "crd_detector"
 #: Training inputs kept (reservoir sample, fixed size) to compute the training score statistics.
 SCORE_SAMPLE = 32
-#: Options that describe how to run a model, not what it is: ``load`` accepts other values for them.
-RUNTIME_OPTIONS = ("device", "batch_size")
-OPTIONS = ("backbone", "weights", "layers", "embedding", "lam_rel", "center", "rank", "resize", "crop", "device",
-           "batch_size", "seed", "blur_sigma", "target_dim")
+__all__ = ["CRDDetector", "MODEL_KIND", "OPTIONS", "RUNTIME_OPTIONS", "SCORE_SAMPLE"]
 
 
 def _resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -62,16 +61,12 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 class CRDDetector:
     """Anomaly detector: backbone features + CRD patch scores + anomaly maps.
 
-    Args:
+    Takes the options of :class:`~crd_fast.detector.config.DetectorConfig` (by keyword, or positionally in
+    its field order), where each is described:
+
         backbone: torchvision ResNet name ("wide_resnet50_2", "resnet18", ...) or an ``nn.Module`` returning a
             list of (B, C, H, W) feature maps.
         weights: "imagenet" (torchvision's, from the hub cache or a download; no fallback), a path to a
@@ -86,85 +81,102 @@ class CRDDetector:
         blur_sigma: Gaussian blur of the anomaly maps, in pixels (0: none).
         target_dim: d of the "patchcore" embedding.
 
+    ``CRDDetector.from_config(config)`` builds one from a ``DetectorConfig``; ``options`` gives it back.
+
     ``images`` anywhere below: a folder, an image file, a list of paths/PIL images/arrays, a tensor batch
     (B, 3, H, W) of RGB values in [0, 1], or a data set object (see ``crd_fast.data.images``).
     """
 
-    def __init__(
-        self,
-        backbone: Union[str, nn.Module] = "wide_resnet50_2",
-        weights: WeightsSpec = "imagenet",
-        layers: Sequence[str] = ("layer2", "layer3"),
-        embedding: str = "concat",
-        lam_rel: float = DEFAULT_LAM_REL,
-        center: bool = True,
-        rank: Optional[int] = None,
-        resize: int = 256,
-        crop: int = 224,
-        device: Union[str, torch.device] = "cpu",
-        batch_size: int = 8,
-        seed: int = 0,
-        blur_sigma: float = 4.0,
-        target_dim: int = 1024,
-    ) -> None:
-        check_embedding(embedding)
-        if isinstance(layers, str):
-            layers = (layers,)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.target_dim = _check_int("target_dim", target_dim, 1)
-        self.embedding = embedding
-        self.blur_sigma = float(blur_sigma)
-        self._device_option = str(device)
-        self.device = _resolve_device(device)
-        self.preprocess = Preprocess(resize, crop)
-        self.mapper = AnomalyMapper((crop, crop), blur_sigma)  # validates blur_sigma against crop
-        self.scorer = CRDScorer(lam_rel, center, rank)
-        is_module = isinstance(backbone, nn.Module)
-        if not is_module and not isinstance(weights, (str, os.PathLike)):
-            raise ValueError(f"weights must be 'imagenet', 'random' or a path to a state-dict file, got {weights!r}")
-        self.backbone_name = f"custom:{type(backbone).__name__}" if is_module else str(backbone)
-        self.weights = None if is_module else (weights if weights in ("imagenet", "random") else os.fspath(weights))
-        self.extractor = FeatureExtractor(backbone, tuple(layers), weights, self.seed).to(self.device)
-        self.weights_identity = weights_identity(self.weights, self.seed, self.backbone_name)
-        self.layers = tuple(layers)
-        shapes = self.extractor.feature_shapes(crop)
+    def __init__(self, *args: Any, **options: Any) -> None:
+        self._init(DetectorConfig(*args, **options))
+
+    @classmethod
+    def from_config(cls, config: DetectorConfig) -> "CRDDetector":
+        """The detector ``config`` describes (unfitted)."""
+        if not isinstance(config, DetectorConfig):
+            raise TypeError(f"config must be a DetectorConfig, got {type(config).__name__}")
+        det = cls.__new__(cls)
+        det._init(config)
+        return det
+
+    def _init(self, config: DetectorConfig) -> None:
+        self._options = config
+        self.device = _resolve_device(config.device)
+        self.preprocess = Preprocess(config.resize, config.crop)
+        self.mapper = AnomalyMapper((config.crop, config.crop), config.blur_sigma)  # checks blur_sigma against crop
+        self.scorer = CRDScorer(config.lam_rel, config.center, config.rank)
+        self.extractor = FeatureExtractor(config.backbone, config.layers, config.weights, config.seed).to(self.device)
+        self.weights_identity = weights_identity(config.weights, config.seed, config.backbone_name)
+        shapes = self.extractor.feature_shapes(config.crop)
         self.layer_channels = [s[0] for s in shapes]
         self.patch_grid = (shapes[0][1], shapes[0][2])
-        self.dim = embedding_dim(self.layer_channels, embedding, self.target_dim)
+        self.dim = embedding_dim(self.layer_channels, config.embedding, config.target_dim)
         self.threshold: Optional[float] = None
-        self._reset_fit()
+        self.reset()
 
-    # ---- state ------------------------------------------------------------------------------------
-    def _reset_fit(self) -> None:
-        self.n_images = 0
-        self._sample: list[torch.Tensor] = []  # reservoir of normalised training inputs (CPU)
-        self._sample_seen = 0
-        self._sample_rng = random.Random(self.seed)
-        self._train_stats: Optional[dict[str, float]] = None
-        self._stats_stale = False
-        self._model: Optional[InferenceModel] = None
-        self._model_projection: Any = None
+    # ---- options ----------------------------------------------------------------------------------
+    @property
+    def options(self) -> DetectorConfig:
+        """The detector's options now (lam_rel, center and rank as the scorer has them now)."""
+        s = self.scorer
+        return self._options.replace(lam_rel=s.lam_rel, center=s.center, rank=s.rank)
 
     @property
     def config(self) -> dict[str, Any]:
         """Every constructor option, JSON-serialisable (lam_rel/center/rank as the scorer has them now)."""
-        return {
-            "backbone": self.backbone_name,
-            "weights": self.weights,
-            "layers": list(self.layers),
-            "embedding": self.embedding,
-            "lam_rel": self.scorer.lam_rel,
-            "center": self.scorer.center,
-            "rank": self.scorer.rank,
-            "resize": self.preprocess.resize,
-            "crop": self.preprocess.crop,
-            "device": self._device_option,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "blur_sigma": self.blur_sigma,
-            "target_dim": self.target_dim,
-        }
+        return self.options.to_dict()
+
+    backbone_name = property(lambda self: self._options.backbone_name, doc="The backbone's name (custom:<class>).")
+    weights = property(lambda self: self._options.weights, doc="'imagenet', 'random', a file path, or None.")
+    layers = property(lambda self: self._options.layers, doc="The backbone layers used.")
+    embedding = property(lambda self: self._options.embedding, doc="'concat' or 'patchcore'.")
+    seed = property(lambda self: self._options.seed, doc="Seed of random weights and of the score sample.")
+    blur_sigma = property(lambda self: self._options.blur_sigma, doc="Anomaly map blur, in pixels.")
+    target_dim = property(lambda self: self._options.target_dim, doc="d of the patchcore embedding.")
+
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass (may be changed: it is a run-time option)."""
+        return self._options.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self._options = self._options.replace(batch_size=value)
+
+    # ---- fitting state ----------------------------------------------------------------------------
+    def reset(self) -> "CRDDetector":
+        """Forget what was fitted (statistics, image count, score sample); keeps the options and threshold."""
+        s = self.scorer
+        self.scorer = CRDScorer(s.lam_rel, s.center, s.rank)
+        self.n_images = 0
+        self._reservoir: Reservoir[torch.Tensor] = Reservoir(SCORE_SAMPLE, self.seed)
+        self._train_stats: Optional[dict[str, float]] = None
+        self._stats_stale = False
+        self._model: Optional[InferenceModel] = None
+        self._model_projection: Any = None
+        return self
+
+    @property
+    def reservoir(self) -> Reservoir[torch.Tensor]:
+        """The random sample (at most SCORE_SAMPLE) of normalised training inputs, on the CPU."""
+        return self._reservoir
+
+    def install_fit(self, scorer: CRDScorer, n_images: int, reservoir: Reservoir[torch.Tensor]) -> "CRDDetector":
+        """Take over a fit computed elsewhere (e.g. combined over processes by ``fit_distributed``).
+
+        ``scorer``: fitted on this detector's patch embeddings (its d); ``n_images``: how many images that
+        fit saw; ``reservoir``: the sample of their normalised inputs. The training score statistics are
+        recomputed from the sample on demand; the threshold is kept.
+        """
+        if not scorer.is_fitted or scorer.dim != self.dim:
+            raise ValueError(f"the scorer must be fitted on d={self.dim} features, got {scorer!r}")
+        if reservoir.capacity != SCORE_SAMPLE:
+            raise ValueError(f"the reservoir must hold up to {SCORE_SAMPLE} inputs, not {reservoir.capacity}")
+        self.scorer = scorer
+        self.n_images = int(n_images)
+        self._reservoir = reservoir
+        self._stats_stale = True
+        return self
 
     @property
     def uses_random_weights(self) -> bool:
@@ -256,10 +268,8 @@ class CRDDetector:
     # ---- fitting ----------------------------------------------------------------------------------
     def fit(self, images: Images, progress: bool = True) -> "CRDDetector":
         """Fit on defect-free images, discarding any earlier fit and threshold."""
-        self.scorer = CRDScorer(self.scorer.lam_rel, self.scorer.center, self.scorer.rank)
         self.threshold = None
-        self._reset_fit()
-        return self.partial_fit(images, progress)
+        return self.reset().partial_fit(images, progress)
 
     def partial_fit(self, images: Images, progress: bool = True) -> "CRDDetector":
         """Add defect-free images to the fit (online updates); from empty this is exactly ``fit``."""
@@ -290,22 +300,15 @@ class CRDDetector:
             self.scorer.partial_fit(patches)
 
     def _remember(self, x: torch.Tensor) -> None:
-        """Reservoir sampling (Algorithm R) of at most SCORE_SAMPLE training inputs."""
-        for img in x:
-            self._sample_seen += 1
-            if len(self._sample) < SCORE_SAMPLE:
-                self._sample.append(img.detach().to("cpu", copy=True))
-            else:
-                j = self._sample_rng.randrange(self._sample_seen)
-                if j < SCORE_SAMPLE:
-                    self._sample[j] = img.detach().to("cpu", copy=True)
+        """Offer a batch to the training-score sample; only the inputs it keeps are copied to the CPU."""
+        self._reservoir.extend_lazily(x.shape[0], lambda kept: {p: x[p].detach().to("cpu", copy=True) for p in kept})
 
     @property
     def train_score_stats(self) -> Optional[dict[str, float]]:
         """Statistics of training image scores (n, mean, std, min, max, q50, q90, q95, q99), from a
         random sample of up to SCORE_SAMPLE training images; None before fitting."""
-        if self._stats_stale and self._sample:
-            scores = self._image_scores(torch.stack(self._sample))
+        if self._stats_stale and len(self._reservoir):
+            scores = self._image_scores(torch.stack(self._reservoir.items))
             q = np.quantile(scores, [0.5, 0.9, 0.95, 0.99])
             self._train_stats = {
                 "n": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()),
@@ -410,47 +413,31 @@ class CRDDetector:
         module needs ``backbone=<that module>``.
         """
         tensors, meta = read_model_file(path, MODEL_KIND)
-        config = meta.get("config")
-        require(isinstance(config, dict) and set(OPTIONS) <= set(config), path, "metadata has no complete 'config'")
+        stored = meta.get("config")
+        require(isinstance(stored, dict) and set(OPTIONS) <= set(stored), path, "metadata has no complete 'config'")
         unknown = sorted(set(expected) - set(OPTIONS))
         if unknown:
             raise TypeError(f"unknown detector option(s) {unknown}; known: {', '.join(OPTIONS)}")
-        stored_ident = meta.get("weights_identity") or {}
-        init = dict(config)
+        ident = meta.get("weights_identity") or {}
+        init = dict(stored)
         for key, want in expected.items():
-            stored = config[key]
-            if key in RUNTIME_OPTIONS:
-                init[key] = want
-            elif key == "backbone" and isinstance(want, nn.Module):
-                if f"custom:{type(want).__name__}" != stored:
-                    raise ModelFileError(f"{path}: the model was made with backbone {stored!r}, not a {type(want).__name__} module")
-                init[key] = want
-            elif key == "weights":
-                ident = weights_identity(want if want in ("imagenet", "random") else os.fspath(want), config["seed"], config["backbone"])
-                if {k: v for k, v in ident.items() if k != "file"} != {k: v for k, v in stored_ident.items() if k != "file"}:
-                    raise ModelFileError(f"{path}: the model was made with weights {stored_ident}, but weights={want!r} "
-                                         f"({ident}) was requested")
-                init[key] = want
-            elif key == "seed" and stored_ident.get("kind") != "random":
-                init[key] = want  # the seed only matters for random weights (and the score sample)
-            elif _jsonable(want) != _jsonable(stored):
-                raise ModelFileError(f"{path}: the model was made with {key}={stored!r}, but {key}={want!r} was requested")
+            init[key] = _requested_option(path, key, want, stored, ident)
         if device is not None:
             init["device"] = device
         elif str(init["device"]) not in ("cpu", "auto") and not torch.cuda.is_available():
             init["device"] = "cpu"  # a run-time choice of the machine that fitted it, not part of the model
         if str(init["backbone"]).startswith("custom:") and not isinstance(init["backbone"], nn.Module):
-            raise ModelFileError(f"{path}: the model was made with a user backbone module ({config['backbone']}); "
+            raise ModelFileError(f"{path}: the model was made with a user backbone module ({stored['backbone']}); "
                                  "pass it as CRDDetector.load(path, backbone=module)")
-        if stored_ident.get("kind") == "file" and "weights" not in expected:
-            if os.path.isfile(init["weights"]):
-                ident = weights_identity(init["weights"], config["seed"], config["backbone"])
-                require(ident.get("sha256") == stored_ident.get("sha256"), path,
-                        f"weights file {init['weights']} changed since the model was saved (SHA-256 differs)")
+        moved_weights_file = ident.get("kind") == "file" and "weights" not in expected
+        if moved_weights_file and os.path.isfile(init["weights"]):
+            found = weights_identity(init["weights"], stored["seed"], stored["backbone"])
+            require(found.get("sha256") == ident.get("sha256"), path,
+                    f"weights file {init['weights']} changed since the model was saved (SHA-256 differs)")
         try:
             det = cls(**init)
         except BackboneWeightsError as exc:
-            if stored_ident.get("kind") == "file" and "weights" not in expected:
+            if moved_weights_file:
                 raise BackboneWeightsError(f"{exc} (the model {path} was fitted with this weights file; "
                                            "pass CRDDetector.load(path, weights=<its new path>) if it moved)") from exc
             raise
@@ -471,3 +458,38 @@ class CRDDetector:
         state = f"fitted on {self.n_images} images" if self.is_fitted else "unfitted"
         return (f"CRDDetector(backbone={self.backbone_name!r}, weights={self.weights!r}, layers={self.layers}, "
                 f"embedding={self.embedding!r}, d={self.dim}; {state})")
+
+
+# The constructor takes DetectorConfig's fields: show them in help() and IDEs rather than (*args, **options).
+CRDDetector.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     *inspect.signature(DetectorConfig).parameters.values()])
+
+
+def _requested_option(path: PathLike, key: str, want: Any, stored: dict[str, Any], ident: dict[str, Any]) -> Any:
+    """The value to build with when ``load`` is asked for option ``key`` = ``want``.
+
+    Run-time options take the requested value; the others must describe the stored model: a user
+    module by its class name, weights by their identity (a file by its SHA-256, wherever it is now),
+    the seed only where it made the weights, everything else by its validated value.
+    """
+    if key in RUNTIME_OPTIONS or (key == "seed" and ident.get("kind") != "random"):
+        return want
+    if key == "backbone" and isinstance(want, nn.Module):
+        if f"custom:{type(want).__name__}" != stored[key]:
+            raise ModelFileError(f"{path}: the model was made with backbone {stored[key]!r}, "
+                                 f"not a {type(want).__name__} module")
+        return want
+    if key == "weights":
+        asked = weights_identity(DetectorConfig.check(key, want), stored["seed"], stored["backbone"])
+        if _without_file(asked) != _without_file(ident):
+            raise ModelFileError(f"{path}: the model was made with weights {ident}, but weights={want!r} "
+                                 f"({asked}) was requested")
+        return want
+    if _jsonable(DetectorConfig.check(key, want)) != _jsonable(DetectorConfig.check(key, stored[key])):
+        raise ModelFileError(f"{path}: the model was made with {key}={stored[key]!r}, but {key}={want!r} was requested")
+    return want
+
+
+def _without_file(identity: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in identity.items() if k != "file"}

@@ -11,11 +11,12 @@ Shards are strided: with W ranks, rank r takes items r, r + W, r + 2W, ... of th
 """
 
 from .context import DEFAULT_TIMEOUT_S, TORCHRUN_VARS, DistEnv, current_env, default_backend, distributed_session, init_distributed, launched_by_torchrun, shutdown_distributed
-from .fit import fit_distributed, install_statistics, save_on_rank0
+from .fit import fit_distributed, install_statistics
 from .launch import run_fit, run_predict
 from .predict import RECORD_FIELDS, merge_records, predict_sharded, write_records
 from .reduce import DistributedError, all_gather_objects, all_reduce_bytes, all_reduce_statistics, exchange_status, rank_and_world
 from .sharding import SHARD_MODES, shard, shard_indices
+from .steps import save_on_rank0
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "TORCHRUN_VARS", "DistEnv", "current_env", "default_backend", "distributed_session",

@@ -14,33 +14,29 @@ replacing it: the result equals a fit on the old and new inputs together.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..scorers._validation import as_patch_matrix
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike
+from ..scorers._validation import as_patch_matrix
 from ..scorers.crd import CRDScorer
-from .reduce import _combine, exchange_status, raise_if_any_failed, rank_and_world
-from .sharding import shard
+from .detector import fit_detector_distributed
+from .items import as_item_list, check_items
+from .reduce import rank_and_world
+from .steps import copy_statistics, fit_shards, save_on_rank0
 
-
-def _scorer_statistics(scorer: CRDScorer) -> Optional[PatchStatistics]:
-    """The scorer's statistics, or None when it was never fitted."""
-    return scorer._stats  # package-internal: CRDScorer keeps them here (see scorer.py)
+__all__ = ["fit_distributed", "install_statistics"]
 
 
 def install_statistics(scorer: CRDScorer, stats: PatchStatistics) -> CRDScorer:
-    """Replace ``scorer``'s statistics with ``stats`` (its lam_rel, center and rank are kept)."""
-    scorer._stats = stats
-    scorer._invalidate()  # the projection is derived from the statistics: recompute it on demand
-    return scorer
+    """Replace ``scorer``'s statistics with ``stats`` (its lam_rel, center and rank are kept).
 
-
-def _copy(stats: PatchStatistics) -> PatchStatistics:
-    return PatchStatistics.from_tensors(stats.count, stats.mean, stats.scatter)
+    The same as ``scorer.replace_statistics(stats)``, kept here for existing callers.
+    """
+    return scorer.replace_statistics(stats)
 
 
 def _patch_shard_statistics(
@@ -55,37 +51,6 @@ def _patch_shard_statistics(
             dim = x.shape[1]
         stats.update(x)
     return stats
-
-
-def fit_shards(
-    items: Sequence[Any],
-    group: Optional[dist.ProcessGroup],
-    shard_mode: str,
-    what: str,
-    fit_shard: Callable[[list[int], list[Any]], Optional[PatchStatistics]],
-) -> tuple[list[int], PatchStatistics]:
-    """This rank's shard of ``items`` through ``fit_shard(indices, shard)``, the statistics of all ranks added.
-
-    Returns (this rank's global indices, the combined statistics). An exception in ``fit_shard`` on any
-    rank is reported to every rank by ``_combine`` (so none waits in a collective) and raised on all.
-    """
-    rank, world = rank_and_world(group)
-    error: Optional[BaseException] = None
-    local: Optional[PatchStatistics] = None
-    indices: list[int] = []
-    try:
-        indices, mine = shard(items, rank, world, shard_mode)
-        local = fit_shard(indices, mine)
-    except Exception as exc:  # reported to every rank by _combine, so none waits in a collective
-        error = exc
-    return indices, _combine(local, group, what, error)
-
-
-def check_items(items: Any) -> Sequence[Any]:
-    """``items`` must be indexable with a length (list, tuple, data set): each rank picks its shard by index."""
-    if isinstance(items, (str, bytes)) or not (hasattr(items, "__len__") and hasattr(items, "__getitem__")):
-        raise TypeError(f"items must be a list, tuple or data set of inputs (indexable, with a length), got {type(items).__name__}")
-    return items
 
 
 def _is_detector(model: Any) -> bool:
@@ -110,8 +75,6 @@ def fit_distributed(
     DistributedError) and nothing is written.
     """
     if _is_detector(model):
-        from .detector import as_item_list, fit_detector_distributed
-
         items = check_items(as_item_list(items))
         return fit_detector_distributed(
             model, items, update=update, save_path=save_path, group=group, shard_mode=shard_mode, progress=progress
@@ -121,7 +84,7 @@ def fit_distributed(
         raise TypeError(f"model must be a CRDScorer or CRDDetector, got {type(model).__name__}")
 
     rank, _ = rank_and_world(group)
-    old = _scorer_statistics(model) if update else None
+    old = model.statistics if update and model.is_fitted else None
     dim = old.dim if old is not None else None
     _, new = fit_shards(
         items, group, shard_mode, "fitting their shard",
@@ -130,25 +93,12 @@ def fit_distributed(
     if old is not None:
         if old.dim != new.dim:
             raise ValueError(f"the model was fitted on d={old.dim} features but the new items have d={new.dim}")
-        merged = _copy(old).merge(new)
+        merged = copy_statistics(old).merge(new)
     else:
         merged = new
     if merged.count < 2:
         raise ValueError(f"CRD needs at least 2 training patches, got {merged.count} over all ranks")
-    install_statistics(model, merged)
+    model.replace_statistics(merged)
     if save_path is not None:
         save_on_rank0(lambda: model.save(save_path), group, f"writing {save_path}")
     return model
-
-
-def save_on_rank0(write: Any, group: Optional[dist.ProcessGroup], what: str) -> None:
-    """Run ``write()`` on rank 0 only, then tell every rank whether it worked (all raise if not)."""
-    rank, _ = rank_and_world(group)
-    error: Optional[BaseException] = None
-    if rank == 0:
-        try:
-            write()
-        except Exception as exc:
-            error = exc
-    status = exchange_status(error is None, 0, 0, group)
-    raise_if_any_failed(status, what, error)

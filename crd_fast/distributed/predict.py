@@ -24,8 +24,9 @@ from ..io.model_file import PathLike
 from ..io.atomic import atomic_write
 from ..scorers.crd import CRDScorer
 from .reduce import DistributedError, all_gather_objects, raise_if_any_failed, rank_and_world
-from .fit import check_items, save_on_rank0
+from .items import as_item_list, check_items
 from .sharding import shard
+from .steps import save_on_rank0
 
 #: Record fields in CSV column order (fields a model does not produce are left out).
 RECORD_FIELDS = ("index", "path", "image_score", "normalized_score", "label", "n_patches")
@@ -152,8 +153,6 @@ def predict_sharded(
     atomically. A collective: every rank calls it with the same ``items``.
     """
     if hasattr(model, "predict") and hasattr(model, "scorer"):
-        from .detector import as_item_list
-
         items = as_item_list(items)
     items = check_items(items)
     out_path = _check_output(output)

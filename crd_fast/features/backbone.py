@@ -21,20 +21,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-#: torchvision ResNet family accepted by name.
-RESNETS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-)
-RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+from ..choices import BACKBONES as RESNETS, LAYERS as RESNET_LAYERS
+
 _STEM = ("conv1", "bn1", "relu", "maxpool")
 
 WeightsSpec = Union[str, os.PathLike]

@@ -13,15 +13,12 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from ..choices import DEFAULT_LAM_REL
 from ..ops import native as _native
 from ._validation import ArrayLike, as_patch_matrix, compute_dtype
 from ..core.projection import CRDProjection, crd_lambda
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
-
-#: Default ridge strength relative to the mean eigenvalue of C (lam = lam_rel * trace(C) / d).
-#: Chosen by the sweep in the README ("Choosing lam_rel"): 0.01 ranks anomalies best on average there.
-DEFAULT_LAM_REL = 0.01
 
 #: Rows scored per chunk: bounds the temporary (chunk x d) projection to about 64 MB in float32.
 _CHUNK_ELEMENTS = 1 << 24
@@ -118,6 +115,24 @@ class CRDScorer:
         self._stats.merge(other._stats)
         self._invalidate()
         return self
+
+    def replace_statistics(self, stats: PatchStatistics) -> "CRDScorer":
+        """Make ``stats`` (e.g. combined over processes) this scorer's fit, keeping lam_rel, center and rank.
+
+        The scorer takes ``stats`` over without copying it; the projection is recomputed on demand.
+        """
+        if not isinstance(stats, PatchStatistics):
+            raise TypeError(f"stats must be a PatchStatistics, got {type(stats).__name__}")
+        self._stats = stats
+        self._invalidate()
+        return self
+
+    @classmethod
+    def from_statistics(
+        cls, stats: PatchStatistics, lam_rel: float = DEFAULT_LAM_REL, center: bool = True, rank: Optional[int] = None
+    ) -> "CRDScorer":
+        """A scorer fitted with the given float64 statistics (taken over without copying)."""
+        return cls(lam_rel, center, rank).replace_statistics(stats)
 
     @property
     def is_fitted(self) -> bool:

@@ -1,0 +1,35 @@
+"""The package's named choices and shared defaults, written once (torch-free).
+
+Read by the detector and its options (``detector/config.py``), the backbones (``features/backbone.py``),
+the patch embedding (``core/embedding.py``), the CRD scorer and the command line, which builds its
+parser from them without importing torch.
+"""
+
+from __future__ import annotations
+
+#: torchvision ResNet family accepted by name as a backbone.
+BACKBONES: tuple[str, ...] = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+)
+
+#: The ResNet stages whose feature maps can be used, shallow to deep.
+LAYERS: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+
+#: Patch embeddings: "concat" keeps every channel, "patchcore" reduces them to ``target_dim``.
+EMBEDDINGS: tuple[str, ...] = ("concat", "patchcore")
+
+#: Named backbone weight sources; any other weights value is the path of a state-dict file.
+WEIGHT_SOURCES: tuple[str, ...] = ("imagenet", "random")
+
+#: Default ridge strength relative to the mean eigenvalue of C (lam = lam_rel * trace(C) / d).
+#: Chosen by the sweep in the README ("Choosing lam_rel"): 0.01 ranks anomalies best on average there.
+DEFAULT_LAM_REL = 0.01

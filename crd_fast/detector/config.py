@@ -1,0 +1,159 @@
+"""DetectorConfig: every option of a CRDDetector, written once (torch-free).
+
+``CRDDetector(...)`` takes these fields (by keyword, or positionally in this order), ``CRDDetector.config``
+is their ``to_dict()``, ``CRDDetector.load`` rebuilds and checks them, and the command line builds its
+detector options from them. Each field carries its one-line help, its validator, and whether it is a
+run-time choice (how to run a model, not what the model is: ``load`` accepts other values for those).
+Nothing here imports torch, so ``crd-fast --help`` can read it at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Optional
+
+from ..choices import DEFAULT_LAM_REL, EMBEDDINGS, WEIGHT_SOURCES
+
+Check = Callable[[str, Any], Any]
+
+
+def _int_at_least(minimum: int) -> Check:
+    def check(name: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        return int(value)
+
+    return check
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _non_negative_finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _optional_positive_int(name: str, value: Any) -> Optional[int]:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return value
+
+
+def _embedding(name: str, value: Any) -> str:
+    if value not in EMBEDDINGS:
+        raise ValueError(f"{name} must be one of {EMBEDDINGS}, got {value!r}")
+    return value
+
+
+def _layers(name: str, value: Any) -> tuple:
+    # The names are checked against the backbone by the feature extractor (a user module labels them freely).
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _weights(name: str, value: Any) -> Optional[str]:
+    if value is None:  # a user module's (checked in __post_init__)
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{name} must be 'imagenet', 'random' or a path to a state-dict file, got {value!r}")
+    return value if value in WEIGHT_SOURCES else os.fspath(value)
+
+
+def _device(name: str, value: Any) -> str:
+    return str(value)  # "cpu", "cuda:1", "auto" or a torch.device; resolved (and checked) by the detector
+
+
+def _as_is(name: str, value: Any) -> Any:
+    return value
+
+
+def _option(default: Any, help: str, check: Check = _as_is, runtime: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "check": check, "runtime": runtime})
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The options of a CRDDetector; validated when made (``ValueError`` names the bad option).
+
+    ``backbone`` may also be an ``nn.Module`` returning a list of (B, C, H, W) feature maps: ``weights``
+    is then None and ``layers`` only labels its maps. ``device`` is checked against the machine by the
+    detector, backbone and layer names by the feature extractor.
+    """
+
+    backbone: Any = _option("wide_resnet50_2", "torchvision ResNet feature extractor")
+    weights: Optional[str] = _option(
+        "imagenet", "backbone weights: 'imagenet' (torchvision's; needs its cache or a network), 'random' "
+        "(seeded, for tests: not real accuracy) or the path of a state-dict file (safetensors or .pth)", _weights)
+    layers: tuple[str, ...] = _option(("layer2", "layer3"), "backbone layers whose features are used; the first "
+                                      "sets the patch grid", _layers)
+    embedding: str = _option("concat", "concat: all channels of the layers; patchcore: reduced to target_dim",
+                             _embedding)
+    lam_rel: float = _option(DEFAULT_LAM_REL, "CRD regularisation relative to the mean feature variance",
+                             _positive_finite)
+    center: bool = _option(True, "subtract the mean patch before projecting", lambda name, value: bool(value))
+    rank: Optional[int] = _option(None, "keep only the R strongest directions of the CRD projection (unset: "
+                                  "exact, full rank)", _optional_positive_int)
+    resize: int = _option(256, "shorter image side after resizing", _positive_int)
+    crop: int = _option(224, "center crop the model sees; anomaly maps have this size", _positive_int)
+    device: str = _option("cpu", "cpu, cuda, cuda:N or auto", _device, runtime=True)
+    batch_size: int = _option(8, "images per forward pass", _int_at_least(1), runtime=True)
+    seed: int = _option(0, "seed of random weights and of the training score sample", _int_at_least(0))
+    blur_sigma: float = _option(4.0, "Gaussian blur of the anomaly maps, in pixels (0: none)", _non_negative_finite)
+    target_dim: int = _option(1024, "patch dimension d of the patchcore embedding", _int_at_least(1))
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+        # weights: a source name or a file path for a named backbone; meaningless (None) for a user module.
+        if not isinstance(self.backbone, str):
+            object.__setattr__(self, "weights", None)
+        elif self.weights is None:
+            raise ValueError("weights must be 'imagenet', 'random' or a path to a state-dict file, got None")
+
+    @property
+    def backbone_name(self) -> str:
+        """The backbone's name; ``custom:<class name>`` for a user module."""
+        return self.backbone if isinstance(self.backbone, str) else f"custom:{type(self.backbone).__name__}"
+
+    def replace(self, **changes: Any) -> "DetectorConfig":
+        """A copy with some options changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON values, in field order (the ``config`` a model file stores)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["backbone"] = self.backbone_name
+        out["layers"] = list(self.layers)
+        return out
+
+    @staticmethod
+    def check(name: str, value: Any) -> Any:
+        """Option ``name``'s validated, normalised form of ``value`` (ValueError if it is not valid)."""
+        return _FIELDS[name].metadata["check"](name, value)
+
+    @staticmethod
+    def help(name: str) -> str:
+        """The one-line description of option ``name``."""
+        return _FIELDS[name].metadata["help"]
+
+
+_FIELDS = {f.name: f for f in fields(DetectorConfig)}
+
+#: Every option, in the order CRDDetector takes them positionally.
+OPTIONS: tuple[str, ...] = tuple(_FIELDS)
+#: Options that describe how to run a model, not what it is: ``CRDDetector.load`` accepts other values for them.
+RUNTIME_OPTIONS: tuple[str, ...] = tuple(name for name, f in _FIELDS.items() if f.metadata["runtime"])
+#: The default of every option.
+DEFAULTS: dict[str, Any] = {name: f.default for name, f in _FIELDS.items()}
