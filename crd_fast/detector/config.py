@@ -87,9 +87,23 @@ def _option(default: Any, help: str, check: Check = _as_is, runtime: bool = Fals
 class DetectorConfig:
     """The options of a CRDDetector; validated when made (``ValueError`` names the bad option).
 
-    ``backbone`` may also be an ``nn.Module`` returning a list of (B, C, H, W) feature maps: ``weights``
-    is then None and ``layers`` only labels its maps. ``device`` is checked against the machine by the
-    detector, backbone and layer names by the feature extractor.
+    Args:
+        backbone: torchvision ResNet name ("wide_resnet50_2", "resnet18", ...) or an ``nn.Module`` returning a
+            list of (B, C, H, W) feature maps (``weights`` is then None and ``layers`` only labels its maps).
+        weights: "imagenet" (torchvision's, from the hub cache or a download; no fallback), a path to a
+            state-dict file (safetensors or .pth), or "random" (seeded by ``seed``; not real accuracy).
+        layers: backbone stages whose maps are used; the first sets the patch grid.
+        embedding: "concat" (d = sum of channels) or "patchcore" (d = ``target_dim``).
+        lam_rel, center, rank: the CRD scorer's options (see ``CRDScorer``).
+        resize, crop: preprocessing (shorter side resized to ``resize``, center crop ``crop``).
+        device: "cpu", "cuda", "cuda:N" or "auto" (run-time option).
+        batch_size: images per forward pass (run-time option).
+        seed: seed of random weights and of the training score sample.
+        blur_sigma: Gaussian blur of the anomaly maps, in pixels (0: none).
+        target_dim: d of the "patchcore" embedding.
+
+    ``device`` is checked against the machine by the detector, backbone and layer names by the feature
+    extractor; everything else here. Each field's ``help`` metadata is its one-line form (command line).
     """
 
     backbone: Any = _option("wide_resnet50_2", "torchvision ResNet feature extractor")

@@ -64,24 +64,10 @@ def _jsonable(value: Any) -> Any:
 class CRDDetector:
     """Anomaly detector: backbone features + CRD patch scores + anomaly maps.
 
-    Takes the options of :class:`~crd_fast.detector.config.DetectorConfig` (by keyword, or positionally in
-    its field order), where each is described:
-
-        backbone: torchvision ResNet name ("wide_resnet50_2", "resnet18", ...) or an ``nn.Module`` returning a
-            list of (B, C, H, W) feature maps.
-        weights: "imagenet" (torchvision's, from the hub cache or a download; no fallback), a path to a
-            state-dict file (safetensors or .pth), or "random" (seeded by ``seed``; not real accuracy).
-        layers: backbone stages whose maps are used; the first sets the patch grid.
-        embedding: "concat" (d = sum of channels) or "patchcore" (d = ``target_dim``).
-        lam_rel, center, rank: the CRD scorer's options (see ``CRDScorer``).
-        resize, crop: preprocessing (shorter side resized to ``resize``, center crop ``crop``).
-        device: "cpu", "cuda", "cuda:N" or "auto".
-        batch_size: images per forward pass.
-        seed: seed of random weights and of the training score sample.
-        blur_sigma: Gaussian blur of the anomaly maps, in pixels (0: none).
-        target_dim: d of the "patchcore" embedding.
-
-    ``CRDDetector.from_config(config)`` builds one from a ``DetectorConfig``; ``options`` gives it back.
+    Takes the options of :class:`~crd_fast.detector.config.DetectorConfig`, which describes each (by keyword,
+    or positionally in its field order: backbone, weights, layers, embedding, lam_rel, ...), e.g.
+    ``CRDDetector(backbone="resnet18", weights="random")``. ``CRDDetector.from_config(config)`` builds one from
+    a DetectorConfig; ``options`` gives it back.
 
     ``images`` anywhere below: a folder, an image file, a list of paths/PIL images/arrays, a tensor batch
     (B, 3, H, W) of RGB values in [0, 1], or a data set object (see ``crd_fast.data.images``).
