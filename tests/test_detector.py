@@ -335,7 +335,8 @@ def test_bad_options_are_named_without_torch(change, match):
 
 
 def test_config_normalises_what_means_the_same(tmp_path):
-    config = DetectorConfig(backbone="resnet18", weights=tmp_path / "w.pth", layers="layer2", device=torch.device("cpu"))
+    config = DetectorConfig(backbone="resnet18", weights=tmp_path / "w.pth", layers="layer2",
+                            device=torch.device("cpu"))
     assert config.weights == str(tmp_path / "w.pth") and config.layers == ("layer2",) and config.device == "cpu"
     assert config.replace(batch_size=2).batch_size == 2 and config.batch_size == 8
     with pytest.raises(ValueError, match="batch_size"):

@@ -305,7 +305,8 @@ def test_scorer_from_statistics_equals_a_fit_and_replace_statistics_refits():
     other = PatchStatistics(12).update(2 * bank + 1)
     before = rebuilt.score(bank)
     rebuilt.replace_statistics(other)  # the cached projection must not survive the swap
-    torch.testing.assert_close(rebuilt.score(bank), CRDScorer(0.05, rank=6).fit(2 * bank + 1).score(bank), rtol=0, atol=0)
+    refitted = CRDScorer(0.05, rank=6).fit(2 * bank + 1)
+    torch.testing.assert_close(rebuilt.score(bank), refitted.score(bank), rtol=0, atol=0)
     assert not torch.equal(rebuilt.score(bank), before)
     with pytest.raises(TypeError, match="PatchStatistics"):
         rebuilt.replace_statistics(bank)

@@ -14,9 +14,6 @@ from typing import Any, Callable, Iterator, Optional
 from ..choices import BACKBONES, EMBEDDINGS, LAYERS, WEIGHT_SOURCES
 from ..detector.config import DEFAULTS, OPTIONS, RUNTIME_OPTIONS, DetectorConfig
 
-__all__ = ["BACKBONES", "EMBEDDINGS", "LAYERS", "CLIError", "command", "add_common_flags", "add_detector_options",
-           "add_runtime_options", "detector_kwargs", "make_detector"]
-
 
 def wrap(text: str, width: int = 100) -> str:
     """A command's description as wrapped lines (the raw formatter, kept for the epilogs, does not wrap)."""
