@@ -312,50 +312,6 @@ def test_scorer_from_statistics_equals_a_fit_and_replace_statistics_refits():
         rebuilt.replace_statistics(bank)
 
 
-def _intra_package_imports() -> dict[str, set[str]]:
-    """crd_fast module -> the crd_fast modules it imports anywhere in its source (function bodies included)."""
-    import ast
-
-    root = Path(__file__).resolve().parents[1] / "crd_fast"
-    paths = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in root.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for module, path in paths.items():
-        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-        deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
-                target = ".".join(base + ([node.module] if node.module else []))
-                names = [target] + [f"{target}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            deps.update(n for n in names if n in paths and n != module)
-        graph[module] = deps
-    return graph
-
-
-def test_no_import_cycle_through_distributed_detector_or_cli():
-    graph = _intra_package_imports()
-    assert "crd_fast.distributed.fit" in graph and "crd_fast.distributed.detector" in graph["crd_fast.distributed.fit"]
-
-    def reaches(start: str, goal: str) -> bool:
-        seen, todo = set(), [start]
-        while todo:
-            for dep in graph[todo.pop()] - seen:
-                if dep == goal:
-                    return True
-                seen.add(dep)
-                todo.append(dep)
-        return False
-
-    mine = [m for m in graph if m.startswith(("crd_fast.distributed", "crd_fast.detector", "crd_fast.cli"))]
-    cycles = [(m, d) for m in mine for d in graph[m] if reaches(d, m)]
-    assert not cycles, f"import cycles (module, import that leads back to it): {cycles}"
-
-
 # ---- two real processes (torchrun, gloo, localhost) ---------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
