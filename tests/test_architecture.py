@@ -473,6 +473,6 @@ def test_torch_free_modules_import_and_work_without_torch() -> None:
 
 def test_the_no_torch_check_can_fail() -> None:
     """The same subprocess set-up rejects a module that does need torch (so the check above is not vacuous)."""
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps(["crd_fast.detector.detector"])], capture_output=True,
-                          text=True, timeout=300, cwd=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps(["crd_fast.detector.detector"])],
+                          capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     assert proc.returncode != 0 and "torch" in proc.stderr
