@@ -22,9 +22,15 @@ PYBIND11_MODULE(_C, m) {
 #ifdef CRD_FAST_WITH_CUDA
         info["cuda"] = true;
         info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
+#ifdef CRD_FAST_CUDA_ARCHS
+        info["cuda_archs"] = std::string(CRD_FAST_CUDA_ARCHS);  // CMAKE_CUDA_ARCHITECTURES, comma-separated
+#else
+        info["cuda_archs"] = py::none();
+#endif
 #else
         info["cuda"] = false;
         info["cuda_version"] = py::none();
+        info["cuda_archs"] = py::none();
 #endif
 #ifdef CRD_FAST_WITH_OPENMP
         info["openmp"] = true;
@@ -64,11 +70,12 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t weights, std::uintptr_t matrix, std::uintptr_t q, std::uintptr_t partial, std::uintptr_t out,
          int batch, int h0, int w0, int c_total, int r, std::uintptr_t stream) {
         const DType dt = dtype_from_name(dtype);
-        if (maps.empty() || maps.size() > 4) {
-          throw std::invalid_argument("crd_head_cuda: 1 to 4 feature maps, got " + std::to_string(maps.size()));
+        if (maps.empty() || maps.size() > static_cast<std::size_t>(kHeadMaxLayers)) {
+          throw std::invalid_argument("crd_head_cuda: 1 to " + std::to_string(kHeadMaxLayers) + " feature maps, got " +
+                                      std::to_string(maps.size()));
         }
         HeadArgs a{};
-        for (std::size_t l = 0; l < 4; ++l) a.maps[l] = maps[l < maps.size() ? l : 0];
+        for (std::size_t l = 0; l < static_cast<std::size_t>(kHeadMaxLayers); ++l) a.maps[l] = maps[l < maps.size() ? l : 0];
         a.num_layers = static_cast<int>(maps.size());
         a.plan = plan;
         a.weights = weights;

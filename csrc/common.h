@@ -30,14 +30,18 @@ inline DType real_dtype_from_name(const std::string& name) {
 
 // Arguments of the fused head (see csrc/cuda/crd_head_kernels.cuh for their layouts). Pointers are
 // device addresses; plan/weights are the tables of crd_fast/ops/plan.py.
+// Must equal crd_head::kMaxLayers of csrc/cuda/crd_head_kernels.cuh (a static_assert in crd_head.cu checks it;
+// this header is compiled without CUDA, so it cannot include the kernels).
+constexpr int kHeadMaxLayers = 4;
+
 struct HeadArgs {
-  std::uintptr_t maps[4];  // per-layer (B, C_l, H_l, W_l) feature maps, operand dtype
+  std::uintptr_t maps[kHeadMaxLayers];  // per-layer (B, C_l, H_l, W_l) feature maps, operand dtype
   int num_layers;
   std::uintptr_t plan;     // int32
   std::uintptr_t weights;  // accumulation dtype (float32, or float64 for the float64 kernel)
   std::uintptr_t matrix;   // (r, c_total) operand dtype, row-major
   std::uintptr_t q;        // (r,) accumulation dtype
-  std::uintptr_t partial;  // (ceil(r / 64), N) accumulation dtype, scratch
+  std::uintptr_t partial;  // (ceil(r / kTileR), N) accumulation dtype, scratch
   std::uintptr_t out;      // (N,) accumulation dtype
   int batch, h0, w0, c_total, r;
 };

@@ -10,7 +10,7 @@ from scipy import ndimage
 import crd_fast.models.head as head_mod
 from crd_fast import CRDScorer
 from crd_fast.core.embedding import embed_patches, patch_matrix, patchcore_reduce
-from crd_fast.ops import reference
+from crd_fast.ops import crd_head as fused_op, reference
 from crd_fast.features import FeatureExtractor
 from crd_fast.models.head import CRDHead, folded_matrix
 from crd_fast.models.anomaly_map import AnomalyMapper, gaussian_kernel1d
@@ -97,7 +97,7 @@ def test_fused_dispatch_eager_only(monkeypatch):
         calls.append((embedding, target_dim, matrix.dtype))
         return reference.crd_head(maps, matrix, offset, embedding, target_dim, dtype=torch.float32)
 
-    monkeypatch.setattr(head_mod, "_FUSED", fake)
+    monkeypatch.setattr(head_mod, "fused_crd_head", fake)
     maps = _maps(10)
     matrix, offset = _projection(11, 20, 20)
     fused = CRDHead(matrix, offset, "concat", layer_channels=[8, 12])
@@ -110,8 +110,7 @@ def test_fused_dispatch_eager_only(monkeypatch):
 
 
 def test_real_fused_op_is_used_and_matches():
-    op = head_mod._fused_op()
-    assert op is not None, "crd_fast.ops.crd_head ships with the package and must be found"
+    assert head_mod.fused_crd_head is fused_op  # the head calls the op itself, no look-up
     maps = _maps(12)
     matrix, offset = _projection(13, 20, 20)
     got = CRDHead(matrix, offset, "concat", layer_channels=[8, 12])(maps)

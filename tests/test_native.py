@@ -3,6 +3,7 @@ CUDA source (NVRTC and nvcc builds, no spills), and the GPU kernels against the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -12,16 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from crd_fast.core.embedding import embed_patches, patch_matrix, pool_feature_map, resize_to
-from crd_fast.ops import native as _native, reference
-from crd_fast.ops import cuda_launch
+from crd_fast.core.dtypes import compute_dtype
+from crd_fast.core.embedding import (
+    embed_patches,
+    patch_matrix,
+    pool_feature_map,
+    resize_to,
+)
 from crd_fast.ops import cpu as kcpu
 from crd_fast.ops import cuda as kcuda
+from crd_fast.ops import cuda_launch, kernel_config, reference
 from crd_fast.ops import cupy_jit as cupy_module
+from crd_fast.ops import native as _native
 from crd_fast.ops.plan import MAX_TAPS, Geometry, axis_matrix, axis_taps, build_tables
 
 needs_fused_cpu = pytest.mark.skipif(not kcpu.available(), reason=f"CPU fused pass not built: {kcpu.import_error()}")
@@ -158,63 +164,59 @@ def test_reference_fallback_without_compiled_kernels():
 
 
 # ---- CUDA arguments, checked without a GPU (fake CUDA tensors) -------------------------------------------
-def _cuda_args(dtype=torch.float32, batch=2, r=70):
-    maps = [torch.empty(batch, 4, 6, 5, device="cuda", dtype=dtype), torch.empty(batch, 3, 3, 3, device="cuda", dtype=dtype)]
-    acc = cuda_launch.head_acc_dtype(dtype)
+def _launch_args(dtype=torch.float32, batch=2, r=70, device="cuda"):
+    """(Operands, partial, out) of a 2-layer launch with a (6, 5) output grid."""
+    maps = (torch.empty(batch, 4, 6, 5, device=device, dtype=dtype), torch.empty(batch, 3, 3, 3, device=device, dtype=dtype))
+    acc = compute_dtype(dtype)
     rows = 6 + 5
-    return dict(
+    ops = cuda_launch.Operands(
         maps=maps,
-        plan=torch.empty(2 * 4 + 2 * rows * 2, device="cuda", dtype=torch.int32),
-        weights=torch.empty(2 * rows * 4, device="cuda", dtype=acc),
-        matrix=torch.empty(r, 7, device="cuda", dtype=dtype),
-        q=torch.empty(r, device="cuda", dtype=acc),
-        partial=torch.empty(2, batch * 30, device="cuda", dtype=acc),
-        out=torch.empty(batch, 6, 5, device="cuda", dtype=acc),
+        plan=torch.zeros(2 * 4 + 2 * rows * 2, device=device, dtype=torch.int32),
+        weights=torch.zeros(2 * rows * 4, device=device, dtype=acc),
+        matrix=torch.zeros(r, 7, device=device, dtype=dtype),
+        q=torch.zeros(r, device=device, dtype=acc),
     )
+    return ops, torch.empty(2, batch * 30, device=device, dtype=acc), torch.empty(batch, 6, 5, device=device, dtype=acc)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_argument_checks(dtype):
     with FakeTensorMode():
-        args = _cuda_args(dtype)
-        assert cuda_launch.check_head_cuda_args(**args) == cuda_launch.HEAD_DTYPES[dtype]
-        acc = cuda_launch.head_acc_dtype(dtype)
-        bad = {
+        ops, partial, out = _launch_args(dtype)
+        assert cuda_launch.check_launch(ops, partial, out) == cuda_launch.HEAD_DTYPES[dtype]
+        acc = compute_dtype(dtype)
+        bad_ops = {
             "q": torch.empty(69, device="cuda", dtype=acc),
-            "partial": torch.empty(1, 60, device="cuda", dtype=acc),
-            "out": torch.empty(2, 5, 6, device="cuda", dtype=acc),
             "weights": torch.empty(88, device="cuda", dtype=torch.float16),
             "plan": torch.empty(52, device="cuda", dtype=torch.int64),
             "matrix": torch.empty(70, 8, device="cuda", dtype=dtype),
         }
-        for name, value in bad.items():
+        for name, value in bad_ops.items():
             with pytest.raises(ValueError, match=f"^{name}"):
-                cuda_launch.check_head_cuda_args(**{**args, name: value})
+                cuda_launch.check_launch(dataclasses.replace(ops, **{name: value}), partial, out)
+        with pytest.raises(ValueError, match="^partial"):
+            cuda_launch.check_launch(ops, torch.empty(1, 60, device="cuda", dtype=acc), out)
+        with pytest.raises(ValueError, match="^out"):
+            cuda_launch.check_launch(ops, partial, torch.empty(2, 5, 6, device="cuda", dtype=acc))
         noncontig = torch.empty(2, 4, 5, 6, device="cuda", dtype=dtype).transpose(2, 3)
         with pytest.raises(ValueError, match="feature map 0: expected a contiguous"):
-            cuda_launch.check_head_cuda_args(**{**args, "maps": [noncontig, args["maps"][1]]})
+            cuda_launch.check_launch(dataclasses.replace(ops, maps=(noncontig, ops.maps[1])), partial, out)
         with pytest.raises(ValueError, match="1 to 4 feature maps"):
-            cuda_launch.check_head_cuda_args(**{**args, "maps": args["maps"] * 3})
-    cpu_args = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in _cuda_args_cpu(dtype).items()}
+            cuda_launch.check_launch(dataclasses.replace(ops, maps=ops.maps * 3), partial, out)
+    cpu_ops, cpu_partial, cpu_out = _launch_args(dtype, device="cpu")
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        cuda_launch.check_head_cuda_args(**cpu_args)
+        cuda_launch.check_launch(cpu_ops, cpu_partial, cpu_out)
     if _native.has_native_cuda():  # the compiled launcher checks before any pointer crosses
         with pytest.raises(ValueError, match="need CUDA tensors"):
-            cuda_launch.crd_head_cuda(**cpu_args)
-
-
-def _cuda_args_cpu(dtype):
-    acc = cuda_launch.head_acc_dtype(dtype)
-    return dict(
-        maps=[torch.zeros(2, 4, 6, 5, dtype=dtype)], plan=torch.zeros(4 + 22, dtype=torch.int32),
-        weights=torch.zeros(44, dtype=acc), matrix=torch.zeros(3, 4, dtype=dtype), q=torch.zeros(3, dtype=acc),
-        partial=torch.zeros(1, 60, dtype=acc), out=torch.zeros(2, 6, 5, dtype=acc),
-    )
+            cuda_launch.crd_head_cuda(cpu_ops, out=cpu_out, partial=cpu_partial)
+    if cupy_module.cupy_importable():  # and so does the CuPy one
+        with pytest.raises(ValueError, match="need CUDA tensors"):
+            cupy_module.crd_head_cupy(cpu_ops, out=cpu_out, partial=cpu_partial)
 
 
 # ---- the CUDA source: shipped, and it builds with NVRTC (CuPy path) and nvcc without spills ----------------
 def test_kernel_source_is_shipped():
-    path = cupy_module.source_path()
+    path = kernel_config.source_path()
     assert path is not None, "crd_head_kernels.cuh is missing from the install"
     text = path.read_text()
     for entry in ENTRIES:
@@ -234,12 +236,12 @@ def _nvrtc_program():
 
 
 @pytest.mark.skipif(_nvrtc_program() is None, reason="CuPy's NVRTC is not importable")
-@pytest.mark.parametrize("arch", ["80", "90"])
+@pytest.mark.parametrize("arch", ["75", "80", "90"])
 def test_cupy_source_compiles_with_nvrtc(arch):
     from cupy.cuda.compiler import CompileException
 
     try:
-        program = _nvrtc_program()(cupy_module.source_text(), name="crd_head_kernels.cu")
+        program = _nvrtc_program()(kernel_config.source_text(), name="crd_head_kernels.cu")
         ptx, _ = program.compile(cupy_module.nvrtc_options() + (f"-arch=compute_{arch}",))
     except CompileException:
         raise  # the source does not build with NVRTC: a real failure
@@ -248,22 +250,28 @@ def test_cupy_source_compiles_with_nvrtc(arch):
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
     entries = re.findall(r"\.entry\s+(\w+)\(", ptx)
     assert sorted(entries) == sorted(ENTRIES)
-    assert "wmma.mma.sync" in ptx  # the half-precision kernels run on tensor cores
+    assert "wmma.mma.sync" in ptx  # the half-precision kernels run on tensor cores (fp16 from sm_75, bf16 from sm_80)
+    bf16 = ptx[ptx.index(".entry crd_head_tile_bf16") :].split(".entry", 2)[1]  # the bf16 kernel's body
+    if arch == "75":  # no bf16 fragments below sm_80: the entry is a trapping stub there
+        assert "trap;" in bf16 and "wmma" not in bf16
+    else:
+        assert "wmma.mma.sync" in bf16 and "trap;" not in bf16
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_nvcc_build_has_no_spills(tmp_path):
-    source = cupy_module.source_path()
-    cmd = [
-        "nvcc", "-std=c++17", "-x", "cu", "-c", "-gencode", "arch=compute_80,code=sm_80", "-gencode",
-        "arch=compute_90,code=sm_90", "-Xptxas", "-v", "-o", str(tmp_path / "k.o"), str(source),
-    ]
+    source = kernel_config.source_path()
+    archs = ("75", "80", "90")
+    cmd = ["nvcc", "-std=c++17", "-x", "cu", "-c", *cupy_module.CODEGEN_FLAGS, "-Xptxas", "-v", "-o", str(tmp_path / "k.o")]
+    for arch in archs:
+        cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    cmd.append(str(source))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = result.stdout + result.stderr
     props = re.findall(r"Function properties for (crd_head_\w+)\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert sorted({p[0] for p in props}) == sorted(ENTRIES)
-    assert len(props) == 2 * len(ENTRIES)  # both architectures
+    assert len(props) == len(archs) * len(ENTRIES)  # every architecture
     for name, stack, stores, loads in props:
         assert (stack, stores, loads) == ("0", "0", "0"), f"{name}: stack {stack}, spills {stores}/{loads}"
 
@@ -273,7 +281,7 @@ def _gpu_backends():
     names = []
     if _native.has_native_cuda():
         names.append("native")
-    if cupy_module.available():
+    if cupy_module.available() and cupy_module.compile_error(torch.cuda.current_device()) is None:
         names.append("cupy")
     return names
 
@@ -291,7 +299,8 @@ def test_gpu_kernels_match_reference(backend, dtype, shapes, r):
     matrix = torch.randn(r, d, generator=gen, dtype=torch.float64) / d**0.5
     offset = torch.randn(d, generator=gen, dtype=torch.float64)
     want = reference.crd_head(maps, matrix, offset)
-    operands = kcuda.prepare([m.cuda() for m in maps], matrix.cuda(), offset.cuda(), "concat", 1024)
+    cap = torch.cuda.get_device_capability()
+    operands = kcuda.prepare([m.cuda() for m in maps], matrix.cuda(), offset.cuda(), "concat", 1024, cap)
     out = operands.new_out().fill_(float("nan"))
     partial = operands.new_partial().fill_(float("nan"))
     kcuda.run(operands, backend, out=out, partial=partial)

@@ -9,10 +9,11 @@ import torch
 from helpers import cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from crd_fast.core.embedding import embed_patches, embedding_dim, patch_matrix
-from crd_fast.ops import head_op as ops, reference
+from crd_fast.core.dtypes import compute_dtype
+from crd_fast.core.embedding import embedding_dim
 from crd_fast.ops import cpu as kcpu
-from crd_fast.ops import cuda as kcuda
+from crd_fast.ops import head_op as ops
+from crd_fast.ops import reference
 from crd_fast.ops.plan import FOLDS
 
 # (layer shapes without batch, embedding, target_dim, rank or None for full)
@@ -61,7 +62,7 @@ def test_cpu_float32_matches_float64_reference(case):
     assert rel_err(got, want) < 1e-4
 
 
-def test_cpu_fused_path_is_taken():
+def test_cpu_fused_path_is_taken(monkeypatch):
     """The op's CPU kernel really goes through the compiled pass (not a silent reference fallback)."""
     if os.environ.get("CRD_FAST_EXPECT_NATIVE"):
         assert kcpu.available(), kcpu.import_error()
@@ -76,11 +77,8 @@ def test_cpu_fused_path_is_taken():
         calls.append(1)
         return original(*args, **kwargs)
 
-    kcpu.fused_head_cpu = spy
-    try:
-        ops.crd_head(maps, matrix, offset)
-    finally:
-        kcpu.fused_head_cpu = original
+    monkeypatch.setattr(kcpu, "fused_head_cpu", spy)
+    ops.crd_head(maps, matrix, offset)
     assert calls == [1]
 
 
@@ -198,70 +196,7 @@ def test_torch_compile_calls_the_op():
     torch.testing.assert_close(compiled(*maps2, matrix, offset), image_scores(*maps2, matrix, offset))
 
 
-# ---- CUDA dispatch, testable without a GPU -------------------------------------------------------------
-def test_cuda_backend_selection(monkeypatch):
-    from crd_fast.ops import native as _native
-    from crd_fast.ops import cupy_jit as cupy_module
-
-    monkeypatch.delenv(kcuda.BACKEND_ENV, raising=False)
-    monkeypatch.setattr(_native, "has_native_cuda", lambda: True)
-    assert kcuda.cuda_backend() == "native"
-    monkeypatch.setattr(_native, "has_native_cuda", lambda: False)
-    monkeypatch.setattr(cupy_module, "available", lambda: True)
-    assert kcuda.cuda_backend() == "cupy"
-    monkeypatch.setattr(cupy_module, "available", lambda: False)
-    assert kcuda.cuda_backend() == "reference"
-    monkeypatch.setenv(kcuda.BACKEND_ENV, "cupy")
-    assert kcuda.cuda_backend() == "cupy"
-    monkeypatch.setenv(kcuda.BACKEND_ENV, "triton")
-    with pytest.raises(ValueError, match="CRD_FAST_CUDA_BACKEND must be one of"):
-        kcuda.cuda_backend()
-
-
-@pytest.mark.parametrize(
-    "dtype,operand,acc",
-    [(torch.float32, torch.float32, torch.float32), (torch.float64, torch.float64, torch.float64),
-     (torch.bfloat16, torch.bfloat16, torch.float32), (torch.float16, torch.float16, torch.float32)],
-)
-def test_cuda_operands_and_kernel_routing(monkeypatch, dtype, operand, acc):
-    """The CUDA kernel registration routes to the chosen backend with operands laid out as the kernels expect.
-
-    Runs the CUDA op kernel on CPU tensors with the launch replaced: everything up to the pointer hand-off.
-    """
-    gen = torch.Generator().manual_seed(41)
-    maps, matrix, offset = make_inputs(gen, *CASES[2][:3], None, dtype=dtype)
-    seen = {}
-
-    def fake_run(operands, backend, out=None, partial=None):
-        seen["ops"], seen["backend"] = operands, backend
-        return operands.new_out().zero_()
-
-    monkeypatch.setattr(kcuda, "run", fake_run)
-    monkeypatch.setenv(kcuda.BACKEND_ENV, "cupy")
-    from crd_fast.ops.head_op import _crd_head_cuda
-
-    got = _crd_head_cuda(maps, matrix, offset, "patchcore", 9)
-    o = seen["ops"]
-    assert seen["backend"] == "cupy" and got.dtype == acc and got.shape == (2, 6, 6)
-    assert all(m.dtype == operand and m.is_contiguous() for m in o.maps)
-    assert o.matrix.dtype == operand and o.matrix.shape == (9, 20) and o.q.dtype == acc and o.weights.dtype == acc
-    assert o.plan.dtype == torch.int32 and o.plan.shape == (3 * 4 + 3 * (6 + 6) * 2,)
-    assert o.new_partial().shape == (1, 2 * 36)
-    # the folded operands reproduce the reference scores (embedding-space identity, checked in float64)
-    if dtype == torch.float64:
-        from crd_fast.ops.plan import fold_matrix
-
-        p, q = fold_matrix(matrix, offset, (6, 10, 4), "patchcore", 9)
-        emb = patch_matrix(embed_patches(maps, "concat"))
-        want = reference.crd_head(maps, matrix, offset, "patchcore", 9).flatten()
-        torch.testing.assert_close(torch.linalg.vector_norm(emb @ p.T - q, dim=1), want, rtol=1e-10, atol=0)
-    # "reference" and more than 4 layers take the reference path, in the output dtype
-    monkeypatch.setenv(kcuda.BACKEND_ENV, "reference")
-    torch.testing.assert_close(
-        _crd_head_cuda(maps, matrix, offset, "patchcore", 9).double(),
-        reference.crd_head(maps, matrix, offset, "patchcore", 9), rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=1e-6,
-    )
-    FOLDS.clear()
+# CUDA dispatch, fallbacks and caches (device properties, compile failures and streams faked): test_dispatch.py
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------
@@ -274,6 +209,6 @@ def test_cuda_op_matches_reference(case, dtype):
     maps, matrix, offset = make_inputs(gen, shapes, embedding, target_dim, rank, batch=3, dtype=dtype)
     want = reference.crd_head(maps, matrix, offset, embedding, target_dim)
     got = ops.crd_head([m.cuda() for m in maps], matrix.cuda(), offset.cuda(), embedding, target_dim)
-    assert got.device.type == "cuda" and got.dtype == ops.output_dtype(dtype)
+    assert got.device.type == "cuda" and got.dtype == compute_dtype(dtype)
     tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 3e-2)
     assert rel_err(got.cpu(), want) < tol

@@ -7,34 +7,21 @@ own resolution (P = [P_1 | P_2 | ...] by column blocks, with PatchCore's reducti
 pools/resizes the r-channel result (docs/DESIGN.md "Linearity"). Deep layers are projected on their coarse
 grid, and the module is plain conv2d / pooling / interpolation / arithmetic, which ONNX exports.
 
-When ``crd_fast.ops.crd_head`` exists (the fused kernel) and ``use_fused`` is set, eager calls use it
-instead; tracing, scripting and export always take the pure-torch path.
+With ``use_fused`` set, eager calls use the fused op ``crd_fast.ops.crd_head`` instead (it always exists and
+falls back by itself where no kernel runs); tracing, scripting and export always take the pure-torch path.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.embedding import check_embedding, patchcore_reduce, pool_feature_map, resize_to
+from ..ops.head_op import crd_head as fused_crd_head
 from ..scorers.crd import CRDScorer
-
-_FUSED: Any = None  # crd_fast.ops.crd_head once looked up; False when it does not exist
-
-
-def _fused_op() -> Any:
-    """``crd_fast.ops.crd_head`` or None (looked up once; the module is optional)."""
-    global _FUSED
-    if _FUSED is None:
-        try:
-            _FUSED = getattr(importlib.import_module("crd_fast.ops"), "crd_head", False)
-        except ImportError:
-            _FUSED = False
-    return _FUSED or None
 
 
 def _exporting() -> bool:
@@ -77,7 +64,7 @@ class CRDHead(nn.Module):
         target_dim: d of the patchcore embedding.
         layer_channels: channels of each input layer; needed up front for "patchcore" (it fixes the
             folded matrix), optional for "concat" (then taken from the inputs).
-        use_fused: call ``crd_fast.ops.crd_head`` in eager mode when it exists.
+        use_fused: call the fused op ``crd_fast.ops.crd_head`` in eager mode.
 
     Buffers (float32): ``matrix`` (r, d), ``offset`` (d,), ``q`` = matrix @ offset (r,) (folded in float64),
     and ``folded`` (r, sum C): P with the embedding folded in (used by the torch path).
@@ -137,9 +124,7 @@ class CRDHead(nn.Module):
         """List of (B, C_l, H_l, W_l) maps -> (B, H_0, W_0) float32 patch scores."""
         maps = list(feature_maps)
         if self.use_fused and not _exporting():
-            op = _fused_op()
-            if op is not None:
-                return op(maps, self.matrix, self.offset, self.embedding, self.target_dim).float()
+            return fused_crd_head(maps, self.matrix, self.offset, self.embedding, self.target_dim).float()
         return self.torch_forward(maps)
 
     def torch_forward(self, feature_maps: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from . import cpu, cuda, native
+from . import cpu, cuda_dispatch, cupy_jit, native
 
 
 def _importable(name: str) -> bool:
@@ -18,7 +18,11 @@ def _importable(name: str) -> bool:
 
 
 def backends() -> dict[str, Any]:
-    """What this installation can run: native CPU kernels, compiled CUDA kernels, a GPU, CuPy, faiss."""
+    """What this installation can run: native CPU kernels, compiled CUDA kernels, GPUs, CuPy, faiss.
+
+    ``cuda_devices`` lists, per visible GPU, the path ``crd_fast.ops.crd_head`` takes there and why (the
+    first call decides it: kernels are probed once per device; docs/GPU.md).
+    """
     info = native.build_info()
     return {
         "native": native.has_native(),
@@ -26,11 +30,12 @@ def backends() -> dict[str, Any]:
         "openmp": bool(info.get("openmp", False)),
         "cuda_kernels": native.has_native_cuda(),
         "cuda_kernels_version": info.get("cuda_version"),
+        "cuda_kernels_archs": info.get("cuda_archs"),
         "cuda_device": torch.cuda.is_available(),
+        "cuda_devices": cuda_dispatch.device_report(),
         "torch": torch.__version__,
-        "cupy": _importable("cupy"),
+        "cupy": cupy_jit.cupy_importable(),
         "faiss": _importable("faiss"),
         "fused_cpu": cpu.available(),
         "fused_cpu_openmp": cpu.openmp(),
-        "fused_cuda": cuda.cuda_backend(),
     }

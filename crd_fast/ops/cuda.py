@@ -1,86 +1,61 @@
-"""CUDA paths of the fused head: compiled kernels in ``_C``, else CuPy's run-time build, else the reference.
+"""The CUDA kernel paths of the fused head: operands built once, then the compiled or the CuPy launcher.
 
-``cuda_backend()`` names the path CUDA tensors take; ``prepare`` turns op inputs into the kernels'
-operands (contiguous maps in the operand dtype, folded matrix, q, the plan tables), and ``run`` fills a
-(B, H0, W0) score map. ``out`` and ``partial`` can be passed in (bench/gpu_check.py poisons them first
-to prove every element is written).
+``prepare`` turns checked op inputs into one :class:`~crd_fast.ops.cuda_launch.Operands` (contiguous maps in
+the operand dtype, folded matrix, q, plan tables; the last three cached per matrix / shape, see
+crd_fast/ops/streams.py), and ``run`` hands it to the launcher of a path ("native": kernels compiled into
+``_C``; "cupy": the same source built by NVRTC), filling a (B, H0, W0) score map. Which path a device
+takes is decided in crd_fast/ops/cuda_dispatch.py. ``out`` and ``partial`` can be passed in
+(bench/gpu_check.py poisons them first to prove every element is written).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
-from . import native as _native
-from . import cuda_launch
-from . import cupy_jit as cupy_module
+from ..core.dtypes import compute_dtype
+from .cuda_launch import Operands, config, crd_head_cuda
+from .cupy_jit import crd_head_cupy
 from .plan import folded_operands, geometry_of, tables
 
-BACKENDS = ("native", "cupy", "reference")
-#: Environment override of the CUDA path (for benchmarks and checks): native, cupy or reference.
-BACKEND_ENV = "CRD_FAST_CUDA_BACKEND"
-MAX_LAYERS = 4  # crd_head::kMaxLayers
-TILE_R = 64  # crd_head::kTileR
+#: Kernel paths and their launchers; "reference" (pure torch) is the op's last resort, not a launcher.
+LAUNCHERS = {"native": crd_head_cuda, "cupy": crd_head_cupy}
 
 
-def cuda_backend() -> str:
-    """The path CUDA tensors take: "native" (compiled into _C), "cupy" (run-time build) or "reference"."""
-    forced = os.environ.get(BACKEND_ENV)
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {forced!r}")
-        return forced
-    if _native.has_native_cuda():
-        return "native"
-    if cupy_module.available():
-        return "cupy"
-    return "reference"
+def operand_dtype(dtype: torch.dtype, capability: Optional[tuple[int, int]] = None) -> torch.dtype:
+    """Operand dtype of the CUDA kernels for maps of ``dtype`` on a device of ``capability`` (major, minor).
 
-
-def operand_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Operand dtype of the CUDA kernels for maps of ``dtype``: half types stay, float64 stays, else float32."""
+    float16 / bfloat16 stay (tensor cores), float64 stays, anything else runs in float32. On devices below
+    sm_80 there are no bf16 tensor-core fragments, so bf16 maps are widened (exactly) to float32 there.
+    """
+    if dtype == torch.bfloat16 and capability is not None:
+        if 10 * capability[0] + capability[1] < config().bf16_min_arch:
+            return torch.float32
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
 
 
-@dataclass
-class Operands:
-    maps: list[torch.Tensor]
-    plan: torch.Tensor
-    weights: torch.Tensor
-    matrix: torch.Tensor
-    q: torch.Tensor
-
-    @property
-    def acc_dtype(self) -> torch.dtype:
-        return cuda_launch.head_acc_dtype(self.maps[0].dtype)
-
-    @property
-    def out_shape(self) -> tuple[int, int, int]:
-        b, _, h, w = self.maps[0].shape
-        return int(b), int(h), int(w)
-
-    def new_partial(self) -> torch.Tensor:
-        b, h, w = self.out_shape
-        tiles = (int(self.matrix.shape[0]) + TILE_R - 1) // TILE_R
-        return torch.empty((tiles, b * h * w), dtype=self.acc_dtype, device=self.maps[0].device)
-
-    def new_out(self) -> torch.Tensor:
-        return torch.empty(self.out_shape, dtype=self.acc_dtype, device=self.maps[0].device)
-
-
 def prepare(
-    feature_maps: Sequence[torch.Tensor], matrix: torch.Tensor, offset: torch.Tensor, embedding: str, target_dim: int
+    feature_maps: Sequence[torch.Tensor],
+    matrix: torch.Tensor,
+    offset: torch.Tensor,
+    embedding: str,
+    target_dim: int,
+    capability: Optional[tuple[int, int]] = None,
 ) -> Operands:
-    """Kernel operands for checked op inputs on one CUDA device (see crd_fast.ops for the checks)."""
-    dtype = operand_dtype(feature_maps[0].dtype)
-    maps = [f.to(dtype).contiguous() for f in feature_maps]
+    """Kernel operands for checked op inputs on one CUDA device (see crd_fast.ops.head_op for the checks).
+
+    Raises :class:`crd_fast.ops.streams.NotPrepared` when a cached table or folded matrix would have to be
+    made inside CUDA-graph capture.
+    """
+    dtype = operand_dtype(feature_maps[0].dtype, capability)
+    maps = tuple(f.to(dtype).contiguous() for f in feature_maps)
     geom = geometry_of(maps)
-    acc = cuda_launch.head_acc_dtype(dtype)
-    p, q = folded_operands(matrix, offset, geom.channels, embedding, target_dim, dtype, acc, device=maps[0].device)
-    plan, weights = tables(geom, acc, maps[0].device)
+    acc = compute_dtype(dtype)
+    device = maps[0].device
+    p, q = folded_operands(matrix, offset, geom.channels, embedding, target_dim, dtype, acc, device=device)
+    plan, weights = tables(geom, acc, device)
     return Operands(maps, plan, weights, p, q)
 
 
@@ -88,10 +63,7 @@ def run(
     ops: Operands, backend: str, out: Optional[torch.Tensor] = None, partial: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """Scores (B, H0, W0) through ``backend`` ("native" or "cupy"); fills and returns ``out``."""
-    out = ops.new_out() if out is None else out
-    partial = ops.new_partial() if partial is None else partial
-    if backend == "native":
-        return cuda_launch.crd_head_cuda(ops.maps, ops.plan, ops.weights, ops.matrix, ops.q, partial, out)
-    if backend == "cupy":
-        return cupy_module.crd_head_cupy(ops.maps, ops.plan, ops.weights, ops.matrix, ops.q, partial, out)
-    raise ValueError(f"no CUDA kernel backend {backend!r} (native or cupy)")
+    launcher = LAUNCHERS.get(backend)
+    if launcher is None:
+        raise ValueError(f"no CUDA kernel backend {backend!r} (one of {sorted(LAUNCHERS)})")
+    return launcher(ops, out=out, partial=partial)

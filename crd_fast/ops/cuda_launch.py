@@ -1,52 +1,107 @@
-"""The launch contract of the CUDA head kernels, shared by the compiled (``_C``) and CuPy launchers.
+"""The launch contract of the CUDA head kernels: one operand object, checked once, taken by both launchers.
 
-Every tensor a kernel reads or writes is checked here before any pointer crosses into C++ or NVRTC code;
-layouts are those of csrc/cuda/crd_head_kernels.cuh.
+:func:`crd_fast.ops.cuda.prepare` builds an :class:`Operands` (maps in the operand dtype, folded matrix,
+q, plan tables); the compiled launcher (:data:`crd_head_cuda`, into ``_C``) and the CuPy one
+(crd_fast/ops/cupy_jit.py) both take it as it is, with the ``partial`` scratch and the ``out`` map. Every
+tensor is checked by :func:`check_launch` before any pointer crosses into C++ or NVRTC code; layouts are
+those of csrc/cuda/crd_head_kernels.cuh, sizes those of crd_fast/ops/kernel_config.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
+from ..core.dtypes import compute_dtype
 from . import native
-from .native import has_native_cuda
-
+from .kernel_config import CONFIG, KernelConfig
 
 #: torch dtype -> dtype name of the fused head kernels (operand dtype; fp16/bf16 accumulate in float32).
 HEAD_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def head_acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation (and output) dtype of the head kernels for operand ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def config() -> KernelConfig:
+    """The kernels' launch geometry; RuntimeError when the kernel source is not installed."""
+    if CONFIG is None:
+        raise RuntimeError("crd_head_kernels.cuh is missing from this install: no CUDA head kernel can run")
+    return CONFIG
 
 
-def check_head_cuda_args(
-    maps: list[torch.Tensor],
-    plan: torch.Tensor,
-    weights: torch.Tensor,
-    matrix: torch.Tensor,
-    q: torch.Tensor,
-    partial: torch.Tensor,
-    out: torch.Tensor,
-) -> str:
-    """Checks every tensor the CUDA head kernels read or write; returns the operand dtype name.
+@dataclass(frozen=True)
+class Operands:
+    """Everything one fused-head launch reads, on one CUDA device: built once by ``cuda.prepare``.
 
-    Shared by the compiled launcher below and the CuPy one (crd_fast/ops/cupy_jit.py): both take
-    the same pointers with the layouts of csrc/cuda/crd_head_kernels.cuh.
+    ``maps`` are contiguous (B, C_l, H_l, W_l) maps in the operand dtype; ``matrix`` the folded (r, sum C_l)
+    P' in the same dtype; ``q`` = P mu, ``plan`` (int32) and ``weights`` the tables of crd_fast/ops/plan.py,
+    in the accumulation dtype (float64 for float64 maps, else float32).
     """
-    if not 1 <= len(maps) <= 4:
-        raise ValueError(f"the CUDA head kernels take 1 to 4 feature maps, got {len(maps)}")
+
+    maps: tuple[torch.Tensor, ...]
+    plan: torch.Tensor
+    weights: torch.Tensor
+    matrix: torch.Tensor
+    q: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.maps[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The operand dtype (of the maps and the matrix)."""
+        return self.maps[0].dtype
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        return compute_dtype(self.dtype)
+
+    @property
+    def sizes(self) -> tuple[int, int, int, int, int]:
+        """(batch, h0, w0, c_total, r) as Python ints, the kernels' size arguments."""
+        batch, _, h0, w0 = (int(s) for s in self.maps[0].shape)
+        return batch, h0, w0, int(self.matrix.shape[1]), int(self.matrix.shape[0])
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        batch, h0, w0, _, _ = self.sizes
+        return batch, h0, w0
+
+    @property
+    def patches(self) -> int:
+        batch, h0, w0 = self.out_shape
+        return batch * h0 * w0
+
+    @property
+    def tiles(self) -> int:
+        """Row tiles of the matrix: the first dimension of ``partial``."""
+        return config().tiles(int(self.matrix.shape[0]))
+
+    def new_partial(self) -> torch.Tensor:
+        return torch.empty((self.tiles, self.patches), dtype=self.acc_dtype, device=self.device)
+
+    def new_out(self) -> torch.Tensor:
+        return torch.empty(self.out_shape, dtype=self.acc_dtype, device=self.device)
+
+    def stream(self) -> int:
+        """The current torch CUDA stream of the operands' device (the kernels run on it)."""
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+
+def check_launch(ops: Operands, partial: torch.Tensor, out: torch.Tensor) -> str:
+    """Checks every tensor the CUDA head kernels read or write; returns the operand dtype name."""
+    maps = ops.maps
+    limit = config().max_layers
+    if not 1 <= len(maps) <= limit:
+        raise ValueError(f"the CUDA head kernels take 1 to {limit} feature maps, got {len(maps)}")
     dtype = maps[0].dtype
     if dtype not in HEAD_DTYPES:
         raise TypeError(f"CUDA head kernels take {list(HEAD_DTYPES)} maps, got {dtype}")
     device = maps[0].device
     if device.type != "cuda":
         raise ValueError(f"CUDA head kernels need CUDA tensors, got device {device}")
-    acc = head_acc_dtype(dtype)
+    acc = compute_dtype(dtype)
     batch, _, h0, w0 = maps[0].shape
     for i, f in enumerate(maps):
         if f.device != device or f.dtype != dtype or f.ndim != 4 or f.shape[0] != batch or not f.is_contiguous():
@@ -64,74 +119,45 @@ def check_head_cuda_args(
                 f"{tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})"
             )
 
+    matrix = ops.matrix
     if matrix.ndim != 2:
         raise ValueError(f"matrix must be 2-D (r, {c_total}), got shape {tuple(matrix.shape)}")
     r = int(matrix.shape[0])
     rows = int(h0) + int(w0)
+    header, taps = config().header, config().max_taps
     need(matrix, "matrix", (r, c_total), dtype)
-    need(q, "q", (r,), acc)
-    need(plan, "plan", (len(maps) * 4 + len(maps) * rows * 2,), torch.int32)
-    need(weights, "weights", (len(maps) * rows * 4,), acc)
-    need(partial, "partial", ((r + 63) // 64, n), acc)
+    need(ops.q, "q", (r,), acc)
+    need(ops.plan, "plan", (len(maps) * header + len(maps) * rows * 2,), torch.int32)
+    need(ops.weights, "weights", (len(maps) * rows * taps,), acc)
+    need(partial, "partial", (config().tiles(r), n), acc)
     need(out, "out", (int(batch), int(h0), int(w0)), acc)
     if max(n, c_total, r) >= 2**31:
         raise ValueError(f"sizes beyond int32 (N={n}, C={c_total}, r={r}): split the batch")
     return HEAD_DTYPES[dtype]
 
 
-@dataclass(frozen=True)
-class HeadLaunch:
-    """One checked, non-empty fused-head launch: the operands and their sizes (checked by
-    :func:`check_head_cuda_args`), handed to a launcher body by :func:`head_launcher`."""
-
-    dtype: str  #: operand dtype name, a value of HEAD_DTYPES
-    maps: list[torch.Tensor]
-    plan: torch.Tensor
-    weights: torch.Tensor
-    matrix: torch.Tensor
-    q: torch.Tensor
-    partial: torch.Tensor
-    out: torch.Tensor
-
-    @property
-    def device(self) -> torch.device:
-        return self.maps[0].device
-
-    @property
-    def sizes(self) -> tuple[int, int, int, int, int]:
-        """(batch, h0, w0, c_total, r) as Python ints, the kernels' size arguments."""
-        batch, _, h0, w0 = (int(s) for s in self.maps[0].shape)
-        return batch, h0, w0, int(self.matrix.shape[1]), int(self.matrix.shape[0])
-
-    def stream(self) -> int:
-        """The current torch CUDA stream of the operands' device (the kernels run on it)."""
-        return torch.cuda.current_stream(self.device).cuda_stream
+#: A launcher body: fills ``out`` from checked, non-empty operands; gets the kernel dtype name too.
+LaunchBody = Callable[[Operands, torch.Tensor, torch.Tensor, str], None]
 
 
-def head_launcher(
-    body: Callable[[HeadLaunch], None], ready: Callable[[], Any], name: str, doc: str
-) -> Callable[..., torch.Tensor]:
-    """A fused-head launcher ``(maps, plan, weights, matrix, q, partial, out) -> out`` around ``body``.
+def head_launcher(body: LaunchBody, ready: Callable[[], Any], name: str, doc: str) -> Callable[..., torch.Tensor]:
+    """A fused-head launcher ``(ops, out=None, partial=None) -> out`` around ``body``.
 
-    The compiled launcher (:func:`crd_head_cuda`) and the CuPy one (crd_fast/ops/cupy_jit.py) share
-    this contract: ``ready()`` first (raises when the backend is missing), then every argument checked
-    before any pointer crosses, an empty output zeroed without a launch, else ``body`` fills ``out``.
+    The compiled launcher (:data:`crd_head_cuda`) and the CuPy one share this contract: ``ready()`` first
+    (raises when the backend is missing), ``out``/``partial`` allocated when not given (bench/gpu_check.py
+    passes poisoned ones), every tensor checked, an empty output zeroed without a launch, else ``body``.
     """
 
     def launch(
-        maps: list[torch.Tensor],
-        plan: torch.Tensor,
-        weights: torch.Tensor,
-        matrix: torch.Tensor,
-        q: torch.Tensor,
-        partial: torch.Tensor,
-        out: torch.Tensor,
+        ops: Operands, out: Optional[torch.Tensor] = None, partial: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         ready()
-        dtype = check_head_cuda_args(maps, plan, weights, matrix, q, partial, out)
-        if out.numel() == 0 or matrix.shape[0] == 0:
+        out = ops.new_out() if out is None else out
+        partial = ops.new_partial() if partial is None else partial
+        dtype = check_launch(ops, partial, out)
+        if out.numel() == 0 or ops.matrix.shape[0] == 0:
             return out.zero_()  # nothing to launch; a rank-0 matrix scores every patch 0
-        body(HeadLaunch(dtype, maps, plan, weights, matrix, q, partial, out))
+        body(ops, partial, out, dtype)
         return out
 
     launch.__name__ = launch.__qualname__ = name
@@ -141,17 +167,17 @@ def head_launcher(
 
 
 def _require_native_cuda() -> None:
-    if not has_native_cuda():
+    if not native.has_native_cuda():
         raise RuntimeError("crd_fast.ops._C was built without CUDA kernels")
 
 
-def _launch_compiled(launch: HeadLaunch) -> None:
-    batch, h0, w0, c_total, r = launch.sizes
-    with torch.cuda.device(launch.device):
-        native._C.crd_head_cuda(
-            launch.dtype, [f.data_ptr() for f in launch.maps], launch.plan.data_ptr(), launch.weights.data_ptr(),
-            launch.matrix.data_ptr(), launch.q.data_ptr(), launch.partial.data_ptr(), launch.out.data_ptr(),
-            batch, h0, w0, c_total, r, launch.stream(),
+def _launch_compiled(ops: Operands, partial: torch.Tensor, out: torch.Tensor, dtype: str) -> None:
+    batch, h0, w0, c_total, r = ops.sizes
+    with torch.cuda.device(ops.device):
+        native.compiled().crd_head_cuda(
+            dtype, [f.data_ptr() for f in ops.maps], ops.plan.data_ptr(), ops.weights.data_ptr(),
+            ops.matrix.data_ptr(), ops.q.data_ptr(), partial.data_ptr(), out.data_ptr(),
+            batch, h0, w0, c_total, r, ops.stream(),
         )
 
 
@@ -159,7 +185,7 @@ crd_head_cuda = head_launcher(
     _launch_compiled, _require_native_cuda, "crd_head_cuda",
     """Fused CRD head through the compiled CUDA kernels, on the current stream; fills and returns ``out``.
 
-    Arguments ``(maps, plan, weights, matrix, q, partial, out)``; layouts: csrc/cuda/crd_head_kernels.cuh.
+    Arguments ``(ops, out=None, partial=None)``; ``ops`` from ``crd_fast.ops.cuda.prepare``.
     ``crd_fast.ops.crd_head`` is the user-facing entry point.
     """,
 )
@@ -168,4 +194,4 @@ crd_head_cuda = head_launcher(
 def crd_head_cuda_attributes() -> list[dict[str, Any]]:
     """Registers, local (spill) bytes and static shared bytes of each compiled head kernel (needs a GPU)."""
     _require_native_cuda()
-    return list(native._C.crd_head_cuda_attributes())
+    return list(native.compiled().crd_head_cuda_attributes())

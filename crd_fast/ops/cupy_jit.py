@@ -1,46 +1,36 @@
 """The fused head kernels compiled at run time by CuPy (NVRTC), for installs whose ``_C`` has no CUDA.
 
 The source is the very file nvcc compiles into ``_C`` (csrc/cuda/crd_head_kernels.cuh, shipped in the
-wheel next to this module), loaded as a ``cupy.RawModule`` and launched through its C-linkage entry
-points with the same arguments as the compiled launcher (csrc/cuda/crd_head.cu). Optional extra:
-``pip install crd-fast[cupy]``.
+wheel; crd_fast/ops/kernel_config.py finds it), loaded as a ``cupy.RawModule`` and launched through its
+C-linkage entry points with the same :class:`~crd_fast.ops.cuda_launch.Operands` as the compiled launcher.
+Optional extra: ``pip install crd-fast[cupy]``.
+
+"Available" means "compiles": :func:`compile_error` builds the module once per device and remembers
+the outcome, so a toolchain gap (e.g. CUDA header wheels without ``crt/mma.h``) makes this path
+unavailable with a reason instead of raising mid-inference (docs/GPU.md).
 """
 
 from __future__ import annotations
 
-import functools
 import os
+import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from . import native as _native
 from . import cuda_launch
+from .kernel_config import source_path, source_text
 
-SOURCE_NAME = "crd_head_kernels.cuh"
-TILE_P = 64  # crd_head::kTileP
-TILE_R = 64  # crd_head::kTileR
-THREADS = 256  # crd_head::kThreads
-_ENTRY = {"float32": "crd_head_tile_f32", "float64": "crd_head_tile_f64", "float16": "crd_head_tile_f16", "bfloat16": "crd_head_tile_bf16"}
-
-
-def source_path() -> Optional[Path]:
-    """The kernel source: installed beside this module (wheel) or in the source tree (editable install)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / SOURCE_NAME, here.parent.parent / "csrc" / "cuda" / SOURCE_NAME):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def source_text() -> str:
-    path = source_path()
-    if path is None:
-        raise FileNotFoundError(f"{SOURCE_NAME} is neither installed in crd_fast/ops nor in csrc/cuda")
-    return path.read_text()
+#: Code-generation flags of both builds. CuPy always appends -ftz=true to NVRTC; the nvcc build of _C passes
+#: the same list (CMakeLists.txt; tests/test_native.py checks they agree), so both backends round alike.
+CODEGEN_FLAGS = ("-ftz=true", "-prec-div=true", "-prec-sqrt=true", "-fmad=true")
+_ENTRY = {
+    "float32": "crd_head_tile_f32", "float64": "crd_head_tile_f64",
+    "float16": "crd_head_tile_f16", "bfloat16": "crd_head_tile_bf16",
+}
 
 
 def cupy_importable() -> bool:
@@ -52,13 +42,13 @@ def cupy_importable() -> bool:
 
 
 def available() -> bool:
-    """True when CuPy imports and the kernel source is present (whether or not a GPU is)."""
+    """True when CuPy imports and the kernel source is present (whether it compiles: :func:`compile_error`)."""
     return cupy_importable() and source_path() is not None
 
 
 def nvrtc_options() -> tuple[str, ...]:
-    """C++17, plus the CUDA include directory (cuda_fp16.h, cuda_bf16.h, mma.h) where it can be found."""
-    options = ["--std=c++17"]
+    """C++17, the shared code-generation flags, and the CUDA include directory where a complete one is found."""
+    options = ["--std=c++17", *CODEGEN_FLAGS]
     roots = []
     try:
         import cupy
@@ -76,41 +66,85 @@ def nvrtc_options() -> tuple[str, ...]:
     return tuple(options)
 
 
-@functools.lru_cache(maxsize=None)
-def _module(device_index: int):
+class _Modules:
+    """Compiled modules per device index, and the error of a failed compile (remembered, not retried)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done: dict[int, tuple[Any, Optional[str]]] = {}
+
+    def get(self, index: int) -> tuple[Any, Optional[str]]:
+        with self._lock:
+            if index in self._done:
+                return self._done[index]
+            try:
+                module, error = build_module(index), None
+            except Exception as exc:  # CompileException, missing headers or NVRTC: the path is unavailable
+                module, error = None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+            self._done[index] = (module, error)
+            return module, error
+
+    def clear(self) -> None:
+        with self._lock:
+            self._done.clear()
+
+
+def build_module(index: int) -> Any:
+    """Compiles the kernel source for device ``index`` now (so a broken toolchain fails here, not mid-launch)."""
     import cupy
 
-    with cupy.cuda.Device(device_index):
+    with cupy.cuda.Device(index):
         module = cupy.RawModule(code=source_text(), options=nvrtc_options(), backend="nvrtc")
-        module.compile()  # compile now, so a broken toolchain fails here and not mid-launch
+        module.compile()
     return module
 
 
-def _launch_cupy(launch: cuda_launch.HeadLaunch) -> None:
+MODULES = _Modules()
+
+
+def compile_error(index: int) -> Optional[str]:
+    """Why the kernels do not compile for device ``index`` (None: they do); compiled at most once per device."""
+    if not cupy_importable():
+        return "cupy is not installed (pip install crd-fast[cupy])"
+    if source_path() is None:
+        return "crd_head_kernels.cuh is missing from this install"
+    return MODULES.get(index)[1]
+
+
+def _module(index: int) -> Any:
+    module, error = MODULES.get(index)
+    if module is None:
+        raise RuntimeError(f"the CuPy build of the head kernels failed on device {index}: {error}")
+    return module
+
+
+def _launch_cupy(ops: cuda_launch.Operands, partial: torch.Tensor, out: torch.Tensor, dtype: str) -> None:
     import cupy
 
-    batch, h0, w0, c_total, r = launch.sizes
+    cfg = cuda_launch.config()
+    batch, h0, w0, c_total, r = ops.sizes
     n = batch * h0 * w0
-    device = launch.device
+    device = ops.device
     index = device.index if device.index is not None else torch.cuda.current_device()
     module = _module(index)
-    ptr = lambda t: np.uint64(t.data_ptr())  # noqa: E731 - kernel pointer parameters are 8-byte values
-    maps = launch.maps
-    f = [ptr(m) for m in maps] + [ptr(maps[0])] * (4 - len(maps))  # unused slots are never read
-    tiles = (r + TILE_R - 1) // TILE_R
+    ptr = lambda t: np.uint64(t.data_ptr())
+    maps = ops.maps
+    f = [ptr(m) for m in maps] + [ptr(maps[0])] * (cfg.max_layers - len(maps))  # unused slots are never read
+    tiles = cfg.tiles(r)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # CuPy 14 deprecates ExternalStream; it still works
-        external = cupy.cuda.ExternalStream(launch.stream(), index)
+        external = cupy.cuda.ExternalStream(ops.stream(), index)
     with cupy.cuda.Device(index), external:
-        module.get_function(_ENTRY[launch.dtype])(
-            ((n + TILE_P - 1) // TILE_P, tiles),
-            (THREADS,),
-            (*f, np.int32(len(maps)), ptr(launch.plan), ptr(launch.weights), ptr(launch.matrix), ptr(launch.q),
-             ptr(launch.partial), np.int32(batch), np.int32(h0), np.int32(w0), np.int32(c_total), np.int32(r)),
+        module.get_function(_ENTRY[dtype])(
+            ((n + cfg.tile_p - 1) // cfg.tile_p, tiles),
+            (cfg.threads,),
+            (*f, np.int32(len(maps)), ptr(ops.plan), ptr(ops.weights), ptr(ops.matrix), ptr(ops.q),
+             ptr(partial), np.int32(batch), np.int32(h0), np.int32(w0), np.int32(c_total), np.int32(r)),
         )
-        finish = "crd_head_finish_f64" if launch.dtype == "float64" else "crd_head_finish_f32"
+        finish = "crd_head_finish_f64" if dtype == "float64" else "crd_head_finish_f32"
         module.get_function(finish)(
-            ((n + 255) // 256,), (256,), (ptr(launch.partial), ptr(launch.out), np.int64(n), np.int32(tiles))
+            ((n + cfg.finish_threads - 1) // cfg.finish_threads,), (cfg.finish_threads,),
+            (ptr(partial), ptr(out), np.int64(n), np.int32(tiles)),
         )
 
 
@@ -120,5 +154,5 @@ def _import_cupy() -> None:
 
 crd_head_cupy = cuda_launch.head_launcher(
     _launch_cupy, _import_cupy, "crd_head_cupy",
-    """Same contract as ``crd_fast.ops.native.crd_head_cuda``, through CuPy; fills and returns ``out``.""",
+    """Same contract as ``crd_fast.ops.cuda_launch.crd_head_cuda``, through CuPy; fills and returns ``out``.""",
 )

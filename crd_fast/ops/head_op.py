@@ -15,33 +15,36 @@ Dispatch (registered per device with torch.library, so ``torch.compile`` sees on
 fake implementation):
 
 * CPU tensors: the fused CPU path (crd_fast/ops/cpu.py: per-layer BLAS, then one Cython pass);
-* CUDA tensors: the kernels compiled into ``crd_fast.ops._C``, else the same source built at run time by
-  CuPy, else the reference in float32/float64 (``crd_fast.ops.cuda.cuda_backend()`` says which;
-  more than 4 layers also take the reference);
+* CUDA tensors: per device, the kernels compiled into ``crd_fast.ops._C``, else the same source built at run
+  time by CuPy, else the reference in float32/float64, checked once per device and falling back with one
+  warning instead of raising (crd_fast/ops/cuda_dispatch.py, docs/GPU.md). More layers than the kernels
+  take, and a first call inside CUDA-graph capture, also take the reference;
 * any other device: the reference.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from ..core.dtypes import compute_dtype
 from ..core.embedding import check_embedding, embedding_dim
-from . import reference
 from . import cpu as _cpu
 from . import cuda as _cuda
+from . import cuda_dispatch, reference, streams
+from .kernel_config import CONFIG
 from .plan import folded_operands
 
 _MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["crd_head", "check_head_inputs", "output_dtype"]
+__all__ = ["check_head_inputs", "crd_head", "output_dtype"]
 
 
-def output_dtype(map_dtype: torch.dtype) -> torch.dtype:
-    """dtype of the score map for feature maps of ``map_dtype``: float64 stays float64, all else float32."""
-    return torch.float64 if map_dtype == torch.float64 else torch.float32
+#: dtype of the score map for feature maps of a dtype: the scoring rule of crd_fast/core/dtypes.py.
+output_dtype = compute_dtype
 
 
 def check_head_inputs(
@@ -87,7 +90,7 @@ def check_head_inputs(
 
 
 def _reference(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
-    dtype = output_dtype(feature_maps[0].dtype)
+    dtype = compute_dtype(feature_maps[0].dtype)
     return reference.crd_head(feature_maps, matrix, offset, embedding, target_dim, dtype=dtype).contiguous()
 
 
@@ -103,7 +106,7 @@ def _crd_head_cpu(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, em
     check_head_inputs(feature_maps, matrix, offset, embedding, target_dim)
     if not _cpu.available():
         return _reference(feature_maps, matrix, offset, embedding, target_dim)
-    dtype = output_dtype(feature_maps[0].dtype)
+    dtype = compute_dtype(feature_maps[0].dtype)
     maps = [f.detach().to(dtype) for f in feature_maps]
     channels = tuple(int(f.shape[1]) for f in maps)
     matrix_t, q = folded_operands(matrix, offset, channels, embedding, target_dim, dtype, transposed=True)
@@ -113,18 +116,34 @@ def _crd_head_cpu(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, em
 @_crd_head_op.register_kernel("cuda")
 def _crd_head_cuda(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
     check_head_inputs(feature_maps, matrix, offset, embedding, target_dim)
-    backend = _cuda.cuda_backend()
-    if backend == "reference" or len(feature_maps) > _cuda.MAX_LAYERS:
+    if CONFIG is None or len(feature_maps) > CONFIG.max_layers:
         return _reference(feature_maps, matrix, offset, embedding, target_dim)
-    operands = _cuda.prepare([f.detach() for f in feature_maps], matrix, offset, embedding, target_dim)
-    return _cuda.run(operands, backend)
+    choice = cuda_dispatch.decide(feature_maps[0].device)
+    if choice.path == "reference":
+        return _reference(feature_maps, matrix, offset, embedding, target_dim)
+    maps = [f.detach() for f in feature_maps]
+    try:
+        operands = _cuda.prepare(maps, matrix, offset, embedding, target_dim, choice.capability)
+    except streams.NotPrepared as exc:
+        _warn_once("capture", f"{exc}; this capture records the reference path")
+        return _reference(feature_maps, matrix, offset, embedding, target_dim)
+    return _cuda.run(operands, choice.path)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 @_crd_head_op.register_fake
 def _crd_head_fake(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
     check_head_inputs(feature_maps, matrix, offset, embedding, target_dim)
     b, _, h, w = feature_maps[0].shape
-    return feature_maps[0].new_empty((b, h, w), dtype=output_dtype(feature_maps[0].dtype))
+    return feature_maps[0].new_empty((b, h, w), dtype=compute_dtype(feature_maps[0].dtype))
 
 
 def crd_head(

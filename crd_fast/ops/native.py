@@ -25,6 +25,13 @@ def has_native() -> bool:
     return _C is not None
 
 
+def compiled() -> Any:
+    """The compiled module ``_C``; RuntimeError saying why when it did not import."""
+    if _C is None:
+        raise RuntimeError(f"crd_fast.ops._C is not available: {_IMPORT_ERROR}")
+    return _C
+
+
 def has_native_cuda() -> bool:
     """True when the compiled module contains the CUDA kernels (whether or not a GPU is present)."""
     return _C is not None and bool(_C.build_info()["cuda"])
@@ -72,6 +79,13 @@ def residual_norm(z: torch.Tensor, q: Optional[torch.Tensor] = None) -> torch.Te
 def build_info() -> dict[str, Any]:
     """What ``_C`` was compiled with (OpenMP, CUDA and its version); empty when it is absent."""
     return dict(_C.build_info()) if _C is not None else {}
+
+
+def cuda_archs() -> Optional[tuple[str, ...]]:
+    """CMAKE_CUDA_ARCHITECTURES that ``_C``'s kernels were built for (e.g. ("75-real", ..., "90")), or None
+    when unknown (no CUDA kernels, or a build from before this fact was recorded)."""
+    archs = build_info().get("cuda_archs")
+    return tuple(a for a in str(archs).split(",") if a) if archs else None
 
 
 def import_error() -> Optional[str]:

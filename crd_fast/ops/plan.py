@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..core.embedding import EMBEDDINGS, patchcore_reduce
+from . import streams
 
 #: Most taps one output row/column reads from one layer (2 bilinear taps, each widened by the 3-tap pool).
 MAX_TAPS = 4
@@ -117,25 +119,40 @@ def build_tables(geom: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _TableCache:
-    """Tables per (geometry without batch, weight dtype, device): tiny, built once per shape."""
+    """Tables per (geometry without batch, weight dtype, device): tiny, built once per shape.
+
+    Device entries follow the stream rules of crd_fast/ops/streams.py (complete when made, kept alive
+    for other streams, never made inside CUDA-graph capture).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple, tuple[tuple[torch.Tensor, torch.Tensor], Optional[int]]] = {}
 
     def get(self, geom: Geometry, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (geom.channels, geom.sizes, dtype, str(device))
         with self._lock:
             hit = self._tables.get(key)
         if hit is not None:
-            return hit
+            streams.before_use(hit[0], device, hit[1])
+            return hit[0]
+        streams.before_create(device, "plan tables")
         plan, weights = build_tables(geom)
         value = (plan.to(device), weights.to(device=device, dtype=dtype))
+        origin = streams.after_create(device)
         with self._lock:
             if len(self._tables) > 64:  # shapes are few in practice; bound it anyway
                 self._tables.clear()
-            self._tables[key] = value
+            self._tables[key] = (value, origin)
         return value
+
+    def __contains__(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._tables
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
 
 
 _TABLES = _TableCache()
@@ -177,7 +194,8 @@ class _FoldCache:
     def __init__(self, size: int = 8) -> None:
         self._lock = threading.Lock()
         self._size = size
-        self._entries: list[tuple[tuple, "weakref.ref", "weakref.ref", tuple[torch.Tensor, torch.Tensor]]] = []
+        self._entries: list[tuple[tuple, weakref.ref, weakref.ref, tuple[torch.Tensor, torch.Tensor], Optional[int]]]
+        self._entries = []
 
     def get(
         self,
@@ -185,16 +203,25 @@ class _FoldCache:
         offset: torch.Tensor,
         params: tuple,
         compute: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        device: Optional[torch.device] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached value for (``matrix``, ``offset``, ``params``), else ``compute()`` (cached when possible)."""
+        """The cached value for (``matrix``, ``offset``, ``params``), else ``compute()`` (cached when possible).
+
+        ``device`` (default: the matrix's) is where the value lives; its entries follow the stream rules of
+        crd_fast/ops/streams.py.
+        """
+        device = matrix.device if device is None else torch.device(device)
         key = (matrix._version, offset._version, matrix.data_ptr(), offset.data_ptr(), tuple(matrix.shape), params)
         with self._lock:
-            for k, mref, oref, value in self._entries:
+            for k, mref, oref, value, origin in self._entries:
                 if k == key and mref() is matrix and oref() is offset:
+                    streams.before_use(value, device, origin)
                     return value
+        streams.before_create(device, "folded matrix")
         value = compute()
+        origin = streams.after_create(device)
         try:
-            entry = (key, weakref.ref(matrix), weakref.ref(offset), value)
+            entry = (key, weakref.ref(matrix), weakref.ref(offset), value, origin)
         except TypeError:  # some tensor subclasses refuse weak references: just do not cache
             return value
         with self._lock:
@@ -236,4 +263,4 @@ def folded_operands(
         return p.to(device=dev, dtype=dtype).contiguous(), q.to(device=dev, dtype=acc).contiguous()
 
     params = (channels, embedding, int(target_dim), dtype, acc, bool(transposed), str(dev))
-    return FOLDS.get(matrix, offset, params, fold)
+    return FOLDS.get(matrix, offset, params, fold, dev)

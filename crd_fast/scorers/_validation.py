@@ -81,8 +81,3 @@ def as_patch_matrix(
         raise ValueError(f"{name} has feature dimension d={d}, but the model was fitted with d={dim}")
     check_finite(tensor, name)
     return tensor, kind
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype scoring runs in: float64 stays float64, everything else runs in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -15,7 +15,8 @@ import torch
 
 from ..choices import DEFAULT_LAM_REL
 from ..ops import native as _native
-from ._validation import ArrayLike, as_patch_matrix, compute_dtype
+from ..core.dtypes import compute_dtype
+from ._validation import ArrayLike, as_patch_matrix
 from ..core.projection import CRDProjection, crd_lambda
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike, read_model_file, require, write_model_file

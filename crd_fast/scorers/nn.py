@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from ._validation import ArrayLike, as_patch_matrix, compute_dtype
+from ..core.dtypes import compute_dtype
+from ._validation import ArrayLike, as_patch_matrix
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
 
 _BACKENDS = ("auto", "faiss", "torch")

@@ -1,5 +1,5 @@
 // Host launchers of the fused CRD head kernels (device code: crd_head_kernels.cuh, shared with CuPy).
-// Twin of csrc/cpu/crd_head.pyx. Python (crd_fast/ops/native.py) checks every pointer's device, dtype,
+// Twin of csrc/cpu/crd_head.pyx. Python (crd_fast/ops/cuda_launch.py) checks every pointer's device, dtype,
 // shape and contiguity and allocates partial (tiles x N) and out (N) before calling here.
 #include <cuda_runtime.h>
 
@@ -11,6 +11,7 @@
 
 namespace crd_fast {
 namespace cuda {
+static_assert(kHeadMaxLayers == crd_head::kMaxLayers, "common.h kHeadMaxLayers must match the kernels");
 namespace {
 
 void check(cudaError_t err, const char* what) {
@@ -40,8 +41,8 @@ template <typename Acc, typename Kernel>
 void launch_finish(Kernel kernel, const HeadArgs& a, cudaStream_t stream) {
   const long long n = static_cast<long long>(a.batch) * a.h0 * a.w0;
   const int tiles = (a.r + crd_head::kTileR - 1) / crd_head::kTileR;
-  const dim3 grid(static_cast<unsigned>((n + 255) / 256));
-  kernel<<<grid, 256, 0, stream>>>(reinterpret_cast<const Acc*>(a.partial), reinterpret_cast<Acc*>(a.out), n, tiles);
+  const dim3 grid(static_cast<unsigned>((n + crd_head::kFinishThreads - 1) / crd_head::kFinishThreads));
+  kernel<<<grid, crd_head::kFinishThreads, 0, stream>>>(reinterpret_cast<const Acc*>(a.partial), reinterpret_cast<Acc*>(a.out), n, tiles);
   check(cudaGetLastError(), "crd_head finish launch");
 }
 

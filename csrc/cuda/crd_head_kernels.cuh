@@ -20,7 +20,18 @@
 // fp32 and fp64 run a SIMT 4x4 register tile; fp16 and bf16 operands run on tensor cores through
 // wmma 16x16x16 with fp32 accumulation (embedding values are summed in fp32 and rounded once to the
 // operand type when stored to shared memory).
+//
+// Architectures: everything builds for sm_75 and newer except the bf16 tensor-core tile, which needs
+// sm_80 (bf16 wmma fragments do not exist below it). For device passes below sm_80 crd_head_tile_bf16 is
+// a stub that traps; Python never launches it there (bf16 maps are widened to float32 on such devices,
+// crd_fast/ops/cuda.py operand_dtype; docs/GPU.md).
 #pragma once
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800  // literal: the preprocessor cannot read kBf16MinArch
+#define CRD_HEAD_BF16_MMA 0
+#else
+#define CRD_HEAD_BF16_MMA 1
+#endif
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,12 +39,16 @@
 
 namespace crd_head {
 
-constexpr int kMaxLayers = 4;  // feature maps per call (the Python side checks this)
-constexpr int kHeader = 4;     // ints per layer header in plan: C, H, W, channel offset
-constexpr int kMaxTaps = 4;    // taps per band row (plan.py MAX_TAPS)
-constexpr int kThreads = 256;
-constexpr int kTileP = 64;  // patches per block
-constexpr int kTileR = 64;  // projection rows per block
+// Launch geometry, written once: nvcc and NVRTC compile this file, and Python reads these lines from it
+// (crd_fast/ops/kernel_config.py parses every `constexpr int kName = value;` of this block).
+constexpr int kMaxLayers = 4;       // feature maps per call (the Python side checks this)
+constexpr int kHeader = 4;          // ints per layer header in plan: C, H, W, channel offset
+constexpr int kMaxTaps = 4;         // taps per band row (crd_fast/ops/plan.py MAX_TAPS)
+constexpr int kThreads = 256;       // threads per tile block
+constexpr int kTileP = 64;          // patches per block
+constexpr int kTileR = 64;          // projection rows per block
+constexpr int kFinishThreads = 256; // threads per block of crd_head_finish_*
+constexpr int kBf16MinArch = 800;   // bf16 wmma needs sm_80; below it the bf16 entry traps (see CRD_HEAD_BF16_MMA)
 typedef long long i64;
 
 static_assert(kMaxLayers * kTileP == kThreads, "one thread loads one (layer, patch) tap record");
@@ -354,11 +369,14 @@ __device__ __forceinline__ void finish(const Acc* __restrict__ partial, Acc* __r
                            (int)blockIdx.y * crd_head::kTileR, c_total, r);                                 \
   }
 
-#define CRD_HEAD_TENSOR_ENTRY(NAME, T)                                                                      \
+#define CRD_HEAD_TENSOR_SIGNATURE(NAME, T)                                                                  \
   extern "C" __global__ void __launch_bounds__(crd_head::kThreads)                                          \
       NAME(const T* f0, const T* f1, const T* f2, const T* f3, int num_layers, const int* plan,             \
            const float* weights, const T* matrix, const float* q, float* partial, int batch, int h0, int w0, \
-           int c_total, int r) {                                                                             \
+           int c_total, int r)
+
+#define CRD_HEAD_TENSOR_ENTRY(NAME, T)                                                                      \
+  CRD_HEAD_TENSOR_SIGNATURE(NAME, T) {                                                                      \
     __shared__ crd_head::Shared<T> s;                                                                       \
     __shared__ __align__(32) float c_tile[crd_head::kTileP * (crd_head::kTileR + 4)];                       \
     const crd_head::i64 n = (crd_head::i64)batch * h0 * w0;                                                 \
@@ -372,9 +390,13 @@ __device__ __forceinline__ void finish(const Acc* __restrict__ partial, Acc* __r
 CRD_HEAD_SIMT_ENTRY(crd_head_tile_f32, float)
 CRD_HEAD_SIMT_ENTRY(crd_head_tile_f64, double)
 CRD_HEAD_TENSOR_ENTRY(crd_head_tile_f16, __half)
+#if CRD_HEAD_BF16_MMA
 CRD_HEAD_TENSOR_ENTRY(crd_head_tile_bf16, __nv_bfloat16)
+#else
+CRD_HEAD_TENSOR_SIGNATURE(crd_head_tile_bf16, __nv_bfloat16) { __trap(); }  // never launched below sm_80
+#endif
 
-// score[p] = sqrt(sum_t partial[t, p]); grid = ceil(N / 256), block = 256.
+// score[p] = sqrt(sum_t partial[t, p]); grid = ceil(N / kFinishThreads), block = kFinishThreads.
 extern "C" __global__ void crd_head_finish_f32(const float* partial, float* out, long long n, int tiles) {
   crd_head::finish<float>(partial, out, n, tiles);
 }

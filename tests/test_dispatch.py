@@ -1,0 +1,351 @@
+"""CUDA dispatch without a GPU: device properties, compile failures, probes and streams are faked.
+
+Covers the fallback order native -> CuPy -> reference (one warning, never raising), the capability rules
+(sm_75, PTX), the per-device cache of decisions, ``backends()``, the operands handed to the launchers and
+the stream rules of the device caches (crd_fast/ops/streams.py).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import crd_fast
+from crd_fast.core.embedding import embed_patches, patch_matrix
+from crd_fast.ops import cuda as kcuda
+from crd_fast.ops import cuda_dispatch as dispatch
+from crd_fast.ops import cupy_jit, head_op, kernel_config, plan, reference, streams
+from crd_fast.ops.plan import FOLDS, Geometry, fold_matrix, folded_operands
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions(monkeypatch):
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    dispatch.reset()
+    FOLDS.clear()
+    plan._TABLES.clear()
+    yield
+    dispatch.reset()
+    FOLDS.clear()
+    plan._TABLES.clear()
+
+
+def fake_device(monkeypatch, cap=(8, 0), native=None, cupy=None, probe=None, capturing=False):
+    """A fake CUDA device 0 of capability ``cap``; ``native`` / ``cupy`` / ``probe``: problems (None = fine)."""
+    probes = []
+    monkeypatch.setattr(dispatch, "device_index", lambda device: 0)
+    monkeypatch.setattr(dispatch, "capability", lambda index: cap)
+    monkeypatch.setattr(dispatch, "device_name", lambda index: "Fake GPU")
+    monkeypatch.setattr(dispatch.streams, "capturing", lambda device: capturing)
+    monkeypatch.setattr(dispatch, "native_problem", lambda c: native)
+    monkeypatch.setattr(dispatch, "cupy_problem", lambda index: cupy)
+
+    def fake_probe(path, device):
+        probes.append(path)
+        return (probe or {}).get(path)
+
+    monkeypatch.setattr(dispatch, "probe", fake_probe)
+    return probes
+
+
+def decide_recording():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        choice = dispatch.decide(torch.device("cuda", 0))
+    return choice, [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+# ---- the fallback order ----------------------------------------------------------------------------------
+def test_native_is_used_when_it_passes_its_probe(monkeypatch):
+    probes = fake_device(monkeypatch)
+    choice, warned = decide_recording()
+    assert (choice.path, choice.skipped, warned, probes) == ("native", {}, [], ["native"])
+    assert choice.capability == (8, 0)
+
+
+def test_failed_paths_fall_back_to_the_reference_with_one_warning(monkeypatch):
+    probes = fake_device(
+        monkeypatch, cupy=("NVRTC build failed: CompileException: cannot open source file crt/mma.h", False),
+        probe={"native": "probe launch failed: RuntimeError: no kernel image is available"},
+    )
+    choice, warned = decide_recording()
+    assert choice.path == "reference" and probes == ["native"]
+    assert set(choice.skipped) == {"native", "cupy"}
+    assert len(warned) == 1
+    message = str(warned[0].message)
+    assert "uses the reference path" in message and "no kernel image" in message and "crt/mma.h" in message
+    # decided once per device: no second probe, no second warning
+    again, warned_again = decide_recording()
+    assert again is choice and warned_again == [] and probes == ["native"]
+
+
+def test_cupy_takes_over_when_native_has_no_image_for_the_device(monkeypatch):
+    fake_device(monkeypatch, cap=(7, 5), native=("_C carries code for 80-real, none runs on sm_75", False))
+    choice, warned = decide_recording()
+    assert choice.path == "cupy" and "sm_75" in choice.skipped["native"]
+    assert len(warned) == 1 and "uses the cupy path" in str(warned[0].message)
+
+
+def test_absent_paths_fall_through_quietly(monkeypatch):
+    """A CPU-only wheel with the CuPy extra is a normal install: CuPy, no warning."""
+    fake_device(monkeypatch, native=("crd_fast.ops._C has no CUDA kernels", True))
+    choice, warned = decide_recording()
+    assert choice.path == "cupy" and warned == []
+    dispatch.reset()
+    fake_device(monkeypatch, native=("no kernels", True), cupy=("cupy is not installed", True))
+    choice, warned = decide_recording()
+    assert choice.path == "reference" and len(warned) == 1  # ending on the reference is always said
+
+
+def test_devices_below_sm75_take_the_reference(monkeypatch):
+    probes = fake_device(monkeypatch, cap=(6, 1))
+    choice, warned = decide_recording()
+    assert choice.path == "reference" and probes == [] and "below the oldest supported sm_75" in choice.skipped["native"]
+    assert len(warned) == 1
+
+
+def test_inside_capture_the_choice_is_static_and_not_cached(monkeypatch):
+    probes = fake_device(monkeypatch, capturing=True)
+    choice, _ = decide_recording()
+    assert choice.path == "native" and probes == [] and "capture" in choice.reason
+    assert dispatch.CHOICES.get(0) is None
+
+
+def test_forced_path(monkeypatch):
+    fake_device(monkeypatch)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "cupy")
+    assert dispatch.decide(torch.device("cuda", 0)).path == "cupy"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    with pytest.raises(ValueError, match="CRD_FAST_CUDA_BACKEND must be one of"):
+        dispatch.decide(torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize(
+    "archs,cap,want",
+    [
+        (("75-real", "80-real", "86-real", "89-real", "90"), (7, 5), True),
+        (("80-real", "86-real", "89-real", "90"), (7, 5), False),  # the old default: no T4 image
+        (("80-real", "90"), (8, 6), True),  # sm_80 SASS runs on 8.6
+        (("86-real", "90"), (8, 0), False),  # but not the other way round
+        (("80-real", "90"), (12, 0), True),  # PTX of 90 is JIT-compiled for newer devices
+        (("80-real", "90-virtual"), (9, 0), True),
+        (("80-real", "86-real"), (9, 0), False),
+        (("native",), (8, 0), None),
+        (None, (8, 0), None),
+    ],
+)
+def test_kernel_image_rules(archs, cap, want):
+    assert dispatch.image_for(archs, cap) is want
+
+
+def test_native_problem_reads_the_build(monkeypatch):
+    monkeypatch.setattr(dispatch.native, "has_native_cuda", lambda: True)
+    monkeypatch.setattr(dispatch.native, "cuda_archs", lambda: ("80-real", "90"))
+    assert "none runs on sm_75" in dispatch.native_problem((7, 5))[0]
+    assert dispatch.native_problem((8, 9)) is None
+    monkeypatch.setattr(dispatch.native, "has_native_cuda", lambda: False)
+    assert dispatch.native_problem((8, 0))[1] is True  # absent, not failed
+
+
+# ---- CuPy: available means "compiles" -------------------------------------------------------------------
+def test_cupy_compile_failure_makes_the_path_unavailable(monkeypatch):
+    calls = []
+
+    def broken(index):
+        calls.append(index)
+        raise RuntimeError("CompileException: catastrophic error: cannot open source file \"crt/mma.h\"")
+
+    monkeypatch.setattr(cupy_jit, "cupy_importable", lambda: True)
+    monkeypatch.setattr(cupy_jit, "build_module", broken)
+    assert "crt/mma.h" in cupy_jit.compile_error(0)
+    assert "crt/mma.h" in cupy_jit.compile_error(0) and calls == [0]  # compiled (and failed) once
+    problem = dispatch.cupy_problem(0)
+    assert problem[1] is False and "NVRTC build failed" in problem[0]
+    with pytest.raises(RuntimeError, match="CuPy build of the head kernels failed"):
+        cupy_jit._module(0)
+    monkeypatch.setattr(cupy_jit, "cupy_importable", lambda: False)
+    assert dispatch.cupy_problem(0) == ("cupy is not installed (pip install crd-fast[cupy])", True)
+
+
+# ---- the probe --------------------------------------------------------------------------------------------
+def test_probe_reports_wrong_results_and_launch_errors(monkeypatch):
+    """The probe runs the real prepare() on CPU tensors with the launch faked: right, wrong, raising."""
+    def exact(ops, path):
+        emb = patch_matrix(embed_patches([m.double() for m in ops.maps]))
+        return torch.linalg.vector_norm(emb @ ops.matrix.double().T - ops.q.double(), dim=1).reshape(ops.out_shape)
+
+    monkeypatch.setattr(kcuda, "run", exact)
+    assert dispatch.probe("native", torch.device("cpu")) is None
+    monkeypatch.setattr(kcuda, "run", lambda ops, path: exact(ops, path) * 1.01)
+    assert "differs from the reference" in dispatch.probe("native", torch.device("cpu"))
+    monkeypatch.setattr(kcuda, "run", lambda ops, path: exact(ops, path) * float("nan"))
+    assert "differs from the reference" in dispatch.probe("native", torch.device("cpu"))
+
+    def no_image(ops, path):
+        raise RuntimeError("crd_fast CUDA error in crd_head tile launch: no kernel image is available")
+
+    monkeypatch.setattr(kcuda, "run", no_image)
+    assert "no kernel image" in dispatch.probe("cupy", torch.device("cpu"))
+
+
+# ---- backends() -------------------------------------------------------------------------------------------
+def test_backends_reports_each_device(monkeypatch):
+    fake_device(monkeypatch, probe={"native": "probe launch failed: no kernel image"})
+    monkeypatch.setattr(dispatch, "device_index", lambda device: torch.device(device).index)
+    monkeypatch.setattr(dispatch, "capability", lambda index: [(8, 0), (6, 0)][index])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = crd_fast.backends()["cuda_devices"]
+    assert [d["path"] for d in report] == ["cupy", "reference"]
+    assert report[0]["capability"] == "8.0" and "no kernel image" in report[0]["skipped"]["native"]
+    assert report[1]["capability"] == "6.0" and "sm_60" in report[1]["skipped"]["cupy"]
+
+
+# ---- the op's CUDA kernel, run on CPU tensors with the decision and launch faked ----------------------------
+@pytest.mark.parametrize(
+    "dtype,cap,operand,acc",
+    [(torch.float32, (8, 0), torch.float32, torch.float32), (torch.float64, (8, 0), torch.float64, torch.float64),
+     (torch.bfloat16, (8, 0), torch.bfloat16, torch.float32), (torch.float16, (8, 0), torch.float16, torch.float32),
+     (torch.bfloat16, (7, 5), torch.float32, torch.float32), (torch.float16, (7, 5), torch.float16, torch.float32)],
+)
+def test_cuda_kernel_hands_one_operand_object_to_the_launcher(monkeypatch, dtype, cap, operand, acc):
+    """Everything up to the pointer hand-off: operands laid out as the kernels expect, bf16 widened below sm_80."""
+    gen = torch.Generator().manual_seed(41)
+    maps = [torch.randn(2, c, s, s, generator=gen, dtype=torch.float64).to(dtype) for c, s in ((6, 6), (10, 3), (4, 1))]
+    matrix, offset = torch.randn(9, 9, generator=gen, dtype=torch.float64), torch.randn(9, generator=gen, dtype=torch.float64)
+    seen = {}
+
+    def fake_run(operands, backend, out=None, partial=None):
+        seen["ops"], seen["backend"] = operands, backend
+        return operands.new_out().zero_()
+
+    monkeypatch.setattr(dispatch, "decide", lambda device: dispatch.Choice("cupy", "test", capability=cap))
+    monkeypatch.setattr(kcuda, "run", fake_run)
+    got = head_op._crd_head_cuda(maps, matrix, offset, "patchcore", 9)
+    o = seen["ops"]
+    assert seen["backend"] == "cupy" and got.dtype == acc and got.shape == (2, 6, 6)
+    assert all(m.dtype == operand and m.is_contiguous() for m in o.maps)
+    assert o.matrix.dtype == operand and o.matrix.shape == (9, 20) and o.q.dtype == acc and o.weights.dtype == acc
+    assert o.plan.dtype == torch.int32 and o.plan.shape == (3 * 4 + 3 * (6 + 6) * 2,)
+    assert o.new_partial().shape == (1, 2 * 36) and o.sizes == (2, 6, 6, 20, 9)
+    if dtype == torch.float64:  # the folded operands reproduce the reference scores
+        p, q = fold_matrix(matrix, offset, (6, 10, 4), "patchcore", 9)
+        emb = patch_matrix(embed_patches(maps, "concat"))
+        want = reference.crd_head(maps, matrix, offset, "patchcore", 9).flatten()
+        torch.testing.assert_close(torch.linalg.vector_norm(emb @ p.T - q, dim=1), want, rtol=1e-10, atol=0)
+
+
+def test_cuda_kernel_takes_the_reference_when_decided_or_too_many_layers(monkeypatch):
+    gen = torch.Generator().manual_seed(43)
+    maps = [torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(kernel_config.CONFIG.max_layers + 1)]
+    matrix, offset = torch.randn(5, 3 * len(maps), generator=gen, dtype=torch.float64), torch.zeros(3 * len(maps), dtype=torch.float64)
+    monkeypatch.setattr(kcuda, "run", lambda *a, **k: pytest.fail("no kernel may run"))
+    monkeypatch.setattr(dispatch, "decide", lambda device: dispatch.Choice("native", "test", capability=(8, 0)))
+    want = reference.crd_head(maps, matrix, offset)
+    torch.testing.assert_close(head_op._crd_head_cuda(maps, matrix, offset, "concat", 1), want, rtol=1e-12, atol=0)
+    monkeypatch.setattr(dispatch, "decide", lambda device: dispatch.Choice("reference", "test"))
+    torch.testing.assert_close(head_op._crd_head_cuda(maps[:2], matrix[:, :6], offset[:6], "concat", 1),
+                               reference.crd_head(maps[:2], matrix[:, :6], offset[:6]), rtol=1e-12, atol=0)
+
+
+def test_first_call_inside_capture_records_the_reference_once(monkeypatch):
+    gen = torch.Generator().manual_seed(47)
+    maps = [torch.randn(2, 3, 5, 5, generator=gen), torch.randn(2, 2, 3, 3, generator=gen)]
+    matrix, offset = torch.randn(4, 5, generator=gen), torch.randn(5, generator=gen)
+    monkeypatch.setattr(dispatch, "decide", lambda device: dispatch.Choice("native", "test", capability=(8, 0)))
+    monkeypatch.setattr(kcuda, "run", lambda *a, **k: pytest.fail("nothing is prepared: no kernel may run"))
+    monkeypatch.setattr(streams, "capturing", lambda device: True)
+    monkeypatch.setattr(head_op, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="inside CUDA-graph capture"):
+        got = head_op._crd_head_cuda(maps, matrix, offset, "concat", 1)
+    torch.testing.assert_close(got.double(), reference.crd_head(maps, matrix, offset), rtol=1e-5, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head_op._crd_head_cuda(maps, matrix, offset, "concat", 1)  # warned once only
+
+
+# ---- stream rules of the device caches -------------------------------------------------------------------
+class FakeStreams:
+    """A CUDA device faked on CPU tensors: a current stream id, synchronizations and record_stream calls."""
+
+    def __init__(self, monkeypatch):
+        self.current, self.synced, self.recorded, self.capture = 1, [], [], False
+        monkeypatch.setattr(streams, "is_cuda", lambda device: True)
+        monkeypatch.setattr(streams, "stream_id", lambda device: self.current)
+        monkeypatch.setattr(streams, "capturing", lambda device: self.capture)
+        monkeypatch.setattr(streams, "synchronize", lambda device: self.synced.append(self.current))
+        monkeypatch.setattr(streams, "record", lambda t, device: self.recorded.append((id(t), self.current)))
+
+
+def test_table_cache_is_complete_when_made_and_kept_alive_for_other_streams(monkeypatch):
+    fake = FakeStreams(monkeypatch)
+    geom = Geometry(channels=(3, 2), sizes=((5, 4), (3, 3)), batch=1)
+    cpu = torch.device("cpu")
+    first = plan.tables(geom, torch.float32, cpu)
+    assert fake.synced == [1] and fake.recorded == []  # made on stream 1, synchronized once
+    assert plan.tables(geom, torch.float32, cpu) is first and fake.synced == [1] and fake.recorded == []
+    fake.current = 2
+    assert plan.tables(geom, torch.float32, cpu) is first
+    assert fake.recorded == [(id(first[0]), 2), (id(first[1]), 2)] and fake.synced == [1]
+    fake.capture = True  # a hit inside capture is fine; a miss is refused (no pageable copy while capturing)
+    plan.tables(geom, torch.float32, cpu)
+    with pytest.raises(streams.NotPrepared, match="plan tables"):
+        plan.tables(Geometry(channels=(3,), sizes=((2, 2),), batch=1), torch.float32, cpu)
+
+
+def test_fold_cache_follows_the_same_stream_rules(monkeypatch):
+    fake = FakeStreams(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    matrix, offset = torch.randn(4, 6, generator=gen), torch.randn(6, generator=gen)
+    args = (matrix, offset, (2, 4), "concat", 1, torch.float32, torch.float32)
+    p, _ = folded_operands(*args)
+    assert fake.synced == [1]
+    fake.current = 3
+    assert folded_operands(*args)[0] is p and {s for _, s in fake.recorded} == {3} and len(fake.recorded) == 2
+    fake.capture = True
+    matrix.mul_(2)  # a new version: the cached entry no longer matches, and capture refuses a new one
+    with pytest.raises(streams.NotPrepared, match="folded matrix"):
+        folded_operands(*args)
+
+
+def test_cpu_tensors_never_touch_streams(monkeypatch):
+    monkeypatch.setattr(streams, "synchronize", lambda device: pytest.fail("no stream on the CPU"))
+    monkeypatch.setattr(streams, "record", lambda t, device: pytest.fail("no stream on the CPU"))
+    geom = Geometry(channels=(3,), sizes=((4, 4),), batch=1)
+    plan.tables(geom, torch.float64, torch.device("cpu"))
+    plan.tables(geom, torch.float64, torch.device("cpu"))
+
+
+# ---- facts written once -----------------------------------------------------------------------------------
+def test_launch_geometry_is_read_from_the_shipped_kernel_source():
+    text = kernel_config.source_text()
+    cfg = kernel_config.CONFIG
+    written = dict(re.findall(r"constexpr int (k\w+) = (\d+);", text))
+    assert cfg.tile_r == int(written["kTileR"]) and cfg.tile_p == int(written["kTileP"])
+    assert cfg.threads == int(written["kThreads"]) and cfg.max_layers == int(written["kMaxLayers"])
+    assert cfg.finish_threads == int(written["kFinishThreads"]) and cfg.bf16_min_arch * 10 == int(written["kBf16MinArch"])
+    assert cfg.max_taps == plan.MAX_TAPS and cfg.tiles(65) == 2 and cfg.tiles(64) == 1 and cfg.tiles(0) == 0
+    assert "#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < " + written["kBf16MinArch"] in text
+    common = (ROOT / "csrc" / "common.h").read_text()
+    assert f"constexpr int kHeadMaxLayers = {cfg.max_layers};" in common
+    with pytest.raises(ValueError, match="kTileR"):
+        kernel_config.parse(text.replace("kTileR = ", "kTileRows = "))
+
+
+def test_codegen_flags_and_architectures_agree_between_nvcc_and_nvrtc():
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    for flag in cupy_jit.CODEGEN_FLAGS:
+        assert flag in cmake, f"{flag} is passed to NVRTC but not to nvcc"
+    assert "-ftz=true" in cupy_jit.CODEGEN_FLAGS  # CuPy always adds it: nvcc must match
+    assert set(cupy_jit.CODEGEN_FLAGS) <= set(cupy_jit.nvrtc_options())
+    archs = re.search(r'set\(CMAKE_CUDA_ARCHITECTURES "([^"]+)"\)', cmake).group(1).split(";")
+    cap = dispatch.MIN_CAPABILITY
+    assert dispatch.image_for(tuple(archs), cap) is True  # the oldest supported device has an image
