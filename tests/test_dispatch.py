@@ -106,7 +106,8 @@ def test_absent_paths_fall_through_quietly(monkeypatch):
 def test_devices_below_sm75_take_the_reference(monkeypatch):
     probes = fake_device(monkeypatch, cap=(6, 1))
     choice, warned = decide_recording()
-    assert choice.path == "reference" and probes == [] and "below the oldest supported sm_75" in choice.skipped["native"]
+    assert choice.path == "reference" and probes == []
+    assert "below the oldest supported sm_75" in choice.skipped["native"]
     assert len(warned) == 1
 
 
@@ -220,7 +221,8 @@ def test_cuda_kernel_hands_one_operand_object_to_the_launcher(monkeypatch, dtype
     """Everything up to the pointer hand-off: operands laid out as the kernels expect, bf16 widened below sm_80."""
     gen = torch.Generator().manual_seed(41)
     maps = [torch.randn(2, c, s, s, generator=gen, dtype=torch.float64).to(dtype) for c, s in ((6, 6), (10, 3), (4, 1))]
-    matrix, offset = torch.randn(9, 9, generator=gen, dtype=torch.float64), torch.randn(9, generator=gen, dtype=torch.float64)
+    matrix = torch.randn(9, 9, generator=gen, dtype=torch.float64)
+    offset = torch.randn(9, generator=gen, dtype=torch.float64)
     seen = {}
 
     def fake_run(operands, backend, out=None, partial=None):
@@ -245,8 +247,10 @@ def test_cuda_kernel_hands_one_operand_object_to_the_launcher(monkeypatch, dtype
 
 def test_cuda_kernel_takes_the_reference_when_decided_or_too_many_layers(monkeypatch):
     gen = torch.Generator().manual_seed(43)
-    maps = [torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(kernel_config.CONFIG.max_layers + 1)]
-    matrix, offset = torch.randn(5, 3 * len(maps), generator=gen, dtype=torch.float64), torch.zeros(3 * len(maps), dtype=torch.float64)
+    layers = kernel_config.CONFIG.max_layers + 1
+    maps = [torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(layers)]
+    matrix = torch.randn(5, 3 * layers, generator=gen, dtype=torch.float64)
+    offset = torch.zeros(3 * layers, dtype=torch.float64)
     monkeypatch.setattr(kcuda, "run", lambda *a, **k: pytest.fail("no kernel may run"))
     monkeypatch.setattr(dispatch, "decide", lambda device: dispatch.Choice("native", "test", capability=(8, 0)))
     want = reference.crd_head(maps, matrix, offset)
@@ -331,7 +335,8 @@ def test_launch_geometry_is_read_from_the_shipped_kernel_source():
     written = dict(re.findall(r"constexpr int (k\w+) = (\d+);", text))
     assert cfg.tile_r == int(written["kTileR"]) and cfg.tile_p == int(written["kTileP"])
     assert cfg.threads == int(written["kThreads"]) and cfg.max_layers == int(written["kMaxLayers"])
-    assert cfg.finish_threads == int(written["kFinishThreads"]) and cfg.bf16_min_arch * 10 == int(written["kBf16MinArch"])
+    assert cfg.finish_threads == int(written["kFinishThreads"])
+    assert cfg.bf16_min_arch * 10 == int(written["kBf16MinArch"])
     assert cfg.max_taps == plan.MAX_TAPS and cfg.tiles(65) == 2 and cfg.tiles(64) == 1 and cfg.tiles(0) == 0
     assert "#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < " + written["kBf16MinArch"] in text
     common = (ROOT / "csrc" / "common.h").read_text()

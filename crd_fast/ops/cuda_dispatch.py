@@ -94,7 +94,9 @@ def native_problem(cap: tuple[int, int]) -> Optional[tuple[str, bool]]:
     if CONFIG is None:
         return "crd_head_kernels.cuh is missing from this install", True
     if not native.has_native_cuda():
-        why = "crd_fast.ops._C has no CUDA kernels" if native.has_native() else f"_C not built ({native.import_error()})"
+        why = "crd_fast.ops._C has no CUDA kernels"
+        if not native.has_native():
+            why = f"_C not built ({native.import_error()})"
         return why, True
     archs = native.cuda_archs()
     if image_for(archs, cap) is False:
