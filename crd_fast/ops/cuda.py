@@ -46,9 +46,12 @@ def prepare(
 ) -> Operands:
     """Kernel operands for checked op inputs on one CUDA device (see crd_fast.ops.head_op for the checks).
 
-    Raises :class:`crd_fast.ops.streams.NotPrepared` when a cached table or folded matrix would have to be
+    ``capability`` (major, minor) defaults to the maps' device's. Raises
+    :class:`crd_fast.ops.streams.NotPrepared` when a cached table or folded matrix would have to be
     made inside CUDA-graph capture.
     """
+    if capability is None and feature_maps[0].device.type == "cuda":
+        capability = torch.cuda.get_device_capability(feature_maps[0].device)
     dtype = operand_dtype(feature_maps[0].dtype, capability)
     maps = tuple(f.to(dtype).contiguous() for f in feature_maps)
     geom = geometry_of(maps)
