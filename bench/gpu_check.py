@@ -473,12 +473,12 @@ class GpuRun:
                    sys.executable, str(Path(__file__).resolve()), "--sanitizer-target", "--seed", str(self.args.seed)]
             start = time.time()
             try:
-                result = subprocess.run(cmd, capture_output=True, text=True, timeout=150, check=False)
+                result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
                 text = (result.stdout + result.stderr).strip().splitlines()
                 ok = result.returncode == 0 and any("sanitizer target: ok" in line for line in text)
                 note = f"rc={result.returncode} in {time.time() - start:.0f} s; " + " | ".join(text[-3:])
             except subprocess.TimeoutExpired:
-                ok, note = False, "timed out after 150 s"
+                ok, note = False, "timed out after 120 s"
             self.report.add("sanitizer", tool, ok, note=note[:400])
 
     # step 7
