@@ -339,6 +339,8 @@ def test_launch_geometry_is_read_from_the_shipped_kernel_source():
     assert cfg.bf16_min_arch * 10 == int(written["kBf16MinArch"])
     assert cfg.max_taps == plan.MAX_TAPS and cfg.tiles(65) == 2 and cfg.tiles(64) == 1 and cfg.tiles(0) == 0
     assert "#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < " + written["kBf16MinArch"] in text
+    pyx = (ROOT / "csrc" / "cpu" / "crd_head.pyx").read_text()  # the CPU pass reads the same plan tables
+    assert re.search(rf"MAX_TAPS = {cfg.max_taps}\b", pyx)
     common = (ROOT / "csrc" / "common.h").read_text()
     assert f"constexpr int kHeadMaxLayers = {cfg.max_layers};" in common
     with pytest.raises(ValueError, match="kTileR"):

@@ -6,12 +6,15 @@
 * ``reference``: the pure-PyTorch specification every path is tested against;
 * ``plan``: the tap tables and folded operands every kernel reads (one indexing scheme for all paths);
 * ``cpu``: per-layer BLAS projection plus the Cython fused pass (csrc/cpu/crd_head.pyx);
-* ``cuda``: the CUDA paths, kernels compiled into ``_C`` or the same source built by CuPy (``cupy_jit``),
-  sharing one launch contract (``cuda_launch``);
+* ``cuda_dispatch``: which path each CUDA device takes (native -> CuPy -> reference, probed once per device);
+* ``cuda``: operands built once (``prepare``) and run by the compiled launcher (``cuda_launch``) or the CuPy
+  one (``cupy_jit``), both taking the same ``cuda_launch.Operands``;
+* ``kernel_config``: the kernels' launch geometry, read from the shipped csrc/cuda/crd_head_kernels.cuh;
+* ``streams``: the stream rules of the device caches;
 * ``native``: the compiled module ``_C`` (loader, build facts, the residual-norm kernel);
-* ``backends``: what this installation can run.
+* ``backends``: what this installation can run, and the path of each GPU.
 
-See docs/DESIGN.md ("Kernels and dispatch").
+See docs/DESIGN.md ("Kernels and dispatch") and docs/GPU.md.
 """
 
 from .backends import backends
