@@ -352,7 +352,7 @@ class GpuRun:
 
         views = {
             "channels_last": [m.to(memory_format=torch.channels_last) for m in dev],
-            "strided batch view": [torch.cat([m, m]).to(self.dev)[::2] for m in dev],
+            "strided batch view": [torch.stack([m, m], dim=1).flatten(0, 1)[::2] for m in dev],  # not contiguous
             "storage offset view": [torch.cat([m[:1], m])[1:] for m in dev],
         }
         for name, ms in views.items():

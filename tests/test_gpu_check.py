@@ -53,3 +53,94 @@ def test_without_a_gpu_the_check_exits_2_and_the_self_test_runs_from_the_command
         result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--no-timing"],
                                 capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 2 and "no CUDA device" in result.stdout
+
+
+# ---- the correctness step against emulated kernels: a right one passes, a broken one fails ----------------
+def _emulated_kernel(broken: str = ""):
+    """A CPU stand-in for ``cuda.run`` computing what the kernels compute from the prepared operands."""
+    from crd_fast.core.embedding import embed_patches, patch_matrix
+
+    def run(ops, path, out=None, partial=None):
+        emb = patch_matrix(embed_patches([m.double() for m in ops.maps], "concat"))
+        if ops.dtype in (torch.float16, torch.bfloat16):
+            emb = emb.to(ops.dtype).double()  # the kernel rounds each embedding value once to the operand type
+        z = emb @ ops.matrix.double().T - ops.q.double()
+        if broken == "second row tile lost":
+            z[:, 64:] = 0
+        scores = torch.linalg.vector_norm(z, dim=1).reshape(ops.out_shape)
+        if broken == "last patch unwritten":
+            scores.view(-1)[-1] = float("nan")
+        if broken == "embedding not rounded" and ops.dtype in (torch.float16, torch.bfloat16):
+            scores = torch.linalg.vector_norm(
+                patch_matrix(embed_patches([m.double() for m in ops.maps], "concat")) @ ops.matrix.double().T
+                - ops.q.double(), dim=1).reshape(ops.out_shape)
+        out = ops.new_out() if out is None else out
+        return out.copy_(scores)
+
+    return run
+
+
+def _cpu_run(monkeypatch, broken: str):
+    from crd_fast.ops import cuda as kcuda
+
+    args = gpu_check.parse_args(["--quick", "--seed", "11"])
+    report = gpu_check.Report()
+    run = object.__new__(gpu_check.GpuRun)
+    run.torch, run.args, run.report = torch, args, report
+    run.dev, run.cap, run.paths = torch.device("cpu"), (8, 0), ["native"]
+    run.kcuda = kcuda
+    monkeypatch.setattr(kcuda, "run", _emulated_kernel(broken))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: type("P", (), {"total_memory": 0})())
+    run.correctness()
+    return report
+
+
+def test_correctness_step_passes_a_right_kernel(monkeypatch):
+    report = _cpu_run(monkeypatch, "")
+    bad = [c for c in report.checks if c.ok is False]
+    assert not bad, bad
+    kernel_checks = [c for c in report.checks if c.step == "correctness"]
+    assert len(kernel_checks) == 5 * 4 and all(c.error is not None and c.error < c.tol for c in kernel_checks)
+    assert any(c.step == "edge" and "2^31" in c.name and c.ok is None for c in report.checks)  # no room here
+
+
+@pytest.mark.parametrize("broken", ["second row tile lost", "last patch unwritten", "embedding not rounded"])
+def test_correctness_step_fails_a_broken_kernel(monkeypatch, broken):
+    report = _cpu_run(monkeypatch, broken)
+    failed = [c for c in report.checks if c.step == "correctness" and c.ok is False]
+    assert failed and report.status() == 1
+    if broken == "second row tile lost":
+        assert all("r=70" in c.name or "r=65" in c.name for c in failed)
+    if broken == "embedding not rounded":
+        assert {c.name.rsplit(" ", 1)[1] for c in failed} <= {"float16", "bfloat16"} and len(failed) >= 4
+
+
+def test_bit_comparison_and_sanitizer_steps(monkeypatch, tmp_path):
+    report = gpu_check.Report()
+    run = object.__new__(gpu_check.GpuRun)
+    from crd_fast.ops import cuda as kcuda
+
+    run.torch, run.args, run.report = torch, gpu_check.parse_args(["--seed", "3"]), report
+    run.dev, run.cap = torch.device("cpu"), (8, 0)
+    run.kcuda, run.paths = kcuda, ["native"]
+    monkeypatch.setattr(kcuda, "run", _emulated_kernel())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    run.native_vs_cupy()
+    assert [c.ok for c in report.checks] == [None]  # one path only: said, not passed
+    run.paths = ["native", "cupy"]
+    run.native_vs_cupy()
+    assert [c.ok for c in report.checks[1:]] == [True] * 4
+    # sanitizers: absent -> four skips; present -> each tool run on the target, filtered to the head kernels
+    monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: None)
+    run.sanitizers()
+    assert [(c.name, c.ok) for c in report.checks[5:]] == [(t, None) for t in gpu_check.SANITIZER_TOOLS]
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text('#!/bin/sh\necho "$@" > "$0.$2"\necho "sanitizer target: ok"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: str(fake))
+    run.sanitizers()
+    assert [c.ok for c in report.checks[9:]] == [True] * 4
+    args = (tmp_path / "compute-sanitizer.racecheck").read_text().split()
+    assert args[:6] == ["--tool", "racecheck", "--kernel-name", "kns=crd_head", "--error-exitcode", "9"]
+    assert args[-3:] == ["--sanitizer-target", "--seed", "3"]
