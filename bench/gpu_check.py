@@ -63,6 +63,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-timing", action="store_true", help="skip the timings")
     parser.add_argument("--self-test", action="store_true", help="check this script's own logic on the CPU")
     parser.add_argument("--sanitizer-target", action="store_true", help=argparse.SUPPRESS)  # the sanitized child
+    parser.add_argument("--after-build", action="store_true", help=argparse.SUPPRESS)  # re-run after --build
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be non-negative, got {args.seed}")
@@ -213,19 +214,23 @@ def self_test() -> int:
 
 
 # ---- on the GPU ---------------------------------------------------------------------------------------------
-def build(out_dir: Path, report: Report) -> bool:
+def build(out_dir: Path) -> int:
+    """pip-installs this tree (editable, CUDA ON); the log goes to build.log. Returns pip's exit status."""
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-v", "-e", str(ROOT),
            "-Cbuild-dir=build/gpu", "-Ccmake.define.CRD_FAST_CUDA=ON"]
     print("building:", " ".join(cmd), flush=True)
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    log = result.stdout + result.stderr
-    (out_dir / "build.log").write_text(log)
+    (out_dir / "build.log").write_text(result.stdout + result.stderr)
+    return result.returncode
+
+
+def check_build_log(log: str, returncode: int, report: Report) -> None:
+    """The build's checks: pip succeeded, and ptxas reported no spills for any kernel."""
     reports = [line for line in log.splitlines() if "bytes spill stores" in line]
     spilling = [line.strip() for line in reports if "0 bytes spill stores, 0 bytes spill loads" not in line]
-    report.add("build", "pip install -e . (CUDA ON)", result.returncode == 0, note=f"rc={result.returncode}")
+    report.add("build", "pip install -e . (CUDA ON)", returncode == 0, note=f"rc={returncode}")
     report.add("build", "ptxas: no spills", bool(reports) and not spilling,
                note=f"{len(reports)} reports, {len(spilling)} spilling" + "".join(f"; {s}" for s in spilling[:3]))
-    return result.returncode == 0
 
 
 def find_sanitizer() -> Optional[str]:
@@ -608,16 +613,26 @@ def _find_package() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    _find_package()
     if args.self_test:
+        _find_package()
         return self_test()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = Report()
-    if args.build and not build(out_dir, report):
-        report.write(out_dir)
-        return 2
+    if args.build:
+        returncode = build(out_dir)
+        if returncode != 0:
+            check_build_log((out_dir / "build.log").read_text(), returncode, report)
+            report.write(out_dir)
+            return 2
+        # a fresh interpreter, so the just-built editable install (its import hook is read at start-up) is used
+        rest = [a for a in argv if a != "--build"]
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), "--after-build", *rest])
+    if args.after_build:
+        check_build_log((out_dir / "build.log").read_text(), 0, report)
+    _find_package()
     import torch
 
     if not torch.cuda.is_available():

@@ -144,3 +144,16 @@ def test_bit_comparison_and_sanitizer_steps(monkeypatch, tmp_path):
     args = (tmp_path / "compute-sanitizer.racecheck").read_text().split()
     assert args[:6] == ["--tool", "racecheck", "--kernel-name", "kns=crd_head", "--error-exitcode", "9"]
     assert args[-3:] == ["--sanitizer-target", "--seed", "3"]
+
+
+def test_build_log_checks():
+    report = gpu_check.Report()
+    clean = ("ptxas info    : Function properties for crd_head_tile_f32\n"
+             "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    gpu_check.check_build_log(clean, 0, report)
+    assert [c.ok for c in report.checks] == [True, True]
+    spilling = clean + "    16 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\n"
+    gpu_check.check_build_log(spilling, 0, report)
+    assert report.checks[-1].ok is False and "1 spilling" in report.checks[-1].note
+    gpu_check.check_build_log("", 0, report)
+    assert report.checks[-1].ok is False  # no ptxas report at all: the kernels were not built
