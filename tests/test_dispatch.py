@@ -116,6 +116,15 @@ def test_inside_capture_the_choice_is_static_and_not_cached(monkeypatch):
     choice, _ = decide_recording()
     assert choice.path == "native" and probes == [] and "capture" in choice.reason
     assert dispatch.CHOICES.get(0) is None
+    # no NVRTC compile while capturing either: CuPy is judged by being installed
+    fake_device(monkeypatch, capturing=True, native=("no kernels", True))
+    monkeypatch.setattr(dispatch, "cupy_problem", lambda index: pytest.fail("no compile inside capture"))
+    monkeypatch.setattr(dispatch.cupy_jit, "available", lambda: True)
+    choice, _ = decide_recording()
+    assert choice.path == "cupy" and dispatch.CHOICES.get(0) is None
+    monkeypatch.setattr(dispatch.cupy_jit, "available", lambda: False)
+    choice, _ = decide_recording()
+    assert choice.path == "reference" and dispatch.CHOICES.get(0) is None
 
 
 def test_forced_path(monkeypatch):

@@ -182,9 +182,12 @@ def decide(device: torch.device) -> Choice:
         failed = True
     else:
         for path in ("native", "cupy"):
+            if capture:  # no compile, no probe (nor caching) while capturing: static checks only
+                ready = native_problem(cap) is None if path == "native" else cupy_jit.available()
+                if ready:
+                    return Choice(path, "static checks only (first use inside CUDA-graph capture)", skipped, name, cap)
+                continue
             problem = native_problem(cap) if path == "native" else cupy_problem(index)
-            if problem is None and capture:  # a probe cannot run (nor be cached) while capturing
-                return Choice(path, "static checks only (first use inside CUDA-graph capture)", skipped, name, cap)
             if problem is None:
                 why = probe(path, torch.device("cuda", index))
                 problem = None if why is None else (why, False)
@@ -193,6 +196,8 @@ def decide(device: torch.device) -> Choice:
                 break
             skipped[path] = problem[0]
             failed = failed or not problem[1]
+    if choice is None and capture:  # nothing installed that could run: decided again after the capture
+        return Choice("reference", "no kernel path installed (inside CUDA-graph capture)", skipped, name, cap)
     if choice is None:
         choice = Choice("reference", "no kernel path could be used", skipped, name, cap)
     if failed or choice.path == "reference":
