@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import crd_fast
 from crd_fast.core.embedding import embed_patches, patch_matrix
 from crd_fast.ops import cuda as kcuda
 from crd_fast.ops import cuda_dispatch as dispatch
-from crd_fast.ops import cupy_jit, head_op, kernel_config, plan, reference, streams
+from crd_fast.ops import cuda_launch, cupy_jit, head_op, kernel_config, plan, reference, streams
 from crd_fast.ops.plan import FOLDS, Geometry, fold_matrix, folded_operands
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,3 +366,18 @@ def test_codegen_flags_and_architectures_agree_between_nvcc_and_nvrtc():
     archs = re.search(r'set\(CMAKE_CUDA_ARCHITECTURES "([^"]+)"\)', cmake).group(1).split(";")
     cap = dispatch.MIN_CAPABILITY
     assert dispatch.image_for(tuple(archs), cap) is True  # the oldest supported device has an image
+
+
+def test_launch_check_refuses_bf16_operands_below_sm80(monkeypatch):
+    """The bf16 entry traps below sm_80; a direct launch with bf16 operands there is refused before any pointer."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with FakeTensorMode():
+        maps = (torch.empty(1, 3, 4, 4, device="cuda", dtype=torch.bfloat16),)
+        plan_t, weights = torch.empty(4 + 16, device="cuda", dtype=torch.int32), torch.empty(32, device="cuda")
+        matrix = torch.empty(2, 3, device="cuda", dtype=torch.bfloat16)
+        ops = cuda_launch.Operands(maps, plan_t, weights, matrix, torch.empty(2, device="cuda"))
+        with pytest.raises(ValueError, match="bfloat16 kernels need sm_80"):
+            cuda_launch.check_launch(ops, ops.new_partial(), ops.new_out())
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        assert cuda_launch.check_launch(ops, ops.new_partial(), ops.new_out()) == "bfloat16"

@@ -101,6 +101,11 @@ def check_launch(ops: Operands, partial: torch.Tensor, out: torch.Tensor) -> str
     device = maps[0].device
     if device.type != "cuda":
         raise ValueError(f"CUDA head kernels need CUDA tensors, got device {device}")
+    if dtype == torch.bfloat16 and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        if 10 * major + minor < config().bf16_min_arch:  # the bf16 entry is a trapping stub there
+            raise ValueError(f"bfloat16 kernels need sm_{config().bf16_min_arch}, {device} is sm_{major}{minor}: "
+                             "prepare() widens bfloat16 maps to float32 on such devices")
     acc = compute_dtype(dtype)
     batch, _, h0, w0 = maps[0].shape
     for i, f in enumerate(maps):
