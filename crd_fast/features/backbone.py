@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..choices import BACKBONES as RESNETS, LAYERS as RESNET_LAYERS
+from ..core.precision import PrecisionChoice
 
 _STEM = ("conv1", "bn1", "relu", "maxpool")
 
@@ -148,6 +149,10 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
         raise BackboneWeightsError(f"{source}: weights do not match the {type(model).__name__} architecture: {'; '.join(problems)}")
 
 
+def _exporting() -> bool:
+    return bool(torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+
+
 class FeatureExtractor(nn.Module):
     """Feature maps of selected layers of a backbone, one (B, C_l, H_l, W_l) tensor per layer.
 
@@ -189,8 +194,31 @@ class FeatureExtractor(nn.Module):
         self.body = nn.ModuleDict({n: getattr(model, n) for n in names})
         self.eval()
 
+    precision: Optional[PrecisionChoice] = None
+
+    def set_precision(self, choice: Optional[PrecisionChoice]) -> "FeatureExtractor":
+        """Run the backbone in ``choice``'s precision and memory layout (None: float32, contiguous, as built).
+
+        channels_last converts the weights in place (no copy of the model); the returned maps are float32
+        whatever the compute precision, so every consumer sees the same dtype.
+        """
+        self.precision = choice
+        if choice is not None and choice.channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) normalised images -> list of feature maps, in the order of ``layers``."""
+        choice = self.precision
+        if choice is None or _exporting():  # exported graphs stay float32 and layout-free
+            return self._forward(x)
+        if choice.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with choice.autocast():
+            maps = self._forward(x)
+        return [m.float() for m in maps]
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.custom is not None:
             maps = self.custom(x)
             if isinstance(maps, torch.Tensor) or not isinstance(maps, (list, tuple)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..core.precision import head_gemm_dtype
 from ..features.backbone import FeatureExtractor
 from .head import CRDHead
 from .anomaly_map import AnomalyMapper
@@ -27,7 +28,10 @@ class InferenceModel(nn.Module):
         self.mapper = mapper
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        patch_maps = self.head(self.extractor(x))
+        choice = getattr(self.extractor, "precision", None)
+        # the CPU head's projection GEMM follows the backbone's precision (crd_fast.core.precision)
+        with head_gemm_dtype(None if choice is None else choice.head_gemm_dtype):
+            patch_maps = self.head(self.extractor(x))
         anomaly_maps = self.mapper(patch_maps)
         image_scores = patch_maps.flatten(1).amax(dim=1)
         return image_scores, anomaly_maps, patch_maps

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..core.precision import current_head_gemm_dtype
 from .plan import geometry_of, tables
 
 try:  # compiled from csrc/cpu/crd_head.pyx; absent in a pure-Python checkout
@@ -99,11 +100,16 @@ def fused_head_cpu(
         return out.zero_()  # an empty batch, or a rank-0 matrix: every score is ||0|| = 0
     plan, weights = tables(geom, dtype, torch.device("cpu"))
     projected = []
+    # bf16/fp16 GEMM under crd_fast.core.precision.head_gemm_dtype (float32 maps only); the fused pass stays float32
+    gemm = current_head_gemm_dtype() if dtype == torch.float32 else None
     for f, off, c in zip(maps, geom.offsets, geom.channels):
         # one BLAS call per layer: (B H_l W_l, C_l) channels-last rows times the (C_l, r) block of P'^T.
         # The permute is free for channels_last maps and one copy for NCHW ones.
         rows = f.permute(0, 2, 3, 1).reshape(-1, c)
-        projected.append(torch.mm(rows, matrix_t[off : off + c]))
+        if gemm is None:
+            projected.append(torch.mm(rows, matrix_t[off : off + c]))
+        else:
+            projected.append(torch.mm(rows.to(gemm), matrix_t[off : off + c].to(gemm)).float())
     threads = torch.get_num_threads() if num_threads is None else int(num_threads)
     _crd_head_cpu.fused_pass(
         _REAL[dtype],

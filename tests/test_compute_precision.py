@@ -1,0 +1,147 @@
+"""Compute precision (crd_fast.core.precision): the "auto" choice, and every precision against float64.
+
+Tolerances are ``crd_fast.core.precision.TOLERANCE``: bf16 keeps 8 significant bits, so its features are
+~1% off the float64 reference and its scores a little more; these tests hold every precision to its bound
+on fresh random inputs, and check that leaving the context restores float32 exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crd_fast.core import precision as prec
+from crd_fast.features.backbone import FeatureExtractor
+from crd_fast.ops import cpu as cpu_ops
+from crd_fast.ops import reference
+from crd_fast.ops.plan import folded_operands
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# ---- the choice ------------------------------------------------------------------------------------
+def test_auto_falls_back_to_fp32_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(prec, "native_bf16", lambda device: (False, "forced off by the test"))
+    choice = prec.resolve_precision("auto", "cpu")
+    assert choice.precision == "fp32" and choice.autocast_dtype is None and choice.head_gemm_dtype is None
+    assert "forced off by the test" in choice.reason and "fp32 (auto)" in choice.describe()
+    assert choice.channels_last  # channels_last on the CPU in every precision
+
+
+def test_auto_takes_bf16_with_native_bf16(monkeypatch):
+    monkeypatch.setattr(prec, "native_bf16", lambda device: (True, "forced on by the test"))
+    choice = prec.resolve_precision("auto", torch.device("cpu"))
+    assert (choice.precision, choice.autocast_dtype, choice.head_gemm_dtype) == ("bf16", torch.bfloat16, torch.bfloat16)
+    assert choice.reason == "forced on by the test"
+
+
+def test_cpu_detection_reads_the_flags(monkeypatch):
+    monkeypatch.setattr(prec, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    native, why = prec.cpu_native_bf16()
+    assert not native and "no avx512_bf16/amx_bf16" in why
+    monkeypatch.setattr(prec, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert prec.cpu_native_bf16()[0]
+
+
+def test_explicit_bf16_is_honoured_and_says_when_emulated(monkeypatch):
+    monkeypatch.setattr(prec, "native_bf16", lambda device: (False, "no flag"))
+    choice = prec.resolve_precision("bf16", "cpu")
+    assert choice.precision == "bf16" and "emulated" in choice.reason
+    assert prec.resolve_precision("fp32", "cpu").reason == "requested"
+
+
+@pytest.mark.parametrize("bad", ["float32", "BF16", "", None, 16])
+def test_bad_precision_names(bad):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        prec.resolve_precision(bad, "cpu")
+
+
+def test_other_devices_take_fp32_on_auto_and_refuse_reduced():
+    assert prec.resolve_precision("auto", "meta").precision == "fp32"
+    with pytest.raises(ValueError, match="not meta"):
+        prec.resolve_precision("bf16", "meta")
+
+
+def test_head_gemm_context_nests_and_restores():
+    assert prec.current_head_gemm_dtype() is None
+    with prec.head_gemm_dtype(torch.bfloat16):
+        assert prec.current_head_gemm_dtype() is torch.bfloat16
+        with prec.head_gemm_dtype(None):
+            assert prec.current_head_gemm_dtype() is None
+        assert prec.current_head_gemm_dtype() is torch.bfloat16
+    assert prec.current_head_gemm_dtype() is None
+    with pytest.raises(ValueError, match="head GEMM dtype"):
+        with prec.head_gemm_dtype(torch.float64):
+            pass
+
+
+# ---- against float64 --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def extractors():
+    ref = FeatureExtractor("resnet18", ("layer2", "layer3"), "random", 3).double()
+    return ref, torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_backbone_precision_against_float64(extractors, name):
+    ref, x = extractors
+    with torch.inference_mode():
+        want = ref(x.double())
+    fe = FeatureExtractor("resnet18", ("layer2", "layer3"), "random", 3)
+    fe.set_precision(prec.resolve_precision(name, "cpu"))
+    with torch.inference_mode():
+        got = fe(x)
+    bound = prec.TOLERANCE[name]["features"]
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.is_contiguous(memory_format=torch.channels_last)
+        assert _rel(g, w) < bound
+    if name != "fp32":  # reduced precision really ran: the error is far above float32 rounding
+        assert max(_rel(g, w) for g, w in zip(got, want)) > 1e-4
+
+
+def test_backbone_without_precision_is_unchanged(extractors):
+    _, x = extractors
+    plain = FeatureExtractor("resnet18", ("layer2",), "random", 3)
+    fp32 = FeatureExtractor("resnet18", ("layer2",), "random", 3).set_precision(prec.resolve_precision("fp32"))
+    with torch.inference_mode():
+        torch.testing.assert_close(fp32(x)[0], plain(x)[0], rtol=1e-4, atol=1e-5)
+
+
+def _head_case(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    maps = [torch.randn(2, 48, 12, 12, generator=g), torch.randn(2, 80, 6, 6, generator=g)]
+    d = 128
+    a = torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5
+    matrix = a @ a.T / 2 + torch.eye(d, dtype=torch.float64) * 0.1
+    offset = torch.randn(d, generator=g, dtype=torch.float64) * 0.1
+    return maps, matrix, offset
+
+
+@pytest.mark.skipif(not cpu_ops.available(), reason="the fused CPU pass is not built")
+@pytest.mark.parametrize("gemm", [None, torch.bfloat16, torch.float16])
+def test_fused_head_gemm_precision_against_float64(gemm):
+    maps, matrix, offset = _head_case(5)
+    want = reference.crd_head([m.double() for m in maps], matrix, offset)
+    matrix_t, q = folded_operands(matrix, offset, (48, 80), "concat", 1024, torch.float32, transposed=True)
+    with prec.head_gemm_dtype(gemm):
+        got = cpu_ops.fused_head_cpu([m.contiguous(memory_format=torch.channels_last) for m in maps], matrix_t, q)
+    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[gemm]
+    err = float((got.double() - want).abs().max() / want.abs().max())
+    assert got.dtype == torch.float32 and err < prec.TOLERANCE[name]["scores"]
+    if gemm is not None:
+        assert err > 1e-5  # the reduced GEMM really ran
+    else:
+        assert err < 1e-5
+
+
+@pytest.mark.skipif(not cpu_ops.available(), reason="the fused CPU pass is not built")
+def test_float64_head_ignores_the_gemm_context():
+    maps, matrix, offset = _head_case(6)
+    want = reference.crd_head([m.double() for m in maps], matrix, offset)
+    matrix_t, q = folded_operands(matrix, offset, (48, 80), "concat", 1024, torch.float64, transposed=True)
+    with prec.head_gemm_dtype(torch.bfloat16):
+        got = cpu_ops.fused_head_cpu([m.double() for m in maps], matrix_t, q)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
