@@ -22,6 +22,7 @@ examples:
   crd-fast export model.crd -o model.onnx
   crd-fast export model.crd -o head.onnx --head-only
   crd-fast export model.crd -o small.onnx --half --rank 256   (fp16 head weights, rank-256 projection)
+  crd-fast export model.crd -o int8.onnx --int8 train/good     (int8 backbone, calibrated on the training images)
 """
 
 
@@ -39,6 +40,9 @@ def register(sub: Any) -> None:
                             "float32)")
         p.add_argument("--rank", type=positive_int, metavar="R",
                        help="export the rank-R projection (fewer multiply-adds; error bound in the metadata)")
+        p.add_argument("--int8", metavar="IMAGES",
+                       help="quantize the backbone to int8 (onnxruntime static quantization, for processors without "
+                            "bf16), calibrated on IMAGES (a folder of the training images)")
         p.add_argument("--opset", type=positive_int, default=17, metavar="N", help="ONNX opset (default: 17)")
         p.add_argument("--no-verify", dest="verify", action="store_false",
                        help="skip the onnxruntime-vs-PyTorch check of the written graph")
@@ -49,8 +53,16 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"model file {args.model!r} does not exist")
     from ..deploy import export_onnx
 
-    result = export_onnx(args.model, args.output, head_only=args.head_only, opset=args.opset,
-                         precision="fp16" if args.half else "fp32", rank=args.rank, verify=args.verify)
+    if args.int8:
+        if args.head_only or args.half or args.rank:
+            raise ValueError("--int8 exports the whole detector at full rank: it cannot be combined with "
+                             "--head-only, --half or --rank")
+        from ..deploy.quantize import export_onnx_int8
+
+        result = export_onnx_int8(args.model, args.output, args.int8, opset=args.opset)
+    else:
+        result = export_onnx(args.model, args.output, head_only=args.head_only, opset=args.opset,
+                             precision="fp16" if args.half else "fp32", rank=args.rank, verify=args.verify)
     meta = result.metadata
     size = os.path.getsize(result.onnx_path) / 2**20
     echo(f"crd-fast export: wrote {result.onnx_path} ({size:.2f} MiB) and {result.metadata_path}")

@@ -1,0 +1,289 @@
+"""crd-fast against anomalib 2.7 PaDiM and PatchCore: predict images/s and fit seconds, one run, round-robin.
+
+    python bench/bench_peers.py --anomalib-python /work/venv-anomalib/bin/python [--train 64 --test 32]
+
+anomalib is never imported here: it runs in its own environment, in a worker subprocess started with
+``--anomalib-python``; crd-fast runs in a second worker started with this interpreter. The driver (this
+process) writes the images once, as normalised float32 tensors (.npy, the same bytes for every model),
+and then
+
+1. fits every model once, in turn (seconds, wall clock: feature extraction + the model's own fit: CRD's
+   float64 statistics and projection, PaDiM's Gaussians, PatchCore's 10% k-center-greedy coreset), and
+   times the backbone alone on the training images in each worker (so the fit's own part shows);
+2. times predict round-robin: each round sends one batch to every model in turn (one model computes at
+   a time, each worker holding its model warm), so a change in the shared machine's load hits all alike;
+3. scores the test images with every model for the image AUROC (random weights: not real accuracy).
+
+Every model uses the same seeded random torchvision wide_resnet50_2 (the state dict is written once and
+loaded into anomalib's timm feature extractor, strictly apart from the classifier). Configurations:
+crd-fast layer2+layer3 concat, per precision (fp32 channels_last, bf16 where the processor has it; the
+fp32 contiguous path too); PaDiM layer1-3, n_features 550 (anomalib's default for this backbone);
+PatchCore layer2+layer3, coreset ratio 0.1, 9 neighbours. Image decoding is excluded on every side.
+The result is printed as JSON and written to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BATCH, CROP = 8, 224
+
+
+# ---- workers ---------------------------------------------------------------------------------------
+def _worker_models(kind: str, weights: str, layers_crd: tuple[str, ...]) -> dict[str, Any]:
+    import torch
+
+    if kind == "crd":
+        from crd_fast.core.precision import resolve_precision
+        from crd_fast.detector.detector import CRDDetector
+
+        models = {}
+        paths = ["crd-fp32-contig", "crd-fp32"]
+        if resolve_precision("auto", "cpu").precision == "bf16":
+            paths.append("crd-bf16")
+        for name in paths:
+            det = CRDDetector(backbone="wide_resnet50_2", weights=weights, layers=layers_crd, resize=CROP, crop=CROP,
+                              batch_size=BATCH, seed=0)
+            if not name.endswith("contig"):
+                det.extractor.set_precision(resolve_precision(name.split("-")[1], "cpu"))
+            models[name] = det
+        return models
+    from anomalib.models.image.padim.torch_model import PadimModel
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+    from safetensors.torch import load_file
+
+    state = load_file(weights)
+    torch.manual_seed(0)  # PaDiM's random channel subset
+    models = {
+        "anomalib-padim": PadimModel(backbone="wide_resnet50_2", layers=["layer1", "layer2", "layer3"],
+                                     pre_trained=False, n_features=550),
+        "anomalib-patchcore": PatchcoreModel(layers=["layer2", "layer3"], backbone="wide_resnet50_2",
+                                             pre_trained=False, num_neighbors=9),
+    }
+    for m in models.values():
+        result = m.feature_extractor.feature_extractor.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+        unexpected = [k for k in result.unexpected_keys if not k.startswith(("fc.", "layer4."))]
+        if missing or unexpected:
+            raise RuntimeError(f"backbone state does not fit anomalib's extractor: {missing[:3]} {unexpected[:3]}")
+        m.eval()
+    return models
+
+
+def _batches(x: np.ndarray):
+    import torch
+
+    for s in range(0, x.shape[0], BATCH):
+        yield torch.from_numpy(x[s : s + BATCH])
+
+
+def _fit(name: str, model: Any, train: np.ndarray) -> None:
+    import torch
+
+    if name.startswith("crd"):
+        _crd_fit(model, train)
+        return
+    model.train()
+    with torch.no_grad():
+        for xb in _batches(train):
+            model(xb)
+    if name.endswith("padim"):
+        model.fit()
+    else:
+        model.subsample_embedding(0.1)
+    model.eval()
+
+
+def _crd_fit(det: Any, train: np.ndarray) -> None:
+    # the detector's own fit loop on already-normalised tensors (partial_fit on each batch, as fit does)
+    import torch
+
+    from crd_fast.core.embedding import patch_matrix
+    from crd_fast.scorers.crd import CRDScorer
+
+    det.scorer = CRDScorer(det.scorer.lam_rel, det.scorer.center, det.scorer.rank)
+    det._reset_fit()
+    for xb in _batches(train):
+        det._add_patches(patch_matrix(det.embed(xb)))
+        det.n_images += xb.shape[0]
+    det.inference_model()  # the projection (eigendecomposition) is part of the fit
+
+
+def _predict(name: str, model: Any, xb: Any) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        if name.startswith("crd"):
+            return model.inference_model()(xb)[0].double().numpy()
+        return model(xb).pred_score.double().reshape(-1).numpy()
+
+
+def _backbone(name: str, model: Any, train: np.ndarray) -> None:
+    import torch
+
+    with torch.inference_mode():
+        for xb in _batches(train):
+            if name.startswith("crd"):
+                model.extractor(xb)
+            else:
+                model.feature_extractor(xb)
+
+
+def worker(kind: str, data_dir: str, weights: str) -> None:
+    """Line protocol on stdin/stdout: 'fit NAME', 'backbone NAME', 'predict NAME I', 'score NAME', 'quit'."""
+    import torch
+
+    train = np.load(os.path.join(data_dir, "train.npy"))
+    test = np.load(os.path.join(data_dir, "test.npy"))
+    models = _worker_models(kind, weights, ("layer2", "layer3"))
+    print(json.dumps({"ready": list(models), "torch": torch.__version__, "threads": torch.get_num_threads()}),
+          flush=True)
+    for line in sys.stdin:
+        cmd, *args = line.split()
+        if cmd == "quit":
+            break
+        name = args[0]
+        model = models[name]
+        t0 = time.perf_counter()
+        out: Any = None
+        if cmd == "fit":
+            _fit(name, model, train)
+        elif cmd == "backbone":
+            _backbone(name, model, train)
+        elif cmd == "predict":
+            i = int(args[1]) % max(1, test.shape[0] // BATCH)
+            _predict(name, model, torch.from_numpy(test[i * BATCH : (i + 1) * BATCH]))
+        elif cmd == "score":
+            out = np.concatenate([_predict(name, model, xb) for xb in _batches(test)]).tolist()
+        print(json.dumps({"s": time.perf_counter() - t0, "out": out}), flush=True)
+
+
+# ---- driver ----------------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, python: str, kind: str, data_dir: str, weights: str) -> None:
+        env = dict(os.environ)
+        if kind == "crd":
+            env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+        else:
+            env.pop("PYTHONPATH", None)  # the anomalib environment never sees crd-fast
+        self.proc = subprocess.Popen([python, __file__, "--worker", kind, "--data", data_dir, "--weights", weights],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited (code {self.proc.wait()})")
+        return json.loads(line)
+
+    def ask(self, *words: Any) -> dict[str, Any]:
+        self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self.proc.wait(timeout=60)
+
+
+def _write_data(data_dir: Path, n_train: int, n_test: int) -> np.ndarray:
+    import torch
+
+    from crd_fast.features.backbone import build_backbone
+    from crd_fast.features.preprocess import Preprocess, load_image
+    from crd_fast.synthetic import generate_dataset
+    from safetensors.torch import save_file
+
+    half = n_test // 2
+    ds = generate_dataset(data_dir / "images", ("fabric",), n_train=n_train, n_test_good=n_test - half,
+                          n_test_defect=half, seed=0)
+    files = ds.files["fabric"]
+    pre = Preprocess(256, CROP)
+    test_paths = [p for k, v in files.items() if k.startswith("test/") for p in v]
+    labels = np.array([0 if p.parent.name == "good" else 1 for p in test_paths])
+    for split, paths in (("train", files["train/good"]), ("test", test_paths)):
+        arr = torch.stack([pre(load_image(str(p))) for p in paths]).numpy().astype(np.float32)
+        np.save(data_dir / f"{split}.npy", arr)
+    state = {k: v.contiguous() for k, v in build_backbone("wide_resnet50_2", "random", 0).state_dict().items()}
+    save_file(state, str(data_dir / "wide_resnet50_2_random_seed0.safetensors"))
+    return labels
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--anomalib-python", default="/work/venv-anomalib/bin/python")
+    ap.add_argument("--train", type=int, default=64)
+    ap.add_argument("--test", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="/tmp/crd_bench_peers.json")
+    ap.add_argument("--worker", choices=("crd", "anomalib"))
+    ap.add_argument("--data")
+    ap.add_argument("--weights")
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.data, args.weights)
+        return {}
+    from crd_fast.benchmark.suite import machine_info
+    from crd_fast.core.precision import cpu_flags, resolve_precision
+    from crd_fast.evaluation.metrics import image_auroc
+
+    with tempfile.TemporaryDirectory(prefix="crd_peers_") as tmp:
+        data_dir = Path(tmp)
+        labels = _write_data(data_dir, args.train, args.test)
+        weights = str(data_dir / "wide_resnet50_2_random_seed0.safetensors")
+        workers = {"crd": Worker(sys.executable, "crd", tmp, weights),
+                   "anomalib": Worker(args.anomalib_python, "anomalib", tmp, weights)}
+        try:
+            owner = {name: w for w in workers.values() for name in w.info["ready"]}
+            fit_s = {name: w.ask("fit", name)["s"] for name, w in owner.items()}
+            backbone_s = {name: w.ask("backbone", name)["s"] for name, w in owner.items()}
+            times: dict[str, list[float]] = {name: [] for name in owner}
+            for name, w in owner.items():
+                w.ask("predict", name, 0)  # warm-up
+            for r in range(args.rounds):
+                for name, w in owner.items():
+                    times[name].append(w.ask("predict", name, r)["s"])
+            aurocs = {name: image_auroc(labels, w.ask("score", name)["out"]) for name, w in owner.items()}
+        finally:
+            for w in workers.values():
+                w.close()
+    ips = {name: BATCH / min(t) for name, t in times.items()}
+    best_crd = max((n for n in ips if n.startswith("crd")), key=ips.get)
+    result = {
+        "command": "python bench/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
+        "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))),
+        "auto": resolve_precision("auto", "cpu").describe(),
+        "workers": {k: w.info for k, w in workers.items()},
+        "sizes": {"train": args.train, "test": args.test, "batch": BATCH, "crop": CROP, "rounds": args.rounds},
+        "predict_images_per_s_best": ips,
+        "predict_images_per_s_median": {n: BATCH / float(np.median(t)) for n, t in times.items()},
+        "fit_s": fit_s,
+        "backbone_on_train_s": backbone_s,
+        "fit_minus_backbone_s": {n: fit_s[n] - backbone_s[n] for n in fit_s},
+        "image_auroc_random_weights": aurocs,
+        "fastest_crd": best_crd,
+        "predict_ratio_vs_padim": ips[best_crd] / ips["anomalib-padim"],
+        "predict_ratio_vs_patchcore": ips[best_crd] / ips["anomalib-patchcore"],
+        "fit_ratio_vs_patchcore": fit_s["anomalib-patchcore"] / fit_s[best_crd],
+        "fit_own_part_ratio_vs_patchcore": ((fit_s["anomalib-patchcore"] - backbone_s["anomalib-patchcore"])
+                                            / max(1e-9, fit_s[best_crd] - backbone_s[best_crd])),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
