@@ -7,6 +7,7 @@ on fresh random inputs, and check that leaving the context restores float32 exac
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +146,74 @@ def test_float64_head_ignores_the_gemm_context():
     with prec.head_gemm_dtype(torch.bfloat16):
         got = cpu_ops.fused_head_cpu([m.double() for m in maps], matrix_t, q)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ---- the detector -----------------------------------------------------------------------------------
+def _detector(precision: str, **kw):
+    from crd_fast.detector.detector import CRDDetector
+
+    return CRDDetector(backbone="resnet18", weights="random", resize=64, crop=64, batch_size=4, seed=2,
+                       precision=precision, **kw)
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(21)
+    return torch.rand(6, 3, 64, 64, generator=g), torch.rand(3, 3, 64, 64, generator=g)
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_detector_precision_against_float64(images, name):
+    """Fit and predict in ``name``; the float64 reference scores the same images with a float64 backbone and
+    the float64 statistics of a float64 fit: every difference is the precision's."""
+    train, test = images
+    det = _detector(name).fit(train, progress=False)
+    ref = _detector("fp32")
+    ref64 = FeatureExtractor("resnet18", ("layer2", "layer3"), "random", 2).double()
+    from crd_fast.core.embedding import embed_patches, patch_matrix
+    from crd_fast.scorers.crd import CRDScorer
+
+    with torch.inference_mode():
+        x_train = ref.preprocess.batch(train).double()
+        scorer = CRDScorer(det.scorer.lam_rel, det.scorer.center).fit(patch_matrix(embed_patches(ref64(x_train))))
+        want = reference.crd_head(ref64(ref.preprocess.batch(test).double()), scorer.projection.matrix,
+                                  scorer.projection.offset)
+    got = det.predict(test, progress=False).patch_maps
+    err = float(np.abs(got - want.numpy()).max() / want.abs().max())
+    assert err < prec.TOLERANCE[name]["scores"]
+    assert det.scorer.statistics.mean.dtype == torch.float64  # statistics stay float64 in every precision
+    assert det.precision_choice.precision == name and det.config["precision"] == name
+
+
+def test_detector_auto_falls_back_and_is_saved(monkeypatch, tmp_path, images):
+    from crd_fast.detector.detector import CRDDetector
+
+    monkeypatch.setattr(prec, "native_bf16", lambda device: (False, "forced off by the test"))
+    det = _detector("auto").fit(images[0], progress=False)
+    assert det.precision_choice.precision == "fp32" and det.extractor.precision.autocast_dtype is None
+    det.save(tmp_path / "m.crd")
+    again = CRDDetector.load(tmp_path / "m.crd")
+    assert again.config["precision"] == "auto" and again.precision_choice.precision == "fp32"
+    monkeypatch.setattr(prec, "native_bf16", lambda device: (True, "forced on by the test"))
+    assert CRDDetector.load(tmp_path / "m.crd").precision_choice.precision == "bf16"  # chosen where it runs
+    assert CRDDetector.load(tmp_path / "m.crd", precision="fp32").precision_choice.precision == "fp32"
+
+
+def test_model_file_without_precision_loads_as_fp32(tmp_path, images):
+    from crd_fast.detector.detector import MODEL_KIND, CRDDetector
+    from crd_fast.io.model_file import read_model_file, write_model_file
+
+    det = _detector("fp32").fit(images[0], progress=False)
+    det.save(tmp_path / "new.crd")
+    tensors, meta = read_model_file(tmp_path / "new.crd", MODEL_KIND)
+    del meta["config"]["precision"]  # as written before compute precisions existed
+    write_model_file(tmp_path / "old.crd", MODEL_KIND, tensors, meta)
+    old = CRDDetector.load(tmp_path / "old.crd")
+    assert old.precision_choice.precision == "fp32"
+    np.testing.assert_array_equal(old.predict(images[1], progress=False).image_scores,
+                                  det.predict(images[1], progress=False).image_scores)
+
+
+def test_detector_refuses_bad_precision():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        _detector("int8")

@@ -82,6 +82,8 @@ def _fit(args: argparse.Namespace, files: list[str]) -> Any:
 
     progress = progress_enabled(args)
     runtime = {"batch_size": args.batch_size}
+    if args.precision is not None:
+        runtime["precision"] = args.precision
     if args.update and not os.path.isfile(args.output):
         raise FileNotFoundError(f"--update: model file {args.output!r} does not exist (fit without --update first)")
     if not args.distributed:

@@ -11,7 +11,7 @@ import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
-from ..choices import BACKBONES, EMBEDDINGS, LAYERS, WEIGHT_SOURCES
+from ..choices import BACKBONES, EMBEDDINGS, LAYERS, PRECISIONS, WEIGHT_SOURCES
 from ..detector.config import DEFAULTS, OPTIONS, RUNTIME_OPTIONS, DetectorConfig
 
 
@@ -122,6 +122,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "device": dict(metavar="DEV"),
     "batch_size": dict(type=positive_int, metavar="N"),
     "seed": dict(type=non_negative_int, metavar="S"),
+    "precision": dict(choices=PRECISIONS),
 }
 
 
@@ -156,8 +157,10 @@ def add_detector_options(parser: argparse.ArgumentParser, size_note: str = "", *
 
 
 def add_runtime_options(group: Any, batch_size: Optional[int] = DEFAULTS["batch_size"]) -> None:
-    """--device and --batch-size; ``batch_size=None`` (predict): no defaults, the model file's values apply."""
-    defaults = {"batch_size": batch_size, "device": None if batch_size is None else DEFAULTS["device"]}
+    """--device, --batch-size and --precision; ``batch_size=None`` (predict): no defaults, the model file's
+    values apply."""
+    defaults = {"batch_size": batch_size, "device": None if batch_size is None else DEFAULTS["device"],
+                "precision": None if batch_size is None else DEFAULTS["precision"]}
     for name in RUNTIME_OPTIONS:
         _add_flag(group, name, defaults[name])
 

@@ -171,6 +171,8 @@ def _load(args: argparse.Namespace, device: Optional[str]) -> Any:
     expected: dict[str, Any] = {}
     if args.batch_size is not None:
         expected["batch_size"] = args.batch_size
+    if args.precision is not None:
+        expected["precision"] = args.precision
     if args.weights is not None:
         expected["weights"] = args.weights
     det = CRDDetector.load(args.model, device=device, **expected)

@@ -16,7 +16,7 @@
 The backbone runs channels_last on the CPU in every precision (oneDNN's convolutions are faster in that
 layout, and the fused head reads channels_last maps without a copy).
 
-Tolerances (measured against the float64 reference, docs/DESIGN.md "Precision"): fp32 scores agree to
+Tolerances (measured against the float64 reference): fp32 scores agree to
 ~1e-5 relative; bf16 rounds every activation to 8 significant bits, so feature maps differ by ~1%
 (relative Frobenius error) and patch scores by ~1-2%. ``TOLERANCE`` holds the bounds the tests check.
 """
@@ -31,8 +31,7 @@ from typing import Iterator, Optional
 
 import torch
 
-#: Precision names a detector accepts.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from ..choices import DEFAULT_PRECISION, PRECISIONS  # noqa: F401  (names a detector accepts; its default)
 #: The autocast dtype of each concrete precision (None: no autocast).
 AUTOCAST_DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Relative error bounds the tests hold each precision to, against the float64 reference:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Optional
 
-from ..choices import DEFAULT_LAM_REL, EMBEDDINGS, WEIGHT_SOURCES
+from ..choices import DEFAULT_LAM_REL, DEFAULT_PRECISION, EMBEDDINGS, PRECISIONS, WEIGHT_SOURCES
 
 Check = Callable[[str, Any], Any]
 
@@ -75,6 +75,12 @@ def _device(name: str, value: Any) -> str:
     return str(value)  # "cpu", "cuda:1", "auto" or a torch.device; resolved (and checked) by the detector
 
 
+def _precision(name: str, value: Any) -> str:
+    if not isinstance(value, str) or value not in PRECISIONS:
+        raise ValueError(f"{name} must be one of {PRECISIONS}, got {value!r}")
+    return value
+
+
 def _as_is(name: str, value: Any) -> Any:
     return value
 
@@ -101,6 +107,9 @@ class DetectorConfig:
         seed: seed of random weights and of the training score sample.
         blur_sigma: Gaussian blur of the anomaly maps, in pixels (0: none).
         target_dim: d of the "patchcore" embedding.
+        precision: "fp32", "bf16", "fp16" or "auto" (bf16 where the hardware has it natively, else fp32): how
+            the backbone and the CPU head's projection GEMM compute, in fit and predict alike; the statistics
+            stay float64 (run-time option; docs/DESIGN.md "Compute precision").
 
     ``device`` is checked against the machine by the detector, backbone and layer names by the feature
     extractor; everything else here. Each field's ``help`` metadata is its one-line form (command line).
@@ -126,6 +135,9 @@ class DetectorConfig:
     seed: int = _option(0, "seed of random weights and of the training score sample", _int_at_least(0))
     blur_sigma: float = _option(4.0, "Gaussian blur of the anomaly maps, in pixels (0: none)", _non_negative_finite)
     target_dim: int = _option(1024, "patch dimension d of the patchcore embedding", _int_at_least(1))
+    precision: str = _option(DEFAULT_PRECISION, "compute precision of the backbone and head: auto (bf16 where the "
+                             "processor or GPU has it natively, else fp32), fp32, bf16 or fp16", _precision,
+                             runtime=True)
 
     def __post_init__(self) -> None:
         for f in fields(self):

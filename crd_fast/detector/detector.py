@@ -25,6 +25,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..core.embedding import embed_patches, embedding_dim, patch_matrix
+from ..core.precision import PrecisionChoice, resolve_precision
 from ..data.images import Images, count_images, iter_images
 from ..features.backbone import BackboneWeightsError, FeatureExtractor, weights_identity
 from ..features.preprocess import Preprocess, load_image
@@ -41,6 +42,8 @@ from .reservoir import Reservoir
 MODEL_KIND = "crd_detector"
 #: Training inputs kept (reservoir sample, fixed size) to compute the training score statistics.
 SCORE_SAMPLE = 32
+#: What a model file written before compute precisions existed was fitted and scored with.
+LEGACY_PRECISION = "fp32"
 __all__ = ["CRDDetector", "MODEL_KIND", "OPTIONS", "RUNTIME_OPTIONS", "SCORE_SAMPLE"]
 
 
@@ -88,10 +91,12 @@ class CRDDetector:
     def _init(self, config: DetectorConfig) -> None:
         self._options = config
         self.device = _resolve_device(config.device)
+        self.precision_choice: PrecisionChoice = resolve_precision(config.precision, self.device)
         self.preprocess = Preprocess(config.resize, config.crop)
         self.mapper = AnomalyMapper((config.crop, config.crop), config.blur_sigma)  # checks blur_sigma against crop
         self.scorer = CRDScorer(config.lam_rel, config.center, config.rank)
         self.extractor = FeatureExtractor(config.backbone, config.layers, config.weights, config.seed).to(self.device)
+        self.extractor.set_precision(self.precision_choice)  # fit and predict alike
         self.weights_identity = weights_identity(config.weights, config.seed, config.backbone_name)
         shapes = self.extractor.feature_shapes(config.crop)
         self.layer_channels = [s[0] for s in shapes]
@@ -400,6 +405,8 @@ class CRDDetector:
         """
         tensors, meta = read_model_file(path, MODEL_KIND)
         stored = meta.get("config")
+        if isinstance(stored, dict):
+            stored = {"precision": LEGACY_PRECISION, **stored}  # files from before compute precisions
         require(isinstance(stored, dict) and set(OPTIONS) <= set(stored), path, "metadata has no complete 'config'")
         unknown = sorted(set(expected) - set(OPTIONS))
         if unknown:
