@@ -54,8 +54,8 @@ def _worker_models(kind: str, weights: str, layers_crd: tuple[str, ...]) -> dict
         for name in paths:
             det = CRDDetector(backbone="wide_resnet50_2", weights=weights, layers=layers_crd, resize=CROP, crop=CROP,
                               batch_size=BATCH, seed=0)
-            if not name.endswith("contig"):
-                det.extractor.set_precision(resolve_precision(name.split("-")[1], "cpu"))
+            det.extractor.set_precision(None if name.endswith("contig")
+                                        else resolve_precision(name.split("-")[1], "cpu"))
             models[name] = det
         return models
     from anomalib.models.image.padim.torch_model import PadimModel

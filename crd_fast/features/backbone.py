@@ -203,8 +203,8 @@ class FeatureExtractor(nn.Module):
         whatever the compute precision, so every consumer sees the same dtype.
         """
         self.precision = choice
-        if choice is not None and choice.channels_last:
-            self.to(memory_format=torch.channels_last)
+        layout = torch.channels_last if choice is not None and choice.channels_last else torch.contiguous_format
+        self.to(memory_format=layout)
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
