@@ -49,8 +49,9 @@ def case(tmp_path_factory) -> dict[str, Any]:
     int8 = export_onnx_int8(det, root / "int8.onnx", files["train/good"], calibration_images=N_TRAIN)
     test = [p for k, v in files.items() if k.startswith("test/") for p in v]
     labels = np.array([0 if p.parent.name == "good" else 1 for p in test])
+    truth = root / "fabric" / "ground_truth"
     masks = np.stack([np.zeros((CROP, CROP), bool) if y == 0 else
-                      np.asarray(load_image(str(root / "fabric" / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"))
+                      np.asarray(load_image(str(truth / p.parent.name / f"{p.stem}_mask.png"))
                                  .convert("L").resize((CROP, CROP))) > 127 for p, y in zip(test, labels)])
     x = det.preprocess.batch(torch.rand(BATCH, 3, CROP, CROP, generator=torch.Generator().manual_seed(0))).numpy()
     return {"fp32": OnnxDetector(fp32.onnx_path), "int8": OnnxDetector(int8.onnx_path), "x": x, "test": test,

@@ -106,7 +106,6 @@ def _fit(name: str, model: Any, train: np.ndarray) -> None:
 
 def _crd_fit(det: Any, train: np.ndarray) -> None:
     # the detector's own fit loop on already-normalised tensors (partial_fit on each batch, as fit does)
-    import torch
 
     from crd_fast.core.embedding import patch_matrix
     from crd_fast.scorers.crd import CRDScorer
@@ -199,11 +198,11 @@ class Worker:
 
 def _write_data(data_dir: Path, n_train: int, n_test: int) -> np.ndarray:
     import torch
+    from safetensors.torch import save_file
 
     from crd_fast.features.backbone import build_backbone
     from crd_fast.features.preprocess import Preprocess, load_image
     from crd_fast.synthetic import generate_dataset
-    from safetensors.torch import save_file
 
     half = n_test // 2
     ds = generate_dataset(data_dir / "images", ("fabric",), n_train=n_train, n_test_good=n_test - half,

@@ -217,3 +217,14 @@ def test_model_file_without_precision_loads_as_fp32(tmp_path, images):
 def test_detector_refuses_bad_precision():
     with pytest.raises(ValueError, match="precision must be one of"):
         _detector("int8")
+
+
+def test_set_precision_sets_and_restores_the_layout():
+    fe = FeatureExtractor("resnet18", ("layer2",), "random", 3)
+    conv = fe.body["conv1"].weight
+    fe.set_precision(prec.resolve_precision("fp32", "cpu"))
+    weight = fe.body["conv1"].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    fe.set_precision(None)
+    assert fe.body["conv1"].weight.is_contiguous() and fe.precision is None
+    torch.testing.assert_close(fe.body["conv1"].weight, conv, rtol=0, atol=0)

@@ -13,11 +13,11 @@ import pytest
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from deploy_fixtures import demo_images, fitted_detector  # noqa: E402
+
 from crd_fast.cli.main import main  # noqa: E402
 from crd_fast.deploy import OnnxDetector, export_onnx  # noqa: E402
 from crd_fast.deploy.quantize import BACKBONE_SCOPE, export_onnx_int8  # noqa: E402
-
-from deploy_fixtures import demo_images, fitted_detector  # noqa: E402
 
 #: Largest |int8 - fp32| image score, relative to the largest fp32 score.
 INT8_SCORE_RTOL = 0.1

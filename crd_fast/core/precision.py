@@ -159,10 +159,12 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> Pre
         return PrecisionChoice(precision, "bf16" if native else "fp32", dev.type, why)
     if precision == "bf16":
         return PrecisionChoice(precision, "bf16", dev.type, "requested" + ("" if native else f" (emulated: {why})"))
-    return PrecisionChoice(precision, "fp16", dev.type, "requested" + ("" if dev.type == "cuda" else " (CPU float16 is emulated)"))
+    note = "" if dev.type == "cuda" else " (CPU float16 is emulated)"
+    return PrecisionChoice(precision, "fp16", dev.type, "requested" + note)
 
 
-_HEAD_GEMM_DTYPE: contextvars.ContextVar[Optional[torch.dtype]] = contextvars.ContextVar("crd_head_gemm_dtype", default=None)
+_HEAD_GEMM_DTYPE: contextvars.ContextVar[Optional[torch.dtype]] = contextvars.ContextVar(
+    "crd_head_gemm_dtype", default=None)
 
 
 @contextlib.contextmanager

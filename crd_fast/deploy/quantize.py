@@ -32,7 +32,7 @@ BACKBONE_SCOPE = "/extractor/"
 
 
 def calibration_batches(source: Any, images: Any, limit: int, batch_size: int = 8) -> Iterator[np.ndarray]:
-    """Normalised (B, 3, crop, crop) float32 batches of up to ``limit`` ``images``, preprocessed as the detector does."""
+    """Normalised (B, 3, crop, crop) float32 batches of up to ``limit`` ``images`` (the detector's preprocessing)."""
     from ..detector.detector import CRDDetector
 
     det = source if isinstance(source, CRDDetector) else CRDDetector.load(source)
@@ -81,9 +81,8 @@ def export_onnx_int8(
         reduce_range: 7-bit weights, for processors without VNNI (see the module docstring).
         opset: ONNX opset of the float32 export (QDQ needs >= 13).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
-
     import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     if not isinstance(calibration_images, int) or isinstance(calibration_images, bool) or calibration_images < 1:
         raise ValueError(f"calibration_images must be a positive integer, got {calibration_images!r}")
@@ -96,7 +95,8 @@ def export_onnx_int8(
         graph = onnx.load(str(prepared))
         exclude = [n.name for n in graph.graph.node if not n.name.startswith(BACKBONE_SCOPE)]
         if len(exclude) == len(graph.graph.node):
-            raise DeployError(f"no backbone nodes (named {BACKBONE_SCOPE}...) in the exported graph: nothing to quantize")
+            raise DeployError(f"no backbone nodes (named {BACKBONE_SCOPE}...) in the exported graph: "
+                              "nothing to quantize")
         reader = _Reader(calibration_batches(source, calibration, calibration_images))
         quantized = Path(tmp) / "int8.onnx"
         quantize_static(
