@@ -9,15 +9,16 @@ and then
 
 1. fits every model once, in turn (seconds, wall clock: feature extraction + the model's own fit: CRD's
    float64 statistics and projection, PaDiM's Gaussians, PatchCore's 10% k-center-greedy coreset), and
-   times the backbone alone on the training images in each worker (so the fit's own part shows);
+   times the backbone alone in each worker (on BACKBONE_BATCHES batches, scaled to the training set) so
+   the fit's own part shows;
 2. times predict round-robin: each round sends one batch to every model in turn (one model computes at
    a time, each worker holding its model warm), so a change in the shared machine's load hits all alike;
 3. scores the test images with every model for the image AUROC (random weights: not real accuracy).
 
 Every model uses the same seeded random torchvision wide_resnet50_2 (the state dict is written once and
 loaded into anomalib's timm feature extractor, strictly apart from the classifier). Configurations:
-crd-fast layer2+layer3 concat, per precision (fp32 channels_last, bf16 where the processor has it; the
-fp32 contiguous path too); PaDiM layer1-3, n_features 550 (anomalib's default for this backbone);
+crd-fast layer2+layer3 concat, per precision (fp32 channels_last, bf16 where the processor has it);
+PaDiM layer1-3, n_features 550 (anomalib's default for this backbone);
 PatchCore layer2+layer3, coreset ratio 0.1, 9 neighbours. Image decoding is excluded on every side.
 The result is printed as JSON and written to --out.
 """
@@ -37,6 +38,8 @@ from typing import Any
 import numpy as np
 
 BATCH, CROP = 8, 224
+#: Batches the backbone-only time is measured on (then scaled to the training set).
+BACKBONE_BATCHES = 2
 
 
 # ---- workers ---------------------------------------------------------------------------------------
@@ -48,14 +51,13 @@ def _worker_models(kind: str, weights: str, layers_crd: tuple[str, ...]) -> dict
         from crd_fast.detector.detector import CRDDetector
 
         models = {}
-        paths = ["crd-fp32-contig", "crd-fp32"]
+        paths = ["crd-fp32"]
         if resolve_precision("auto", "cpu").precision == "bf16":
             paths.append("crd-bf16")
         for name in paths:
             det = CRDDetector(backbone="wide_resnet50_2", weights=weights, layers=layers_crd, resize=CROP, crop=CROP,
                               batch_size=BATCH, seed=0)
-            det.extractor.set_precision(None if name.endswith("contig")
-                                        else resolve_precision(name.split("-")[1], "cpu"))
+            det.extractor.set_precision(resolve_precision(name.split("-")[1], "cpu"))
             models[name] = det
         return models
     from anomalib.models.image.padim.torch_model import PadimModel
@@ -127,15 +129,20 @@ def _predict(name: str, model: Any, xb: Any) -> np.ndarray:
         return model(xb).pred_score.double().reshape(-1).numpy()
 
 
-def _backbone(name: str, model: Any, train: np.ndarray) -> None:
+def _backbone(name: str, model: Any, train: np.ndarray) -> float:
+    """Seconds of the backbone alone on the training images, timed on BACKBONE_BATCHES batches and scaled."""
     import torch
 
+    batches = list(_batches(train))
+    timed = batches[:BACKBONE_BATCHES]
+    t0 = time.perf_counter()
     with torch.inference_mode():
-        for xb in _batches(train):
+        for xb in timed:
             if name.startswith("crd"):
                 model.extractor(xb)
             else:
                 model.feature_extractor(xb)
+    return (time.perf_counter() - t0) * len(batches) / len(timed)
 
 
 def worker(kind: str, data_dir: str, weights: str) -> None:
@@ -158,7 +165,7 @@ def worker(kind: str, data_dir: str, weights: str) -> None:
         if cmd == "fit":
             _fit(name, model, train)
         elif cmd == "backbone":
-            _backbone(name, model, train)
+            out = _backbone(name, model, train)
         elif cmd == "predict":
             i = int(args[1]) % max(1, test.shape[0] // BATCH)
             _predict(name, model, torch.from_numpy(test[i * BATCH : (i + 1) * BATCH]))
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             owner = {name: w for w in workers.values() for name in w.info["ready"]}
             fit_s = {name: w.ask("fit", name)["s"] for name, w in owner.items()}
-            backbone_s = {name: w.ask("backbone", name)["s"] for name, w in owner.items()}
+            backbone_s = {name: w.ask("backbone", name)["out"] for name, w in owner.items()}
             times: dict[str, list[float]] = {name: [] for name in owner}
             for name, w in owner.items():
                 w.ask("predict", name, 0)  # warm-up
