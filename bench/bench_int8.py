@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from crd_fast.benchmark import suite as bm
+from crd_fast.benchmark.machine import machine_info
+from crd_fast.benchmark.timing import RoundRobin
 from crd_fast.core.precision import cpu_flags
 from crd_fast.deploy import OnnxDetector, export_onnx
 from crd_fast.deploy.quantize import export_onnx_int8
@@ -61,7 +62,7 @@ def case(tmp_path_factory) -> dict[str, Any]:
 
 def test_int8_vs_fp32_onnx(benchmark, case: dict[str, Any]) -> None:
     x = case["x"]
-    rr = bm.RoundRobin({name: (lambda d=case[name]: d.run(x)) for name in ("fp32", "int8")})
+    rr = RoundRobin({name: (lambda d=case[name]: d.run(x)) for name in ("fp32", "int8")})
     rr()
     rr.reset()
     benchmark.group = f"ONNX int8 vs fp32 wide_resnet50_2 {CROP}px batch {BATCH}"
@@ -71,7 +72,7 @@ def test_int8_vs_fp32_onnx(benchmark, case: dict[str, Any]) -> None:
     quality = {n: {"image_auroc": image_auroc(case["labels"], r.image_scores),
                    "pixel_auroc": pixel_auroc(case["masks"], r.anomaly_maps)} for n, r in preds.items()}
     out = {
-        "machine": bm.machine_info(),
+        "machine": machine_info(),
         "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))),
         "sizes": {"train_and_calibration": N_TRAIN, "test_good": N_GOOD, "test_defect": N_DEFECT, "batch": BATCH,
                   "crop": CROP, "rounds": ROUNDS, "backbone": "wide_resnet50_2 (seeded random weights)"},

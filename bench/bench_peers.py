@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         worker(args.worker, args.data, args.weights)
         return {}
-    from crd_fast.benchmark.suite import machine_info
+    from crd_fast.benchmark.machine import machine_info
     from crd_fast.core.precision import cpu_flags, resolve_precision
     from crd_fast.evaluation.metrics import image_auroc
 

@@ -32,7 +32,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from crd_fast.benchmark import suite as bm
+from crd_fast.benchmark.machine import machine_info
+from crd_fast.benchmark.timing import RoundRobin
 from crd_fast.core.precision import cpu_flags, head_gemm_dtype, resolve_precision
 from crd_fast.detector.detector import CRDDetector
 from crd_fast.evaluation.metrics import image_auroc, pixel_auroc
@@ -118,7 +119,7 @@ def test_precision_end_to_end(benchmark, case: dict[str, Any]) -> None:
                 return model(x)
         return call
 
-    rr = bm.RoundRobin({p: run(m) for p, m in models.items()})
+    rr = RoundRobin({p: run(m) for p, m in models.items()})
     rr()
     rr.reset()
     benchmark.group = f"precision end to end {BACKBONE} {CROP}px batch {BATCH}"
@@ -139,7 +140,7 @@ def test_precision_end_to_end(benchmark, case: dict[str, Any]) -> None:
     ips = {p: BATCH / t.best for p, t in rr.timings.items()}
     ips_med = {p: BATCH / t.median for p, t in rr.timings.items()}
     out = {
-        "machine": bm.machine_info(),
+        "machine": machine_info(),
         "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))),
         "auto": resolve_precision("auto", "cpu").describe(),
         "sizes": {"train": N_TRAIN, "test_good": N_GOOD, "test_defect": N_DEFECT, "batch": BATCH, "crop": CROP,
@@ -177,7 +178,7 @@ def test_head_vs_backbone_gflops(benchmark, case: dict[str, Any]) -> None:
                 return model.head(maps)
 
         fns[f"{p}/backbone"], fns[f"{p}/head"] = backbone, head
-    rr = bm.RoundRobin(fns)
+    rr = RoundRobin(fns)
     rr()
     rr.reset()
     benchmark.group = "head vs backbone GFLOP/s"
