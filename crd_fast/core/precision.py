@@ -16,7 +16,7 @@
 The backbone runs channels_last on the CPU in every precision (oneDNN's convolutions are faster in that
 layout, and the fused head reads channels_last maps without a copy).
 
-Tolerances (measured against the float64 reference): fp32 scores agree to
+Tolerances (docs/DESIGN.md "Compute precision"): fp32 scores agree to
 ~1e-5 relative; bf16 rounds every activation to 8 significant bits, so feature maps differ by ~1%
 (relative Frobenius error) and patch scores by ~1-2%. ``TOLERANCE`` holds the bounds the tests check.
 """
