@@ -18,7 +18,7 @@ and then
 Every model uses the same seeded random torchvision wide_resnet50_2 (the state dict is written once and
 loaded into anomalib's timm feature extractor, strictly apart from the classifier). Configurations:
 crd-fast layer2+layer3 concat, per precision (fp32 channels_last, bf16 where the processor has it);
-PaDiM layer1-3, n_features 550 (anomalib's default for this backbone);
+PaDiM layer1-3, n_features PADIM_FEATURES (100; see there);
 PatchCore layer2+layer3, coreset ratio 0.1, 9 neighbours. Image decoding is excluded on every side.
 The result is printed as JSON and written to --out.
 """
@@ -40,6 +40,11 @@ import numpy as np
 BATCH, CROP = 8, 224
 #: Batches the backbone-only time is measured on (then scaled to the training set).
 BACKBONE_BATCHES = 2
+#: PaDiM's kept channels. anomalib's default for wide_resnet50_2 is 550, whose 56 x 56 per-position
+#: covariances and inverses (2 x 3136 x 550^2 float32 = 7.6 GB, plus temporaries) do not fit this machine's
+#: shared 23 GB; 100 (its resnet18 default) makes PaDiM's fit and predict cheaper, so ratios against it are
+#: conservative.
+PADIM_FEATURES = int(os.environ.get("CRD_PEERS_PADIM_FEATURES", "100"))
 
 
 # ---- workers ---------------------------------------------------------------------------------------
@@ -68,7 +73,7 @@ def _worker_models(kind: str, weights: str, layers_crd: tuple[str, ...]) -> dict
     torch.manual_seed(0)  # PaDiM's random channel subset
     models = {
         "anomalib-padim": PadimModel(backbone="wide_resnet50_2", layers=["layer1", "layer2", "layer3"],
-                                     pre_trained=False, n_features=550),
+                                     pre_trained=False, n_features=PADIM_FEATURES),
         "anomalib-patchcore": PatchcoreModel(layers=["layer2", "layer3"], backbone="wide_resnet50_2",
                                              pre_trained=False, num_neighbors=9),
     }
@@ -177,6 +182,7 @@ def worker(kind: str, data_dir: str, weights: str) -> None:
 # ---- driver ----------------------------------------------------------------------------------------
 class Worker:
     def __init__(self, python: str, kind: str, data_dir: str, weights: str) -> None:
+        self.kind = kind
         env = dict(os.environ)
         if kind == "crd":
             env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
@@ -189,18 +195,21 @@ class Worker:
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"worker exited (code {self.proc.wait()})")
+            raise RuntimeError(f"worker {self.kind} exited (code {self.proc.wait()})")
         return json.loads(line)
 
     def ask(self, *words: Any) -> dict[str, Any]:
         self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
         self.proc.stdin.flush()
-        return self._read()
+        answer = self._read()
+        print(f"[bench_peers] {' '.join(str(w) for w in words)}: {answer['s']:.3f} s", file=sys.stderr, flush=True)
+        return answer
 
     def close(self) -> None:
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.flush()
-        self.proc.wait(timeout=60)
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
 
 
 def _write_data(data_dir: Path, n_train: int, n_test: int) -> np.ndarray:
@@ -272,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))),
         "auto": resolve_precision("auto", "cpu").describe(),
         "workers": {k: w.info for k, w in workers.items()},
-        "sizes": {"train": args.train, "test": args.test, "batch": BATCH, "crop": CROP, "rounds": args.rounds},
+        "sizes": {"train": args.train, "test": args.test, "batch": BATCH, "crop": CROP, "rounds": args.rounds,
+                  "padim_features": PADIM_FEATURES},
         "predict_images_per_s_best": ips,
         "predict_images_per_s_median": {n: BATCH / float(np.median(t)) for n, t in times.items()},
         "fit_s": fit_s,
