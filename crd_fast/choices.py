@@ -26,7 +26,7 @@ LAYERS: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
 
 #: Compute precisions of the backbone and head (crd_fast/core/precision.py); "auto": bf16 where native, else fp32.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
-#: The detector's default precision: exact float32 (channels_last); "auto" is opt-in.
+#: The detector's default precision: exact float32 (scores identical to earlier versions'); "auto" is opt-in.
 DEFAULT_PRECISION = "fp32"
 
 #: Patch embeddings: "concat" keeps every channel, "patchcore" reduces them to ``target_dim``.

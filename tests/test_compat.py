@@ -48,6 +48,8 @@ def test_old_model_file_resaves_to_the_same_content(name, tmp_path):
     det.save(tmp_path / "again.crd")
     old_tensors, old_meta = read_model_file(DATA / f"compat_{name}.crd", "crd_detector")
     new_tensors, new_meta = read_model_file(tmp_path / "again.crd", "crd_detector")
+    # the one deliberate addition since: the compute precision option (files without it load as fp32)
+    assert "precision" not in old_meta["config"] and new_meta["config"].pop("precision") == "fp32"
     assert new_meta == old_meta
     assert sorted(new_tensors) == sorted(old_tensors)
     for key, tensor in old_tensors.items():
