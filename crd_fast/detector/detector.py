@@ -29,6 +29,8 @@ from ..data.images import Images, count_images, iter_images
 from ..features.backbone import BackboneWeightsError, FeatureExtractor, weights_identity
 from ..features.preprocess import Preprocess, load_image
 from ..models.head import CRDHead
+from ..io.images import decode_reservation
+from .model_checks import check_detector_metadata
 from ..io.model_file import ModelFileError, PathLike, read_model_file, require, write_model_file
 from ..models.anomaly_map import AnomalyMapper
 from ..models.inference import InferenceModel
@@ -188,7 +190,8 @@ class CRDDetector:
     # ---- images -> batches ----------------------------------------------------------------------
     def _prepare(self, index: int, path: Optional[str], image: Any) -> torch.Tensor:
         if isinstance(image, str):
-            return self.preprocess(load_image(image))
+            with decode_reservation(image):  # parallel decoding bounded by memory (crd_fast.io.limits)
+                return self.preprocess(load_image(image))
         try:
             return self.preprocess(image)
         except (ValueError, TypeError) as exc:
@@ -401,6 +404,7 @@ class CRDDetector:
         tensors, meta = read_model_file(path, MODEL_KIND)
         stored = meta.get("config")
         require(isinstance(stored, dict) and set(OPTIONS) <= set(stored), path, "metadata has no complete 'config'")
+        check_detector_metadata(meta, path)
         unknown = sorted(set(expected) - set(OPTIONS))
         if unknown:
             raise TypeError(f"unknown detector option(s) {unknown}; known: {', '.join(OPTIONS)}")
