@@ -45,9 +45,7 @@ def write_error(exc: OSError, target: PathLike, action: str = "write") -> OSErro
              errno.ENOENT: "its folder does not exist", errno.ENOSPC: "no space left on device",
              errno.EISDIR: "it is a directory", errno.ENOTDIR: "a part of its path is not a folder",
              errno.ENAMETOOLONG: "file name too long"}.get(exc.errno or 0, exc.strerror or str(exc))
-    new = type(exc)(exc.errno, f"cannot {action} {os.fspath(target)!r}: {cause}")
-    new.filename = os.fspath(target)
-    return new
+    return type(exc)(f"cannot {action} {os.fspath(target)!r}: {cause}")  # the message names the path
 
 
 @contextlib.contextmanager
@@ -59,7 +57,7 @@ def atomic_write(path: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """
     target = Path(path)
     if target.is_dir():
-        raise IsADirectoryError(errno.EISDIR, f"cannot write {os.fspath(path)!r}: it is a directory", os.fspath(path))
+        raise IsADirectoryError(f"cannot write {os.fspath(path)!r}: it is a directory")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=target.parent)
@@ -67,10 +65,10 @@ def atomic_write(path: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
         raise write_error(exc, path) from exc
     tmp = Path(tmp_name)
     try:
-        os.fchmod(fd, default_file_mode())
         os.close(fd)
         yield tmp
         with open(tmp, "rb+") as fh:
+            os.fchmod(fh.fileno(), default_file_mode())  # after writing: some writers (safetensors) recreate 0600
             os.fsync(fh.fileno())
         try:
             os.replace(tmp, target)

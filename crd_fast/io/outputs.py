@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import shutil
@@ -39,20 +38,19 @@ def check_readable_file(path: PathLike, what: str = "file") -> Path:
     try:
         st = p.stat()
     except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, f"{what} {shown!r} does not exist", shown) from None
+        raise FileNotFoundError(f"{what} {shown!r} does not exist") from None
     except PermissionError:
-        raise PermissionError(errno.EACCES, f"{what} {shown!r}: permission denied (cannot reach it)", shown) from None
+        raise PermissionError(f"{what} {shown!r}: permission denied (cannot reach it)") from None
     except NotADirectoryError:
-        raise FileNotFoundError(errno.ENOENT, f"{what} {shown!r} does not exist (a part of its path is a file)",
-                                shown) from None
+        raise FileNotFoundError(f"{what} {shown!r} does not exist (a part of its path is a file)") from None
     if p.is_dir():
-        raise IsADirectoryError(errno.EISDIR, f"{what} {shown!r} is a directory, not a file", shown)
+        raise IsADirectoryError(f"{what} {shown!r} is a directory, not a file")
     del st
     try:
         with open(p, "rb"):
             pass
     except PermissionError:
-        raise PermissionError(errno.EACCES, f"{what} {shown!r}: permission denied (cannot read it)", shown) from None
+        raise PermissionError(f"{what} {shown!r}: permission denied (cannot read it)") from None
     return p
 
 
@@ -78,13 +76,12 @@ def check_output_file(path: PathLike) -> Path:
     p = Path(path)
     shown = os.fspath(path)
     if p.is_dir():
-        raise IsADirectoryError(errno.EISDIR, f"cannot write {shown!r}: it is a directory", shown)
+        raise IsADirectoryError(f"cannot write {shown!r}: it is a directory")
     if len(os.fsencode(p.name)) > NAME_MAX:
-        raise OSError(errno.ENAMETOOLONG, f"cannot write {shown!r}: file name longer than {NAME_MAX} bytes", shown)
+        raise OSError(f"cannot write {shown!r}: file name longer than {NAME_MAX} bytes")
     folder = _existing_ancestor(p.parent.absolute())
     if not folder.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {shown!r}: {str(folder)!r} is a file, not a folder",
-                                 shown)
+        raise NotADirectoryError(f"cannot write {shown!r}: {str(folder)!r} is a file, not a folder")
     _probe_folder(folder, path)
     return p
 
@@ -136,7 +133,7 @@ class ResultFolder:
                               "--overwrite to replace the results in it (scores and heatmaps, all at once at the end)")
         parent = _existing_ancestor(self.final.parent.absolute())
         if not parent.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, f"cannot write {shown!r}: {str(parent)!r} is a file", shown)
+            raise NotADirectoryError(f"cannot write {shown!r}: {str(parent)!r} is a file")
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             if stage_name is None:
