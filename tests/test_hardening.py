@@ -75,7 +75,7 @@ def test_predict_never_writes_over_its_input_images(model, data, tmp_path, capsy
     r = tmp_path / "r"
     _copy_images(data, r / "heatmaps")
     before = _tree(r)
-    assert main(["predict", str(model), str(r / "heatmaps"), "-o", str(r), "--overwrite", "--no-progress"]) == 2
+    assert main(["predict", str(model), str(r / "heatmaps"), "-o", str(r), "--no-progress"]) == 2
     assert "input" in _error(capsys)
     assert _tree(r) == before
 
