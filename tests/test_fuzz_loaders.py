@@ -272,6 +272,7 @@ def _encoded_images() -> list[bytes]:
 ENCODED = _encoded_images()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about some damaged tags it skips
 @settings(max_examples=2000, **FUZZ)
 @given(which=st.integers(0, len(ENCODED) - 1), edits=mutations, cut=st.none() | st.integers(0, 10**6),
        head=st.booleans())
