@@ -27,7 +27,7 @@ from PIL import Image
 from crd_fast import CRDDetector, CRDScorer, ModelFileError
 from crd_fast.io.images import ImageReadError, load_image
 
-from conftest import random_bank
+from helpers import random_bank
 
 # No shrinking: a failure is reported with the example as generated, and the run stays within its time budget.
 FUZZ = dict(derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck),
@@ -272,7 +272,7 @@ def _encoded_images() -> list[bytes]:
 ENCODED = _encoded_images()
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about some damaged tags it skips
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about damaged tags it skips, and about bombs
 @settings(max_examples=2000, **FUZZ)
 @given(which=st.integers(0, len(ENCODED) - 1), edits=mutations, cut=st.none() | st.integers(0, 10**6),
        head=st.booleans())

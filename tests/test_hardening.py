@@ -29,7 +29,7 @@ from crd_fast.cli.main import main
 from crd_fast.io.images import ImageReadError, load_image
 from crd_fast.synthetic import generate_dataset
 
-from conftest import random_bank
+from helpers import random_bank
 
 PX = 64
 DET = ["--backbone", "resnet18", "--weights", "random", "--resize", str(PX), "--crop", str(PX),
