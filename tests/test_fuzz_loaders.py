@@ -170,7 +170,8 @@ def test_fuzz_scorer_metadata(scorer_file, tmp_path_factory, data):
 def detector_file(tmp_path_factory):
     rng = np.random.default_rng(8)
     train = torch.from_numpy(rng.random((6, 3, CROP, CROP))).float()
-    det = CRDDetector(backbone=TinyNet(), resize=CROP, crop=CROP, batch_size=3, blur_sigma=1.0).fit(train, progress=False)
+    det = CRDDetector(backbone=TinyNet(), resize=CROP, crop=CROP, batch_size=3, blur_sigma=1.0)
+    det.fit(train, progress=False)
     det.set_threshold(1.0)
     path = tmp_path_factory.mktemp("fuzz") / "detector.crd"
     det.save(path)

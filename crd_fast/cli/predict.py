@@ -12,7 +12,8 @@ from typing import Any, Optional, Sequence
 from .options import CLIError, add_runtime_options, command, echo, finite_float, progress_enabled, warn, weights_spec
 
 EPILOG = """\
-outputs in OUT/:
+outputs in OUT/ (a new or empty folder, or --overwrite; written to a staging folder and moved into OUT when the
+whole run succeeded, so a failed run leaves OUT as it was; OUT may not overlap the input images):
   scores.csv, scores.json   one row per image, in input order: index, path, image_score, and when the model
                             has a threshold normalized_score (0..1, 0.5 at the threshold) and label
                             (True = defective, i.e. image_score >= threshold); heatmap = the overlay file
@@ -186,7 +187,9 @@ def _predict_decoding_once(detector: Any, paths: list[str]) -> tuple[Any, list]:
         x = torch.stack([d[0] for d in decoded[start : start + detector.batch_size]]).to(detector.device)
         with torch.inference_mode():
             s, a, p = model(x)
-        scores.append(s.double().cpu().numpy()), amaps.append(a.float().cpu().numpy()), pmaps.append(p.float().cpu().numpy())
+        scores.append(s.double().cpu().numpy())
+        amaps.append(a.float().cpu().numpy())
+        pmaps.append(p.float().cpu().numpy())
     result = DetectionResult.from_batches(scores, amaps, pmaps, list(paths))
     return result.apply_threshold(detector.threshold, detector.train_score_stats), [d[1] for d in decoded]
 

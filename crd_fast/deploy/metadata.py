@@ -99,8 +99,8 @@ def check_metadata_fields(meta: dict[str, Any], where: PathLike) -> None:
     need(isinstance(meta["head_only"], bool), f"'head_only'={meta['head_only']!r} is not true or false")
     for kind in ("inputs", "outputs"):
         items = meta[kind]
-        need(isinstance(items, list) and len(items) >= 1 and all(isinstance(i, dict) and isinstance(i.get("name"), str)
-                                                                 for i in items), f"{kind!r} is not a list of named items")
+        named = isinstance(items, list) and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items)
+        need(named and len(items) >= 1, f"{kind!r} is not a list of named items")
     for item in meta["inputs"]:
         shape = item.get("shape")
         need(isinstance(shape, list) and 1 <= len(shape) <= 8
@@ -124,7 +124,8 @@ def check_metadata_fields(meta: dict[str, Any], where: PathLike) -> None:
     for key in ("mean", "std"):
         values = pre.get(key)
         need(isinstance(values, list) and len(values) == 3 and all(_finite(v) for v in values)
-             and (key == "mean" or all(v > 0 for v in values)), f"'preprocess.{key}'={values!r} is not 3 finite numbers")
+             and (key == "mean" or all(v > 0 for v in values)),
+             f"'preprocess.{key}'={values!r} is not 3 finite numbers")
 
 
 def check_expected(meta: dict[str, Any], expected: dict[str, Any], where: PathLike) -> None:

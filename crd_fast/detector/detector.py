@@ -434,7 +434,8 @@ class CRDDetector:
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: cannot rebuild the detector from its stored config: {exc}") from exc
         require(list(det.patch_grid) == meta.get("patch_grid"), path,
-                f"crop {det.preprocess.crop} gives a {det.patch_grid} patch grid, the file says {meta.get('patch_grid')}")
+                f"crop {det.preprocess.crop} gives a {det.patch_grid} patch grid, "
+                f"the file says {meta.get('patch_grid')}")
         require(det.layer_channels == meta.get("layer_channels"), path,
                 f"the backbone gives layer channels {det.layer_channels}, the file says {meta.get('layer_channels')}")
         det.scorer = CRDScorer.from_state(tensors, meta.get("crd") or {}, path, prefix="crd.")

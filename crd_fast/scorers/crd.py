@@ -63,7 +63,8 @@ class CRDScorer:
         value = check_real("lam_rel", lam_rel, positive=True)
         if value < MIN_LAM_REL:
             raise ValueError(f"lam_rel={value:g} is below the floor {MIN_LAM_REL:g}: the ridge would be lost in the "
-                             "float64 rounding of the covariance's eigenvalues and the scores would be noise (or all 0)")
+                             "float64 rounding of the covariance's eigenvalues and the scores would be noise "
+                             "(or all 0)")
         if rank is not None:
             try:
                 rank = check_integer("rank", rank, 1)
@@ -239,7 +240,8 @@ class CRDScorer:
                 out[start : start + chunk] = torch.linalg.vector_norm(z - q, dim=1)
         if not bool(torch.isfinite(out).all()):  # Y was checked finite: only overflow gets here
             raise NumericOverflowError(
-                f"Y: scores overflowed {str(dtype).replace('torch.', '')} (largest |value| {float(y.abs().max()):.3g}); "
+                f"Y: scores overflowed {str(dtype).replace('torch.', '')} "
+                f"(largest |value| {float(y.abs().max()):.3g}); "
                 "score in float64 or scale the features down")
         return kind.wrap(out)
 
