@@ -49,8 +49,10 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.isfile(args.model):
-        raise FileNotFoundError(f"model file {args.model!r} does not exist")
+    from ..io.outputs import check_output_file, check_readable_file
+
+    check_readable_file(args.model, "model file")
+    check_output_file(args.output)  # before the export, not after it
     from ..deploy import export_onnx
 
     if args.int8:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -108,12 +109,24 @@ def _fit(args: argparse.Namespace, files: list[str]) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io.locking import model_update
+    from ..io.outputs import check_output_file, check_readable_file
+
     files, folder = training_images(args.data)
     if args.calibrate is not None and not Path(args.calibrate).is_dir():
         raise FileNotFoundError(f"--calibrate folder {args.calibrate!r} does not exist")
+    if args.update:
+        check_readable_file(args.output, "--update: model file")
+    check_output_file(args.output)  # before the fit, not after it
     main = _rank() == 0
     if main:
         echo(f"crd-fast fit: {len(files)} training images from {folder}")
+    # An update is a read-modify-write: hold the file so a concurrent writer fails instead of losing an update.
+    with model_update(args.output) if args.update and main else contextlib.nullcontext():
+        return _run(args, files, main)
+
+
+def _run(args: argparse.Namespace, files: list[str], main: bool) -> int:
     t0 = time.perf_counter()
     det = _fit(args, files)
     seconds = time.perf_counter() - t0

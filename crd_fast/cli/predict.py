@@ -12,7 +12,8 @@ from typing import Any, Optional, Sequence
 from .options import CLIError, add_runtime_options, command, echo, finite_float, progress_enabled, warn, weights_spec
 
 EPILOG = """\
-outputs in OUT/:
+outputs in OUT/ (a new or empty folder, or --overwrite; written to a staging folder and moved into OUT when the
+whole run succeeded, so a failed run leaves OUT as it was; OUT may not overlap the input images):
   scores.csv, scores.json   one row per image, in input order: index, path, image_score, and when the model
                             has a threshold normalized_score (0..1, 0.5 at the threshold) and label
                             (True = defective, i.e. image_score >= threshold); heatmap = the overlay file
@@ -45,6 +46,8 @@ def register(sub: Any) -> None:
         p.add_argument("-r", "--recursive", action="store_true",
                        help="also take images from subfolders of IMAGES folders")
         p.add_argument("--no-images", action="store_true", help="write the scores only, no heatmap PNGs")
+        p.add_argument("--overwrite", action="store_true",
+                       help="OUT may hold earlier results: replace them (scores and heatmaps, as a set, at the end)")
         p.add_argument("--threshold", type=finite_float, metavar="T",
                        help="image-score threshold to use instead of the model's")
         p.add_argument("--weights", type=weights_spec, metavar="PATH",
@@ -77,6 +80,12 @@ def collect_images(inputs: Sequence[str], recursive: bool = False) -> list[str]:
 def heatmap_names(paths: Sequence[str]) -> list[str]:
     """Unique, readable PNG names for ``paths``: the file stems; when stems repeat, every name gets its
     parent folder (``good_000.png``, ``hole_000.png``); when that still repeats, the input index too."""
+    from ..io.outputs import short_file_name
+
+    return [short_file_name(n, i) for i, n in enumerate(_heatmap_names(paths))]  # each within NAME_MAX bytes
+
+
+def _heatmap_names(paths: Sequence[str]) -> list[str]:
     stems = [Path(p).stem for p in paths]
     if len(set(stems)) == len(stems):
         return [f"{s}.png" for s in stems]
@@ -129,16 +138,60 @@ def _predict_local(detector: Any, files: list[str], heat_dir: Optional[Path], na
     """Predict in chunks so memory stays bounded, writing overlays as each chunk is done."""
     from tqdm.auto import tqdm
 
+    from ..report.overlay import heatmap_overlay, save_png
+
     records: list[dict] = []
+    vmin, vmax = value_range if value_range is not None else (None, None)
     with tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(files), CHUNK):
             chunk = files[start : start + CHUNK]
-            result = detector.predict(chunk, progress=False)
+            result, shown = _predict_decoding_once(detector, chunk)
             records += _records(result, range(start, start + len(chunk)), chunk)
             if heat_dir is not None:
-                save_overlays(detector, chunk, result.anomaly_maps, names[start : start + len(chunk)], heat_dir, value_range)
+                for picture, amap, name in zip(shown, result.anomaly_maps, names[start : start + len(chunk)]):
+                    save_png(heat_dir / name, heatmap_overlay(picture, amap, vmin=vmin, vmax=vmax))
             bar.update(len(chunk))
     return records
+
+
+def _decode(detector: Any, path: str) -> tuple[Any, Any]:
+    """One decode of ``path`` -> (the model input, the picture for the overlay): both come from the same
+    resized crop, so they equal ``preprocess(image)`` and ``preprocess.display(image)``."""
+    import numpy as np
+
+    from ..features.preprocess import to_unit_tensor
+    from ..io.images import decode_reservation, load_image
+
+    pre = detector.preprocess
+    with decode_reservation(path):  # parallel decoding bounded by memory (crd_fast.io.limits)
+        crop = pre.geometric(to_unit_tensor(load_image(path)))
+    shown = (crop.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return pre.normalize(crop), shown
+
+
+def _predict_decoding_once(detector: Any, paths: list[str]) -> tuple[Any, list]:
+    """``detector.predict(paths)`` and the overlay pictures, decoding every image once (not once for the
+    scores and again for the heatmap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from ..postprocess.results import DetectionResult
+
+    workers = max(1, min(detector.batch_size, os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        decoded = list(pool.map(lambda p: _decode(detector, p), paths))
+    model = detector.inference_model()
+    scores, amaps, pmaps = [], [], []
+    for start in range(0, len(paths), detector.batch_size):
+        x = torch.stack([d[0] for d in decoded[start : start + detector.batch_size]]).to(detector.device)
+        with torch.inference_mode():
+            s, a, p = model(x)
+        scores.append(s.double().cpu().numpy())
+        amaps.append(a.float().cpu().numpy())
+        pmaps.append(p.float().cpu().numpy())
+    result = DetectionResult.from_batches(scores, amaps, pmaps, list(paths))
+    return result.apply_threshold(detector.threshold, detector.train_score_stats), [d[1] for d in decoded]
 
 
 def _predict_distributed(args: argparse.Namespace, files: list[str], heat_dir: Optional[Path],
@@ -204,31 +257,47 @@ def write_scores(out: Path, records: list[dict], detector: Any, model_path: str)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.isfile(args.model):
-        raise FileNotFoundError(f"model file {args.model!r} does not exist")
+    from ..io.outputs import OutputError, ResultFolder, check_readable_file
+
+    check_readable_file(args.model, "model file")
     files = collect_images(args.images, args.recursive)
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"output {args.output!r} exists and is not a folder")
-    heat_dir = None if args.no_images else out / "heatmaps"
-    (heat_dir or out).mkdir(parents=True, exist_ok=True)
-    names = heatmap_names(files)
+    entries = ("scores.csv", "scores.json") + (() if args.no_images else ("heatmaps",))
+    if any(Path(args.model).resolve() == (Path(args.output) / e).resolve() for e in entries):
+        raise OutputError(f"output folder {args.output!r} would replace the model file {args.model!r}")
+    # Everything is written to a staging folder and moved into OUT at the end (crd_fast.io.outputs).
+    results = ResultFolder(args.output, entries, inputs=args.images, overwrite=args.overwrite,
+                           stage_name=_shared_stage_name(args.output) if args.distributed else None)
     main = int(os.environ.get("RANK", "0")) == 0
-    t0 = time.perf_counter()
-    if args.distributed:
-        records, detector = _predict_distributed(args, files, heat_dir, names)
-    else:
-        detector = _load(args, args.device)
-        records = _predict_local(detector, files, heat_dir, names, overlay_range(detector), progress_enabled(args))
-    seconds = time.perf_counter() - t0
-    if not main:
-        return 0
-    if heat_dir is not None:
-        for rec, name in zip(records, names):
-            rec["heatmap"] = str(heat_dir / name)
-    csv_path, json_path = write_scores(out, records, detector, args.model)
-    _summary(detector, records, seconds, csv_path, json_path, heat_dir)
+    with results:
+        heat_dir = None if args.no_images else results.stage / "heatmaps"
+        (heat_dir or results.stage).mkdir(parents=True, exist_ok=True)
+        names = heatmap_names(files)
+        t0 = time.perf_counter()
+        if args.distributed:
+            records, detector = _predict_distributed(args, files, heat_dir, names)
+        else:
+            detector = _load(args, args.device)
+            records = _predict_local(detector, files, heat_dir, names, overlay_range(detector), progress_enabled(args))
+        seconds = time.perf_counter() - t0
+        if not main:
+            return 0
+        out = Path(args.output)
+        if heat_dir is not None:
+            for rec, name in zip(records, names):
+                rec["heatmap"] = str(out / "heatmaps" / name)
+        write_scores(results.stage, records, detector, args.model)
+        results.commit()
+    heat_final = None if heat_dir is None else out / "heatmaps"
+    _summary(detector, records, seconds, out / "scores.csv", out / "scores.json", heat_final)
     return 0
+
+
+def _shared_stage_name(output: str) -> str:
+    """A staging folder name every process of one torchrun job derives alike (they must share it)."""
+    import hashlib
+
+    job = "|".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+    return ".crd-stage-" + hashlib.sha256(f"{os.path.realpath(output)}|{job}".encode()).hexdigest()[:12]
 
 
 def _summary(detector: Any, records: list[dict], seconds: float, csv_path: Path, json_path: Path,

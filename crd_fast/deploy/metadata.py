@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -72,7 +73,59 @@ def read_onnx_and_metadata(
     for key in ("inputs", "outputs", "head_only"):
         if key not in meta:
             raise DeployError(f"{meta_p}: metadata field {key!r} is missing")
+    check_metadata_fields(meta, meta_p)
     return data, meta
+
+
+#: Largest resize / crop accepted from metadata (as crd_fast.features.preprocess.MAX_IMAGE_SIDE).
+MAX_IMAGE_SIDE = 4096
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_metadata_fields(meta: dict[str, Any], where: PathLike) -> None:
+    """Refuse metadata whose fields have the wrong type or range (DeployError naming the field): an edited or
+    corrupted document must not surface later as a KeyError or TypeError inside the runtime."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise DeployError(f"{where}: metadata field {what}")
+
+    need(isinstance(meta["head_only"], bool), f"'head_only'={meta['head_only']!r} is not true or false")
+    for kind in ("inputs", "outputs"):
+        items = meta[kind]
+        named = isinstance(items, list) and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items)
+        need(named and len(items) >= 1, f"{kind!r} is not a list of named items")
+    for item in meta["inputs"]:
+        shape = item.get("shape")
+        need(isinstance(shape, list) and 1 <= len(shape) <= 8
+             and all(_int_in(d, 1, 1 << 20) or isinstance(d, str) or d is None for d in shape),
+             f"'inputs' shape {shape!r} of {item['name']!r} is not a list of sizes")
+    need(isinstance(meta.get("config") or {}, dict), f"'config'={meta.get('config')!r} is not an object")
+    batch = (meta.get("config") or {}).get("batch_size")
+    need(batch is None or _int_in(batch, 1, 1 << 16), f"'config.batch_size'={batch!r} is not an integer in [1, 65536]")
+    threshold = meta.get("threshold")
+    need(threshold is None or _finite(threshold), f"'threshold'={threshold!r} is not null or a finite number")
+    stats = meta.get("train_score_stats")
+    need(stats is None or (isinstance(stats, dict) and all(_finite(v) for v in stats.values())),
+         f"'train_score_stats'={stats!r} is not null or an object of finite numbers")
+    if meta["head_only"]:
+        return
+    pre = meta.get("preprocess")
+    need(isinstance(pre, dict), f"'preprocess'={pre!r} is not an object")
+    resize, crop = pre.get("resize"), pre.get("crop")
+    need(_int_in(crop, 1, MAX_IMAGE_SIDE) and _int_in(resize, crop, MAX_IMAGE_SIDE),
+         f"'preprocess' resize={resize!r}, crop={crop!r} are not integers with 1 <= crop <= resize <= {MAX_IMAGE_SIDE}")
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        need(isinstance(values, list) and len(values) == 3 and all(_finite(v) for v in values)
+             and (key == "mean" or all(v > 0 for v in values)),
+             f"'preprocess.{key}'={values!r} is not 3 finite numbers")
 
 
 def check_expected(meta: dict[str, Any], expected: dict[str, Any], where: PathLike) -> None:

@@ -12,6 +12,7 @@ device needs neither torch nor torchvision. Images are preprocessed exactly as t
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -65,9 +66,10 @@ class OnnxDetector:
         self.config: dict[str, Any] = dict(meta.get("config") or {})
         self.threshold: Optional[float] = meta.get("threshold")
         self.train_score_stats: Optional[dict[str, float]] = meta.get("train_score_stats")
-        self.batch_size = int(batch_size or self.config.get("batch_size") or 8)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if batch_size is not None and (isinstance(batch_size, (bool, np.bool_))
+                                       or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.batch_size = int(batch_size if batch_size is not None else self.config.get("batch_size") or 8)
         self.preprocess: Optional[NumpyPreprocess] = None
         if not self.head_only:
             pre = meta.get("preprocess") or {}

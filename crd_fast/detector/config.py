@@ -10,6 +10,7 @@ Nothing here imports torch, so ``crd-fast --help`` can read it at once.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Optional
@@ -21,7 +22,7 @@ Check = Callable[[str, Any], Any]
 
 def _int_at_least(minimum: int) -> Check:
     def check(name: str, value: Any) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         return int(value)
 
@@ -29,27 +30,27 @@ def _int_at_least(minimum: int) -> Check:
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
 def _positive_finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
 def _non_negative_finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def _optional_positive_int(name: str, value: Any) -> Optional[int]:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    return value
+    return None if value is None else int(value)
 
 
 def _embedding(name: str, value: Any) -> str:

@@ -30,6 +30,8 @@ from ..data.images import Images, count_images, iter_images
 from ..features.backbone import BackboneWeightsError, FeatureExtractor, weights_identity
 from ..features.preprocess import Preprocess, load_image
 from ..models.head import CRDHead
+from ..io.images import decode_reservation
+from .model_checks import check_detector_metadata
 from ..io.model_file import ModelFileError, PathLike, read_model_file, require, write_model_file
 from ..models.anomaly_map import AnomalyMapper
 from ..models.inference import InferenceModel
@@ -193,7 +195,8 @@ class CRDDetector:
     # ---- images -> batches ----------------------------------------------------------------------
     def _prepare(self, index: int, path: Optional[str], image: Any) -> torch.Tensor:
         if isinstance(image, str):
-            return self.preprocess(load_image(image))
+            with decode_reservation(image):  # parallel decoding bounded by memory (crd_fast.io.limits)
+                return self.preprocess(load_image(image))
         try:
             return self.preprocess(image)
         except (ValueError, TypeError) as exc:
@@ -408,6 +411,7 @@ class CRDDetector:
         if isinstance(stored, dict):
             stored = {"precision": LEGACY_PRECISION, **stored}  # files from before compute precisions
         require(isinstance(stored, dict) and set(OPTIONS) <= set(stored), path, "metadata has no complete 'config'")
+        check_detector_metadata(meta, path)
         unknown = sorted(set(expected) - set(OPTIONS))
         if unknown:
             raise TypeError(f"unknown detector option(s) {unknown}; known: {', '.join(OPTIONS)}")
@@ -436,6 +440,9 @@ class CRDDetector:
             raise
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: cannot rebuild the detector from its stored config: {exc}") from exc
+        require(list(det.patch_grid) == meta.get("patch_grid"), path,
+                f"crop {det.preprocess.crop} gives a {det.patch_grid} patch grid, "
+                f"the file says {meta.get('patch_grid')}")
         require(det.layer_channels == meta.get("layer_channels"), path,
                 f"the backbone gives layer channels {det.layer_channels}, the file says {meta.get('layer_channels')}")
         det.scorer = CRDScorer.from_state(tensors, meta.get("crd") or {}, path, prefix="crd.")

@@ -20,6 +20,8 @@ from PIL import Image
 # where the pipeline imports them.
 from ..io.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_image, to_rgb  # noqa: F401
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
+#: Largest accepted ``resize`` / ``crop``: the backbone runs on crop x crop inputs (4096^2 already needs GBs).
+MAX_IMAGE_SIDE = 4096
 
 
 def _from_uint8(t: torch.Tensor) -> torch.Tensor:
@@ -91,8 +93,8 @@ class Preprocess:
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         for name, v in (("resize", resize), ("crop", crop)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_IMAGE_SIDE:
+                raise ValueError(f"{name} must be an integer in [1, {MAX_IMAGE_SIDE}], got {v!r}")
         if crop > resize:
             raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
         self.resize, self.crop = int(resize), int(crop)

@@ -22,12 +22,15 @@ consumer loads them (so loading can run in parallel with the model).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from .limits import BYTES_PER_PIXEL, decode_budget, size_problem
 
 from .tensors import is_tensor_like
 
@@ -65,15 +68,50 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path: Union[str, os.PathLike], error: type[Exception] = ImageReadError) -> Image.Image:
-    """Open an image file as 8-bit RGB; raise ``error`` (default :class:`ImageReadError`) naming the file if it
-    cannot be read (the ONNX runtime passes its own ValueError subclass)."""
+    """Open an image file as 8-bit RGB, upright (its EXIF orientation applied); raise ``error`` (default
+    :class:`ImageReadError`) naming the file if it cannot be read or decoded, or if its header gives a size
+    beyond the limits of :mod:`crd_fast.io.limits` (checked before any pixel is decoded). The ONNX runtime
+    passes its own ValueError subclass."""
     try:
         with Image.open(path) as img:
+            problem = size_problem(*img.size)
+            if problem is not None:
+                raise error(f"cannot read image {os.fspath(path)!r}: refused before decoding: {problem}")
             img.load()  # decode now, inside the try, so truncated files fail here
-            return to_rgb(img)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        reason = "no such file" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
-        raise error(f"cannot read image {os.fspath(path)!r}: {reason}") from exc
+            return to_rgb(ImageOps.exif_transpose(img))
+    except error:
+        raise
+    except Exception as exc:  # Pillow's decoders raise many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise error(f"cannot read image {os.fspath(path)!r}: {_read_failure(exc)}") from exc
+
+
+def _read_failure(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "it is a directory"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def image_size(path: Union[str, os.PathLike]) -> Optional[tuple[int, int]]:
+    """(width, height) from the file's header without decoding it; None if the header cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception:  # load_image reports the problem properly
+        return None
+
+
+@contextlib.contextmanager
+def decode_reservation(path: Union[str, os.PathLike]) -> Iterator[None]:
+    """Hold a share of the decode memory budget (:func:`crd_fast.io.limits.decode_budget`) sized from the
+    file's header while the caller decodes and preprocesses it: parallel decoding is bounded by memory."""
+    size = image_size(path)
+    need = 0 if size is None or size_problem(*size) is not None else size[0] * size[1] * BYTES_PER_PIXEL
+    with decode_budget().reserve(need):
+        yield
 
 
 def list_image_files(folder: Union[str, os.PathLike], recursive: bool = False) -> list[str]:

@@ -19,6 +19,8 @@ import torch
 
 from .._version import __version__
 from .atomic import PathLike, atomic_write
+from .locking import exclusive_write
+from .outputs import check_readable_file
 
 FORMAT_NAME = "crd-fast-model"
 FORMAT_VERSION = 1
@@ -52,7 +54,7 @@ def write_model_file(path: PathLike, kind: str, tensors: Mapping[str, torch.Tens
         **fields,
     }
     text = json.dumps(meta, sort_keys=True)
-    with atomic_write(path) as tmp:
+    with exclusive_write(path), atomic_write(path) as tmp:  # one writer at a time (crd_fast.io.locking)
         save_file(clean, str(tmp), metadata={METADATA_KEY: text})
     return Path(path)
 
@@ -62,8 +64,14 @@ def read_model_file(path: PathLike, kind: str) -> tuple[dict[str, torch.Tensor],
     from safetensors import safe_open
 
     p = Path(path)
-    if not p.is_file():
-        raise ModelFileError(f"{p}: no such model file")
+    try:
+        check_readable_file(p, "model file")
+    except FileNotFoundError:
+        raise ModelFileError(f"{p}: no such model file") from None
+    except PermissionError:
+        raise ModelFileError(f"{p}: permission denied: cannot read the model file") from None
+    except IsADirectoryError:
+        raise ModelFileError(f"{p}: is a directory, not a model file") from None
     try:
         with safe_open(str(p), framework="pt") as fh:
             raw_meta = fh.metadata() or {}

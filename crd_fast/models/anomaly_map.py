@@ -41,10 +41,10 @@ class AnomalyMapper(nn.Module):
             raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
         self.size = hw
         self.sigma = float(sigma)
-        kernel = gaussian_kernel1d(self.sigma) if self.sigma > 0 else torch.ones(1, dtype=torch.float64)
-        self.radius = (kernel.numel() - 1) // 2
-        if self.radius >= min(hw):
+        self.radius = int(4.0 * self.sigma + 0.5) if self.sigma > 0 else 0  # gaussian_kernel1d's radius
+        if self.radius >= min(hw):  # checked before the kernel is built: a huge sigma must not allocate it
             raise ValueError(f"blur sigma={sigma} needs a radius of {self.radius} pixels, more than the map size {hw} allows")
+        kernel = gaussian_kernel1d(self.sigma) if self.sigma > 0 else torch.ones(1, dtype=torch.float64)
         self.register_buffer("kernel", kernel.float())
 
     def forward(self, patch_map: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ same device. Bad input is refused here with an error that names the problem, bef
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -81,3 +83,28 @@ def as_patch_matrix(
         raise ValueError(f"{name} has feature dimension d={d}, but the model was fitted with d={dim}")
     check_finite(tensor, name)
     return tensor, kind
+
+
+# ---- numeric parameters -----------------------------------------------------------------------------
+class NumericOverflowError(ValueError):
+    """Values too large for the floating-point precision in use: sums of squares overflowed to Inf."""
+
+
+def check_real(name: str, value: Any, minimum: Optional[float] = None, positive: bool = False) -> float:
+    """A finite real parameter (Python or numpy number; bool refused) as a Python float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    result = float(value)
+    if not math.isfinite(result) or (positive and not result > 0) or (minimum is not None and result < minimum):
+        need = "a positive finite number" if positive else "a finite number"
+        if minimum is not None:
+            need += f" >= {minimum:g}"
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+    return result
+
+
+def check_integer(name: str, value: Any, minimum: int) -> int:
+    """An integer parameter (Python or numpy integer; bool refused) >= ``minimum``, as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

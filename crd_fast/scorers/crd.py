@@ -16,10 +16,17 @@ import torch
 from ..choices import DEFAULT_LAM_REL
 from ..ops import native as _native
 from ..core.dtypes import compute_dtype
-from ._validation import ArrayLike, as_patch_matrix
+from ._validation import ArrayLike, NumericOverflowError, as_patch_matrix, check_integer, check_real
 from ..core.projection import CRDProjection, crd_lambda
+from ._model_checks import check_state_fields, projection_mismatch
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
+
+#: Smallest accepted lam_rel. The eigen-solver resolves eigenvalues of C only to about d * eps64 * trace(C) / d
+#: (eps64 = 2.2e-16); below lam_rel ~ d * eps64 the ridge lam drowns in that rounding and the shrink factors
+#: lam / (s_i + lam) become noise (at 1e-300 every score is exactly 0). 1e-9 leaves a margin of 1000 for
+#: d up to ~4500. See docs/DESIGN.md "Guarantees".
+MIN_LAM_REL = 1e-9
 
 #: Rows scored per chunk: bounds the temporary (chunk x d) projection to about 64 MB in float32.
 _CHUNK_ELEMENTS = 1 << 24
@@ -41,21 +48,29 @@ class CRDScorer:
     """
 
     def __init__(self, lam_rel: float = DEFAULT_LAM_REL, center: bool = True, rank: Optional[int] = None) -> None:
-        self._check_params(lam_rel, rank)
-        self._lam_rel = float(lam_rel)
+        lam_rel, rank = self._check_params(lam_rel, rank)
+        self._lam_rel = lam_rel
         self._center = bool(center)
-        self._rank = None if rank is None else int(rank)
+        self._rank = rank
         self._stats: Optional[PatchStatistics] = None
         self._projection: Optional[CRDProjection] = None
         self._device_cache: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- parameters ---------------------------------------------------------------------------
     @staticmethod
-    def _check_params(lam_rel: float, rank: Optional[int]) -> None:
-        if not (isinstance(lam_rel, (int, float)) and math.isfinite(lam_rel) and lam_rel > 0):
-            raise ValueError(f"lam_rel must be a positive finite number, got {lam_rel!r}")
-        if rank is not None and (not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
+    def _check_params(lam_rel: Any, rank: Any) -> tuple[float, Optional[int]]:
+        """Validated (lam_rel, rank): Python or numpy numbers, never bool; lam_rel >= MIN_LAM_REL."""
+        value = check_real("lam_rel", lam_rel, positive=True)
+        if value < MIN_LAM_REL:
+            raise ValueError(f"lam_rel={value:g} is below the floor {MIN_LAM_REL:g}: the ridge would be lost in the "
+                             "float64 rounding of the covariance's eigenvalues and the scores would be noise "
+                             "(or all 0)")
+        if rank is not None:
+            try:
+                rank = check_integer("rank", rank, 1)
+            except ValueError:
+                raise ValueError(f"rank must be a positive integer or None, got {rank!r}") from None
+        return value, rank
 
     @property
     def lam_rel(self) -> float:
@@ -63,8 +78,7 @@ class CRDScorer:
 
     @lam_rel.setter
     def lam_rel(self, value: float) -> None:
-        self._check_params(value, self._rank)
-        self._lam_rel = float(value)
+        self._lam_rel, _ = self._check_params(value, self._rank)
         self._invalidate()
 
     @property
@@ -82,8 +96,7 @@ class CRDScorer:
 
     @rank.setter
     def rank(self, value: Optional[int]) -> None:
-        self._check_params(self._lam_rel, value)
-        self._rank = value
+        _, self._rank = self._check_params(self._lam_rel, value)
         self._invalidate()
 
     def _invalidate(self) -> None:
@@ -103,7 +116,15 @@ class CRDScorer:
         x, _ = as_patch_matrix(X, "X", dim=dim, min_rows=1)
         if self._stats is None:
             self._stats = PatchStatistics(x.shape[1])
+        before = (self._stats.count, self._stats.mean, self._stats.scatter)  # update() replaces, never mutates
         self._stats.update(x)
+        if not bool(torch.isfinite(self._stats.scatter).all() and torch.isfinite(self._stats.mean).all()):
+            self._stats.count, self._stats.mean, self._stats.scatter = before
+            if before[0] == 0:
+                self._stats = None
+            raise NumericOverflowError(
+                f"X: the patch statistics overflowed float64 (largest |value| {float(x.abs().max()):.3g}; sums of "
+                "squares must stay below ~1.8e308): scale the features down")
         self._invalidate()
         return self
 
@@ -217,6 +238,11 @@ class CRDScorer:
                 out[start : start + chunk] = _native.residual_norm(z, q)
             else:
                 out[start : start + chunk] = torch.linalg.vector_norm(z - q, dim=1)
+        if not bool(torch.isfinite(out).all()):  # Y was checked finite: only overflow gets here
+            raise NumericOverflowError(
+                f"Y: scores overflowed {str(dtype).replace('torch.', '')} "
+                f"(largest |value| {float(y.abs().max()):.3g}); "
+                "score in float64 or scale the features down")
         return kind.wrap(out)
 
     __call__ = score
@@ -252,27 +278,30 @@ class CRDScorer:
         for name in names:
             require(name in tensors, path, f"tensor '{name}' is missing")
         mean, scatter, matrix, offset = (tensors[n] for n in names)
-        try:
-            d, n = int(fields["d"]), int(fields["n"])
-            lam, lam_rel = float(fields["lam"]), float(fields["lam_rel"])
-            center, rank = bool(fields["center"]), fields["rank"]
-        except (KeyError, TypeError, ValueError) as exc:
-            require(False, path, f"metadata field missing or malformed: {exc}")
-        require(n >= 2, path, f"n={n} training patches (at least 2 are needed)")
+        d, n, lam, lam_rel, center, rank, error_bound = check_state_fields(fields, path)
         require(mean.shape == (d,) and offset.shape == (d,), path, f"mean/offset shapes do not match d={d}")
         require(scatter.shape == (d, d), path, f"scatter shape {tuple(scatter.shape)} does not match d={d}")
-        r = d if rank is None else min(int(rank), d)
+        r = d if rank is None else min(rank, d)
         require(matrix.shape == (r, d), path, f"projection shape {tuple(matrix.shape)}, expected {(r, d)}")
         for name, t in zip(names, (mean, scatter, matrix, offset)):
             require(t.dtype == torch.float64, path, f"tensor '{name}' is {t.dtype}, expected float64")
             require(bool(torch.isfinite(t).all()), path, f"tensor '{name}' holds NaN or Inf")
-        scorer = cls(lam_rel=lam_rel, center=center, rank=None if rank is None else int(rank))
+        try:
+            scorer = cls(lam_rel=lam_rel, center=center, rank=rank)
+        except ValueError as exc:
+            require(False, path, str(exc))
         scorer._stats = PatchStatistics.from_tensors(n, mean, scatter)
-        expected_lam = crd_lambda(scorer._stats.covariance(center), lam_rel)
+        try:
+            expected_lam = crd_lambda(scorer._stats.covariance(center), lam_rel)
+        except ValueError as exc:
+            require(False, path, f"the stored statistics are unusable: {exc}")
         require(math.isclose(lam, expected_lam, rel_tol=1e-9), path, f"lam={lam} but the statistics give {expected_lam}")
         expected_offset = scorer._stats.location(center)
         require(torch.equal(offset, expected_offset), path, "offset does not match the stored mean and 'center'")
-        scorer._projection = CRDProjection(matrix.clone(), offset.clone(), lam, scorer._rank, float(fields.get("error_bound", 0.0)))
+        stored = CRDProjection(matrix.clone(), offset.clone(), lam, scorer._rank, error_bound)
+        problem = projection_mismatch(stored, scorer._stats.covariance(center))
+        require(problem is None, path, f"the projection does not match the stored statistics: {problem}")
+        scorer._projection = stored
         return scorer
 
     def save(self, path: PathLike) -> None:
