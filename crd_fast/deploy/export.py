@@ -281,7 +281,7 @@ def export_onnx(
                                                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         **{k: info.get(k) for k in ("config", "weights_identity", "layers", "layer_channels", "feature_shapes", "patch_grid",
                                     "resize", "crop", "embedding", "target_dim", "d", "lam_rel", "n_images", "n_patches",
-                                    "threshold", "train_score_stats")},
+                                    "threshold", "pixel_threshold", "train_score_stats")},
         **provenance,
         "onnx_sha256": sha256_bytes(data),
     }

@@ -258,5 +258,6 @@ def detector_info(detector: Any) -> dict[str, Any]:
         "n_images": detector.n_images,
         "n_patches": detector.scorer.n_samples,
         "threshold": detector.threshold,
+        "pixel_threshold": detector.pixel_threshold,
         "train_score_stats": detector.train_score_stats,
     }

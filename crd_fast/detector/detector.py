@@ -341,7 +341,8 @@ class CRDDetector:
                 paths += batch_paths
                 bar.update(x.shape[0])
         result = DetectionResult.from_batches(scores, amaps, pmaps, paths)
-        return result.apply_threshold(self.threshold, self.train_score_stats)
+        result.apply_threshold(self.threshold, self.train_score_stats)
+        return result.apply_pixel_threshold(self.pixel_threshold)
 
     # ---- thresholds -------------------------------------------------------------------------------
     def set_threshold(self, value: Optional[float]) -> None:
@@ -358,6 +359,31 @@ class CRDDetector:
         """Set the F1-optimal threshold on labelled validation images (1 = defective); returns it."""
         threshold = f1_threshold(self.predict(images, progress).image_scores, labels)
         self.set_threshold(threshold)
+        return threshold
+
+    def set_pixel_threshold(self, value: Optional[float]) -> None:
+        """Set the anomaly-map threshold of ``pred_masks`` (value >= threshold is a defect pixel); None removes it."""
+        self.pixel_threshold = check_threshold(value)
+
+    def calibrate_pixels(self, normal_images: Images, q: float = 0.999, progress: bool = True) -> float:
+        """Set the pixel threshold to the ``q`` quantile of the anomaly-map values of held-out defect-free
+        images; returns it."""
+        threshold = pixel_quantile_threshold(self.predict(normal_images, progress).anomaly_maps, q)
+        self.set_pixel_threshold(threshold)
+        return threshold
+
+    def calibrate_pixels_labelled(self, images: Images, masks: Sequence[Any], progress: bool = True) -> float:
+        """Set the pixel-F1-optimal pixel threshold on images with ground-truth masks; returns it.
+
+        ``masks``: one per image, as the image was given (PIL image or (H, W) array, nonzero = defect);
+        they are resized and cropped like the images (``preprocess.mask``).
+        """
+        maps = self.predict(images, progress).anomaly_maps
+        if len(masks) != maps.shape[0]:
+            raise ValueError(f"{len(masks)} masks for {maps.shape[0]} images")
+        truth = np.stack([self.preprocess.mask(m) for m in masks])
+        threshold = pixel_f1_threshold(maps, truth)
+        self.set_pixel_threshold(threshold)
         return threshold
 
     # ---- persistence ------------------------------------------------------------------------------
@@ -383,6 +409,7 @@ class CRDDetector:
             "n_patches": crd_fields["n"],
             "train_score_stats": self.train_score_stats,
             "threshold": self.threshold,
+            "pixel_threshold": self.pixel_threshold,
             "crd": crd_fields,
         }
         write_model_file(path, MODEL_KIND, tensors, fields)
@@ -438,6 +465,10 @@ class CRDDetector:
         threshold = meta.get("threshold")
         require(threshold is None or isinstance(threshold, (int, float)), path, f"threshold {threshold!r} is not a number")
         det.set_threshold(threshold)
+        pixel_threshold = meta.get("pixel_threshold")  # absent in files written before pixel thresholds
+        require(pixel_threshold is None or isinstance(pixel_threshold, (int, float)), path,
+                f"pixel_threshold {pixel_threshold!r} is not a number")
+        det.set_pixel_threshold(pixel_threshold)
         return det
 
     def __repr__(self) -> str:
