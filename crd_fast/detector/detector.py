@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional, Union
@@ -37,6 +38,8 @@ from ..scorers.crd import CRDScorer
 from ..postprocess.thresholds import check_threshold, f1_threshold, quantile_threshold
 from .config import OPTIONS, RUNTIME_OPTIONS, DetectorConfig
 from .reservoir import Reservoir
+
+logger = logging.getLogger(__name__)
 
 MODEL_KIND = "crd_detector"
 #: Training inputs kept (reservoir sample, fixed size) to compute the training score statistics.
@@ -271,6 +274,8 @@ class CRDDetector:
             raise ValueError("no images to fit on")
         self.n_images += added
         self._stats_stale = True
+        logger.info("added %d images to the fit (%d in all, %d patches, d=%d)", added, self.n_images,
+                    self.scorer.n_samples, self.dim)
         return self
 
     def _add_patches(self, patches: torch.Tensor) -> None:
@@ -353,12 +358,14 @@ class CRDDetector:
         """Set the threshold to the ``q`` quantile of held-out defect-free images' scores; returns it."""
         threshold = quantile_threshold(self.predict(normal_images, progress).image_scores, q)
         self.set_threshold(threshold)
+        logger.info("image threshold %.6g (quantile %g of held-out normal image scores)", threshold, q)
         return threshold
 
     def calibrate_labelled(self, images: Images, labels: Any, progress: bool = True) -> float:
         """Set the F1-optimal threshold on labelled validation images (1 = defective); returns it."""
         threshold = f1_threshold(self.predict(images, progress).image_scores, labels)
         self.set_threshold(threshold)
+        logger.info("image threshold %.6g (F1-optimal on labelled images)", threshold)
         return threshold
 
     def set_pixel_threshold(self, value: Optional[float]) -> None:
@@ -370,6 +377,7 @@ class CRDDetector:
         images; returns it."""
         threshold = pixel_quantile_threshold(self.predict(normal_images, progress).anomaly_maps, q)
         self.set_pixel_threshold(threshold)
+        logger.info("pixel threshold %.6g (quantile %g of held-out normal anomaly-map values)", threshold, q)
         return threshold
 
     def calibrate_pixels_labelled(self, images: Images, masks: Sequence[Any], progress: bool = True) -> float:
@@ -384,6 +392,7 @@ class CRDDetector:
         truth = np.stack([self.preprocess.mask(m) for m in masks])
         threshold = pixel_f1_threshold(maps, truth)
         self.set_pixel_threshold(threshold)
+        logger.info("pixel threshold %.6g (pixel-F1-optimal on labelled masks)", threshold)
         return threshold
 
     # ---- persistence ------------------------------------------------------------------------------
@@ -413,6 +422,7 @@ class CRDDetector:
             "crd": crd_fields,
         }
         write_model_file(path, MODEL_KIND, tensors, fields)
+        logger.info("saved model to %s (%s, d=%d, %d training images)", path, self.backbone_name, self.dim, self.n_images)
 
     @classmethod
     def load(cls, path: PathLike, device: Optional[Union[str, torch.device]] = None, **expected: Any) -> "CRDDetector":
@@ -469,6 +479,7 @@ class CRDDetector:
         require(pixel_threshold is None or isinstance(pixel_threshold, (int, float)), path,
                 f"pixel_threshold {pixel_threshold!r} is not a number")
         det.set_pixel_threshold(pixel_threshold)
+        logger.info("loaded model %s (%s, d=%d, device %s)", path, det.backbone_name, det.dim, det.device)
         return det
 
     def __repr__(self) -> str:

@@ -6,6 +6,7 @@ import base64
 import datetime as _dt
 import html
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .figures import curves_png, map_range, overlay_tile
 from .results import CategoryResult, RunInfo, example_indices
 
 PathLike = Union[str, os.PathLike]
+logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 EXAMPLE_TITLES = {
@@ -163,6 +165,7 @@ def write_report(
         tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     with atomic_write(html_path) as tmp:
         tmp.write_text(html_text, encoding="utf-8")
+    logger.info("wrote report %s (%d categories)", html_path, len(categories))
     return Report(html_path=html_path, json_path=json_path, data=data)
 
 
