@@ -49,7 +49,8 @@ def test_custom_module_identity_is_checked_on_load(tmp_path):
     det.save(path)
     same = CRDDetector.load(path, backbone=TinyNet(0))
     x = images(1, 3)
-    np.testing.assert_array_equal(same.predict(x, progress=False).image_scores, det.predict(x, progress=False).image_scores)
+    np.testing.assert_array_equal(same.predict(x, progress=False).image_scores,
+                                  det.predict(x, progress=False).image_scores)
     with pytest.raises(ModelFileError, match="other weights than the one the model was fitted with"):
         CRDDetector.load(path, backbone=TinyNet(1))
 

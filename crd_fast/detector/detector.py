@@ -422,7 +422,8 @@ class CRDDetector:
             "crd": crd_fields,
         }
         write_model_file(path, MODEL_KIND, tensors, fields)
-        logger.info("saved model to %s (%s, d=%d, %d training images)", path, self.backbone_name, self.dim, self.n_images)
+        logger.info("saved model to %s (%s, d=%d, %d training images)", path, self.backbone_name, self.dim,
+                    self.n_images)
 
     @classmethod
     def load(cls, path: PathLike, device: Optional[Union[str, torch.device]] = None, **expected: Any) -> "CRDDetector":

@@ -79,8 +79,9 @@ class TimmFeatures(nn.Module):
                 state = load_state_dict_file(weights)
                 result = model.load_state_dict(state, strict=False)
                 if result.missing_keys:
+                    missing = result.missing_keys
                     raise BackboneWeightsError(f"{weights}: weights do not match timm {name}: missing "
-                                               f"{len(result.missing_keys)} tensor(s) such as {result.missing_keys[:3]}")
+                                               f"{len(missing)} tensor(s) such as {missing[:3]}")
         cfg = model.pretrained_cfg or {}
         self.model = model.eval()
         self.mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
