@@ -47,13 +47,24 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.model):
         raise FileNotFoundError(f"model file {args.model!r} does not exist")
-    from ..deploy import export_onnx
+    options = dict(head_only=args.head_only, opset=args.opset, precision="fp16" if args.half else "fp32",
+                   rank=args.rank, verify=args.verify)
+    if args.format == "openvino":
+        from ..deploy.metadata import metadata_path_for
+        from ..deploy.openvino import export_openvino
 
-    result = export_onnx(args.model, args.output, head_only=args.head_only, opset=args.opset,
-                         precision="fp16" if args.half else "fp32", rank=args.rank, verify=args.verify)
-    meta = result.metadata
-    size = os.path.getsize(result.onnx_path) / 2**20
-    echo(f"crd-fast export: wrote {result.onnx_path} ({size:.2f} MiB) and {result.metadata_path}")
+        meta = export_openvino(args.model, args.output, **options)
+        written = os.path.splitext(args.output)[0] + ".bin"
+        size = (os.path.getsize(args.output) + os.path.getsize(written)) / 2**20
+        echo(f"crd-fast export: wrote OpenVINO IR {args.output} + {written} ({size:.2f} MiB) and "
+             f"{metadata_path_for(args.output)}")
+    else:
+        from ..deploy import export_onnx
+
+        result = export_onnx(args.model, args.output, **options)
+        meta = result.metadata
+        size = os.path.getsize(result.onnx_path) / 2**20
+        echo(f"crd-fast export: wrote {result.onnx_path} ({size:.2f} MiB) and {result.metadata_path}")
     echo(f"  {'head only' if args.head_only else 'whole detector'}, opset {meta['opset']}, "
          f"head weights {meta['precision']}, "
          + (f"rank {meta['rank']} of d = {meta.get('d')}" if meta.get("rank") else f"full rank (d = {meta.get('d')})")
