@@ -63,7 +63,8 @@ def test_head_only_matches_detector(exported, rng):
 def test_precision_hint_is_honoured(exported):
     _, folder = exported
     # Without the hint OpenVINO picks (bf16 on CPUs with AVX512-BF16 / AMX); "f16" asked is what is reported.
-    assert OpenVinoDetector(folder / "model.xml", inference_precision=None).inference_precision in ("f32", "bf16", "f16")
+    precision = OpenVinoDetector(folder / "model.xml", inference_precision=None).inference_precision
+    assert precision in ("f32", "bf16", "f16")
 
 
 def test_tampered_files_are_refused(exported, tmp_path):
