@@ -29,6 +29,7 @@ from ..core.embedding import embed_patches, embedding_dim, patch_matrix
 from ..data.images import Images, count_images, iter_images
 from ..features.backbone import BackboneWeightsError, FeatureExtractor, weights_identity
 from ..features.preprocess import Preprocess, load_image
+from ..features.timm_backbone import TimmFeatures, is_timm
 from ..models.head import CRDHead
 from ..io.model_file import ModelFileError, PathLike, read_model_file, require, write_model_file
 from ..models.anomaly_map import AnomalyMapper

@@ -192,10 +192,6 @@ class FeatureExtractor(nn.Module):
         # a user module's ``mean`` / ``std`` attributes when it has them.
         self.mean: tuple[float, ...] = (0.485, 0.456, 0.406)
         self.std: tuple[float, ...] = (0.229, 0.224, 0.225)
-        if isinstance(backbone, str) and backbone.startswith("timm:"):
-            from .timm_backbone import TimmFeatures
-
-            backbone = TimmFeatures(backbone, layers, weights, seed)
         if isinstance(backbone, nn.Module):
             self.custom: Optional[nn.Module] = backbone.eval()
             self.body = nn.ModuleDict()
