@@ -105,3 +105,30 @@ def test_backbone_stays_frozen_in_training():
     assert not model.extractor.training
     for k, v in model.extractor.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_engine_predict_and_export(mvtec, tmp_path):
+    pytest.importorskip("onnxscript", reason="anomalib's ONNX export needs onnxscript (crd-fast[onnx])")
+    ov = pytest.importorskip("openvino", reason="anomalib's OpenVINO export needs openvino (crd-fast[openvino])")
+    from anomalib.deploy import ExportType
+
+    model = Crd(backbone="resnet18", pre_trained=False, visualizer=False)
+    eng = engine(tmp_path)
+    eng.fit(model=model, datamodule=datamodule(mvtec))
+    predictions = eng.predict(model=model, datamodule=datamodule(mvtec))
+    assert sum(len(p.pred_score) for p in predictions) == 12  # the test images: 4 good, 8 defective
+    # anomalib's default opset (14) cannot express the reflect padding of the blur; 18 can.
+    onnx_path = eng.export(model=model, export_type=ExportType.ONNX, export_root=tmp_path / "onnx",
+                           onnx_kwargs={"opset_version": 18})
+    xml = eng.export(model=model, export_type=ExportType.OPENVINO, export_root=tmp_path / "ov",
+                     onnx_kwargs={"opset_version": 18})
+    assert onnx_path.is_file() and xml.is_file()
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    out = compiled(image.numpy())
+    model.eval()
+    with torch.no_grad():
+        want = model(image)  # pre-processing, CRD model and post-processing, as exported
+    got = {port.get_any_name(): value for port, value in out.items()}
+    np.testing.assert_allclose(got["pred_score"], want.pred_score.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["anomaly_map"], want.anomaly_map.numpy(), rtol=1e-4, atol=1e-4)
