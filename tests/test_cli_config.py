@@ -34,7 +34,8 @@ def expand(argv, text, tmp_path, name="c.toml"):
 
 
 def test_config_becomes_options_that_typed_ones_override(tmp_path):
-    text = 'backbone = "resnet18"\nthreads = 2\n[fit]\nlayers = ["layer2"]\ncenter = false\nupdate = true\nresize = 40\n'
+    text = ('backbone = "resnet18"\nthreads = 2\n'
+            '[fit]\nlayers = ["layer2"]\ncenter = false\nupdate = true\nresize = 40\n')
     argv = expand(["fit", "good/", "-o", "m.crd", "--resize", "48"], text, tmp_path)
     args = build_parser().parse_args(argv)
     assert args.backbone == "resnet18" and args.threads == 2 and args.layers == ("layer2",)
