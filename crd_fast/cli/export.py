@@ -32,7 +32,11 @@ def register(sub: Any) -> None:
                              "runtimes. The exporter checks the written graph against PyTorch on a random input "
                              "before writing.") as p:
         p.add_argument("model", metavar="MODEL", help="model file from 'crd-fast fit'")
-        p.add_argument("-o", "--output", required=True, metavar="OUT", help="ONNX file to write (e.g. model.onnx)")
+        p.add_argument("-o", "--output", required=True, metavar="OUT",
+                       help="file to write: model.onnx, or model.xml with --format openvino")
+        p.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
+                       help="onnx (default), or openvino: OpenVINO IR (OUT.xml + OUT.bin + OUT.xml.json, float32 "
+                            "weights; needs crd-fast[openvino]), run with crd_fast.deploy.openvino.OpenVinoDetector")
         p.add_argument("--head-only", action="store_true", help="export only the CRD head: feature maps in, scores out")
         p.add_argument("--half", action="store_true",
                        help="store the head's matrix in float16 (half the size; small score error, computed in "

@@ -120,7 +120,7 @@ def apply_common_flags(args: argparse.Namespace) -> None:
 #: How the detector options (DetectorConfig's fields; help texts and defaults come from there) appear on the
 #: command line. blur_sigma and target_dim keep their defaults there.
 _FLAGS: dict[str, dict[str, Any]] = {
-    "backbone": dict(choices=BACKBONES, metavar="NAME"),
+    "backbone": dict(type=backbone_name, metavar="NAME"),
     "weights": dict(type=weights_spec, metavar="W"),
     "layers": dict(type=layer_list, metavar="L1,L2"),
     "embedding": dict(choices=EMBEDDINGS),
@@ -141,7 +141,7 @@ def _shown(name: str, value: Any) -> str:
     if name == "layers":
         return ",".join(value)
     if name == "backbone":
-        return f"{value}; choose from {', '.join(BACKBONES)}"
+        return f"{value}; choose from {', '.join(BACKBONES)}, or timm:<name> for a timm model"
     return str(value)
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..core.embedding import embed_patches, embedding_dim, patch_matrix
 from ..data.images import Images, count_images, iter_images
-from ..features.backbone import BackboneWeightsError, FeatureExtractor, weights_identity
+from ..features.backbone import BackboneWeightsError, FeatureExtractor, module_state_sha256, weights_identity
 from ..features.preprocess import Preprocess, load_image
 from ..features.timm_backbone import TimmFeatures, is_timm
 from ..models.head import CRDHead
@@ -36,6 +36,7 @@ from ..models.anomaly_map import AnomalyMapper
 from ..models.inference import InferenceModel
 from ..postprocess.results import DetectionResult
 from ..scorers.crd import CRDScorer
+from ..postprocess.pixels import pixel_f1_threshold, pixel_quantile_threshold
 from ..postprocess.thresholds import check_threshold, f1_threshold, quantile_threshold
 from .config import OPTIONS, RUNTIME_OPTIONS, DetectorConfig
 from .reservoir import Reservoir
@@ -92,16 +93,24 @@ class CRDDetector:
     def _init(self, config: DetectorConfig) -> None:
         self._options = config
         self.device = _resolve_device(config.device)
-        self.preprocess = Preprocess(config.resize, config.crop)
         self.mapper = AnomalyMapper((config.crop, config.crop), config.blur_sigma)  # checks blur_sigma against crop
         self.scorer = CRDScorer(config.lam_rel, config.center, config.rank)
-        self.extractor = FeatureExtractor(config.backbone, config.layers, config.weights, config.seed).to(self.device)
+        # "timm:<name>" is built here (crd_fast.features.timm_backbone) and used as a module; its name stays.
+        backbone = config.backbone
+        if is_timm(backbone):
+            backbone = TimmFeatures(backbone, config.layers, config.weights, config.seed)
+        self.extractor = FeatureExtractor(backbone, config.layers, config.weights, config.seed).to(self.device)
+        # The backbone's own normalisation: ImageNet's for torchvision, the model's for timm or a user module.
+        self.preprocess = Preprocess(config.resize, config.crop, self.extractor.mean, self.extractor.std)
         self.weights_identity = weights_identity(config.weights, config.seed, config.backbone_name)
+        if isinstance(config.backbone, nn.Module):  # a user module is identified by its weights
+            self.weights_identity["state_sha256"] = module_state_sha256(config.backbone)
         shapes = self.extractor.feature_shapes(config.crop)
         self.layer_channels = [s[0] for s in shapes]
         self.patch_grid = (shapes[0][1], shapes[0][2])
         self.dim = embedding_dim(self.layer_channels, config.embedding, config.target_dim)
         self.threshold: Optional[float] = None
+        self.pixel_threshold: Optional[float] = None
         self.reset()
 
     # ---- options ----------------------------------------------------------------------------------
@@ -259,6 +268,7 @@ class CRDDetector:
     def fit(self, images: Images, progress: bool = True) -> "CRDDetector":
         """Fit on defect-free images, discarding any earlier fit and threshold."""
         self.threshold = None
+        self.pixel_threshold = None
         return self.reset().partial_fit(images, progress)
 
     def partial_fit(self, images: Images, progress: bool = True) -> "CRDDetector":
@@ -509,6 +519,11 @@ def _requested_option(path: PathLike, key: str, want: Any, stored: dict[str, Any
         if f"custom:{type(want).__name__}" != stored[key]:
             raise ModelFileError(f"{path}: the model was made with backbone {stored[key]!r}, "
                                  f"not a {type(want).__name__} module")
+        want_hash, stored_hash = module_state_sha256(want), ident.get("state_sha256")
+        if stored_hash is not None and want_hash != stored_hash:  # files before this check have no hash
+            raise ModelFileError(f"{path}: the {type(want).__name__} module passed has other weights than "
+                                 f"the one the model was fitted with (state-dict SHA-256 {want_hash[:12]}... != "
+                                 f"{stored_hash[:12]}...); scores would change")
         return want
     if key == "weights":
         asked = weights_identity(DetectorConfig.check(key, want), stored["seed"], stored["backbone"])
