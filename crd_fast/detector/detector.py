@@ -429,9 +429,10 @@ class CRDDetector:
             "n_patches": crd_fields["n"],
             "train_score_stats": self.train_score_stats,
             "threshold": self.threshold,
-            "pixel_threshold": self.pixel_threshold,
             "crd": crd_fields,
         }
+        if self.pixel_threshold is not None:  # only then: a file without one keeps the earlier content exactly
+            fields["pixel_threshold"] = self.pixel_threshold
         write_model_file(path, MODEL_KIND, tensors, fields)
         logger.info("saved model to %s (%s, d=%d, %d training images)", path, self.backbone_name, self.dim,
                     self.n_images)

@@ -267,7 +267,8 @@ def _category_section(result: CategoryResult, figures: dict[str, Any], curves: d
             continue
         tiles = []
         for i in indices:
-            png = overlay_tile(result.image(i), None if maps is None else maps[i], None if masks is None else masks[i], vmin, vmax,
+            png = overlay_tile(result.image(i), None if maps is None else maps[i],
+                               None if masks is None else masks[i], vmin, vmax,
                                None if pred_masks is None else pred_masks[i])
             caption = (f"{html.escape(result.defect_types[i])} · score {result.image_scores[i]:.4g}<br>"
                        f"{html.escape(result.paths[i])}")
