@@ -5,7 +5,13 @@
     scores = scorer.score(test_patches)          # one score per row, same kind and device
 """
 
+import logging as _logging
+
 from ._version import __version__
+
+# The library logs through module-level loggers under "crd_fast" and never prints; an application (or
+# the crd-fast command line) decides where the records go.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 # Everything below needs torch, so it is imported on first use: `import crd_fast.deploy` (the ONNX
 # runtime) must work on a machine without torch.

@@ -33,7 +33,11 @@ def register(sub: Any) -> None:
                              "runtimes. The exporter checks the written graph against PyTorch on a random input "
                              "before writing.") as p:
         p.add_argument("model", metavar="MODEL", help="model file from 'crd-fast fit'")
-        p.add_argument("-o", "--output", required=True, metavar="OUT", help="ONNX file to write (e.g. model.onnx)")
+        p.add_argument("-o", "--output", required=True, metavar="OUT",
+                       help="file to write: model.onnx, or model.xml with --format openvino")
+        p.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
+                       help="onnx (default), or openvino: OpenVINO IR (OUT.xml + OUT.bin + OUT.xml.json, float32 "
+                            "weights; needs crd-fast[openvino]), run with crd_fast.deploy.openvino.OpenVinoDetector")
         p.add_argument("--head-only", action="store_true", help="export only the CRD head: feature maps in, scores out")
         p.add_argument("--half", action="store_true",
                        help="store the head's matrix in float16 (half the size; small score error, computed in "
@@ -53,21 +57,32 @@ def run(args: argparse.Namespace) -> int:
 
     check_readable_file(args.model, "model file")
     check_output_file(args.output)  # before the export, not after it
-    from ..deploy import export_onnx
+    options = dict(head_only=args.head_only, opset=args.opset, precision="fp16" if args.half else "fp32",
+                   rank=args.rank, verify=args.verify)
+    if args.int8 and (args.head_only or args.half or args.rank or args.format == "openvino"):
+        raise ValueError("--int8 exports the whole detector to ONNX at full rank: it cannot be combined with "
+                         "--head-only, --half, --rank or --format openvino")
+    if args.format == "openvino":
+        from ..deploy.metadata import metadata_path_for
+        from ..deploy.openvino import export_openvino
 
-    if args.int8:
-        if args.head_only or args.half or args.rank:
-            raise ValueError("--int8 exports the whole detector at full rank: it cannot be combined with "
-                             "--head-only, --half or --rank")
-        from ..deploy.quantize import export_onnx_int8
-
-        result = export_onnx_int8(args.model, args.output, args.int8, opset=args.opset)
+        meta = export_openvino(args.model, args.output, **options)
+        written = os.path.splitext(args.output)[0] + ".bin"
+        size = (os.path.getsize(args.output) + os.path.getsize(written)) / 2**20
+        echo(f"crd-fast export: wrote OpenVINO IR {args.output} + {written} ({size:.2f} MiB) and "
+             f"{metadata_path_for(args.output)}")
     else:
-        result = export_onnx(args.model, args.output, head_only=args.head_only, opset=args.opset,
-                             precision="fp16" if args.half else "fp32", rank=args.rank, verify=args.verify)
-    meta = result.metadata
-    size = os.path.getsize(result.onnx_path) / 2**20
-    echo(f"crd-fast export: wrote {result.onnx_path} ({size:.2f} MiB) and {result.metadata_path}")
+        if args.int8:
+            from ..deploy.quantize import export_onnx_int8
+
+            result = export_onnx_int8(args.model, args.output, args.int8, opset=args.opset)
+        else:
+            from ..deploy import export_onnx
+
+            result = export_onnx(args.model, args.output, **options)
+        meta = result.metadata
+        size = os.path.getsize(result.onnx_path) / 2**20
+        echo(f"crd-fast export: wrote {result.onnx_path} ({size:.2f} MiB) and {result.metadata_path}")
     echo(f"  {'head only' if args.head_only else 'whole detector'}, opset {meta['opset']}, "
          f"head weights {meta['precision']}, "
          + (f"rank {meta['rank']} of d = {meta.get('d')}" if meta.get("rank") else f"full rank (d = {meta.get('d')})")

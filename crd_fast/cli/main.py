@@ -7,11 +7,14 @@ Each command lives in its own module with ``register(subparsers)`` (adds its par
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import textwrap
-from typing import NoReturn, Optional, Sequence
+from typing import Iterator, NoReturn, Optional, Sequence
 
 from . import bench, demo, evaluate, export, fit, predict
+from .config import expand_config
 from .options import CLIError, apply_common_flags
 
 #: The command modules, in the order ``--help`` lists them.
@@ -68,7 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for module in COMMANDS:
         module.register(sub)
+    for command in sub.choices.values():
+        command.add_argument("--config", metavar="FILE",
+                             help="read options from a TOML (or YAML) file; options typed here override it")
+        command.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                             help="show the library's log messages at this level and above on stderr "
+                                  "(default: warning; debug with --debug)")
     return parser
+
+
+#: --log-level choices (names of the logging module's levels).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@contextlib.contextmanager
+def library_logging(args: argparse.Namespace) -> Iterator[None]:
+    """While a command runs, send the library's log records (logger ``crd_fast``) to stderr at the chosen level.
+
+    The library only logs; the command line decides where the records go, and undoes it afterwards (main()
+    may be called many times in one process). Its own messages (results, summaries, errors) are unchanged.
+    """
+    level = args.log_level or ("debug" if getattr(args, "debug", False) else "warning")
+    logger = logging.getLogger("crd_fast")
+    before = logger.level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("crd-fast: %(levelname)s: %(name)s: %(message)s"))
+    logger.setLevel(level.upper())
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)
 
 
 def _classify(exc: BaseException) -> int:
@@ -108,14 +142,22 @@ def _message(exc: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default: sys.argv[1:]); returns the exit code."""
     parser = build_parser()
+    typed = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        expanded, config_path = expand_config(typed, parser)
+    except CLIError as exc:
+        print(f"crd-fast: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    try:
+        args = parser.parse_args(expanded)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports ("command" line)
+    args.config = config_path
+    args.argv = typed  # for reports ("command" line)
     try:
-        apply_common_flags(args)
-        return int(args.func(args))
+        with library_logging(args):
+            apply_common_flags(args)
+            return int(args.func(args))
     except KeyboardInterrupt:
         print("crd-fast: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

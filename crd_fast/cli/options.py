@@ -51,14 +51,24 @@ fraction = _number_type(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", "
 probability = _number_type(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "probability")
 
 
+def backbone_name(text: str) -> str:
+    """A torchvision ResNet name (see BACKBONES) or 'timm:<model name>'."""
+    if text in BACKBONES or (text.startswith("timm:") and len(text) > len("timm:")):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown backbone {text!r}; choose from {', '.join(BACKBONES)}, "
+                                     "or timm:<name> for a timm model (pip install 'crd-fast[timm]')")
+
+
 def layer_list(text: str) -> tuple[str, ...]:
     """'layer2,layer3' -> ('layer2', 'layer3')."""
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     if not names:
         raise argparse.ArgumentTypeError("expected comma-separated layer names, e.g. layer2,layer3")
-    bad = [n for n in names if n not in LAYERS]
+    # timm backbones name their layers by module ("stages.1", "blocks.2") or index ("2"); the backbone checks them.
+    bad = [n for n in names if n not in LAYERS and "." not in n and not n.isdigit()]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown layer(s) {', '.join(bad)}; choose from {', '.join(LAYERS)}")
+        raise argparse.ArgumentTypeError(f"unknown layer(s) {', '.join(bad)}; choose from {', '.join(LAYERS)} "
+                                         "(timm backbones: feature module names such as stages.1, or indices)")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"layers must not repeat, got {text!r}")
     return names
@@ -110,7 +120,7 @@ def apply_common_flags(args: argparse.Namespace) -> None:
 #: How the detector options (DetectorConfig's fields; help texts and defaults come from there) appear on the
 #: command line. blur_sigma and target_dim keep their defaults there.
 _FLAGS: dict[str, dict[str, Any]] = {
-    "backbone": dict(choices=BACKBONES, metavar="NAME"),
+    "backbone": dict(type=backbone_name, metavar="NAME"),
     "weights": dict(type=weights_spec, metavar="W"),
     "layers": dict(type=layer_list, metavar="L1,L2"),
     "embedding": dict(choices=EMBEDDINGS),
@@ -132,7 +142,7 @@ def _shown(name: str, value: Any) -> str:
     if name == "layers":
         return ",".join(value)
     if name == "backbone":
-        return f"{value}; choose from {', '.join(BACKBONES)}"
+        return f"{value}; choose from {', '.join(BACKBONES)}, or timm:<name> for a timm model"
     return str(value)
 
 

@@ -278,10 +278,12 @@ def export_onnx(
         "outputs": outputs,
         "op_types": op_types,
         "preprocess": None if head_only else {"resize": int(info["resize"]), "crop": int(info["crop"]),
-                                               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                                               # the backbone's own normalisation (older head files: ImageNet's)
+                                               "mean": list(info.get("mean") or IMAGENET_MEAN),
+                                               "std": list(info.get("std") or IMAGENET_STD)},
         **{k: info.get(k) for k in ("config", "weights_identity", "layers", "layer_channels", "feature_shapes", "patch_grid",
                                     "resize", "crop", "embedding", "target_dim", "d", "lam_rel", "n_images", "n_patches",
-                                    "threshold", "train_score_stats")},
+                                    "threshold", "pixel_threshold", "train_score_stats")},
         **provenance,
         "onnx_sha256": sha256_bytes(data),
     }

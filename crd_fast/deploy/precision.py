@@ -251,6 +251,8 @@ def detector_info(detector: Any) -> dict[str, Any]:
         "patch_grid": list(detector.patch_grid),
         "resize": detector.preprocess.resize,
         "crop": detector.preprocess.crop,
+        "mean": list(detector.preprocess.mean),
+        "std": list(detector.preprocess.std),
         "embedding": detector.embedding,
         "target_dim": detector.target_dim,
         "d": detector.dim,
@@ -258,5 +260,6 @@ def detector_info(detector: Any) -> dict[str, Any]:
         "n_images": detector.n_images,
         "n_patches": detector.scorer.n_samples,
         "threshold": detector.threshold,
+        "pixel_threshold": detector.pixel_threshold,
         "train_score_stats": detector.train_score_stats,
     }

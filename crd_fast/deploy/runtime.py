@@ -65,6 +65,7 @@ class OnnxDetector:
         self.head_only = bool(meta["head_only"])
         self.config: dict[str, Any] = dict(meta.get("config") or {})
         self.threshold: Optional[float] = meta.get("threshold")
+        self.pixel_threshold: Optional[float] = meta.get("pixel_threshold")
         self.train_score_stats: Optional[dict[str, float]] = meta.get("train_score_stats")
         if batch_size is not None and (isinstance(batch_size, (bool, np.bool_))
                                        or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
@@ -154,11 +155,16 @@ class OnnxDetector:
         if bar is not None:
             bar.close()
         result = DetectionResult.from_batches(scores, amaps, pmaps, paths)
-        return result.apply_threshold(self.threshold, self.train_score_stats)
+        result.apply_threshold(self.threshold, self.train_score_stats)
+        return result.apply_pixel_threshold(self.pixel_threshold)
 
     def set_threshold(self, value: Optional[float]) -> None:
         """Override the exported threshold (score >= threshold is defective); None removes it."""
         self.threshold = check_threshold(value)
+
+    def set_pixel_threshold(self, value: Optional[float]) -> None:
+        """Override the exported pixel threshold of ``pred_masks``; None removes it."""
+        self.pixel_threshold = check_threshold(value)
 
     # ---- head only ----------------------------------------------------------------------------------
     def score_features(self, feature_maps: FeatureInput) -> tuple[np.ndarray, np.ndarray]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ from tqdm.auto import tqdm
 from ..core.embedding import embed_patches, embedding_dim, patch_matrix
 from ..core.precision import PrecisionChoice, resolve_precision
 from ..data.images import Images, count_images, iter_images
-from ..features.backbone import BackboneWeightsError, FeatureExtractor, weights_identity
+from ..features.backbone import BackboneWeightsError, FeatureExtractor, module_state_sha256, weights_identity
 from ..features.preprocess import Preprocess, load_image
+from ..features.timm_backbone import TimmFeatures, is_timm
 from ..models.head import CRDHead
 from ..io.images import decode_reservation
 from .model_checks import check_detector_metadata
@@ -37,9 +39,12 @@ from ..models.anomaly_map import AnomalyMapper
 from ..models.inference import InferenceModel
 from ..postprocess.results import DetectionResult
 from ..scorers.crd import CRDScorer
+from ..postprocess.pixels import pixel_f1_threshold, pixel_quantile_threshold
 from ..postprocess.thresholds import check_threshold, f1_threshold, quantile_threshold
 from .config import OPTIONS, RUNTIME_OPTIONS, DetectorConfig
 from .reservoir import Reservoir
+
+logger = logging.getLogger(__name__)
 
 MODEL_KIND = "crd_detector"
 #: Training inputs kept (reservoir sample, fixed size) to compute the training score statistics.
@@ -94,17 +99,25 @@ class CRDDetector:
         self._options = config
         self.device = _resolve_device(config.device)
         self.precision_choice: PrecisionChoice = resolve_precision(config.precision, self.device)
-        self.preprocess = Preprocess(config.resize, config.crop)
         self.mapper = AnomalyMapper((config.crop, config.crop), config.blur_sigma)  # checks blur_sigma against crop
         self.scorer = CRDScorer(config.lam_rel, config.center, config.rank)
-        self.extractor = FeatureExtractor(config.backbone, config.layers, config.weights, config.seed).to(self.device)
+        # "timm:<name>" is built here (crd_fast.features.timm_backbone) and used as a module; its name stays.
+        backbone = config.backbone
+        if is_timm(backbone):
+            backbone = TimmFeatures(backbone, config.layers, config.weights, config.seed)
+        self.extractor = FeatureExtractor(backbone, config.layers, config.weights, config.seed).to(self.device)
         self.extractor.set_precision(self.precision_choice)  # fit and predict alike
+        # The backbone's own normalisation: ImageNet's for torchvision, the model's for timm or a user module.
+        self.preprocess = Preprocess(config.resize, config.crop, self.extractor.mean, self.extractor.std)
         self.weights_identity = weights_identity(config.weights, config.seed, config.backbone_name)
+        if isinstance(config.backbone, nn.Module):  # a user module is identified by its weights
+            self.weights_identity["state_sha256"] = module_state_sha256(config.backbone)
         shapes = self.extractor.feature_shapes(config.crop)
         self.layer_channels = [s[0] for s in shapes]
         self.patch_grid = (shapes[0][1], shapes[0][2])
         self.dim = embedding_dim(self.layer_channels, config.embedding, config.target_dim)
         self.threshold: Optional[float] = None
+        self.pixel_threshold: Optional[float] = None
         self.reset()
 
     # ---- options ----------------------------------------------------------------------------------
@@ -263,6 +276,7 @@ class CRDDetector:
     def fit(self, images: Images, progress: bool = True) -> "CRDDetector":
         """Fit on defect-free images, discarding any earlier fit and threshold."""
         self.threshold = None
+        self.pixel_threshold = None
         return self.reset().partial_fit(images, progress)
 
     def partial_fit(self, images: Images, progress: bool = True) -> "CRDDetector":
@@ -279,6 +293,8 @@ class CRDDetector:
             raise ValueError("no images to fit on")
         self.n_images += added
         self._stats_stale = True
+        logger.info("added %d images to the fit (%d in all, %d patches, d=%d)", added, self.n_images,
+                    self.scorer.n_samples, self.dim)
         return self
 
     def _add_patches(self, patches: torch.Tensor) -> None:
@@ -349,7 +365,8 @@ class CRDDetector:
                 paths += batch_paths
                 bar.update(x.shape[0])
         result = DetectionResult.from_batches(scores, amaps, pmaps, paths)
-        return result.apply_threshold(self.threshold, self.train_score_stats)
+        result.apply_threshold(self.threshold, self.train_score_stats)
+        return result.apply_pixel_threshold(self.pixel_threshold)
 
     # ---- thresholds -------------------------------------------------------------------------------
     def set_threshold(self, value: Optional[float]) -> None:
@@ -360,12 +377,41 @@ class CRDDetector:
         """Set the threshold to the ``q`` quantile of held-out defect-free images' scores; returns it."""
         threshold = quantile_threshold(self.predict(normal_images, progress).image_scores, q)
         self.set_threshold(threshold)
+        logger.info("image threshold %.6g (quantile %g of held-out normal image scores)", threshold, q)
         return threshold
 
     def calibrate_labelled(self, images: Images, labels: Any, progress: bool = True) -> float:
         """Set the F1-optimal threshold on labelled validation images (1 = defective); returns it."""
         threshold = f1_threshold(self.predict(images, progress).image_scores, labels)
         self.set_threshold(threshold)
+        logger.info("image threshold %.6g (F1-optimal on labelled images)", threshold)
+        return threshold
+
+    def set_pixel_threshold(self, value: Optional[float]) -> None:
+        """Set the anomaly-map threshold of ``pred_masks`` (value >= threshold is a defect pixel); None removes it."""
+        self.pixel_threshold = check_threshold(value)
+
+    def calibrate_pixels(self, normal_images: Images, q: float = 0.999, progress: bool = True) -> float:
+        """Set the pixel threshold to the ``q`` quantile of the anomaly-map values of held-out defect-free
+        images; returns it."""
+        threshold = pixel_quantile_threshold(self.predict(normal_images, progress).anomaly_maps, q)
+        self.set_pixel_threshold(threshold)
+        logger.info("pixel threshold %.6g (quantile %g of held-out normal anomaly-map values)", threshold, q)
+        return threshold
+
+    def calibrate_pixels_labelled(self, images: Images, masks: Sequence[Any], progress: bool = True) -> float:
+        """Set the pixel-F1-optimal pixel threshold on images with ground-truth masks; returns it.
+
+        ``masks``: one per image, as the image was given (PIL image or (H, W) array, nonzero = defect);
+        they are resized and cropped like the images (``preprocess.mask``).
+        """
+        maps = self.predict(images, progress).anomaly_maps
+        if len(masks) != maps.shape[0]:
+            raise ValueError(f"{len(masks)} masks for {maps.shape[0]} images")
+        truth = np.stack([self.preprocess.mask(m) for m in masks])
+        threshold = pixel_f1_threshold(maps, truth)
+        self.set_pixel_threshold(threshold)
+        logger.info("pixel threshold %.6g (pixel-F1-optimal on labelled masks)", threshold)
         return threshold
 
     # ---- persistence ------------------------------------------------------------------------------
@@ -393,7 +439,11 @@ class CRDDetector:
             "threshold": self.threshold,
             "crd": crd_fields,
         }
+        if self.pixel_threshold is not None:  # only then: a file without one keeps the earlier content exactly
+            fields["pixel_threshold"] = self.pixel_threshold
         write_model_file(path, MODEL_KIND, tensors, fields)
+        logger.info("saved model to %s (%s, d=%d, %d training images)", path, self.backbone_name, self.dim,
+                    self.n_images)
 
     @classmethod
     def load(cls, path: PathLike, device: Optional[Union[str, torch.device]] = None, **expected: Any) -> "CRDDetector":
@@ -452,6 +502,11 @@ class CRDDetector:
         threshold = meta.get("threshold")
         require(threshold is None or isinstance(threshold, (int, float)), path, f"threshold {threshold!r} is not a number")
         det.set_threshold(threshold)
+        pixel_threshold = meta.get("pixel_threshold")  # absent in files written before pixel thresholds
+        require(pixel_threshold is None or isinstance(pixel_threshold, (int, float)), path,
+                f"pixel_threshold {pixel_threshold!r} is not a number")
+        det.set_pixel_threshold(pixel_threshold)
+        logger.info("loaded model %s (%s, d=%d, device %s)", path, det.backbone_name, det.dim, det.device)
         return det
 
     def __repr__(self) -> str:
@@ -479,6 +534,11 @@ def _requested_option(path: PathLike, key: str, want: Any, stored: dict[str, Any
         if f"custom:{type(want).__name__}" != stored[key]:
             raise ModelFileError(f"{path}: the model was made with backbone {stored[key]!r}, "
                                  f"not a {type(want).__name__} module")
+        want_hash, stored_hash = module_state_sha256(want), ident.get("state_sha256")
+        if stored_hash is not None and want_hash != stored_hash:  # files before this check have no hash
+            raise ModelFileError(f"{path}: the {type(want).__name__} module passed has other weights than "
+                                 f"the one the model was fitted with (state-dict SHA-256 {want_hash[:12]}... != "
+                                 f"{stored_hash[:12]}...); scores would change")
         return want
     if key == "weights":
         asked = weights_identity(DetectorConfig.check(key, want), stored["seed"], stored["backbone"])

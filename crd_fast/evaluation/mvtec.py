@@ -31,6 +31,7 @@ from . import metrics as M
 from ..core.embedding import embed_patches, patch_matrix
 from ..data.datasets import MVTecAD
 from ..features.preprocess import load_image
+from ..postprocess.pixels import pixel_f1
 from ..report.results import CategoryResult, example_indices
 
 #: Columns of :func:`format_table` (key in the metrics dict, header, format).
@@ -142,17 +143,33 @@ def compare_nn(detector: Any, train_images: Sequence[Any], test_images: Sequence
     }
 
 
+def _listed(images: Any) -> list[Any]:
+    from ..data.images import iter_images
+
+    return [img if path is None else path for path, img in iter_images(images)]
+
+
 def evaluate_dataset(detector: Any, train: Any, test: Any, name: str, compare_nn_baseline: bool = False,
                      nn_subsample: Optional[float] = None, n_examples: int = 4, fpr_limit: float = 0.3,
-                     progress: bool = True) -> CategoryEvaluation:
+                     progress: bool = True, pixel_q: Optional[float] = None) -> CategoryEvaluation:
     """Fit ``detector`` on ``train`` (defect-free images) and evaluate it on the labelled ``test`` set.
 
     ``train``: anything the detector can fit on (a folder, a list of paths, a data set). ``test``: a data
     set with ``image_paths``, ``labels``, ``defect_types`` and ``masks(preprocess)`` (``MVTecAD``,
     ``FolderDataset``). Any earlier fit of ``detector`` is discarded.
+    ``pixel_q``: also set a pixel threshold, the ``pixel_q`` quantile of the anomaly-map values of every
+    fifth training image, held out of the fit; predicted masks are then scored by pixel F1 (``pixel_f1``).
     """
+    holdout = None
+    if pixel_q is not None:
+        items = list(train.image_paths if hasattr(train, "image_paths") else _listed(train))
+        if len(items) < 5:
+            raise ValueError(f"pixel_q needs at least 5 training images (every fifth is held out), got {len(items)}")
+        train, holdout = [x for i, x in enumerate(items) if i % 5 != 4], items[4::5]
     t0 = time.perf_counter()
     detector.fit(train, progress=progress)
+    if holdout is not None:
+        detector.calibrate_pixels(holdout, q=pixel_q, progress=progress)
     detector.inference_model()  # M_pre is computed lazily: count it as part of fitting, not of the first predict
     fit_seconds = time.perf_counter() - t0
     paths = list(test.image_paths)
@@ -163,6 +180,8 @@ def evaluate_dataset(detector: Any, train: Any, test: Any, name: str, compare_nn
     masks = test.masks(detector.preprocess)
     metrics, notes = score_metrics(labels, pred.image_scores, masks, pred.anomaly_maps, fpr_limit)
     metrics.update(fit_seconds=fit_seconds, ms_per_image=ms_per_image)
+    if pred.pred_masks is not None and masks is not None and masks.any():
+        metrics["pixel_f1"] = pixel_f1(pred.pred_masks, masks)
     extra: dict[str, Any] = {}
     if compare_nn_baseline:
         train_items = train.image_paths if hasattr(train, "image_paths") else train
@@ -181,7 +200,7 @@ def evaluate_dataset(detector: Any, train: Any, test: Any, name: str, compare_nn
     result = CategoryResult(
         name=name, labels=labels, image_scores=pred.image_scores, masks=masks, anomaly_maps=pred.anomaly_maps,
         images=images, paths=paths, defect_types=list(test.defect_types), fit_seconds=fit_seconds,
-        ms_per_image=ms_per_image, extra=extra,
+        ms_per_image=ms_per_image, extra=extra, pixel_threshold=getattr(detector, "pixel_threshold", None),
     )
     return CategoryEvaluation(name, result, metrics, notes)
 

@@ -50,6 +50,17 @@ def file_sha256(path: WeightsSpec) -> str:
     return digest.hexdigest()
 
 
+def module_state_sha256(module: nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes and values, in order): the identity of a user
+    backbone module, so a model is not silently reloaded with a differently initialised module of the same class."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def weights_identity(weights: WeightsSpec, seed: int = 0, backbone: str = "") -> dict[str, Any]:
     """A JSON-serialisable description of where the weights came from (stored in model files).
 
@@ -59,6 +70,8 @@ def weights_identity(weights: WeightsSpec, seed: int = 0, backbone: str = "") ->
     if _is_random(weights):
         return {"kind": "random", "seed": int(seed)}
     if _is_imagenet(weights):
+        if backbone.startswith("timm:"):
+            return {"kind": "imagenet", "name": f"{backbone}:pretrained"}
         return {"kind": "imagenet", "name": f"{backbone}:IMAGENET1K_V1" if backbone else "IMAGENET1K_V1"}
     if weights is None:
         return {"kind": "custom"}
@@ -180,9 +193,16 @@ class FeatureExtractor(nn.Module):
         if len(set(layers)) != len(layers):
             raise ValueError(f"layers must not repeat, got {layers!r}")
         self.layers = layers
+        # Input normalisation the backbone expects: ImageNet's for torchvision, the model's own for timm, and
+        # a user module's ``mean`` / ``std`` attributes when it has them.
+        self.mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+        self.std: tuple[float, ...] = (0.229, 0.224, 0.225)
         if isinstance(backbone, nn.Module):
             self.custom: Optional[nn.Module] = backbone.eval()
             self.body = nn.ModuleDict()
+            mean, std = getattr(backbone, "mean", None), getattr(backbone, "std", None)
+            if mean is not None and std is not None:
+                self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
             return
         self.custom = None
         bad = [l for l in layers if l not in RESNET_LAYERS]

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from .pixels import predict_masks
 from .thresholds import normalize_scores
 
 
@@ -23,6 +24,9 @@ class DetectionResult:
         None without a threshold.
     labels: (N,) bool, image_scores >= threshold; None without a threshold.
     threshold: the threshold used, or None.
+    pred_masks: (N, H, W) bool, anomaly_maps >= pixel_threshold (aligned with ``anomaly_maps``); None without
+        a pixel threshold.
+    pixel_threshold: the pixel (anomaly-map value) threshold used, or None.
     """
 
     image_scores: np.ndarray
@@ -32,6 +36,8 @@ class DetectionResult:
     normalized_scores: Optional[np.ndarray] = None
     labels: Optional[np.ndarray] = None
     threshold: Optional[float] = None
+    pred_masks: Optional[np.ndarray] = None
+    pixel_threshold: Optional[float] = None
 
     @classmethod
     def from_batches(cls, scores: list, anomaly_maps: list, patch_maps: list, paths: list) -> "DetectionResult":
@@ -49,4 +55,11 @@ class DetectionResult:
             self.threshold = float(threshold)
             self.labels = self.image_scores >= self.threshold
             self.normalized_scores = normalize_scores(self.image_scores, self.threshold, train_score_stats)
+        return self
+
+    def apply_pixel_threshold(self, pixel_threshold: Optional[float]) -> "DetectionResult":
+        """Fill ``pred_masks`` and ``pixel_threshold`` (no-op when None); returns self."""
+        if pixel_threshold is not None:
+            self.pixel_threshold = float(pixel_threshold)
+            self.pred_masks = predict_masks(self.anomaly_maps, self.pixel_threshold)
         return self

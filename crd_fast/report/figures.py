@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .overlay import colorize, heatmap_overlay, normalize_map, png_bytes, to_rgb_uint8
+from .overlay import PRED_COLOR, colorize, draw_contour, heatmap_overlay, normalize_map, png_bytes, to_rgb_uint8
 
 
 def curves_png(name: str, curves: dict[str, Any], metrics: dict[str, Any]) -> bytes:
@@ -66,16 +66,21 @@ def overlay_tile(
     mask: Optional[np.ndarray],
     vmin: float,
     vmax: float,
+    pred_mask: Optional[np.ndarray] = None,
 ) -> Optional[bytes]:
-    """PNG of [image | heatmap overlay with the mask outlined], or what of it is available."""
+    """PNG of [image | heatmap overlay with the mask (white) and predicted mask (magenta) outlined], or what of
+    it is available."""
     parts = []
     if image is not None:
         parts.append(to_rgb_uint8(image))
     if anomaly_map is not None:
         if image is not None:
-            over = heatmap_overlay(image, anomaly_map, vmin=vmin, vmax=vmax, alpha=0.5, mask=mask)
+            over = heatmap_overlay(image, anomaly_map, vmin=vmin, vmax=vmax, alpha=0.5, mask=mask, pred_mask=pred_mask)
         else:
             over = colorize(normalize_map(anomaly_map, vmin, vmax))
+            for m, color in ((mask, (255, 255, 255)), (pred_mask, PRED_COLOR)):
+                if m is not None:
+                    draw_contour(over, m, color)
         parts.append(over)
     elif image is not None and mask is not None:
         parts.append(heatmap_overlay(image, np.zeros(mask.shape), vmin=0, vmax=1, alpha=0.0, mask=mask))

@@ -18,8 +18,11 @@ from ..io.atomic import atomic_write
 from ..io.tensors import numpy_if_tensor
 
 PathLike = Union[str, os.PathLike]
+#: Outline colour of predicted masks (ground truth is white): magenta stands out on the jet colormap.
+PRED_COLOR = (255, 0, 255)
 
-__all__ = ["to_rgb_uint8", "normalize_map", "colorize", "heatmap_overlay", "save_png", "png_bytes"]
+__all__ = ["to_rgb_uint8", "normalize_map", "colorize", "heatmap_overlay", "mask_contour", "draw_contour", "save_png",
+           "png_bytes"]
 
 
 def to_rgb_uint8(image: Any, name: str = "image") -> np.ndarray:
@@ -86,8 +89,11 @@ def heatmap_overlay(
     mask: Optional[Any] = None,
     contour_color: Sequence[int] = (255, 255, 255),
     contour_width: int = 1,
+    pred_mask: Optional[Any] = None,
+    pred_color: Sequence[int] = PRED_COLOR,
 ) -> np.ndarray:
-    """Blend a colour-mapped anomaly map over ``image``; optionally outline a ground-truth ``mask``.
+    """Blend a colour-mapped anomaly map over ``image``; optionally outline a ground-truth ``mask`` (white)
+    and a predicted mask ``pred_mask`` (magenta, drawn over the ground truth where they meet).
 
     ``image``: (H, W, 3) uint8 array, float array in [0, 1], or PIL image; ``anomaly_map``: (H, W), scaled
     to [0, 1] by :func:`normalize_map` with ``vmin``/``vmax``; ``alpha``: weight of the heatmap
@@ -105,21 +111,32 @@ def heatmap_overlay(
     heat = colorize(values, cmap).astype(np.float32)
     out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
     out = np.round(out).astype(np.uint8)
-    if mask is not None:
-        m = np.asarray(numpy_if_tensor(mask))
-        if m.shape != rgb.shape[:2]:
-            raise ValueError(f"mask shape {m.shape} does not match the image size {rgb.shape[:2]}")
-        m = m != 0
-        if contour_width < 1:
-            raise ValueError(f"contour_width must be at least 1, got {contour_width}")
-        edge = m & ~ndimage.binary_erosion(m, border_value=0)
-        if contour_width > 1:
-            edge = ndimage.binary_dilation(edge, iterations=contour_width - 1)
-        color = np.asarray(contour_color, dtype=np.uint8)
-        if color.shape != (3,):
-            raise ValueError(f"contour_color must be an (R, G, B) triple, got {contour_color!r}")
-        out[edge] = color
+    for name, m, color in (("mask", mask, contour_color), ("pred_mask", pred_mask, pred_color)):
+        if m is not None:
+            draw_contour(out, m, color, contour_width, name)
     return out
+
+
+def mask_contour(mask: Any, width: int = 1) -> np.ndarray:
+    """The inner outline (``width`` pixels) of a (H, W) mask (nonzero = inside), as a bool array."""
+    if width < 1:
+        raise ValueError(f"contour_width must be at least 1, got {width}")
+    m = np.asarray(mask) != 0
+    edge = m & ~ndimage.binary_erosion(m, border_value=0)
+    if width > 1:
+        edge = ndimage.binary_dilation(edge, iterations=width - 1)
+    return edge
+
+
+def draw_contour(rgb: np.ndarray, mask: Any, color: Sequence[int], width: int = 1, name: str = "mask") -> None:
+    """Paint the outline of ``mask`` into the (H, W, 3) uint8 image ``rgb`` in place."""
+    m = np.asarray(numpy_if_tensor(mask))
+    if m.shape != rgb.shape[:2]:
+        raise ValueError(f"{name} shape {m.shape} does not match the image size {rgb.shape[:2]}")
+    rgb_color = np.asarray(color, dtype=np.uint8)
+    if rgb_color.shape != (3,):
+        raise ValueError(f"contour colour must be an (R, G, B) triple, got {color!r}")
+    rgb[mask_contour(m, width)] = rgb_color
 
 
 def png_bytes(array: Any) -> bytes:

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..io.tensors import numpy_if_tensor
+from ..postprocess.pixels import check_pixel_threshold, predict_masks
 
 ImagesInput = Union[np.ndarray, Sequence[Optional[np.ndarray]], Mapping[int, np.ndarray], None]
 
@@ -44,6 +45,8 @@ class CategoryResult:
     paths, defect_types: per image (defaults: "image_<i>", and "good"/"defect" from the labels).
     fit_seconds, ms_per_image: timings shown in the table.
     extra: further figures shown next to the metrics, e.g. {"nn": {"image_auroc": 0.97, "ms_per_image": 40}}.
+    pixel_threshold: the detector's pixel threshold, or None; with one, the predicted masks
+        (anomaly_maps >= pixel_threshold) are outlined in the overlays and scored by pixel F1.
     """
 
     name: str
@@ -57,6 +60,7 @@ class CategoryResult:
     fit_seconds: Optional[float] = None
     ms_per_image: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    pixel_threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
         labels = _numpy(self.labels)
@@ -87,6 +91,7 @@ class CategoryResult:
                 raise ValueError(
                     f"category {self.name!r}: masks {self.masks.shape} and anomaly_maps {self.anomaly_maps.shape} differ in shape"
                 )
+        self.pixel_threshold = check_pixel_threshold(self.pixel_threshold)
         self.paths = [f"image_{i}" for i in range(n)] if self.paths is None else [str(p) for p in self.paths]
         if len(self.paths) != n:
             raise ValueError(f"category {self.name!r}: {len(self.paths)} paths for {n} images")
@@ -95,6 +100,13 @@ class CategoryResult:
         self.defect_types = [str(t) for t in self.defect_types]
         if len(self.defect_types) != n:
             raise ValueError(f"category {self.name!r}: {len(self.defect_types)} defect types for {n} images")
+
+    @property
+    def pred_masks(self) -> Optional[np.ndarray]:
+        """(N, H, W) bool predicted masks, or None without anomaly maps or a pixel threshold."""
+        if self.anomaly_maps is None or self.pixel_threshold is None:
+            return None
+        return predict_masks(self.anomaly_maps, self.pixel_threshold)
 
     @property
     def n_images(self) -> int:

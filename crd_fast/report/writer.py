@@ -6,6 +6,7 @@ import base64
 import datetime as _dt
 import html
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ import numpy as np
 from ..evaluation import metrics as M
 from .._version import __version__
 from ..io.atomic import atomic_write
+from ..postprocess.pixels import pixel_f1
 from .figures import curves_png, map_range, overlay_tile
 from .results import CategoryResult, RunInfo, example_indices
 
 PathLike = Union[str, os.PathLike]
+logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 EXAMPLE_TITLES = {
@@ -61,6 +64,10 @@ def category_figures(result: CategoryResult, fpr_limit: float = 0.3, n_examples:
     else:
         notes.append("image metrics need both good and defective test images; this category has only "
                      + ("defective" if y.all() else "good") + " ones")
+    metrics["pixel_threshold"] = result.pixel_threshold
+    pred_masks = result.pred_masks
+    metrics["pixel_f1"] = (pixel_f1(pred_masks, result.masks)
+                           if pred_masks is not None and result.masks is not None and result.masks.any() else None)
     metrics["fit_seconds"] = result.fit_seconds
     metrics["ms_per_image"] = result.ms_per_image
     types, counts = np.unique(result.defect_types, return_counts=True)
@@ -158,6 +165,7 @@ def write_report(
         tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     with atomic_write(html_path) as tmp:
         tmp.write_text(html_text, encoding="utf-8")
+    logger.info("wrote report %s (%d categories)", html_path, len(categories))
     return Report(html_path=html_path, json_path=json_path, data=data)
 
 
@@ -244,17 +252,24 @@ def _category_section(result: CategoryResult, figures: dict[str, Any], curves: d
         parts.append(f'<p class="note">{html.escape(note)}</p>')
     if curves.get("image_roc") is not None:
         parts.append(_img(curves_png(result.name, curves, figures["metrics"]), f"{result.name} curves"))
-    maps, masks = result.anomaly_maps, result.masks
+    maps, masks, pred_masks = result.anomaly_maps, result.masks, result.pred_masks
     vmin, vmax = map_range(maps, result.labels) if maps is not None else (0.0, 1.0)
     if maps is not None:
         parts.append(f'<p class="note">Heatmap colours span anomaly-map values {vmin:.4g} (median of the good images) '
                      f'to {vmax:.4g} (the maximum), the same for every image of this category; ground truth outlined in white.</p>')
+    if pred_masks is not None:
+        f1 = figures["metrics"]["pixel_f1"]
+        parts.append(f'<p class="note">Predicted defect regions (anomaly map &ge; pixel threshold '
+                     f'{result.pixel_threshold:.4g}) outlined in magenta'
+                     + (f"; pixel F1 over all test images {f1:.3f}." if f1 is not None else ".") + "</p>")
     for group, indices in figures["examples"].items():
         if not indices:
             continue
         tiles = []
         for i in indices:
-            png = overlay_tile(result.image(i), None if maps is None else maps[i], None if masks is None else masks[i], vmin, vmax)
+            png = overlay_tile(result.image(i), None if maps is None else maps[i],
+                               None if masks is None else masks[i], vmin, vmax,
+                               None if pred_masks is None else pred_masks[i])
             caption = (f"{html.escape(result.defect_types[i])} · score {result.image_scores[i]:.4g}<br>"
                        f"{html.escape(result.paths[i])}")
             body = _img(png, result.paths[i]) if png is not None else '<p class="note">(no image or map kept)</p>'
