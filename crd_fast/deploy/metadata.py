@@ -109,8 +109,9 @@ def check_metadata_fields(meta: dict[str, Any], where: PathLike) -> None:
     need(isinstance(meta.get("config") or {}, dict), f"'config'={meta.get('config')!r} is not an object")
     batch = (meta.get("config") or {}).get("batch_size")
     need(batch is None or _int_in(batch, 1, 1 << 16), f"'config.batch_size'={batch!r} is not an integer in [1, 65536]")
-    threshold = meta.get("threshold")
-    need(threshold is None or _finite(threshold), f"'threshold'={threshold!r} is not null or a finite number")
+    for key in ("threshold", "pixel_threshold"):
+        value = meta.get(key)
+        need(value is None or _finite(value), f"{key!r}={value!r} is not null or a finite number")
     stats = meta.get("train_score_stats")
     need(stats is None or (isinstance(stats, dict) and all(_finite(v) for v in stats.values())),
          f"'train_score_stats'={stats!r} is not null or an object of finite numbers")

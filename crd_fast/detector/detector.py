@@ -502,10 +502,7 @@ class CRDDetector:
         threshold = meta.get("threshold")
         require(threshold is None or isinstance(threshold, (int, float)), path, f"threshold {threshold!r} is not a number")
         det.set_threshold(threshold)
-        pixel_threshold = meta.get("pixel_threshold")  # absent in files written before pixel thresholds
-        require(pixel_threshold is None or isinstance(pixel_threshold, (int, float)), path,
-                f"pixel_threshold {pixel_threshold!r} is not a number")
-        det.set_pixel_threshold(pixel_threshold)
+        det.set_pixel_threshold(meta.get("pixel_threshold"))  # absent before pixel thresholds; checked on load
         logger.info("loaded model %s (%s, d=%d, device %s)", path, det.backbone_name, det.dim, det.device)
         return det
 

@@ -23,6 +23,11 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _sha256_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and len(value) == 64
+                             and all(c in "0123456789abcdef" for c in value))
+
+
 def check_detector_metadata(meta: Mapping[str, Any], path: PathLike) -> None:
     """Raise ModelFileError naming the first field of ``meta`` (and its ``config``) that is out of range."""
     config = meta["config"]
@@ -54,7 +59,11 @@ def check_detector_metadata(meta: Mapping[str, Any], path: PathLike) -> None:
         ("threshold", meta.get("threshold") is None or _finite(meta["threshold"]), "null or a finite number"),
         ("train_score_stats", stats is None or (isinstance(stats, dict) and all(_finite(v) for v in stats.values())),
          "null or an object of finite numbers"),
-        ("weights_identity", isinstance(meta.get("weights_identity") or {}, dict), "an object"),
+        ("pixel_threshold", meta.get("pixel_threshold") is None or _finite(meta["pixel_threshold"]),
+         "null or a finite number"),
+        ("weights_identity", isinstance(meta.get("weights_identity") or {}, dict)
+         and _sha256_or_none((meta.get("weights_identity") or {}).get("state_sha256")),
+         "an object (with state_sha256, when present, a SHA-256 hex digest)"),
         ("crd", isinstance(meta.get("crd"), dict), "an object"),
     ]
     for key, ok, expected in top:
