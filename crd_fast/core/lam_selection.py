@@ -1,0 +1,131 @@
+"""Choosing lam without labels: a grid of candidate lam values scored on pseudo-defects.
+
+With C = U diag(s) U^T and z = U^T (y - mu) computed once for the held-out patches, the CRD score at
+any lam is a diagonal reweighting,
+
+    score(y; lam) = || diag(c) z ||,   c_i = lam / (s_i + lam),
+
+so a whole grid costs one d x d rotation plus an O(d) pass per candidate. The candidate that ranks the
+pseudo-defect images above the clean held-out ones best (image AUROC), and locates them best (AUPRO of
+the patch-grid map against the pseudo-masks), wins. Which pseudo-defects make a useful yardstick is
+discussed in docs/DESIGN.md ("Position-aware CRD"): easy ones score ~1.0 for every lam and cannot choose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+#: Candidate lam_rel values (relative to trace(C)/d): half-decades from 1e-5 to 1e-1.
+DEFAULT_LAM_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+@dataclass(frozen=True)
+class SpectralForm:
+    """C = U diag(s) U^T and mu: everything a grid of lam values needs."""
+
+    mean: torch.Tensor  # (d,) or (P, d): a per-position mean is allowed (global covariance, local means)
+    eigenvalues: torch.Tensor  # (d,), clamped at 0
+    eigenvectors: torch.Tensor  # (d, d)
+
+    @classmethod
+    def from_covariance(cls, cov: torch.Tensor, mean: torch.Tensor) -> "SpectralForm":
+        evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
+        return cls(mean.to(torch.float64), evals.clamp_min(0.0), evecs)
+
+    @property
+    def mean_eigenvalue(self) -> float:
+        return float(self.eigenvalues.sum()) / self.eigenvalues.shape[0]
+
+    def rotate(self, patches: torch.Tensor) -> torch.Tensor:
+        """z = U^T (y - mu) for patches (..., d) (or (..., P, d) with a per-position mean), in float64."""
+        return (patches.to(torch.float64) - self.mean) @ self.eigenvectors
+
+    def scores(self, z: torch.Tensor, lam_rel: float) -> torch.Tensor:
+        """CRD scores of rotated patches z (..., d) at lam = lam_rel * trace(C) / d."""
+        if not lam_rel > 0:
+            raise ValueError(f"lam_rel must be positive, got {lam_rel}")
+        lam = lam_rel * self.mean_eigenvalue
+        return torch.linalg.vector_norm(z * (lam / (self.eigenvalues + lam)), dim=-1)
+
+
+@dataclass(frozen=True)
+class LamSelection:
+    """The grid, the validation curve and the choice (stored in model files and shown in reports)."""
+
+    grid: tuple[float, ...]
+    image_auroc: tuple[float, ...]
+    aupro: tuple[float, ...]
+    choice: float
+    criterion: str = "mean of image AUROC and AUPRO on pseudo-defects"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def curve(self) -> tuple[float, ...]:
+        return tuple(0.5 * (a + b) for a, b in zip(self.image_auroc, self.aupro))
+
+    def to_json(self) -> dict:
+        return {"grid": list(self.grid), "image_auroc": list(self.image_auroc), "aupro": list(self.aupro),
+                "curve": list(self.curve), "choice": self.choice, "criterion": self.criterion, **self.extra}
+
+
+def grid_masks(masks: np.ndarray, grid_shape: tuple[int, int]) -> np.ndarray:
+    """Pixel masks (N, H, W) -> patch-grid masks (N, h, w): a cell is defective when any pixel in it is.
+
+    H and W need not be multiples of h and w: cell boundaries are rounded (each pixel belongs to one cell).
+    """
+    masks = np.asarray(masks).astype(bool)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
+    n, hh, ww = masks.shape
+    h, w = grid_shape
+    rows = np.minimum((np.arange(hh) * h) // hh, h - 1)
+    cols = np.minimum((np.arange(ww) * w) // ww, w - 1)
+    out = np.zeros((n, h, w), dtype=bool)
+    idx, yy, xx = np.nonzero(masks)
+    out[idx, rows[yy], cols[xx]] = True
+    return out
+
+
+def select_lam(
+    score_fn: Callable[[float], np.ndarray],
+    labels: np.ndarray,
+    masks: np.ndarray,
+    grid: Sequence[float] = DEFAULT_LAM_GRID,
+) -> LamSelection:
+    """Pick the lam_rel that ranks pseudo-defects best.
+
+    Args:
+        score_fn: lam_rel -> patch-score maps (N, h, w) of the held-out images (clean and pseudo-defect);
+            an image's score is its map's maximum (as the detector's).
+        labels: (N,) 1 for a pseudo-defect image, 0 for a clean held-out image.
+        masks: (N, h, w) pseudo-defect masks on the patch grid (see :func:`grid_masks`); clean images all False.
+        grid: candidate lam_rel values.
+
+    The choice maximises the mean of image AUROC and AUPRO; ties (within 1e-9) go to the larger lam_rel,
+    the better-conditioned one.
+    """
+    from ..evaluation.metrics import aupro, image_auroc
+
+    grid = tuple(float(g) for g in grid)
+    if not grid or any(not g > 0 for g in grid):
+        raise ValueError(f"the lam grid must hold positive values, got {grid}")
+    labels = np.asarray(labels).astype(int)
+    masks = np.asarray(masks).astype(bool)
+    if masks.shape[0] != labels.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels but {masks.shape[0]} masks")
+    aurocs, apros = [], []
+    for lam_rel in grid:
+        maps = np.asarray(score_fn(lam_rel), dtype=np.float64)
+        if maps.shape != masks.shape:
+            raise ValueError(f"score_fn({lam_rel}) gave maps of shape {maps.shape}, the masks are {masks.shape}")
+        img = maps.reshape(maps.shape[0], -1).max(axis=1)
+        aurocs.append(float(image_auroc(labels, img)))
+        apros.append(float(aupro(masks, maps)) if masks.any() else float("nan"))
+    combined = np.array([a if np.isnan(p) else 0.5 * (a + p) for a, p in zip(aurocs, apros)])
+    best = combined.max()
+    choice = max(g for g, c in zip(grid, combined) if c >= best - 1e-9)
+    return LamSelection(grid, tuple(aurocs), tuple(apros), choice)
