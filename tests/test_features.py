@@ -55,7 +55,7 @@ def test_layers_shapes_order_and_cut():
     "kwargs, match",
     [
         (dict(backbone="resnet18", layers=("layer9",)), "unknown layer"),
-        (dict(backbone="vgg16", layers=("layer2",)), "unknown backbone"),
+        (dict(backbone="vgg19", layers=("layer2",)), "unknown backbone"),
         (dict(backbone="resnet18", layers=()), "non-empty"),
         (dict(backbone="resnet18", layers=("layer2", "layer2")), "repeat"),
     ],

