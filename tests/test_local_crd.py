@@ -144,3 +144,12 @@ def test_bad_input_is_refused():
     model = LocalCRDModel.build(means, torch.eye(3, dtype=torch.float64), vals, vecs, 0.5)
     with pytest.raises(ValueError, match="lam_rel must be positive"):
         model.scores(torch.zeros(1, 4, 3), 0.0)
+
+
+def test_a_shared_pooled_eigendecomposition_gives_the_same_model():
+    train, test = _grids(seed=10), _grids(n=2, seed=11)
+    means, vals, vecs = local_eigenpairs_from_patches(train, 3)
+    cov = LocalStatistics(train.shape[1], train.shape[2]).update(train).within_covariance()
+    own = LocalCRDModel.build(means, cov, vals, vecs, 0.3)
+    shared = LocalCRDModel.build(means, cov, vals, vecs, 0.3, pooled_eigh=torch.linalg.eigh(cov))
+    torch.testing.assert_close(shared.scores(test, 1e-3), own.scores(test, 1e-3), rtol=1e-10, atol=1e-12)

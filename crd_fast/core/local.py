@@ -186,8 +186,13 @@ class LocalCRDModel:
 
     @classmethod
     def build(cls, means: torch.Tensor, pooled_cov: torch.Tensor, local_values: torch.Tensor,
-              local_vectors: torch.Tensor, shrinkage: float) -> "LocalCRDModel":
-        """From mu_p (P, d), C (d, d), E_p (P, k) and V_p (P, d, k) (original basis) and the shrinkage a."""
+              local_vectors: torch.Tensor, shrinkage: float,
+              pooled_eigh: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> "LocalCRDModel":
+        """From mu_p (P, d), C (d, d), E_p (P, k) and V_p (P, d, k) (original basis) and the shrinkage a.
+
+        ``pooled_eigh``: C's (eigenvalues, eigenvectors) when already computed (the d x d eigh is the
+        fit's most expensive step; models that share C can share it).
+        """
         if not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
         p, d = means.shape
@@ -196,8 +201,8 @@ class LocalCRDModel:
         if local_vectors.ndim != 3 or local_vectors.shape[:2] != (p, d) or local_values.shape != (p, local_vectors.shape[2]):
             raise ValueError(f"local eigenpairs must be (P={p}, k) values and (P={p}, d={d}, k) vectors, got "
                              f"{tuple(local_values.shape)} and {tuple(local_vectors.shape)}")
-        evals, evecs = torch.linalg.eigh(pooled_cov.to(torch.float64))
-        evals = evals.clamp_min(0.0)
+        evals, evecs = torch.linalg.eigh(pooled_cov.to(torch.float64)) if pooled_eigh is None else pooled_eigh
+        evals, evecs = evals.to(torch.float64).clamp_min(0.0), evecs.to(torch.float64)
         scale = torch.sqrt((1.0 - shrinkage) * local_values.to(torch.float64).clamp_min(0.0))
         rotated = torch.einsum("de,pdk->pek", evecs, local_vectors.to(torch.float64)) * scale[:, None, :]
         return cls(means.to(torch.float64), evals, evecs, rotated.contiguous(), float(shrinkage))
