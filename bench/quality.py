@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--features-only", action="store_true")
     p.add_argument("--no-elpv", action="store_true")
     p.add_argument("--synthetic", nargs="*", default=[], help="generated categories to run too (fabric stone cap)")
-    p.add_argument("--skip", nargs="*", default=[], help="methods to skip: nn_full coreset streaming")
+    p.add_argument("--skip", nargs="*", default=[], help="methods to skip: nn_full coreset streaming crd")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -69,7 +69,28 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
         rows.append({"method": method, "image_auroc": value, "seconds": seconds, "note": note})
         print(f"  {method:<48} {value:.4f}  {'' if seconds is None else f'{seconds:7.1f} s'}  {note}", flush=True)
 
+    # PaDiM's rule
+    pmaps, t_p = qm.timed(qm.padim_maps, train, test)
+    row("PaDiM rule (per-position Gaussian, eps 0.01)", auc(pmaps), t_p,
+        f"Woodbury vs dense inverse: max rel diff {qm.padim_direct_check(train, test):.1e}")
+    # nearest neighbours
+    if with_nn:
+        bank = train.reshape(-1, train.shape[2])
+        rng = np.random.default_rng(args.seed)
+        sub = bank[rng.choice(len(bank), len(bank) // 10, replace=False)]
+        nmaps, t_n = qm.timed(qm.nn_maps, sub, test)
+        row("1-NN over a 10% random bank", auc(nmaps), t_n)
+        if "nn_full" not in args.skip:
+            (scores, searched), t_f = qm.timed(qm.nn_exact_image_scores, bank, test, nmaps)
+            row("1-NN over the whole bank (exact image scores)", float(image_auroc(labels, scores)), t_f + t_n,
+                f"{searched} of {test.shape[0] * test.shape[1]} patches searched in the full bank")
+        if "coreset" not in args.skip:
+            idx, t_c = qm.timed(qm.coreset, bank, 0.1, args.seed)
+            cmaps, t_cs = qm.timed(qm.nn_maps, bank[idx], test)
+            row("PatchCore rule: 1-NN over a 10% greedy coreset", auc(cmaps), t_c + t_cs)
     grid = tuple(DEFAULT_LAM_GRID)
+    if "crd" in args.skip:
+        return rows
     # CRD global
     form, t_fit = qm.timed(qm.global_form, train)
     gmaps = qm.global_maps(form, test, grid)
@@ -107,25 +128,6 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
     auto_maps = lmaps[l_sel.choice] if pick == "local" else gmaps[g_sel.choice]
     row("CRD spatial auto + lam auto (label-free)", auc(auto_maps), None,
         f"picked {pick} (validation {g_best:.3f} global vs {l_best:.3f} local)")
-    # PaDiM's rule
-    pmaps, t_p = qm.timed(qm.padim_maps, train, test)
-    row("PaDiM rule (per-position Gaussian, eps 0.01)", auc(pmaps), t_p,
-        f"Woodbury vs dense inverse: max rel diff {qm.padim_direct_check(train, test):.1e}")
-    # nearest neighbours
-    if with_nn:
-        bank = train.reshape(-1, train.shape[2])
-        rng = np.random.default_rng(args.seed)
-        sub = bank[rng.choice(len(bank), len(bank) // 10, replace=False)]
-        nmaps, t_n = qm.timed(qm.nn_maps, sub, test)
-        row("1-NN over a 10% random bank", auc(nmaps), t_n)
-        if "nn_full" not in args.skip:
-            (scores, searched), t_f = qm.timed(qm.nn_exact_image_scores, bank, test, nmaps)
-            row("1-NN over the whole bank (exact image scores)", float(image_auroc(labels, scores)), t_f + t_n,
-                f"{searched} of {test.shape[0] * test.shape[1]} patches searched in the full bank")
-        if "coreset" not in args.skip:
-            idx, t_c = qm.timed(qm.coreset, bank, 0.1, args.seed)
-            cmaps, t_cs = qm.timed(qm.nn_maps, bank[idx], test)
-            row("PatchCore rule: 1-NN over a 10% greedy coreset", auc(cmaps), t_c + t_cs)
     rows.append({"lam_selection": {"global": g_sel.to_json(), "local": l_sel.to_json()},
                  "oracle_curves": {"global": g_oracle, "local": l_oracle}})
     return rows
