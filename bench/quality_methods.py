@@ -38,6 +38,7 @@ def global_form(train: np.ndarray) -> SpectralForm:
 
 def global_maps(form: SpectralForm, x: np.ndarray, lam_rels) -> dict[float, np.ndarray]:
     """Patch maps (M, P) for every lam_rel, from one rotation."""
+    lam_rels = tuple(dict.fromkeys(lam_rels))  # a repeated value would be scored (and appended) twice
     out = {lam: [] for lam in lam_rels}
     for i in range(0, len(x), CHUNK):
         z = form.rotate(torch.from_numpy(x[i : i + CHUNK]))
@@ -73,6 +74,7 @@ def local_model(train: np.ndarray, shrinkage: float, rank: int, basis_rank: int 
 
 
 def local_maps(model: LocalCRDModel, x: np.ndarray, lam_rels) -> dict[float, np.ndarray]:
+    lam_rels = tuple(dict.fromkeys(lam_rels))
     factors = {lam: model.factors(model.lam(lam)) for lam in lam_rels}
     out = {lam: [] for lam in lam_rels}
     for i in range(0, len(x), CHUNK):
