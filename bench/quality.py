@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--features-only", action="store_true")
     p.add_argument("--no-elpv", action="store_true")
     p.add_argument("--synthetic", nargs="*", default=[], help="generated categories to run too (fabric stone cap)")
-    p.add_argument("--skip", nargs="*", default=[], help="methods to skip: nn_full coreset streaming crd")
+    p.add_argument("--skip", nargs="*", default=[], help="methods to skip: nn_full coreset streaming crd peers (PaDiM and NN)")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -70,9 +70,14 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
         print(f"  {method:<48} {value:.4f}  {'' if seconds is None else f'{seconds:7.1f} s'}  {note}", flush=True)
 
     # PaDiM's rule
-    pmaps, t_p = qm.timed(qm.padim_maps, train, test)
-    row("PaDiM rule (per-position Gaussian, eps 0.01)", auc(pmaps), t_p,
-        f"Woodbury vs dense inverse: max rel diff {qm.padim_direct_check(train, test):.1e}")
+    with_nn = with_nn and "peers" not in args.skip
+    if "peers" in args.skip:
+        pmaps, t_p = None, None
+    else:
+        pmaps, t_p = qm.timed(qm.padim_maps, train, test)
+    if pmaps is not None:
+        row("PaDiM rule (per-position Gaussian, eps 0.01)", auc(pmaps), t_p,
+            f"Woodbury vs dense inverse: max rel diff {qm.padim_direct_check(train, test):.1e}")
     # nearest neighbours
     if with_nn:
         bank = train.reshape(-1, train.shape[2])
