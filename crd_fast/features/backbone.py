@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..choices import BACKBONES as RESNETS, LAYERS as RESNET_LAYERS
 from ..core.precision import PrecisionChoice
+from .errors import BackboneWeightsError
 
 #: torchvision VGG16, cut into HED's five blocks (each ends with the ReLU after its last conv; strides 1..16).
 VGG16 = "vgg16"
@@ -34,10 +35,6 @@ BACKBONES = RESNETS + (VGG16,)
 _STEM = ("conv1", "bn1", "relu", "maxpool")
 
 WeightsSpec = Union[str, os.PathLike]
-
-
-class BackboneWeightsError(RuntimeError):
-    """Backbone weights could not be obtained or do not fit the architecture (the message says what to do)."""
 
 
 def _is_random(weights: WeightsSpec) -> bool:

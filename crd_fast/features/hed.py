@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import BackboneWeightsError
+from .errors import BackboneWeightsError
 
 #: Per-channel normalisation of [0, 1] RGB images into HED's convention (RGB order, after the channel flip).
 HED_MEAN = (123.68 / 255.0, 116.779 / 255.0, 103.939 / 255.0)
