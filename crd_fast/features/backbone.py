@@ -23,14 +23,9 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..choices import BACKBONES as RESNETS, LAYERS as RESNET_LAYERS
+from ..choices import BACKBONES, RESNET_LAYERS, RESNETS, VGG16, VGG_LAYERS
 from ..core.precision import PrecisionChoice
 from .errors import BackboneWeightsError
-
-#: torchvision VGG16, cut into HED's five blocks (each ends with the ReLU after its last conv; strides 1..16).
-VGG16 = "vgg16"
-VGG_LAYERS = ("block1", "block2", "block3", "block4", "block5")
-BACKBONES = RESNETS + (VGG16,)
 
 _STEM = ("conv1", "bn1", "relu", "maxpool")
 
@@ -239,6 +234,7 @@ class FeatureExtractor(nn.Module):
                 self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
             return
         self.custom = None
+        self.mean, self.std = input_normalisation(weights)  # HED's differs from ImageNet's
         known = VGG_LAYERS if backbone == VGG16 else RESNET_LAYERS
         bad = [l for l in layers if l not in known]
         if bad:
