@@ -35,8 +35,17 @@ RESULTS: dict[str, float] = {}
 
 def images(n: int, defect: bool = False) -> list[np.ndarray]:
     size = CROP * 8 // 7
-    return [render_sample("fabric", size=max(64, size), seed=0, defect="hole" if defect else None, index=i,
-                          split="test" if defect else "train")[0] for i in range(n)]
+    return [
+        render_sample(
+            "fabric",
+            size=max(64, size),
+            seed=0,
+            defect="hole" if defect else None,
+            index=i,
+            split="test" if defect else "train",
+        )[0]
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +96,20 @@ def test_summary_throughput_and_sizes(setup):
         ("ONNX whole detector (fp32)", (folder / "model.onnx").stat().st_size),
         ("ONNX head only, fp32", (folder / "head_fp32.onnx").stat().st_size),
         ("ONNX head only, fp16", (folder / "head_fp16.onnx").stat().st_size),
-        (f"NN memory bank, same training set ({det.n_images} img x {grid} patches x {det.dim} float32)",
-         det.n_images * grid * det.dim * 4),
+        (
+            f"NN memory bank, same training set ({det.n_images} img x {grid} patches x {det.dim} float32)",
+            det.n_images * grid * det.dim * 4,
+        ),
         ("NN memory bank, 200 img x 784 patches x 1536 float32 (wide_resnet50_2 at 224 px)", 200 * 784 * 1536 * 4),
         ("CRD file at d=1536 (mean, scatter, M_pre float64; any number of images)", (2 * 1536 * 1536 + 2 * 1536) * 8),
         ("CRD head file at d=1536, fp16", 1536 * 1536 * 2 + 1536 * 8),
     ]
     print(f"\n{BACKBONE} random weights, {CROP} px, batch {BATCH}, {THREADS} threads")
     if "torch_img_s" in RESULTS and "ort_img_s" in RESULTS:
-        print(f"images/s: eager torch {RESULTS['torch_img_s']:.2f}, onnxruntime CPU {RESULTS['ort_img_s']:.2f}, "
-              f"ratio ort/torch {RESULTS['ort_img_s'] / RESULTS['torch_img_s']:.2f}")
+        print(
+            f"images/s: eager torch {RESULTS['torch_img_s']:.2f}, onnxruntime CPU {RESULTS['ort_img_s']:.2f}, "
+            f"ratio ort/torch {RESULTS['ort_img_s'] / RESULTS['torch_img_s']:.2f}"
+        )
     for label, size in rows:
         print(f"  {size / mb:10.2f} MB  {label}")
 
@@ -115,16 +128,24 @@ def test_summary_score_errors(setup):
     basis = torch.randn(d, d // 8, generator=gen) / (1 + torch.arange(d // 8)).sqrt()
     fit = torch.randn(20 * 784, d // 8, generator=gen) @ basis.T + 0.05 * torch.randn(20 * 784, d, generator=gen)
     rand_scorer = CRDScorer().fit(fit)
-    random_feats = (torch.randn(16 * 784, d // 8, generator=gen) @ basis.T + 0.2 * torch.randn(16 * 784, d, generator=gen)).float()
-    cases = [(det.scorer, synthetic, grid, f"synthetic fabric set, {len(test)} images, d={det.dim}"),
-             (rand_scorer, random_feats, 784, f"random features, 16 x 784 patches, d={d}")]
+    random_feats = (
+        torch.randn(16 * 784, d // 8, generator=gen) @ basis.T + 0.2 * torch.randn(16 * 784, d, generator=gen)
+    ).float()
+    cases = [
+        (det.scorer, synthetic, grid, f"synthetic fabric set, {len(test)} images, d={det.dim}"),
+        (rand_scorer, random_feats, 784, f"random features, 16 x 784 patches, d={d}"),
+    ]
     for scorer, feats, per_image, label in cases:
-        print(f"\n{label}\n  variant              image max / mean rel    patch max / mean rel    error bound  matrix MB")
+        print(
+            f"\n{label}\n  variant              image max / mean rel    patch max / mean rel    error bound  matrix MB"
+        )
         r10 = rank_for_error_bound(scorer, 0.1)  # smallest rank with error bound <= 0.1 (None: only full rank)
         variants = [("fp32", None), ("fp16", None), ("fp32", scorer.dim // 2), ("fp16", scorer.dim // 2)]
         print(f"  (rank for error bound 0.1: {r10 if r10 is not None else 'full'} of {scorer.dim})")
         for precision, rank in variants + ([("fp32", r10), ("fp16", r10)] if r10 is not None else []):
             e = measure_error(scorer, feats, per_image, precision, rank)
             name = f"{precision}" + (f" rank {rank}" if rank else " full")
-            print(f"  {name:<18} {e['image_max_rel']:10.2e} / {e['image_mean_rel']:8.2e}  {e['patch_max_rel']:10.2e} / "
-                  f"{e['patch_mean_rel']:8.2e}  {e['error_bound']:10.3g}  {e['matrix_bytes'] / 1e6:8.2f}")
+            print(
+                f"  {name:<18} {e['image_max_rel']:10.2e} / {e['image_mean_rel']:8.2e}  {e['patch_max_rel']:10.2e} / "
+                f"{e['patch_mean_rel']:8.2e}  {e['error_bound']:10.3g}  {e['matrix_bytes'] / 1e6:8.2f}"
+            )

@@ -48,9 +48,21 @@ def _free_port() -> int:
 def _launch(workload: str, world: int, out: Path, timeout: float = 600.0) -> dict:
     result = out / f"{workload}_{world}.json"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(world),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), os.path.abspath(__file__),
-        "worker", workload, str(result),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(world),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        os.path.abspath(__file__),
+        "worker",
+        workload,
+        str(result),
     ]
     # One torch thread per process, so W processes use W cores: the comparison is of processes, not of
     # intra-op threads (which also fight the detector's image-loading threads on a small machine).
@@ -91,7 +103,10 @@ def test_fit_throughput(benchmark, tmp_path, workload, world):
     elif workload in _single_process:
         info["speedup_vs_1_process"] = _single_process[workload] / info["fit_s"]
     benchmark.extra_info.update(info)
-    print(f"\n{workload} W={world}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+    print(
+        f"\n{workload} W={world}: "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+    )
 
 
 # ---- worker (runs on every rank under torchrun) ------------------------------------------------------
@@ -142,9 +157,17 @@ def _worker(workload: str, result_path: str) -> None:
         times = torch.tensor([fit_s, combine_s], dtype=torch.float64)
         dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
         if env.is_main:
-            Path(result_path).write_text(json.dumps({
-                "n_items": n, "n_patches": n_patches, "d": d, "fit_s": float(times[0]), "combine_s": float(times[1]),
-            }))
+            Path(result_path).write_text(
+                json.dumps(
+                    {
+                        "n_items": n,
+                        "n_patches": n_patches,
+                        "d": d,
+                        "fit_s": float(times[0]),
+                        "combine_s": float(times[1]),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "worker":

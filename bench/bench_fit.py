@@ -34,6 +34,9 @@ def test_memory_flat(recorder) -> None:
     if len(fits) < 2:
         pytest.skip("needs the fit benchmarks of at least two sizes in this run")
     growth = fits[-1]["peak_rss_mb"] - fits[0]["peak_rss_mb"]
-    print(f"\npeak RSS {fits[0]['n_images']} images: {fits[0]['peak_rss_mb']:.0f} MB; {fits[-1]['n_images']} images: "
-          f"{fits[-1]['peak_rss_mb']:.0f} MB; an NN bank would grow by {fits[-1]['nn_bank_mb'] - fits[0]['nn_bank_mb']:.0f} MB")
+    print(
+        f"\npeak RSS {fits[0]['n_images']} images: {fits[0]['peak_rss_mb']:.0f} MB; {fits[-1]['n_images']} images: "
+        f"{fits[-1]['peak_rss_mb']:.0f} MB; an NN bank would grow by "
+        f"{fits[-1]['nn_bank_mb'] - fits[0]['nn_bank_mb']:.0f} MB"
+    )
     assert growth < 100.0

@@ -45,8 +45,9 @@ def test_same_scores(case: HeadCase, recorder) -> None:
     both close to the float64 specification, and the NN path scores the same patches."""
     fused = fused_path(case)()
     ref32 = reference_path(case)()
-    ref64 = reference.crd_head(case.maps, case.scorer.projection.matrix, case.scorer.projection.offset,
-                               case.embedding, case.target_dim)
+    ref64 = reference.crd_head(
+        case.maps, case.scorer.projection.matrix, case.scorer.projection.offset, case.embedding, case.target_dim
+    )
     err = max_relative_error(fused, ref32)
     recorder.extra["errors"][case.embedding] = err
     assert err <= SCORE_RTOL
@@ -71,8 +72,7 @@ def test_fused_and_reference(benchmark, case: HeadCase, bench_config: BenchConfi
 
 @pytest.mark.parametrize("backend", _CFG.backends)
 @pytest.mark.parametrize("fraction", _CFG.fractions, ids=lambda f: f"{f * 100:g}%")
-def test_nn(benchmark, case: HeadCase, fraction: float, backend: str, bench_config: BenchConfig,
-            recorder) -> None:
+def test_nn(benchmark, case: HeadCase, fraction: float, backend: str, bench_config: BenchConfig, recorder) -> None:
     if backend == "faiss":
         pytest.importorskip("faiss")
     scorer = nn_scorer(case, fraction, backend)  # bank subsampled, index built: not timed

@@ -42,8 +42,9 @@ RESULTS_JSON = Path(os.environ.get("CRD_INT8_JSON", "/tmp/crd_bench_int8.json"))
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("int8")
-    files = generate_dataset(root, ("fabric",), n_train=N_TRAIN, n_test_good=N_GOOD, n_test_defect=N_DEFECT,
-                             seed=0).files["fabric"]
+    files = generate_dataset(
+        root, ("fabric",), n_train=N_TRAIN, n_test_good=N_GOOD, n_test_defect=N_DEFECT, seed=0
+    ).files["fabric"]
     det = CRDDetector(backbone="wide_resnet50_2", weights="random", resize=256, crop=CROP, batch_size=BATCH)
     det.fit(files["train/good"], progress=False)
     fp32 = export_onnx(det, root / "fp32.onnx")
@@ -51,13 +52,27 @@ def case(tmp_path_factory) -> dict[str, Any]:
     test = [p for k, v in files.items() if k.startswith("test/") for p in v]
     labels = np.array([0 if p.parent.name == "good" else 1 for p in test])
     truth = root / "fabric" / "ground_truth"
-    masks = np.stack([np.zeros((CROP, CROP), bool) if y == 0 else
-                      np.asarray(load_image(str(truth / p.parent.name / f"{p.stem}_mask.png"))
-                                 .convert("L").resize((CROP, CROP))) > 127 for p, y in zip(test, labels)])
+    masks = np.stack(
+        [
+            np.zeros((CROP, CROP), bool)
+            if y == 0
+            else np.asarray(
+                load_image(str(truth / p.parent.name / f"{p.stem}_mask.png")).convert("L").resize((CROP, CROP))
+            )
+            > 127
+            for p, y in zip(test, labels)
+        ]
+    )
     x = det.preprocess.batch(torch.rand(BATCH, 3, CROP, CROP, generator=torch.Generator().manual_seed(0))).numpy()
-    return {"fp32": OnnxDetector(fp32.onnx_path), "int8": OnnxDetector(int8.onnx_path), "x": x, "test": test,
-            "labels": labels, "masks": masks, "sizes_mib": {"fp32": os.path.getsize(fp32.onnx_path) / 2**20,
-                                                              "int8": os.path.getsize(int8.onnx_path) / 2**20}}
+    return {
+        "fp32": OnnxDetector(fp32.onnx_path),
+        "int8": OnnxDetector(int8.onnx_path),
+        "x": x,
+        "test": test,
+        "labels": labels,
+        "masks": masks,
+        "sizes_mib": {"fp32": os.path.getsize(fp32.onnx_path) / 2**20, "int8": os.path.getsize(int8.onnx_path) / 2**20},
+    }
 
 
 def test_int8_vs_fp32_onnx(benchmark, case: dict[str, Any]) -> None:
@@ -69,20 +84,34 @@ def test_int8_vs_fp32_onnx(benchmark, case: dict[str, Any]) -> None:
     benchmark.pedantic(rr, rounds=ROUNDS, warmup_rounds=0)
     ips = {n: BATCH / t.best for n, t in rr.timings.items()}
     preds = {n: case[n].predict([str(p) for p in case["test"]]) for n in ("fp32", "int8")}
-    quality = {n: {"image_auroc": image_auroc(case["labels"], r.image_scores),
-                   "pixel_auroc": pixel_auroc(case["masks"], r.anomaly_maps)} for n, r in preds.items()}
+    quality = {
+        n: {
+            "image_auroc": image_auroc(case["labels"], r.image_scores),
+            "pixel_auroc": pixel_auroc(case["masks"], r.anomaly_maps),
+        }
+        for n, r in preds.items()
+    }
     out = {
         "machine": machine_info(),
         "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))),
-        "sizes": {"train_and_calibration": N_TRAIN, "test_good": N_GOOD, "test_defect": N_DEFECT, "batch": BATCH,
-                  "crop": CROP, "rounds": ROUNDS, "backbone": "wide_resnet50_2 (seeded random weights)"},
+        "sizes": {
+            "train_and_calibration": N_TRAIN,
+            "test_good": N_GOOD,
+            "test_defect": N_DEFECT,
+            "batch": BATCH,
+            "crop": CROP,
+            "rounds": ROUNDS,
+            "backbone": "wide_resnet50_2 (seeded random weights)",
+        },
         "images_per_s_best": ips,
         "images_per_s_median": {n: BATCH / t.median for n, t in rr.timings.items()},
         "int8_speedup": ips["int8"] / ips["fp32"],
         "quality": quality,
         "image_auroc_delta": quality["int8"]["image_auroc"] - quality["fp32"]["image_auroc"],
-        "score_max_rel_diff": float(np.abs(preds["int8"].image_scores - preds["fp32"].image_scores).max()
-                                    / np.abs(preds["fp32"].image_scores).max()),
+        "score_max_rel_diff": float(
+            np.abs(preds["int8"].image_scores - preds["fp32"].image_scores).max()
+            / np.abs(preds["fp32"].image_scores).max()
+        ),
         "file_mib": case["sizes_mib"],
     }
     RESULTS_JSON.write_text(json.dumps(out, indent=1))

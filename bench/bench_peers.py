@@ -60,8 +60,15 @@ def _worker_models(kind: str, weights: str, layers_crd: tuple[str, ...]) -> dict
         if resolve_precision("auto", "cpu").precision == "bf16":
             paths.append("crd-bf16")
         for name in paths:
-            det = CRDDetector(backbone="wide_resnet50_2", weights=weights, layers=layers_crd, resize=CROP, crop=CROP,
-                              batch_size=BATCH, seed=0)
+            det = CRDDetector(
+                backbone="wide_resnet50_2",
+                weights=weights,
+                layers=layers_crd,
+                resize=CROP,
+                crop=CROP,
+                batch_size=BATCH,
+                seed=0,
+            )
             det.extractor.set_precision(resolve_precision(name.split("-")[1], "cpu"))
             models[name] = det
         return models
@@ -72,10 +79,15 @@ def _worker_models(kind: str, weights: str, layers_crd: tuple[str, ...]) -> dict
     state = load_file(weights)
     torch.manual_seed(0)  # PaDiM's random channel subset
     models = {
-        "anomalib-padim": PadimModel(backbone="wide_resnet50_2", layers=["layer1", "layer2", "layer3"],
-                                     pre_trained=False, n_features=PADIM_FEATURES),
-        "anomalib-patchcore": PatchcoreModel(layers=["layer2", "layer3"], backbone="wide_resnet50_2",
-                                             pre_trained=False, num_neighbors=9),
+        "anomalib-padim": PadimModel(
+            backbone="wide_resnet50_2",
+            layers=["layer1", "layer2", "layer3"],
+            pre_trained=False,
+            n_features=PADIM_FEATURES,
+        ),
+        "anomalib-patchcore": PatchcoreModel(
+            layers=["layer2", "layer3"], backbone="wide_resnet50_2", pre_trained=False, num_neighbors=9
+        ),
     }
     for m in models.values():
         result = m.feature_extractor.feature_extractor.load_state_dict(state, strict=False)
@@ -157,8 +169,9 @@ def worker(kind: str, data_dir: str, weights: str) -> None:
     train = np.load(os.path.join(data_dir, "train.npy"))
     test = np.load(os.path.join(data_dir, "test.npy"))
     models = _worker_models(kind, weights, ("layer2", "layer3"))
-    print(json.dumps({"ready": list(models), "torch": torch.__version__, "threads": torch.get_num_threads()}),
-          flush=True)
+    print(
+        json.dumps({"ready": list(models), "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True
+    )
     for line in sys.stdin:
         cmd, *args = line.split()
         if cmd == "quit":
@@ -188,8 +201,13 @@ class Worker:
             env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
         else:
             env.pop("PYTHONPATH", None)  # the anomalib environment never sees crd-fast
-        self.proc = subprocess.Popen([python, __file__, "--worker", kind, "--data", data_dir, "--weights", weights],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [python, __file__, "--worker", kind, "--data", data_dir, "--weights", weights],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.info = self._read()
 
     def _read(self) -> dict[str, Any]:
@@ -221,8 +239,9 @@ def _write_data(data_dir: Path, n_train: int, n_test: int) -> np.ndarray:
     from crd_fast.synthetic import generate_dataset
 
     half = n_test // 2
-    ds = generate_dataset(data_dir / "images", ("fabric",), n_train=n_train, n_test_good=n_test - half,
-                          n_test_defect=half, seed=0)
+    ds = generate_dataset(
+        data_dir / "images", ("fabric",), n_train=n_train, n_test_good=n_test - half, n_test_defect=half, seed=0
+    )
     files = ds.files["fabric"]
     pre = Preprocess(256, CROP)
     test_paths = [p for k, v in files.items() if k.startswith("test/") for p in v]
@@ -257,8 +276,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_dir = Path(tmp)
         labels = _write_data(data_dir, args.train, args.test)
         weights = str(data_dir / "wide_resnet50_2_random_seed0.safetensors")
-        workers = {"crd": Worker(sys.executable, "crd", tmp, weights),
-                   "anomalib": Worker(args.anomalib_python, "anomalib", tmp, weights)}
+        workers = {
+            "crd": Worker(sys.executable, "crd", tmp, weights),
+            "anomalib": Worker(args.anomalib_python, "anomalib", tmp, weights),
+        }
         try:
             owner = {name: w for w in workers.values() for name in w.info["ready"]}
             fit_s = {name: w.ask("fit", name)["s"] for name, w in owner.items()}
@@ -281,8 +302,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))),
         "auto": resolve_precision("auto", "cpu").describe(),
         "workers": {k: w.info for k, w in workers.items()},
-        "sizes": {"train": args.train, "test": args.test, "batch": BATCH, "crop": CROP, "rounds": args.rounds,
-                  "padim_features": PADIM_FEATURES},
+        "sizes": {
+            "train": args.train,
+            "test": args.test,
+            "batch": BATCH,
+            "crop": CROP,
+            "rounds": args.rounds,
+            "padim_features": PADIM_FEATURES,
+        },
         "predict_images_per_s_best": ips,
         "predict_images_per_s_median": {n: BATCH / float(np.median(t)) for n, t in times.items()},
         "fit_s": fit_s,
@@ -293,8 +320,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "predict_ratio_vs_padim": ips[best_crd] / ips["anomalib-padim"],
         "predict_ratio_vs_patchcore": ips[best_crd] / ips["anomalib-patchcore"],
         "fit_ratio_vs_patchcore": fit_s["anomalib-patchcore"] / fit_s[best_crd],
-        "fit_own_part_ratio_vs_patchcore": ((fit_s["anomalib-patchcore"] - backbone_s["anomalib-patchcore"])
-                                            / max(1e-9, fit_s[best_crd] - backbone_s[best_crd])),
+        "fit_own_part_ratio_vs_patchcore": (
+            (fit_s["anomalib-patchcore"] - backbone_s["anomalib-patchcore"])
+            / max(1e-9, fit_s[best_crd] - backbone_s[best_crd])
+        ),
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -123,6 +123,7 @@ def test_precision_end_to_end(benchmark, case: dict[str, Any]) -> None:
         def call() -> Any:
             with torch.inference_mode():
                 return model(x)
+
         return call
 
     rr = RoundRobin({p: run(m) for p, m in models.items()})
@@ -138,10 +139,12 @@ def test_precision_end_to_end(benchmark, case: dict[str, Any]) -> None:
         quality[p] = {
             "image_auroc": image_auroc(case["labels"], r.image_scores),
             "pixel_auroc": pixel_auroc(case["masks"], r.anomaly_maps),
-            "map_max_rel_diff_vs_fp32": float(np.abs(r.anomaly_maps - base.anomaly_maps).max()
-                                              / np.abs(base.anomaly_maps).max()),
-            "score_max_rel_diff_vs_fp32": float(np.abs(r.image_scores - base.image_scores).max()
-                                                / np.abs(base.image_scores).max()),
+            "map_max_rel_diff_vs_fp32": float(
+                np.abs(r.anomaly_maps - base.anomaly_maps).max() / np.abs(base.anomaly_maps).max()
+            ),
+            "score_max_rel_diff_vs_fp32": float(
+                np.abs(r.image_scores - base.image_scores).max() / np.abs(base.image_scores).max()
+            ),
         }
     ips = {p: BATCH / t.best for p, t in rr.timings.items()}
     ips_med = {p: BATCH / t.median for p, t in rr.timings.items()}
@@ -149,12 +152,21 @@ def test_precision_end_to_end(benchmark, case: dict[str, Any]) -> None:
         "machine": machine_info(),
         "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))),
         "auto": resolve_precision("auto", "cpu").describe(),
-        "sizes": {"train": N_TRAIN, "test_good": N_GOOD, "test_defect": N_DEFECT, "batch": BATCH, "crop": CROP,
-                  "backbone": f"{BACKBONE} (seeded random weights)", "rounds": ROUNDS},
-        "images_per_s_best": ips, "images_per_s_median": ips_med,
+        "sizes": {
+            "train": N_TRAIN,
+            "test_good": N_GOOD,
+            "test_defect": N_DEFECT,
+            "batch": BATCH,
+            "crop": CROP,
+            "backbone": f"{BACKBONE} (seeded random weights)",
+            "rounds": ROUNDS,
+        },
+        "images_per_s_best": ips,
+        "images_per_s_median": ips_med,
         "speedup_vs_fp32_contig": {p: ips[p] / ips["fp32-contig"] for p in ips},
         "speedup_vs_fp32_channels_last": {p: ips[p] / ips["fp32"] for p in ips},
-        "fit_s": case["fit_s"], "quality": quality,
+        "fit_s": case["fit_s"],
+        "quality": quality,
     }
     _merge(out)
     print(json.dumps(out, indent=1))
@@ -195,9 +207,10 @@ def test_head_vs_backbone_gflops(benchmark, case: dict[str, Any]) -> None:
         "ms_best": {k: t.best * 1e3 for k, t in rr.timings.items()},
         "gflops_per_s": rate,
         "head_over_backbone_rate": {p: rate[f"{p}/head"] / rate[f"{p}/backbone"] for p in ("fp32", "bf16")},
-        "head_share_of_time": {p: rr.timings[f"{p}/head"].best
-                               / (rr.timings[f"{p}/head"].best + rr.timings[f"{p}/backbone"].best)
-                               for p in ("fp32", "bf16")},
+        "head_share_of_time": {
+            p: rr.timings[f"{p}/head"].best / (rr.timings[f"{p}/head"].best + rr.timings[f"{p}/backbone"].best)
+            for p in ("fp32", "bf16")
+        },
     }
     _merge({"head_vs_backbone": out})
     print(json.dumps(out, indent=1))

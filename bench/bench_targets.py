@@ -1,6 +1,6 @@
 """The targets' arithmetic on made-up timings (no timing here): ratios, verdicts and the caveats of quick runs.
 
-    cd bench && python -m pytest bench_targets.py
+cd bench && python -m pytest bench_targets.py
 """
 
 from __future__ import annotations
@@ -15,12 +15,19 @@ from crd_fast.benchmark.timing import Timing
 def test_targets_from_results() -> None:
     T = Timing
     results = {
-        head_key("concat", "fused"): T([0.2, 0.3]), head_key("concat", "reference"): T([0.5, 0.6]),
-        head_key("concat", nn_name("faiss", 1.0)): T([40.0]), head_key("concat", nn_name("torch", 1.0)): T([50.0]),
-        "e2e/backbone": T([4.0]), "e2e/head": T([0.3]), "e2e/full": T([4.5]),
+        head_key("concat", "fused"): T([0.2, 0.3]),
+        head_key("concat", "reference"): T([0.5, 0.6]),
+        head_key("concat", nn_name("faiss", 1.0)): T([40.0]),
+        head_key("concat", nn_name("torch", 1.0)): T([50.0]),
+        "e2e/backbone": T([4.0]),
+        "e2e/head": T([0.3]),
+        "e2e/full": T([4.5]),
     }
-    extra = {"head_sizes": {"concat": (8, TARGET_BANK_PATCHES, 1536)}, "errors": {"concat": 3e-7},
-             "e2e": {"backbone": "wide_resnet50_2", "crop": 224, "batch": 8}}
+    extra = {
+        "head_sizes": {"concat": (8, TARGET_BANK_PATCHES, 1536)},
+        "errors": {"concat": 3e-7},
+        "e2e": {"backbone": "wide_resnet50_2", "crop": 224, "batch": 8},
+    }
     fused, nn, share = targets(results, extra)
     assert fused.value == pytest.approx(2.5) and fused.median_value == pytest.approx(0.55 / 0.25) and fused.met
     assert nn.value == pytest.approx(200.0) and nn.met and "faiss" in nn.name  # the faster NN backend

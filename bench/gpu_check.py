@@ -140,8 +140,12 @@ class Report:
     def write(self, out_dir: Path) -> tuple[Path, Path]:
         """gpu_check.json and gpu_check.md in ``out_dir``, each written whole or not at all."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        data = {"status": self.status(), "info": self.info, "checks": [asdict(c) for c in self.checks],
-                "timings": self.timings}
+        data = {
+            "status": self.status(),
+            "info": self.info,
+            "checks": [asdict(c) for c in self.checks],
+            "timings": self.timings,
+        }
         paths = (out_dir / "gpu_check.json", out_dir / "gpu_check.md")
         for path, text in zip(paths, (json.dumps(data, indent=1, default=str), self.markdown())):
             tmp = path.with_suffix(path.suffix + ".tmp")
@@ -151,8 +155,11 @@ class Report:
 
     def markdown(self) -> str:
         info = self.info
-        lines = [f"### GPU check: {info.get('device', '?')} (sm_{info.get('capability', '?')}), "
-                 f"torch {info.get('torch', '?')}, seed {info.get('seed', '?')}", ""]
+        lines = [
+            f"### GPU check: {info.get('device', '?')} (sm_{info.get('capability', '?')}), "
+            f"torch {info.get('torch', '?')}, seed {info.get('seed', '?')}",
+            "",
+        ]
         kinds = (("ok", True), ("failed", False), ("skipped", None))
         counts = {k: sum(1 for c in self.checks if c.ok is v) for k, v in kinds}
         lines += [f"Checks: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} not run.", ""]
@@ -162,13 +169,17 @@ class Report:
             lines += [f"| {c.step} | {c.name} | {'FAIL' if c.ok is False else 'not run'} | {c.note} |" for c in bad]
             lines.append("")
         if self.timings:
-            lines += ["| batch | path | ms (median) | Mpatch/s | vs reference | GB/s (% of copy) "
-                      "| TFLOP/s (% of matmul) |", "|---:|---|---:|---:|---:|---:|---:|"]
+            lines += [
+                "| batch | path | ms (median) | Mpatch/s | vs reference | GB/s (% of copy) | TFLOP/s (% of matmul) |",
+                "|---:|---|---:|---:|---:|---:|---:|",
+            ]
             for t in self.timings:
                 gbs = f"{t['gb_s']:.0f} ({100 * t['gb_s_frac']:.0f}%)" if t.get("gb_s") is not None else ""
                 tfs = f"{t['tflop_s']:.1f} ({100 * t['tflop_s_frac']:.0f}%)" if t.get("tflop_s") is not None else ""
-                lines.append(f"| {t['batch']} | {t['path']} | {t['ms']:.3f} | {t['patches_per_s'] / 1e6:.2f} | "
-                             f"{t['vs_reference']:.2f}x | {gbs} | {tfs} |")
+                lines.append(
+                    f"| {t['batch']} | {t['path']} | {t['ms']:.3f} | {t['patches_per_s'] / 1e6:.2f} | "
+                    f"{t['vs_reference']:.2f}x | {gbs} | {tfs} |"
+                )
         return "\n".join(lines) + "\n"
 
 
@@ -199,8 +210,19 @@ def self_test() -> int:
     assert report.status() == 0
     report.add("sanitizer", "b", None, note="compute-sanitizer not found")
     assert report.status() == 3
-    report.timings.append(dict(batch=8, path="fused native float32", ms=1.0, patches_per_s=6272e3, vs_reference=3.0,
-                               gb_s=100.0, gb_s_frac=0.05, tflop_s=10.0, tflop_s_frac=0.2))
+    report.timings.append(
+        dict(
+            batch=8,
+            path="fused native float32",
+            ms=1.0,
+            patches_per_s=6272e3,
+            vs_reference=3.0,
+            gb_s=100.0,
+            gb_s_frac=0.05,
+            tflop_s=10.0,
+            tflop_s_frac=0.2,
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         json_path, md_path = report.write(Path(tmp))
         data = json.loads(json_path.read_text())
@@ -216,8 +238,19 @@ def self_test() -> int:
 # ---- on the GPU ---------------------------------------------------------------------------------------------
 def build(out_dir: Path) -> int:
     """pip-installs this tree (editable, CUDA ON); the log goes to build.log. Returns pip's exit status."""
-    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-v", "-e", str(ROOT),
-           "-Cbuild-dir=build/gpu", "-Ccmake.define.CRD_FAST_CUDA=ON"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-build-isolation",
+        "--no-deps",
+        "-v",
+        "-e",
+        str(ROOT),
+        "-Cbuild-dir=build/gpu",
+        "-Ccmake.define.CRD_FAST_CUDA=ON",
+    ]
     print("building:", " ".join(cmd), flush=True)
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     (out_dir / "build.log").write_text(result.stdout + result.stderr)
@@ -229,8 +262,12 @@ def check_build_log(log: str, returncode: int, report: Report) -> None:
     reports = [line for line in log.splitlines() if "bytes spill stores" in line]
     spilling = [line.strip() for line in reports if "0 bytes spill stores, 0 bytes spill loads" not in line]
     report.add("build", "pip install -e . (CUDA ON)", returncode == 0, note=f"rc={returncode}")
-    report.add("build", "ptxas: no spills", bool(reports) and not spilling,
-               note=f"{len(reports)} reports, {len(spilling)} spilling" + "".join(f"; {s}" for s in spilling[:3]))
+    report.add(
+        "build",
+        "ptxas: no spills",
+        bool(reports) and not spilling,
+        note=f"{len(reports)} reports, {len(spilling)} spilling" + "".join(f"; {s}" for s in spilling[:3]),
+    )
 
 
 def find_sanitizer() -> Optional[str]:
@@ -278,8 +315,9 @@ class GpuRun:
     def launch(self, path, maps, matrix, offset, embedding, target_dim):
         """Scores through one kernel path, outputs poisoned first; runs twice, returns (scores, same_bits)."""
         torch, kcuda = self.torch, self.kcuda
-        ops = kcuda.prepare([m.to(self.dev) for m in maps], matrix.to(self.dev), offset.to(self.dev), embedding,
-                            target_dim, self.cap)
+        ops = kcuda.prepare(
+            [m.to(self.dev) for m in maps], matrix.to(self.dev), offset.to(self.dev), embedding, target_dim, self.cap
+        )
         runs = []
         for _ in range(2):
             out = ops.new_out().fill_(math.nan)
@@ -295,10 +333,18 @@ class GpuRun:
 
         choice = self.dispatch.decide(self.dev)
         self.report.info["dispatch"] = choice.as_dict()
-        self.report.add("dispatch", "the op runs a kernel on this device", choice.path != "reference",
-                        note=f"path {choice.path}: {choice.reason}; skipped {choice.skipped}")
-        self.report.add("dispatch", "at least one kernel path", bool(self.paths),
-                        note=f"paths {self.paths}; cupy: {self.cupy_error or 'ok'}")
+        self.report.add(
+            "dispatch",
+            "the op runs a kernel on this device",
+            choice.path != "reference",
+            note=f"path {choice.path}: {choice.reason}; skipped {choice.skipped}",
+        )
+        self.report.add(
+            "dispatch",
+            "at least one kernel path",
+            bool(self.paths),
+            note=f"paths {self.paths}; cupy: {self.cupy_error or 'ok'}",
+        )
         if "cupy" not in self.paths:
             self.report.add("dispatch", "CuPy path present", None, note=self.cupy_error or "")
         if native.has_native_cuda():
@@ -314,8 +360,13 @@ class GpuRun:
         cases = [
             ("2 layers, odd sizes, r=70", [(2, 5, 7, 9), (2, 6, 4, 5)], "concat", 1024, 70),
             ("3 layers patchcore, downsampling", [(3, 6, 6, 6), (3, 10, 3, 3), (3, 4, 11, 13)], "patchcore", 9, 9),
-            ("4 layers, d=45 (d%32!=0), r=65", [(2, 9, 9, 9), (2, 12, 5, 5), (2, 16, 3, 3), (2, 8, 2, 2)], "concat",
-             1024, 65),
+            (
+                "4 layers, d=45 (d%32!=0), r=65",
+                [(2, 9, 9, 9), (2, 12, 5, 5), (2, 16, 3, 3), (2, 8, 2, 2)],
+                "concat",
+                1024,
+                65,
+            ),
             ("rank 1, single pixel", [(2, 3, 1, 1)], "concat", 1024, 1),
             ("N=3*13*11 (not a multiple of 64), d=50", [(3, 20, 13, 11), (3, 30, 7, 6)], "concat", 1024, 33),
             ("wide_resnet50_2 b4, r=1536", [(4, 512, 28, 28), (4, 1024, 14, 14)], "concat", 1024, 1536),
@@ -367,8 +418,9 @@ class GpuRun:
         zero = op(dev, m32[:0])
         self.report.add("edge", "r = 0 scores 0", bool((zero == 0).all()) and tuple(zero.shape) == (3, 9, 10))
         five, m5, o5 = self.inputs(seed + 1, [(2, 4, 6, 6), (2, 3, 3, 3), (2, 5, 4, 4), (2, 2, 2, 2), (2, 3, 5, 5)], 7)
-        got5 = head_op.crd_head([m.float().to(self.dev) for m in five], m5.float().to(self.dev),
-                                o5.float().to(self.dev))
+        got5 = head_op.crd_head(
+            [m.float().to(self.dev) for m in five], m5.float().to(self.dev), o5.float().to(self.dev)
+        )
         err5 = norm_rel(got5.cpu(), reference.crd_head([m.float() for m in five], m5, o5))
         self.report.add("edge", "5 layers (reference fallback through the op)", err5 < tol, err5, tol)
         self.big_input()
@@ -394,8 +446,14 @@ class GpuRun:
                 continue
             want = expected_scores([big[-1:]], matrix, offset, "concat", 1024, torch.float16)  # on the GPU
             err = norm_rel(got, want)
-            self.report.add("edge", f"input over 2^31 elements ({path})", err < TOLERANCES["float16"], err,
-                            TOLERANCES["float16"], note=f"{math.prod(shape)} elements")
+            self.report.add(
+                "edge",
+                f"input over 2^31 elements ({path})",
+                err < TOLERANCES["float16"],
+                err,
+                TOLERANCES["float16"],
+                note=f"{math.prod(shape)} elements",
+            )
         del big
         torch.cuda.empty_cache()
 
@@ -410,8 +468,12 @@ class GpuRun:
             maps = [m.to(dtype) for m in maps64]
             a, _, _ = self.launch("native", maps, matrix, offset, "concat", 1024)
             b, _, _ = self.launch("cupy", maps, matrix, offset, "concat", 1024)
-            self.report.add("bits", f"native vs CuPy {str(dtype).split('.')[1]}", torch.equal(a, b),
-                            note="" if torch.equal(a, b) else f"max diff {float((a - b).abs().max()):.2e}")
+            self.report.add(
+                "bits",
+                f"native vs CuPy {str(dtype).split('.')[1]}",
+                torch.equal(a, b),
+                note="" if torch.equal(a, b) else f"max diff {float((a - b).abs().max()):.2e}",
+            )
 
     # step 5
     def streams_and_graphs(self) -> None:
@@ -456,8 +518,9 @@ class GpuRun:
         except Exception as exc:  # noqa: BLE001
             self.report.add("graphs", "CUDA-graph capture + replay on new inputs", False, note=repr(exc))
         try:
-            compiled = torch.compile(lambda a, b: head_op.crd_head([a, b], m32, o32).amax(dim=(1, 2)),
-                                     mode="reduce-overhead")
+            compiled = torch.compile(
+                lambda a, b: head_op.crd_head([a, b], m32, o32).amax(dim=(1, 2)), mode="reduce-overhead"
+            )
             for _ in range(3):  # cudagraph trees record on the later calls
                 out = compiled(*maps)
             torch.cuda.synchronize()
@@ -474,8 +537,20 @@ class GpuRun:
                 self.report.add("sanitizer", tool, None, note="compute-sanitizer not found")
             return
         for tool in SANITIZER_TOOLS:
-            cmd = [sanitizer, "--tool", tool, "--kernel-name", "kns=crd_head", "--error-exitcode", "9",
-                   sys.executable, str(Path(__file__).resolve()), "--sanitizer-target", "--seed", str(self.args.seed)]
+            cmd = [
+                sanitizer,
+                "--tool",
+                tool,
+                "--kernel-name",
+                "kns=crd_head",
+                "--error-exitcode",
+                "9",
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--sanitizer-target",
+                "--seed",
+                str(self.args.seed),
+            ]
             start = time.time()
             try:
                 result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
@@ -514,17 +589,22 @@ class GpuRun:
         matrix = (torch.randn(r, d, generator=gen, dtype=torch.float64) / math.sqrt(d)).to(self.dev)
         offset = torch.randn(d, generator=gen, dtype=torch.float64).to(self.dev)
         for batch in (8, 32):
-            inputs = [[torch.randn(batch, 512, 28, 28, device=self.dev),
-                       torch.randn(batch, 1024, 14, 14, device=self.dev)] for _ in range(3)]
+            inputs = [
+                [torch.randn(batch, 512, 28, 28, device=self.dev), torch.randn(batch, 1024, 14, 14, device=self.dev)]
+                for _ in range(3)
+            ]
             n = batch * 28 * 28
             m32, o32 = matrix.float(), offset.float()
             t_ref = cuda_time(
-                lambda x, m=m32, o=o32: reference.crd_head(x, m, o, "concat", dtype=torch.float32), inputs)
+                lambda x, m=m32, o=o32: reference.crd_head(x, m, o, "concat", dtype=torch.float32), inputs
+            )
             rows = [("reference float32 (unfused)", t_ref, None)]
             for path in self.paths:
                 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                    ops = [kcuda.prepare([m.to(dtype) for m in x], matrix, offset, "concat", 1024, self.cap)
-                           for x in inputs]
+                    ops = [
+                        kcuda.prepare([m.to(dtype) for m in x], matrix, offset, "concat", 1024, self.cap)
+                        for x in inputs
+                    ]
                     ms = cuda_time(lambda o, p=path: kcuda.run(o, p), ops)
                     rows.append((f"fused {path} {str(ops[0].dtype).split('.')[1]}", ms, ops[0]))
             queries = [torch.randn(n, d, device=self.dev) for _ in range(2)]
@@ -543,8 +623,17 @@ class GpuRun:
                 rows.append((f"cuBLAS exact NN, bank {bank.shape[0]}", cuda_time(nn_search, queries, warmup=2), None))
                 del bank, bank_sq
             for label, ms, ops in rows:
-                row = dict(batch=batch, path=label, ms=ms, patches_per_s=n / (ms / 1e3), vs_reference=t_ref / ms,
-                           gb_s=None, gb_s_frac=None, tflop_s=None, tflop_s_frac=None)
+                row = dict(
+                    batch=batch,
+                    path=label,
+                    ms=ms,
+                    patches_per_s=n / (ms / 1e3),
+                    vs_reference=t_ref / ms,
+                    gb_s=None,
+                    gb_s_frac=None,
+                    tflop_s=None,
+                    tflop_s_frac=None,
+                )
                 if ops is not None:
                     elem = ops.maps[0].element_size()
                     moved = sum(m.numel() for m in ops.maps) * elem + ops.matrix.numel() * elem + n * 4
@@ -596,8 +685,14 @@ def sanitizer_target(args: argparse.Namespace) -> int:
     maps64, matrix, offset = run.inputs(args.seed, [(2, 5, 7, 9), (2, 6, 4, 5)], 70)
     for path in run.paths:
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            ops = run.kcuda.prepare([m.to(dtype).to(run.dev) for m in maps64], matrix.to(run.dev), offset.to(run.dev),
-                                    "concat", 1024, run.cap)
+            ops = run.kcuda.prepare(
+                [m.to(dtype).to(run.dev) for m in maps64],
+                matrix.to(run.dev),
+                offset.to(run.dev),
+                "concat",
+                1024,
+                run.cap,
+            )
             run.kcuda.run(ops, path)
     torch.cuda.synchronize()
     print(f"sanitizer target: ok ({run.paths})")
@@ -643,13 +738,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     import crd_fast
 
     props = torch.cuda.get_device_properties(0)
-    report.info.update(device=props.name, capability=f"{props.major}{props.minor}", sms=props.multi_processor_count,
-                       memory_gib=round(props.total_memory / 2**30, 1), torch=torch.__version__, seed=args.seed,
-                       backends=crd_fast.backends())
+    report.info.update(
+        device=props.name,
+        capability=f"{props.major}{props.minor}",
+        sms=props.multi_processor_count,
+        memory_gib=round(props.total_memory / 2**30, 1),
+        torch=torch.__version__,
+        seed=args.seed,
+        backends=crd_fast.backends(),
+    )
     print(f"seed {args.seed}; {props.name} sm_{props.major}{props.minor}", flush=True)
     run = GpuRun(args, report)
-    steps: list[Callable[[], Any]] = [run.dispatch_and_resources, run.correctness, run.native_vs_cupy,
-                                      run.streams_and_graphs]
+    steps: list[Callable[[], Any]] = [
+        run.dispatch_and_resources,
+        run.correctness,
+        run.native_vs_cupy,
+        run.streams_and_graphs,
+    ]
     if not args.no_sanitizer:
         steps.append(run.sanitizers)
     if not args.no_timing:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from crd_fast import CRDDetector
-from crd_fast.evaluation import metrics
-from crd_fast.data import MVTecAD
 from crd_fast.core.embedding import patch_matrix
+from crd_fast.data import MVTecAD
+from crd_fast.evaluation import metrics
 from crd_fast.synthetic import generate_dataset
 from crd_fast.synthetic.dataset import CATEGORIES
 
@@ -33,8 +33,15 @@ LAM_RELS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0)
 
 
 def sweep_category(root: Path, category: str, args: argparse.Namespace) -> list[dict]:
-    det = CRDDetector(backbone=args.backbone, weights="random", seed=args.seed, resize=args.resize, crop=args.crop,
-                      embedding=args.embedding, batch_size=8)
+    det = CRDDetector(
+        backbone=args.backbone,
+        weights="random",
+        seed=args.seed,
+        resize=args.resize,
+        crop=args.crop,
+        embedding=args.embedding,
+        batch_size=8,
+    )
     det.fit(MVTecAD(root, category, "train"), progress=False)
     test = MVTecAD(root, category, "test")
     labels, masks = test.labels, test.masks(det.preprocess)
@@ -48,12 +55,16 @@ def sweep_category(root: Path, category: str, args: argparse.Namespace) -> list[
             patch_maps = det.scorer.score(patches).reshape(b, h, w).float()
             maps = det.mapper(patch_maps).numpy()
             image_scores = patch_maps.flatten(1).max(dim=1).values.numpy()
-            rows.append({
-                "category": category, "lam_rel": lam_rel, "center": center,
-                "image_auroc": metrics.image_auroc(labels, image_scores),
-                "pixel_auroc": metrics.pixel_auroc(masks, maps),
-                "aupro": metrics.aupro(masks, maps),
-            })
+            rows.append(
+                {
+                    "category": category,
+                    "lam_rel": lam_rel,
+                    "center": center,
+                    "image_auroc": metrics.image_auroc(labels, image_scores),
+                    "pixel_auroc": metrics.pixel_auroc(masks, maps),
+                    "aupro": metrics.aupro(masks, maps),
+                }
+            )
     return rows
 
 
@@ -72,14 +83,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         generate_dataset(tmp, args.categories, n_train=args.n_train, n_test_good=12, n_test_defect=15, seed=args.seed)
         rows = [r for c in args.categories for r in sweep_category(Path(tmp), c, args)]
-    print(f"lam_rel sweep: backbone {args.backbone} (RANDOM weights, seed {args.seed}), embedding {args.embedding}, "
-          f"categories {', '.join(args.categories)}, {time.perf_counter() - t0:.0f} s")
-    print(f"{'center':>6} {'lam_rel':>8} | {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7}   (mean over categories)")
+    print(
+        f"lam_rel sweep: backbone {args.backbone} (RANDOM weights, seed {args.seed}), embedding {args.embedding}, "
+        f"categories {', '.join(args.categories)}, {time.perf_counter() - t0:.0f} s"
+    )
+    print(
+        f"{'center':>6} {'lam_rel':>8} | {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7}   (mean over categories)"
+    )
     for center in (True, False):
         for lam_rel in LAM_RELS:
             sel = [r for r in rows if r["center"] == center and r["lam_rel"] == lam_rel]
             mean = {k: float(np.mean([r[k] for r in sel])) for k in ("image_auroc", "pixel_auroc", "aupro")}
-            print(f"{str(center):>6} {lam_rel:>8g} | {mean['image_auroc']:>11.4f} {mean['pixel_auroc']:>11.4f} {mean['aupro']:>7.4f}")
+            print(
+                f"{str(center):>6} {lam_rel:>8g} | {mean['image_auroc']:>11.4f} "
+                f"{mean['pixel_auroc']:>11.4f} {mean['aupro']:>7.4f}"
+            )
     if args.out is not None:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1))
 

@@ -36,8 +36,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=200)
-    p.add_argument("--n-held-out", type=int, default=40, help="training images also used, with pseudo-defects, "
-                   "for the label-free validation (the final models are refitted on all training images)")
+    p.add_argument(
+        "--n-held-out",
+        type=int,
+        default=40,
+        help="training images also used, with pseudo-defects, "
+        "for the label-free validation (the final models are refitted on all training images)",
+    )
     p.add_argument("--n-test-good", type=int, default=100)
     p.add_argument("--n-test-bad", type=int, default=100)
     p.add_argument("--size", type=int, default=160, help="elpv cells resized to size x size (no crop)")
@@ -50,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--features-only", action="store_true")
     p.add_argument("--no-elpv", action="store_true")
     p.add_argument("--synthetic", nargs="*", default=[], help="generated categories to run too (fabric stone cap)")
-    p.add_argument("--skip", nargs="*", default=[], help="methods to skip: nn_full coreset streaming crd peers (PaDiM and NN)")
+    p.add_argument(
+        "--skip", nargs="*", default=[], help="methods to skip: nn_full coreset streaming crd peers (PaDiM and NN)"
+    )
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -76,8 +83,12 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
     else:
         pmaps, t_p = qm.timed(qm.padim_maps, train, test)
     if pmaps is not None:
-        row("PaDiM rule (per-position Gaussian, eps 0.01)", auc(pmaps), t_p,
-            f"Woodbury vs dense inverse: max rel diff {qm.padim_direct_check(train, test):.1e}")
+        row(
+            "PaDiM rule (per-position Gaussian, eps 0.01)",
+            auc(pmaps),
+            t_p,
+            f"Woodbury vs dense inverse: max rel diff {qm.padim_direct_check(train, test):.1e}",
+        )
     # nearest neighbours
     if with_nn:
         bank = train.reshape(-1, train.shape[2])
@@ -87,8 +98,12 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
         row("1-NN over a 10% random bank", auc(nmaps), t_n)
         if "nn_full" not in args.skip:
             (scores, searched), t_f = qm.timed(qm.nn_exact_image_scores, bank, test, nmaps)
-            row("1-NN over the whole bank (exact image scores)", float(image_auroc(labels, scores)), t_f + t_n,
-                f"{searched} of {test.shape[0] * test.shape[1]} patches searched in the full bank")
+            row(
+                "1-NN over the whole bank (exact image scores)",
+                float(image_auroc(labels, scores)),
+                t_f + t_n,
+                f"{searched} of {test.shape[0] * test.shape[1]} patches searched in the full bank",
+            )
         if "coreset" not in args.skip:
             idx, t_c = qm.timed(qm.coreset, bank, 0.1, args.seed)
             cmaps, t_cs = qm.timed(qm.nn_maps, bank[idx], test)
@@ -101,8 +116,12 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
     gmaps = qm.global_maps(form, test, grid)
     row("CRD global, lam_rel 0.01 (old default)", auc(gmaps[FIXED_LAM]), t_fit)
     g_sel, t_sel = qm.timed(qm.choose_lam, lambda x, g: qm.global_maps(qm.global_form(fit), x, g), clean, pseudo, masks)
-    row("CRD global, lam_rel auto (label-free)", auc(gmaps[g_sel.choice]), t_sel,
-        f"chose {g_sel.choice:g}; selection {t_sel:.1f} s vs head fit {t_fit:.1f} s")
+    row(
+        "CRD global, lam_rel auto (label-free)",
+        auc(gmaps[g_sel.choice]),
+        t_sel,
+        f"chose {g_sel.choice:g}; selection {t_sel:.1f} s vs head fit {t_fit:.1f} s",
+    )
     g_oracle = {lam: auc(m) for lam, m in gmaps.items()}
     best = max(g_oracle, key=g_oracle.get)
     row("CRD global, best lam_rel on test (oracle)", g_oracle[best], None, f"lam_rel {best:g}")
@@ -111,10 +130,19 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
     lmaps = qm.local_maps(lm, test, grid)
     tag = f"a {args.shrinkage:g}, k {args.rank}"
     row(f"CRD local ({tag}), lam_rel 0.01", auc(lmaps[FIXED_LAM]), t_lfit)
-    l_sel, t_lsel = qm.timed(qm.choose_lam, lambda x, g: qm.local_maps(qm.local_model(fit, args.shrinkage, args.rank), x, g),
-                             clean, pseudo, masks)
-    row(f"CRD local ({tag}), lam_rel auto", auc(lmaps[l_sel.choice]), t_lsel,
-        f"chose {l_sel.choice:g}; selection {t_lsel:.1f} s vs local fit {t_lfit:.1f} s")
+    l_sel, t_lsel = qm.timed(
+        qm.choose_lam,
+        lambda x, g: qm.local_maps(qm.local_model(fit, args.shrinkage, args.rank), x, g),
+        clean,
+        pseudo,
+        masks,
+    )
+    row(
+        f"CRD local ({tag}), lam_rel auto",
+        auc(lmaps[l_sel.choice]),
+        t_lsel,
+        f"chose {l_sel.choice:g}; selection {t_lsel:.1f} s vs local fit {t_lfit:.1f} s",
+    )
     l_oracle = {lam: auc(m) for lam, m in lmaps.items()}
     lbest = max(l_oracle, key=l_oracle.get)
     row(f"CRD local ({tag}), best lam_rel on test (oracle)", l_oracle[lbest], None, f"lam_rel {lbest:g}")
@@ -122,8 +150,12 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
         r = min(args.basis_rank, train.shape[2])
         sm, t_s = qm.timed(qm.local_model, train, args.shrinkage, args.rank, r, lm)
         smap = qm.local_maps(sm, test, (l_sel.choice,))[l_sel.choice]
-        row(f"CRD local streaming fit (basis r {r}), lam auto", auc(smap), t_s,
-            f"max |score - exact| / exact = {np.max(np.abs(smap - lmaps[l_sel.choice]) / lmaps[l_sel.choice]):.2e}")
+        row(
+            f"CRD local streaming fit (basis r {r}), lam auto",
+            auc(smap),
+            t_s,
+            f"max |score - exact| / exact = {np.max(np.abs(smap - lmaps[l_sel.choice]) / lmaps[l_sel.choice]):.2e}",
+        )
     mm = qm.local_model(train, 1.0, 1, like=lm)
     mmaps = qm.local_maps(mm, test, (FIXED_LAM, g_sel.choice))
     row("per-position mean + pooled cov (a = 1), lam auto", auc(mmaps[g_sel.choice]), None, f"lam_rel {g_sel.choice:g}")
@@ -131,18 +163,29 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
     g_best, l_best = max(g_sel.curve), max(l_sel.curve)
     pick = "local" if l_best > g_best else "global"
     auto_maps = lmaps[l_sel.choice] if pick == "local" else gmaps[g_sel.choice]
-    row("CRD spatial auto + lam auto (label-free)", auc(auto_maps), None,
-        f"picked {pick} (validation {g_best:.3f} global vs {l_best:.3f} local)")
-    rows.append({"lam_selection": {"global": g_sel.to_json(), "local": l_sel.to_json()},
-                 "oracle_curves": {"global": g_oracle, "local": l_oracle}})
+    row(
+        "CRD spatial auto + lam auto (label-free)",
+        auc(auto_maps),
+        None,
+        f"picked {pick} (validation {g_best:.3f} global vs {l_best:.3f} local)",
+    )
+    rows.append(
+        {
+            "lam_selection": {"global": g_sel.to_json(), "local": l_sel.to_json()},
+            "oracle_curves": {"global": g_oracle, "local": l_oracle},
+        }
+    )
     return rows
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "runs": {}}
+    results = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "runs": {},
+    }
     for key in args.backbones:
         runs = []
         if not args.no_elpv:
@@ -150,11 +193,17 @@ def main(argv=None) -> None:
             runs.append((name, partial(elpv_images, args), args.size, args.size, args.n_held_out, True))
         for cat in args.synthetic:
             # the demo's images are 256 px; 183 -> 160 keeps the detector's 256 -> 224 resize/crop ratio
-            runs.append((f"synthetic_{cat}_s{args.seed}", partial(synthetic_images, cat, args.seed), 183, 160, 6, False))
+            runs.append(
+                (f"synthetic_{cat}_s{args.seed}", partial(synthetic_images, cat, args.seed), 183, 160, 6, False)
+            )
         for name, images_fn, resize, crop, held, with_nn in runs:
             data = build_features(key, name, images_fn, resize, crop, held, args, args.cache)
-            print(f"{key} / {name}: train {data['train'].shape}, test {data['test'].shape}, pseudo {data['pseudo'].shape}, "
-                  f"grid {data['grid']} ({float(data['extract_seconds']):.0f} s to extract)", flush=True)
+            print(
+                f"{key} / {name}: train {data['train'].shape}, test {data['test'].shape}, "
+                f"pseudo {data['pseudo'].shape}, "
+                f"grid {data['grid']} ({float(data['extract_seconds']):.0f} s to extract)",
+                flush=True,
+            )
             if args.features_only:
                 continue
             results["runs"][f"{key}/{name}"] = run_methods(data, args, with_nn=with_nn)

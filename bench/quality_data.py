@@ -53,10 +53,12 @@ def load_poly(seed: int, n_train: int, n_test_good: int, n_test_bad: int, n_held
     rng = np.random.default_rng(seed)
     good, bad = rng.permutation(good), rng.permutation(bad)
     if n_train + n_test_good > len(good) or n_test_bad > len(bad):
-        raise SystemExit(f"asked for {n_train}+{n_test_good} good and {n_test_bad} defective cells; "
-                         f"the poly set has {len(good)} and {len(bad)}")
+        raise SystemExit(
+            f"asked for {n_train}+{n_test_good} good and {n_test_bad} defective cells; "
+            f"the poly set has {len(good)} and {len(bad)}"
+        )
     train = good[:n_train]
-    split = Split(train, train[n_train - n_held_out:], good[n_train : n_train + n_test_good], bad[:n_test_bad])
+    split = Split(train, train[n_train - n_held_out :], good[n_train : n_train + n_test_good], bad[:n_test_bad])
     return images, split
 
 
@@ -97,8 +99,9 @@ def synthetic_images(category: str, seed: int, n_train: int = 30, n_good: int = 
     return train, np.stack(good + bad), np.r_[np.zeros(n_good), np.ones(n_bad)].astype(np.int8)
 
 
-def build_features(key: str, dataset: str, images_fn, resize: int, crop: int, n_held_out: int, args,
-                   cache: Path) -> dict:
+def build_features(
+    key: str, dataset: str, images_fn, resize: int, crop: int, n_held_out: int, args, cache: Path
+) -> dict:
     """Extract (or load from ``cache``) every feature set the methods need for backbone ``key``.
 
     The last ``n_held_out`` training images are the label-free validation's clean images; pseudo-defect
@@ -125,9 +128,15 @@ def build_features(key: str, dataset: str, images_fn, resize: int, crop: int, n_
     pseudo_unit = torch.from_numpy(np.stack(pseudo_imgs)).permute(0, 3, 1, 2).contiguous()
     pseudo, _ = _embed(extractor, pre, pseudo_unit, args.batch)
     data = {
-        "train": train, "test": test, "labels": labels, "pseudo": pseudo, "n_held_out": np.array(n_held_out),
-        "pseudo_masks": grid_masks(np.stack(pseudo_masks), grid), "pseudo_kinds": np.array(kinds),
-        "grid": np.array(grid), "extract_seconds": np.array(time.time() - t0),
+        "train": train,
+        "test": test,
+        "labels": labels,
+        "pseudo": pseudo,
+        "n_held_out": np.array(n_held_out),
+        "pseudo_masks": grid_masks(np.stack(pseudo_masks), grid),
+        "pseudo_kinds": np.array(kinds),
+        "grid": np.array(grid),
+        "extract_seconds": np.array(time.time() - t0),
     }
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")

@@ -48,8 +48,9 @@ def global_maps(form: SpectralForm, x: np.ndarray, lam_rels) -> dict[float, np.n
 
 
 # -- CRD local ----------------------------------------------------------------------------------
-def local_model(train: np.ndarray, shrinkage: float, rank: int, basis_rank: int | None = None,
-                like: LocalCRDModel | None = None) -> LocalCRDModel:
+def local_model(
+    train: np.ndarray, shrinkage: float, rank: int, basis_rank: int | None = None, like: LocalCRDModel | None = None
+) -> LocalCRDModel:
     """Exact fit (Gram) when ``basis_rank`` is None, else the streaming two-pass fit in a reduced basis.
 
     ``like``: a model fitted on the same images, whose pooled eigendecomposition is reused (and whose top
@@ -85,8 +86,13 @@ def local_maps(model: LocalCRDModel, x: np.ndarray, lam_rels) -> dict[float, np.
 
 
 # -- label-free lam choice ------------------------------------------------------------------------
-def choose_lam(maps_fn: Callable[[np.ndarray, tuple], dict[float, np.ndarray]], clean: np.ndarray,
-               pseudo: np.ndarray, pseudo_masks: np.ndarray, grid=DEFAULT_LAM_GRID):
+def choose_lam(
+    maps_fn: Callable[[np.ndarray, tuple], dict[float, np.ndarray]],
+    clean: np.ndarray,
+    pseudo: np.ndarray,
+    pseudo_masks: np.ndarray,
+    grid=DEFAULT_LAM_GRID,
+):
     """Score clean held-out + pseudo-defect grids for the whole lam grid at once and pick the best lam_rel."""
     x = np.concatenate([clean, pseudo])
     maps = maps_fn(x, tuple(grid))

@@ -60,8 +60,11 @@ class Target:
 
 def fastest_nn(results: Results, embedding: str, fraction: float) -> Optional[tuple[str, Timing]]:
     """(backend, timing) of the faster (by best time) exact NN search measured for this bank."""
-    found = [(b, results[head_key(embedding, nn_name(b, fraction))]) for b in ("faiss", "torch")
-             if head_key(embedding, nn_name(b, fraction)) in results]
+    found = [
+        (b, results[head_key(embedding, nn_name(b, fraction))])
+        for b in ("faiss", "torch")
+        if head_key(embedding, nn_name(b, fraction)) in results
+    ]
     return min(found, key=lambda t: t[1].best) if found else None
 
 
@@ -82,22 +85,43 @@ def targets(results: Results, extra: Optional[dict[str, Any]] = None) -> list[Ta
     if sizes and sizes[1] != TARGET_BANK_PATCHES:
         bank_note = f"bank of {sizes[1]:,} patches, the target is defined for {TARGET_BANK_PATCHES:,}"
     e2e = extra.get("e2e", {})
-    e2e_note = "" if e2e.get("backbone", "wide_resnet50_2") == "wide_resnet50_2" and e2e.get("batch", 8) == 8 \
+    e2e_note = (
+        ""
+        if e2e.get("backbone", "wide_resnet50_2") == "wide_resnet50_2" and e2e.get("batch", 8) == 8
         else f"{e2e.get('backbone')} batch {e2e.get('batch')}, the target is for wide_resnet50_2 batch 8"
+    )
     err = extra.get("errors", {}).get("concat")
-    err_note = "" if err is None else (f"scores within {err:.1e} relative"
-                                       + ("" if err <= SCORE_RTOL else " - TOO FAR"))
+    err_note = (
+        "" if err is None else (f"scores within {err:.1e} relative" + ("" if err <= SCORE_RTOL else " - TOO FAR"))
+    )
     speedup = _ratio(results.get(head_key("concat", "reference")), fused)
     nn_speedup = _ratio(nn[1] if nn else None, fused)
     share = _ratio(results.get("e2e/head"), results.get("e2e/full"))
     return [
-        Target("fused CPU head vs float32 reference path (d=1536)", speedup[0], TARGET_FUSED_SPEEDUP,
-               note=err_note, median_value=speedup[1]),
-        Target(f"CRD head (fused, full rank) vs fastest exact NN ({nn[0] if nn else '-'}), 100% bank (d=1536)",
-               nn_speedup[0], TARGET_NN_SPEEDUP, note=bank_note, median_value=nn_speedup[1],
-               comparable=not bank_note),
-        Target("CRD head share of end-to-end time", share[0], TARGET_HEAD_SHARE, higher_is_better=False,
-               note=e2e_note, median_value=share[1], comparable=not e2e_note),
+        Target(
+            "fused CPU head vs float32 reference path (d=1536)",
+            speedup[0],
+            TARGET_FUSED_SPEEDUP,
+            note=err_note,
+            median_value=speedup[1],
+        ),
+        Target(
+            f"CRD head (fused, full rank) vs fastest exact NN ({nn[0] if nn else '-'}), 100% bank (d=1536)",
+            nn_speedup[0],
+            TARGET_NN_SPEEDUP,
+            note=bank_note,
+            median_value=nn_speedup[1],
+            comparable=not bank_note,
+        ),
+        Target(
+            "CRD head share of end-to-end time",
+            share[0],
+            TARGET_HEAD_SHARE,
+            higher_is_better=False,
+            note=e2e_note,
+            median_value=share[1],
+            comparable=not e2e_note,
+        ),
     ]
 
 

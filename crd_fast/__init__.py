@@ -1,8 +1,8 @@
 """crd-fast: industrial visual anomaly detection with the Collaborative Representation Distance.
 
-    from crd_fast import CRDScorer, NNScorer
-    scorer = CRDScorer().fit(train_patches)      # (N, d) tensor or array of normal patch features
-    scores = scorer.score(test_patches)          # one score per row, same kind and device
+from crd_fast import CRDScorer, NNScorer
+scorer = CRDScorer().fit(train_patches)      # (N, d) tensor or array of normal patch features
+scores = scorer.score(test_patches)          # one score per row, same kind and device
 """
 
 import logging as _logging

@@ -29,4 +29,3 @@ def one_thread():
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A fresh generator per test, seeded from the test's id so every test sees its own data and failures reproduce."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
-

@@ -13,9 +13,9 @@ pytest.importorskip("anomalib", reason="the anomalib model needs the optional ex
 from anomalib.data import MVTecAD  # noqa: E402
 from anomalib.engine import Engine  # noqa: E402
 
+from crd_fast.core.embedding import patch_matrix  # noqa: E402
 from crd_fast.integrations.anomalib import Crd, CrdModel  # noqa: E402
 from crd_fast.scorers.crd import CRDScorer  # noqa: E402
-from crd_fast.core.embedding import patch_matrix  # noqa: E402
 from crd_fast.synthetic import generate_dataset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -118,10 +118,12 @@ def test_engine_predict_and_export(mvtec, tmp_path):
     predictions = eng.predict(model=model, datamodule=datamodule(mvtec))
     assert sum(len(p.pred_score) for p in predictions) == 12  # the test images: 4 good, 8 defective
     # anomalib's default opset (14) cannot express the reflect padding of the blur; 18 can.
-    onnx_path = eng.export(model=model, export_type=ExportType.ONNX, export_root=tmp_path / "onnx",
-                           onnx_kwargs={"opset_version": 18})
-    xml = eng.export(model=model, export_type=ExportType.OPENVINO, export_root=tmp_path / "ov",
-                     onnx_kwargs={"opset_version": 18})
+    onnx_path = eng.export(
+        model=model, export_type=ExportType.ONNX, export_root=tmp_path / "onnx", onnx_kwargs={"opset_version": 18}
+    )
+    xml = eng.export(
+        model=model, export_type=ExportType.OPENVINO, export_root=tmp_path / "ov", onnx_kwargs={"opset_version": 18}
+    )
     assert onnx_path.is_file() and xml.is_file()
     compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(5))

@@ -101,8 +101,9 @@ def _binds(package_tree: ast.Module, name: str) -> bool:
     for stmt in package_tree.body:
         if isinstance(stmt, (ast.FunctionDef, ast.ClassDef)) and stmt.name in (name, "__getattr__"):
             return True
-        if isinstance(stmt, (ast.Import, ast.ImportFrom)) and \
-                any((a.asname or a.name.split(".")[0]) == name for a in stmt.names):
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)) and any(
+            (a.asname or a.name.split(".")[0]) == name for a in stmt.names
+        ):
             return True
         for target in _targets(stmt):
             if any(isinstance(t, ast.Name) and t.id == name for t in ast.walk(target)):
@@ -110,8 +111,9 @@ def _binds(package_tree: ast.Module, name: str) -> bool:
     return False
 
 
-def imported_modules(name: str, path: Path, tree: ast.Module,
-                     modules: dict[str, tuple[Path, ast.Module]]) -> Iterator[tuple[str, int]]:
+def imported_modules(
+    name: str, path: Path, tree: ast.Module, modules: dict[str, tuple[Path, ast.Module]]
+) -> Iterator[tuple[str, int]]:
     """(crd_fast module, line) for every import of a package module in ``tree``, at any depth.
 
     ``from pkg import x`` imports ``pkg.x`` when that is a module, else ``pkg`` when its ``__init__``
@@ -177,8 +179,12 @@ def _import_module_names(arg: ast.expr, tables: dict[str, list[str]]) -> list[st
         return [arg.value]
     if isinstance(arg, ast.Subscript) and isinstance(arg.value, ast.Name):
         return list(tables.get(arg.value.id, []))
-    if isinstance(arg, ast.JoinedStr) and len(arg.values) == 2 and isinstance(arg.values[0], ast.Constant) \
-            and isinstance(arg.values[1], ast.FormattedValue):
+    if (
+        isinstance(arg, ast.JoinedStr)
+        and len(arg.values) == 2
+        and isinstance(arg.values[0], ast.Constant)
+        and isinstance(arg.values[1], ast.FormattedValue)
+    ):
         return [arg.values[0].value + v for v in _import_module_names(arg.values[1].value, tables)]
     return []
 
@@ -291,8 +297,11 @@ def _class_attributes(cls: ast.ClassDef) -> frozenset[str]:
     own = {t.id for stmt in cls.body for target in _targets(stmt) for t in ast.walk(target) if isinstance(t, ast.Name)}
     for node in ast.walk(cls):
         for target in _targets(node):
-            own.update(t.attr for t in ast.walk(target) if isinstance(t, ast.Attribute)
-                       and isinstance(t.value, ast.Name) and t.value.id in ("self", "cls"))
+            own.update(
+                t.attr
+                for t in ast.walk(target)
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in ("self", "cls")
+            )
     return frozenset(own)
 
 
@@ -302,8 +311,14 @@ def _written_attributes(node: ast.AST) -> Iterator[tuple[ast.expr, str]]:
         for t in ast.walk(target):  # tuple unpacking: a, b._x = ...
             if isinstance(t, ast.Attribute) and isinstance(t.ctx, ast.Store):
                 yield t.value, t.attr
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr" \
-            and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "setattr"
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+    ):
         yield node.args[0], node.args[1].value
 
 
@@ -397,10 +412,15 @@ def test_private_write_finder() -> None:
 def test_no_module_writes_another_objects_private_attributes() -> None:
     writes = private_writes()
     seen = {(module, attr) for module, attr, _ in writes}
-    new = [f"{module} line {line}: writes {attr}" for module, attr, line in writes
-           if (module, attr) not in KNOWN_PRIVATE_WRITES]
-    stale = [f"KNOWN_PRIVATE_WRITES lists {entry}, which no longer occurs: remove it"
-             for entry in sorted(KNOWN_PRIVATE_WRITES - seen)]
+    new = [
+        f"{module} line {line}: writes {attr}"
+        for module, attr, line in writes
+        if (module, attr) not in KNOWN_PRIVATE_WRITES
+    ]
+    stale = [
+        f"KNOWN_PRIVATE_WRITES lists {entry}, which no longer occurs: remove it"
+        for entry in sorted(KNOWN_PRIVATE_WRITES - seen)
+    ]
     assert not new + stale, "\n".join(new + stale)
 
 
@@ -460,8 +480,13 @@ NO_TORCH = textwrap.dedent("""
 def test_torch_free_modules_import_and_work_without_torch() -> None:
     """Import the torch-free modules, print every --help, write a PNG report and choose a threshold, with torch
     made unimportable."""
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps(TORCH_FREE_MODULES)], capture_output=True,
-                          text=True, timeout=300, cwd=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, json.dumps(TORCH_FREE_MODULES)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["torch_modules"] == []
@@ -473,6 +498,11 @@ def test_torch_free_modules_import_and_work_without_torch() -> None:
 
 def test_the_no_torch_check_can_fail() -> None:
     """The same subprocess set-up rejects a module that does need torch (so the check above is not vacuous)."""
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps(["crd_fast.detector.detector"])],
-                          capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, json.dumps(["crd_fast.detector.detector"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
     assert proc.returncode != 0 and "torch" in proc.stderr

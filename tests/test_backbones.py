@@ -49,8 +49,9 @@ def test_custom_module_identity_is_checked_on_load(tmp_path):
     det.save(path)
     same = CRDDetector.load(path, backbone=TinyNet(0))
     x = images(1, 3)
-    np.testing.assert_array_equal(same.predict(x, progress=False).image_scores,
-                                  det.predict(x, progress=False).image_scores)
+    np.testing.assert_array_equal(
+        same.predict(x, progress=False).image_scores, det.predict(x, progress=False).image_scores
+    )
     with pytest.raises(ModelFileError, match="other weights than the one the model was fitted with"):
         CRDDetector.load(path, backbone=TinyNet(1))
 
@@ -112,8 +113,26 @@ def test_timm_backbone_through_the_cli(tmp_path, capsys):
         Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(good / f"{i}.png")
     model = tmp_path / "m.crd"
     common = ["--no-progress", "--threads", "1"]
-    assert main(["fit", str(good), "-o", str(model), "--backbone", TIMM, "--weights", "random", "--resize", "64",
-                 "--crop", "64", *common]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(good),
+                "-o",
+                str(model),
+                "--backbone",
+                TIMM,
+                "--weights",
+                "random",
+                "--resize",
+                "64",
+                "--crop",
+                "64",
+                *common,
+            ]
+        )
+        == 0
+    )
     det = CRDDetector.load(model)
     assert det.config["backbone"] == TIMM and det.preprocess.mean == (0.5, 0.5, 0.5)
     out = tmp_path / "out"

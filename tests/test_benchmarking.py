@@ -69,8 +69,13 @@ def test_case_bank_and_scorer_hold_the_training_patches(case: HeadCase) -> None:
 
 def test_fused_and_reference_paths_give_the_same_scores(case: HeadCase) -> None:
     fused, ref32 = fused_path(case)(), reference_path(case)()
-    spec = reference.crd_head([m.double() for m in case.maps], case.scorer.projection.matrix,
-                              case.scorer.projection.offset, case.embedding, case.target_dim)
+    spec = reference.crd_head(
+        [m.double() for m in case.maps],
+        case.scorer.projection.matrix,
+        case.scorer.projection.offset,
+        case.embedding,
+        case.target_dim,
+    )
     assert fused.shape == ref32.shape == (3, 8, 8)
     assert max_relative_error(fused, ref32) <= SCORE_RTOL
     assert max_relative_error(fused, spec) <= SCORE_RTOL
@@ -125,14 +130,31 @@ def _row(table: str, first: str) -> list[float]:
 def test_table_gives_ratios_to_the_fused_head_and_shares_of_the_whole() -> None:
     T = Timing
     results = {
-        head_key("concat", "fused"): T([0.2, 0.3]), head_key("concat", "reference"): T([0.5, 0.6]),
-        head_key("concat", nn_name("faiss", 1.0)): T([40.0]), head_key("concat", nn_name("torch", 0.1)): T([5.0, 7.0]),
-        "e2e/backbone": T([4.0]), "e2e/head": T([0.3]), "e2e/full": T([4.5]),
+        head_key("concat", "fused"): T([0.2, 0.3]),
+        head_key("concat", "reference"): T([0.5, 0.6]),
+        head_key("concat", nn_name("faiss", 1.0)): T([40.0]),
+        head_key("concat", nn_name("torch", 0.1)): T([5.0, 7.0]),
+        "e2e/backbone": T([4.0]),
+        "e2e/head": T([0.3]),
+        "e2e/full": T([4.5]),
     }
-    extra = {"head_sizes": {"concat": (8, 156800, 1536)}, "errors": {"concat": 3e-7},
-             "e2e": {"backbone": "wide_resnet50_2", "crop": 224, "batch": 8},
-             "fit": [{"n_images": 2, "n_patches": 1568, "dim": 16, "patches_per_s": 1000.0, "solve_s": 0.5,
-                      "rss_before_mb": 100.0, "peak_rss_mb": 130.0, "nn_bank_mb": 0.1}]}
+    extra = {
+        "head_sizes": {"concat": (8, 156800, 1536)},
+        "errors": {"concat": 3e-7},
+        "e2e": {"backbone": "wide_resnet50_2", "crop": 224, "batch": 8},
+        "fit": [
+            {
+                "n_images": 2,
+                "n_patches": 1568,
+                "dim": 16,
+                "patches_per_s": 1000.0,
+                "solve_s": 0.5,
+                "rss_before_mb": 100.0,
+                "peak_rss_mb": 130.0,
+                "nn_bank_mb": 0.1,
+            }
+        ],
+    }
     table = format_table(results, None, extra)
     # best ms, median ms, rounds, x fused (best), x fused (median)
     assert _row(table, "fused") == [200.0, 250.0, 2, 1.0, 1.0]
@@ -180,18 +202,50 @@ def test_e2e_head_is_the_models_head() -> None:
 def test_cli_bench_prints_the_table_and_writes_json(tmp_path, monkeypatch, capsys) -> None:
     from crd_fast.cli import bench
 
-    tiny = dict(n_train=6, n_query=2, rounds=1, nn_rounds=(1, 1, 1), e2e_backbone="resnet18", e2e_crop=64,
-                e2e_batch=2, e2e_rounds=1, fit_sizes=(1, 2), fit_dim=16, layers=SMALL, target_dim=32, quick_run=True)
+    tiny = dict(
+        n_train=6,
+        n_query=2,
+        rounds=1,
+        nn_rounds=(1, 1, 1),
+        e2e_backbone="resnet18",
+        e2e_crop=64,
+        e2e_batch=2,
+        e2e_rounds=1,
+        fit_sizes=(1, 2),
+        fit_dim=16,
+        layers=SMALL,
+        target_dim=32,
+        quick_run=True,
+    )
     monkeypatch.setattr(BenchConfig, "quick", classmethod(lambda cls, **kw: cls(**{**tiny, **kw})))
     parser = argparse.ArgumentParser()
     bench.register(parser.add_subparsers())
     out_json = tmp_path / "bench.json"
-    args = parser.parse_args(["bench", "--quick", "--only", "head", "--only", "e2e", "--only", "fit",
-                              "--json", str(out_json), "--no-progress"])
+    args = parser.parse_args(
+        [
+            "bench",
+            "--quick",
+            "--only",
+            "head",
+            "--only",
+            "e2e",
+            "--only",
+            "fit",
+            "--json",
+            str(out_json),
+            "--no-progress",
+        ]
+    )
     assert args.func(args) == 0
     text = capsys.readouterr().out
-    for needle in ("CRD head, concat embedding", "CRD head, patchcore embedding", "nn-torch-100%",
-                   "End to end: resnet18", "Fit (CRDScorer.partial_fit", "torch"):
+    for needle in (
+        "CRD head, concat embedding",
+        "CRD head, patchcore embedding",
+        "nn-torch-100%",
+        "End to end: resnet18",
+        "Fit (CRDScorer.partial_fit",
+        "torch",
+    ):
         assert needle in text
     payload = json.loads(out_json.read_text())
     assert set(payload) >= {"machine", "timings", "config"}

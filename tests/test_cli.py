@@ -26,8 +26,19 @@ from crd_fast.cli.main import main
 from crd_fast.synthetic import generate_dataset
 
 PX = 64
-DET = ["--backbone", "resnet18", "--weights", "random", "--resize", str(PX), "--crop", str(PX),
-       "--batch-size", "4", "--no-progress"]
+DET = [
+    "--backbone",
+    "resnet18",
+    "--weights",
+    "random",
+    "--resize",
+    str(PX),
+    "--crop",
+    str(PX),
+    "--batch-size",
+    "4",
+    "--no-progress",
+]
 N_TRAIN, N_GOOD, N_DEFECT = 5, 2, 3
 #: One image per forward pass: float32 features then do not depend on how images are grouped into batches,
 #: so fits over different groupings (online updates, shards) must agree to float64 rounding.
@@ -47,8 +58,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mvtec")
-    generate_dataset(root, categories=("fabric", "cap"), n_train=N_TRAIN, n_test_good=N_GOOD,
-                     n_test_defect=N_DEFECT, size=PX, seed=1)
+    generate_dataset(
+        root, categories=("fabric", "cap"), n_train=N_TRAIN, n_test_good=N_GOOD, n_test_defect=N_DEFECT, size=PX, seed=1
+    )
     return root
 
 
@@ -56,7 +68,9 @@ def data(tmp_path_factory) -> Path:
 def model(data, tmp_path_factory) -> Path:
     """A model fitted through the CLI on an MVTec category folder, calibrated on its good test images."""
     path = tmp_path_factory.mktemp("model") / "fabric.crd"
-    rc = main(["fit", str(data / "fabric"), "-o", str(path), "--calibrate", str(data / "fabric" / "test" / "good"), *DET])
+    rc = main(
+        ["fit", str(data / "fabric"), "-o", str(path), "--calibrate", str(data / "fabric" / "test" / "good"), *DET]
+    )
     assert rc == 0
     return path
 
@@ -76,12 +90,14 @@ def test_every_command_has_help_with_examples(capsys):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys, contextlib, io\n"
-            "from crd_fast.cli.main import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    codes = [main([c, '--help']) for c in ('fit', 'predict', 'eval', 'demo', 'export', 'bench')]\n"
-            "assert codes == [0] * 6, codes\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    code = (
+        "import sys, contextlib, io\n"
+        "from crd_fast.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    codes = [main([c, '--help']) for c in ('fit', 'predict', 'eval', 'demo', 'export', 'bench')]\n"
+        "assert codes == [0] * 6, codes\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
@@ -113,8 +129,24 @@ def test_fit_on_category_folder_uses_train_good(model, data, capsys):
 
 def test_fit_options_reach_the_model(data, tmp_path, capsys):
     path = tmp_path / "m.crd"
-    rc = main(["fit", str(data / "cap" / "train" / "good"), "-o", str(path), *DET, "--layers", "layer2",
-               "--embedding", "patchcore", "--lam-rel", "0.5", "--no-center", "--threshold", "3.5"])
+    rc = main(
+        [
+            "fit",
+            str(data / "cap" / "train" / "good"),
+            "-o",
+            str(path),
+            *DET,
+            "--layers",
+            "layer2",
+            "--embedding",
+            "patchcore",
+            "--lam-rel",
+            "0.5",
+            "--no-center",
+            "--threshold",
+            "3.5",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert f"wrote {path}" in out and "RANDOM" in out
@@ -142,8 +174,18 @@ def test_fit_distributed_flag_without_torchrun_is_a_single_process_fit(data, mod
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     path = tmp_path / "dist.crd"
-    rc = main(["fit", str(data / "fabric"), "-o", str(path), "--distributed",
-               "--calibrate", str(data / "fabric" / "test" / "good"), *DET])
+    rc = main(
+        [
+            "fit",
+            str(data / "fabric"),
+            "-o",
+            str(path),
+            "--distributed",
+            "--calibrate",
+            str(data / "fabric" / "test" / "good"),
+            *DET,
+        ]
+    )
     assert rc == 0
     assert "without torchrun" in capsys.readouterr().err
     a, b = CRDDetector.load(path), CRDDetector.load(model)
@@ -161,11 +203,32 @@ def _free_port() -> int:
 def test_fit_distributed_under_torchrun_two_processes(data, tmp_path):
     """The torchrun recipe of 'crd-fast fit --help', for real: two gloo ranks, rank 0 writes the same model."""
     path, single = tmp_path / "two.crd", tmp_path / "one.crd"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "crd_fast", "fit",
-           str(data / "fabric"), "-o", str(path), "--distributed", *DET, *ONE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "crd_fast",
+        "fit",
+        str(data / "fabric"),
+        "-o",
+        str(path),
+        "--distributed",
+        *DET,
+        *ONE,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True
+    )
     try:
         log, _ = proc.communicate(timeout=150)
     except subprocess.TimeoutExpired:
@@ -215,7 +278,9 @@ def test_predict_writes_scores_and_heatmaps(model, data, tmp_path, capsys):
 def test_predict_threshold_override_and_no_images(model, data, tmp_path):
     out = tmp_path / "pred"
     files = _test_files(data)[:3]
-    assert main(["predict", str(model), *files, "-o", str(out), "--no-images", "--threshold", "1e9", "--no-progress"]) == 0
+    assert (
+        main(["predict", str(model), *files, "-o", str(out), "--no-images", "--threshold", "1e9", "--no-progress"]) == 0
+    )
     doc = json.loads((out / "scores.json").read_text())
     assert doc["threshold"] == 1e9 and [img["label"] for img in doc["images"]] == [False] * 3
     assert not (out / "heatmaps").exists()
@@ -250,7 +315,7 @@ def test_eval_every_category_with_nn_and_report(data, tmp_path, capsys):
     report = tmp_path / "report"
     assert main(["eval", str(data), "--compare-nn", "--report", str(report), *DET]) == 0
     out = capsys.readouterr().out
-    table = out[out.index("category"):]
+    table = out[out.index("category") :]
     for word in ("fabric", "cap", "mean", "image AUROC", "pixel AUROC", "AUPRO", "F1-max", "NN img AUROC"):
         assert word in table
     doc = json.loads((report / "report.json").read_text())
@@ -322,14 +387,17 @@ def test_bad_lam_rel(value, data, tmp_path, capsys):
     assert not (tmp_path / "m.crd").exists()
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--layers", "layer9"], "layer9"),
-    (["--weights", "/no/such/weights.pth"], "weights.pth"),
-    (["--backbone", "vgg16"], "vgg16"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--crop", "128"], "crop (128) must not exceed resize (64)"),
-    (["--device", "tpu"], "tpu"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--layers", "layer9"], "layer9"),
+        (["--weights", "/no/such/weights.pth"], "weights.pth"),
+        (["--backbone", "vgg16"], "vgg16"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--crop", "128"], "crop (128) must not exceed resize (64)"),
+        (["--device", "tpu"], "tpu"),
+    ],
+)
 def test_bad_option_values(args, words, data, tmp_path, capsys):
     assert main(["fit", str(data / "cap"), "-o", str(tmp_path / "m.crd"), *DET, *args]) == 2
     assert words in _one_line_error(capsys)
@@ -345,7 +413,10 @@ def test_corrupt_model_file(data, tmp_path, capsys):
 
 
 def test_missing_model_file(data, tmp_path, capsys):
-    assert main(["predict", str(tmp_path / "none.crd"), str(data / "cap" / "test" / "good"), "-o", str(tmp_path / "o")]) == 2
+    assert (
+        main(["predict", str(tmp_path / "none.crd"), str(data / "cap" / "test" / "good"), "-o", str(tmp_path / "o")])
+        == 2
+    )
     assert "none.crd" in _one_line_error(capsys)
 
 
@@ -400,6 +471,9 @@ def test_heatmap_names_are_unique_and_readable():
     from crd_fast.cli.predict import heatmap_names
 
     assert heatmap_names(["a/x.png", "a/y.jpg"]) == ["x.png", "y.png"]
-    assert heatmap_names(["t/good/000.png", "t/hole/000.png", "t/hole/001.png"]) == \
-        ["good_000.png", "hole_000.png", "hole_001.png"]
+    assert heatmap_names(["t/good/000.png", "t/hole/000.png", "t/hole/001.png"]) == [
+        "good_000.png",
+        "hole_000.png",
+        "hole_001.png",
+    ]
     assert heatmap_names(["p/a/x.png", "q/a/x.png"]) == ["00000_a_x.png", "00001_a_x.png"]

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crd_fast.cli.config import load_config
+from crd_fast.cli.config import expand_config, load_config
 from crd_fast.cli.main import build_parser, main
-from crd_fast.cli.config import expand_config
 from crd_fast.cli.options import CLIError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -34,8 +33,9 @@ def expand(argv, text, tmp_path, name="c.toml"):
 
 
 def test_config_becomes_options_that_typed_ones_override(tmp_path):
-    text = ('backbone = "resnet18"\nthreads = 2\n'
-            '[fit]\nlayers = ["layer2"]\ncenter = false\nupdate = true\nresize = 40\n')
+    text = (
+        'backbone = "resnet18"\nthreads = 2\n[fit]\nlayers = ["layer2"]\ncenter = false\nupdate = true\nresize = 40\n'
+    )
     argv = expand(["fit", "good/", "-o", "m.crd", "--resize", "48"], text, tmp_path)
     args = build_parser().parse_args(argv)
     assert args.backbone == "resnet18" and args.threads == 2 and args.layers == ("layer2",)
@@ -44,13 +44,16 @@ def test_config_becomes_options_that_typed_ones_override(tmp_path):
     assert argv[:2] == ["fit", "--backbone"]  # the file's options come right after the command
 
 
-@pytest.mark.parametrize("text, match", [
-    ("bogus = 1\n", "'fit' has no option 'bogus'"),
-    ("[fitt]\nresize = 3\n", r"table \[fitt\] is not a command"),
-    ("update = 3\n", "'update' is a flag"),
-    ("data = 'x'\n", "positional argument"),
-    ("resize = \n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("bogus = 1\n", "'fit' has no option 'bogus'"),
+        ("[fitt]\nresize = 3\n", r"table \[fitt\] is not a command"),
+        ("update = 3\n", "'update' is a flag"),
+        ("data = 'x'\n", "positional argument"),
+        ("resize = \n", "not valid TOML"),
+    ],
+)
 def test_bad_config_files(tmp_path, text, match):
     with pytest.raises(CLIError, match=match):
         expand(["fit", "good/", "-o", "m.crd"], text, tmp_path)
@@ -80,8 +83,10 @@ def test_yaml_config(tmp_path):
 
 def test_fit_with_config_file_and_library_logging(good, tmp_path, capsys):
     cfg = tmp_path / "crd.toml"
-    cfg.write_text('backbone = "resnet18"\nweights = "random"\nresize = 48\ncrop = 48\nno-progress = true\n'
-                   '[fit]\nlayers = ["layer2"]\n')
+    cfg.write_text(
+        'backbone = "resnet18"\nweights = "random"\nresize = 48\ncrop = 48\nno-progress = true\n'
+        '[fit]\nlayers = ["layer2"]\n'
+    )
     model = tmp_path / "m.crd"
     assert main(["fit", str(good), "-o", str(model), "--config", str(cfg), "--log-level", "info"]) == 0
     err = capsys.readouterr().err

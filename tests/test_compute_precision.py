@@ -153,8 +153,9 @@ def test_float64_head_ignores_the_gemm_context():
 def _detector(precision: str, **kw):
     from crd_fast.detector.detector import CRDDetector
 
-    return CRDDetector(backbone="resnet18", weights="random", resize=64, crop=64, batch_size=4, seed=2,
-                       precision=precision, **kw)
+    return CRDDetector(
+        backbone="resnet18", weights="random", resize=64, crop=64, batch_size=4, seed=2, precision=precision, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +178,9 @@ def test_detector_precision_against_float64(images, name):
     with torch.inference_mode():
         x_train = ref.preprocess.batch(train).double()
         scorer = CRDScorer(det.scorer.lam_rel, det.scorer.center).fit(patch_matrix(embed_patches(ref64(x_train))))
-        want = reference.crd_head(ref64(ref.preprocess.batch(test).double()), scorer.projection.matrix,
-                                  scorer.projection.offset)
+        want = reference.crd_head(
+            ref64(ref.preprocess.batch(test).double()), scorer.projection.matrix, scorer.projection.offset
+        )
     got = det.predict(test, progress=False).patch_maps
     err = float(np.abs(got - want.numpy()).max() / want.abs().max())
     assert err < prec.TOLERANCE[name]["scores"]
@@ -211,8 +213,9 @@ def test_model_file_without_precision_loads_as_fp32(tmp_path, images):
     write_model_file(tmp_path / "old.crd", MODEL_KIND, tensors, meta)
     old = CRDDetector.load(tmp_path / "old.crd")
     assert old.precision_choice.precision == "fp32"
-    np.testing.assert_array_equal(old.predict(images[1], progress=False).image_scores,
-                                  det.predict(images[1], progress=False).image_scores)
+    np.testing.assert_array_equal(
+        old.predict(images[1], progress=False).image_scores, det.predict(images[1], progress=False).image_scores
+    )
 
 
 def test_detector_refuses_bad_precision():

@@ -14,7 +14,6 @@ import pytest
 from crd_fast.cli.main import main
 from crd_fast.synthetic import MARKER
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 

@@ -16,12 +16,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from deploy_fixtures import CROP, demo_images, fitted_detector
 from PIL import Image
 
 from crd_fast.deploy import DeployError, OnnxDetector, export_onnx
 from crd_fast.deploy.imaging import ImageInputError, NumpyPreprocess
 from crd_fast.features.preprocess import Preprocess
-from deploy_fixtures import CROP, demo_images, fitted_detector
 
 RTOL = 1e-4
 
@@ -69,8 +69,11 @@ def test_predict_matches_detector(exported, png_folder):
 def test_in_memory_images_and_threshold(exported, rng):
     det, whole, _ = exported
     runtime = OnnxDetector(whole.onnx_path, batch_size=2)
-    images = [rng.random((70, 90, 3)).astype(np.float32), (rng.random((64, 64)) * 65535).astype(np.uint16),
-              Image.fromarray((rng.random((80, 66, 4)) * 255).astype(np.uint8), mode="RGBA")]
+    images = [
+        rng.random((70, 90, 3)).astype(np.float32),
+        (rng.random((64, 64)) * 65535).astype(np.uint16),
+        Image.fromarray((rng.random((80, 66, 4)) * 255).astype(np.uint8), mode="RGBA"),
+    ]
     got, want = runtime.predict(images), det.predict(images, progress=False)
     assert got.paths == [None] * 3 and rel_err(got.image_scores, want.image_scores) < RTOL
     runtime.set_threshold(None)
@@ -121,8 +124,12 @@ NO_TORCH_SCRIPT = textwrap.dedent("""
 
 def test_runtime_needs_no_torch(exported, png_folder):
     _, whole, _ = exported
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, str(whole.onnx_path), str(png_folder)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_SCRIPT, str(whole.onnx_path), str(png_folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["torch_modules"] == []

@@ -127,8 +127,9 @@ def test_partial_fit_in_halves_equals_fit(fitted, data):
     torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=1e-13)
     torch.testing.assert_close(a.scatter, b.scatter, rtol=1e-12, atol=1e-10)
     x = as_batch(data["defective"])
-    np.testing.assert_allclose(det.predict(x, progress=False).image_scores,
-                               fitted.predict(x, progress=False).image_scores, rtol=1e-5)
+    np.testing.assert_allclose(
+        det.predict(x, progress=False).image_scores, fitted.predict(x, progress=False).image_scores, rtol=1e-5
+    )
 
 
 def test_train_score_stats(fitted):
@@ -193,7 +194,10 @@ def test_save_load_round_trip_is_exact(fitted, data, tmp_path):
     assert meta["layers"] == ["layer2", "layer3"] and meta["d"] == 384 and meta["n_patches"] == 12 * 64
     assert meta["crop"] == 64 and meta["embedding"] == "concat" and meta["crd_fast_version"]
     # Run-time options may differ; the model must not.
-    assert CRDDetector.load(path, device="cpu", batch_size=2, backbone="resnet18", layers=["layer2", "layer3"]).batch_size == 2
+    assert (
+        CRDDetector.load(path, device="cpu", batch_size=2, backbone="resnet18", layers=["layer2", "layer3"]).batch_size
+        == 2
+    )
 
 
 @pytest.mark.parametrize(
@@ -247,13 +251,17 @@ def test_weights_file_detector_round_trip(data, tmp_path):
     det = CRDDetector(**options).fit(as_batch(data["train"][:4]), progress=False)
     seeded = CRDDetector(**dict(SMALL, seed=7)).fit(as_batch(data["train"][:4]), progress=False)
     x = as_batch(data["defective"])
-    np.testing.assert_array_equal(det.predict(x, progress=False).image_scores, seeded.predict(x, progress=False).image_scores)
+    np.testing.assert_array_equal(
+        det.predict(x, progress=False).image_scores, seeded.predict(x, progress=False).image_scores
+    )
     path = tmp_path / "m.crd"
     det.save(path)
     moved = tmp_path / "moved.pth"
     weights.rename(moved)
     loaded = CRDDetector.load(path, weights=str(moved))  # same SHA-256 at a new path
-    np.testing.assert_array_equal(loaded.predict(x, progress=False).image_scores, det.predict(x, progress=False).image_scores)
+    np.testing.assert_array_equal(
+        loaded.predict(x, progress=False).image_scores, det.predict(x, progress=False).image_scores
+    )
     with pytest.raises(BackboneWeightsError, match=r"r18.pth.*weights=<its new path>"):
         CRDDetector.load(path)
     torch.save(build_backbone("resnet18", "random", seed=8).state_dict(), tmp_path / "other.pth")
@@ -335,8 +343,9 @@ def test_bad_options_are_named_without_torch(change, match):
 
 
 def test_config_normalises_what_means_the_same(tmp_path):
-    config = DetectorConfig(backbone="resnet18", weights=tmp_path / "w.pth", layers="layer2",
-                            device=torch.device("cpu"))
+    config = DetectorConfig(
+        backbone="resnet18", weights=tmp_path / "w.pth", layers="layer2", device=torch.device("cpu")
+    )
     assert config.weights == str(tmp_path / "w.pth") and config.layers == ("layer2",) and config.device == "cpu"
     assert config.replace(batch_size=2).batch_size == 2 and config.batch_size == 8
     with pytest.raises(ValueError, match="batch_size"):
@@ -369,8 +378,9 @@ def test_install_fit_takes_over_a_fit_made_elsewhere(fitted, data):
     det = CRDDetector(**SMALL)
     det.install_fit(CRDScorer.from_statistics(fitted.scorer.statistics), fitted.n_images, fitted.reservoir.copy())
     x = as_batch(data["defective"])
-    np.testing.assert_array_equal(det.predict(x, progress=False).image_scores,
-                                  fitted.predict(x, progress=False).image_scores)
+    np.testing.assert_array_equal(
+        det.predict(x, progress=False).image_scores, fitted.predict(x, progress=False).image_scores
+    )
     assert det.train_score_stats == fitted.train_score_stats and det.n_images == 12
     with pytest.raises(ValueError, match="d=384"):
         det.install_fit(CRDScorer().fit(torch.randn(10, 5)), 1, det.reservoir)

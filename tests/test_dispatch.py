@@ -72,7 +72,8 @@ def test_native_is_used_when_it_passes_its_probe(monkeypatch):
 
 def test_failed_paths_fall_back_to_the_reference_with_one_warning(monkeypatch):
     probes = fake_device(
-        monkeypatch, cupy=("NVRTC build failed: CompileException: cannot open source file crt/mma.h", False),
+        monkeypatch,
+        cupy=("NVRTC build failed: CompileException: cannot open source file crt/mma.h", False),
         probe={"native": "probe launch failed: RuntimeError: no kernel image is available"},
     )
     choice, warned = decide_recording()
@@ -170,7 +171,7 @@ def test_cupy_compile_failure_makes_the_path_unavailable(monkeypatch):
 
     def broken(index):
         calls.append(index)
-        raise RuntimeError("CompileException: catastrophic error: cannot open source file \"crt/mma.h\"")
+        raise RuntimeError('CompileException: catastrophic error: cannot open source file "crt/mma.h"')
 
     monkeypatch.setattr(cupy_jit, "cupy_importable", lambda: True)
     monkeypatch.setattr(cupy_jit, "build_module", broken)
@@ -187,6 +188,7 @@ def test_cupy_compile_failure_makes_the_path_unavailable(monkeypatch):
 # ---- the probe --------------------------------------------------------------------------------------------
 def test_probe_reports_wrong_results_and_launch_errors(monkeypatch):
     """The probe runs the real prepare() on CPU tensors with the launch faked: right, wrong, raising."""
+
     def exact(ops, path):
         emb = patch_matrix(embed_patches([m.double() for m in ops.maps]))
         return torch.linalg.vector_norm(emb @ ops.matrix.double().T - ops.q.double(), dim=1).reshape(ops.out_shape)
@@ -223,9 +225,14 @@ def test_backends_reports_each_device(monkeypatch):
 # ---- the op's CUDA kernel, run on CPU tensors with the decision and launch faked ----------------------------
 @pytest.mark.parametrize(
     "dtype,cap,operand,acc",
-    [(torch.float32, (8, 0), torch.float32, torch.float32), (torch.float64, (8, 0), torch.float64, torch.float64),
-     (torch.bfloat16, (8, 0), torch.bfloat16, torch.float32), (torch.float16, (8, 0), torch.float16, torch.float32),
-     (torch.bfloat16, (7, 5), torch.float32, torch.float32), (torch.float16, (7, 5), torch.float16, torch.float32)],
+    [
+        (torch.float32, (8, 0), torch.float32, torch.float32),
+        (torch.float64, (8, 0), torch.float64, torch.float64),
+        (torch.bfloat16, (8, 0), torch.bfloat16, torch.float32),
+        (torch.float16, (8, 0), torch.float16, torch.float32),
+        (torch.bfloat16, (7, 5), torch.float32, torch.float32),
+        (torch.float16, (7, 5), torch.float16, torch.float32),
+    ],
 )
 def test_cuda_kernel_hands_one_operand_object_to_the_launcher(monkeypatch, dtype, cap, operand, acc):
     """Everything up to the pointer hand-off: operands laid out as the kernels expect, bf16 widened below sm_80."""
@@ -266,8 +273,12 @@ def test_cuda_kernel_takes_the_reference_when_decided_or_too_many_layers(monkeyp
     want = reference.crd_head(maps, matrix, offset)
     torch.testing.assert_close(head_op._crd_head_cuda(maps, matrix, offset, "concat", 1), want, rtol=1e-12, atol=0)
     monkeypatch.setattr(dispatch, "decide", lambda device: dispatch.Choice("reference", "test"))
-    torch.testing.assert_close(head_op._crd_head_cuda(maps[:2], matrix[:, :6], offset[:6], "concat", 1),
-                               reference.crd_head(maps[:2], matrix[:, :6], offset[:6]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        head_op._crd_head_cuda(maps[:2], matrix[:, :6], offset[:6], "concat", 1),
+        reference.crd_head(maps[:2], matrix[:, :6], offset[:6]),
+        rtol=1e-12,
+        atol=0,
+    )
 
 
 def test_first_call_inside_capture_records_the_reference_once(monkeypatch):

@@ -22,7 +22,19 @@ import torch
 
 from crd_fast import CRDScorer
 from crd_fast.core.stats import PatchStatistics
-from crd_fast.distributed import DistributedError, all_reduce_bytes, init_distributed, run_fit, run_predict, all_reduce_statistics, fit_distributed, merge_records, predict_sharded, shard, shard_indices
+from crd_fast.distributed import (
+    DistributedError,
+    all_reduce_bytes,
+    all_reduce_statistics,
+    fit_distributed,
+    init_distributed,
+    merge_records,
+    predict_sharded,
+    run_fit,
+    run_predict,
+    shard,
+    shard_indices,
+)
 
 D = 12  # feature dimension of the scorer-level data
 WORLD = 2
@@ -205,8 +217,14 @@ def test_predict_without_group_matches_scoring_in_order(tmp_path):
 
 def test_predict_with_a_scoring_function_and_callback():
     seen = []
-    records = predict_sharded(lambda xs: [len(x) for x in xs], ["ab", "c", "def"], on_result=lambda i, r: seen.append((i, r)))
-    assert [(r["index"], r["image_score"], r["path"]) for r in records] == [(0, 2.0, "ab"), (1, 1.0, "c"), (2, 3.0, "def")]
+    records = predict_sharded(
+        lambda xs: [len(x) for x in xs], ["ab", "c", "def"], on_result=lambda i, r: seen.append((i, r))
+    )
+    assert [(r["index"], r["image_score"], r["path"]) for r in records] == [
+        (0, 2.0, "ab"),
+        (1, 1.0, "c"),
+        (2, 3.0, "def"),
+    ]
     assert seen == [([0, 1, 2], [2, 1, 3])]
     with pytest.raises(DistributedError, match="returned 1 results for 3 items"):
         predict_sharded(lambda xs: [0.0], ["a", "b", "c"])
@@ -229,7 +247,11 @@ def test_cli_entry_points_run_single_process_without_torchrun(tmp_path, monkeypa
     "env, backend, match",
     [
         ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, "gloo", "MASTER_ADDR is not set"),
-        ({"RANK": "zero", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "gloo", "RANK='zero' is not an integer"),
+        (
+            {"RANK": "zero", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+            "gloo",
+            "RANK='zero' is not an integer",
+        ),
         ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "nccl", "needs CUDA GPUs"),
     ],
 )
@@ -291,8 +313,11 @@ def test_detector_online_update_equals_fit_on_everything(tmp_path):
     again = fit_distributed(CRDDetector.load(tmp_path / "det.crd"), new, update=True)
     assert_same_detector(again, updated)
     probe = tiny_images(43, 3)
-    np.testing.assert_allclose(again.predict(probe, progress=False).image_scores,
-                               everything.predict(probe, progress=False).image_scores, rtol=1e-4)
+    np.testing.assert_allclose(
+        again.predict(probe, progress=False).image_scores,
+        everything.predict(probe, progress=False).image_scores,
+        rtol=1e-4,
+    )
 
 
 def test_scorer_from_statistics_equals_a_fit_and_replace_statistics_refits():
@@ -323,9 +348,23 @@ def run_two_ranks(scenario: str, out: Path, timeout: float = JOB_TIMEOUT_S) -> i
     """Run ``scenario`` on two gloo ranks under torchrun; kill the whole job on overrun. Returns its exit code."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--monitor-interval", "0.2",
-        os.path.abspath(__file__), "worker", scenario, str(out),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(WORLD),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "--monitor-interval",
+        "0.2",
+        os.path.abspath(__file__),
+        "worker",
+        scenario,
+        str(out),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log = out / "torchrun.log"
@@ -336,7 +375,9 @@ def run_two_ranks(scenario: str, out: Path, timeout: float = JOB_TIMEOUT_S) -> i
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            pytest.fail(f"two-rank job '{scenario}' overran {timeout} s and was killed; log:\n{log.read_text()[-4000:]}")
+            pytest.fail(
+                f"two-rank job '{scenario}' overran {timeout} s and was killed; log:\n{log.read_text()[-4000:]}"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +410,9 @@ def test_two_rank_fit_equals_single_process_fit(main_job):
 
 @pytest.mark.slow
 def test_two_rank_fit_in_contiguous_blocks_gives_the_same_model(main_job):
-    assert_same_model(CRDScorer.load(main_job / "fit_contiguous.crd"), single_process_scorer(patch_items(20, FIT_SIZES)))
+    assert_same_model(
+        CRDScorer.load(main_job / "fit_contiguous.crd"), single_process_scorer(patch_items(20, FIT_SIZES))
+    )
 
 
 def test_rank_with_an_empty_shard_still_works(main_job):
@@ -426,7 +469,9 @@ def test_two_rank_detector_prediction_equals_single_process(main_job):
     assert [r[4] == "True" for r in rows] == list(expected.labels)
     # the anomaly maps, saved by each rank's on_result callback, match too
     for i in range(N_TEST_IMAGES):
-        np.testing.assert_allclose(np.load(main_job / "maps" / f"{i}.npy"), expected.anomaly_maps[i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.load(main_job / "maps" / f"{i}.npy"), expected.anomaly_maps[i], rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.slow

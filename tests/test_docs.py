@@ -17,8 +17,9 @@ SCANNED_SUFFIXES = {".py", ".pyx", ".pxd", ".cpp", ".cu", ".cuh", ".h", ".sh", "
 # "docs/DESIGN.md", then optionally "#anchor", and optionally a quoted section name: docs/DESIGN.md ("Pipeline")
 REFERENCE = re.compile(r'(?P<path>[\w./-]*DESIGN\.md)(?P<anchor>#[\w-]+)?(?:\)?,?\s*\(?\s*"(?P<section>[^"]+)")?')
 
-pytestmark = pytest.mark.skipif(not (README.is_file() and (ROOT / "crd_fast").is_dir()),
-                                reason="needs the source checkout (README.md, crd_fast/)")
+pytestmark = pytest.mark.skipif(
+    not (README.is_file() and (ROOT / "crd_fast").is_dir()), reason="needs the source checkout (README.md, crd_fast/)"
+)
 
 
 def _headings() -> list[str]:
@@ -50,8 +51,16 @@ def _references() -> list[tuple[Path, int, re.Match]]:
 
 def test_design_document_exists_with_the_cited_core_sections():
     headings = _headings()
-    for name in ("Method", "Pipeline", "Linearity", "Kernels and dispatch", "Model files", "Extending", "Layout",
-                 "Guarantees"):
+    for name in (
+        "Method",
+        "Pipeline",
+        "Linearity",
+        "Kernels and dispatch",
+        "Model files",
+        "Extending",
+        "Layout",
+        "Guarantees",
+    ):
         assert name in headings, f"docs/DESIGN.md has no section {name!r}"
     assert len(headings) == len(set(headings)), "section names in docs/DESIGN.md must be unique (code cites them)"
 
@@ -80,8 +89,9 @@ def test_readme_imports_work():
     lines = [re.sub(r"\s+#.*$", "", line).strip() for line in README.read_text(encoding="utf-8").splitlines()]
     imports = [line for line in lines if re.match(r"(from crd_fast(\.\w+)* import |import crd_fast)", line)]
     assert len(imports) >= 3, f"the README's import lines were not found: {imports}"
-    out = subprocess.run([sys.executable, "-c", "\n".join(imports)], capture_output=True, text=True, timeout=300,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", "\n".join(imports)], capture_output=True, text=True, timeout=300, check=False
+    )
     assert out.returncode == 0, f"README imports fail:\n{chr(10).join(imports)}\n{out.stderr[-3000:]}"
 
 

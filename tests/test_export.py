@@ -13,10 +13,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
-from crd_fast.ops import reference
-from crd_fast.deploy import DeployError, OnnxDetector, make_head_file, check_default_domain, export_onnx, variant_projection
 from deploy_fixtures import CROP, fitted_detector
+
+from crd_fast.deploy import (
+    DeployError,
+    OnnxDetector,
+    check_default_domain,
+    export_onnx,
+    make_head_file,
+    variant_projection,
+)
+from crd_fast.ops import reference
 
 FP32_RTOL = 1e-4
 FP16_RTOL = 1e-2
@@ -64,8 +71,9 @@ def test_head_only_matches_float64_reference(detector, head_only, rng):
     maps = [rng.standard_normal((3, *s)).astype(np.float32) for s in shapes]
     scores, patch_maps = session(head_only).run(None, dict(zip(detector.layers, maps)))
     proj = detector.scorer.projection
-    want = reference.crd_head([torch.from_numpy(m) for m in maps], proj.matrix, proj.offset,
-                              detector.embedding, detector.target_dim).numpy()
+    want = reference.crd_head(
+        [torch.from_numpy(m) for m in maps], proj.matrix, proj.offset, detector.embedding, detector.target_dim
+    ).numpy()
     assert patch_maps.shape == (3, *head_only.metadata["patch_grid"])
     assert rel_err(patch_maps, want) < FP32_RTOL
     assert rel_err(scores, want.reshape(3, -1).max(1)) < FP32_RTOL
@@ -80,8 +88,12 @@ def test_graph_is_standard_onnx_with_dynamic_batch(detector, whole, head_only):
         for value in list(model.graph.input) + list(model.graph.output):
             assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
         assert model.opset_import[0].version == 17 == result.metadata["opset"]
-        assert json.loads(dict((p.key, p.value) for p in model.metadata_props)["crd_fast"])["head_only"] == (inputs != ["images"])
-    assert head_only.metadata["inputs"][0]["name"] == "layer2" and head_only.metadata["outputs"][1]["name"] == "patch_maps"
+        assert json.loads(dict((p.key, p.value) for p in model.metadata_props)["crd_fast"])["head_only"] == (
+            inputs != ["images"]
+        )
+    assert (
+        head_only.metadata["inputs"][0]["name"] == "layer2" and head_only.metadata["outputs"][1]["name"] == "patch_maps"
+    )
 
 
 def test_metadata_describes_the_detector(detector, whole):
@@ -105,14 +117,22 @@ def test_fp16_and_rank_variants(detector, tmp_path, rng):
     maps = [rng.standard_normal((2, *s)).astype(np.float32) for s in half.metadata["feature_shapes"]]
     feeds = dict(zip(detector.layers, maps))
     tmaps = [torch.from_numpy(m) for m in maps]
-    exact = reference.crd_head(tmaps, detector.scorer.projection.matrix, detector.scorer.projection.offset,
-                               detector.embedding, detector.target_dim).numpy()
+    exact = reference.crd_head(
+        tmaps,
+        detector.scorer.projection.matrix,
+        detector.scorer.projection.offset,
+        detector.embedding,
+        detector.target_dim,
+    ).numpy()
     assert 0 < rel_err(session(half).run(None, feeds)[1], exact) < FP16_RTOL
     proj = variant_projection(detector.scorer, "fp64", rank)
     want = reference.crd_head(tmaps, proj.matrix, proj.offset, detector.embedding, detector.target_dim).numpy()
     assert rel_err(session(low).run(None, feeds)[1], want) < FP32_RTOL
     assert low.metadata["rank"] == rank and low.metadata["error_bound"] == pytest.approx(proj.error_bound)
-    assert half.onnx_path.stat().st_size < 0.7 * export_onnx(detector, tmp_path / "f.onnx", head_only=True).onnx_path.stat().st_size
+    assert (
+        half.onnx_path.stat().st_size
+        < 0.7 * export_onnx(detector, tmp_path / "f.onnx", head_only=True).onnx_path.stat().st_size
+    )
 
 
 def test_export_from_model_file_runs(detector, whole):
@@ -128,7 +148,9 @@ def test_export_from_fp16_head_file(tmp_path):
     detector = fitted_detector("concat")
     make_head_file(detector, tmp_path / "head16.crdh", precision="fp16")
     from_head = export_onnx(tmp_path / "head16.crdh", tmp_path / "head16.onnx")
-    assert from_head.metadata["head_matrix_precision"] == "fp16" and from_head.metadata["threshold"] == detector.threshold
+    assert (
+        from_head.metadata["head_matrix_precision"] == "fp16" and from_head.metadata["threshold"] == detector.threshold
+    )
     images = [np.random.default_rng(i).random((70, 90, 3)).astype(np.float32) for i in range(3)]
     got = OnnxDetector(from_head.onnx_path).predict(images).image_scores
     assert 0 < rel_err(got, detector.predict(images, progress=False).image_scores) < FP16_RTOL

@@ -10,7 +10,16 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from crd_fast.features import BackboneWeightsError, FeatureExtractor, ImageReadError, Preprocess, build_backbone, load_image, to_unit_tensor, weights_identity
+from crd_fast.features import (
+    BackboneWeightsError,
+    FeatureExtractor,
+    ImageReadError,
+    Preprocess,
+    build_backbone,
+    load_image,
+    to_unit_tensor,
+    weights_identity,
+)
 from crd_fast.features.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 

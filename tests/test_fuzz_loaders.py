@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import random_bank
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -27,11 +28,15 @@ from PIL import Image
 from crd_fast import CRDDetector, CRDScorer, ModelFileError
 from crd_fast.io.images import ImageReadError, load_image
 
-from helpers import random_bank
-
 # No shrinking: a failure is reported with the example as generated, and the run stays within its time budget.
-FUZZ = dict(derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck),
-            phases=(Phase.explicit, Phase.generate), print_blob=False)
+FUZZ = dict(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    phases=(Phase.explicit, Phase.generate),
+    print_blob=False,
+)
 CROP = 16
 
 #: Metadata paths whose edits a model file cannot detect (they are choices, not data): scores may change.
@@ -56,8 +61,12 @@ class TinyNet(nn.Module):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=12) | st.sampled_from([0, 1, 2, -1, 1e30, 1e6, 1000000, 0.5, "cuda", "cpu", "imagenet"]),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.sampled_from([0, 1, 2, -1, 1e30, 1e6, 1000000, 0.5, "cuda", "cpu", "imagenet"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=8,
 )
@@ -227,8 +236,10 @@ def test_fuzz_onnx_metadata(onnx_export, tmp_path_factory, data, monkeypatch_ses
         got = det.predict(images).image_scores
     except (DeployError, ImageInputError):
         return
-    if not any(k.split(".")[0] in ("threshold", "train_score_stats", "config", "crd_fast_version", "preprocess")
-               for k in edited):
+    if not any(
+        k.split(".")[0] in ("threshold", "train_score_stats", "config", "crd_fast_version", "preprocess")
+        for k in edited
+    ):
         np.testing.assert_array_equal(got, want)
 
 
@@ -258,8 +269,17 @@ def _encoded_images() -> list[bytes]:
     rng = np.random.default_rng(9)
     pic = (rng.random((12, 10, 3)) * 255).astype(np.uint8)
     out = []
-    for fmt, mode in (("PNG", "RGB"), ("PNG", "P"), ("PNG", "I;16"), ("JPEG", "RGB"), ("BMP", "RGB"), ("TIFF", "RGB"),
-                      ("WEBP", "RGB"), ("PPM", "RGB"), ("GIF", "P")):
+    for fmt, mode in (
+        ("PNG", "RGB"),
+        ("PNG", "P"),
+        ("PNG", "I;16"),
+        ("JPEG", "RGB"),
+        ("BMP", "RGB"),
+        ("TIFF", "RGB"),
+        ("WEBP", "RGB"),
+        ("PPM", "RGB"),
+        ("GIF", "P"),
+    ):
         img = Image.fromarray(pic)
         img = img.convert("L").convert("I;16") if mode == "I;16" else img.convert(mode)
         buf = io.BytesIO()
@@ -275,8 +295,9 @@ ENCODED = _encoded_images()
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about damaged tags it skips, and about bombs
 @settings(max_examples=2000, **FUZZ)
-@given(which=st.integers(0, len(ENCODED) - 1), edits=mutations, cut=st.none() | st.integers(0, 10**6),
-       head=st.booleans())
+@given(
+    which=st.integers(0, len(ENCODED) - 1), edits=mutations, cut=st.none() | st.integers(0, 10**6), head=st.booleans()
+)
 def test_fuzz_image_loaders(tmp_path_factory, which, edits, cut, head):
     from crd_fast.deploy.imaging import ImageInputError
     from crd_fast.deploy.imaging import load_image as onnx_load_image

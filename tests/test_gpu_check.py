@@ -46,12 +46,18 @@ def test_half_precision_model_catches_a_wrong_rounding():
 
 
 def test_without_a_gpu_the_check_exits_2_and_the_self_test_runs_from_the_command_line(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--self-test"], capture_output=True, text=True, timeout=300,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--self-test"], capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0 and "self-test: ok" in result.stdout, result.stderr
     if not torch.cuda.is_available():
-        result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--no-timing"],
-                                capture_output=True, text=True, timeout=300, check=False)
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--no-timing"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert result.returncode == 2 and "no CUDA device" in result.stdout
 
 
@@ -73,7 +79,9 @@ def _emulated_kernel(broken: str = ""):
         if broken == "embedding not rounded" and ops.dtype in (torch.float16, torch.bfloat16):
             scores = torch.linalg.vector_norm(
                 patch_matrix(embed_patches([m.double() for m in ops.maps], "concat")) @ ops.matrix.double().T
-                - ops.q.double(), dim=1).reshape(ops.out_shape)
+                - ops.q.double(),
+                dim=1,
+            ).reshape(ops.out_shape)
         out = ops.new_out() if out is None else out
         return out.copy_(scores)
 
@@ -148,8 +156,10 @@ def test_bit_comparison_and_sanitizer_steps(monkeypatch, tmp_path):
 
 def test_build_log_checks():
     report = gpu_check.Report()
-    clean = ("ptxas info    : Function properties for crd_head_tile_f32\n"
-             "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    clean = (
+        "ptxas info    : Function properties for crd_head_tile_f32\n"
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+    )
     gpu_check.check_build_log(clean, 0, report)
     assert [c.ok for c in report.checks] == [True, True]
     spilling = clean + "    16 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\n"

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import random_bank
 from PIL import Image
 
 from crd_fast import CRDDetector, CRDScorer, ModelFileError
@@ -29,11 +30,20 @@ from crd_fast.cli.main import main
 from crd_fast.io.images import ImageReadError, load_image
 from crd_fast.synthetic import generate_dataset
 
-from helpers import random_bank
-
 PX = 64
-DET = ["--backbone", "resnet18", "--weights", "random", "--resize", str(PX), "--crop", str(PX),
-       "--batch-size", "2", "--no-progress"]
+DET = [
+    "--backbone",
+    "resnet18",
+    "--weights",
+    "random",
+    "--resize",
+    str(PX),
+    "--crop",
+    str(PX),
+    "--batch-size",
+    "2",
+    "--no-progress",
+]
 import crd_fast  # noqa: E402
 
 ROOT = Path(crd_fast.__file__).resolve().parents[1]  # the source under test, for the child processes
@@ -150,8 +160,16 @@ def test_two_concurrent_updates_never_lose_one(model, data, tmp_path):
     base = CRDDetector.load(path).n_images
     add = data / "train" / "good"
     n_add = len(os.listdir(add))
-    procs = [subprocess.Popen(_cli("fit", str(add), "-o", str(path), "--update", "--no-progress"), env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cli("fit", str(add), "-o", str(path), "--update", "--no-progress"),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     for rc, err in results:
         assert rc in (0, 2), err
@@ -170,8 +188,13 @@ def test_update_while_another_process_holds_the_model_exits_2(model, data, tmp_p
     shutil.copy(model, path)
     before = path.read_bytes()
     with model_update(path):
-        run = subprocess.run(_cli("fit", str(data / "train" / "good"), "-o", str(path), "--update", "--no-progress"),
-                             env=_env(), capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            _cli("fit", str(data / "train" / "good"), "-o", str(path), "--update", "--no-progress"),
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert run.returncode == 2, run.stderr
     assert "another process is writing" in run.stderr and str(path) in run.stderr
     assert path.read_bytes() == before
@@ -197,19 +220,22 @@ def test_update_refuses_to_overwrite_a_file_changed_since_it_was_read(model, tmp
 # ---- image limits --------------------------------------------------------------------------------------------
 def _png_header_only(path: Path, width: int, height: int) -> Path:
     """A tiny PNG file whose header claims width x height (its pixel data is a few bytes)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory):
-    from crd_fast.deploy import export_onnx
     from deploy_fixtures import fitted_detector
+
+    from crd_fast.deploy import export_onnx
 
     folder = tmp_path_factory.mktemp("onnx")
     return export_onnx(fitted_detector("concat"), folder / "model.onnx").onnx_path
@@ -262,8 +288,9 @@ def test_predict_decodes_each_image_once(model, data, tmp_path, monkeypatch):
     decoded: list[str] = []
     real_load = ImageFile.ImageFile.load
     # load() is called again by convert() etc.; it decodes only while the file still has tiles to read
-    monkeypatch.setattr(ImageFile.ImageFile, "load",
-                        lambda self: (self.tile and decoded.append(self.filename)) or real_load(self))
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda self: (self.tile and decoded.append(self.filename)) or real_load(self)
+    )
     files = _copy_images(data, tmp_path / "in", n=3)
     assert main(["predict", str(model), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
     assert sorted(decoded) == sorted(str(f) for f in files)
@@ -364,8 +391,15 @@ def _unprivileged(script: str, folder: Path) -> subprocess.CompletedProcess:
     """Run ``python -c script`` bound by file permissions (root ignores them: its override is dropped first)."""
     kwargs = {"preexec_fn": _drop_permission_override} if os.geteuid() == 0 else {}
     try:
-        return subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True,
-                              timeout=300, cwd=folder, **kwargs)
+        return subprocess.run(
+            [sys.executable, "-c", script],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=folder,
+            **kwargs,
+        )
     except subprocess.SubprocessError as exc:
         pytest.skip(f"cannot run a process bound by file permissions here: {exc}")
 
@@ -429,8 +463,19 @@ def test_written_files_get_the_permissions_of_the_umask(data, tmp_path):
     old = os.umask(0o022)
     try:
         assert main(["fit", str(data), "-o", str(tmp_path / "m.crd"), *DET]) == 0
-        assert main(["predict", str(tmp_path / "m.crd"), str(data / "test" / "good"), "-o", str(tmp_path / "out"),
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(tmp_path / "m.crd"),
+                    str(data / "test" / "good"),
+                    "-o",
+                    str(tmp_path / "out"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         assert main(["export", str(tmp_path / "m.crd"), "-o", str(tmp_path / "m.onnx"), "--no-verify"]) == 0
         written = [tmp_path / "m.crd", tmp_path / "m.onnx", tmp_path / "m.onnx.json", *(tmp_path / "out").rglob("*.*")]
         assert len(written) >= 6
@@ -446,10 +491,10 @@ def test_written_files_get_the_permissions_of_the_umask(data, tmp_path):
 # ---- model-file ranges -----------------------------------------------------------------------------------------
 def _rewrite(path: Path, edit_meta=None, edit_tensors=None) -> None:
     """Rewrite a model file with edited metadata and/or tensors, and a recomputed (valid) checksum."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from crd_fast.io.model_file import METADATA_KEY, tensor_checksum
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads(fh.metadata()[METADATA_KEY])
@@ -532,8 +577,15 @@ def test_numpy_scalar_parameters_are_accepted(rng):
     b = CRDScorer(lam_rel=float(np.float32(0.25)), rank=3).fit(bank)
     assert type(a.lam_rel) is float and type(a.rank) is int
     np.testing.assert_array_equal(a.score(y), b.score(y))
-    det = CRDDetector(backbone="resnet18", weights="random", resize=PX, crop=PX, batch_size=np.int64(3),
-                      lam_rel=np.float64(0.05), seed=np.int32(2))
+    det = CRDDetector(
+        backbone="resnet18",
+        weights="random",
+        resize=PX,
+        crop=PX,
+        batch_size=np.int64(3),
+        lam_rel=np.float64(0.05),
+        seed=np.int32(2),
+    )
     assert det.batch_size == 3 and det.seed == 2 and det.scorer.lam_rel == 0.05
 
 
@@ -579,8 +631,9 @@ def test_exif_orientation_is_applied_in_torch_and_onnx_paths(model, data, onnx_m
     upright = _rotated_photo(data, path)
     np.testing.assert_array_equal(np.asarray(load_image(path)), upright)
     det = CRDDetector.load(model)
-    np.testing.assert_array_equal(det.predict([str(path)], progress=False).image_scores,
-                                  det.predict([upright], progress=False).image_scores)
+    np.testing.assert_array_equal(
+        det.predict([str(path)], progress=False).image_scores, det.predict([upright], progress=False).image_scores
+    )
     onnx = OnnxDetector(onnx_model)
     np.testing.assert_array_equal(onnx.predict([str(path)]).image_scores, onnx.predict([upright]).image_scores)
 

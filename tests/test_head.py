@@ -10,11 +10,12 @@ from scipy import ndimage
 import crd_fast.models.head as head_mod
 from crd_fast import CRDScorer
 from crd_fast.core.embedding import embed_patches, patch_matrix, patchcore_reduce
-from crd_fast.ops import crd_head as fused_op, reference
 from crd_fast.features import FeatureExtractor
-from crd_fast.models.head import CRDHead, folded_matrix
 from crd_fast.models.anomaly_map import AnomalyMapper, gaussian_kernel1d
+from crd_fast.models.head import CRDHead, folded_matrix
 from crd_fast.models.inference import InferenceModel
+from crd_fast.ops import crd_head as fused_op
+from crd_fast.ops import reference
 
 
 def _maps(seed, batch=2, specs=((8, 8, 8), (12, 4, 4))):
@@ -72,7 +73,9 @@ def test_head_from_scorer_equals_scorer_scores():
     want = scorer.score(patch_matrix(emb).double()).reshape(4, 8, 8)
     torch.testing.assert_close(head(maps).double(), want, rtol=1e-5, atol=1e-5 * float(want.max()))
     assert head.q.dtype == torch.float32
-    torch.testing.assert_close(head.q.double(), scorer.projection.matrix @ scorer.projection.offset, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        head.q.double(), scorer.projection.matrix @ scorer.projection.offset, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_head_input_checks():
@@ -168,7 +171,9 @@ def test_inference_model_outputs():
         maps = ext(x)
     emb = embed_patches(maps)
     scorer = CRDScorer().fit(patch_matrix(emb))
-    model = InferenceModel(ext, CRDHead.from_scorer(scorer, layer_channels=[128, 256], use_fused=False), AnomalyMapper(64))
+    model = InferenceModel(
+        ext, CRDHead.from_scorer(scorer, layer_channels=[128, 256], use_fused=False), AnomalyMapper(64)
+    )
     with torch.inference_mode():
         scores, amaps, pmaps = model(x)
     assert scores.shape == (3,) and amaps.shape == (3, 64, 64) and pmaps.shape == (3, 8, 8)

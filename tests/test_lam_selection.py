@@ -21,7 +21,9 @@ def test_spectral_scores_match_direct_solve_for_every_lam():
     for lam_rel in (1e-5, 1e-3, 0.1, 3.0):
         lam = lam_rel * float(torch.trace(cov)) / d
         direct = lam * torch.linalg.solve(cov + lam * torch.eye(d, dtype=torch.float64), (y - mu).T).T
-        torch.testing.assert_close(form.scores(z, lam_rel), torch.linalg.vector_norm(direct, dim=1), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            form.scores(z, lam_rel), torch.linalg.vector_norm(direct, dim=1), rtol=1e-9, atol=1e-12
+        )
 
 
 def test_spectral_form_accepts_per_position_means():
@@ -30,7 +32,9 @@ def test_spectral_form_accepts_per_position_means():
     form = SpectralForm.from_covariance(torch.eye(3, dtype=torch.float64) * 2, mu)
     y = torch.randn(5, 4, 3, generator=g, dtype=torch.float64)
     lam = 0.5 * 2.0
-    torch.testing.assert_close(form.scores(form.rotate(y), 0.5), torch.linalg.vector_norm((y - mu) * lam / (2 + lam), dim=-1))
+    torch.testing.assert_close(
+        form.scores(form.rotate(y), 0.5), torch.linalg.vector_norm((y - mu) * lam / (2 + lam), dim=-1)
+    )
 
 
 def test_grid_masks_marks_every_cell_a_defect_pixel_touches():
@@ -58,8 +62,12 @@ def test_select_lam_picks_the_best_ranking_and_breaks_ties_upward():
     bad = np.zeros((4, 2, 2))
     bad[0, 0, 1] = bad[1, 1, 0] = 5.0  # clean images score higher than the defects
 
-    sel = select_lam(lambda lam: good + 0.01 * np.arange(16).reshape(4, 2, 2) if lam == 1e-3 else bad, labels, masks,
-                     grid=(1e-4, 1e-3, 1e-2))
+    sel = select_lam(
+        lambda lam: good + 0.01 * np.arange(16).reshape(4, 2, 2) if lam == 1e-3 else bad,
+        labels,
+        masks,
+        grid=(1e-4, 1e-3, 1e-2),
+    )
     assert sel.choice == 1e-3
     assert sel.image_auroc[1] == 1.0 and sel.image_auroc[0] == 0.0
     tied = select_lam(lambda lam: good, labels, masks, grid=(1e-4, 1e-3, 1e-2))

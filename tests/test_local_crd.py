@@ -90,8 +90,12 @@ def test_streaming_pass_two_full_basis_matches_gram_eigenpairs():
     _, vals_g, vecs_g = local_eigenpairs_from_patches(train, 4)
     torch.testing.assert_close(vals, vals_g, rtol=1e-9, atol=1e-12)
     # eigenvectors up to sign: compare the projectors V E V^T
-    torch.testing.assert_close((vecs * vals[:, None]) @ vecs.transpose(1, 2),
-                               (vecs_g * vals_g[:, None]) @ vecs_g.transpose(1, 2), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        (vecs * vals[:, None]) @ vecs.transpose(1, 2),
+        (vecs_g * vals_g[:, None]) @ vecs_g.transpose(1, 2),
+        rtol=1e-8,
+        atol=1e-10,
+    )
 
 
 def test_streaming_pass_two_reduced_basis_is_exact_within_the_basis():
@@ -119,8 +123,12 @@ def test_lam_change_needs_no_refit():
     model = LocalCRDModel.build(means, stats.within_covariance(), vals, vecs, 0.5)
     z = model.rotate(test)
     for lam_rel in (1e-4, 1e-2, 1.0):
-        torch.testing.assert_close(model.scores_rotated(z, model.factors(model.lam(lam_rel))),
-                                   _direct(train, test, 0.5, 3, lam_rel), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            model.scores_rotated(z, model.factors(model.lam(lam_rel))),
+            _direct(train, test, 0.5, 3, lam_rel),
+            rtol=1e-9,
+            atol=1e-12,
+        )
 
 
 def test_bad_input_is_refused():

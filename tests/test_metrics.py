@@ -9,8 +9,8 @@ from scipy import ndimage
 
 from crd_fast.evaluation import metrics as M
 
-
 # ---------------------------------------------------------------- image level
+
 
 def test_image_auroc_hand_case():
     # pairs (defect, normal): (0.35 > 0.1) yes, (0.35 > 0.4) no, (0.8 > both) yes yes -> 3/4
@@ -63,6 +63,7 @@ def test_roc_points_thinning_keeps_end_points():
 
 
 # ---------------------------------------------------------------- pixel level
+
 
 def test_pixel_auroc_hand_case():
     masks = np.zeros((2, 2, 2), dtype=np.uint8)
@@ -176,6 +177,7 @@ def test_evaluate_collects_everything():
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def test_bad_labels_and_scores():
     with pytest.raises(ValueError, match="no defective"):

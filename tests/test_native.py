@@ -31,7 +31,14 @@ from crd_fast.ops import native as _native
 from crd_fast.ops.plan import MAX_TAPS, Geometry, axis_matrix, axis_taps, build_tables
 
 needs_fused_cpu = pytest.mark.skipif(not kcpu.available(), reason=f"CPU fused pass not built: {kcpu.import_error()}")
-ENTRIES = ["crd_head_tile_f32", "crd_head_tile_f64", "crd_head_tile_f16", "crd_head_tile_bf16", "crd_head_finish_f32", "crd_head_finish_f64"]
+ENTRIES = [
+    "crd_head_tile_f32",
+    "crd_head_tile_f64",
+    "crd_head_tile_f16",
+    "crd_head_tile_bf16",
+    "crd_head_finish_f32",
+    "crd_head_finish_f64",
+]
 
 
 def test_expected_builds_are_present():
@@ -82,7 +89,10 @@ def test_plan_layout():
 def dense_pass(zs: list[torch.Tensor], sizes: list[tuple[int, int]], q: torch.Tensor) -> torch.Tensor:
     """What the fused pass computes, written with dense axis matrices: ||sum_l A_y Z_l A_x^T - q||."""
     h0, w0 = sizes[0]
-    total = sum(torch.einsum("yi,xj,bijk->byxk", axis_matrix(h, h0), axis_matrix(w, w0), z.double()) for z, (h, w) in zip(zs, sizes))
+    total = sum(
+        torch.einsum("yi,xj,bijk->byxk", axis_matrix(h, h0), axis_matrix(w, w0), z.double())
+        for z, (h, w) in zip(zs, sizes)
+    )
     return torch.linalg.vector_norm(total - q.double(), dim=-1)
 
 
@@ -102,8 +112,18 @@ def test_fused_pass_matches_dense_formula(dtype, tol):
     for threads in (1, 2):
         out = torch.full((batch, 9, 7), float("nan"), dtype=dtype)
         kcpu._crd_head_cpu.fused_pass(
-            str(dtype).split(".")[1], [z.data_ptr() for z in zs], plan.data_ptr(), weights.data_ptr(), q.data_ptr(),
-            out.data_ptr(), batch, 9, 7, r, 15, threads,
+            str(dtype).split(".")[1],
+            [z.data_ptr() for z in zs],
+            plan.data_ptr(),
+            weights.data_ptr(),
+            q.data_ptr(),
+            out.data_ptr(),
+            batch,
+            9,
+            7,
+            r,
+            15,
+            threads,
         )
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.double(), want, rtol=tol, atol=0)
@@ -166,7 +186,10 @@ def test_reference_fallback_without_compiled_kernels():
 # ---- CUDA arguments, checked without a GPU (fake CUDA tensors) -------------------------------------------
 def _launch_args(dtype=torch.float32, batch=2, r=70, device="cuda"):
     """(Operands, partial, out) of a 2-layer launch with a (6, 5) output grid."""
-    maps = (torch.empty(batch, 4, 6, 5, device=device, dtype=dtype), torch.empty(batch, 3, 3, 3, device=device, dtype=dtype))
+    maps = (
+        torch.empty(batch, 4, 6, 5, device=device, dtype=dtype),
+        torch.empty(batch, 3, 3, 3, device=device, dtype=dtype),
+    )
     acc = compute_dtype(dtype)
     rows = 6 + 5
     ops = cuda_launch.Operands(
@@ -262,14 +285,29 @@ def test_cupy_source_compiles_with_nvrtc(arch):
 def test_nvcc_build_has_no_spills(tmp_path):
     source = kernel_config.source_path()
     archs = ("75", "80", "90")
-    cmd = ["nvcc", "-std=c++17", "-x", "cu", "-c", *cupy_module.CODEGEN_FLAGS, "-Xptxas", "-v", "-o", str(tmp_path / "k.o")]
+    cmd = [
+        "nvcc",
+        "-std=c++17",
+        "-x",
+        "cu",
+        "-c",
+        *cupy_module.CODEGEN_FLAGS,
+        "-Xptxas",
+        "-v",
+        "-o",
+        str(tmp_path / "k.o"),
+    ]
     for arch in archs:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     cmd.append(str(source))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = result.stdout + result.stderr
-    props = re.findall(r"Function properties for (crd_head_\w+)\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    props = re.findall(
+        r"Function properties for (crd_head_\w+)\n.*?(\d+) bytes stack frame, "
+        r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+        report,
+    )
     assert sorted({p[0] for p in props}) == sorted(ENTRIES)
     assert len(props) == len(archs) * len(ENTRIES)  # every architecture
     for name, stack, stores, loads in props:
@@ -289,7 +327,9 @@ def _gpu_backends():
 @cuda
 @pytest.mark.parametrize("backend", ["native", "cupy"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shapes,r", [([(5, 7, 9), (6, 4, 5)], 70), ([(64, 28, 28), (128, 14, 14)], 130), ([(3, 1, 1)], 1)])
+@pytest.mark.parametrize(
+    "shapes,r", [([(5, 7, 9), (6, 4, 5)], 70), ([(64, 28, 28), (128, 14, 14)], 130), ([(3, 1, 1)], 1)]
+)
 def test_gpu_kernels_match_reference(backend, dtype, shapes, r):
     if backend not in _gpu_backends():
         pytest.skip(f"{backend} backend not available")

@@ -29,7 +29,9 @@ def test_residual_norm_matches_torch(dtype, rows, cols):
     got = _native.residual_norm(z.to(dtype), q.to(dtype))
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
-    torch.testing.assert_close(_native.residual_norm(z.to(dtype)).double(), torch.linalg.vector_norm(z, dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        _native.residual_norm(z.to(dtype)).double(), torch.linalg.vector_norm(z, dim=1), rtol=1e-6, atol=0
+    )
 
 
 @needs_native

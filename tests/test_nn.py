@@ -19,7 +19,9 @@ def test_exact_nearest_neighbour_distance(rng, backend):
     bank = random_bank(rng, 700, 12).astype(np.float32)
     y = random_bank(rng, 90, 12).astype(np.float32)
     scorer = NNScorer(backend=backend, query_chunk=17, bank_chunk=64).fit(bank)
-    np.testing.assert_allclose(scorer.score(y), brute_force(bank.astype(np.float64), y.astype(np.float64)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        scorer.score(y), brute_force(bank.astype(np.float64), y.astype(np.float64)), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_float64_torch_path_is_exact(rng):
@@ -40,14 +42,18 @@ def test_subsample_keeps_seeded_fraction(rng):
     b = NNScorer(subsample=0.1, seed=3).fit(bank)
     assert a.n_samples == 100 and torch.equal(a.bank, b.bank)
     # every kept row is a training row
-    assert np.isin(a.bank.numpy().view([("", np.float32)] * 4), bank.astype(np.float32).view([("", np.float32)] * 4)).all()
+    assert np.isin(
+        a.bank.numpy().view([("", np.float32)] * 4), bank.astype(np.float32).view([("", np.float32)] * 4)
+    ).all()
     assert a.nbytes == 100 * 4 * 4
 
 
 def test_partial_fit_appends(rng):
     a, b = random_bank(rng, 50, 4), random_bank(rng, 30, 4)
     y = random_bank(rng, 10, 4)
-    np.testing.assert_allclose(NNScorer().fit(a).partial_fit(b).score(y), NNScorer().fit(np.vstack([a, b])).score(y), rtol=1e-6)
+    np.testing.assert_allclose(
+        NNScorer().fit(a).partial_fit(b).score(y), NNScorer().fit(np.vstack([a, b])).score(y), rtol=1e-6
+    )
 
 
 def test_save_load_and_errors(tmp_path, rng):

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from deploy_fixtures import CROP, demo_images, fitted_detector
 
 from crd_fast.cli.main import main
 from crd_fast.deploy import DeployError
-from deploy_fixtures import CROP, demo_images, fitted_detector
 
 ov = pytest.importorskip("openvino", reason="OpenVINO export needs the optional extra crd-fast[openvino]")
 from crd_fast.deploy.openvino import OpenVinoDetector, export_openvino  # noqa: E402

@@ -101,8 +101,12 @@ def test_layouts_and_views_give_the_same_scores():
     # a strided batch view, and tuple input
     big = [torch.cat([m, m], dim=0)[::2] for m in maps]
     assert not big[0].is_contiguous()
-    torch.testing.assert_close(ops.crd_head(tuple(big), matrix, offset), ops.crd_head([m.contiguous() for m in big], matrix, offset))
-    torch.testing.assert_close(ops.crd_head(big, matrix, offset), reference.crd_head(big, matrix, offset), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        ops.crd_head(tuple(big), matrix, offset), ops.crd_head([m.contiguous() for m in big], matrix, offset)
+    )
+    torch.testing.assert_close(
+        ops.crd_head(big, matrix, offset), reference.crd_head(big, matrix, offset), rtol=1e-10, atol=0
+    )
 
 
 def test_empty_batch_and_rank_zero():
@@ -124,7 +128,8 @@ def test_fold_cache_follows_in_place_changes():
     torch.testing.assert_close(
         ops.crd_head(maps, matrix, offset, "patchcore", 9),
         reference.crd_head(maps, matrix, offset, "patchcore", 9),
-        rtol=1e-10, atol=0,
+        rtol=1e-10,
+        atol=0,
     )
     FOLDS.clear()
 
@@ -173,16 +178,27 @@ def test_fake_kernel_shapes_on_cpu_and_cuda_devices():
     """The fake kernel gives shape, dtype and device without data: also for CUDA tensors on a GPU-less host."""
     with FakeTensorMode():
         for device in ("cpu", "cuda"):
-            for dtype, out in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
-                maps = [torch.empty(4, 8, 28, 28, device=device, dtype=dtype), torch.empty(4, 16, 14, 14, device=device, dtype=dtype)]
-                got = torch.ops.crd_fast.crd_head(maps, torch.empty(5, 24, device=device), torch.empty(24, device=device), "concat", 1024)
+            for dtype, out in (
+                (torch.float64, torch.float64),
+                (torch.bfloat16, torch.float32),
+                (torch.float32, torch.float32),
+            ):
+                maps = [
+                    torch.empty(4, 8, 28, 28, device=device, dtype=dtype),
+                    torch.empty(4, 16, 14, 14, device=device, dtype=dtype),
+                ]
+                got = torch.ops.crd_fast.crd_head(
+                    maps, torch.empty(5, 24, device=device), torch.empty(24, device=device), "concat", 1024
+                )
                 assert got.shape == (4, 28, 28) and got.dtype == out and got.device.type == device
                 with pytest.raises(ValueError, match="matrix must be"):
-                    torch.ops.crd_fast.crd_head(maps, torch.empty(5, 23, device=device), torch.empty(24, device=device), "concat", 1024)
+                    torch.ops.crd_fast.crd_head(
+                        maps, torch.empty(5, 23, device=device), torch.empty(24, device=device), "concat", 1024
+                    )
 
 
 def test_torch_compile_calls_the_op():
-    """torch.compile (aot_eager backend: the inductor C++ build is too slow for this shared box) of a function using the op."""
+    """torch.compile of a function using the op (aot_eager: the inductor C++ build is too slow for this box)."""
     gen = torch.Generator().manual_seed(31)
     maps, matrix, offset = make_inputs(gen, *CASES[1][:3], 7, dtype=torch.float32)
     matrix, offset = matrix.float(), offset.float()

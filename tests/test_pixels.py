@@ -113,8 +113,9 @@ def test_pixel_masks_on_demo_data(demo, tmp_path):
     assert pixel_f1(pred.pred_masks, masks) == quantile_f1
 
     # F1-optimal on the labelled masks: the best any threshold can do on this data, so at least the quantile's.
-    raw_masks = [np.zeros((128, 128), bool) if y == 0 else m for y, m in
-                 zip(test.labels, [np.asarray(mm) for mm in masks])]
+    raw_masks = [
+        np.zeros((128, 128), bool) if y == 0 else m for y, m in zip(test.labels, [np.asarray(mm) for mm in masks])
+    ]
     t = det.calibrate_pixels_labelled(test.image_paths, raw_masks, progress=False)
     best = pixel_f1(predict_masks(pred.anomaly_maps, t), masks)
     assert best >= OPTIMAL_F1_FLOOR and best >= quantile_f1
@@ -124,8 +125,9 @@ def test_pixel_masks_on_demo_data(demo, tmp_path):
     det.save(path)
     loaded = CRDDetector.load(path)
     assert loaded.pixel_threshold == t
-    np.testing.assert_array_equal(loaded.predict(test.image_paths[:3], progress=False).pred_masks,
-                                  pred.anomaly_maps[:3] >= t)
+    np.testing.assert_array_equal(
+        loaded.predict(test.image_paths[:3], progress=False).pred_masks, pred.anomaly_maps[:3] >= t
+    )
 
     # The report outlines the predicted masks and scores them.
     ev.result.images = {i: det.preprocess.display(load_image(p)) for i, p in enumerate(test.image_paths)}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import random_bank
+
 from crd_fast import CRDScorer, ModelFileError
 from crd_fast.deploy import DeployHead, make_head_file, measure_error, variant_projection
 from crd_fast.deploy.precision import deployed_scores, head_from, round_matrix
@@ -119,8 +119,12 @@ def test_measure_error(scorer, rng):
     assert fp16["matrix_bytes"] * 2 == fp32["matrix_bytes"] == 2 * low["matrix_bytes"]
     # the folded float32 form the runtime uses (||M y - M mu||) agrees with the float64 score
     proj = variant_projection(scorer, "fp64", None)
-    torch.testing.assert_close(deployed_scores(patches, proj.matrix, proj.offset).double(), exact_scores(scorer, patches.double()),
-                               rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        deployed_scores(patches, proj.matrix, proj.offset).double(),
+        exact_scores(scorer, patches.double()),
+        rtol=1e-4,
+        atol=0,
+    )
     with pytest.raises(ValueError, match="n_images \\* 25"):
         measure_error(scorer, patches[:-1], 25)
 

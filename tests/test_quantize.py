@@ -44,8 +44,10 @@ def test_int8_export_is_quantized_backbone_only(exported):
     for n in graph.node:
         if n.op_type == "Conv" and n.input[1] in produced_by_dq:
             assert n.name.startswith(BACKBONE_SCOPE), n.name
-    assert any(n.op_type == "Conv" and not n.name.startswith(BACKBONE_SCOPE) and n.input[1] not in produced_by_dq
-               for n in graph.node)
+    assert any(
+        n.op_type == "Conv" and not n.name.startswith(BACKBONE_SCOPE) and n.input[1] not in produced_by_dq
+        for n in graph.node
+    )
 
 
 def test_int8_scores_close_to_fp32(exported):

@@ -1,4 +1,4 @@
-"""Heatmap overlays and the HTML/JSON report: self-contained page, figures equal to crd_fast.evaluation.metrics, banner."""
+"""Heatmap overlays and the HTML/JSON report: self-contained page, figures equal to evaluation.metrics, banner."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from scipy import ndimage
 
 from crd_fast.evaluation import metrics as M
 from crd_fast.report import RANDOM_WEIGHTS_WARNING, CategoryResult, RunInfo, example_indices, write_report
-from crd_fast.synthetic import render_sample
 from crd_fast.report.overlay import heatmap_overlay, normalize_map, save_png
+from crd_fast.synthetic import render_sample
 
 # ------------------------------------------------------------------------------------------ viz
 
@@ -100,8 +100,11 @@ def _category(name: str, seed: int, size: int = 64) -> CategoryResult:
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     results = [_category("cap_a", 0), _category("cap_b", 1)]
-    run = RunInfo(settings={"backbone": "resnet18", "layers": ["layer2", "layer3"], "lam_rel": 0.01},
-                  weights="random (seed 0)", command="crd-fast demo --seed 0")
+    run = RunInfo(
+        settings={"backbone": "resnet18", "layers": ["layer2", "layer3"], "lam_rel": 0.01},
+        weights="random (seed 0)",
+        command="crd-fast demo --seed 0",
+    )
     return out, results, write_report(out, results, run, n_examples=3)
 
 
@@ -144,7 +147,9 @@ def test_json_matches_metrics_module(report):
         roc = cat["roc"]["image"]
         assert np.trapezoid(roc["tpr"], roc["fpr"]) == pytest.approx(m["image_auroc"])
         assert cat["examples"] == example_indices(y, s, 3)
-    assert data["mean"]["image_auroc"] == pytest.approx(np.mean([c["metrics"]["image_auroc"] for c in data["categories"]]))
+    assert data["mean"]["image_auroc"] == pytest.approx(
+        np.mean([c["metrics"]["image_auroc"] for c in data["categories"]])
+    )
     assert data["run"]["random_weights"] is True and data["run"]["settings"]["layers"] == ["layer2", "layer3"]
 
 
@@ -185,7 +190,9 @@ def test_bad_report_input(tmp_path):
     with pytest.raises(ValueError, match="anomaly_maps must be"):
         CategoryResult("x", labels=[0, 1], image_scores=[0.1, 0.2], anomaly_maps=np.zeros((3, 4, 4)))
     with pytest.raises(ValueError, match="masks .* and anomaly_maps .* differ in shape"):
-        CategoryResult("x", labels=[0, 1], image_scores=[0.1, 0.2], anomaly_maps=np.zeros((2, 4, 4)), masks=np.zeros((2, 5, 5)))
+        CategoryResult(
+            "x", labels=[0, 1], image_scores=[0.1, 0.2], anomaly_maps=np.zeros((2, 4, 4)), masks=np.zeros((2, 5, 5))
+        )
     with pytest.raises(ValueError, match="image_scores must be finite"):
         CategoryResult("x", labels=[0, 1], image_scores=[0.1, np.nan])
     with pytest.raises(ValueError, match="3 paths for 2 images"):

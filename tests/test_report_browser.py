@@ -32,14 +32,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
 REQUIRED = os.environ.get("CRD_FAST_REQUIRE_BROWSER") == "1"  # set by .ci/run, which installs chromium
-needs_chromium = pytest.mark.skipif(CHROMIUM is None and not REQUIRED,
-                                    reason="chromium is not installed (apt-get install chromium; .ci/run installs it)")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--hide-scrollbars"]
-PROBE = ('<script>window.addEventListener("load",function(){var im=document.images,ok=0;'
-         'for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)ok++;}'
-         'var p=document.createElement("pre");p.id="crd-probe";'
-         'p.textContent=JSON.stringify({images:im.length,loaded:ok});document.body.appendChild(p);});</script>')
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None and not REQUIRED,
+    reason="chromium is not installed (apt-get install chromium; .ci/run installs it)",
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+]
+PROBE = (
+    '<script>window.addEventListener("load",function(){var im=document.images,ok=0;'
+    "for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)ok++;}"
+    'var p=document.createElement("pre");p.id="crd-probe";'
+    "p.textContent=JSON.stringify({images:im.length,loaded:ok});document.body.appendChild(p);});</script>"
+)
 #: Browser-internal requests (component updates, accounts) carry this initiator; a page's requests carry its origin.
 BROWSER_INITIATOR = "not an origin"
 
@@ -58,9 +70,11 @@ def page_requests(netlog: Path) -> list[str]:
     """URLs of the network requests the page made (from chromium's --log-net-log)."""
     log = json.loads(netlog.read_text())
     start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
-    return [e["params"]["url"] for e in log["events"]
-            if e["type"] == start and "url" in e.get("params", {})
-            and e["params"].get("initiator") != BROWSER_INITIATOR]
+    return [
+        e["params"]["url"]
+        for e in log["events"]
+        if e["type"] == start and "url" in e.get("params", {}) and e["params"].get("initiator") != BROWSER_INITIATOR
+    ]
 
 
 class Links(HTMLParser):
@@ -92,8 +106,9 @@ def test_report_renders_with_images_and_no_external_requests(report, tmp_path):
     shot = artifact_dir() / "report-screenshot.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     netlog = tmp_path / "netlog.json"
-    run = chromium(tmp_path, report.as_uri(), "--window-size=1280,1800", f"--screenshot={shot}",
-                   f"--log-net-log={netlog}")
+    run = chromium(
+        tmp_path, report.as_uri(), "--window-size=1280,1800", f"--screenshot={shot}", f"--log-net-log={netlog}"
+    )
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.shape[:2] == (1800, 1280)
@@ -114,8 +129,11 @@ def test_report_renders_with_images_and_no_external_requests(report, tmp_path):
     links = Links()
     links.feed(dom)
     assert links.urls, "no src/href found in the rendered page"
-    outside = [(t, n, v[:80]) for t, n, v in links.urls
-               if not (v.startswith("data:image/") or (n == "href" and v.startswith("#")))]
+    outside = [
+        (t, n, v[:80])
+        for t, n, v in links.urls
+        if not (v.startswith("data:image/") or (n == "href" and v.startswith("#")))
+    ]
     assert outside == []
 
 
@@ -123,8 +141,10 @@ def test_report_renders_with_images_and_no_external_requests(report, tmp_path):
 def test_the_network_check_sees_an_external_request(report, tmp_path):
     """Positive control: the same page with one external image is caught by ``page_requests``."""
     bad = tmp_path / "bad.html"
-    bad.write_text(report.read_text(encoding="utf-8").replace(
-        "</body>", '<img src="http://127.0.0.1:9/outside.png"></body>'), encoding="utf-8")
+    bad.write_text(
+        report.read_text(encoding="utf-8").replace("</body>", '<img src="http://127.0.0.1:9/outside.png"></body>'),
+        encoding="utf-8",
+    )
     netlog = tmp_path / "netlog.json"
     run = chromium(tmp_path, bad.as_uri(), "--virtual-time-budget=5000", "--dump-dom", f"--log-net-log={netlog}")
     assert run.returncode == 0, run.stderr[-2000:]

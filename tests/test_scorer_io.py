@@ -189,8 +189,12 @@ def _loaders():
     from crd_fast import CRDDetector
     from crd_fast.deploy import DeployHead
 
-    return {"CRDScorer": CRDScorer.load, "NNScorer": NNScorer.load, "CRDDetector": CRDDetector.load,
-            "DeployHead": DeployHead.load}
+    return {
+        "CRDScorer": CRDScorer.load,
+        "NNScorer": NNScorer.load,
+        "CRDDetector": CRDDetector.load,
+        "DeployHead": DeployHead.load,
+    }
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])

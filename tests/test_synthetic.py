@@ -22,7 +22,9 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("syn")
-    ds = generate_dataset(root, categories=("fabric", "stone", "cap"), n_train=3, n_test_good=2, n_test_defect=5, size=SIZE, seed=7)
+    ds = generate_dataset(
+        root, categories=("fabric", "stone", "cap"), n_train=3, n_test_good=2, n_test_defect=5, size=SIZE, seed=7
+    )
     return root, ds
 
 
@@ -63,7 +65,15 @@ def test_images_and_masks_are_well_formed(dataset):
 
 def test_deterministic_by_seed(dataset, tmp_path):
     root, _ = dataset
-    generate_dataset(tmp_path / "a", categories=("fabric", "stone", "cap"), n_train=3, n_test_good=2, n_test_defect=5, size=SIZE, seed=7)
+    generate_dataset(
+        tmp_path / "a",
+        categories=("fabric", "stone", "cap"),
+        n_train=3,
+        n_test_good=2,
+        n_test_defect=5,
+        size=SIZE,
+        seed=7,
+    )
     assert _files(tmp_path / "a") == _files(root)  # byte-identical
     generate_dataset(tmp_path / "b", categories=("cap",), n_train=3, n_test_good=2, n_test_defect=5, size=SIZE, seed=8)
     other = _files(tmp_path / "b")
@@ -78,10 +88,14 @@ def test_deterministic_by_seed(dataset, tmp_path):
 def test_good_images_vary(dataset):
     root, _ = dataset
     for category in ("fabric", "stone", "cap"):
-        imgs = [np.asarray(Image.open(p), dtype=np.float64) for p in sorted((root / category / "train" / "good").iterdir())]
+        imgs = [
+            np.asarray(Image.open(p), dtype=np.float64) for p in sorted((root / category / "train" / "good").iterdir())
+        ]
         for i in range(len(imgs)):
             for j in range(i + 1, len(imgs)):
-                assert np.abs(imgs[i] - imgs[j]).mean() > 2.0, f"{category}: train images {i} and {j} are near duplicates"
+                assert np.abs(imgs[i] - imgs[j]).mean() > 2.0, (
+                    f"{category}: train images {i} and {j} are near duplicates"
+                )
     good, mask = render_sample("stone", size=SIZE, seed=7, defect=None, index=0)
     assert not mask.any()
 

@@ -52,8 +52,16 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **changes: Any) -> "BenchConfig":
-        base = dict(n_train=20, embeddings=("concat",), rounds=3, nn_rounds=(3, 2, 1), e2e_batch=2,
-                    e2e_rounds=2, fit_sizes=(4, 16), quick_run=True)
+        base = dict(
+            n_train=20,
+            embeddings=("concat",),
+            rounds=3,
+            nn_rounds=(3, 2, 1),
+            e2e_batch=2,
+            e2e_rounds=2,
+            fit_sizes=(4, 16),
+            quick_run=True,
+        )
         base.update(changes)
         return cls(**base)
 
@@ -71,9 +79,11 @@ class BenchConfig:
         """One line with the sizes of this run (the table's "sizes:" line)."""
         maps = " + ".join("x".join(str(v) for v in layer) for layer in self.layers)
         banks = ", ".join(f"{f * 100:g}%" for f in self.fractions)
-        return (f"{'QUICK run (smaller than the full sizes), ' if self.quick_run else ''}"
-                f"head: {self.n_train} training images x {self.layers[0][1] * self.layers[0][2]} patches "
-                f"(maps {maps}), {self.n_query} query images, "
-                f"embeddings {', '.join(self.embeddings)}, banks {banks}; "
-                f"e2e: {self.e2e_backbone} {self.e2e_crop} px batch {self.e2e_batch}; "
-                f"fit: {', '.join(str(n) for n in self.fit_sizes)} images at d={self.fit_dim}")
+        return (
+            f"{'QUICK run (smaller than the full sizes), ' if self.quick_run else ''}"
+            f"head: {self.n_train} training images x {self.layers[0][1] * self.layers[0][2]} patches "
+            f"(maps {maps}), {self.n_query} query images, "
+            f"embeddings {', '.join(self.embeddings)}, banks {banks}; "
+            f"e2e: {self.e2e_backbone} {self.e2e_crop} px batch {self.e2e_batch}; "
+            f"fit: {', '.join(str(n) for n in self.fit_sizes)} images at d={self.fit_dim}"
+        )

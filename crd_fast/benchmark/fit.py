@@ -37,8 +37,9 @@ def peak_rss_mb() -> float:
     return peak / 1e6 if sys.platform == "darwin" else peak / 1024.0
 
 
-def fit_run(n_images: int, dim: int = 1536, batch: int = 8, patches_per_image: int = 784,
-            seed: int = 0) -> dict[str, Any]:
+def fit_run(
+    n_images: int, dim: int = 1536, batch: int = 8, patches_per_image: int = 784, seed: int = 0
+) -> dict[str, Any]:
     """Stream ``n_images`` images of random patches through ``CRDScorer.partial_fit``, in this process.
 
     Only the partial_fit calls are timed (not the random generation); the one d x d solve that turns
@@ -77,8 +78,14 @@ def fit_run(n_images: int, dim: int = 1536, batch: int = 8, patches_per_image: i
     }
 
 
-def fit_in_subprocess(n_images: int, dim: int = 1536, batch: int = 8, seed: int = 0, timeout: float = 1800.0,
-                      threads: Optional[int] = None) -> dict[str, Any]:
+def fit_in_subprocess(
+    n_images: int,
+    dim: int = 1536,
+    batch: int = 8,
+    seed: int = 0,
+    timeout: float = 1800.0,
+    threads: Optional[int] = None,
+) -> dict[str, Any]:
     """``fit_run`` in a fresh Python process, so its peak memory is its own (not the caller's)."""
     cmd = [sys.executable, "-m", "crd_fast.benchmark.fit", "fit", str(n_images), str(dim), str(batch), str(seed)]
     env = dict(os.environ)

@@ -26,8 +26,9 @@ class FeatureGenerator:
         seed: seed of the per-layer bases; the maps of item ``index`` are seeded by (seed, index).
     """
 
-    def __init__(self, layers: Sequence[tuple[int, int, int]] = WRN50_LAYERS, rank: int = 32,
-                 noise: float = 0.5, seed: int = 0) -> None:
+    def __init__(
+        self, layers: Sequence[tuple[int, int, int]] = WRN50_LAYERS, rank: int = 32, noise: float = 0.5, seed: int = 0
+    ) -> None:
         if not layers or any(len(layer) != 3 or min(layer) < 1 for layer in layers):
             raise ValueError(f"layers must be a non-empty list of positive (C, H, W), got {layers!r}")
         if rank < 1 or noise < 0:

@@ -48,6 +48,8 @@ def machine_info() -> dict[str, Any]:
 
 def describe_machine(info: dict[str, Any]) -> str:
     gpu = info["cuda"] or "none"
-    return (f"{info['cpu']}, {info['cores']} cores; torch {info['torch']} with {info['torch_threads']} threads, "
-            f"faiss threads {info['faiss_threads']}; fused CPU pass built: {info['fused_cpu_pass']} "
-            f"(OpenMP {info['fused_cpu_openmp']}); GPU: {gpu}; {info['date']}")
+    return (
+        f"{info['cpu']}, {info['cores']} cores; torch {info['torch']} with {info['torch_threads']} threads, "
+        f"faiss threads {info['faiss_threads']}; fused CPU pass built: {info['fused_cpu_pass']} "
+        f"(OpenMP {info['fused_cpu_openmp']}); GPU: {gpu}; {info['date']}"
+    )

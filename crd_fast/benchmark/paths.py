@@ -48,9 +48,15 @@ class HeadCase:
         return int(self.maps[0].shape[0])
 
 
-def make_head_case(embedding: str = "concat", n_train: int = 200, n_query: int = 8, seed: int = 0,
-                   batch: int = 20, generator: Optional[FeatureGenerator] = None,
-                   target_dim: int = 1024) -> HeadCase:
+def make_head_case(
+    embedding: str = "concat",
+    n_train: int = 200,
+    n_query: int = 8,
+    seed: int = 0,
+    batch: int = 20,
+    generator: Optional[FeatureGenerator] = None,
+    target_dim: int = 1024,
+) -> HeadCase:
     """Training bank + fitted CRD scorer from ``n_train`` random images, and ``n_query`` query images.
 
     The training maps are embedded batch by batch into one float32 bank (what an NN detector stores)
@@ -71,8 +77,17 @@ def make_head_case(embedding: str = "concat", n_train: int = 200, n_query: int =
         scorer.partial_fit(rows)
     query = gen.maps(n_query, index=10_000_000)  # far from every training batch's seed
     proj = scorer.projection
-    return HeadCase(embedding, n_train, query, patch_rows(query, embedding, target_dim), bank, scorer,
-                    proj.matrix.float().contiguous(), proj.offset.float().contiguous(), target_dim)
+    return HeadCase(
+        embedding,
+        n_train,
+        query,
+        patch_rows(query, embedding, target_dim),
+        bank,
+        scorer,
+        proj.matrix.float().contiguous(),
+        proj.offset.float().contiguous(),
+        target_dim,
+    )
 
 
 def fused_path(case: HeadCase) -> Callable[[], Tensor]:
@@ -124,8 +139,9 @@ class EndToEndCase:
         return int(self.x.shape[0])
 
 
-def make_e2e_case(backbone: str = "wide_resnet50_2", crop: int = 224, batch: int = 8, n_fit: int = 8,
-                  seed: int = 0) -> EndToEndCase:
+def make_e2e_case(
+    backbone: str = "wide_resnet50_2", crop: int = 224, batch: int = 8, n_fit: int = 8, seed: int = 0
+) -> EndToEndCase:
     """A CRDDetector with seeded random weights fitted on ``n_fit`` random images; its inference model.
 
     Throughput does not depend on the weights' values, so random weights time the real network.
@@ -143,13 +159,14 @@ def make_e2e_case(backbone: str = "wide_resnet50_2", crop: int = 224, batch: int
 
 
 def e2e_paths(case: EndToEndCase) -> dict[str, Callable[[], Any]]:
-    """"backbone" (feature maps only), "head" (the model's CRD head on those maps), "full" (the whole model)."""
+    """ "backbone" (feature maps only), "head" (the model's CRD head on those maps), "full" (the whole model)."""
     model, x, features = case.model, case.x, case.features
 
     def inference(fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:
             with torch.inference_mode():
                 return fn()
+
         return run
 
     return {

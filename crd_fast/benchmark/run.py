@@ -28,6 +28,7 @@ def run_all(config: BenchConfig, log: Callable[[str], None] = lambda s: None) ->
         raise ValueError(f"unknown benchmark part(s) {unknown}; choose from {PARTS}")
     try:
         import faiss  # noqa: F401
+
         backends = config.backends
     except ImportError:
         log("faiss is not installed: exact NN search is timed with the torch backend only")
@@ -36,8 +37,13 @@ def run_all(config: BenchConfig, log: Callable[[str], None] = lambda s: None) ->
     extra: dict[str, Any] = {"config": config.describe(), "head_sizes": {}, "errors": {}}
     for emb in config.embeddings if "head" in config.parts else ():
         log(f"head ({emb}): {config.n_train} training images of random features -> bank and CRD fit")
-        case = make_head_case(emb, n_train=config.n_train, n_query=config.n_query,
-                              generator=FeatureGenerator(layers=config.layers), target_dim=config.target_dim)
+        case = make_head_case(
+            emb,
+            n_train=config.n_train,
+            n_query=config.n_query,
+            generator=FeatureGenerator(layers=config.layers),
+            target_dim=config.target_dim,
+        )
         extra["head_sizes"][emb] = (case.n_query_images, int(case.bank.shape[0]), case.dim)
         fused, ref = fused_path(case), reference_path(case)
         extra["errors"][emb] = max_relative_error(fused(), ref())

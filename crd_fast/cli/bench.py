@@ -33,15 +33,26 @@ examples:
 
 
 def register(sub: Any) -> None:
-    with command(sub, "bench", epilog=EPILOG, run=run,
-                 help="measure crd-fast against exact nearest-neighbour search on this machine",
-                 description="Time the CRD head, exact nearest-neighbour search, the whole detector and fitting "
-                             "on this machine, side by side in one run, and print the ratios.") as p:
+    with command(
+        sub,
+        "bench",
+        epilog=EPILOG,
+        run=run,
+        help="measure crd-fast against exact nearest-neighbour search on this machine",
+        description="Time the CRD head, exact nearest-neighbour search, the whole detector and fitting "
+        "on this machine, side by side in one run, and print the ratios.",
+    ) as p:
         p.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds: two minutes or so")
-        p.add_argument("--only", action="append", choices=PARTS, metavar="PART",
-                       help=f"run only this part ({', '.join(PARTS)}); repeat for several (default: all)")
-        p.add_argument("--json", metavar="FILE",
-                       help="also write every timing, the machine and the sizes to FILE (JSON)")
+        p.add_argument(
+            "--only",
+            action="append",
+            choices=PARTS,
+            metavar="PART",
+            help=f"run only this part ({', '.join(PARTS)}); repeat for several (default: all)",
+        )
+        p.add_argument(
+            "--json", metavar="FILE", help="also write every timing, the machine and the sizes to FILE (JSON)"
+        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -60,8 +60,9 @@ def load_config(path: str) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise CLIError(f"config file {path}: must hold a mapping of option names to values, "
-                       f"not a {type(data).__name__}")
+        raise CLIError(
+            f"config file {path}: must hold a mapping of option names to values, not a {type(data).__name__}"
+        )
     return data
 
 
@@ -85,8 +86,9 @@ def config_tokens(path: str, command: str, parser: argparse.ArgumentParser, comm
     for key, value in options.items():
         dest = str(key).replace("-", "_")
         if dest in positionals:
-            raise CLIError(f"config file {path}: {key!r} is a positional argument of '{command}'; "
-                           "give it on the command line")
+            raise CLIError(
+                f"config file {path}: {key!r} is a positional argument of '{command}'; give it on the command line"
+            )
         if dest in ("config", "help", "version"):
             raise CLIError(f"config file {path}: {key!r} cannot be set in a config file")
         action = actions.get(dest)

@@ -18,13 +18,29 @@ from .options import add_detector_options, command, echo, make_detector, positiv
 
 DEMO_BACKBONE = "resnet18"
 #: Data set and image sizes of the full demo and of --quick.
-FULL = {"categories": ("fabric", "stone", "cap"), "n_train": 30, "n_test_good": 10, "n_test_defect": 12,
-        "size": 256, "resize": 256, "crop": 224}
-QUICK = {"categories": ("fabric", "cap"), "n_train": 20, "n_test_good": 10, "n_test_defect": 12,
-         "size": 128, "resize": 128, "crop": 128}
-BACKBONE_NOTE = ("Backbone resnet18 was chosen for the demo by measurement on a 2-core CPU: with seeded random "
-                 "weights the full demo took 57 s with it against 269 s with wide_resnet50_2, and it separated the "
-                 "synthetic defects at least as well (mean image AUROC 1.000 against 0.986).")
+FULL = {
+    "categories": ("fabric", "stone", "cap"),
+    "n_train": 30,
+    "n_test_good": 10,
+    "n_test_defect": 12,
+    "size": 256,
+    "resize": 256,
+    "crop": 224,
+}
+QUICK = {
+    "categories": ("fabric", "cap"),
+    "n_train": 20,
+    "n_test_good": 10,
+    "n_test_defect": 12,
+    "size": 128,
+    "resize": 128,
+    "crop": 128,
+}
+BACKBONE_NOTE = (
+    "Backbone resnet18 was chosen for the demo by measurement on a 2-core CPU: with seeded random "
+    "weights the full demo took 57 s with it against 269 s with wide_resnet50_2, and it separated the "
+    "synthetic defects at least as well (mean image AUROC 1.000 against 0.986)."
+)
 
 EPILOG = """\
 what it does:
@@ -46,30 +62,56 @@ examples:
 
 
 def register(sub: Any) -> None:
-    with command(sub, "demo", epilog=EPILOG, run=run,
-                 help="run the built-in demo: synthetic data, fit, evaluate, HTML report (no data needed)",
-                 description="Generate a small synthetic inspection data set, fit and evaluate the detector on it and "
-                             "write an HTML + JSON report. Needs no data, no weights and no network.") as p:
-        p.add_argument("--out", default="crd-fast-demo", metavar="DIR",
-                       help="output folder: data/, report.html, report.json (default: crd-fast-demo)")
-        p.add_argument("--quick", action="store_true",
-                       help="smaller images (128 px), fewer images, two categories: a few seconds")
-        p.add_argument("--categories", metavar="C1,C2",
-                       type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-                       help="synthetic categories among fabric, stone, cap (default: all three; fabric,cap with "
-                            "--quick)")
-        p.add_argument("--n-train", type=positive_int, metavar="N",
-                       help="good training images per category (default: 30; 20 with --quick)")
-        p.add_argument("--n-test-good", type=positive_int, metavar="N",
-                       help="good test images per category (default: 10)")
-        p.add_argument("--n-test-defect", type=positive_int, metavar="N",
-                       help="defective test images per category (default: 12)")
-        p.add_argument("--size", type=positive_int, metavar="PX",
-                       help="generated image size (default: 256; 128 with --quick)")
-        p.add_argument("--no-compare-nn", dest="compare_nn", action="store_false",
-                       help="skip the nearest-neighbour comparison")
-        add_detector_options(p, backbone=DEMO_BACKBONE, weights="random", resize=None, crop=None,
-                             size_note="256 / 224, or 128 / 128 with --quick")
+    with command(
+        sub,
+        "demo",
+        epilog=EPILOG,
+        run=run,
+        help="run the built-in demo: synthetic data, fit, evaluate, HTML report (no data needed)",
+        description="Generate a small synthetic inspection data set, fit and evaluate the detector on it and "
+        "write an HTML + JSON report. Needs no data, no weights and no network.",
+    ) as p:
+        p.add_argument(
+            "--out",
+            default="crd-fast-demo",
+            metavar="DIR",
+            help="output folder: data/, report.html, report.json (default: crd-fast-demo)",
+        )
+        p.add_argument(
+            "--quick", action="store_true", help="smaller images (128 px), fewer images, two categories: a few seconds"
+        )
+        p.add_argument(
+            "--categories",
+            metavar="C1,C2",
+            type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+            help="synthetic categories among fabric, stone, cap (default: all three; fabric,cap with --quick)",
+        )
+        p.add_argument(
+            "--n-train",
+            type=positive_int,
+            metavar="N",
+            help="good training images per category (default: 30; 20 with --quick)",
+        )
+        p.add_argument(
+            "--n-test-good", type=positive_int, metavar="N", help="good test images per category (default: 10)"
+        )
+        p.add_argument(
+            "--n-test-defect", type=positive_int, metavar="N", help="defective test images per category (default: 12)"
+        )
+        p.add_argument(
+            "--size", type=positive_int, metavar="PX", help="generated image size (default: 256; 128 with --quick)"
+        )
+        p.add_argument(
+            "--no-compare-nn", dest="compare_nn", action="store_false", help="skip the nearest-neighbour comparison"
+        )
+        add_detector_options(
+            p,
+            backbone=DEMO_BACKBONE,
+            weights="random",
+            resize=None,
+            crop=None,
+            size_note="256 / 224, or 128 / 128 with --quick",
+        )
 
 
 @dataclass
@@ -96,8 +138,10 @@ def run_demo(args: argparse.Namespace) -> DemoRun:
     categories = args.categories or preset["categories"]
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown:
-        raise ValueError(f"unknown demo categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                         f"choose from {', '.join(CATEGORIES)}")
+        raise ValueError(
+            f"unknown demo categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+            f"choose from {', '.join(CATEGORIES)}"
+        )
     size = args.size or preset["size"]
     args.resize = args.resize or min(preset["resize"], size)
     args.crop = args.crop or min(preset["crop"], args.resize)
@@ -107,14 +151,25 @@ def run_demo(args: argparse.Namespace) -> DemoRun:
     t_start = time.perf_counter()
     detector = make_detector(args)  # built first: a bad option fails before any image is written
     total = len(categories) * sum(counts.values())
-    with tqdm(total=total, desc="generate data", unit="img", disable=not progress_enabled(args), dynamic_ncols=True) as bar:
-        generate_dataset(data_root, categories=categories, size=size, seed=args.seed,
-                         progress=lambda done, _total: bar.update(done - bar.n), **counts)
-    evals = evaluate_mvtec(detector, data_root, list(categories), compare_nn_baseline=args.compare_nn,
-                           progress=progress_enabled(args))
-    notes = [f"Synthetic data (crd_fast.synthetic, seed {args.seed}): {', '.join(categories)}; "
-             f"{counts['n_train']} training, {counts['n_test_good']} good and {counts['n_test_defect']} defective "
-             f"test images per category, {size} px."]
+    with tqdm(
+        total=total, desc="generate data", unit="img", disable=not progress_enabled(args), dynamic_ncols=True
+    ) as bar:
+        generate_dataset(
+            data_root,
+            categories=categories,
+            size=size,
+            seed=args.seed,
+            progress=lambda done, _total: bar.update(done - bar.n),
+            **counts,
+        )
+    evals = evaluate_mvtec(
+        detector, data_root, list(categories), compare_nn_baseline=args.compare_nn, progress=progress_enabled(args)
+    )
+    notes = [
+        f"Synthetic data (crd_fast.synthetic, seed {args.seed}): {', '.join(categories)}; "
+        f"{counts['n_train']} training, {counts['n_test_good']} good and {counts['n_test_defect']} defective "
+        f"test images per category, {size} px."
+    ]
     if args.backbone == DEMO_BACKBONE:
         notes.append(BACKBONE_NOTE)
     report = run_report(str(out), evals, detector, args.argv, "crd-fast demo report", notes)
@@ -124,8 +179,10 @@ def run_demo(args: argparse.Namespace) -> DemoRun:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.mvtec import format_table
 
-    echo(f"crd-fast demo: synthetic data set in {Path(args.out) / 'data'} (seed {args.seed}"
-         f"{', quick' if args.quick else ''})")
+    echo(
+        f"crd-fast demo: synthetic data set in {Path(args.out) / 'data'} (seed {args.seed}"
+        f"{', quick' if args.quick else ''})"
+    )
     if args.weights == "random":
         echo("  NOTE: the backbone uses seeded RANDOM weights (nothing is downloaded). The numbers below show that")
         echo("        the pipeline works end to end; they are NOT the detector's accuracy with real ImageNet weights.")

@@ -30,17 +30,35 @@ examples:
 
 
 def register(sub: Any) -> None:
-    with command(sub, "eval", epilog=EPILOG, run=run,
-                 help="fit and evaluate per category on an MVTec AD-layout data set",
-                 description="For each category: fit on train/good, score test/, and print image AUROC, pixel AUROC, "
-                             "AUPRO, F1-max and timings; optionally write an HTML + JSON report.") as p:
+    with command(
+        sub,
+        "eval",
+        epilog=EPILOG,
+        run=run,
+        help="fit and evaluate per category on an MVTec AD-layout data set",
+        description="For each category: fit on train/good, score test/, and print image AUROC, pixel AUROC, "
+        "AUPRO, F1-max and timings; optionally write an HTML + JSON report.",
+    ) as p:
         p.add_argument("root", metavar="ROOT", help="data set root (or one category folder)")
-        p.add_argument("-c", "--category", action="append", metavar="C",
-                       help="category to evaluate (repeatable; default: every category under ROOT)")
-        p.add_argument("--compare-nn", action="store_true",
-                       help="also score with exact nearest-neighbour search on the same features, side by side")
-        p.add_argument("--nn-subsample", type=fraction, default=None, metavar="F",
-                       help="keep this fraction of training patches in the NN memory bank (default: all)")
+        p.add_argument(
+            "-c",
+            "--category",
+            action="append",
+            metavar="C",
+            help="category to evaluate (repeatable; default: every category under ROOT)",
+        )
+        p.add_argument(
+            "--compare-nn",
+            action="store_true",
+            help="also score with exact nearest-neighbour search on the same features, side by side",
+        )
+        p.add_argument(
+            "--nn-subsample",
+            type=fraction,
+            default=None,
+            metavar="F",
+            help="keep this fraction of training patches in the NN memory bank (default: all)",
+        )
         p.add_argument("--report", metavar="DIR", help="write DIR/report.html and DIR/report.json")
         add_detector_options(p)
 
@@ -67,14 +85,20 @@ def resolve_root(root: str, categories: Optional[Sequence[str]]) -> tuple[Path, 
     return path, found
 
 
-def run_report(out_dir: str, evals: Sequence[Any], detector: Any, argv: Sequence[str], title: str,
-               notes: Sequence[str] = ()) -> Any:
+def run_report(
+    out_dir: str, evals: Sequence[Any], detector: Any, argv: Sequence[str], title: str, notes: Sequence[str] = ()
+) -> Any:
     """write_report for evaluated categories, with the detector's settings and weights in the header."""
     from ..report import RunInfo, write_report
 
-    info = RunInfo(settings=dict(detector.config), weights=detector.weights_description,
-                   random_weights=detector.uses_random_weights, title=title,
-                   command="crd-fast " + " ".join(shlex.quote(a) for a in argv), notes=list(notes))
+    info = RunInfo(
+        settings=dict(detector.config),
+        weights=detector.weights_description,
+        random_weights=detector.uses_random_weights,
+        title=title,
+        command="crd-fast " + " ".join(shlex.quote(a) for a in argv),
+        notes=list(notes),
+    )
     return write_report(out_dir, [e.result for e in evals], info)
 
 
@@ -83,11 +107,19 @@ def run(args: argparse.Namespace) -> int:
 
     root, categories = resolve_root(args.root, args.category)
     detector = make_detector(args)
-    echo(f"crd-fast eval: {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} under {root}: "
-         f"{', '.join(categories)}")
+    echo(
+        f"crd-fast eval: {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} under {root}: "
+        f"{', '.join(categories)}"
+    )
     echo(f"  backbone: {detector.weights_description}")
-    evals = evaluate_mvtec(detector, root, categories, compare_nn_baseline=args.compare_nn,
-                           nn_subsample=args.nn_subsample, progress=progress_enabled(args))
+    evals = evaluate_mvtec(
+        detector,
+        root,
+        categories,
+        compare_nn_baseline=args.compare_nn,
+        nn_subsample=args.nn_subsample,
+        progress=progress_enabled(args),
+    )
     echo("")
     echo(format_table(evals))
     for e in evals:

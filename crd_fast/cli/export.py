@@ -16,7 +16,7 @@ what is written:
                   "image_scores" and "patch_maps" (for users who run their own backbone).
   OUT.onnx.json   metadata: config, sizes, threshold, training score statistics, SHA-256 of the ONNX file.
 Only standard ONNX operators are used (no custom ops); the batch axis is dynamic. Run it without torch:
-  python -c "from crd_fast.deploy import OnnxDetector; print(OnnxDetector('model.onnx').predict('images/').image_scores)"
+  python -c "from crd_fast.deploy import OnnxDetector as D; print(D('model.onnx').predict('images/').image_scores)"
 
 examples:
   crd-fast export model.crd -o model.onnx
@@ -27,29 +27,56 @@ examples:
 
 
 def register(sub: Any) -> None:
-    with command(sub, "export", epilog=EPILOG, run=run,
-                 help="export a model file to ONNX (whole detector or head only)",
-                 description="Export a fitted model to ONNX for onnxruntime, TensorRT, OpenVINO and similar "
-                             "runtimes. The exporter checks the written graph against PyTorch on a random input "
-                             "before writing.") as p:
+    with command(
+        sub,
+        "export",
+        epilog=EPILOG,
+        run=run,
+        help="export a model file to ONNX (whole detector or head only)",
+        description="Export a fitted model to ONNX for onnxruntime, TensorRT, OpenVINO and similar "
+        "runtimes. The exporter checks the written graph against PyTorch on a random input "
+        "before writing.",
+    ) as p:
         p.add_argument("model", metavar="MODEL", help="model file from 'crd-fast fit'")
-        p.add_argument("-o", "--output", required=True, metavar="OUT",
-                       help="file to write: model.onnx, or model.xml with --format openvino")
-        p.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
-                       help="onnx (default), or openvino: OpenVINO IR (OUT.xml + OUT.bin + OUT.xml.json, float32 "
-                            "weights; needs crd-fast[openvino]), run with crd_fast.deploy.openvino.OpenVinoDetector")
+        p.add_argument(
+            "-o",
+            "--output",
+            required=True,
+            metavar="OUT",
+            help="file to write: model.onnx, or model.xml with --format openvino",
+        )
+        p.add_argument(
+            "--format",
+            choices=("onnx", "openvino"),
+            default="onnx",
+            help="onnx (default), or openvino: OpenVINO IR (OUT.xml + OUT.bin + OUT.xml.json, float32 "
+            "weights; needs crd-fast[openvino]), run with crd_fast.deploy.openvino.OpenVinoDetector",
+        )
         p.add_argument("--head-only", action="store_true", help="export only the CRD head: feature maps in, scores out")
-        p.add_argument("--half", action="store_true",
-                       help="store the head's matrix in float16 (half the size; small score error, computed in "
-                            "float32)")
-        p.add_argument("--rank", type=positive_int, metavar="R",
-                       help="export the rank-R projection (fewer multiply-adds; error bound in the metadata)")
-        p.add_argument("--int8", metavar="IMAGES",
-                       help="quantize the backbone to int8 (onnxruntime static quantization, for processors without "
-                            "bf16), calibrated on IMAGES (a folder of the training images)")
+        p.add_argument(
+            "--half",
+            action="store_true",
+            help="store the head's matrix in float16 (half the size; small score error, computed in float32)",
+        )
+        p.add_argument(
+            "--rank",
+            type=positive_int,
+            metavar="R",
+            help="export the rank-R projection (fewer multiply-adds; error bound in the metadata)",
+        )
+        p.add_argument(
+            "--int8",
+            metavar="IMAGES",
+            help="quantize the backbone to int8 (onnxruntime static quantization, for processors without "
+            "bf16), calibrated on IMAGES (a folder of the training images)",
+        )
         p.add_argument("--opset", type=positive_int, default=17, metavar="N", help="ONNX opset (default: 17)")
-        p.add_argument("--no-verify", dest="verify", action="store_false",
-                       help="skip the onnxruntime-vs-PyTorch check of the written graph")
+        p.add_argument(
+            "--no-verify",
+            dest="verify",
+            action="store_false",
+            help="skip the onnxruntime-vs-PyTorch check of the written graph",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,11 +84,18 @@ def run(args: argparse.Namespace) -> int:
 
     check_readable_file(args.model, "model file")
     check_output_file(args.output)  # before the export, not after it
-    options = dict(head_only=args.head_only, opset=args.opset, precision="fp16" if args.half else "fp32",
-                   rank=args.rank, verify=args.verify)
+    options = dict(
+        head_only=args.head_only,
+        opset=args.opset,
+        precision="fp16" if args.half else "fp32",
+        rank=args.rank,
+        verify=args.verify,
+    )
     if args.int8 and (args.head_only or args.half or args.rank or args.format == "openvino"):
-        raise ValueError("--int8 exports the whole detector to ONNX at full rank: it cannot be combined with "
-                         "--head-only, --half, --rank or --format openvino")
+        raise ValueError(
+            "--int8 exports the whole detector to ONNX at full rank: it cannot be combined with "
+            "--head-only, --half, --rank or --format openvino"
+        )
     if args.format == "openvino":
         from ..deploy.metadata import metadata_path_for
         from ..deploy.openvino import export_openvino
@@ -69,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
         meta = export_openvino(args.model, args.output, **options)
         written = os.path.splitext(args.output)[0] + ".bin"
         size = (os.path.getsize(args.output) + os.path.getsize(written)) / 2**20
-        echo(f"crd-fast export: wrote OpenVINO IR {args.output} + {written} ({size:.2f} MiB) and "
-             f"{metadata_path_for(args.output)}")
+        echo(
+            f"crd-fast export: wrote OpenVINO IR {args.output} + {written} ({size:.2f} MiB) and "
+            f"{metadata_path_for(args.output)}"
+        )
     else:
         if args.int8:
             from ..deploy.quantize import export_onnx_int8
@@ -83,10 +119,12 @@ def run(args: argparse.Namespace) -> int:
         meta = result.metadata
         size = os.path.getsize(result.onnx_path) / 2**20
         echo(f"crd-fast export: wrote {result.onnx_path} ({size:.2f} MiB) and {result.metadata_path}")
-    echo(f"  {'head only' if args.head_only else 'whole detector'}, opset {meta['opset']}, "
-         f"head weights {meta['precision']}, "
-         + (f"rank {meta['rank']} of d = {meta.get('d')}" if meta.get("rank") else f"full rank (d = {meta.get('d')})")
-         + (f" (score error bound {meta['error_bound']:.3g})" if meta.get("error_bound") else ""))
+    echo(
+        f"  {'head only' if args.head_only else 'whole detector'}, opset {meta['opset']}, "
+        f"head weights {meta['precision']}, "
+        + (f"rank {meta['rank']} of d = {meta.get('d')}" if meta.get("rank") else f"full rank (d = {meta.get('d')})")
+        + (f" (score error bound {meta['error_bound']:.3g})" if meta.get("error_bound") else "")
+    )
     for kind in ("inputs", "outputs"):
         echo(f"  {kind}: " + ", ".join(f"{x['name']} {tuple(x['shape'])}" for x in meta[kind]))
     return 0

@@ -9,8 +9,17 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .options import (CLIError, add_detector_options, command, echo, finite_float, make_detector, probability,
-                      progress_enabled, warn)
+from .options import (
+    CLIError,
+    add_detector_options,
+    command,
+    echo,
+    finite_float,
+    make_detector,
+    probability,
+    progress_enabled,
+    warn,
+)
 
 EPILOG = """\
 examples:
@@ -31,25 +40,47 @@ are added with one all_reduce, rank 0 writes the file):
 
 
 def register(sub: Any) -> None:
-    with command(sub, "fit", epilog=EPILOG, run=run,
-                 help="fit a detector on defect-free images and write a model file",
-                 description="Fit a CRD detector on defect-free (good) images and write everything needed to "
-                             "predict into one model file. Only d x d sums are kept, so memory does not grow with "
-                             "the number of images.") as p:
-        p.add_argument("data", metavar="DATA",
-                       help="a folder of good images, or an MVTec AD category folder (its train/good is used)")
+    with command(
+        sub,
+        "fit",
+        epilog=EPILOG,
+        run=run,
+        help="fit a detector on defect-free images and write a model file",
+        description="Fit a CRD detector on defect-free (good) images and write everything needed to "
+        "predict into one model file. Only d x d sums are kept, so memory does not grow with "
+        "the number of images.",
+    ) as p:
+        p.add_argument(
+            "data",
+            metavar="DATA",
+            help="a folder of good images, or an MVTec AD category folder (its train/good is used)",
+        )
         p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (e.g. model.crd)")
-        p.add_argument("--update", action="store_true",
-                       help="add DATA to the existing model MODEL instead of starting afresh (its detector options are "
-                            "kept; only --device and --batch-size apply)")
+        p.add_argument(
+            "--update",
+            action="store_true",
+            help="add DATA to the existing model MODEL instead of starting afresh (its detector options are "
+            "kept; only --device and --batch-size apply)",
+        )
         thr = p.add_mutually_exclusive_group()
-        thr.add_argument("--calibrate", metavar="DIR",
-                         help="held-out good images: the threshold becomes the --quantile of their scores")
+        thr.add_argument(
+            "--calibrate",
+            metavar="DIR",
+            help="held-out good images: the threshold becomes the --quantile of their scores",
+        )
         thr.add_argument("--threshold", type=finite_float, metavar="T", help="store this image-score threshold")
-        p.add_argument("--quantile", type=probability, default=0.99, metavar="Q",
-                       help="quantile for --calibrate (default: 0.99, about 1%% of good images flagged)")
-        p.add_argument("--distributed", action="store_true",
-                       help="fit with torch.distributed across the processes torchrun started (see below)")
+        p.add_argument(
+            "--quantile",
+            type=probability,
+            default=0.99,
+            metavar="Q",
+            help="quantile for --calibrate (default: 0.99, about 1%% of good images flagged)",
+        )
+        p.add_argument(
+            "--distributed",
+            action="store_true",
+            help="fit with torch.distributed across the processes torchrun started (see below)",
+        )
         add_detector_options(p)
 
 
@@ -69,8 +100,10 @@ def training_images(data: str) -> tuple[list[str], Path]:
         return files, folder
     categories = MVTecAD.categories(root)
     if categories:
-        raise CLIError(f"{data!r} looks like an MVTec AD root (categories: {', '.join(categories)}); "
-                       f"pass one category folder, e.g. {root / categories[0]}")
+        raise CLIError(
+            f"{data!r} looks like an MVTec AD root (categories: {', '.join(categories)}); "
+            f"pass one category folder, e.g. {root / categories[0]}"
+        )
     raise CLIError(f"no image files in {str(folder)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
 
 
@@ -150,10 +183,14 @@ def _run(args: argparse.Namespace, files: list[str], main: bool) -> int:
 def _summary(det: Any, path: str, seconds: float, threshold_note: str) -> None:
     stats: Optional[dict] = det.train_score_stats
     echo(f"  backbone:   {det.weights_description}")
-    echo(f"  features:   layers {','.join(det.layers)}, embedding {det.embedding}, d = {det.dim}, "
-         f"patch grid {det.patch_grid[0]}x{det.patch_grid[1]}")
-    echo(f"  fitted:     {det.n_images} images, {det.scorer.n_samples} patches, lam_rel = {det.scorer.lam_rel:g}, "
-         f"in {seconds:.1f} s")
+    echo(
+        f"  features:   layers {','.join(det.layers)}, embedding {det.embedding}, d = {det.dim}, "
+        f"patch grid {det.patch_grid[0]}x{det.patch_grid[1]}"
+    )
+    echo(
+        f"  fitted:     {det.n_images} images, {det.scorer.n_samples} patches, lam_rel = {det.scorer.lam_rel:g}, "
+        f"in {seconds:.1f} s"
+    )
     if stats:
         echo(f"  training image scores: mean {stats['mean']:.4g}, max {stats['max']:.4g} (from {stats['n']} images)")
     echo(f"  threshold:  {threshold_note}")

@@ -31,7 +31,8 @@ exit codes:
   130  interrupted (Ctrl-C)
 Errors are one line 'crd-fast: error: ...'; add --debug to see the traceback."""
 
-MAIN_EPILOG = """\
+MAIN_EPILOG = (
+    """\
 quick start (no data, weights or network needed):
   crd-fast demo                          generate a small data set, fit, evaluate, write an HTML report
 
@@ -43,7 +44,9 @@ typical use:
 
 'crd-fast COMMAND --help' explains each command.
 
-""" + EXIT_CODES_HELP
+"""
+    + EXIT_CODES_HELP
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -72,11 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMANDS:
         module.register(sub)
     for command in sub.choices.values():
-        command.add_argument("--config", metavar="FILE",
-                             help="read options from a TOML (or YAML) file; options typed here override it")
-        command.add_argument("--log-level", choices=LOG_LEVELS, default=None,
-                             help="show the library's log messages at this level and above on stderr "
-                                  "(default: warning; debug with --debug)")
+        command.add_argument(
+            "--config", metavar="FILE", help="read options from a TOML (or YAML) file; options typed here override it"
+        )
+        command.add_argument(
+            "--log-level",
+            choices=LOG_LEVELS,
+            default=None,
+            help="show the library's log messages at this level and above on stderr "
+            "(default: warning; debug with --debug)",
+        )
     return parser
 
 
@@ -107,8 +115,15 @@ def library_logging(args: argparse.Namespace) -> Iterator[None]:
 
 def _classify(exc: BaseException) -> int:
     """Exit code for an exception: 2 for bad input / usage, 1 for everything else."""
-    user_errors: tuple[type, ...] = (CLIError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                                     PermissionError, FileExistsError, ValueError)
+    user_errors: tuple[type, ...] = (
+        CLIError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        FileExistsError,
+        ValueError,
+    )
     try:  # imported lazily: they pull in torch, which --help does not need
         from ..features.backbone import BackboneWeightsError
         from ..features.preprocess import ImageReadError
@@ -129,13 +144,19 @@ def _classify(exc: BaseException) -> int:
 
 def _message(exc: BaseException) -> str:
     text = " ".join(str(exc).split())  # one line, whatever the exception's formatting
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and exc.filename \
-            and str(exc.filename) not in text:
+    if (
+        isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+        and exc.filename
+        and str(exc.filename) not in text
+    ):
         text = f"{text}: {exc.filename}"
     if type(exc).__name__ == "BackboneWeightsError" and "weights=" in text:
         text += " -- on the command line: --weights PATH (or --weights random)"
     if isinstance(exc, ModuleNotFoundError):
-        text = f"{text} (an optional dependency is missing: pip install 'crd-fast[onnx]' for export, 'crd-fast[faiss]' for faiss)"
+        text = (
+            f"{text} (an optional dependency is missing: pip install 'crd-fast[onnx]' for export, "
+            "'crd-fast[faiss]' for faiss)"
+        )
     return text or type(exc).__name__
 
 
@@ -167,7 +188,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             traceback.print_exc()
         code = _classify(exc)
-        hint = "" if getattr(args, "debug", False) else ("" if code == EXIT_USAGE else " (run with --debug for the traceback)")
+        hint = (
+            ""
+            if getattr(args, "debug", False)
+            else ("" if code == EXIT_USAGE else " (run with --debug for the traceback)")
+        )
         print(f"crd-fast: error: {_message(exc)}{hint}", file=sys.stderr, flush=True)
         return code
 

@@ -27,7 +27,9 @@ class CLIError(Exception):
 
 
 # ---- argparse type checkers: a bad value becomes "argument --x: ..." and exit code 2 ----------------------
-def _number_type(convert: Callable[[str], Any], accept: Callable[[Any], bool], expectation: str, name: str) -> Callable[[str], Any]:
+def _number_type(
+    convert: Callable[[str], Any], accept: Callable[[Any], bool], expectation: str, name: str
+) -> Callable[[str], Any]:
     """An argparse ``type=`` that parses with ``convert`` and refuses values ``accept`` rejects."""
 
     def check(text: str) -> Any:
@@ -55,8 +57,10 @@ def backbone_name(text: str) -> str:
     """A backbone name (see crd_fast.choices.BACKBONES) or 'timm:<model name>'."""
     if text in BACKBONES or (text.startswith("timm:") and len(text) > len("timm:")):
         return text
-    raise argparse.ArgumentTypeError(f"unknown backbone {text!r}; choose from {', '.join(BACKBONES)}, "
-                                     "or timm:<name> for a timm model (pip install 'crd-fast[timm]')")
+    raise argparse.ArgumentTypeError(
+        f"unknown backbone {text!r}; choose from {', '.join(BACKBONES)}, "
+        "or timm:<name> for a timm model (pip install 'crd-fast[timm]')"
+    )
 
 
 def layer_list(text: str) -> tuple[str, ...]:
@@ -67,8 +71,10 @@ def layer_list(text: str) -> tuple[str, ...]:
     # timm backbones name their layers by module ("stages.1", "blocks.2") or index ("2"); the backbone checks them.
     bad = [n for n in names if n not in LAYERS and "." not in n and not n.isdigit()]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown layer(s) {', '.join(bad)}; choose from {', '.join(LAYERS)} "
-                                         "(timm backbones: feature module names such as stages.1, or indices)")
+        raise argparse.ArgumentTypeError(
+            f"unknown layer(s) {', '.join(bad)}; choose from {', '.join(LAYERS)} "
+            "(timm backbones: feature module names such as stages.1, or indices)"
+        )
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"layers must not repeat, got {text!r}")
     return names
@@ -80,21 +86,28 @@ def weights_spec(text: str) -> str:
         return text
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is neither 'imagenet', 'random' nor an existing weights file (safetensors or .pth)")
+            f"{text!r} is neither 'imagenet', 'random' nor an existing weights file (safetensors or .pth)"
+        )
     return text
 
 
 # ---- parsers ------------------------------------------------------------------------------------------
 @contextmanager
-def command(sub: Any, name: str, *, help: str, description: str, epilog: str,
-            run: Callable[[argparse.Namespace], int]) -> Iterator[argparse.ArgumentParser]:
+def command(
+    sub: Any, name: str, *, help: str, description: str, epilog: str, run: Callable[[argparse.Namespace], int]
+) -> Iterator[argparse.ArgumentParser]:
     """Build one command's parser: ``with command(sub, "fit", ...) as p:`` then add its own options.
 
     Every command gets a one-line ``help``, a wrapped ``description``, an ``epilog`` of examples kept as
     written, and, after its own options, the common flags; ``run(args)`` is what it does.
     """
-    parser = sub.add_parser(name, help=help, description=wrap(description), epilog=epilog,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=wrap(description),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     yield parser
     add_common_flags(parser)
     parser.set_defaults(func=run)
@@ -104,9 +117,12 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """--debug, --no-progress and --threads (every command has them)."""
     parser.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in logs)")
-    parser.add_argument("--threads", type=positive_int, metavar="N",
-                        help="CPU threads for PyTorch (and faiss) (default: PyTorch's choice; 1 helps on a busy "
-                             "shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads for PyTorch (and faiss) (default: PyTorch's choice; 1 helps on a busy shared machine)",
+    )
 
 
 def apply_common_flags(args: argparse.Namespace) -> None:
@@ -169,8 +185,11 @@ def add_detector_options(parser: argparse.ArgumentParser, size_note: str = "", *
 def add_runtime_options(group: Any, batch_size: Optional[int] = DEFAULTS["batch_size"]) -> None:
     """--device, --batch-size and --precision; ``batch_size=None`` (predict): no defaults, the model file's
     values apply."""
-    defaults = {"batch_size": batch_size, "device": None if batch_size is None else DEFAULTS["device"],
-                "precision": None if batch_size is None else DEFAULTS["precision"]}
+    defaults = {
+        "batch_size": batch_size,
+        "device": None if batch_size is None else DEFAULTS["device"],
+        "precision": None if batch_size is None else DEFAULTS["precision"],
+    }
     for name in RUNTIME_OPTIONS:
         _add_flag(group, name, defaults[name])
 

@@ -35,25 +35,41 @@ CHUNK = 64
 
 
 def register(sub: Any) -> None:
-    with command(sub, "predict", epilog=EPILOG, run=run,
-                 help="score images with a model; write scores and heatmaps",
-                 description="Score images with a model file written by 'crd-fast fit': one anomaly score per image "
-                             "(the largest patch score) and an anomaly map showing where.") as p:
+    with command(
+        sub,
+        "predict",
+        epilog=EPILOG,
+        run=run,
+        help="score images with a model; write scores and heatmaps",
+        description="Score images with a model file written by 'crd-fast fit': one anomaly score per image "
+        "(the largest patch score) and an anomaly map showing where.",
+    ) as p:
         p.add_argument("model", metavar="MODEL", help="model file from 'crd-fast fit'")
         p.add_argument("images", metavar="IMAGES", nargs="+", help="image files and/or folders of images")
-        p.add_argument("-o", "--output", required=True, metavar="OUT",
-                       help="folder for scores.csv, scores.json, heatmaps/")
-        p.add_argument("-r", "--recursive", action="store_true",
-                       help="also take images from subfolders of IMAGES folders")
+        p.add_argument(
+            "-o", "--output", required=True, metavar="OUT", help="folder for scores.csv, scores.json, heatmaps/"
+        )
+        p.add_argument(
+            "-r", "--recursive", action="store_true", help="also take images from subfolders of IMAGES folders"
+        )
         p.add_argument("--no-images", action="store_true", help="write the scores only, no heatmap PNGs")
-        p.add_argument("--overwrite", action="store_true",
-                       help="OUT may hold earlier results: replace them (scores and heatmaps, as a set, at the end)")
-        p.add_argument("--threshold", type=finite_float, metavar="T",
-                       help="image-score threshold to use instead of the model's")
-        p.add_argument("--weights", type=weights_spec, metavar="PATH",
-                       help="where the backbone weights file is now, if it moved since fitting (checked by SHA-256)")
-        p.add_argument("--distributed", action="store_true",
-                       help="shard the images over the processes torchrun started")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="OUT may hold earlier results: replace them (scores and heatmaps, as a set, at the end)",
+        )
+        p.add_argument(
+            "--threshold", type=finite_float, metavar="T", help="image-score threshold to use instead of the model's"
+        )
+        p.add_argument(
+            "--weights",
+            type=weights_spec,
+            metavar="PATH",
+            help="where the backbone weights file is now, if it moved since fitting (checked by SHA-256)",
+        )
+        p.add_argument(
+            "--distributed", action="store_true", help="shard the images over the processes torchrun started"
+        )
         g = p.add_argument_group("run-time options (default: as stored in the model)")
         add_runtime_options(g, batch_size=None)
 
@@ -109,8 +125,14 @@ def overlay_range(detector: Any) -> Optional[tuple[float, float]]:
     return float(centre) - span / 2, float(centre) + span / 2
 
 
-def save_overlays(detector: Any, paths: Sequence[str], maps: Any, names: Sequence[str], folder: Path,
-                  value_range: Optional[tuple[float, float]]) -> None:
+def save_overlays(
+    detector: Any,
+    paths: Sequence[str],
+    maps: Any,
+    names: Sequence[str],
+    folder: Path,
+    value_range: Optional[tuple[float, float]],
+) -> None:
     """One overlay PNG per image: ``preprocess.display(image)`` (the crop the map is aligned with) + map."""
     from ..features import load_image
     from ..report.overlay import heatmap_overlay, save_png
@@ -133,8 +155,14 @@ def _records(result: Any, indices: Sequence[int], paths: Sequence[str]) -> list[
     return records
 
 
-def _predict_local(detector: Any, files: list[str], heat_dir: Optional[Path], names: list[str],
-                   value_range: Optional[tuple[float, float]], progress: bool) -> list[dict]:
+def _predict_local(
+    detector: Any,
+    files: list[str],
+    heat_dir: Optional[Path],
+    names: list[str],
+    value_range: Optional[tuple[float, float]],
+    progress: bool,
+) -> list[dict]:
     """Predict in chunks so memory stays bounded, writing overlays as each chunk is done."""
     from tqdm.auto import tqdm
 
@@ -194,8 +222,9 @@ def _predict_decoding_once(detector: Any, paths: list[str]) -> tuple[Any, list]:
     return result.apply_threshold(detector.threshold, detector.train_score_stats), [d[1] for d in decoded]
 
 
-def _predict_distributed(args: argparse.Namespace, files: list[str], heat_dir: Optional[Path],
-                         names: list[str]) -> tuple[list[dict], Any]:
+def _predict_distributed(
+    args: argparse.Namespace, files: list[str], heat_dir: Optional[Path], names: list[str]
+) -> tuple[list[dict], Any]:
     from ..distributed import launched_by_torchrun, run_predict
 
     if not launched_by_torchrun():
@@ -211,8 +240,14 @@ def _predict_distributed(args: argparse.Namespace, files: list[str], heat_dir: O
     def on_result(indices: list[int], result: Any) -> None:  # on each rank, for its own shard
         if heat_dir is not None:
             det = loaded["det"]
-            save_overlays(det, [files[i] for i in indices], result.anomaly_maps, [names[i] for i in indices],
-                          heat_dir, overlay_range(det))
+            save_overlays(
+                det,
+                [files[i] for i in indices],
+                result.anomaly_maps,
+                [names[i] for i in indices],
+                heat_dir,
+                overlay_range(det),
+            )
 
     records = run_predict(build, files, on_result=on_result, device=device, progress=progress_enabled(args))
     return records, loaded["det"]
@@ -265,8 +300,13 @@ def run(args: argparse.Namespace) -> int:
     if any(Path(args.model).resolve() == (Path(args.output) / e).resolve() for e in entries):
         raise OutputError(f"output folder {args.output!r} would replace the model file {args.model!r}")
     # Everything is written to a staging folder and moved into OUT at the end (crd_fast.io.outputs).
-    results = ResultFolder(args.output, entries, inputs=args.images, overwrite=args.overwrite,
-                           stage_name=_shared_stage_name(args.output) if args.distributed else None)
+    results = ResultFolder(
+        args.output,
+        entries,
+        inputs=args.images,
+        overwrite=args.overwrite,
+        stage_name=_shared_stage_name(args.output) if args.distributed else None,
+    )
     main = int(os.environ.get("RANK", "0")) == 0
     with results:
         heat_dir = None if args.no_images else results.stage / "heatmaps"
@@ -300,8 +340,9 @@ def _shared_stage_name(output: str) -> str:
     return ".crd-stage-" + hashlib.sha256(f"{os.path.realpath(output)}|{job}".encode()).hexdigest()[:12]
 
 
-def _summary(detector: Any, records: list[dict], seconds: float, csv_path: Path, json_path: Path,
-             heat_dir: Optional[Path]) -> None:
+def _summary(
+    detector: Any, records: list[dict], seconds: float, csv_path: Path, json_path: Path, heat_dir: Optional[Path]
+) -> None:
     n = len(records)
     echo(f"crd-fast predict: {n} images in {seconds:.1f} s ({1e3 * seconds / n:.1f} ms per image)")
     echo(f"  backbone:  {detector.weights_description}")
@@ -311,7 +352,10 @@ def _summary(detector: Any, records: list[dict], seconds: float, csv_path: Path,
     else:
         echo("  threshold: none in the model (scores only; use --threshold, or fit with --calibrate)")
     top = sorted(records, key=lambda r: -r["image_score"])[:5]
-    echo("  highest scores: " + ", ".join(f"{Path(r['path']).parent.name}/{Path(r['path']).name} {r['image_score']:.4g}" for r in top))
+    echo(
+        "  highest scores: "
+        + ", ".join(f"{Path(r['path']).parent.name}/{Path(r['path']).name} {r['image_score']:.4g}" for r in top)
+    )
     echo(f"wrote {csv_path} and {json_path}" + (f"; heatmaps in {heat_dir}/" if heat_dir is not None else ""))
     if detector.uses_random_weights:
         warn("the model's backbone has RANDOM weights: its scores are not real inspection results")

@@ -68,8 +68,15 @@ class LamSelection:
         return tuple(0.5 * (a + b) for a, b in zip(self.image_auroc, self.aupro))
 
     def to_json(self) -> dict:
-        return {"grid": list(self.grid), "image_auroc": list(self.image_auroc), "aupro": list(self.aupro),
-                "curve": list(self.curve), "choice": self.choice, "criterion": self.criterion, **self.extra}
+        return {
+            "grid": list(self.grid),
+            "image_auroc": list(self.image_auroc),
+            "aupro": list(self.aupro),
+            "curve": list(self.curve),
+            "choice": self.choice,
+            "criterion": self.criterion,
+            **self.extra,
+        }
 
 
 def grid_masks(masks: np.ndarray, grid_shape: tuple[int, int]) -> np.ndarray:

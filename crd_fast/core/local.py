@@ -47,7 +47,7 @@ def _check_grid(x: torch.Tensor, name: str, positions: Optional[int] = None, dim
 
 
 def _top_eigenpairs(sym: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k eigenpairs of a batch of symmetric matrices (..., m, m): values (..., k) descending, vectors (..., m, k)."""
+    """Top-k eigenpairs of symmetric matrices (..., m, m): values (..., k) descending, vectors (..., m, k)."""
     evals, evecs = torch.linalg.eigh(0.5 * (sym + sym.transpose(-1, -2)))
     k = min(k, sym.shape[-1])
     vals = evals[..., -k:].flip(-1).clamp_min(0.0)  # rounding can leave tiny negative eigenvalues
@@ -134,7 +134,9 @@ class LocalStatistics:
         if self.local_scatter is None or self.basis is None:
             raise RuntimeError("pass 2 has not been run")
         if self.second_pass_images != self.images:
-            raise RuntimeError(f"pass 2 saw {self.second_pass_images} images, pass 1 saw {self.images}: feed the same images")
+            raise RuntimeError(
+                f"pass 2 saw {self.second_pass_images} images, pass 1 saw {self.images}: feed the same images"
+            )
         vals, vecs = _top_eigenpairs(self.local_scatter / self.images, rank)
         return vals, torch.einsum("dr,prk->pdk", self.basis, vecs)
 
@@ -185,9 +187,15 @@ class LocalCRDModel:
     shrinkage: float  # a
 
     @classmethod
-    def build(cls, means: torch.Tensor, pooled_cov: torch.Tensor, local_values: torch.Tensor,
-              local_vectors: torch.Tensor, shrinkage: float,
-              pooled_eigh: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> "LocalCRDModel":
+    def build(
+        cls,
+        means: torch.Tensor,
+        pooled_cov: torch.Tensor,
+        local_values: torch.Tensor,
+        local_vectors: torch.Tensor,
+        shrinkage: float,
+        pooled_eigh: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> "LocalCRDModel":
         """From mu_p (P, d), C (d, d), E_p (P, k) and V_p (P, d, k) (original basis) and the shrinkage a.
 
         ``pooled_eigh``: C's (eigenvalues, eigenvectors) when already computed (the d x d eigh is the
@@ -198,9 +206,15 @@ class LocalCRDModel:
         p, d = means.shape
         if pooled_cov.shape != (d, d):
             raise ValueError(f"pooled covariance must be ({d}, {d}), got {tuple(pooled_cov.shape)}")
-        if local_vectors.ndim != 3 or local_vectors.shape[:2] != (p, d) or local_values.shape != (p, local_vectors.shape[2]):
-            raise ValueError(f"local eigenpairs must be (P={p}, k) values and (P={p}, d={d}, k) vectors, got "
-                             f"{tuple(local_values.shape)} and {tuple(local_vectors.shape)}")
+        if (
+            local_vectors.ndim != 3
+            or local_vectors.shape[:2] != (p, d)
+            or local_values.shape != (p, local_vectors.shape[2])
+        ):
+            raise ValueError(
+                f"local eigenpairs must be (P={p}, k) values and (P={p}, d={d}, k) vectors, got "
+                f"{tuple(local_values.shape)} and {tuple(local_vectors.shape)}"
+            )
         evals, evecs = torch.linalg.eigh(pooled_cov.to(torch.float64)) if pooled_eigh is None else pooled_eigh
         evals, evecs = evals.to(torch.float64).clamp_min(0.0), evecs.to(torch.float64)
         scale = torch.sqrt((1.0 - shrinkage) * local_values.to(torch.float64).clamp_min(0.0))

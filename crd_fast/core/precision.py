@@ -33,6 +33,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..choices import DEFAULT_PRECISION, PRECISIONS  # noqa: F401  (names a detector accepts; its default)
+
 #: The autocast dtype of each concrete precision (None: no autocast).
 AUTOCAST_DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Relative error bounds the tests hold each precision to, against the float64 reference:
@@ -167,7 +168,8 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> Pre
 
 
 _HEAD_GEMM_DTYPE: contextvars.ContextVar[Optional[torch.dtype]] = contextvars.ContextVar(
-    "crd_head_gemm_dtype", default=None)
+    "crd_head_gemm_dtype", default=None
+)
 
 
 @contextlib.contextmanager

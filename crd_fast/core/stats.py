@@ -32,7 +32,9 @@ class PatchStatistics:
         """Rebuild statistics from stored values (as saved in a model file)."""
         dim = mean.shape[0]
         if mean.shape != (dim,) or scatter.shape != (dim, dim):
-            raise ValueError(f"inconsistent statistics shapes: mean {tuple(mean.shape)}, scatter {tuple(scatter.shape)}")
+            raise ValueError(
+                f"inconsistent statistics shapes: mean {tuple(mean.shape)}, scatter {tuple(scatter.shape)}"
+            )
         stats = cls(dim, device=mean.device)
         stats.count = int(count)
         stats.mean = mean.to(torch.float64).clone()

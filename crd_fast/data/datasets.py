@@ -108,10 +108,14 @@ class MVTecAD(_SampleList):
             raise FileNotFoundError(f"MVTec AD root {str(self.root)!r} does not exist")
         if not base.is_dir():
             found = ", ".join(self.categories(self.root)) or "none"
-            raise FileNotFoundError(f"category {category!r} not found under {str(self.root)!r} (categories found: {found})")
+            raise FileNotFoundError(
+                f"category {category!r} not found under {str(self.root)!r} (categories found: {found})"
+            )
         split_dir = base / split
         if not split_dir.is_dir():
-            raise FileNotFoundError(f"{str(split_dir)!r} does not exist (expected the MVTec AD layout root/<category>/{split}/...)")
+            raise FileNotFoundError(
+                f"{str(split_dir)!r} does not exist (expected the MVTec AD layout root/<category>/{split}/...)"
+            )
         samples: list[Sample] = []
         for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             defect = defect_dir.name
@@ -152,7 +156,9 @@ class FolderDataset(_SampleList):
         defect_dirs: Union[Sequence[PathLike], Mapping[str, PathLike]] = (),
         mask_dir: Optional[PathLike] = None,
     ) -> None:
-        pairs = list(defect_dirs.items()) if isinstance(defect_dirs, Mapping) else [(Path(d).name, d) for d in defect_dirs]
+        pairs = (
+            list(defect_dirs.items()) if isinstance(defect_dirs, Mapping) else [(Path(d).name, d) for d in defect_dirs]
+        )
         if mask_dir is not None and not Path(mask_dir).is_dir():
             raise FileNotFoundError(f"mask folder {os.fspath(mask_dir)!r} does not exist")
         samples: list[Sample] = []
@@ -170,8 +176,12 @@ class FolderDataset(_SampleList):
         if mask_dir is None:
             return None
         root = Path(mask_dir)
-        for candidate in (root / defect / f"{stem}_mask.png", root / defect / f"{stem}.png",
-                          root / f"{stem}_mask.png", root / f"{stem}.png"):
+        for candidate in (
+            root / defect / f"{stem}_mask.png",
+            root / defect / f"{stem}.png",
+            root / f"{stem}_mask.png",
+            root / f"{stem}.png",
+        ):
             if candidate.is_file():
                 return str(candidate)
         return None

@@ -34,11 +34,19 @@ import torch
 import torch.nn as nn
 
 from .._version import __version__
-from ..models.head import CRDHead
-from ..io.model_file import ModelFileError
 from ..io.atomic import atomic_write
+from ..io.model_file import ModelFileError
+from ..models.head import CRDHead
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
-from .metadata import FORMAT_NAME, FORMAT_VERSION, ONNX_PROPS_KEY, DeployError, PathLike, metadata_path_for, sha256_bytes
+from .metadata import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ONNX_PROPS_KEY,
+    DeployError,
+    PathLike,
+    metadata_path_for,
+    sha256_bytes,
+)
 from .precision import HEAD_KIND, DeployHead, check_precision, detector_info, variant_projection
 
 #: Default opset (see the module docstring for why 17).
@@ -108,13 +116,16 @@ def _detector_from_head(head: DeployHead) -> Any:
     det_meta = head.detector or {}
     config = det_meta.get("config")
     if not isinstance(config, dict):
-        raise DeployError("this head file has no detector metadata (made from a bare scorer): export it with head_only=True "
-                          "and layer_channels=..., feature_shapes=...")
+        raise DeployError(
+            "this head file has no detector metadata (made from a bare scorer): export it with head_only=True "
+            "and layer_channels=..., feature_shapes=..."
+        )
     return CRDDetector(**{**config, "device": "cpu"})
 
 
-def _head_module(projection_matrix: torch.Tensor, offset: torch.Tensor, embedding: str, target_dim: int,
-                 layer_channels: list[int]) -> CRDHead:
+def _head_module(
+    projection_matrix: torch.Tensor, offset: torch.Tensor, embedding: str, target_dim: int, layer_channels: list[int]
+) -> CRDHead:
     return CRDHead(projection_matrix, offset, embedding, target_dim, layer_channels, use_fused=False).eval()
 
 
@@ -134,13 +145,19 @@ def _to_fp16_initializers(model: Any, head: CRDHead) -> int:
         if init.data_type != onnx.TensorProto.FLOAT:
             continue
         arr = numpy_helper.to_array(init)
-        matrix = arr.reshape(arr.shape[0], -1) if arr.ndim == 4 and arr.shape[2:] == (1, 1) else (arr if arr.ndim == 2 else None)
+        matrix = (
+            arr.reshape(arr.shape[0], -1)
+            if arr.ndim == 4 and arr.shape[2:] == (1, 1)
+            else (arr if arr.ndim == 2 else None)
+        )
         if matrix is None or not any(matrix.shape == s.shape and np.array_equal(matrix, s) for s in slices):
             continue
         half_name = f"{init.name}__fp16"
         graph.initializer.remove(init)
         graph.initializer.append(numpy_helper.from_array(arr.astype(np.float16), half_name))
-        casts.append(helper.make_node("Cast", [half_name], [init.name], to=onnx.TensorProto.FLOAT, name=f"{init.name}__cast"))
+        casts.append(
+            helper.make_node("Cast", [half_name], [init.name], to=onnx.TensorProto.FLOAT, name=f"{init.name}__cast")
+        )
         converted += 1
     for node in reversed(casts):
         graph.node.insert(0, node)
@@ -219,8 +236,14 @@ def export_onnx(
     if head_only:
         module: nn.Module = HeadOnlyModel(head)
         dummy = tuple(torch.randn(2, *shape) for shape in info["feature_shapes"])
-        inputs = [{"name": n, "shape": ["batch", *shape], "dtype": "float32"} for n, shape in zip(names, info["feature_shapes"])]
-        outputs = [{"name": "image_scores", "shape": ["batch"]}, {"name": "patch_maps", "shape": ["batch", *info["patch_grid"]]}]
+        inputs = [
+            {"name": n, "shape": ["batch", *shape], "dtype": "float32"}
+            for n, shape in zip(names, info["feature_shapes"])
+        ]
+        outputs = [
+            {"name": "image_scores", "shape": ["batch"]},
+            {"name": "patch_maps", "shape": ["batch", *info["patch_grid"]]},
+        ]
     else:
         device = next(iter(detector.extractor.parameters())).device
         module = _WholeModel(detector.extractor, head.to(device), detector.mapper.to(device))
@@ -241,8 +264,14 @@ def export_onnx(
         # (this graph's shapes are static apart from the batch axis, which is declared dynamic below).
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, dummy, buffer, dynamo=False, opset_version=opset, do_constant_folding=True,
-            input_names=[i["name"] for i in inputs], output_names=[o["name"] for o in outputs],
+            module,
+            dummy,
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            do_constant_folding=True,
+            input_names=[i["name"] for i in inputs],
+            output_names=[o["name"] for o in outputs],
             dynamic_axes={x["name"]: {0: "batch"} for x in inputs + outputs},
         )
     import onnx
@@ -277,13 +306,37 @@ def export_onnx(
         "inputs": inputs,
         "outputs": outputs,
         "op_types": op_types,
-        "preprocess": None if head_only else {"resize": int(info["resize"]), "crop": int(info["crop"]),
-                                               # the backbone's own normalisation (older head files: ImageNet's)
-                                               "mean": list(info.get("mean") or IMAGENET_MEAN),
-                                               "std": list(info.get("std") or IMAGENET_STD)},
-        **{k: info.get(k) for k in ("config", "weights_identity", "layers", "layer_channels", "feature_shapes", "patch_grid",
-                                    "resize", "crop", "embedding", "target_dim", "d", "lam_rel", "n_images", "n_patches",
-                                    "threshold", "pixel_threshold", "train_score_stats")},
+        "preprocess": None
+        if head_only
+        else {
+            "resize": int(info["resize"]),
+            "crop": int(info["crop"]),
+            # the backbone's own normalisation (older head files: ImageNet's)
+            "mean": list(info.get("mean") or IMAGENET_MEAN),
+            "std": list(info.get("std") or IMAGENET_STD),
+        },
+        **{
+            k: info.get(k)
+            for k in (
+                "config",
+                "weights_identity",
+                "layers",
+                "layer_channels",
+                "feature_shapes",
+                "patch_grid",
+                "resize",
+                "crop",
+                "embedding",
+                "target_dim",
+                "d",
+                "lam_rel",
+                "n_images",
+                "n_patches",
+                "threshold",
+                "pixel_threshold",
+                "train_score_stats",
+            )
+        },
         **provenance,
         "onnx_sha256": sha256_bytes(data),
     }
@@ -296,8 +349,9 @@ def export_onnx(
     return ExportResult(onnx_path, meta_path, meta)
 
 
-def _verify(data: bytes, module: nn.Module, dummy: tuple[torch.Tensor, ...], input_names: list[str],
-            output_names: list[str]) -> None:
+def _verify(
+    data: bytes, module: nn.Module, dummy: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str]
+) -> None:
     """Run the serialised graph once with onnxruntime and compare with the torch module (catches export bugs)."""
     import onnxruntime as ort
 
@@ -308,5 +362,7 @@ def _verify(data: bytes, module: nn.Module, dummy: tuple[torch.Tensor, ...], inp
     for name, g, w in zip(output_names, got, want):
         err = float(np.abs(g - w).max()) / max(float(np.abs(w).max()), 1e-30)
         if not err <= EXPORT_CHECK_RTOL:
-            raise DeployError(f"the exported graph's {name!r} disagrees with torch (relative error {err:.3g} > "
-                              f"{EXPORT_CHECK_RTOL}); nothing was written")
+            raise DeployError(
+                f"the exported graph's {name!r} disagrees with torch (relative error {err:.3g} > "
+                f"{EXPORT_CHECK_RTOL}); nothing was written"
+            )

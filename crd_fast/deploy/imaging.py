@@ -48,12 +48,16 @@ def to_unit_array(image: Any) -> np.ndarray:
         if arr.ndim == 2:
             arr = arr[None]
         if arr.ndim != 3 or arr.shape[0] not in (1, 3):
-            raise ImageInputError(f"a tensor image must be (3, H, W), (1, H, W) or (H, W), got shape {tuple(arr.shape)}")
+            raise ImageInputError(
+                f"a tensor image must be (3, H, W), (1, H, W) or (H, W), got shape {tuple(arr.shape)}"
+            )
         arr = arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0)
     elif isinstance(image, np.ndarray):
         arr = image[:, :, None] if image.ndim == 2 else image
         if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise ImageInputError(f"a numpy image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {image.shape}")
+            raise ImageInputError(
+                f"a numpy image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {image.shape}"
+            )
         arr = arr[:, :, :3]
         if arr.dtype == np.uint8:
             arr = arr.astype(np.float32) / np.float32(255.0)
@@ -65,21 +69,31 @@ def to_unit_array(image: Any) -> np.ndarray:
             raise ImageInputError(f"a numpy image must be uint8, uint16 or float, got {arr.dtype}")
         arr = arr.transpose(2, 0, 1)
     else:
-        raise ImageInputError(f"unsupported image type {type(image).__name__} (expected a path, PIL image, numpy array or tensor)")
+        raise ImageInputError(
+            f"unsupported image type {type(image).__name__} (expected a path, PIL image, numpy array or tensor)"
+        )
     if arr.shape[0] == 1:
         arr = np.repeat(arr, 3, axis=0)
     if arr.size == 0:
         raise ImageInputError(f"image is empty (shape {arr.shape})")
     lo, hi = float(arr.min()), float(arr.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-6 or hi > 1 + 1e-6:
-        raise ImageInputError(f"image values must be in [0, 1] (got range [{lo:.4g}, {hi:.4g}]); pass raw RGB, not normalised input")
+        raise ImageInputError(
+            f"image values must be in [0, 1] (got range [{lo:.4g}, {hi:.4g}]); pass raw RGB, not normalised input"
+        )
     return np.ascontiguousarray(arr)
 
 
 class NumpyPreprocess:
     """resize (shorter side, bilinear antialias) -> center crop -> ImageNet normalisation, numpy/PIL only."""
 
-    def __init__(self, resize: int = 256, crop: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self,
+        resize: int = 256,
+        crop: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         if not (isinstance(resize, int) and isinstance(crop, int) and 1 <= crop <= resize):
             raise ValueError(f"need integers 1 <= crop <= resize, got resize={resize!r}, crop={crop!r}")
         self.resize, self.crop = resize, crop
@@ -111,5 +125,6 @@ class NumpyPreprocess:
 
 def iter_images(images: Any) -> Iterator[ImageItem]:
     """(path or None, image) for a folder, a file, one PIL image / array, a (B, 3, H, W) tensor, a list or a
-    data set of these (see :func:`crd_fast.io.images.iter_images`); bad folders and tensor shapes raise ImageInputError."""
+    data set of these (see :func:`crd_fast.io.images.iter_images`); bad folders and tensor shapes raise
+    ImageInputError."""
     return _iter_images(images, error=ImageInputError)

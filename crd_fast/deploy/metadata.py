@@ -61,7 +61,8 @@ def read_onnx_and_metadata(
         raise DeployError(f"{meta_p}: not a crd_fast ONNX metadata file (format {found!r}, expected {FORMAT_NAME!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DeployError(
-            f"{meta_p}: metadata format version {meta.get('format_version')!r} is not supported (this runtime reads {FORMAT_VERSION})"
+            f"{meta_p}: metadata format version {meta.get('format_version')!r} is not supported "
+            f"(this runtime reads {FORMAT_VERSION})"
         )
     digest = sha256_bytes(data)
     if meta.get("onnx_sha256") != digest:
@@ -92,6 +93,7 @@ def _int_in(value: Any, low: int, high: int) -> bool:
 def check_metadata_fields(meta: dict[str, Any], where: PathLike) -> None:
     """Refuse metadata whose fields have the wrong type or range (DeployError naming the field): an edited or
     corrupted document must not surface later as a KeyError or TypeError inside the runtime."""
+
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise DeployError(f"{where}: metadata field {what}")
@@ -103,9 +105,12 @@ def check_metadata_fields(meta: dict[str, Any], where: PathLike) -> None:
         need(named and len(items) >= 1, f"{kind!r} is not a list of named items")
     for item in meta["inputs"]:
         shape = item.get("shape")
-        need(isinstance(shape, list) and 1 <= len(shape) <= 8
-             and all(_int_in(d, 1, 1 << 20) or isinstance(d, str) or d is None for d in shape),
-             f"'inputs' shape {shape!r} of {item['name']!r} is not a list of sizes")
+        need(
+            isinstance(shape, list)
+            and 1 <= len(shape) <= 8
+            and all(_int_in(d, 1, 1 << 20) or isinstance(d, str) or d is None for d in shape),
+            f"'inputs' shape {shape!r} of {item['name']!r} is not a list of sizes",
+        )
     need(isinstance(meta.get("config") or {}, dict), f"'config'={meta.get('config')!r} is not an object")
     batch = (meta.get("config") or {}).get("batch_size")
     need(batch is None or _int_in(batch, 1, 1 << 16), f"'config.batch_size'={batch!r} is not an integer in [1, 65536]")
@@ -113,20 +118,28 @@ def check_metadata_fields(meta: dict[str, Any], where: PathLike) -> None:
         value = meta.get(key)
         need(value is None or _finite(value), f"{key!r}={value!r} is not null or a finite number")
     stats = meta.get("train_score_stats")
-    need(stats is None or (isinstance(stats, dict) and all(_finite(v) for v in stats.values())),
-         f"'train_score_stats'={stats!r} is not null or an object of finite numbers")
+    need(
+        stats is None or (isinstance(stats, dict) and all(_finite(v) for v in stats.values())),
+        f"'train_score_stats'={stats!r} is not null or an object of finite numbers",
+    )
     if meta["head_only"]:
         return
     pre = meta.get("preprocess")
     need(isinstance(pre, dict), f"'preprocess'={pre!r} is not an object")
     resize, crop = pre.get("resize"), pre.get("crop")
-    need(_int_in(crop, 1, MAX_IMAGE_SIDE) and _int_in(resize, crop, MAX_IMAGE_SIDE),
-         f"'preprocess' resize={resize!r}, crop={crop!r} are not integers with 1 <= crop <= resize <= {MAX_IMAGE_SIDE}")
+    need(
+        _int_in(crop, 1, MAX_IMAGE_SIDE) and _int_in(resize, crop, MAX_IMAGE_SIDE),
+        f"'preprocess' resize={resize!r}, crop={crop!r} are not integers with 1 <= crop <= resize <= {MAX_IMAGE_SIDE}",
+    )
     for key in ("mean", "std"):
         values = pre.get(key)
-        need(isinstance(values, list) and len(values) == 3 and all(_finite(v) for v in values)
-             and (key == "mean" or all(v > 0 for v in values)),
-             f"'preprocess.{key}'={values!r} is not 3 finite numbers")
+        need(
+            isinstance(values, list)
+            and len(values) == 3
+            and all(_finite(v) for v in values)
+            and (key == "mean" or all(v > 0 for v in values)),
+            f"'preprocess.{key}'={values!r} is not 3 finite numbers",
+        )
 
 
 def check_expected(meta: dict[str, Any], expected: dict[str, Any], where: PathLike) -> None:

@@ -54,8 +54,13 @@ def export_openvino(source: Any, path: PathLike, **onnx_options: Any) -> dict[st
         bin_staged = staged.with_suffix(".bin")
         meta = dict(onnx.metadata)
         meta.pop("onnx_sha256", None)
-        meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, openvino_version=ov.get_version(),
-                    xml_sha256=sha256_bytes(staged.read_bytes()), bin_sha256=sha256_bytes(bin_staged.read_bytes()))
+        meta.update(
+            format=FORMAT_NAME,
+            format_version=FORMAT_VERSION,
+            openvino_version=ov.get_version(),
+            xml_sha256=sha256_bytes(staged.read_bytes()),
+            bin_sha256=sha256_bytes(bin_staged.read_bytes()),
+        )
         meta_staged = Path(tmp) / "meta.json"
         meta_staged.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
         # The .bin first and the metadata last: a reader never sees new metadata with old weights.
@@ -69,8 +74,11 @@ def read_openvino_metadata(xml_path: PathLike, metadata_path: Optional[PathLike]
     """The metadata of an OpenVINO export, after checking the .xml and .bin bytes against it."""
     xml = Path(xml_path)
     meta_p = Path(metadata_path) if metadata_path is not None else metadata_path_for(xml)
-    for p, what in ((xml, "OpenVINO model file"), (xml.with_suffix(".bin"), "OpenVINO weights file"),
-                    (meta_p, "metadata file (written next to the model by export_openvino)")):
+    for p, what in (
+        (xml, "OpenVINO model file"),
+        (xml.with_suffix(".bin"), "OpenVINO weights file"),
+        (meta_p, "metadata file (written next to the model by export_openvino)"),
+    ):
         if not p.is_file():
             raise DeployError(f"{p}: no such {what}")
     try:
@@ -78,12 +86,16 @@ def read_openvino_metadata(xml_path: PathLike, metadata_path: Optional[PathLike]
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DeployError(f"{meta_p}: metadata is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
-        raise DeployError(f"{meta_p}: not a crd_fast OpenVINO metadata file (format {meta.get('format')!r}, version "
-                          f"{meta.get('format_version')!r}; expected {FORMAT_NAME!r} version {FORMAT_VERSION})")
+        raise DeployError(
+            f"{meta_p}: not a crd_fast OpenVINO metadata file (format {meta.get('format')!r}, version "
+            f"{meta.get('format_version')!r}; expected {FORMAT_NAME!r} version {FORMAT_VERSION})"
+        )
     for p, key in ((xml, "xml_sha256"), (xml.with_suffix(".bin"), "bin_sha256")):
         if sha256_bytes(p.read_bytes()) != meta.get(key):
-            raise DeployError(f"{p}: does not match its metadata {meta_p.name} (SHA-256 differs): modified, truncated, "
-                              "or the metadata belongs to another export")
+            raise DeployError(
+                f"{p}: does not match its metadata {meta_p.name} (SHA-256 differs): modified, truncated, "
+                "or the metadata belongs to another export"
+            )
     return meta
 
 
@@ -153,8 +165,10 @@ class OpenVinoDetector(OnnxDetector):
         try:
             compiled = core.compile_model(core.read_model(self.path), device, config)
         except Exception as exc:  # OpenVINO raises RuntimeError with its own messages
-            raise DeployError(f"{self.path}: OpenVINO cannot load this model on {device} "
-                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from exc
+            raise DeployError(
+                f"{self.path}: OpenVINO cannot load this model on {device} "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+            ) from exc
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16", "f16"
         self.inference_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self.session = _Session(compiled)

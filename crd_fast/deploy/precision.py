@@ -61,7 +61,9 @@ def variant_projection(scorer: CRDScorer, precision: str = "fp64", rank: Optiona
     copy = CRDScorer.from_state(*scorer.state())  # a private copy: setting its rank recomputes only its projection
     copy.rank = None if rank is None or rank >= scorer.dim else rank
     proj = copy.projection
-    return CRDProjection(round_matrix(proj.matrix, precision), proj.offset.clone(), proj.lam, proj.rank, proj.error_bound)
+    return CRDProjection(
+        round_matrix(proj.matrix, precision), proj.offset.clone(), proj.lam, proj.rank, proj.error_bound
+    )
 
 
 def rank_for_error_bound(scorer: CRDScorer, bound: float) -> Optional[int]:
@@ -101,13 +103,24 @@ class DeployHead:
 
     @classmethod
     def from_scorer(
-        cls, scorer: CRDScorer, precision: str = "fp64", rank: Optional[int] = None, detector: Optional[dict[str, Any]] = None
+        cls,
+        scorer: CRDScorer,
+        precision: str = "fp64",
+        rank: Optional[int] = None,
+        detector: Optional[dict[str, Any]] = None,
     ) -> "DeployHead":
         """The head of a fitted scorer at ``rank`` with its matrix stored in ``precision``."""
         proj = variant_projection(scorer, precision, rank)
         return cls(
-            matrix=proj.matrix, offset=proj.offset, lam=proj.lam, precision=precision, rank=proj.rank,
-            error_bound=proj.error_bound, lam_rel=scorer.lam_rel, center=scorer.center, n=scorer.n_samples,
+            matrix=proj.matrix,
+            offset=proj.offset,
+            lam=proj.lam,
+            precision=precision,
+            rank=proj.rank,
+            error_bound=proj.error_bound,
+            lam_rel=scorer.lam_rel,
+            center=scorer.center,
+            n=scorer.n_samples,
             detector=detector,
         )
 
@@ -129,9 +142,16 @@ class DeployHead:
         """Write a head file (safetensors + JSON, atomic) with the matrix in its stored precision."""
         tensors = {"matrix": self.matrix.to(PRECISIONS[self.precision]), "offset": self.offset.to(torch.float64)}
         fields = {
-            "precision": self.precision, "rank": self.rank, "d": self.dim, "r": int(self.matrix.shape[0]),
-            "lam": self.lam, "lam_rel": self.lam_rel, "center": self.center, "n": self.n,
-            "error_bound": self.error_bound, "detector": self.detector,
+            "precision": self.precision,
+            "rank": self.rank,
+            "d": self.dim,
+            "r": int(self.matrix.shape[0]),
+            "lam": self.lam,
+            "lam_rel": self.lam_rel,
+            "center": self.center,
+            "n": self.n,
+            "error_bound": self.error_bound,
+            "detector": self.detector,
         }
         write_model_file(path, HEAD_KIND, tensors, fields)
 
@@ -147,27 +167,52 @@ class DeployHead:
         matrix, offset = tensors["matrix"], tensors["offset"]
         stored = meta.get("precision")
         require(stored in PRECISIONS, path, f"precision {stored!r} is not one of {tuple(PRECISIONS)}")
-        require(matrix.dtype == PRECISIONS[stored], path, f"matrix is {matrix.dtype} but the metadata says precision={stored}")
+        require(
+            matrix.dtype == PRECISIONS[stored],
+            path,
+            f"matrix is {matrix.dtype} but the metadata says precision={stored}",
+        )
         if precision is not None and stored != precision:
             raise ValueError(f"{path}: head file holds precision={stored}, expected {precision}")
         file_rank = meta.get("rank")
         d = int(meta.get("d", -1))
         r = d if file_rank is None else int(file_rank)
-        require(matrix.ndim == 2 and tuple(matrix.shape) == (r, d), path, f"matrix shape {tuple(matrix.shape)}, expected {(r, d)} (rank={file_rank})")
-        require(offset.dtype == torch.float64 and tuple(offset.shape) == (d,), path, f"offset must be float64 of shape ({d},)")
-        require(bool(torch.isfinite(matrix).all()) and bool(torch.isfinite(offset).all()), path, "matrix or offset holds NaN or Inf")
+        require(
+            matrix.ndim == 2 and tuple(matrix.shape) == (r, d),
+            path,
+            f"matrix shape {tuple(matrix.shape)}, expected {(r, d)} (rank={file_rank})",
+        )
+        require(
+            offset.dtype == torch.float64 and tuple(offset.shape) == (d,),
+            path,
+            f"offset must be float64 of shape ({d},)",
+        )
+        require(
+            bool(torch.isfinite(matrix).all()) and bool(torch.isfinite(offset).all()),
+            path,
+            "matrix or offset holds NaN or Inf",
+        )
         if rank != "any" and file_rank != rank:
             raise ValueError(f"{path}: head file has rank={file_rank}, expected {rank}")
         lam = float(meta["lam"])
         require(math.isfinite(lam) and lam > 0, path, f"lam={lam} must be positive")
         return cls(
-            matrix=matrix.to(torch.float64), offset=offset, lam=lam, precision=stored, rank=file_rank,
-            error_bound=float(meta.get("error_bound", 0.0)), lam_rel=meta.get("lam_rel"), center=bool(meta.get("center", True)),
-            n=int(meta.get("n", 0)), detector=meta.get("detector"),
+            matrix=matrix.to(torch.float64),
+            offset=offset,
+            lam=lam,
+            precision=stored,
+            rank=file_rank,
+            error_bound=float(meta.get("error_bound", 0.0)),
+            lam_rel=meta.get("lam_rel"),
+            center=bool(meta.get("center", True)),
+            n=int(meta.get("n", 0)),
+            detector=meta.get("detector"),
         )
 
 
-def deployed_scores(Y: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def deployed_scores(
+    Y: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """||matrix y - matrix mu|| per row, the way the exported head computes it (offset folded into q, in ``dtype``)."""
     q = (matrix.to(torch.float64) @ offset.to(torch.float64)).to(dtype)  # folded in float64, then cast
     z = Y.to(dtype) @ matrix.to(dtype).T - q
@@ -203,9 +248,13 @@ def measure_error(
     patch = relative_errors(approx, exact)
     image = relative_errors(approx.reshape(-1, patches_per_image).amax(1), exact.reshape(-1, patches_per_image).amax(1))
     return {
-        "precision": precision, "rank": proj.rank, "compute": str(compute_dtype).replace("torch.", ""),
-        "patch_max_rel": patch["max_rel"], "patch_mean_rel": patch["mean_rel"],
-        "image_max_rel": image["max_rel"], "image_mean_rel": image["mean_rel"],
+        "precision": precision,
+        "rank": proj.rank,
+        "compute": str(compute_dtype).replace("torch.", ""),
+        "patch_max_rel": patch["max_rel"],
+        "patch_mean_rel": patch["mean_rel"],
+        "image_max_rel": image["max_rel"],
+        "image_mean_rel": image["mean_rel"],
         "error_bound": proj.error_bound,
         "matrix_bytes": int(proj.matrix.shape[0] * proj.matrix.shape[1] * PRECISIONS[precision].itemsize),
     }
@@ -220,7 +269,9 @@ def make_head_file(
     return head
 
 
-def head_from(source: Union[CRDScorer, Any, PathLike], precision: str = "fp64", rank: Optional[int] = None) -> DeployHead:
+def head_from(
+    source: Union[CRDScorer, Any, PathLike], precision: str = "fp64", rank: Optional[int] = None
+) -> DeployHead:
     """A DeployHead from a fitted CRDScorer, a CRDDetector, or a detector or scorer model file."""
     if isinstance(source, CRDScorer):
         return DeployHead.from_scorer(source, precision, rank)

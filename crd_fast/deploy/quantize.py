@@ -95,26 +95,42 @@ def export_onnx_int8(
         graph = onnx.load(str(prepared))
         exclude = [n.name for n in graph.graph.node if not n.name.startswith(BACKBONE_SCOPE)]
         if len(exclude) == len(graph.graph.node):
-            raise DeployError(f"no backbone nodes (named {BACKBONE_SCOPE}...) in the exported graph: "
-                              "nothing to quantize")
+            raise DeployError(
+                f"no backbone nodes (named {BACKBONE_SCOPE}...) in the exported graph: nothing to quantize"
+            )
         reader = _Reader(calibration_batches(source, calibration, calibration_images))
         quantized = Path(tmp) / "int8.onnx"
         quantize_static(
-            str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
-            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+            str(prepared),
+            str(quantized),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            reduce_range=reduce_range,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=exclude,
         )
         if reader.count == 0:
             raise ValueError("no calibration images were found")
         data = quantized.read_bytes()
     meta = dict(fp32.metadata)
-    meta.update({
-        "precision": "int8",
-        "quantization": {"format": "QDQ", "weights": "int8 per channel", "activations": "uint8", "method": "MinMax",
-                         "calibration_images": reader.count, "reduce_range": bool(reduce_range),
-                         "quantized": "backbone convolutions; head and anomaly map float32"},
-        "onnx_sha256": sha256_bytes(data),
-    })
+    meta.update(
+        {
+            "precision": "int8",
+            "quantization": {
+                "format": "QDQ",
+                "weights": "int8 per channel",
+                "activations": "uint8",
+                "method": "MinMax",
+                "calibration_images": reader.count,
+                "reduce_range": bool(reduce_range),
+                "quantized": "backbone convolutions; head and anomaly map float32",
+            },
+            "onnx_sha256": sha256_bytes(data),
+        }
+    )
     meta_path = Path(metadata_path) if metadata_path is not None else metadata_path_for(out)
     with atomic_write(out) as t:
         t.write_bytes(data)

@@ -58,7 +58,9 @@ class OnnxDetector:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(data, sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
+            self.session = ort.InferenceSession(
+                data, sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
+            )
         except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
             raise DeployError(f"{self.path}: onnxruntime cannot load this model ({type(exc).__name__}: {exc})") from exc
         self._check_signature()
@@ -67,8 +69,9 @@ class OnnxDetector:
         self.threshold: Optional[float] = meta.get("threshold")
         self.pixel_threshold: Optional[float] = meta.get("pixel_threshold")
         self.train_score_stats: Optional[dict[str, float]] = meta.get("train_score_stats")
-        if batch_size is not None and (isinstance(batch_size, (bool, np.bool_))
-                                       or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral) or batch_size < 1
+        ):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.batch_size = int(batch_size if batch_size is not None else self.config.get("batch_size") or 8)
         self.preprocess: Optional[NumpyPreprocess] = None
@@ -175,7 +178,9 @@ class OnnxDetector:
             missing = [n for n in names if n not in feature_maps]
             extra = [k for k in feature_maps if k not in names]
             if missing or extra:
-                raise DeployError(f"feature maps must be given for layers {names}; missing {missing}, unexpected {extra}")
+                raise DeployError(
+                    f"feature maps must be given for layers {names}; missing {missing}, unexpected {extra}"
+                )
             given = [feature_maps[n] for n in names]
         else:
             given = list(feature_maps)

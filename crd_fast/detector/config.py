@@ -118,17 +118,26 @@ class DetectorConfig:
 
     backbone: Any = _option("wide_resnet50_2", "torchvision ResNet feature extractor")
     weights: Optional[str] = _option(
-        "imagenet", "backbone weights: 'imagenet' (torchvision's; needs its cache or a network), 'random' "
-        "(seeded, for tests: not real accuracy) or the path of a state-dict file (safetensors or .pth)", _weights)
-    layers: tuple[str, ...] = _option(("layer2", "layer3"), "backbone layers whose features are used; the first "
-                                      "sets the patch grid", _layers)
-    embedding: str = _option("concat", "concat: all channels of the layers; patchcore: reduced to target_dim",
-                             _embedding)
-    lam_rel: float = _option(DEFAULT_LAM_REL, "CRD regularisation relative to the mean feature variance",
-                             _positive_finite)
+        "imagenet",
+        "backbone weights: 'imagenet' (torchvision's; needs its cache or a network), 'random' "
+        "(seeded, for tests: not real accuracy) or the path of a state-dict file (safetensors or .pth)",
+        _weights,
+    )
+    layers: tuple[str, ...] = _option(
+        ("layer2", "layer3"), "backbone layers whose features are used; the first sets the patch grid", _layers
+    )
+    embedding: str = _option(
+        "concat", "concat: all channels of the layers; patchcore: reduced to target_dim", _embedding
+    )
+    lam_rel: float = _option(
+        DEFAULT_LAM_REL, "CRD regularisation relative to the mean feature variance", _positive_finite
+    )
     center: bool = _option(True, "subtract the mean patch before projecting", lambda name, value: bool(value))
-    rank: Optional[int] = _option(None, "keep only the R strongest directions of the CRD projection (unset: "
-                                  "exact, full rank)", _optional_positive_int)
+    rank: Optional[int] = _option(
+        None,
+        "keep only the R strongest directions of the CRD projection (unset: exact, full rank)",
+        _optional_positive_int,
+    )
     resize: int = _option(256, "shorter image side after resizing", _positive_int)
     crop: int = _option(224, "center crop the model sees; anomaly maps have this size", _positive_int)
     device: str = _option("cpu", "cpu, cuda, cuda:N or auto", _device, runtime=True)
@@ -136,9 +145,13 @@ class DetectorConfig:
     seed: int = _option(0, "seed of random weights and of the training score sample", _int_at_least(0))
     blur_sigma: float = _option(4.0, "Gaussian blur of the anomaly maps, in pixels (0: none)", _non_negative_finite)
     target_dim: int = _option(1024, "patch dimension d of the patchcore embedding", _int_at_least(1))
-    precision: str = _option(DEFAULT_PRECISION, "compute precision of the backbone and head: auto (bf16 where the "
-                             "processor or GPU has it natively, else fp32), fp32, bf16 or fp16", _precision,
-                             runtime=True)
+    precision: str = _option(
+        DEFAULT_PRECISION,
+        "compute precision of the backbone and head: auto (bf16 where the "
+        "processor or GPU has it natively, else fp32), fp32, bf16 or fp16",
+        _precision,
+        runtime=True,
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -31,17 +31,17 @@ from ..data.images import Images, count_images, iter_images
 from ..features.backbone import BackboneWeightsError, FeatureExtractor, module_state_sha256, weights_identity
 from ..features.preprocess import Preprocess, load_image
 from ..features.timm_backbone import TimmFeatures, is_timm
-from ..models.head import CRDHead
 from ..io.images import decode_reservation
-from .model_checks import check_detector_metadata
 from ..io.model_file import ModelFileError, PathLike, read_model_file, require, write_model_file
 from ..models.anomaly_map import AnomalyMapper
+from ..models.head import CRDHead
 from ..models.inference import InferenceModel
-from ..postprocess.results import DetectionResult
-from ..scorers.crd import CRDScorer
 from ..postprocess.pixels import pixel_f1_threshold, pixel_quantile_threshold
+from ..postprocess.results import DetectionResult
 from ..postprocess.thresholds import check_threshold, f1_threshold, quantile_threshold
+from ..scorers.crd import CRDScorer
 from .config import OPTIONS, RUNTIME_OPTIONS, DetectorConfig
+from .model_checks import check_detector_metadata
 from .reservoir import Reservoir
 
 logger = logging.getLogger(__name__)
@@ -193,8 +193,10 @@ class CRDDetector:
         """One line for reports saying where the backbone weights came from."""
         ident = self.weights_identity
         if ident["kind"] == "random":
-            return (f"{self.backbone_name} with seeded RANDOM weights (seed {ident['seed']}): "
-                    "scores do not show the accuracy of real (ImageNet) weights")
+            return (
+                f"{self.backbone_name} with seeded RANDOM weights (seed {ident['seed']}): "
+                "scores do not show the accuracy of real (ImageNet) weights"
+            )
         if ident["kind"] == "file":
             return f"{self.backbone_name} with weights from {ident['file']} (sha256 {ident['sha256'][:12]}...)"
         if ident["kind"] == "imagenet":
@@ -293,8 +295,13 @@ class CRDDetector:
             raise ValueError("no images to fit on")
         self.n_images += added
         self._stats_stale = True
-        logger.info("added %d images to the fit (%d in all, %d patches, d=%d)", added, self.n_images,
-                    self.scorer.n_samples, self.dim)
+        logger.info(
+            "added %d images to the fit (%d in all, %d patches, d=%d)",
+            added,
+            self.n_images,
+            self.scorer.n_samples,
+            self.dim,
+        )
         return self
 
     def _add_patches(self, patches: torch.Tensor) -> None:
@@ -321,9 +328,15 @@ class CRDDetector:
             scores = self._image_scores(torch.stack(self._reservoir.items))
             q = np.quantile(scores, [0.5, 0.9, 0.95, 0.99])
             self._train_stats = {
-                "n": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()),
-                "min": float(scores.min()), "max": float(scores.max()),
-                "q50": float(q[0]), "q90": float(q[1]), "q95": float(q[2]), "q99": float(q[3]),
+                "n": int(scores.size),
+                "mean": float(scores.mean()),
+                "std": float(scores.std()),
+                "min": float(scores.min()),
+                "max": float(scores.max()),
+                "q50": float(q[0]),
+                "q90": float(q[1]),
+                "q95": float(q[2]),
+                "q99": float(q[3]),
             }
             self._stats_stale = False
         return self._train_stats
@@ -442,8 +455,9 @@ class CRDDetector:
         if self.pixel_threshold is not None:  # only then: a file without one keeps the earlier content exactly
             fields["pixel_threshold"] = self.pixel_threshold
         write_model_file(path, MODEL_KIND, tensors, fields)
-        logger.info("saved model to %s (%s, d=%d, %d training images)", path, self.backbone_name, self.dim,
-                    self.n_images)
+        logger.info(
+            "saved model to %s (%s, d=%d, %d training images)", path, self.backbone_name, self.dim, self.n_images
+        )
 
     @classmethod
     def load(cls, path: PathLike, device: Optional[Union[str, torch.device]] = None, **expected: Any) -> "CRDDetector":
@@ -474,33 +488,49 @@ class CRDDetector:
         elif str(init["device"]) not in ("cpu", "auto") and not torch.cuda.is_available():
             init["device"] = "cpu"  # a run-time choice of the machine that fitted it, not part of the model
         if str(init["backbone"]).startswith("custom:") and not isinstance(init["backbone"], nn.Module):
-            raise ModelFileError(f"{path}: the model was made with a user backbone module ({stored['backbone']}); "
-                                 "pass it as CRDDetector.load(path, backbone=module)")
+            raise ModelFileError(
+                f"{path}: the model was made with a user backbone module ({stored['backbone']}); "
+                "pass it as CRDDetector.load(path, backbone=module)"
+            )
         moved_weights_file = ident.get("kind") == "file" and "weights" not in expected
         if moved_weights_file and os.path.isfile(init["weights"]):
             found = weights_identity(init["weights"], stored["seed"], stored["backbone"])
-            require(found.get("sha256") == ident.get("sha256"), path,
-                    f"weights file {init['weights']} changed since the model was saved (SHA-256 differs)")
+            require(
+                found.get("sha256") == ident.get("sha256"),
+                path,
+                f"weights file {init['weights']} changed since the model was saved (SHA-256 differs)",
+            )
         try:
             det = cls(**init)
         except BackboneWeightsError as exc:
             if moved_weights_file:
-                raise BackboneWeightsError(f"{exc} (the model {path} was fitted with this weights file; "
-                                           "pass CRDDetector.load(path, weights=<its new path>) if it moved)") from exc
+                raise BackboneWeightsError(
+                    f"{exc} (the model {path} was fitted with this weights file; "
+                    "pass CRDDetector.load(path, weights=<its new path>) if it moved)"
+                ) from exc
             raise
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: cannot rebuild the detector from its stored config: {exc}") from exc
-        require(list(det.patch_grid) == meta.get("patch_grid"), path,
-                f"crop {det.preprocess.crop} gives a {det.patch_grid} patch grid, "
-                f"the file says {meta.get('patch_grid')}")
-        require(det.layer_channels == meta.get("layer_channels"), path,
-                f"the backbone gives layer channels {det.layer_channels}, the file says {meta.get('layer_channels')}")
+        require(
+            list(det.patch_grid) == meta.get("patch_grid"),
+            path,
+            f"crop {det.preprocess.crop} gives a {det.patch_grid} patch grid, the file says {meta.get('patch_grid')}",
+        )
+        require(
+            det.layer_channels == meta.get("layer_channels"),
+            path,
+            f"the backbone gives layer channels {det.layer_channels}, the file says {meta.get('layer_channels')}",
+        )
         det.scorer = CRDScorer.from_state(tensors, meta.get("crd") or {}, path, prefix="crd.")
-        require(det.scorer.dim == det.dim, path, f"the stored scorer has d={det.scorer.dim}, the features have d={det.dim}")
+        require(
+            det.scorer.dim == det.dim, path, f"the stored scorer has d={det.scorer.dim}, the features have d={det.dim}"
+        )
         det.n_images = int(meta.get("n_images", 0))
         det._train_stats = meta.get("train_score_stats")
         threshold = meta.get("threshold")
-        require(threshold is None or isinstance(threshold, (int, float)), path, f"threshold {threshold!r} is not a number")
+        require(
+            threshold is None or isinstance(threshold, (int, float)), path, f"threshold {threshold!r} is not a number"
+        )
         det.set_threshold(threshold)
         det.set_pixel_threshold(meta.get("pixel_threshold"))  # absent before pixel thresholds; checked on load
         logger.info("loaded model %s (%s, d=%d, device %s)", path, det.backbone_name, det.dim, det.device)
@@ -508,14 +538,19 @@ class CRDDetector:
 
     def __repr__(self) -> str:
         state = f"fitted on {self.n_images} images" if self.is_fitted else "unfitted"
-        return (f"CRDDetector(backbone={self.backbone_name!r}, weights={self.weights!r}, layers={self.layers}, "
-                f"embedding={self.embedding!r}, d={self.dim}; {state})")
+        return (
+            f"CRDDetector(backbone={self.backbone_name!r}, weights={self.weights!r}, layers={self.layers}, "
+            f"embedding={self.embedding!r}, d={self.dim}; {state})"
+        )
 
 
 # The constructor takes DetectorConfig's fields: show them in help() and IDEs rather than (*args, **options).
 CRDDetector.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-     *inspect.signature(DetectorConfig).parameters.values()])
+    [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *inspect.signature(DetectorConfig).parameters.values(),
+    ]
+)
 
 
 def _requested_option(path: PathLike, key: str, want: Any, stored: dict[str, Any], ident: dict[str, Any]) -> Any:
@@ -529,19 +564,23 @@ def _requested_option(path: PathLike, key: str, want: Any, stored: dict[str, Any
         return want
     if key == "backbone" and isinstance(want, nn.Module):
         if f"custom:{type(want).__name__}" != stored[key]:
-            raise ModelFileError(f"{path}: the model was made with backbone {stored[key]!r}, "
-                                 f"not a {type(want).__name__} module")
+            raise ModelFileError(
+                f"{path}: the model was made with backbone {stored[key]!r}, not a {type(want).__name__} module"
+            )
         want_hash, stored_hash = module_state_sha256(want), ident.get("state_sha256")
         if stored_hash is not None and want_hash != stored_hash:  # files before this check have no hash
-            raise ModelFileError(f"{path}: the {type(want).__name__} module passed has other weights than "
-                                 f"the one the model was fitted with (state-dict SHA-256 {want_hash[:12]}... != "
-                                 f"{stored_hash[:12]}...); scores would change")
+            raise ModelFileError(
+                f"{path}: the {type(want).__name__} module passed has other weights than "
+                f"the one the model was fitted with (state-dict SHA-256 {want_hash[:12]}... != "
+                f"{stored_hash[:12]}...); scores would change"
+            )
         return want
     if key == "weights":
         asked = weights_identity(DetectorConfig.check(key, want), stored["seed"], stored["backbone"])
         if _without_file(asked) != _without_file(ident):
-            raise ModelFileError(f"{path}: the model was made with weights {ident}, but weights={want!r} "
-                                 f"({asked}) was requested")
+            raise ModelFileError(
+                f"{path}: the model was made with weights {ident}, but weights={want!r} ({asked}) was requested"
+            )
         return want
     if _jsonable(DetectorConfig.check(key, want)) != _jsonable(DetectorConfig.check(key, stored[key])):
         raise ModelFileError(f"{path}: the model was made with {key}={stored[key]!r}, but {key}={want!r} was requested")

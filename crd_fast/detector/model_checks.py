@@ -24,8 +24,9 @@ def _finite(value: Any) -> bool:
 
 
 def _sha256_or_none(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and len(value) == 64
-                             and all(c in "0123456789abcdef" for c in value))
+    return value is None or (
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    )
 
 
 def check_detector_metadata(meta: Mapping[str, Any], path: PathLike) -> None:
@@ -34,13 +35,21 @@ def check_detector_metadata(meta: Mapping[str, Any], path: PathLike) -> None:
     checks = [
         ("backbone", isinstance(config["backbone"], str), "a string"),
         ("weights", config["weights"] is None or isinstance(config["weights"], str), "null or a string"),
-        ("layers", isinstance(config["layers"], list) and 1 <= len(config["layers"]) <= 16
-         and all(isinstance(v, str) for v in config["layers"]), "a list of layer names"),
+        (
+            "layers",
+            isinstance(config["layers"], list)
+            and 1 <= len(config["layers"]) <= 16
+            and all(isinstance(v, str) for v in config["layers"]),
+            "a list of layer names",
+        ),
         ("embedding", isinstance(config["embedding"], str), "a string"),
         ("lam_rel", _finite(config["lam_rel"]) and config["lam_rel"] > 0, "a positive number"),
         ("center", isinstance(config["center"], bool), "true or false"),
-        ("rank", config["rank"] is None or _int_in(config["rank"], 1, MAX_DIM),
-         f"null or an integer in [1, {MAX_DIM}]"),
+        (
+            "rank",
+            config["rank"] is None or _int_in(config["rank"], 1, MAX_DIM),
+            f"null or an integer in [1, {MAX_DIM}]",
+        ),
         ("resize", _int_in(config["resize"], 1, MAX_IMAGE_SIDE), f"an integer in [1, {MAX_IMAGE_SIDE}]"),
         ("crop", _int_in(config["crop"], 1, MAX_IMAGE_SIDE), f"an integer in [1, {MAX_IMAGE_SIDE}]"),
         ("device", isinstance(config["device"], str), "a string"),
@@ -53,17 +62,30 @@ def check_detector_metadata(meta: Mapping[str, Any], path: PathLike) -> None:
         require(ok, path, f"config field {key}={config[key]!r} is not {expected}")
     stats = meta.get("train_score_stats")
     top = [
-        ("layer_channels", isinstance(meta.get("layer_channels"), list)
-         and all(_int_in(c, 1, MAX_DIM) for c in meta["layer_channels"]), "a list of channel counts"),
+        (
+            "layer_channels",
+            isinstance(meta.get("layer_channels"), list)
+            and all(_int_in(c, 1, MAX_DIM) for c in meta["layer_channels"]),
+            "a list of channel counts",
+        ),
         ("n_images", _int_in(meta.get("n_images", 0), 0, MAX_COUNT), "an integer >= 0"),
         ("threshold", meta.get("threshold") is None or _finite(meta["threshold"]), "null or a finite number"),
-        ("train_score_stats", stats is None or (isinstance(stats, dict) and all(_finite(v) for v in stats.values())),
-         "null or an object of finite numbers"),
-        ("pixel_threshold", meta.get("pixel_threshold") is None or _finite(meta["pixel_threshold"]),
-         "null or a finite number"),
-        ("weights_identity", isinstance(meta.get("weights_identity") or {}, dict)
-         and _sha256_or_none((meta.get("weights_identity") or {}).get("state_sha256")),
-         "an object (with state_sha256, when present, a SHA-256 hex digest)"),
+        (
+            "train_score_stats",
+            stats is None or (isinstance(stats, dict) and all(_finite(v) for v in stats.values())),
+            "null or an object of finite numbers",
+        ),
+        (
+            "pixel_threshold",
+            meta.get("pixel_threshold") is None or _finite(meta["pixel_threshold"]),
+            "null or a finite number",
+        ),
+        (
+            "weights_identity",
+            isinstance(meta.get("weights_identity") or {}, dict)
+            and _sha256_or_none((meta.get("weights_identity") or {}).get("state_sha256")),
+            "an object (with state_sha256, when present, a SHA-256 hex digest)",
+        ),
         ("crd", isinstance(meta.get("crd"), dict), "an object"),
     ]
     for key, ok, expected in top:

@@ -36,8 +36,10 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     """Start offsets of tiles of ``tile`` pixels with ``stride`` covering [0, length); the last is flush with
     the end (so it may overlap its neighbour more)."""
     if length < tile:
-        raise ValueError(f"an image side of {length} px is smaller than the tile ({tile} px); "
-                         "use a smaller tile or the detector directly")
+        raise ValueError(
+            f"an image side of {length} px is smaller than the tile ({tile} px); "
+            "use a smaller tile or the detector directly"
+        )
     starts = list(range(0, length - tile + 1, stride))
     if starts[-1] + tile < length:
         starts.append(length - tile)
@@ -59,12 +61,15 @@ class TiledDetector:
     (calibrate them with ``calibrate`` / ``calibrate_pixels`` here, on tiled images).
     """
 
-    def __init__(self, detector: Any, tile: int, overlap: Optional[int] = None,
-                 size: Optional[Sequence[int]] = None) -> None:
+    def __init__(
+        self, detector: Any, tile: int, overlap: Optional[int] = None, size: Optional[Sequence[int]] = None
+    ) -> None:
         pre = detector.preprocess
         if pre.resize != pre.crop:
-            raise ValueError(f"tiling needs a detector with resize == crop (each tile is scored whole), got resize="
-                             f"{pre.resize}, crop={pre.crop}")
+            raise ValueError(
+                f"tiling needs a detector with resize == crop (each tile is scored whole), got resize="
+                f"{pre.resize}, crop={pre.crop}"
+            )
         if not isinstance(tile, int) or isinstance(tile, bool) or tile < 8:
             raise ValueError(f"tile must be an integer >= 8, got {tile!r}")
         overlap = tile // 4 if overlap is None else overlap
@@ -117,8 +122,13 @@ class TiledDetector:
             n += 1
         if first:
             raise ValueError("no images to fit on")
-        logger.info("fitted on %d tiles of %d images (tile %d px, overlap %d px)", self.detector.n_images, n,
-                    self.tile, self.overlap)
+        logger.info(
+            "fitted on %d tiles of %d images (tile %d px, overlap %d px)",
+            self.detector.n_images,
+            n,
+            self.tile,
+            self.overlap,
+        )
         return self
 
     # ---- predict --------------------------------------------------------------------------------------
@@ -143,8 +153,10 @@ class TiledDetector:
         scores, maps, grids, paths = [], [], [], []
         for path, image in self._iter(images):
             if maps and image.shape[-2:] != maps[0].shape[-2:]:
-                raise ValueError(f"images of one predict call must share a size (or pass size=(H, W)): got "
-                                 f"{tuple(maps[0].shape[-2:])} and {tuple(image.shape[-2:])}")
+                raise ValueError(
+                    f"images of one predict call must share a size (or pass size=(H, W)): got "
+                    f"{tuple(maps[0].shape[-2:])} and {tuple(image.shape[-2:])}"
+                )
             score, amap, grid = self.predict_one(image)
             scores.append(np.array([score]))
             maps.append(amap[None])

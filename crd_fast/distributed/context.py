@@ -101,7 +101,10 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_T
             raise RuntimeError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(local_rank)
     dist.init_process_group(
-        backend=backend, init_method="env://", rank=rank, world_size=world_size,
+        backend=backend,
+        init_method="env://",
+        rank=rank,
+        world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     return current_env()

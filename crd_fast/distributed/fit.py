@@ -44,7 +44,9 @@ def _patch_shard_statistics(
 ) -> Optional[PatchStatistics]:
     """Float64 statistics of a shard of (N_i, d) patch arrays; None for an empty shard."""
     stats: Optional[PatchStatistics] = None
-    for index, item in tqdm(zip(indices, items), total=len(items), desc="fit (this rank's shard)", disable=not progress):
+    for index, item in tqdm(
+        zip(indices, items), total=len(items), desc="fit (this rank's shard)", disable=not progress
+    ):
         x, _ = as_patch_matrix(item, f"items[{index}]", dim=dim, min_rows=1)
         if stats is None:
             stats = PatchStatistics(x.shape[1])
@@ -87,7 +89,10 @@ def fit_distributed(
     old = model.statistics if update and model.is_fitted else None
     dim = old.dim if old is not None else None
     _, new = fit_shards(
-        items, group, shard_mode, "fitting their shard",
+        items,
+        group,
+        shard_mode,
+        "fitting their shard",
         lambda indices, mine: _patch_shard_statistics(mine, dim, indices, progress and rank == 0),
     )
     if old is not None:

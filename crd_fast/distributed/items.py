@@ -24,6 +24,7 @@ def as_item_list(items: Any) -> Sequence[Any]:
 def check_items(items: Any) -> Sequence[Any]:
     """``items`` must be indexable with a length (list, tuple, data set): each rank picks its shard by index."""
     if isinstance(items, (str, bytes)) or not (hasattr(items, "__len__") and hasattr(items, "__getitem__")):
-        raise TypeError("items must be a list, tuple or data set of inputs (indexable, with a length), "
-                        f"got {type(items).__name__}")
+        raise TypeError(
+            f"items must be a list, tuple or data set of inputs (indexable, with a length), got {type(items).__name__}"
+        )
     return items

@@ -37,8 +37,9 @@ def run_fit(
     """
     with distributed_session(backend or default_backend(device), timeout_s) as env:
         model = build(env)
-        return fit_distributed(model, items, update=update, save_path=save_path, shard_mode=shard_mode,
-                               progress=progress and env.is_main)
+        return fit_distributed(
+            model, items, update=update, save_path=save_path, shard_mode=shard_mode, progress=progress and env.is_main
+        )
 
 
 def run_predict(
@@ -59,5 +60,6 @@ def run_predict(
     """
     with distributed_session(backend or default_backend(device), timeout_s) as env:
         model = build(env)
-        return predict_sharded(model, items, output=output, on_result=on_result, shard_mode=shard_mode,
-                               progress=progress and env.is_main)
+        return predict_sharded(
+            model, items, output=output, on_result=on_result, shard_mode=shard_mode, progress=progress and env.is_main
+        )

@@ -20,11 +20,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..io.model_file import PathLike
 from ..io.atomic import atomic_write
+from ..io.model_file import PathLike
 from ..scorers.crd import CRDScorer
-from .reduce import DistributedError, all_gather_objects, raise_if_any_failed, rank_and_world
 from .items import as_item_list, check_items
+from .reduce import DistributedError, all_gather_objects, raise_if_any_failed, rank_and_world
 from .sharding import shard
 from .steps import save_on_rank0
 
@@ -51,7 +51,9 @@ def _score_scorer(scorer: CRDScorer, items: Sequence[Any], indices: list[int]) -
         if scores.numel() == 0:
             raise ValueError(f"items[{index}] has no patches to score")
         per_item.append(scores)
-        records.append({"index": index, "path": None, "image_score": _float(scores.max()), "n_patches": int(scores.numel())})
+        records.append(
+            {"index": index, "path": None, "image_score": _float(scores.max()), "n_patches": int(scores.numel())}
+        )
     return records, per_item
 
 
@@ -75,7 +77,9 @@ def _score_detector(detector: Any, items: Sequence[Any], indices: list[int], pro
     return records, result
 
 
-def _score_callable(fn: Callable[[list[Any]], Sequence[Any]], items: Sequence[Any], indices: list[int]) -> tuple[list[dict], Any]:
+def _score_callable(
+    fn: Callable[[list[Any]], Sequence[Any]], items: Sequence[Any], indices: list[int]
+) -> tuple[list[dict], Any]:
     if not items:
         return [], []
     out = list(fn(list(items)))
@@ -122,7 +126,10 @@ def write_records(records: Sequence[dict], output: PathLike) -> Path:
     with atomic_write(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             if path.suffix.lower() == ".json":
-                clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in records]
+                clean = [
+                    {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+                    for r in records
+                ]
                 json.dump(clean, fh, indent=1)
                 fh.write("\n")
             else:

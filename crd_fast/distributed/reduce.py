@@ -62,10 +62,18 @@ def all_reduce_bytes(dim: int, world_size: int = 2) -> dict[str, int]:
     header = 8 * _HEADER_FIELDS
     reduced = 8 * (dim + dim * dim)
     ring = (2 * (world_size - 1) * reduced) // world_size + header * (world_size - 1)
-    return {"header": header, "mean_sum": 8 * dim, "scatter": 8 * dim * dim, "payload": header + reduced, "ring_sent": ring}
+    return {
+        "header": header,
+        "mean_sum": 8 * dim,
+        "scatter": 8 * dim * dim,
+        "payload": header + reduced,
+        "ring_sent": ring,
+    }
 
 
-def exchange_status(ok: bool, dim: int, count: int, group: Optional[dist.ProcessGroup] = None) -> list[tuple[bool, int, int]]:
+def exchange_status(
+    ok: bool, dim: int, count: int, group: Optional[dist.ProcessGroup] = None
+) -> list[tuple[bool, int, int]]:
     """All-gather (ok, d, n) from every rank; index r of the result is rank r's entry."""
     if not is_distributed(group):
         return [(bool(ok), int(dim), int(count))]
@@ -131,7 +139,9 @@ def _combine(
     return PatchStatistics.from_tensors(total, mean.to(out_device), scatter.to(out_device))
 
 
-def all_reduce_statistics(stats: Optional[PatchStatistics], group: Optional[dist.ProcessGroup] = None) -> PatchStatistics:
+def all_reduce_statistics(
+    stats: Optional[PatchStatistics], group: Optional[dist.ProcessGroup] = None
+) -> PatchStatistics:
     """Combine every rank's PatchStatistics into the statistics of all their patches together.
 
     A collective: every rank of ``group`` must call it. ``stats`` may be None (or hold no patches) on a

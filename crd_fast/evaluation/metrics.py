@@ -136,8 +136,9 @@ def _thin(n: int, max_points: Optional[int]) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
 
 
-def _curve_dict(x_name: str, x: np.ndarray, y_name: str, y: np.ndarray, thr: np.ndarray,
-                max_points: Optional[int]) -> dict[str, list]:
+def _curve_dict(
+    x_name: str, x: np.ndarray, y_name: str, y: np.ndarray, thr: np.ndarray, max_points: Optional[int]
+) -> dict[str, list]:
     keep = _thin(len(x), max_points)
     # The first threshold is +inf (nothing called defective); JSON has no inf, so it becomes None.
     thresholds = [float(t) if np.isfinite(t) else None for t in thr[keep]]

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics as M
 from ..core.embedding import embed_patches, patch_matrix
 from ..data.datasets import MVTecAD
 from ..features.preprocess import load_image
 from ..postprocess.pixels import pixel_f1
 from ..report.results import CategoryResult, example_indices
+from . import metrics as M
 
 #: Columns of :func:`format_table` (key in the metrics dict, header, format).
 TABLE_COLUMNS = (
@@ -61,13 +61,24 @@ class CategoryEvaluation:
     notes: list[str] = field(default_factory=list)
 
 
-def score_metrics(labels: Any, scores: Any, masks: Optional[np.ndarray] = None,
-                  maps: Optional[np.ndarray] = None, fpr_limit: float = 0.3) -> tuple[dict[str, Any], list[str]]:
+def score_metrics(
+    labels: Any,
+    scores: Any,
+    masks: Optional[np.ndarray] = None,
+    maps: Optional[np.ndarray] = None,
+    fpr_limit: float = 0.3,
+) -> tuple[dict[str, Any], list[str]]:
     """image AUROC, F1-max (and its threshold), pixel AUROC, AUPRO; None (with a note) where undefined.
 
     Image metrics need good and defective images; pixel metrics need maps and at least one defect pixel.
     """
-    out: dict[str, Any] = {"image_auroc": None, "f1_max": None, "f1_threshold": None, "pixel_auroc": None, "aupro": None}
+    out: dict[str, Any] = {
+        "image_auroc": None,
+        "f1_max": None,
+        "f1_threshold": None,
+        "pixel_auroc": None,
+        "aupro": None,
+    }
     notes: list[str] = []
     y = np.asarray(labels).astype(bool)
     if not (y.any() and not y.all()):
@@ -76,7 +87,9 @@ def score_metrics(labels: Any, scores: Any, masks: Optional[np.ndarray] = None,
     have_pixels = masks is not None and maps is not None and bool(np.asarray(masks).any())
     if masks is not None and not have_pixels:
         notes.append("no pixel metrics: the ground-truth masks are empty")
-    out.update(M.evaluate(y, scores, masks if have_pixels else None, maps if have_pixels else None, fpr_limit=fpr_limit))
+    out.update(
+        M.evaluate(y, scores, masks if have_pixels else None, maps if have_pixels else None, fpr_limit=fpr_limit)
+    )
     return out, notes
 
 
@@ -85,9 +98,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compare_nn(detector: Any, train_images: Sequence[Any], test_images: Sequence[Any], labels: Any,
-               masks: Optional[np.ndarray] = None, subsample: Optional[float] = None,
-               progress: bool = True) -> dict[str, Any]:
+def compare_nn(
+    detector: Any,
+    train_images: Sequence[Any],
+    test_images: Sequence[Any],
+    labels: Any,
+    masks: Optional[np.ndarray] = None,
+    subsample: Optional[float] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Score ``test_images`` with exact 1-NN on the fitted ``detector``'s own patch features.
 
     Builds an :class:`~crd_fast.scorers.nn.NNScorer` memory bank from ``train_images`` (``subsample``: fraction kept),
@@ -98,7 +117,9 @@ def compare_nn(detector: Any, train_images: Sequence[Any], test_images: Sequence
     from ..scorers.nn import NNScorer
 
     nn_scorer = NNScorer(subsample=subsample, seed=detector.seed)
-    with tqdm(total=len(train_images), desc="NN memory bank", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(train_images), desc="NN memory bank", unit="img", disable=not progress, dynamic_ncols=True
+    ) as bar:
         for _, x in detector.iter_batches(list(train_images)):
             nn_scorer.partial_fit(patch_matrix(detector.embed(x)))
             bar.update(x.shape[0])
@@ -149,9 +170,18 @@ def _listed(images: Any) -> list[Any]:
     return [img if path is None else path for path, img in iter_images(images)]
 
 
-def evaluate_dataset(detector: Any, train: Any, test: Any, name: str, compare_nn_baseline: bool = False,
-                     nn_subsample: Optional[float] = None, n_examples: int = 4, fpr_limit: float = 0.3,
-                     progress: bool = True, pixel_q: Optional[float] = None) -> CategoryEvaluation:
+def evaluate_dataset(
+    detector: Any,
+    train: Any,
+    test: Any,
+    name: str,
+    compare_nn_baseline: bool = False,
+    nn_subsample: Optional[float] = None,
+    n_examples: int = 4,
+    fpr_limit: float = 0.3,
+    progress: bool = True,
+    pixel_q: Optional[float] = None,
+) -> CategoryEvaluation:
     """Fit ``detector`` on ``train`` (defect-free images) and evaluate it on the labelled ``test`` set.
 
     ``train``: anything the detector can fit on (a folder, a list of paths, a data set). ``test``: a data
@@ -192,20 +222,33 @@ def evaluate_dataset(detector: Any, train: Any, test: Any, name: str, compare_nn
         extra = compare_nn(detector, train_items, paths, labels, masks, nn_subsample, progress)
         metrics["nn"] = dict(extra["nn"])
         metrics["crd_head_ms_per_image"] = extra["crd_head_ms_per_image"]
-        extra = {"nn": {k: extra["nn"][k] for k in ("image_auroc", "pixel_auroc", "head_ms_per_image")},
-                 "crd_head_ms_per_image": extra["crd_head_ms_per_image"]}
+        extra = {
+            "nn": {k: extra["nn"][k] for k in ("image_auroc", "pixel_auroc", "head_ms_per_image")},
+            "crd_head_ms_per_image": extra["crd_head_ms_per_image"],
+        }
     # Display images only for the overlays the report shows (decoding every test image is wasted work).
     picks = sorted({i for group in example_indices(labels, pred.image_scores, n_examples).values() for i in group})
     images = {i: detector.preprocess.display(load_image(paths[i])) for i in picks}
     result = CategoryResult(
-        name=name, labels=labels, image_scores=pred.image_scores, masks=masks, anomaly_maps=pred.anomaly_maps,
-        images=images, paths=paths, defect_types=list(test.defect_types), fit_seconds=fit_seconds,
-        ms_per_image=ms_per_image, extra=extra, pixel_threshold=getattr(detector, "pixel_threshold", None),
+        name=name,
+        labels=labels,
+        image_scores=pred.image_scores,
+        masks=masks,
+        anomaly_maps=pred.anomaly_maps,
+        images=images,
+        paths=paths,
+        defect_types=list(test.defect_types),
+        fit_seconds=fit_seconds,
+        ms_per_image=ms_per_image,
+        extra=extra,
+        pixel_threshold=getattr(detector, "pixel_threshold", None),
     )
     return CategoryEvaluation(name, result, metrics, notes)
 
 
-def evaluate_mvtec(detector: Any, root: Any, categories: Optional[Sequence[str]] = None, **kwargs: Any) -> list[CategoryEvaluation]:
+def evaluate_mvtec(
+    detector: Any, root: Any, categories: Optional[Sequence[str]] = None, **kwargs: Any
+) -> list[CategoryEvaluation]:
     """:func:`evaluate_dataset` for each MVTec AD category under ``root`` (all found when ``categories`` is None).
 
     One detector is refitted per category (its backbone is built once). ``kwargs`` go to ``evaluate_dataset``.
@@ -213,8 +256,10 @@ def evaluate_mvtec(detector: Any, root: Any, categories: Optional[Sequence[str]]
     if not categories:
         categories = MVTecAD.categories(root)
         if not categories:
-            raise FileNotFoundError(f"no MVTec AD categories under {str(root)!r} "
-                                    "(expected ROOT/<category>/train/good and ROOT/<category>/test/<type>)")
+            raise FileNotFoundError(
+                f"no MVTec AD categories under {str(root)!r} "
+                "(expected ROOT/<category>/train/good and ROOT/<category>/test/<type>)"
+            )
     out = []
     for category in categories:
         train, test = MVTecAD(root, category, "train"), MVTecAD(root, category, "test")
@@ -256,7 +301,10 @@ def format_table(evals: Sequence[CategoryEvaluation]) -> str:
     if len(evals) > 1:
         rows.append(row("mean", mean_metrics(evals), flat=True))
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head] + rows]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [head] + rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if len(evals) > 1:
         lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))

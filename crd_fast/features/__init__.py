@@ -1,8 +1,7 @@
 """Feature extraction: backbones and preprocessing (docs/DESIGN.md "Pipeline")."""
 
+from ..choices import BACKBONES, RESNETS
 from .backbone import (
-    BACKBONES,
-    RESNETS,
     BackboneWeightsError,
     FeatureExtractor,
     build_backbone,

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..choices import BACKBONES, RESNET_LAYERS, RESNETS, VGG16, VGG_LAYERS
+from ..choices import BACKBONES, RESNET_LAYERS, VGG16, VGG_LAYERS
 from ..core.precision import PrecisionChoice
 from .errors import BackboneWeightsError
 
@@ -45,7 +45,7 @@ def _is_hed(weights: WeightsSpec) -> bool:
 
 
 def input_normalisation(weights: WeightsSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel (mean, std) applied to [0, 1] RGB images for these weights: ImageNet's, or HED's 0..255 minus mean."""
+    """Per-channel (mean, std) for [0, 1] RGB images with these weights: ImageNet's, or HED's 0..255 minus mean."""
     if _is_hed(weights):
         from .hed import HED_MEAN, HED_STD
 
@@ -96,7 +96,9 @@ def weights_identity(weights: WeightsSpec, seed: int = 0, backbone: str = "") ->
         return {"kind": "custom"}
     path = Path(weights)
     if not path.is_file():
-        raise BackboneWeightsError(f"weights file {str(path)!r} does not exist (weights must be 'imagenet', 'random' or a file path)")
+        raise BackboneWeightsError(
+            f"weights file {str(path)!r} does not exist (weights must be 'imagenet', 'random' or a file path)"
+        )
     return {"kind": "file", "file": str(path), "sha256": file_sha256(path)}
 
 
@@ -125,7 +127,9 @@ def load_state_dict_file(path: WeightsSpec) -> dict[str, torch.Tensor]:
     """Read a state dict from a safetensors or torch file without unpickling arbitrary objects."""
     p = Path(path)
     if not p.is_file():
-        raise BackboneWeightsError(f"weights file {str(p)!r} does not exist (weights must be 'imagenet', 'random' or a file path)")
+        raise BackboneWeightsError(
+            f"weights file {str(p)!r} does not exist (weights must be 'imagenet', 'random' or a file path)"
+        )
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -187,7 +191,9 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     if result.unexpected_keys:
         problems.append(f"{len(result.unexpected_keys)} unexpected tensor(s) such as {result.unexpected_keys[:3]}")
     if problems:
-        raise BackboneWeightsError(f"{source}: weights do not match the {type(model).__name__} architecture: {'; '.join(problems)}")
+        raise BackboneWeightsError(
+            f"{source}: weights do not match the {type(model).__name__} architecture: {'; '.join(problems)}"
+        )
 
 
 def _exporting() -> bool:
@@ -217,7 +223,7 @@ class FeatureExtractor(nn.Module):
     ) -> None:
         super().__init__()
         layers = tuple(layers)
-        if not layers or not all(isinstance(l, str) for l in layers):
+        if not layers or not all(isinstance(name, str) for name in layers):
             raise ValueError(f"layers must be a non-empty sequence of layer names, got {layers!r}")
         if len(set(layers)) != len(layers):
             raise ValueError(f"layers must not repeat, got {layers!r}")
@@ -236,18 +242,19 @@ class FeatureExtractor(nn.Module):
         self.custom = None
         self.mean, self.std = input_normalisation(weights)  # HED's differs from ImageNet's
         known = VGG_LAYERS if backbone == VGG16 else RESNET_LAYERS
-        bad = [l for l in layers if l not in known]
+        bad = [name for name in layers if name not in known]
         if bad:
             raise ValueError(f"unknown layer(s) {bad} for {backbone}; choose from {known}")
         model = build_backbone(backbone, weights, seed)
-        last = max(known.index(l) for l in layers)
+        last = max(known.index(name) for name in layers)
         if backbone == VGG16:
             from .hed import VGG16_BLOCK_ENDS
 
             # block k = features[end(k-1):end(k)]: max pool (from block 2 on), convs and ReLUs.
             starts = (0,) + tuple(VGG16_BLOCK_ENDS[b] for b in VGG_LAYERS[:-1])
-            self.body = nn.ModuleDict({b: model.features[s : VGG16_BLOCK_ENDS[b]]
-                                       for b, s in zip(VGG_LAYERS[: last + 1], starts)})
+            self.body = nn.ModuleDict(
+                {b: model.features[s : VGG16_BLOCK_ENDS[b]] for b, s in zip(VGG_LAYERS[: last + 1], starts)}
+            )
         else:
             names = _STEM + RESNET_LAYERS[: last + 1]
             self.body = nn.ModuleDict({n: getattr(model, n) for n in names})
@@ -288,7 +295,7 @@ class FeatureExtractor(nn.Module):
             x = module(x)
             if name in self.layers:
                 out[name] = x
-        return [out[l] for l in self.layers]
+        return [out[name] for name in self.layers]
 
     @torch.inference_mode()
     def feature_shapes(self, size: int) -> list[tuple[int, int, int]]:

@@ -33,11 +33,19 @@ HED_STD = (1.0 / 255.0,) * 3
 
 #: Index of every conv layer of torchvision's ``vgg16().features``, in Keras order (block, layer-in-block).
 VGG16_CONVS = {
-    ("block1", "conv2d"): 0, ("block1", "conv2d_1"): 2,
-    ("block2", "conv2d"): 5, ("block2", "conv2d_1"): 7,
-    ("block3", "conv2d"): 10, ("block3", "conv2d_1"): 12, ("block3", "conv2d_2"): 14,
-    ("block4", "conv2d"): 17, ("block4", "conv2d_1"): 19, ("block4", "conv2d_2"): 21,
-    ("block5", "conv2d"): 24, ("block5", "conv2d_1"): 26, ("block5", "conv2d_2"): 28,
+    ("block1", "conv2d"): 0,
+    ("block1", "conv2d_1"): 2,
+    ("block2", "conv2d"): 5,
+    ("block2", "conv2d_1"): 7,
+    ("block3", "conv2d"): 10,
+    ("block3", "conv2d_1"): 12,
+    ("block3", "conv2d_2"): 14,
+    ("block4", "conv2d"): 17,
+    ("block4", "conv2d_1"): 19,
+    ("block4", "conv2d_2"): 21,
+    ("block5", "conv2d"): 24,
+    ("block5", "conv2d_1"): 26,
+    ("block5", "conv2d_2"): 28,
 }
 #: End (exclusive) of each HED block in ``vgg16().features``: its output is the ReLU after its last conv.
 VGG16_BLOCK_ENDS = {"block1": 4, "block2": 9, "block3": 16, "block4": 23, "block5": 30}
@@ -124,8 +132,12 @@ class HEDEdges(nn.Module):
         state, side = read_hed_h5(path)
         self.features = tvm.vgg16(weights=None).features[:30]
         self.features.load_state_dict(state, strict=True)
-        self.side = nn.ModuleDict({n: nn.Conv2d(c, 1, 1) for n, c in
-                                   (("dsn1", 64), ("dsn2", 128), ("dsn3", 256), ("dsn4", 512), ("dsn5", 512))})
+        self.side = nn.ModuleDict(
+            {
+                n: nn.Conv2d(c, 1, 1)
+                for n, c in (("dsn1", 64), ("dsn2", 128), ("dsn3", 256), ("dsn4", 512), ("dsn5", 512))
+            }
+        )
         self.fuse = nn.Conv2d(5, 1, 1)
         for name, module in list(self.side.items()) + [("fuse", self.fuse)]:
             module.load_state_dict({"weight": side[f"{name}.weight"], "bias": side[f"{name}.bias"]})
@@ -139,5 +151,7 @@ class HEDEdges(nn.Module):
             x = self.features[start:end](x)
             start = end
             s = self.side[f"dsn{i}"](x)
-            sides.append(s if s.shape[-2:] == (h, w) else F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False))
+            sides.append(
+                s if s.shape[-2:] == (h, w) else F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)
+            )
         return torch.sigmoid(self.fuse(torch.cat(sides, dim=1)))[:, 0]

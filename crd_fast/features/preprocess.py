@@ -19,6 +19,7 @@ from PIL import Image
 # Decoding and the ImageNet constants are torch-free and shared with the ONNX runtime; re-exported here,
 # where the pipeline imports them.
 from ..io.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_image, to_rgb  # noqa: F401
+
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 #: Largest accepted ``resize`` / ``crop``: the backbone runs on crop x crop inputs (4096^2 already needs GBs).
 MAX_IMAGE_SIDE = 4096
@@ -42,7 +43,9 @@ def to_unit_tensor(image: ImageLike) -> torch.Tensor:
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise ValueError(f"a numpy image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {image.shape}")
+            raise ValueError(
+                f"a numpy image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {image.shape}"
+            )
         arr = arr[:, :, :3]
         if arr.dtype == np.uint8:
             t = _from_uint8(torch.from_numpy(np.ascontiguousarray(arr)))
@@ -74,7 +77,9 @@ def check_unit_range(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
     lo, hi = float(t.min()), float(t.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"{name} values must be in [0, 1] (got range [{lo:.4g}, {hi:.4g}]); pass raw RGB, not normalised input")
+        raise ValueError(
+            f"{name} values must be in [0, 1] (got range [{lo:.4g}, {hi:.4g}]); pass raw RGB, not normalised input"
+        )
 
 
 class Preprocess:
@@ -115,7 +120,9 @@ class Preprocess:
     def batch(self, x: torch.Tensor) -> torch.Tensor:
         """A (B, 3, H, W) float tensor in [0, 1] (any device) -> normalised (B, 3, crop, crop) float32."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"an image batch must be a (B, 3, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+            raise ValueError(
+                f"an image batch must be a (B, 3, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}"
+            )
         x = _from_uint8(x) if x.dtype == torch.uint8 else x.float()
         check_unit_range(x, "image batch")
         return self.normalize(self.geometric(x))
@@ -127,7 +134,9 @@ class Preprocess:
 
     def mask(self, mask: Union[Image.Image, np.ndarray]) -> np.ndarray:
         """A ground-truth mask (PIL or (H, W) array, nonzero = defect) -> (crop, crop) bool, nearest resize."""
-        arr = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) and mask.mode not in ("L", "1", "I;16", "I") else mask)
+        arr = np.asarray(
+            mask.convert("L") if isinstance(mask, Image.Image) and mask.mode not in ("L", "1", "I;16", "I") else mask
+        )
         if arr.ndim == 3:
             arr = arr.max(axis=2)
         if arr.ndim != 2:

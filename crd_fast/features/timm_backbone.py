@@ -43,7 +43,7 @@ class TimmFeatures(nn.Module):
     def __init__(self, backbone: str, layers: Sequence[str], weights: WeightsSpec = "imagenet", seed: int = 0) -> None:
         super().__init__()
         timm = _timm()
-        name = backbone[len(PREFIX):]
+        name = backbone[len(PREFIX) :]
         if not name:
             raise ValueError("a timm backbone needs a model name: 'timm:<name>', e.g. 'timm:resnet18'")
         try:
@@ -58,8 +58,9 @@ class TimmFeatures(nn.Module):
             elif layer.isdigit() and int(layer) < len(modules):
                 indices.append(int(layer))
             else:
-                raise ValueError(f"unknown layer {layer!r} for {backbone}; choose from {modules} "
-                                 f"(or indices 0..{len(modules) - 1})")
+                raise ValueError(
+                    f"unknown layer {layer!r} for {backbone}; choose from {modules} (or indices 0..{len(modules) - 1})"
+                )
         pretrained = isinstance(weights, str) and weights == "imagenet"
         random = isinstance(weights, str) and weights == "random"
         if pretrained:
@@ -68,7 +69,8 @@ class TimmFeatures(nn.Module):
             except Exception as exc:  # no network, no cache, no weights for this model
                 raise BackboneWeightsError(
                     f"could not get timm's pretrained weights for {name} ({type(exc).__name__}: {exc}); "
-                    "pass a local state-dict file as weights, or weights='random' for tests") from exc
+                    "pass a local state-dict file as weights, or weights='random' for tests"
+                ) from exc
         else:
             with torch.random.fork_rng(devices=[]):  # seeding must not disturb the caller's random state
                 torch.manual_seed(int(seed))
@@ -80,8 +82,10 @@ class TimmFeatures(nn.Module):
                 result = model.load_state_dict(state, strict=False)
                 if result.missing_keys:
                     missing = result.missing_keys
-                    raise BackboneWeightsError(f"{weights}: weights do not match timm {name}: missing "
-                                               f"{len(missing)} tensor(s) such as {missing[:3]}")
+                    raise BackboneWeightsError(
+                        f"{weights}: weights do not match timm {name}: missing "
+                        f"{len(missing)} tensor(s) such as {missing[:3]}"
+                    )
         cfg = model.pretrained_cfg or {}
         self.model = model.eval()
         self.mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))

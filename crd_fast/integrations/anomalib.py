@@ -24,12 +24,11 @@ import logging
 from typing import Any, Sequence
 
 import torch
-from torch import nn
-
 from anomalib import LearningType
 from anomalib.data import Batch, InferenceBatch
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
 from anomalib.post_processing import PostProcessor
+from torch import nn
 
 from ..core.embedding import embed_patches, patch_matrix
 from ..core.stats import PatchStatistics
@@ -68,8 +67,12 @@ class CrdModel(nn.Module):
         self.register_buffer("crd_count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("crd_mean", torch.zeros(d, dtype=torch.float64))
         self.register_buffer("crd_scatter", torch.zeros(d, d, dtype=torch.float64))
-        self.head = CRDHead(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64),
-                            "concat", layer_channels=self.layer_channels)
+        self.head = CRDHead(
+            torch.zeros(d, d, dtype=torch.float64),
+            torch.zeros(d, dtype=torch.float64),
+            "concat",
+            layer_channels=self.layer_channels,
+        )
 
     @property
     def dim(self) -> int:
@@ -141,8 +144,9 @@ class Crd(MemoryBankMixin, AnomalibModule):
         evaluator: Any = True,
         visualizer: Any = True,
     ) -> None:
-        super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
-                         visualizer=visualizer)
+        super().__init__(
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+        )
         self.model: CrdModel = CrdModel(backbone, layers, pre_trained, lam_rel, center, blur_sigma)
 
     @staticmethod

@@ -41,10 +41,16 @@ def default_file_mode() -> int:
 
 def write_error(exc: OSError, target: PathLike, action: str = "write") -> OSError:
     """``exc`` re-raised as the same OSError type, naming the user's ``target`` and the real cause."""
-    cause = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
-             errno.ENOENT: "its folder does not exist", errno.ENOSPC: "no space left on device",
-             errno.EISDIR: "it is a directory", errno.ENOTDIR: "a part of its path is not a folder",
-             errno.ENAMETOOLONG: "file name too long"}.get(exc.errno or 0, exc.strerror or str(exc))
+    cause = {
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "read-only file system",
+        errno.ENOENT: "its folder does not exist",
+        errno.ENOSPC: "no space left on device",
+        errno.EISDIR: "it is a directory",
+        errno.ENOTDIR: "a part of its path is not a folder",
+        errno.ENAMETOOLONG: "file name too long",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
     return type(exc)(f"cannot {action} {os.fspath(target)!r}: {cause}")  # the message names the path
 
 

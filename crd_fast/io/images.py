@@ -31,7 +31,6 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .limits import BYTES_PER_PIXEL, decode_budget, size_problem
-
 from .tensors import is_tensor_like
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -144,8 +143,10 @@ def image_item(obj: Any, where: str) -> ImageItem:
             return image_item(obj["image"], where)
     if isinstance(obj, (tuple, list)) and obj:
         return image_item(obj[0], where)
-    raise TypeError(f"{where}: cannot use an item of type {type(obj).__name__} as an image "
-                    "(expected a path, PIL image, numpy array, tensor or an object with image_path)")
+    raise TypeError(
+        f"{where}: cannot use an item of type {type(obj).__name__} as an image "
+        "(expected a path, PIL image, numpy array, tensor or an object with image_path)"
+    )
 
 
 def iter_images(images: Any, error: type[Exception] = ValueError) -> Iterator[ImageItem]:
@@ -185,7 +186,9 @@ def iter_images(images: Any, error: type[Exception] = ValueError) -> Iterator[Im
     try:
         iterator = iter(images)
     except TypeError:
-        raise TypeError(f"images must be a folder, a file, a list of images or paths, a tensor batch or a data set; "
-                        f"got {type(images).__name__}") from None
+        raise TypeError(
+            f"images must be a folder, a file, a list of images or paths, a tensor batch or a data set; "
+            f"got {type(images).__name__}"
+        ) from None
     for i, obj in enumerate(iterator):
         yield image_item(obj, f"images[{i}]")

@@ -63,17 +63,20 @@ def image_limits() -> ImageLimits:
     return _limits
 
 
-def set_image_limits(max_pixels: Optional[int] = None, max_aspect: Optional[float] = None,
-                     decode_memory: Optional[int] = None) -> ImageLimits:
+def set_image_limits(
+    max_pixels: Optional[int] = None, max_aspect: Optional[float] = None, decode_memory: Optional[int] = None
+) -> ImageLimits:
     """Change the limits for this process (None keeps a value); returns the previous ones."""
     global _limits
     before = ImageLimits(_limits.max_pixels, _limits.max_aspect, _limits.decode_memory)
     for name, value in (("max_pixels", max_pixels), ("max_aspect", max_aspect), ("decode_memory", decode_memory)):
         if value is not None and (isinstance(value, bool) or not value > 0):
             raise ValueError(f"{name} must be positive, got {value!r}")
-    _limits = ImageLimits(int(max_pixels if max_pixels is not None else _limits.max_pixels),
-                          float(max_aspect if max_aspect is not None else _limits.max_aspect),
-                          int(decode_memory if decode_memory is not None else _limits.decode_memory))
+    _limits = ImageLimits(
+        int(max_pixels if max_pixels is not None else _limits.max_pixels),
+        float(max_aspect if max_aspect is not None else _limits.max_aspect),
+        int(decode_memory if decode_memory is not None else _limits.decode_memory),
+    )
     _budget.resize(_limits.decode_memory)
     return before
 
@@ -84,11 +87,15 @@ def size_problem(width: int, height: int) -> Optional[str]:
         return f"it has no pixels ({width}x{height})"
     limits = _limits
     if width * height > limits.max_pixels:
-        return (f"{width}x{height} = {width * height / 1e6:.1f} megapixels exceeds the limit of "
-                f"{limits.max_pixels / 1e6:g} (raise it with CRD_FAST_MAX_IMAGE_PIXELS or set_image_limits)")
+        return (
+            f"{width}x{height} = {width * height / 1e6:.1f} megapixels exceeds the limit of "
+            f"{limits.max_pixels / 1e6:g} (raise it with CRD_FAST_MAX_IMAGE_PIXELS or set_image_limits)"
+        )
     if max(width, height) > limits.max_aspect * min(width, height):
-        return (f"{width}x{height} has an aspect ratio above the limit of {limits.max_aspect:g}:1 "
-                "(raise it with CRD_FAST_MAX_IMAGE_ASPECT or set_image_limits)")
+        return (
+            f"{width}x{height} has an aspect ratio above the limit of {limits.max_aspect:g}:1 "
+            "(raise it with CRD_FAST_MAX_IMAGE_ASPECT or set_image_limits)"
+        )
     return None
 
 

@@ -74,7 +74,8 @@ def _flock(path: PathLike) -> Iterator[None]:
             os.close(fd)
             raise ConcurrentUpdateError(
                 f"{os.fspath(path)}: another process is writing this model file (e.g. another 'fit --update'); "
-                "try again when it has finished") from None
+                "try again when it has finished"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(os.fspath(path)).st_ino
         except FileNotFoundError:
@@ -121,7 +122,8 @@ def exclusive_write(path: PathLike) -> Iterator[None]:
         if file_sha256(path) != expected:
             raise ConcurrentUpdateError(
                 f"{os.fspath(path)}: the model file was changed by someone else since this update read it; "
-                "not overwriting it (run the update again)")
+                "not overwriting it (run the update again)"
+            )
         yield
         return
     if not Path(path).exists():

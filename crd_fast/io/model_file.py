@@ -26,6 +26,7 @@ FORMAT_NAME = "crd-fast-model"
 FORMAT_VERSION = 1
 METADATA_KEY = "crd_fast"
 
+
 class ModelFileError(ValueError):
     """A model file could not be read: missing, truncated, corrupt, of another format or inconsistent."""
 
@@ -87,7 +88,9 @@ def read_model_file(path: PathLike, kind: str) -> tuple[dict[str, torch.Tensor],
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{p}: model metadata is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise ModelFileError(f"{p}: not a crd_fast model file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        raise ModelFileError(
+            f"{p}: not a crd_fast model file (format {meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(
             f"{p}: model file format version {meta.get('format_version')!r} is not supported "

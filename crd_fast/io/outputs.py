@@ -114,8 +114,14 @@ class ResultFolder:
             default: a fresh random one.
     """
 
-    def __init__(self, final: PathLike, entries: Sequence[str], inputs: Iterable[PathLike] = (),
-                 overwrite: bool = False, stage_name: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        final: PathLike,
+        entries: Sequence[str],
+        inputs: Iterable[PathLike] = (),
+        overwrite: bool = False,
+        stage_name: Optional[str] = None,
+    ) -> None:
         self.final = Path(final)
         self.entries = tuple(entries)
         shown = os.fspath(final)
@@ -124,13 +130,17 @@ class ResultFolder:
             src = Path(item).resolve()
             if _inside(out, src) or _inside(src, out):
                 where = "is inside" if _inside(src, out) and src != out else "contains" if src != out else "is"
-                raise OutputError(f"output folder {shown!r} {where} the input {os.fspath(item)!r}: results would "
-                                  "overwrite or mix with the inputs; choose a folder outside the inputs")
+                raise OutputError(
+                    f"output folder {shown!r} {where} the input {os.fspath(item)!r}: results would "
+                    "overwrite or mix with the inputs; choose a folder outside the inputs"
+                )
         if self.final.exists() and not self.final.is_dir():
             raise OutputError(f"output {shown!r} exists and is not a folder")
         if self.final.is_dir() and any(self.final.iterdir()) and not overwrite:
-            raise OutputError(f"output folder {shown!r} is not empty; choose a new or empty folder, or pass "
-                              "--overwrite to replace the results in it (scores and heatmaps, all at once at the end)")
+            raise OutputError(
+                f"output folder {shown!r} is not empty; choose a new or empty folder, or pass "
+                "--overwrite to replace the results in it (scores and heatmaps, all at once at the end)"
+            )
         parent = _existing_ancestor(self.final.parent.absolute())
         if not parent.is_dir():
             raise NotADirectoryError(f"cannot write {shown!r}: {str(parent)!r} is a file")

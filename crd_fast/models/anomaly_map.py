@@ -43,7 +43,9 @@ class AnomalyMapper(nn.Module):
         self.sigma = float(sigma)
         self.radius = int(4.0 * self.sigma + 0.5) if self.sigma > 0 else 0  # gaussian_kernel1d's radius
         if self.radius >= min(hw):  # checked before the kernel is built: a huge sigma must not allocate it
-            raise ValueError(f"blur sigma={sigma} needs a radius of {self.radius} pixels, more than the map size {hw} allows")
+            raise ValueError(
+                f"blur sigma={sigma} needs a radius of {self.radius} pixels, more than the map size {hw} allows"
+            )
         kernel = gaussian_kernel1d(self.sigma) if self.sigma > 0 else torch.ones(1, dtype=torch.float64)
         self.register_buffer("kernel", kernel.float())
 

@@ -82,9 +82,13 @@ class CRDHead(nn.Module):
         super().__init__()
         check_embedding(embedding)
         if matrix.ndim != 2 or offset.ndim != 1 or matrix.shape[1] != offset.shape[0]:
-            raise ValueError(f"matrix must be (r, d) and offset (d,), got {tuple(matrix.shape)} and {tuple(offset.shape)}")
+            raise ValueError(
+                f"matrix must be (r, d) and offset (d,), got {tuple(matrix.shape)} and {tuple(offset.shape)}"
+            )
         if embedding == "patchcore" and layer_channels is None:
-            raise ValueError("the patchcore embedding needs layer_channels to fold its channel reduction into the matrix")
+            raise ValueError(
+                "the patchcore embedding needs layer_channels to fold its channel reduction into the matrix"
+            )
         self.embedding = embedding
         self.target_dim = int(target_dim)
         self.use_fused = bool(use_fused)
@@ -136,7 +140,9 @@ class CRDHead(nn.Module):
         if self.layer_channels is not None and channels != self.layer_channels:
             raise ValueError(f"feature maps have {channels} channels, the head was built for {self.layer_channels}")
         if sum(channels) != self.folded.shape[1]:
-            raise ValueError(f"feature maps have {sum(channels)} channels in all, the head expects {self.folded.shape[1]}")
+            raise ValueError(
+                f"feature maps have {sum(channels)} channels in all, the head expects {self.folded.shape[1]}"
+            )
         size = (int(maps[0].shape[-2]), int(maps[0].shape[-1]))
         total: Optional[torch.Tensor] = None
         start = 0
@@ -152,4 +158,7 @@ class CRDHead(nn.Module):
         return diff.square().sum(dim=1).sqrt()
 
     def extra_repr(self) -> str:
-        return f"embedding={self.embedding!r}, r={self.rank}, d={self.dim}, layer_channels={self.layer_channels}, use_fused={self.use_fused}"
+        return (
+            f"embedding={self.embedding!r}, r={self.rank}, d={self.dim}, layer_channels={self.layer_channels}, "
+            f"use_fused={self.use_fused}"
+        )

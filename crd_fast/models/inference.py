@@ -10,8 +10,8 @@ import torch.nn as nn
 
 from ..core.precision import head_gemm_dtype
 from ..features.backbone import FeatureExtractor
-from .head import CRDHead
 from .anomaly_map import AnomalyMapper
+from .head import CRDHead
 
 
 class InferenceModel(nn.Module):

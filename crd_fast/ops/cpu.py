@@ -57,8 +57,11 @@ def _check(maps: Sequence[torch.Tensor], matrix_t: torch.Tensor, q: torch.Tensor
             )
     total = sum(int(f.shape[1]) for f in maps)
     if (
-        matrix_t.dtype != dtype or matrix_t.ndim != 2 or matrix_t.shape[0] != total
-        or matrix_t.device.type != "cpu" or not matrix_t.is_contiguous()
+        matrix_t.dtype != dtype
+        or matrix_t.ndim != 2
+        or matrix_t.shape[0] != total
+        or matrix_t.device.type != "cpu"
+        or not matrix_t.is_contiguous()
     ):
         raise ValueError(
             f"matrix_t must be a contiguous CPU {dtype} ({total}, r) tensor (the folded matrix transposed), "
@@ -69,8 +72,15 @@ def _check(maps: Sequence[torch.Tensor], matrix_t: torch.Tensor, q: torch.Tensor
         raise ValueError(f"q must be a contiguous CPU {dtype} ({r},) tensor, got {q.dtype} {tuple(q.shape)}")
     if out is not None:
         h0, w0 = maps[0].shape[2:]
-        if out.dtype != dtype or tuple(out.shape) != (batch, h0, w0) or not out.is_contiguous() or out.device.type != "cpu":
-            raise ValueError(f"out must be a contiguous CPU {dtype} {(batch, h0, w0)} tensor, got {out.dtype} {tuple(out.shape)}")
+        if (
+            out.dtype != dtype
+            or tuple(out.shape) != (batch, h0, w0)
+            or not out.is_contiguous()
+            or out.device.type != "cpu"
+        ):
+            raise ValueError(
+                f"out must be a contiguous CPU {dtype} {(batch, h0, w0)} tensor, got {out.dtype} {tuple(out.shape)}"
+            )
 
 
 def fused_head_cpu(

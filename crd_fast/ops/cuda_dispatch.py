@@ -49,8 +49,13 @@ class Choice:
 
     def as_dict(self) -> dict:
         cap = f"{self.capability[0]}.{self.capability[1]}" if self.capability else None
-        return {"device": self.device, "capability": cap, "path": self.path, "reason": self.reason,
-                "skipped": dict(self.skipped)}
+        return {
+            "device": self.device,
+            "capability": cap,
+            "path": self.path,
+            "reason": self.reason,
+            "skipped": dict(self.skipped),
+        }
 
 
 # ---- device facts (functions, so tests fake them on a CPU-only machine) -----------------------------------
@@ -202,8 +207,11 @@ def decide(device: torch.device) -> Choice:
         choice = Choice("reference", "no kernel path could be used", skipped, name, cap)
     if failed or choice.path == "reference":
         details = "; ".join(f"{p}: {why}" for p, why in skipped.items())
-        warnings.warn(f"crd_fast: CUDA device {name} uses the {choice.path} path of crd_head ({details}); "
-                      "see docs/GPU.md", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"crd_fast: CUDA device {name} uses the {choice.path} path of crd_head ({details}); see docs/GPU.md",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     CHOICES.put(index, choice)
     return choice
 

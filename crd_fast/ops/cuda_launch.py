@@ -104,8 +104,10 @@ def check_launch(ops: Operands, partial: torch.Tensor, out: torch.Tensor) -> str
     if dtype == torch.bfloat16 and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(device)
         if 10 * major + minor < config().bf16_min_arch:  # the bf16 entry is a trapping stub there
-            raise ValueError(f"bfloat16 kernels need sm_{config().bf16_min_arch}, {device} is sm_{major}{minor}: "
-                             "prepare() widens bfloat16 maps to float32 on such devices")
+            raise ValueError(
+                f"bfloat16 kernels need sm_{config().bf16_min_arch}, {device} is sm_{major}{minor}: "
+                "prepare() widens bfloat16 maps to float32 on such devices"
+            )
     acc = compute_dtype(dtype)
     batch, _, h0, w0 = maps[0].shape
     for i, f in enumerate(maps):
@@ -180,14 +182,27 @@ def _launch_compiled(ops: Operands, partial: torch.Tensor, out: torch.Tensor, dt
     batch, h0, w0, c_total, r = ops.sizes
     with torch.cuda.device(ops.device):
         native.compiled().crd_head_cuda(
-            dtype, [f.data_ptr() for f in ops.maps], ops.plan.data_ptr(), ops.weights.data_ptr(),
-            ops.matrix.data_ptr(), ops.q.data_ptr(), partial.data_ptr(), out.data_ptr(),
-            batch, h0, w0, c_total, r, ops.stream(),
+            dtype,
+            [f.data_ptr() for f in ops.maps],
+            ops.plan.data_ptr(),
+            ops.weights.data_ptr(),
+            ops.matrix.data_ptr(),
+            ops.q.data_ptr(),
+            partial.data_ptr(),
+            out.data_ptr(),
+            batch,
+            h0,
+            w0,
+            c_total,
+            r,
+            ops.stream(),
         )
 
 
 crd_head_cuda = head_launcher(
-    _launch_compiled, _require_native_cuda, "crd_head_cuda",
+    _launch_compiled,
+    _require_native_cuda,
+    "crd_head_cuda",
     """Fused CRD head through the compiled CUDA kernels, on the current stream; fills and returns ``out``.
 
     Arguments ``(ops, out=None, partial=None)``; ``ops`` from ``crd_fast.ops.cuda.prepare``.

@@ -28,8 +28,10 @@ from .kernel_config import source_path, source_text
 #: the same list (CMakeLists.txt; tests/test_native.py checks they agree), so both backends round alike.
 CODEGEN_FLAGS = ("-ftz=true", "-prec-div=true", "-prec-sqrt=true", "-fmad=true")
 _ENTRY = {
-    "float32": "crd_head_tile_f32", "float64": "crd_head_tile_f64",
-    "float16": "crd_head_tile_f16", "bfloat16": "crd_head_tile_bf16",
+    "float32": "crd_head_tile_f32",
+    "float64": "crd_head_tile_f64",
+    "float16": "crd_head_tile_f16",
+    "bfloat16": "crd_head_tile_bf16",
 }
 
 
@@ -127,7 +129,10 @@ def _launch_cupy(ops: cuda_launch.Operands, partial: torch.Tensor, out: torch.Te
     device = ops.device
     index = device.index if device.index is not None else torch.cuda.current_device()
     module = _module(index)
-    ptr = lambda t: np.uint64(t.data_ptr())
+
+    def ptr(t: torch.Tensor) -> np.uint64:
+        return np.uint64(t.data_ptr())
+
     maps = ops.maps
     f = [ptr(m) for m in maps] + [ptr(maps[0])] * (cfg.max_layers - len(maps))  # unused slots are never read
     tiles = cfg.tiles(r)
@@ -138,12 +143,25 @@ def _launch_cupy(ops: cuda_launch.Operands, partial: torch.Tensor, out: torch.Te
         module.get_function(_ENTRY[dtype])(
             ((n + cfg.tile_p - 1) // cfg.tile_p, tiles),
             (cfg.threads,),
-            (*f, np.int32(len(maps)), ptr(ops.plan), ptr(ops.weights), ptr(ops.matrix), ptr(ops.q),
-             ptr(partial), np.int32(batch), np.int32(h0), np.int32(w0), np.int32(c_total), np.int32(r)),
+            (
+                *f,
+                np.int32(len(maps)),
+                ptr(ops.plan),
+                ptr(ops.weights),
+                ptr(ops.matrix),
+                ptr(ops.q),
+                ptr(partial),
+                np.int32(batch),
+                np.int32(h0),
+                np.int32(w0),
+                np.int32(c_total),
+                np.int32(r),
+            ),
         )
         finish = "crd_head_finish_f64" if dtype == "float64" else "crd_head_finish_f32"
         module.get_function(finish)(
-            ((n + cfg.finish_threads - 1) // cfg.finish_threads,), (cfg.finish_threads,),
+            ((n + cfg.finish_threads - 1) // cfg.finish_threads,),
+            (cfg.finish_threads,),
             (ptr(partial), ptr(out), np.int64(n), np.int32(tiles)),
         )
 
@@ -153,6 +171,8 @@ def _import_cupy() -> None:
 
 
 crd_head_cupy = cuda_launch.head_launcher(
-    _launch_cupy, _import_cupy, "crd_head_cupy",
+    _launch_cupy,
+    _import_cupy,
+    "crd_head_cupy",
     """Same contract as ``crd_fast.ops.cuda_launch.crd_head_cuda``, through CuPy; fills and returns ``out``.""",
 )

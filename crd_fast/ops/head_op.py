@@ -69,7 +69,9 @@ def check_head_inputs(
         if f.device != first.device:
             raise ValueError(f"feature maps must be on one device: map 0 is on {first.device}, map {i} on {f.device}")
         if f.shape[0] != first.shape[0]:
-            raise ValueError(f"feature maps must share the batch size: map 0 has {first.shape[0]}, map {i} has {f.shape[0]}")
+            raise ValueError(
+                f"feature maps must share the batch size: map 0 has {first.shape[0]}, map {i} has {f.shape[0]}"
+            )
         if f.shape[1] < 1 or f.shape[2] < 1 or f.shape[3] < 1:
             raise ValueError(f"feature map {i} has an empty channel or spatial dimension: {tuple(f.shape)}")
     d = embedding_dim([f.shape[1] for f in feature_maps], embedding, target_dim)
@@ -102,7 +104,9 @@ def _crd_head_op(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, emb
 
 
 @_crd_head_op.register_kernel("cpu")
-def _crd_head_cpu(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
+def _crd_head_cpu(
+    feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int
+) -> Tensor:
     check_head_inputs(feature_maps, matrix, offset, embedding, target_dim)
     if not _cpu.available():
         return _reference(feature_maps, matrix, offset, embedding, target_dim)
@@ -114,7 +118,9 @@ def _crd_head_cpu(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, em
 
 
 @_crd_head_op.register_kernel("cuda")
-def _crd_head_cuda(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
+def _crd_head_cuda(
+    feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int
+) -> Tensor:
     check_head_inputs(feature_maps, matrix, offset, embedding, target_dim)
     if CONFIG is None or len(feature_maps) > CONFIG.max_layers:
         return _reference(feature_maps, matrix, offset, embedding, target_dim)
@@ -140,7 +146,9 @@ def _warn_once(key: str, message: str) -> None:
 
 
 @_crd_head_op.register_fake
-def _crd_head_fake(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
+def _crd_head_fake(
+    feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int
+) -> Tensor:
     check_head_inputs(feature_maps, matrix, offset, embedding, target_dim)
     b, _, h, w = feature_maps[0].shape
     return feature_maps[0].new_empty((b, h, w), dtype=compute_dtype(feature_maps[0].dtype))

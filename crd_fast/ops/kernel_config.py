@@ -55,8 +55,14 @@ def parse(text: str) -> KernelConfig:
     """The :class:`KernelConfig` written in kernel source ``text``; ValueError naming any missing constant."""
     found = {name: int(value) for name, value in _CONSTANT.findall(text)}
     fields = {
-        "max_layers": "kMaxLayers", "header": "kHeader", "max_taps": "kMaxTaps", "threads": "kThreads",
-        "tile_p": "kTileP", "tile_r": "kTileR", "finish_threads": "kFinishThreads", "bf16_min_arch": "kBf16MinArch",
+        "max_layers": "kMaxLayers",
+        "header": "kHeader",
+        "max_taps": "kMaxTaps",
+        "threads": "kThreads",
+        "tile_p": "kTileP",
+        "tile_r": "kTileR",
+        "finish_threads": "kFinishThreads",
+        "bf16_min_arch": "kBf16MinArch",
     }
     missing = [c for c in fields.values() if c not in found]
     if missing:

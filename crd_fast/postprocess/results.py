@@ -49,8 +49,10 @@ class DetectionResult:
     def __len__(self) -> int:
         return int(self.image_scores.shape[0])
 
-    def apply_threshold(self, threshold: Optional[float], train_score_stats: Optional[Mapping[str, Any]]) -> "DetectionResult":
-        """Fill ``labels``, ``normalized_scores`` and ``threshold`` for ``threshold`` (no-op when None); returns self."""
+    def apply_threshold(
+        self, threshold: Optional[float], train_score_stats: Optional[Mapping[str, Any]]
+    ) -> "DetectionResult":
+        """Fill ``labels``, ``normalized_scores`` and ``threshold`` (no-op when None); returns self."""
         if threshold is not None:
             self.threshold = float(threshold)
             self.labels = self.image_scores >= self.threshold

@@ -1,7 +1,7 @@
 """Evaluation reports: one self-contained HTML page (metrics, curves, heatmap overlays) plus the same figures as JSON.
 
-    from crd_fast.report import CategoryResult, RunInfo, write_report
-    write_report("out/", [CategoryResult("cap", labels, scores, masks, maps, images)], RunInfo(settings, "random"))
+from crd_fast.report import CategoryResult, RunInfo, write_report
+write_report("out/", [CategoryResult("cap", labels, scores, masks, maps, images)], RunInfo(settings, "random"))
 """
 
 from .results import CategoryResult, RunInfo, example_indices

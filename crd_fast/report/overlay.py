@@ -21,8 +21,16 @@ PathLike = Union[str, os.PathLike]
 #: Outline colour of predicted masks (ground truth is white): magenta stands out on the jet colormap.
 PRED_COLOR = (255, 0, 255)
 
-__all__ = ["to_rgb_uint8", "normalize_map", "colorize", "heatmap_overlay", "mask_contour", "draw_contour", "save_png",
-           "png_bytes"]
+__all__ = [
+    "to_rgb_uint8",
+    "normalize_map",
+    "colorize",
+    "heatmap_overlay",
+    "mask_contour",
+    "draw_contour",
+    "save_png",
+    "png_bytes",
+]
 
 
 def to_rgb_uint8(image: Any, name: str = "image") -> np.ndarray:

@@ -82,14 +82,17 @@ class CategoryResult:
         if self.anomaly_maps is not None:
             self.anomaly_maps = _numpy(self.anomaly_maps)
             if self.anomaly_maps.ndim != 3 or self.anomaly_maps.shape[0] != n:
-                raise ValueError(f"category {self.name!r}: anomaly_maps must be ({n}, H, W), got {self.anomaly_maps.shape}")
+                raise ValueError(
+                    f"category {self.name!r}: anomaly_maps must be ({n}, H, W), got {self.anomaly_maps.shape}"
+                )
         if self.masks is not None:
             self.masks = _numpy(self.masks) != 0
             if self.masks.ndim != 3 or self.masks.shape[0] != n:
                 raise ValueError(f"category {self.name!r}: masks must be ({n}, H, W), got {self.masks.shape}")
             if self.anomaly_maps is not None and self.masks.shape != self.anomaly_maps.shape:
                 raise ValueError(
-                    f"category {self.name!r}: masks {self.masks.shape} and anomaly_maps {self.anomaly_maps.shape} differ in shape"
+                    f"category {self.name!r}: masks {self.masks.shape} and anomaly_maps "
+                    f"{self.anomaly_maps.shape} differ in shape"
                 )
         self.pixel_threshold = check_pixel_threshold(self.pixel_threshold)
         self.paths = [f"image_{i}" for i in range(n)] if self.paths is None else [str(p) for p in self.paths]

@@ -15,8 +15,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from ..evaluation import metrics as M
 from .._version import __version__
+from ..evaluation import metrics as M
 from ..io.atomic import atomic_write
 from ..postprocess.pixels import pixel_f1
 from .figures import curves_png, map_range, overlay_tile
@@ -46,28 +46,50 @@ class Report:
     data: dict[str, Any]
 
 
-def category_figures(result: CategoryResult, fpr_limit: float = 0.3, n_examples: int = 4,
-                     max_points: int = 512) -> tuple[dict[str, Any], dict[str, Any]]:
+def category_figures(
+    result: CategoryResult, fpr_limit: float = 0.3, n_examples: int = 4, max_points: int = 512
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The JSON figures of one category and its curves (for plotting), via :mod:`crd_fast.evaluation.metrics`."""
     y, s = result.labels, result.image_scores
     notes: list[str] = []
-    metrics: dict[str, Any] = {"image_auroc": None, "f1_max": None, "f1_threshold": None, "pixel_auroc": None, "aupro": None}
+    metrics: dict[str, Any] = {
+        "image_auroc": None,
+        "f1_max": None,
+        "f1_threshold": None,
+        "pixel_auroc": None,
+        "aupro": None,
+    }
     curves: dict[str, Any] = {"image_roc": None, "pixel_roc": None, "pro": None}
     if y.any() and not y.all():
         have_pixels = result.masks is not None and result.anomaly_maps is not None and result.masks.any()
-        out = M.evaluate(y, s, result.masks if have_pixels else None, result.anomaly_maps if have_pixels else None,
-                         fpr_limit=fpr_limit, curves=True, max_points=max_points)
+        out = M.evaluate(
+            y,
+            s,
+            result.masks if have_pixels else None,
+            result.anomaly_maps if have_pixels else None,
+            fpr_limit=fpr_limit,
+            curves=True,
+            max_points=max_points,
+        )
         curves = out.pop("curves")
         metrics.update(out)
         if not have_pixels:
-            notes.append("no pixel metrics: " + ("no anomaly maps" if result.anomaly_maps is None else "no ground-truth masks"))
+            notes.append(
+                "no pixel metrics: " + ("no anomaly maps" if result.anomaly_maps is None else "no ground-truth masks")
+            )
     else:
-        notes.append("image metrics need both good and defective test images; this category has only "
-                     + ("defective" if y.all() else "good") + " ones")
+        notes.append(
+            "image metrics need both good and defective test images; this category has only "
+            + ("defective" if y.all() else "good")
+            + " ones"
+        )
     metrics["pixel_threshold"] = result.pixel_threshold
     pred_masks = result.pred_masks
-    metrics["pixel_f1"] = (pixel_f1(pred_masks, result.masks)
-                           if pred_masks is not None and result.masks is not None and result.masks.any() else None)
+    metrics["pixel_f1"] = (
+        pixel_f1(pred_masks, result.masks)
+        if pred_masks is not None and result.masks is not None and result.masks.any()
+        else None
+    )
     metrics["fit_seconds"] = result.fit_seconds
     metrics["ms_per_image"] = result.ms_per_image
     types, counts = np.unique(result.defect_types, return_counts=True)
@@ -149,16 +171,23 @@ def write_report(
         categories.append(figures)
         sections.append(_category_section(result, figures, curves))
 
-    data = _jsonable({
-        "title": run.title,
-        "crd_fast_version": __version__,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "run": {"settings": run.settings, "weights": run.weights, "random_weights": run.random_weights,
-                "command": run.command, "notes": run.notes},
-        "fpr_limit": fpr_limit,
-        "categories": categories,
-        "mean": _mean_metrics(categories),
-    })
+    data = _jsonable(
+        {
+            "title": run.title,
+            "crd_fast_version": __version__,
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "run": {
+                "settings": run.settings,
+                "weights": run.weights,
+                "random_weights": run.random_weights,
+                "command": run.command,
+                "notes": run.notes,
+            },
+            "fpr_limit": fpr_limit,
+            "categories": categories,
+            "mean": _mean_metrics(categories),
+        }
+    )
     html_text = _page(run, data, sections)
     json_path, html_path = out / "report.json", out / "report.html"
     with atomic_write(json_path) as tmp:
@@ -217,20 +246,59 @@ def _metrics_table(data: dict[str, Any]) -> str:
         for k in _flatten(c["extra"]):
             if k not in extra_keys:
                 extra_keys.append(k)
-    head = ["category", "image AUROC", "pixel AUROC", f"AUPRO@{data['fpr_limit']:g}", "F1-max", "F1 threshold",
-            "good", "defective", "fit s", "ms / image"] + extra_keys
-    rows = ["<tr>" + "".join(f'<th class="{"l" if i == 0 else ""}">{html.escape(h)}</th>' for i, h in enumerate(head)) + "</tr>"]
+    head = [
+        "category",
+        "image AUROC",
+        "pixel AUROC",
+        f"AUPRO@{data['fpr_limit']:g}",
+        "F1-max",
+        "F1 threshold",
+        "good",
+        "defective",
+        "fit s",
+        "ms / image",
+    ] + extra_keys
+    rows = [
+        "<tr>"
+        + "".join(f'<th class="{"l" if i == 0 else ""}">{html.escape(h)}</th>' for i, h in enumerate(head))
+        + "</tr>"
+    ]
     for c in data["categories"]:
         m, ex = c["metrics"], _flatten(c["extra"])
-        cells = [html.escape(c["name"]), _fmt(m["image_auroc"]), _fmt(m["pixel_auroc"]), _fmt(m["aupro"]),
-                 _fmt(m["f1_max"]), _fmt(m["f1_threshold"], 4), str(c["n_good"]), str(c["n_defect"]),
-                 _fmt(m["fit_seconds"], 2), _fmt(m["ms_per_image"], 1)] + [_fmt(ex.get(k)) for k in extra_keys]
-        rows.append("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>")
+        cells = [
+            html.escape(c["name"]),
+            _fmt(m["image_auroc"]),
+            _fmt(m["pixel_auroc"]),
+            _fmt(m["aupro"]),
+            _fmt(m["f1_max"]),
+            _fmt(m["f1_threshold"], 4),
+            str(c["n_good"]),
+            str(c["n_defect"]),
+            _fmt(m["fit_seconds"], 2),
+            _fmt(m["ms_per_image"], 1),
+        ] + [_fmt(ex.get(k)) for k in extra_keys]
+        rows.append(
+            "<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>"
+        )
     if len(data["categories"]) > 1:
         mean = data["mean"]
-        cells = ["mean", _fmt(mean["image_auroc"]), _fmt(mean["pixel_auroc"]), _fmt(mean["aupro"]), _fmt(mean["f1_max"]),
-                 "", "", "", _fmt(mean["fit_seconds"], 2), _fmt(mean["ms_per_image"], 1)] + [""] * len(extra_keys)
-        rows.append('<tr class="mean">' + "".join(f'<td class="{"l" if i == 0 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>")
+        cells = [
+            "mean",
+            _fmt(mean["image_auroc"]),
+            _fmt(mean["pixel_auroc"]),
+            _fmt(mean["aupro"]),
+            _fmt(mean["f1_max"]),
+            "",
+            "",
+            "",
+            _fmt(mean["fit_seconds"], 2),
+            _fmt(mean["ms_per_image"], 1),
+        ] + [""] * len(extra_keys)
+        rows.append(
+            '<tr class="mean">'
+            + "".join(f'<td class="{"l" if i == 0 else ""}">{v}</td>' for i, v in enumerate(cells))
+            + "</tr>"
+        )
     return "<table>" + "".join(rows) + "</table>"
 
 
@@ -255,26 +323,39 @@ def _category_section(result: CategoryResult, figures: dict[str, Any], curves: d
     maps, masks, pred_masks = result.anomaly_maps, result.masks, result.pred_masks
     vmin, vmax = map_range(maps, result.labels) if maps is not None else (0.0, 1.0)
     if maps is not None:
-        parts.append(f'<p class="note">Heatmap colours span anomaly-map values {vmin:.4g} (median of the good images) '
-                     f'to {vmax:.4g} (the maximum), the same for every image of this category; ground truth outlined in white.</p>')
+        parts.append(
+            f'<p class="note">Heatmap colours span anomaly-map values {vmin:.4g} (median of the good images) '
+            f"to {vmax:.4g} (the maximum), the same for every image of this category; "
+            "ground truth outlined in white.</p>"
+        )
     if pred_masks is not None:
         f1 = figures["metrics"]["pixel_f1"]
-        parts.append(f'<p class="note">Predicted defect regions (anomaly map &ge; pixel threshold '
-                     f'{result.pixel_threshold:.4g}) outlined in magenta'
-                     + (f"; pixel F1 over all test images {f1:.3f}." if f1 is not None else ".") + "</p>")
+        parts.append(
+            f'<p class="note">Predicted defect regions (anomaly map &ge; pixel threshold '
+            f"{result.pixel_threshold:.4g}) outlined in magenta"
+            + (f"; pixel F1 over all test images {f1:.3f}." if f1 is not None else ".")
+            + "</p>"
+        )
     for group, indices in figures["examples"].items():
         if not indices:
             continue
         tiles = []
         for i in indices:
-            png = overlay_tile(result.image(i), None if maps is None else maps[i],
-                               None if masks is None else masks[i], vmin, vmax,
-                               None if pred_masks is None else pred_masks[i])
-            caption = (f"{html.escape(result.defect_types[i])} · score {result.image_scores[i]:.4g}<br>"
-                       f"{html.escape(result.paths[i])}")
+            png = overlay_tile(
+                result.image(i),
+                None if maps is None else maps[i],
+                None if masks is None else masks[i],
+                vmin,
+                vmax,
+                None if pred_masks is None else pred_masks[i],
+            )
+            caption = (
+                f"{html.escape(result.defect_types[i])} · score {result.image_scores[i]:.4g}<br>"
+                f"{html.escape(result.paths[i])}"
+            )
             body = _img(png, result.paths[i]) if png is not None else '<p class="note">(no image or map kept)</p>'
             tiles.append(f"<figure>{body}<figcaption>{caption}</figcaption></figure>")
-        parts.append(f"<h3>{EXAMPLE_TITLES[group]}</h3><div class=\"grid\">{''.join(tiles)}</div>")
+        parts.append(f'<h3>{EXAMPLE_TITLES[group]}</h3><div class="grid">{"".join(tiles)}</div>')
     return "\n".join(parts)
 
 

@@ -38,15 +38,20 @@ def check_state_fields(fields: Mapping[str, Any], path: PathLike) -> tuple:
     d, n, lam, lam_rel = fields["d"], fields["n"], fields["lam"], fields["lam_rel"]
     center, rank, error_bound = fields["center"], fields["rank"], fields.get("error_bound", 0.0)
     require(_is_int(d) and 1 <= d <= MAX_DIM, path, f"d={d!r} is not an integer in [1, {MAX_DIM}]")
-    require(_is_int(n) and 2 <= n <= MAX_COUNT, path,
-            f"n={n!r} is not an integer in [2, 2**53] (at least 2 training patches are needed)")
+    require(
+        _is_int(n) and 2 <= n <= MAX_COUNT,
+        path,
+        f"n={n!r} is not an integer in [2, 2**53] (at least 2 training patches are needed)",
+    )
     require(_is_real(lam) and lam > 0, path, f"lam={lam!r} is not a positive finite number")
     require(_is_real(lam_rel) and lam_rel > 0, path, f"lam_rel={lam_rel!r} is not a positive finite number")
     require(isinstance(center, bool), path, f"center={center!r} is not true or false")
-    require(rank is None or (_is_int(rank) and rank >= 1), path,
-            f"rank={rank!r} is neither null nor a positive integer")
-    require(_is_real(error_bound) and 0 <= error_bound <= 1, path,
-            f"error_bound={error_bound!r} is not a number in [0, 1]")
+    require(
+        rank is None or (_is_int(rank) and rank >= 1), path, f"rank={rank!r} is neither null nor a positive integer"
+    )
+    require(
+        _is_real(error_bound) and 0 <= error_bound <= 1, path, f"error_bound={error_bound!r} is not a number in [0, 1]"
+    )
     return d, n, float(lam), float(lam_rel), center, rank, float(error_bound)
 
 

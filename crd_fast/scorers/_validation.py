@@ -51,7 +51,9 @@ def as_tensor(x: Any, name: str = "input") -> tuple[torch.Tensor, ArrayKind]:
     else:
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
     if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must have a floating-point dtype (float16/bfloat16/float32/float64), got {tensor.dtype}")
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float16/bfloat16/float32/float64), got {tensor.dtype}"
+        )
     return tensor, ArrayKind(is_numpy=is_numpy, device=tensor.device, dtype=tensor.dtype)
 
 

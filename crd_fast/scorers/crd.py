@@ -14,13 +14,13 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..choices import DEFAULT_LAM_REL
-from ..ops import native as _native
 from ..core.dtypes import compute_dtype
-from ._validation import ArrayLike, NumericOverflowError, as_patch_matrix, check_integer, check_real
 from ..core.projection import CRDProjection, crd_lambda
-from ._model_checks import check_state_fields, projection_mismatch
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
+from ..ops import native as _native
+from ._model_checks import check_state_fields, projection_mismatch
+from ._validation import ArrayLike, NumericOverflowError, as_patch_matrix, check_integer, check_real
 
 #: Smallest accepted lam_rel. The eigen-solver resolves eigenvalues of C only to about d * eps64 * trace(C) / d
 #: (eps64 = 2.2e-16); below lam_rel ~ d * eps64 the ridge lam drowns in that rounding and the shrink factors
@@ -62,9 +62,11 @@ class CRDScorer:
         """Validated (lam_rel, rank): Python or numpy numbers, never bool; lam_rel >= MIN_LAM_REL."""
         value = check_real("lam_rel", lam_rel, positive=True)
         if value < MIN_LAM_REL:
-            raise ValueError(f"lam_rel={value:g} is below the floor {MIN_LAM_REL:g}: the ridge would be lost in the "
-                             "float64 rounding of the covariance's eigenvalues and the scores would be noise "
-                             "(or all 0)")
+            raise ValueError(
+                f"lam_rel={value:g} is below the floor {MIN_LAM_REL:g}: the ridge would be lost in the "
+                "float64 rounding of the covariance's eigenvalues and the scores would be noise "
+                "(or all 0)"
+            )
         if rank is not None:
             try:
                 rank = check_integer("rank", rank, 1)
@@ -124,7 +126,8 @@ class CRDScorer:
                 self._stats = None
             raise NumericOverflowError(
                 f"X: the patch statistics overflowed float64 (largest |value| {float(x.abs().max()):.3g}; sums of "
-                "squares must stay below ~1.8e308): scale the features down")
+                "squares must stay below ~1.8e308): scale the features down"
+            )
         self._invalidate()
         return self
 
@@ -242,7 +245,8 @@ class CRDScorer:
             raise NumericOverflowError(
                 f"Y: scores overflowed {str(dtype).replace('torch.', '')} "
                 f"(largest |value| {float(y.abs().max()):.3g}); "
-                "score in float64 or scale the features down")
+                "score in float64 or scale the features down"
+            )
         return kind.wrap(out)
 
     __call__ = score
@@ -271,7 +275,11 @@ class CRDScorer:
 
     @classmethod
     def from_state(
-        cls, tensors: Mapping[str, torch.Tensor], fields: Mapping[str, Any], path: PathLike = "<memory>", prefix: str = ""
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        fields: Mapping[str, Any],
+        path: PathLike = "<memory>",
+        prefix: str = "",
     ) -> "CRDScorer":
         """Rebuild a scorer from ``state()`` output, checking that every piece is consistent."""
         names = [f"{prefix}{k}" for k in ("mean", "scatter", "projection", "offset")]
@@ -295,7 +303,9 @@ class CRDScorer:
             expected_lam = crd_lambda(scorer._stats.covariance(center), lam_rel)
         except ValueError as exc:
             require(False, path, f"the stored statistics are unusable: {exc}")
-        require(math.isclose(lam, expected_lam, rel_tol=1e-9), path, f"lam={lam} but the statistics give {expected_lam}")
+        require(
+            math.isclose(lam, expected_lam, rel_tol=1e-9), path, f"lam={lam} but the statistics give {expected_lam}"
+        )
         expected_offset = scorer._stats.location(center)
         require(torch.equal(offset, expected_offset), path, "offset does not match the stored mean and 'center'")
         stored = CRDProjection(matrix.clone(), offset.clone(), lam, scorer._rank, error_bound)

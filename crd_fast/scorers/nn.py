@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from ..core.dtypes import compute_dtype
-from ._validation import ArrayLike, as_patch_matrix
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
+from ._validation import ArrayLike, as_patch_matrix
 
 _BACKENDS = ("auto", "faiss", "torch")
 
@@ -166,7 +166,11 @@ class NNScorer:
         tensors, meta = read_model_file(path, "nn_scorer")
         require("bank" in tensors, path, "tensor 'bank' is missing")
         bank = tensors["bank"]
-        require(bank.ndim == 2 and tuple(bank.shape) == (meta.get("n"), meta.get("d")), path, "bank shape does not match n, d")
+        require(
+            bank.ndim == 2 and tuple(bank.shape) == (meta.get("n"), meta.get("d")),
+            path,
+            "bank shape does not match n, d",
+        )
         require(bank.dtype == torch.float32, path, f"bank dtype {bank.dtype}, expected float32")
         scorer = cls(subsample=meta.get("subsample"), backend=backend, seed=int(meta.get("seed", 0)))
         scorer._bank = bank.contiguous()

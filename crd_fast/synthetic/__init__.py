@@ -5,7 +5,15 @@ and an object with a fixed layout (``cap``); defects: scratch, crack, hole, stai
 Pure numpy / scipy / PIL, deterministic by seed.
 """
 
-from .dataset import CATEGORIES, DEFAULT_CATEGORIES, MARKER, CategorySpec, SyntheticDataset, generate_dataset, render_sample
+from .dataset import (
+    CATEGORIES,
+    DEFAULT_CATEGORIES,
+    MARKER,
+    CategorySpec,
+    SyntheticDataset,
+    generate_dataset,
+    render_sample,
+)
 from .defects import PAINTERS
 
 __all__ = [

@@ -43,12 +43,27 @@ class CategorySpec:
 
 
 CATEGORIES: dict[str, CategorySpec] = {
-    "fabric": CategorySpec("fabric", "texture", render_fabric, ("hole", "stain", "scratch", "missing"),
-                           "plain-weave denim-like fabric (periodic texture)"),
-    "stone": CategorySpec("stone", "texture", render_stone, ("crack", "stain", "hole", "scratch"),
-                          "granite-like stone tile (stochastic texture)"),
-    "cap": CategorySpec("cap", "object", render_cap, ("scratch", "crack", "stain", "missing"),
-                        "red bottle cap on a conveyor belt (object with a fixed layout)"),
+    "fabric": CategorySpec(
+        "fabric",
+        "texture",
+        render_fabric,
+        ("hole", "stain", "scratch", "missing"),
+        "plain-weave denim-like fabric (periodic texture)",
+    ),
+    "stone": CategorySpec(
+        "stone",
+        "texture",
+        render_stone,
+        ("crack", "stain", "hole", "scratch"),
+        "granite-like stone tile (stochastic texture)",
+    ),
+    "cap": CategorySpec(
+        "cap",
+        "object",
+        render_cap,
+        ("scratch", "crack", "stain", "missing"),
+        "red bottle cap on a conveyor belt (object with a fixed layout)",
+    ),
 }
 DEFAULT_CATEGORIES = ("fabric", "cap")
 
@@ -61,8 +76,9 @@ def _rng(seed: int, category: str, split: str, defect: str, index: int) -> np.ra
     return np.random.default_rng(np.random.SeedSequence(key))
 
 
-def render_sample(category: str, size: int = 256, seed: int = 0, defect: Optional[str] = None,
-                  index: int = 0, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+def render_sample(
+    category: str, size: int = 256, seed: int = 0, defect: Optional[str] = None, index: int = 0, split: str = "test"
+) -> tuple[np.ndarray, np.ndarray]:
     """Render one image of ``category``: ``(image (H, W, 3) uint8, mask (H, W) bool)``.
 
     ``defect=None`` gives a defect-free image and an all-False mask. The result equals the file
@@ -139,7 +155,11 @@ def generate_dataset(
         raise ValueError("categories is empty; choose from " + ", ".join(sorted(CATEGORIES)))
     for c in categories:
         _spec(c)
-    for name, value, least in (("n_train", n_train, 1), ("n_test_good", n_test_good, 1), ("n_test_defect", n_test_defect, 1)):
+    for name, value, least in (
+        ("n_train", n_train, 1),
+        ("n_test_good", n_test_good, 1),
+        ("n_test_defect", n_test_defect, 1),
+    ):
         if not isinstance(value, (int, np.integer)) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if size < 64:
@@ -153,7 +173,9 @@ def generate_dataset(
         cat_dir = root / category
         if cat_dir.exists():
             if not (cat_dir / MARKER).is_file():
-                raise FileExistsError(f"{cat_dir} exists and was not written by crd_fast's generator; refusing to overwrite it")
+                raise FileExistsError(
+                    f"{cat_dir} exists and was not written by crd_fast's generator; refusing to overwrite it"
+                )
             shutil.rmtree(cat_dir)
         files: dict[str, list[Path]] = {}
         jobs: list[tuple[str, str, Optional[str], int]] = []  # (folder, split, defect, index)
@@ -180,12 +202,20 @@ def generate_dataset(
     return result
 
 
-def _write_marker(cat_dir: Path, spec: CategorySpec, n_train: int, n_test_good: int, n_test_defect: int,
-                  size: int, seed: int) -> None:
+def _write_marker(
+    cat_dir: Path, spec: CategorySpec, n_train: int, n_test_good: int, n_test_defect: int, size: int, seed: int
+) -> None:
     info = {
-        "generator": "crd_fast.synthetic", "category": spec.name, "kind": spec.kind,
-        "description": spec.description, "defect_types": list(spec.defects), "n_train": n_train,
-        "n_test_good": n_test_good, "n_test_defect": n_test_defect, "size": size, "seed": seed,
+        "generator": "crd_fast.synthetic",
+        "category": spec.name,
+        "kind": spec.kind,
+        "description": spec.description,
+        "defect_types": list(spec.defects),
+        "n_train": n_train,
+        "n_test_good": n_test_good,
+        "n_test_defect": n_test_defect,
+        "size": size,
+        "seed": seed,
     }
     with atomic_write(cat_dir / MARKER) as tmp:
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

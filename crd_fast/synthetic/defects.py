@@ -156,7 +156,9 @@ def missing_piece(rng: np.random.Generator, scene: Scene) -> tuple[np.ndarray, n
         image = _blend(scene.image, scene.layers["background"], alpha)
         return _result(scene, image, alpha)
     if "weft_index" not in scene.layers:
-        raise ValueError("a missing-piece defect needs an object (a 'background' layer) or a woven texture (a 'weft_index' layer)")
+        raise ValueError(
+            "a missing-piece defect needs an object (a 'background' layer) or a woven texture (a 'weft_index' layer)"
+        )
     # A woven texture: tear weft threads out over a stretch, uncovering the warp and the backing.
     weft_index = scene.layers["weft_index"]
     cy, cx = _pick_centre(rng, scene)

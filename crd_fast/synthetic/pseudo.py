@@ -19,7 +19,9 @@ from .scenes import Scene
 PseudoPainter = Callable[[np.random.Generator, np.ndarray, Sequence[np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 
-def _disc(rng: np.random.Generator, shape: tuple[int, int], d_min: float, d_max: float) -> tuple[np.ndarray, np.ndarray]:
+def _disc(
+    rng: np.random.Generator, shape: tuple[int, int], d_min: float, d_max: float
+) -> tuple[np.ndarray, np.ndarray]:
     """A soft ellipse (alpha in [0, 1]) of diameter in [d_min, d_max] px at a random place; and alpha >= 0.5."""
     h, w = shape
     diam = rng.uniform(d_min, d_max)
@@ -37,14 +39,18 @@ def _apply(image: np.ndarray, changed: np.ndarray, alpha: np.ndarray) -> np.ndar
     return np.clip(image + alpha[..., None] * (changed - image), 0.0, 1.0).astype(np.float32)
 
 
-def darker_spot(rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def darker_spot(
+    rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """A small spot (6-20 px) 5-15% darker or brighter."""
     alpha, mask = _disc(rng, image.shape[:2], 6, 20)
     gain = 1.0 + rng.choice([-1, 1]) * rng.uniform(0.05, 0.15)
     return _apply(image, image * gain, alpha), mask
 
 
-def faint_line(rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def faint_line(
+    rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """A thin straight line (1.5-3 px wide, 20-60 px long) 10-25% darker."""
     h, w = image.shape[:2]
     length = rng.uniform(20, 60)
@@ -59,7 +65,9 @@ def faint_line(rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.
     return _apply(image, image * (1.0 - rng.uniform(0.10, 0.25)), alpha), alpha >= 0.5
 
 
-def cut_paste(rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def cut_paste(
+    rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """A 10-28 px patch of another defect-free image, taken from elsewhere, pasted with a soft edge."""
     h, w = image.shape[:2]
     donor = donors[int(rng.integers(0, len(donors)))] if len(donors) else image
@@ -77,14 +85,18 @@ def cut_paste(rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.n
     return _apply(image, changed, alpha), alpha >= 0.5
 
 
-def local_blur(rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def local_blur(
+    rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """A 12-30 px region blurred (sigma 1.5-3 px)."""
     alpha, mask = _disc(rng, image.shape[:2], 12, 30)
     blurred = ndimage.gaussian_filter(image, (rng.uniform(1.5, 3.0),) * 2 + (0,))
     return _apply(image, blurred, alpha), mask
 
 
-def local_noise(rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def local_noise(
+    rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """A 12-30 px region with added grey noise (std 0.03-0.06)."""
     alpha, mask = _disc(rng, image.shape[:2], 12, 30)
     noise = rng.normal(0.0, rng.uniform(0.03, 0.06), image.shape[:2]).astype(np.float32)[..., None]
@@ -95,7 +107,9 @@ def faint_painter(name: str, strength: tuple[float, float] = (0.15, 0.35)) -> Ps
     """A painter of crd_fast/synthetic/defects.py blended at a low opacity (a faint scratch, crack, ...)."""
     painter = PAINTERS[name]
 
-    def paint(rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def paint(
+        rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
         h, w = image.shape[:2]
         margin = np.zeros((h, w), dtype=bool)
         margin[h // 8 : h - h // 8, w // 8 : w - w // 8] = True

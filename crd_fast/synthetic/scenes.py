@@ -116,7 +116,12 @@ STONE_DARK = np.array([0.45, 0.42, 0.40], dtype=np.float32)
 def render_stone(rng: np.random.Generator, size: int) -> Scene:
     """A granite-like tile: multi-scale smooth noise between two colours plus dark and light grains."""
     s = size / 256
-    field_ = 0.5 + 0.14 * smooth_noise(rng, size, 28 * s) + 0.08 * smooth_noise(rng, size, 8 * s) + 0.05 * smooth_noise(rng, size, 2.5 * s)
+    field_ = (
+        0.5
+        + 0.14 * smooth_noise(rng, size, 28 * s)
+        + 0.08 * smooth_noise(rng, size, 8 * s)
+        + 0.05 * smooth_noise(rng, size, 2.5 * s)
+    )
     grains = smooth_noise(rng, size, 2.0 * s)
     t = np.clip(field_, 0, 1)[..., None]
     image = STONE_DARK * (1 - t) + STONE_LIGHT * t
@@ -151,7 +156,9 @@ def render_cap(rng: np.random.Generator, size: int) -> Scene:
     # Soft shadow of the cap, offset away from the light.
     light_dir = np.deg2rad(rng.normal(-135, 8))
     sy, sx = -0.03 * size * np.sin(light_dir), -0.03 * size * np.cos(light_dir)
-    shadow = ndimage.gaussian_filter((np.hypot(xx - cx - sx, yy - cy - sy) < radius).astype(np.float32), 4.0 * size / 256)
+    shadow = ndimage.gaussian_filter(
+        (np.hypot(xx - cx - sx, yy - cy - sy) < radius).astype(np.float32), 4.0 * size / 256
+    )
     background = belt * (1 - 0.55 * shadow[..., None])
 
     rel = r / radius

@@ -25,11 +25,35 @@ SIZE = 64
 #: Two option sets that together take every branch of the model file: concat and patchcore, centred and
 #: not, full rank and rank-limited, with and without a threshold.
 CASES = {
-    "concat": dict(backbone="resnet18", weights="random", seed=3, layers=("layer2",), embedding="concat",
-                   lam_rel=0.05, center=False, rank=None, resize=64, crop=56, blur_sigma=2.0, batch_size=3),
-    "patchcore": dict(backbone="resnet18", weights="random", seed=5, layers=("layer1", "layer2"),
-                      embedding="patchcore", target_dim=96, lam_rel=0.01, center=True, rank=40, resize=72, crop=64,
-                      blur_sigma=0.0, batch_size=4),
+    "concat": dict(
+        backbone="resnet18",
+        weights="random",
+        seed=3,
+        layers=("layer2",),
+        embedding="concat",
+        lam_rel=0.05,
+        center=False,
+        rank=None,
+        resize=64,
+        crop=56,
+        blur_sigma=2.0,
+        batch_size=3,
+    ),
+    "patchcore": dict(
+        backbone="resnet18",
+        weights="random",
+        seed=5,
+        layers=("layer1", "layer2"),
+        embedding="patchcore",
+        target_dim=96,
+        lam_rel=0.01,
+        center=True,
+        rank=40,
+        resize=72,
+        crop=64,
+        blur_sigma=0.0,
+        batch_size=4,
+    ),
 }
 
 
@@ -53,10 +77,17 @@ def main() -> int:
             det.set_threshold(1.25)
         det.save(HERE / f"compat_{name}.crd")
         result = det.predict(list(inputs), progress=False)
-        extra = {} if result.labels is None else {"normalized_scores": result.normalized_scores,
-                                                   "labels": result.labels}
-        np.savez_compressed(HERE / f"compat_{name}.npz", inputs=inputs, image_scores=result.image_scores,
-                            anomaly_maps=result.anomaly_maps, patch_maps=result.patch_maps, **extra)
+        extra = (
+            {} if result.labels is None else {"normalized_scores": result.normalized_scores, "labels": result.labels}
+        )
+        np.savez_compressed(
+            HERE / f"compat_{name}.npz",
+            inputs=inputs,
+            image_scores=result.image_scores,
+            anomaly_maps=result.anomaly_maps,
+            patch_maps=result.patch_maps,
+            **extra,
+        )
         print(f"wrote compat_{name}.crd / .npz: d={det.dim}, scores {result.image_scores}")
     return 0
 
