@@ -34,7 +34,9 @@ __all__ = ["CRDOutlierDetector", "NNOutlierDetector"]
 
 
 class _ScoreOutlierDetector(OutlierMixin, BaseEstimator):
-    """Shared estimator logic: input validation, the calibration reservoir, threshold and predictions."""
+    """Shared estimator logic: input validation, the calibration reservoir, threshold and predictions.
+
+    Subclasses provide ``_new_scorer()``, the unfitted scorer (anything with ``fit`` and ``score``)."""
 
     _parameter_constraints: dict[str, list[Any]] = {
         "contamination": [Interval(numbers.Real, 0.0, 0.5, closed="right")],
@@ -43,9 +45,6 @@ class _ScoreOutlierDetector(OutlierMixin, BaseEstimator):
     }
     #: fewest training rows the underlying scorer accepts
     _min_rows = 1
-
-    def _new_scorer(self) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def _validate(self, X: Any, reset: bool) -> np.ndarray:
         # float64 always: the scorers then compute in float64, so results do not depend on batch layout
