@@ -124,15 +124,13 @@ def _fit(name: str, model: Any, train: np.ndarray) -> None:
 
 
 def _crd_fit(det: Any, train: np.ndarray) -> None:
-    # the detector's own fit loop on already-normalised tensors (partial_fit on each batch, as fit does)
-
+    # The detector's fit on already-normalised tensors: its features into its scorer, batch by batch (the
+    # public pieces of CRDDetector.partial_fit, without the image preprocessing every side skips here).
     from crd_fast.core.embedding import patch_matrix
-    from crd_fast.scorers.crd import CRDScorer
 
-    det.scorer = CRDScorer(det.scorer.lam_rel, det.scorer.center, det.scorer.rank)
-    det._reset_fit()
+    det.reset()
     for xb in _batches(train):
-        det._add_patches(patch_matrix(det.embed(xb)))
+        det.scorer.partial_fit(patch_matrix(det.embed(xb)))
         det.n_images += xb.shape[0]
     det.inference_model()  # the projection (eigendecomposition) is part of the fit
 
