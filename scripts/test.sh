@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # A build that silently lost its kernels must fail the tests, not skip them.
 export CRD_FAST_EXPECT_NATIVE=1
+# setup.sh installed every optional extra: their tests must run, not skip (tests/test_extras.py).
+export CRD_FAST_EXPECT_EXTRAS=1
 if [ "${CRD_FAST_CPU_ONLY:-0}" = "1" ]; then
   export CRD_FAST_EXPECT_CUDA_KERNELS=0
 elif command -v nvcc >/dev/null 2>&1 || [ -n "${CUDACXX:-}" ]; then

@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli_detector_args, torchrun_command
 from PIL import Image
 
 from crd_fast import CRDDetector
@@ -26,19 +26,7 @@ from crd_fast.cli.main import main
 from crd_fast.synthetic import generate_dataset
 
 PX = 64
-DET = [
-    "--backbone",
-    "resnet18",
-    "--weights",
-    "random",
-    "--resize",
-    str(PX),
-    "--crop",
-    str(PX),
-    "--batch-size",
-    "4",
-    "--no-progress",
-]
+DET = cli_detector_args(PX, batch_size=4)
 N_TRAIN, N_GOOD, N_DEFECT = 5, 2, 3
 #: One image per forward pass: float32 features then do not depend on how images are grouped into batches,
 #: so fits over different groupings (online updates, shards) must agree to float64 rounding.
@@ -193,28 +181,12 @@ def test_fit_distributed_flag_without_torchrun_is_a_single_process_fit(data, mod
     assert a.threshold == pytest.approx(b.threshold, rel=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_fit_distributed_under_torchrun_two_processes(data, tmp_path):
     """The torchrun recipe of 'crd-fast fit --help', for real: two gloo ranks, rank 0 writes the same model."""
     path, single = tmp_path / "two.crd", tmp_path / "one.crd"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
+        *torchrun_command(2),
         "-m",
         "crd_fast",
         "fit",

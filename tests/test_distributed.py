@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import torchrun_command
 
 from crd_fast import CRDScorer
 from crd_fast.core.stats import PatchStatistics
@@ -338,27 +338,11 @@ def test_scorer_from_statistics_equals_a_fit_and_replace_statistics_refits():
 
 
 # ---- two real processes (torchrun, gloo, localhost) ---------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_ranks(scenario: str, out: Path, timeout: float = JOB_TIMEOUT_S) -> int:
     """Run ``scenario`` on two gloo ranks under torchrun; kill the whole job on overrun. Returns its exit code."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(WORLD),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
+        *torchrun_command(WORLD),
         "--monitor-interval",
         "0.2",
         os.path.abspath(__file__),

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import random_bank
+from helpers import cli_detector_args, random_bank
 from PIL import Image
 
 from crd_fast import CRDDetector, CRDScorer, ModelFileError
@@ -31,19 +31,7 @@ from crd_fast.io.images import ImageReadError, load_image
 from crd_fast.synthetic import generate_dataset
 
 PX = 64
-DET = [
-    "--backbone",
-    "resnet18",
-    "--weights",
-    "random",
-    "--resize",
-    str(PX),
-    "--crop",
-    str(PX),
-    "--batch-size",
-    "2",
-    "--no-progress",
-]
+DET = cli_detector_args(PX, batch_size=2)
 import crd_fast  # noqa: E402
 
 ROOT = Path(crd_fast.__file__).resolve().parents[1]  # the source under test, for the child processes
