@@ -54,6 +54,37 @@ def folded_matrix(
     return m64 @ reduction
 
 
+def project_feature_maps(
+    feature_maps: Sequence[torch.Tensor], folded: torch.Tensor, layer_channels: Optional[Sequence[int]] = None
+) -> torch.Tensor:
+    """sum_l resize(pool(P'_l F_l)): the (B, r, H_0, W_0) projected embeddings, pure torch (exportable).
+
+    ``folded`` is P' (r, sum C_l), the embedding folded in (:func:`folded_matrix`), cast to the maps' dtype.
+    Each layer is projected on its own grid first, then pooled and resized (docs/DESIGN.md "Linearity").
+    ``layer_channels``, when known, must equal the maps' channel counts.
+    """
+    maps = list(feature_maps)
+    if not maps:
+        raise ValueError("at least one feature map is needed")
+    channels = [int(m.shape[1]) for m in maps]
+    if layer_channels is not None and channels != list(layer_channels):
+        raise ValueError(f"feature maps have {channels} channels, the head was built for {list(layer_channels)}")
+    if sum(channels) != folded.shape[1]:
+        raise ValueError(f"feature maps have {sum(channels)} channels in all, the head expects {folded.shape[1]}")
+    size = (int(maps[0].shape[-2]), int(maps[0].shape[-1]))
+    total: Optional[torch.Tensor] = None
+    start = 0
+    for fmap, c in zip(maps, channels):
+        weight = folded[:, start : start + c].to(fmap.dtype)
+        start += c
+        # 1x1 convolution = the matmul P_l f at every position of this layer's own grid.
+        z = F.conv2d(fmap, weight[:, :, None, None])
+        z = resize_to(pool_feature_map(z), size)
+        total = z if total is None else total + z
+    assert total is not None
+    return total
+
+
 class CRDHead(nn.Module):
     """The CRD head: feature maps (one per layer) -> (B, h, w) patch scores on the first layer's grid.
 
@@ -133,27 +164,7 @@ class CRDHead(nn.Module):
 
     def torch_forward(self, feature_maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """The pure-torch (exportable) path: project each layer, pool, resize, add, subtract q, norm."""
-        maps = list(feature_maps)
-        if not maps:
-            raise ValueError("at least one feature map is needed")
-        channels = [int(m.shape[1]) for m in maps]
-        if self.layer_channels is not None and channels != self.layer_channels:
-            raise ValueError(f"feature maps have {channels} channels, the head was built for {self.layer_channels}")
-        if sum(channels) != self.folded.shape[1]:
-            raise ValueError(
-                f"feature maps have {sum(channels)} channels in all, the head expects {self.folded.shape[1]}"
-            )
-        size = (int(maps[0].shape[-2]), int(maps[0].shape[-1]))
-        total: Optional[torch.Tensor] = None
-        start = 0
-        for fmap, c in zip(maps, channels):
-            weight = self.folded[:, start : start + c].to(fmap.dtype)
-            start += c
-            # 1x1 convolution = the matmul P_l f at every position of this layer's own grid.
-            z = F.conv2d(fmap, weight[:, :, None, None])
-            z = resize_to(pool_feature_map(z), size)
-            total = z if total is None else total + z
-        assert total is not None
+        total = project_feature_maps(feature_maps, self.folded, self.layer_channels)
         diff = total - self.q.to(total.dtype)[None, :, None, None]
         return diff.square().sum(dim=1).sqrt()
 

@@ -2,7 +2,7 @@
 
     scores = crd_fast.ops.crd_head(feature_maps, matrix, offset, embedding="concat", target_dim=1024)
 
-* ``head_op``: the op ``torch.ops.crd_fast.crd_head`` (schema, input checks, fake, per-device dispatch);
+* ``head_op``: the ops ``torch.ops.crd_fast.crd_head`` and ``crd_residual`` (schema, input checks, fake, dispatch);
 * ``reference``: the pure-PyTorch specification every path is tested against;
 * ``plan``: the tap tables and folded operands every kernel reads (one indexing scheme for all paths);
 * ``cpu``: per-layer BLAS projection plus the Cython fused pass (csrc/cpu/crd_head.pyx);
@@ -18,6 +18,6 @@ See docs/DESIGN.md ("Kernels and dispatch") and docs/GPU.md.
 """
 
 from .backends import backends
-from .head_op import check_head_inputs, crd_head, output_dtype
+from .head_op import check_head_inputs, check_residual_inputs, crd_head, crd_residual, output_dtype
 
-__all__ = ["backends", "check_head_inputs", "crd_head", "output_dtype"]
+__all__ = ["backends", "check_head_inputs", "check_residual_inputs", "crd_head", "crd_residual", "output_dtype"]

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..core.precision import current_head_gemm_dtype
-from .plan import geometry_of, tables
+from .plan import Geometry, geometry_of, tables
 
 try:  # compiled from csrc/cpu/crd_head.pyx; absent in a pure-Python checkout
     from . import _crd_head_cpu  # type: ignore[attr-defined]
@@ -83,6 +83,23 @@ def _check(maps: Sequence[torch.Tensor], matrix_t: torch.Tensor, q: torch.Tensor
             )
 
 
+def _project_layers(maps: Sequence[torch.Tensor], matrix_t: torch.Tensor, geom: Geometry) -> list[torch.Tensor]:
+    """Z_l = F_l^T P'_l^T per layer, (B H_l W_l, r) rows: one BLAS call each, at the layer's own resolution."""
+    dtype = maps[0].dtype
+    projected = []
+    # bf16/fp16 GEMM under crd_fast.core.precision.head_gemm_dtype (float32 maps only); the fused pass stays float32
+    gemm = current_head_gemm_dtype() if dtype == torch.float32 else None
+    for f, off, c in zip(maps, geom.offsets, geom.channels):
+        # one BLAS call per layer: (B H_l W_l, C_l) channels-last rows times the (C_l, r) block of P'^T.
+        # The permute is free for channels_last maps and one copy for NCHW ones.
+        rows = f.permute(0, 2, 3, 1).reshape(-1, c)
+        if gemm is None:
+            projected.append(torch.mm(rows, matrix_t[off : off + c]))
+        else:
+            projected.append(torch.mm(rows.to(gemm), matrix_t[off : off + c].to(gemm)).float())
+    return projected
+
+
 def fused_head_cpu(
     maps: Sequence[torch.Tensor],
     matrix_t: torch.Tensor,
@@ -109,19 +126,63 @@ def fused_head_cpu(
     if batch == 0 or r == 0:
         return out.zero_()  # an empty batch, or a rank-0 matrix: every score is ||0|| = 0
     plan, weights = tables(geom, dtype, torch.device("cpu"))
-    projected = []
-    # bf16/fp16 GEMM under crd_fast.core.precision.head_gemm_dtype (float32 maps only); the fused pass stays float32
-    gemm = current_head_gemm_dtype() if dtype == torch.float32 else None
-    for f, off, c in zip(maps, geom.offsets, geom.channels):
-        # one BLAS call per layer: (B H_l W_l, C_l) channels-last rows times the (C_l, r) block of P'^T.
-        # The permute is free for channels_last maps and one copy for NCHW ones.
-        rows = f.permute(0, 2, 3, 1).reshape(-1, c)
-        if gemm is None:
-            projected.append(torch.mm(rows, matrix_t[off : off + c]))
-        else:
-            projected.append(torch.mm(rows.to(gemm), matrix_t[off : off + c].to(gemm)).float())
+    projected = _project_layers(maps, matrix_t, geom)
     threads = torch.get_num_threads() if num_threads is None else int(num_threads)
     _crd_head_cpu.fused_pass(
+        _REAL[dtype],
+        [z.data_ptr() for z in projected],
+        plan.data_ptr(),
+        weights.data_ptr(),
+        q.data_ptr(),
+        out.data_ptr(),
+        batch,
+        h0,
+        w0,
+        r,
+        max(s[1] for s in geom.sizes),
+        threads,
+    )
+    return out
+
+
+def residual_available() -> bool:
+    """True when the compiled module has the residual pass (a module built before it lacks it)."""
+    return _crd_head_cpu is not None and hasattr(_crd_head_cpu, "fused_residual_pass")
+
+
+def fused_residual_cpu(
+    maps: Sequence[torch.Tensor],
+    matrix_t: torch.Tensor,
+    q: torch.Tensor,
+    num_threads: Optional[int] = None,
+) -> torch.Tensor:
+    """(B, H_0, W_0, r) residual vectors P' e_(y, x) - q[y, x] of the concat-space embeddings of ``maps``.
+
+    As :func:`fused_head_cpu` without the norm, with one offset per grid position: ``q`` is a contiguous
+    (H_0, W_0, r) tensor in the maps' dtype (the local head's q_p = matrix mu_p, docs/DESIGN.md "Position-aware
+    CRD"). ``crd_fast.ops.crd_residual`` is the checked, converting entry point.
+    """
+    if not residual_available():
+        raise RuntimeError(f"the CPU fused residual pass is not built: {_IMPORT_ERROR or 'module predates it'}")
+    if len(maps) == 0:
+        raise ValueError("at least one feature map is needed")
+    h0, w0 = (int(s) for s in maps[0].shape[2:])
+    r = int(matrix_t.shape[1]) if matrix_t.ndim == 2 else -1
+    if q.dtype != maps[0].dtype or tuple(q.shape) != (h0, w0, r) or not q.is_contiguous() or q.device.type != "cpu":
+        raise ValueError(
+            f"q must be a contiguous CPU {maps[0].dtype} {(h0, w0, r)} tensor, got {q.dtype} {tuple(q.shape)}"
+        )
+    _check(maps, matrix_t, q[0, 0], None)  # q[0, 0] is one (r,) offset: the shared checks of the norm pass
+    geom = geometry_of(maps)
+    dtype = maps[0].dtype
+    batch = geom.batch
+    out = torch.empty((batch, h0, w0, r), dtype=dtype)
+    if batch == 0 or r == 0:
+        return out
+    plan, weights = tables(geom, dtype, torch.device("cpu"))
+    projected = _project_layers(maps, matrix_t, geom)
+    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    _crd_head_cpu.fused_residual_pass(
         _REAL[dtype],
         [z.data_ptr() for z in projected],
         plan.data_ptr(),

@@ -1,4 +1,5 @@
-"""Torch custom ops of crd-fast: the fused CRD head, ``torch.ops.crd_fast.crd_head``.
+"""Torch custom ops of crd-fast: the fused CRD head ``torch.ops.crd_fast.crd_head`` and its residual twin
+``torch.ops.crd_fast.crd_residual`` (the per-position part of the local head, at the end of this module).
 
     scores = crd_fast.ops.crd_head(feature_maps, matrix, offset, embedding="concat", target_dim=1024)
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -36,11 +38,11 @@ from . import cpu as _cpu
 from . import cuda as _cuda
 from . import cuda_dispatch, reference, streams
 from .kernel_config import CONFIG
-from .plan import folded_operands
+from .plan import FOLDS, fold_matrix, folded_operands
 
 _MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["check_head_inputs", "crd_head", "output_dtype"]
+__all__ = ["check_head_inputs", "check_residual_inputs", "crd_head", "crd_residual", "output_dtype"]
 
 
 #: dtype of the score map for feature maps of a dtype: the scoring rule of crd_fast/core/dtypes.py.
@@ -51,6 +53,29 @@ def check_head_inputs(
     feature_maps: Sequence[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int
 ) -> None:
     """Refuses malformed head inputs with an error naming the problem (shapes only: safe on fake tensors)."""
+    _check_inputs(feature_maps, matrix, offset, embedding, target_dim)
+
+
+def check_residual_inputs(
+    feature_maps: Sequence[Tensor], matrix: Tensor, q: Tensor, embedding: str, target_dim: int
+) -> None:
+    """As :func:`check_head_inputs`, with ``q`` the (H_0 W_0, r) per-position offsets of crd_residual."""
+    _check_inputs(feature_maps, matrix, q, embedding, target_dim, "q", _residual_offset_shape)
+
+
+def _residual_offset_shape(first: Tensor, matrix: Tensor) -> tuple[int, int]:
+    return (int(first.shape[2]) * int(first.shape[3]), int(matrix.shape[0]))
+
+
+def _check_inputs(
+    feature_maps: Sequence[Tensor],
+    matrix: Tensor,
+    offset: Tensor,
+    embedding: str,
+    target_dim: int,
+    offset_name: str = "offset",
+    offset_shape: Optional[Callable[[Tensor, Tensor], tuple[int, int]]] = None,
+) -> None:
     if not isinstance(feature_maps, (list, tuple)) or len(feature_maps) == 0:
         raise ValueError("feature_maps must be a non-empty list of (B, C, H, W) tensors")
     check_embedding(embedding)
@@ -75,20 +100,31 @@ def check_head_inputs(
         if f.shape[1] < 1 or f.shape[2] < 1 or f.shape[3] < 1:
             raise ValueError(f"feature map {i} has an empty channel or spatial dimension: {tuple(f.shape)}")
     d = embedding_dim([f.shape[1] for f in feature_maps], embedding, target_dim)
-    for name, t in (("matrix", matrix), ("offset", offset)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but the feature maps are on {first.device}")
+    for name, t in (("matrix", matrix), (offset_name, offset)):
+        _check_operand(name, t, first.device)
     if matrix.ndim != 2 or matrix.shape[1] != d:
         raise ValueError(
             f"matrix must be (r, d) with d={d} for the {embedding!r} embedding of layers "
             f"{[int(f.shape[1]) for f in feature_maps]}, got shape {tuple(matrix.shape)}"
         )
-    if offset.ndim != 1 or offset.shape[0] != d:
-        raise ValueError(f"offset must have shape ({d},), got {tuple(offset.shape)}")
+    if offset_shape is None:
+        if offset.ndim != 1 or offset.shape[0] != d:
+            raise ValueError(f"offset must have shape ({d},), got {tuple(offset.shape)}")
+    elif tuple(offset.shape) != offset_shape(first, matrix):
+        h, w = int(first.shape[2]), int(first.shape[3])
+        raise ValueError(
+            f"q must be (P, r) = {offset_shape(first, matrix)}: one offset per position of the {h}x{w} grid of the "
+            f"first feature map, got shape {tuple(offset.shape)}"
+        )
+
+
+def _check_operand(name: str, t: Tensor, device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the feature maps are on {device}")
 
 
 def _reference(feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int) -> Tensor:
@@ -177,3 +213,77 @@ def crd_head(
     maps = list(feature_maps) if isinstance(feature_maps, (list, tuple)) else feature_maps
     check_head_inputs(maps, matrix, offset, embedding, target_dim)
     return torch.ops.crd_fast.crd_head(maps, matrix, offset, embedding, int(target_dim))
+
+
+# ---- crd_fast::crd_residual: sum - q_p, one offset per grid position (the local head's fused part) -----------
+#
+# Same embedding and precision rules as crd_head, but q (P, r) holds one projected offset per grid position
+# (P = H_0 W_0, row-major) and the result is the (B, H_0, W_0, r) residual vectors, not their norms: the local
+# head (crd_fast/models/local_head.py, docs/DESIGN.md "Position-aware CRD") adds its rank-k correction and the norm
+# in torch. CPU: the fused Cython pass in its residual mode; every other device (CUDA included): the reference.
+
+
+def _residual_reference(
+    feature_maps: list[Tensor], matrix: Tensor, q: Tensor, embedding: str, target_dim: int
+) -> Tensor:
+    dtype = compute_dtype(feature_maps[0].dtype)
+    return reference.crd_residual(feature_maps, matrix, q, embedding, target_dim, dtype=dtype).contiguous()
+
+
+@torch.library.custom_op("crd_fast::crd_residual", mutates_args=())
+def _crd_residual_op(feature_maps: list[Tensor], matrix: Tensor, q: Tensor, embedding: str, target_dim: int) -> Tensor:
+    """Default kernel (every device but the CPU, CUDA included): the reference, in the output dtype."""
+    check_residual_inputs(feature_maps, matrix, q, embedding, target_dim)
+    return _residual_reference(feature_maps, matrix, q, embedding, target_dim)
+
+
+@_crd_residual_op.register_kernel("cpu")
+def _crd_residual_cpu(feature_maps: list[Tensor], matrix: Tensor, q: Tensor, embedding: str, target_dim: int) -> Tensor:
+    check_residual_inputs(feature_maps, matrix, q, embedding, target_dim)
+    if not _cpu.residual_available():
+        return _residual_reference(feature_maps, matrix, q, embedding, target_dim)
+    dtype = compute_dtype(feature_maps[0].dtype)
+    maps = [f.detach().to(dtype) for f in feature_maps]
+    channels = tuple(int(f.shape[1]) for f in maps)
+    h, w = int(maps[0].shape[2]), int(maps[0].shape[3])
+
+    def fold() -> tuple[Tensor, Tensor]:
+        folded, _ = fold_matrix(matrix.detach(), matrix.new_zeros(matrix.shape[1]), channels, embedding, target_dim)
+        q_grid = q.detach().to(dtype).reshape(h, w, -1).contiguous()
+        return folded.T.to(dtype).contiguous(), q_grid
+
+    params = ("residual", channels, embedding, int(target_dim), dtype, (h, w))
+    matrix_t, q_grid = FOLDS.get(matrix, q, params, fold, torch.device("cpu"))
+    return _cpu.fused_residual_cpu(maps, matrix_t, q_grid)
+
+
+@_crd_residual_op.register_fake
+def _crd_residual_fake(
+    feature_maps: list[Tensor], matrix: Tensor, q: Tensor, embedding: str, target_dim: int
+) -> Tensor:
+    check_residual_inputs(feature_maps, matrix, q, embedding, target_dim)
+    b, _, h, w = feature_maps[0].shape
+    return feature_maps[0].new_empty((b, h, w, matrix.shape[0]), dtype=compute_dtype(feature_maps[0].dtype))
+
+
+def crd_residual(
+    feature_maps: Sequence[Tensor],
+    matrix: Tensor,
+    q: Tensor,
+    embedding: str = "concat",
+    target_dim: int = 1024,
+) -> Tensor:
+    """(B, H_0, W_0, r) residual vectors matrix y_p - q_p of the patch embeddings y_p of ``feature_maps``.
+
+    Args:
+        feature_maps: (B, C_l, H_l, W_l) backbone maps on one device, one dtype; the first sets the grid.
+        matrix: (r, d) projection, as for :func:`crd_head` (folded and cast copies cached per matrix tensor).
+        q: (P, r) offsets, one per position of the first map's H_0 x W_0 grid (P = H_0 W_0, row-major):
+            already projected (q_p = matrix mu_p), unlike crd_head's ``offset``.
+        embedding, target_dim: as for :func:`crd_head`.
+
+    Returns float64 residuals for float64 maps, float32 otherwise (the rule of :func:`crd_head`).
+    """
+    maps = list(feature_maps) if isinstance(feature_maps, (list, tuple)) else feature_maps
+    check_residual_inputs(maps, matrix, q, embedding, target_dim)
+    return torch.ops.crd_fast.crd_residual(maps, matrix, q, embedding, int(target_dim))

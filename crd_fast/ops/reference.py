@@ -44,3 +44,23 @@ def crd_head(
     """
     maps = [f.to(dtype) for f in feature_maps]
     return crd_score_map(embed_patches(maps, embedding, target_dim), matrix, offset, dtype)
+
+
+def crd_residual(
+    feature_maps: Sequence[torch.Tensor],
+    matrix: torch.Tensor,
+    q: torch.Tensor,
+    embedding: str = "concat",
+    target_dim: int = 1024,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """(B, H, W, r) residual vectors matrix y_(y, x) - q_(y, x) of the patch embeddings, no norm.
+
+    ``q`` is (H W, r), one offset per grid position in row-major (y, x) order: the per-position part of the local
+    head (docs/DESIGN.md "Position-aware CRD"). The fused residual paths' specification, computed in ``dtype``.
+    """
+    maps = [f.to(dtype) for f in feature_maps]
+    emb = embed_patches(maps, embedding, target_dim)
+    b, _, h, w = emb.shape
+    rows = patch_matrix(emb) @ matrix.to(emb.device, dtype).T  # (B H W, r), row-major over (b, y, x)
+    return (rows.reshape(b, h * w, -1) - q.to(emb.device, dtype)).reshape(b, h, w, -1)

@@ -15,6 +15,10 @@ Layout: Z_l is (B, H_l, W_l, r) contiguous (channels last, so every tap is one c
 One output row (b, y) per work item: a vertical pass builds T_l[j] = sum_i wy_i Z_l[sy+i, j] for every
 source column j, then a horizontal pass adds sum_i wx_i T_l[sx+i] into the row accumulator, which
 starts at -q. Each thread owns two small scratch buffers; everything runs without the GIL.
+
+The residual pass (``fused_residual_pass``, for the local head of docs/DESIGN.md "Position-aware CRD") runs
+the same sweep with one offset q_(y, x) per grid position and writes the accumulator, the residual vectors
+sum - q_(y, x), into a (B, H0, W0, r) output instead of their norms.
 """
 
 from cython.parallel cimport parallel, prange
@@ -32,22 +36,28 @@ cdef enum:
     MAX_TAPS = 4
 
 
-cdef void _fuse_row(real** z, Py_ssize_t num_layers, const int32_t* plan, const real* weights,
-                    const real* q, real* out, Py_ssize_t b, Py_ssize_t y, Py_ssize_t h0, Py_ssize_t w0,
-                    Py_ssize_t r, real* acc, real* tmp) noexcept nogil:
+cdef void _accumulate_row(real** z, Py_ssize_t num_layers, const int32_t* plan, const real* weights,
+                          const real* q, Py_ssize_t q_step, Py_ssize_t b, Py_ssize_t y, Py_ssize_t h0,
+                          Py_ssize_t w0, Py_ssize_t r, real* acc, real* tmp) noexcept nogil:
+    """acc[x] = sum_l pool/resize(Z_l)[b, y, x] - q_(y, x) for the w0 positions of output row (b, y).
+
+    q_(y, x) starts at q + (y * w0 + x) * q_step: q_step = 0 is one shared q (the norm pass), q_step = r
+    one offset per grid position (the residual pass of the local head, docs/DESIGN.md "Position-aware CRD").
+    """
     cdef Py_ssize_t l, i, j, k, x, h, w, sy, ny, sx, nx
     cdef Py_ssize_t rows = h0 + w0
     cdef const int32_t* taps
     cdef const real* wl
     cdef const real* src
+    cdef const real* qx
     cdef real* dst
     cdef real wi
-    cdef double s0, s1, s2, s3, v0, v1, v2, v3
 
     for x in range(w0):
         dst = acc + x * r
+        qx = q + (y * w0 + x) * q_step
         for k in range(r):
-            dst[k] = -q[k]
+            dst[k] = -qx[k]
 
     for l in range(num_layers):
         h = plan[l * HEADER + 1]
@@ -79,6 +89,15 @@ cdef void _fuse_row(real** z, Py_ssize_t num_layers, const int32_t* plan, const 
                 for k in range(r):
                     dst[k] = dst[k] + wi * src[k]
 
+
+cdef void _fuse_row(real** z, Py_ssize_t num_layers, const int32_t* plan, const real* weights,
+                    const real* q, real* out, Py_ssize_t b, Py_ssize_t y, Py_ssize_t h0, Py_ssize_t w0,
+                    Py_ssize_t r, real* acc, real* tmp) noexcept nogil:
+    cdef Py_ssize_t k, x
+    cdef const real* src
+    cdef double s0, s1, s2, s3, v0, v1, v2, v3
+
+    _accumulate_row(z, num_layers, plan, weights, q, 0, b, y, h0, w0, r, acc, tmp)
     for x in range(w0):
         src = acc + x * r
         # four independent double accumulators: no reassociation flags needed for speed, and a d=1536
@@ -126,9 +145,29 @@ cdef int _fused_pass(real** z, Py_ssize_t num_layers, const int32_t* plan, const
     return failed
 
 
+cdef int _residual_pass(real** z, Py_ssize_t num_layers, const int32_t* plan, const real* weights,
+                        const real* q, real* out, Py_ssize_t batch, Py_ssize_t h0, Py_ssize_t w0, Py_ssize_t r,
+                        Py_ssize_t max_w, int num_threads) noexcept nogil:
+    """out[b, y, x, :] = sum - q_(y, x) for every row, written in place (out is the accumulator); returns the
+    number of rows whose scratch allocation failed (0 = success)."""
+    cdef Py_ssize_t row
+    cdef int failed = 0
+    cdef real* tmp
+    with parallel(num_threads=num_threads):
+        tmp = <real*>malloc(max_w * r * sizeof(real))
+        for row in prange(batch * h0, schedule="static"):
+            if tmp == NULL:
+                failed += 1
+            else:
+                _accumulate_row(z, num_layers, plan, weights, q, r, row // h0, row % h0, h0, w0, r,
+                                out + row * w0 * r, tmp)
+        free(tmp)
+    return failed
+
+
 cdef int _run(real* tag, list z_ptrs, uintptr_t plan, uintptr_t weights, uintptr_t q, uintptr_t out,
               Py_ssize_t batch, Py_ssize_t h0, Py_ssize_t w0, Py_ssize_t r, Py_ssize_t max_w,
-              int num_threads) except -1:
+              int num_threads, bint residual) except -1:
     cdef Py_ssize_t num_layers = len(z_ptrs)
     cdef Py_ssize_t l
     cdef int failed
@@ -139,8 +178,12 @@ cdef int _run(real* tag, list z_ptrs, uintptr_t plan, uintptr_t weights, uintptr
         for l in range(num_layers):
             z[l] = <real*><uintptr_t>z_ptrs[l]
         with nogil:
-            failed = _fused_pass(z, num_layers, <const int32_t*>plan, <const real*>weights, <const real*>q,
-                                 <real*>out, batch, h0, w0, r, max_w, num_threads)
+            if residual:
+                failed = _residual_pass(z, num_layers, <const int32_t*>plan, <const real*>weights,
+                                        <const real*>q, <real*>out, batch, h0, w0, r, max_w, num_threads)
+            else:
+                failed = _fused_pass(z, num_layers, <const int32_t*>plan, <const real*>weights, <const real*>q,
+                                     <real*>out, batch, h0, w0, r, max_w, num_threads)
     finally:
         free(z)
     if failed:
@@ -160,10 +203,30 @@ def fused_pass(str dtype, list z_ptrs, uintptr_t plan, uintptr_t weights, uintpt
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     if batch == 0 or h0 == 0 or w0 == 0:
         return
+    _dispatch(dtype, z_ptrs, plan, weights, q, out, batch, h0, w0, r, max_w, num_threads, False)
+
+
+def fused_residual_pass(str dtype, list z_ptrs, uintptr_t plan, uintptr_t weights, uintptr_t q, uintptr_t out,
+                        Py_ssize_t batch, Py_ssize_t h0, Py_ssize_t w0, Py_ssize_t r, Py_ssize_t max_w,
+                        int num_threads):
+    """out[b, y, x, :] = sum_l pool/resize(Z_l)[b, y, x] - q[y, x, :]: the residual vectors, no norm.
+
+    As :func:`fused_pass`, but q is (H0, W0, r), one offset per grid position, and out is (B, H0, W0, r).
+    """
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if batch == 0 or h0 == 0 or w0 == 0 or r == 0:
+        return
+    _dispatch(dtype, z_ptrs, plan, weights, q, out, batch, h0, w0, r, max_w, num_threads, True)
+
+
+cdef _dispatch(str dtype, list z_ptrs, uintptr_t plan, uintptr_t weights, uintptr_t q, uintptr_t out,
+               Py_ssize_t batch, Py_ssize_t h0, Py_ssize_t w0, Py_ssize_t r, Py_ssize_t max_w, int num_threads,
+               bint residual):
     if dtype == "float32":
-        _run(<float*>NULL, z_ptrs, plan, weights, q, out, batch, h0, w0, r, max_w, num_threads)
+        _run(<float*>NULL, z_ptrs, plan, weights, q, out, batch, h0, w0, r, max_w, num_threads, residual)
     elif dtype == "float64":
-        _run(<double*>NULL, z_ptrs, plan, weights, q, out, batch, h0, w0, r, max_w, num_threads)
+        _run(<double*>NULL, z_ptrs, plan, weights, q, out, batch, h0, w0, r, max_w, num_threads, residual)
     else:
         raise TypeError(f"crd_head_cpu: dtype must be 'float32' or 'float64', got {dtype!r}")
 
