@@ -21,6 +21,7 @@ _LAZY = {
     "ExportResult": "export",
     "DEFAULT_OPSET": "export",
     "check_default_domain": "export",
+    "head_of": "export",
     "DeployHead": "precision",
     "make_head_file": "precision",
     "head_from": "precision",

@@ -13,7 +13,9 @@ legacy TorchScript exporter is used; it is stable for these static-shape models,
 add nothing). The batch axis is dynamic; image size and feature shapes are fixed.
 
 With ``precision="fp16"`` the head's weights are stored as float16 initializers followed by a Cast to
-float32 (computation stays float32); ``rank=r`` exports the rank-r W instead of M_pre. Next to the ONNX
+float32 (computation stays float32); ``rank=r`` exports the rank-r W instead of M_pre (global CRD only). A
+detector that scores position-aware (``spatial_choice == "local"``) exports its LocalCRDHead (``head_of``): the
+same graph operators plus batched MatMul / Einsum for the rank-k correction. Next to the ONNX
 file, ``<file>.json`` holds the metadata (config, sizes, threshold, training score statistics, crd_fast
 version, input and output names and shapes, SHA-256 of the ONNX bytes), which ``OnnxDetector`` checks.
 Both files are written atomically.
@@ -21,13 +23,14 @@ Both files are written atomically.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ from .._version import __version__
 from ..io.atomic import atomic_write
 from ..io.model_file import ModelFileError
 from ..models.head import CRDHead
+from ..models.local_head import LocalCRDHead
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .metadata import (
     FORMAT_NAME,
@@ -68,7 +72,7 @@ class ExportResult:
 class HeadOnlyModel(nn.Module):
     """The head as an exportable module: one positional input per layer -> (image_scores, patch_maps)."""
 
-    def __init__(self, head: CRDHead) -> None:
+    def __init__(self, head: Union[CRDHead, LocalCRDHead]) -> None:
         super().__init__()
         self.head = head
 
@@ -80,7 +84,7 @@ class HeadOnlyModel(nn.Module):
 class _WholeModel(nn.Module):
     """extractor + head (pure-torch path) + mapper, with the same outputs as InferenceModel."""
 
-    def __init__(self, extractor: nn.Module, head: CRDHead, mapper: nn.Module) -> None:
+    def __init__(self, extractor: nn.Module, head: Union[CRDHead, LocalCRDHead], mapper: nn.Module) -> None:
         super().__init__()
         self.extractor, self.head, self.mapper = extractor, head, mapper
 
@@ -123,6 +127,37 @@ def _detector_from_head(head: DeployHead) -> Any:
     return CRDDetector(**{**config, "device": "cpu"})
 
 
+def head_of(detector: Any, rank: Optional[int] = None) -> nn.Module:
+    """The exportable head of a fitted detector: a CRDHead, or a LocalCRDHead when it scores position-aware.
+
+    A detector whose ``spatial_choice`` is "local" gives a CPU copy of its inference model's LocalCRDHead;
+    any other gives the CRDHead of its scorer's projection (``rank``: the rank-r W instead, global CRD only).
+    Either is in eval mode with the fused path off (export traces the pure-torch path).
+    """
+    return _export_head(detector, rank)[0]
+
+
+def _export_head(detector: Any, rank: Optional[int]) -> tuple[nn.Module, dict[str, Any]]:
+    """``head_of`` plus what the export metadata records about the head (lam, rank, error bound)."""
+    if getattr(detector, "spatial_choice", "global") == "local":
+        if rank is not None:
+            raise ValueError(
+                f"rank={rank} makes a rank-r head of the global CRD; this detector scores with the position-aware "
+                "(local) head, which has no rank-r form: export it without rank="
+            )
+        head = copy.deepcopy(detector.inference_model().head).cpu().eval()
+        if not isinstance(head, LocalCRDHead):
+            raise DeployError(f"a local detector's inference model has a {type(head).__name__}, not a LocalCRDHead")
+        head.use_fused = False
+        return head, {"lam": head.lam, "rank": None, "error_bound": None}
+    want_rank = rank if rank is not None else detector.scorer.rank
+    proj = variant_projection(detector.scorer, "fp64", want_rank)
+    head = _head_module(
+        proj.matrix, proj.offset, detector.embedding, int(detector.target_dim), list(detector.layer_channels)
+    )
+    return head, {"lam": proj.lam, "rank": want_rank, "error_bound": proj.error_bound}
+
+
 def _head_module(
     projection_matrix: torch.Tensor, offset: torch.Tensor, embedding: str, target_dim: int, layer_channels: list[int]
 ) -> CRDHead:
@@ -152,6 +187,48 @@ def _to_fp16_initializers(model: Any, head: CRDHead) -> int:
         )
         if matrix is None or not any(matrix.shape == s.shape and np.array_equal(matrix, s) for s in slices):
             continue
+        half_name = f"{init.name}__fp16"
+        graph.initializer.remove(init)
+        graph.initializer.append(numpy_helper.from_array(arr.astype(np.float16), half_name))
+        casts.append(
+            helper.make_node("Cast", [half_name], [init.name], to=onnx.TensorProto.FLOAT, name=f"{init.name}__cast")
+        )
+        converted += 1
+    for node in reversed(casts):
+        graph.node.insert(0, node)
+    return converted
+
+
+def _to_fp16_local_initializers(model: Any, head: LocalCRDHead) -> int:
+    """Store a local head's weights (the folded matrix, S_p, K_p) as float16 + Cast; returns how many initializers.
+
+    Found by value, whatever layout the exporter gave them (constant folding may transpose or reshape): an
+    initializer whose sorted values equal a weight's is that weight. The offsets q_p and inv_b stay float32:
+    q_p is subtracted from M y (cancellation), and both are small next to S (P d k).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    folded = head.folded.detach().cpu().numpy()
+    weights, start = [], 0
+    for c in head.layer_channels or [folded.shape[1]]:
+        weights.append(folded[:, start : start + c])
+        start += c
+    weights += [head.vectors.detach().cpu().numpy(), head.inner.detach().cpu().numpy()]
+    by_size: dict[int, list[np.ndarray]] = {}
+    for w in weights:
+        by_size.setdefault(w.size, []).append(np.sort(w, axis=None))
+    graph = model.graph
+    casts, converted = [], 0
+    for init in list(graph.initializer):
+        if init.data_type != onnx.TensorProto.FLOAT or init.name.endswith("__fp16"):
+            continue
+        arr = numpy_helper.to_array(init)
+        candidates = by_size.get(arr.size)
+        if not candidates or not any(np.array_equal(np.sort(arr, axis=None), c) for c in candidates):
+            continue
+        if not np.isfinite(arr.astype(np.float16)).all():
+            raise DeployError(f"the local head's weights do not fit in float16 (values up to {np.abs(arr).max():.3g})")
         half_name = f"{init.name}__fp16"
         graph.initializer.remove(init)
         graph.initializer.append(numpy_helper.from_array(arr.astype(np.float16), half_name))
@@ -211,11 +288,9 @@ def export_onnx(
     if detector is not None:
         if not detector.is_fitted:
             raise RuntimeError("the detector is not fitted yet: nothing to export")
-        want_rank = rank if rank is not None else detector.scorer.rank
-        proj = variant_projection(detector.scorer, "fp64", want_rank)
         info = detector_info(detector)
-        error_bound, stored_precision = proj.error_bound, "fp64"
-        matrix, offset, lam = proj.matrix, proj.offset, proj.lam
+        head, facts = _export_head(detector, rank)
+        error_bound, stored_precision, want_rank, lam = facts["error_bound"], "fp64", facts["rank"], facts["lam"]
     else:
         assert head_file is not None
         if rank is not None and rank != (head_file.rank or head_file.dim):
@@ -228,7 +303,8 @@ def export_onnx(
         error_bound, stored_precision, want_rank = head_file.error_bound, head_file.precision, head_file.rank
         if not head_only:
             detector = _detector_from_head(head_file)
-    head = _head_module(matrix, offset, info["embedding"], int(info["target_dim"]), list(info["layer_channels"]))
+        head = _head_module(matrix, offset, info["embedding"], int(info["target_dim"]), list(info["layer_channels"]))
+    local = isinstance(head, LocalCRDHead)
     names = list(layer_names or info["layers"])
     if len(names) != len(info["layer_channels"]):
         raise ValueError(f"layer_names has {len(names)} names for {len(info['layer_channels'])} layers")
@@ -278,7 +354,8 @@ def export_onnx(
 
     model = onnx.load_from_string(buffer.getvalue())
     if precision == "fp16":
-        if _to_fp16_initializers(model, head) == 0:
+        converted = _to_fp16_local_initializers(model, head) if local else _to_fp16_initializers(model, head)
+        if converted == 0:
             raise DeployError("could not find the head's weights in the exported graph to store them in float16")
     op_types = check_default_domain(model)
     del model.metadata_props[:]
@@ -301,6 +378,8 @@ def export_onnx(
         "precision": precision,
         "head_matrix_precision": stored_precision,
         "rank": want_rank,
+        "spatial": "local" if local else "global",
+        "local_rank": head.rank if local else None,
         "error_bound": error_bound,
         "lam": lam,
         "inputs": inputs,

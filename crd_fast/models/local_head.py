@@ -99,6 +99,7 @@ class LocalCRDHead(nn.Module):
         self.use_fused = bool(use_fused)
         self.layer_channels = None if layer_channels is None else [int(c) for c in layer_channels]
         self.grid = (h, w)
+        self._shape = (d, p, k)  # python ints: traced as constants without warnings
         self.lam = None if lam is None else float(lam)
         m64 = matrix.detach().to(torch.float64)
         q64 = means.detach().to(device=m64.device, dtype=torch.float64) @ m64.T  # (P, d): q_p = M mu_p
@@ -109,7 +110,8 @@ class LocalCRDHead(nn.Module):
         # the same offsets as (P, d) rows for the fused op (derived, not saved)
         self.register_buffer("offset_rows", q64.to(dtype).contiguous(), persistent=False)
         self.register_buffer("vectors", vectors.detach().to(device=m64.device, dtype=dtype).contiguous())
-        self.register_buffer("inner", inner.detach().to(device=m64.device, dtype=dtype).contiguous())
+        k64 = inner.detach().to(device=m64.device, dtype=torch.float64)
+        self.register_buffer("inner", (0.5 * (k64 + k64.transpose(1, 2))).to(dtype).contiguous())  # exactly symmetric
         self.register_buffer("inv_b", inv_b.detach().to(device=m64.device, dtype=dtype).contiguous())
 
     @classmethod
@@ -149,16 +151,16 @@ class LocalCRDHead(nn.Module):
 
     @property
     def dim(self) -> int:
-        return int(self.matrix.shape[0])
+        return self._shape[0]
 
     @property
     def rank(self) -> int:
         """k, the rank of the per-position part."""
-        return int(self.vectors.shape[2])
+        return self._shape[2]
 
     @property
     def positions(self) -> int:
-        return int(self.vectors.shape[0])
+        return self._shape[1]
 
     def _check_maps(self, maps: list[torch.Tensor]) -> None:
         if not maps:
@@ -219,8 +221,9 @@ class LocalCRDHead(nn.Module):
         dtype = main.dtype
         vectors, inner, inv_b = self.vectors.to(dtype), self.inner.to(dtype), self.inv_b.to(dtype)
         t = torch.matmul(main, vectors)  # (P, B, k): S_p^T main
-        c = torch.matmul(t, inner.transpose(1, 2))  # K_p t
-        corrected = main - torch.matmul(c, vectors.transpose(1, 2)) * inv_b
+        c = torch.matmul(t, inner)  # K_p t (K_p is symmetric)
+        # einsum rather than a matmul with S_p^T: an exported graph then holds S once, not also a transposed copy
+        corrected = main - torch.einsum("pbk,pdk->pbd", c, vectors) * inv_b
         return corrected.square().sum(dim=-1).sqrt()
 
     def extra_repr(self) -> str:
