@@ -114,6 +114,20 @@ def test_fused_path_takes_the_compiled_residual_pass(monkeypatch):
     assert calls, "the eager CPU path did not call the fused residual pass"
 
 
+def test_concat_head_without_layer_channels_and_state_dict_round_trip():
+    train, test = _maps(21, N_TRAIN, SPECS[2]), _maps(22, 2, SPECS[2])
+    model, _ = _fit(train, "concat", 3, 0.5)
+    other, _ = _fit(_maps(23, N_TRAIN, SPECS[2]), "concat", 3, 0.5)
+    want = _head(model, "concat", 2, False)(test)
+    for fused in (False, True):
+        bare = LocalCRDHead.from_model(model, 0.05, grid=(6, 5), use_fused=fused, dtype=torch.float64)
+        torch.testing.assert_close(bare(test), want, rtol=1e-12, atol=0)
+        # a head built from another model takes this one's state: both paths then score as this model
+        loaded = LocalCRDHead.from_model(other, 0.05, grid=(6, 5), use_fused=fused, dtype=torch.float64)
+        loaded.load_state_dict(bare.state_dict())
+        torch.testing.assert_close(loaded(test), want, rtol=1e-12, atol=0)
+
+
 def test_head_buffers_are_the_documented_operands():
     train = _maps(9, N_TRAIN, SPECS[2])
     model, _ = _fit(train, "concat", 3, 0.5)

@@ -107,8 +107,9 @@ class LocalCRDHead(nn.Module):
         self.register_buffer("matrix", m64.to(dtype).contiguous())
         self.register_buffer("folded", folded.to(dtype).contiguous())
         self.register_buffer("offsets", q64.T.reshape(d, h, w).to(dtype).contiguous())
-        # the same offsets as (P, d) rows for the fused op (derived, not saved)
+        # the same offsets as (P, d) rows for the fused op: derived, not saved; refreshed when a state dict is loaded
         self.register_buffer("offset_rows", q64.to(dtype).contiguous(), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_offset_rows())
         self.register_buffer("vectors", vectors.detach().to(device=m64.device, dtype=dtype).contiguous())
         k64 = inner.detach().to(device=m64.device, dtype=torch.float64)
         self.register_buffer("inner", (0.5 * (k64 + k64.transpose(1, 2))).to(dtype).contiguous())  # exactly symmetric
@@ -148,6 +149,10 @@ class LocalCRDHead(nn.Module):
             dtype,
             lam,
         )
+
+    def _refresh_offset_rows(self) -> None:
+        with torch.no_grad():
+            self.offset_rows = self.offsets.reshape(self.dim, self.positions).T.contiguous()
 
     @property
     def dim(self) -> int:
