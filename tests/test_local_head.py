@@ -7,6 +7,7 @@ in float32, 1e-2 for float16 head weights.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -126,6 +127,7 @@ def test_concat_head_without_layer_channels_and_state_dict_round_trip():
         loaded = LocalCRDHead.from_model(other, 0.05, grid=(6, 5), use_fused=fused, dtype=torch.float64)
         loaded.load_state_dict(bare.state_dict())
         torch.testing.assert_close(loaded(test), want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(copy.deepcopy(loaded)(test), want, rtol=1e-12, atol=0)
 
 
 def test_head_buffers_are_the_documented_operands():

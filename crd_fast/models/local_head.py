@@ -38,6 +38,11 @@ def _square_grid(positions: int) -> tuple[int, int]:
     return side, side
 
 
+def _refresh_after_load(module: "LocalCRDHead", _incompatible_keys: object) -> None:
+    """load_state_dict post-hook (a module-level function, so the head still pickles and deep-copies)."""
+    module._refresh_offset_rows()
+
+
 class LocalCRDHead(nn.Module):
     """The local CRD head: feature maps (one per layer) -> (B, h, w) patch scores on the first layer's grid.
 
@@ -109,7 +114,7 @@ class LocalCRDHead(nn.Module):
         self.register_buffer("offsets", q64.T.reshape(d, h, w).to(dtype).contiguous())
         # the same offsets as (P, d) rows for the fused op: derived, not saved; refreshed when a state dict is loaded
         self.register_buffer("offset_rows", q64.to(dtype).contiguous(), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_offset_rows())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.register_buffer("vectors", vectors.detach().to(device=m64.device, dtype=dtype).contiguous())
         k64 = inner.detach().to(device=m64.device, dtype=torch.float64)
         self.register_buffer("inner", (0.5 * (k64 + k64.transpose(1, 2))).to(dtype).contiguous())  # exactly symmetric
