@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=160, help="elpv cells resized to size x size (no crop)")
     p.add_argument("--shrinkage", type=float, default=0.5, help="local CRD: S_p = a C + (1 - a) C_p")
     p.add_argument("--rank", type=int, default=32, help="local CRD: rank k of the per-position part")
-    p.add_argument("--basis-rank", type=int, default=256, help="local CRD streaming fit: reduced basis rank r")
+    p.add_argument(
+        "--sketch", type=int, default=64, help="local CRD streaming fit: Frequent Directions size ell per position"
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=Path("/tmp/crd_quality_cache"))
@@ -147,11 +149,10 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
     lbest = max(l_oracle, key=l_oracle.get)
     row(f"CRD local ({tag}), best lam_rel on test (oracle)", l_oracle[lbest], None, f"lam_rel {lbest:g}")
     if "streaming" not in args.skip:
-        r = min(args.basis_rank, train.shape[2])
-        sm, t_s = qm.timed(qm.local_model, train, args.shrinkage, args.rank, r, lm)
+        sm, t_s = qm.timed(qm.local_model, train, args.shrinkage, args.rank, args.sketch, lm)
         smap = qm.local_maps(sm, test, (l_sel.choice,))[l_sel.choice]
         row(
-            f"CRD local streaming fit (basis r {r}), lam auto",
+            f"CRD local one-pass streaming fit (FD sketch ell {args.sketch}), lam auto",
             auc(smap),
             t_s,
             f"max |score - exact| / exact = {np.max(np.abs(smap - lmaps[l_sel.choice]) / lmaps[l_sel.choice]):.2e}",

@@ -2,7 +2,7 @@
 
 - CRD global: the paper's CRD (global mean and covariance), at a fixed lam_rel or the label-free choice;
 - CRD local: per-position means, per-position covariance shrunk toward the pooled one at rank k (Woodbury,
-  crd_fast/core/local.py), fixed or label-free lam, exact (Gram) or streaming (reduced basis) fit;
+  crd_fast/core/local.py), fixed or label-free lam, exact (Gram) or one-pass streaming (Frequent Directions sketch) fit;
 - PaDiM's rule: per-position Gaussian, Mahalanobis distance, covariance X^T X / (N - 1) + 0.01 I, evaluated
   exactly through the N x N Gram matrix (the d x d inverse is never formed; checked against it);
 - 1-NN over the whole bank (PatchCore's rule, no reweighting): exact image scores by bound pruning (below),
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from crd_fast.core.lam_selection import DEFAULT_LAM_GRID, SpectralForm, select_lam
-from crd_fast.core.local import LocalCRDModel, LocalStatistics, local_eigenpairs_from_patches
+from crd_fast.core.local import LocalCRDModel, LocalStatistics, local_eigenpairs_from_patches, within_covariance
 from crd_fast.core.stats import PatchStatistics
 
 CHUNK = 16  # images per scoring chunk (bounds the float64 working set)
@@ -49,29 +49,28 @@ def global_maps(form: SpectralForm, x: np.ndarray, lam_rels) -> dict[float, np.n
 
 # -- CRD local ----------------------------------------------------------------------------------
 def local_model(
-    train: np.ndarray, shrinkage: float, rank: int, basis_rank: int | None = None, like: LocalCRDModel | None = None
+    train: np.ndarray, shrinkage: float, rank: int, sketch: int | None = None, like: LocalCRDModel | None = None
 ) -> LocalCRDModel:
-    """Exact fit (Gram) when ``basis_rank`` is None, else the streaming two-pass fit in a reduced basis.
+    """Exact fit (Gram, all patches in memory) when ``sketch`` is None, else the one-pass streaming fit with a
+    Frequent Directions sketch of ``sketch`` directions per position (LocalStatistics, CHUNK images at a time).
 
-    ``like``: a model fitted on the same images, whose pooled eigendecomposition is reused (and whose top
-    ``basis_rank`` eigenvectors are the streaming fit's basis, as LocalStatistics would compute them)."""
+    ``like``: a model fitted on the same images, whose pooled eigendecomposition is reused (the streaming fit's
+    pooled covariance is exact, so it is the same C)."""
     eig = None if like is None else (like.eigenvalues, like.eigenvectors)
     n, p, d = train.shape
-    stats = LocalStatistics(p, d)
-    for i in range(0, n, CHUNK):
-        stats.update(torch.from_numpy(train[i : i + CHUNK]))
-    if basis_rank is None:
-        means, vals, vecs = local_eigenpairs_from_patches(torch.from_numpy(train), rank)
-    else:
-        if eig is None:
-            stats.begin_second_pass(basis_rank=basis_rank)
-        else:
-            stats.begin_second_pass(basis=eig[1][:, -basis_rank:])
+    if sketch is None:
+        pooled = PatchStatistics(d)
         for i in range(0, n, CHUNK):
-            stats.update_local(torch.from_numpy(train[i : i + CHUNK]))
-        means = stats.means
+            pooled.update(torch.from_numpy(train[i : i + CHUNK]).reshape(-1, d))
+        means, vals, vecs = local_eigenpairs_from_patches(torch.from_numpy(train), rank)
+        cov = within_covariance(pooled, means)
+    else:
+        stats = LocalStatistics(p, d, sketch)
+        for i in range(0, n, CHUNK):
+            stats.update(torch.from_numpy(train[i : i + CHUNK]))
+        means, cov = stats.means, stats.within_covariance()
         vals, vecs = stats.local_eigenpairs(rank)
-    return LocalCRDModel.build(means, stats.within_covariance(), vals, vecs, shrinkage, pooled_eigh=eig)
+    return LocalCRDModel.build(means, cov, vals, vecs, shrinkage, pooled_eigh=eig)
 
 
 def local_maps(model: LocalCRDModel, x: np.ndarray, lam_rels) -> dict[float, np.ndarray]:

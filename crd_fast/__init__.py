@@ -20,6 +20,7 @@ _LAZY = {
     "ModelFileError": ".io.model_file",
     "NNScorer": ".scorers",
     "CRDScorer": ".scorers",
+    "LocalCRDScorer": ".scorers",
     "DEFAULT_LAM_REL": ".scorers",
     "CRDDetector": ".detector",
     "DetectionResult": ".postprocess",
@@ -27,6 +28,7 @@ _LAZY = {
 
 __all__ = [
     "CRDScorer",
+    "LocalCRDScorer",
     "NNScorer",
     "ModelFileError",
     "DEFAULT_LAM_REL",

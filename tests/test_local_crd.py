@@ -1,4 +1,5 @@
-"""Local (position-aware) CRD: Woodbury scoring and both fits against float64 direct computations."""
+"""Local (position-aware) CRD: Woodbury scoring and the streaming fit against float64 direct computations
+(the scorer and the Frequent Directions guarantee: tests/test_local_scorer.py)."""
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_full_rank_local_equals_unreduced_shrinkage():
     torch.testing.assert_close(model.scores(test, 0.01), expected, rtol=1e-9, atol=1e-12)
 
 
-def test_streaming_pass_one_is_exact_for_any_batching():
+def test_streaming_means_and_pooled_covariance_are_exact_for_any_batching():
     train = _grids(n=10, seed=5)
     n, p, d = train.shape
     stats = LocalStatistics(p, d)
@@ -77,15 +78,14 @@ def test_streaming_pass_one_is_exact_for_any_batching():
     torch.testing.assert_close(stats.within_covariance(), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_streaming_pass_two_full_basis_matches_gram_eigenpairs():
+def test_streaming_eigenpairs_match_the_gram_fit_while_exact():
+    # 14 images, sketch 16: fewer than 2 * 16 rows were appended, so the sketch holds the centred data exactly.
     train = _grids(n=14, d=8, seed=6)
     _, p, d = train.shape
-    stats = LocalStatistics(p, d)
+    stats = LocalStatistics(p, d, sketch=16)
     for chunk in torch.split(train, 5):
         stats.update(chunk)
-    stats.begin_second_pass()
-    for chunk in torch.split(train, 4):
-        stats.update_local(chunk)
+    assert stats.fd.shrinks == 0
     vals, vecs = stats.local_eigenpairs(4)
     _, vals_g, vecs_g = local_eigenpairs_from_patches(train, 4)
     torch.testing.assert_close(vals, vals_g, rtol=1e-9, atol=1e-12)
@@ -96,24 +96,6 @@ def test_streaming_pass_two_full_basis_matches_gram_eigenpairs():
         rtol=1e-8,
         atol=1e-10,
     )
-
-
-def test_streaming_pass_two_reduced_basis_is_exact_within_the_basis():
-    train = _grids(n=9, d=10, seed=7)
-    n, p, d = train.shape
-    stats = LocalStatistics(p, d).update(train)
-    q = stats.begin_second_pass(basis_rank=4)
-    assert q.shape == (d, 4)
-    torch.testing.assert_close(q.T @ q, torch.eye(4, dtype=torch.float64), atol=1e-12, rtol=0)
-    stats.update_local(train)
-    vals, vecs = stats.local_eigenpairs(3)
-    xc = train - train.mean(0)
-    for j in range(p):
-        cp = q @ (q.T @ (xc[:, j].T @ xc[:, j] / n) @ q) @ q.T
-        ev, evec = torch.linalg.eigh(cp)
-        torch.testing.assert_close(vals[j], ev[-3:].flip(0), rtol=1e-9, atol=1e-12)
-        top = evec[:, -3:]
-        torch.testing.assert_close(vecs[j] @ vecs[j].T, top @ top.T, rtol=1e-7, atol=1e-9)
 
 
 def test_lam_change_needs_no_refit():
@@ -137,15 +119,14 @@ def test_bad_input_is_refused():
         stats.update(torch.zeros(2, 5, 3))
     with pytest.raises(ValueError, match=r"must be \(images, positions, d\)"):
         stats.update(torch.zeros(4, 3))
-    with pytest.raises(RuntimeError, match="begin_second_pass"):
-        stats.update_local(torch.zeros(2, 4, 3))
-    stats.update(torch.randn(3, 4, 3, dtype=torch.float64))
-    stats.begin_second_pass()
-    stats.update_local(torch.randn(2, 4, 3, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="pass 2 saw 2 images, pass 1 saw 3"):
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        stats.update(torch.full((2, 4, 3), float("nan")))
+    with pytest.raises(ValueError, match="no patch grids have been added"):
         stats.local_eigenpairs(2)
-    with pytest.raises(RuntimeError, match="frozen"):
-        stats.update(torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        stats.update(torch.randn(3, 4, 3, dtype=torch.float64)).local_eigenpairs(0)
+    with pytest.raises(ValueError, match="sketch size ell must be an integer >= 2"):
+        LocalStatistics(4, 3, sketch=1)
     means, vals, vecs = local_eigenpairs_from_patches(torch.randn(5, 4, 3, dtype=torch.float64), 2)
     with pytest.raises(ValueError, match="shrinkage must be in"):
         LocalCRDModel.build(means, torch.eye(3), vals, vecs, 1.5)

@@ -15,26 +15,45 @@ K_p with V~_p (not D_p^-1) keeps it well defined when an eigenvalue is 0. Everyt
 eigenbasis of C = U diag(s) U^T, where B^-1 is the diagonal 1 / (a s + lam): a new lam (for the label-free
 choice, crd_fast/core/lam_selection.py) then only rescales, it never refactorises a d x d matrix.
 
-Fitting with memory independent of the number of images (:class:`LocalStatistics`), two streaming passes:
+Fitting in one pass with memory independent of the number of images (:class:`LocalStatistics`):
 
-1. per-position means (P x d) and the pooled statistics (d x d); C follows exactly from the identity
-   total scatter = within-position scatter + between-position scatter;
-2. per-position scatter of the centred patches in a reduced orthonormal basis Q (d x r, by default the
-   top-r eigenvectors of C): P x r x r numbers whatever N is. C_p's top-k eigenpairs are then those of
-   Q Q^T C_p Q Q^T, i.e. exact within span(Q) (r = d is exact).
+* per-position means (P x d) and the pooled statistics (d x d): C follows exactly from the identity
+  total scatter = within-position scatter + N sum_p (mu_p - mu)(mu_p - mu)^T;
+* per position, a Frequent Directions sketch B_p (crd_fast/core/sketch.py, at most 2 ell - 1 rows of d) of the
+  centred patches: each batch adds its rows centred at the batch mean plus one row
+  sqrt(n_a n_b / n) (mu_a - mu_b) (Chan's pairwise update), so B_p^T B_p always sketches the exact scatter
+  N C_p with no cancellation. C_p's top-k eigenpairs are those of B_p^T B_p / N, from the small Gram B_p B_p^T.
+  Exact while no sketch has shrunk (N <= ell images always qualifies: fewer than 2 ell rows); otherwise
+  || N C_p - B_p^T B_p ||_2 <= ||X_p - [X_p]_k||_F^2 / (ell - k) for every k < ell (X_p: the centred patches).
+  Memory P * 2 ell * d floats.
 
-When the training patches fit in memory, :func:`local_eigenpairs_from_patches` gets the exact top-k from
-the N x N Gram matrix at each position instead.
+One pass, because the features come from a backbone: a second pass would run it over every training image
+again, doubling the fit's cost (the old two-pass fit in a reduced basis also lost accuracy outside the basis).
+Sketches and pooled statistics merge (two statistics objects combine as if all images had been seen by one),
+which gives online updates and distributed fits. When the training patches fit in memory,
+:func:`local_eigenpairs_from_patches` gets the exact top-k from the N x N Gram matrix at each position instead
+(the float64 reference of the tests).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
+from .dtypes import NumericOverflowError
+from .sketch import FrequentDirections
 from .stats import PatchStatistics
+
+#: Default Frequent Directions size ell (directions kept per position; the buffer holds 2 ell rows of d).
+DEFAULT_SKETCH = 64
+
+# Largest values a stored state may declare (model files are checked against them).
+MAX_POSITIONS = 1 << 20
+MAX_DIM = 1 << 16
+MAX_IMAGES = 1 << 40
+MAX_SKETCH = 1 << 12
 
 
 def _check_grid(x: torch.Tensor, name: str, positions: Optional[int] = None, dim: Optional[int] = None) -> None:
@@ -56,89 +75,227 @@ def _top_eigenpairs(sym: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class LocalStatistics:
-    """Streaming statistics for the local model: pass 1 (means, pooled covariance), pass 2 (per-position scatter).
+    """One-pass, mergeable statistics of the local model: per-position means, the pooled statistics, and one
+    Frequent Directions sketch of the centred patches per position.
 
-    Patches come as (B, P, d) grids, one row of P positions per image. Memory: P*d + d^2 in pass 1,
-    P*r^2 in pass 2 (r = basis rank), independent of the number of images.
+    Patches come as (B, P, d) grids, one row of P positions per image. Memory: P * d (means) + d^2 (pooled)
+    + P * 2 ell * d (sketches), independent of the number of images. See the module docstring.
     """
 
-    def __init__(self, positions: int, dim: int, device: Optional[torch.device] = None) -> None:
+    def __init__(self, positions: int, dim: int, sketch: int = DEFAULT_SKETCH, device: Optional[torch.device] = None):
         if positions <= 0 or dim <= 0:
             raise ValueError(f"positions and dim must be positive, got {positions} and {dim}")
         self.positions, self.dim = int(positions), int(dim)
         self.images = 0
         self.means = torch.zeros(positions, dim, dtype=torch.float64, device=device)
         self.pooled = PatchStatistics(dim, device=device)
-        self.basis: Optional[torch.Tensor] = None
-        self.local_scatter: Optional[torch.Tensor] = None
-        self.second_pass_images = 0
+        self.fd = FrequentDirections(self.positions, self.dim, sketch, device=device)
 
-    # -- pass 1 ---------------------------------------------------------------------------------
-    def update(self, grid: torch.Tensor) -> "LocalStatistics":
-        """Pass 1: add a (B, P, d) batch of patch grids."""
-        _check_grid(grid, "grid", self.positions, self.dim)
-        if self.local_scatter is not None:
-            raise RuntimeError("pass 2 has begun: pass-1 statistics are frozen (start a new LocalStatistics)")
-        g = grid.to(device=self.means.device, dtype=torch.float64)
+    @property
+    def sketch(self) -> int:
+        """ell: directions kept per position (the buffer holds up to 2 ell - 1 rows)."""
+        return self.fd.ell
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    def update(self, grids: torch.Tensor) -> "LocalStatistics":
+        """Add a (B, P, d) batch of patch grids (one pass; any batching gives the same means and pooled statistics,
+        and sketches within the FD bound)."""
+        _check_grid(grids, "grids", self.positions, self.dim)
+        g = grids.to(device=self.device, dtype=torch.float64)
         b = g.shape[0]
         if b == 0:
             return self
-        n = self.images + b
-        self.means += (g.mean(dim=0) - self.means) * (b / n)
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError("grids contain NaN or Inf")
+        pooled = PatchStatistics(self.dim, device=self.device).update(g.reshape(-1, self.dim))
+        if not bool(torch.isfinite(pooled.scatter).all()):
+            raise NumericOverflowError(
+                f"grids: the patch statistics overflowed float64 (largest |value| {float(g.abs().max()):.3g}): "
+                "scale the features down"
+            )
+        batch_mean = g.mean(dim=0)
+        rows = (g - batch_mean).transpose(0, 1) if b > 1 else None  # one image centred at itself: a zero row
+        return self._absorb(b, batch_mean, pooled, rows=rows)
+
+    def merge(self, other: "LocalStatistics") -> "LocalStatistics":
+        """Add statistics of other images (same P, d and sketch size) into these, as if they had been seen here."""
+        if not isinstance(other, LocalStatistics):
+            raise TypeError(f"can only merge LocalStatistics, got {type(other).__name__}")
+        if (other.positions, other.dim, other.sketch) != (self.positions, self.dim, self.sketch):
+            raise ValueError(
+                f"cannot merge local statistics of (P, d, sketch) = {(other.positions, other.dim, other.sketch)} "
+                f"into {(self.positions, self.dim, self.sketch)}"
+            )
+        if other.images == 0:
+            return self
+        return self._absorb(other.images, other.means, other.pooled, sketch=other.fd)
+
+    def _absorb(
+        self,
+        n_b: int,
+        means_b: torch.Tensor,
+        pooled_b: PatchStatistics,
+        rows: Optional[torch.Tensor] = None,
+        sketch: Optional[FrequentDirections] = None,
+    ) -> "LocalStatistics":
+        """Add n_b images with per-position means ``means_b``, pooled statistics ``pooled_b`` and their centred
+        scatter as sketch ``rows`` (P, m, d) or a ``sketch``. Chan's pairwise update per position, scatter =
+        S_a + S_b + (n_a n_b / n) delta delta^T, puts the last term in as one more sketch row, so the sketches
+        always hold centred data (no cancellation). Checks for overflow before anything changes."""
+        n_a = self.images
+        n = n_a + n_b
+        pooled = PatchStatistics.from_tensors(self.pooled.count, self.pooled.mean, self.pooled.scatter)
+        pooled.merge(pooled_b)
+        if not bool(torch.isfinite(pooled.scatter).all()):
+            raise NumericOverflowError("the pooled patch statistics overflowed float64: scale the features down")
+        delta = means_b.to(device=self.device, dtype=torch.float64) - self.means
+        if sketch is not None:
+            self.fd.merge(sketch)
+        if rows is not None:
+            self.fd.append(rows)
+        if n_a > 0:
+            self.fd.append((delta * (n_a * n_b / n) ** 0.5)[:, None, :])
+        self.means = self.means + delta * (n_b / n)
+        self.pooled = pooled
         self.images = n
-        self.pooled.update(g.reshape(-1, self.dim))
         return self
+
+    def copy(self) -> "LocalStatistics":
+        """An independent copy."""
+        tensors, fields = self.state()
+        return LocalStatistics.from_state({k: v.clone() for k, v in tensors.items()}, fields)
 
     def within_covariance(self) -> torch.Tensor:
-        """C = (1/(N P)) sum_p sum_i (x_ip - mu_p)(x_ip - mu_p)^T = mean_p C_p (exact identity, no second pass)."""
+        """C = (1/(N P)) sum_p sum_i (x_ip - mu_p)(x_ip - mu_p)^T = mean_p C_p, exactly, from the pooled statistics."""
+        return within_covariance(self.pooled, self.means)
+
+    def error_bounds(self) -> torch.Tensor:
+        """(P,) bounds on || C_p - B_p^T B_p / N ||_2 (0 while no sketch has shrunk; see crd_fast/core/sketch.py)."""
         if self.images < 1:
             raise ValueError("no patch grids have been added")
-        between = self.means - self.pooled.mean
-        within = self.pooled.scatter - self.images * (between.T @ between)
-        cov = within / self.pooled.count
-        return 0.5 * (cov + cov.T)
-
-    # -- pass 2 ---------------------------------------------------------------------------------
-    def begin_second_pass(self, basis_rank: Optional[int] = None, basis: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Fix the reduced basis Q (d x r) for pass 2: ``basis`` if given, else the top ``basis_rank``
-        eigenvectors of C (all d when None). Returns Q."""
-        if basis is None:
-            cov = self.within_covariance()
-            r = self.dim if basis_rank is None else int(basis_rank)
-            if not 1 <= r <= self.dim:
-                raise ValueError(f"basis_rank must be in [1, {self.dim}], got {basis_rank}")
-            _, basis = _top_eigenpairs(cov, r)
-        else:
-            if basis.ndim != 2 or basis.shape[0] != self.dim:
-                raise ValueError(f"basis must be (d={self.dim}, r), got shape {tuple(basis.shape)}")
-            basis = basis.to(device=self.means.device, dtype=torch.float64)
-        r = basis.shape[1]
-        self.basis = basis
-        self.local_scatter = torch.zeros(self.positions, r, r, dtype=torch.float64, device=self.means.device)
-        self.second_pass_images = 0
-        return basis
-
-    def update_local(self, grid: torch.Tensor) -> "LocalStatistics":
-        """Pass 2: add a (B, P, d) batch (the same images as pass 1) to the per-position scatter in the basis."""
-        if self.local_scatter is None or self.basis is None:
-            raise RuntimeError("call begin_second_pass() before update_local()")
-        _check_grid(grid, "grid", self.positions, self.dim)
-        g = grid.to(device=self.means.device, dtype=torch.float64) - self.means
-        z = torch.einsum("bpd,dr->pbr", g, self.basis)  # (P, B, r)
-        self.local_scatter += z.transpose(1, 2) @ z
-        self.second_pass_images += g.shape[0]
-        return self
+        return self.fd.discarded / self.images
 
     def local_eigenpairs(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``rank`` eigenpairs of each C_p within span(Q): values (P, k), vectors (P, d, k)."""
-        if self.local_scatter is None or self.basis is None:
-            raise RuntimeError("pass 2 has not been run")
-        if self.second_pass_images != self.images:
-            raise RuntimeError(
-                f"pass 2 saw {self.second_pass_images} images, pass 1 saw {self.images}: feed the same images"
+        """Top-``rank`` eigenpairs of the sketched C_p ~= B_p^T B_p / N: values (P, k) descending, vectors (P, d, k).
+
+        k = min(rank, d); directions the sketch does not hold (fewer rows than k) come as zero values and zero
+        vectors, which the local model ignores. Exact (to rounding) while no sketch has shrunk.
+        """
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if self.images < 1:
+            raise ValueError("no patch grids have been added")
+        k = min(rank, self.dim)
+        rows = self.fd.rows()
+        vals = torch.zeros(self.positions, k, dtype=torch.float64, device=self.device)
+        vecs = torch.zeros(self.positions, self.dim, k, dtype=torch.float64, device=self.device)
+        if rows.shape[1] > 0:
+            v, u = _gram_eigenpairs(rows, self.images, k)
+            vals[:, : v.shape[1]], vecs[:, :, : v.shape[1]] = v, u
+        return vals, vecs
+
+    # -- persistence --------------------------------------------------------------------------------
+    def state(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors (float64, CPU) and JSON-able fields that :meth:`from_state` rebuilds these statistics from."""
+        tensors = {
+            f"{prefix}means": self.means.cpu(),
+            f"{prefix}pooled_mean": self.pooled.mean.cpu(),
+            f"{prefix}pooled_scatter": self.pooled.scatter.cpu(),
+            f"{prefix}sketch_rows": self.fd.rows().cpu().clone(),
+            f"{prefix}sketch_discarded": self.fd.discarded.cpu(),
+        }
+        fields = {
+            "positions": self.positions,
+            "d": self.dim,
+            "images": self.images,
+            "sketch": self.sketch,
+            "sketch_shrinks": self.fd.shrinks,
+        }
+        return tensors, fields
+
+    @classmethod
+    def from_state(
+        cls, tensors: Mapping[str, torch.Tensor], fields: Mapping[str, Any], prefix: str = ""
+    ) -> "LocalStatistics":
+        """Rebuild statistics from :meth:`state` output; ValueError naming the first inconsistency."""
+        for key in ("positions", "d", "images", "sketch", "sketch_shrinks"):
+            if key not in fields:
+                raise ValueError(f"field {key!r} is missing")
+        p, d, n, ell, shrinks = (fields[k] for k in ("positions", "d", "images", "sketch", "sketch_shrinks"))
+        for key, value, low, high in (
+            ("positions", p, 1, MAX_POSITIONS),
+            ("d", d, 1, MAX_DIM),
+            ("images", n, 0, MAX_IMAGES),
+            ("sketch", ell, 2, MAX_SKETCH),
+            ("sketch_shrinks", shrinks, 0, MAX_IMAGES),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{key}={value!r} is not an integer in [{low}, {high}]")
+        names = ("means", "pooled_mean", "pooled_scatter", "sketch_rows", "sketch_discarded")
+        for name in names:
+            if f"{prefix}{name}" not in tensors:
+                raise ValueError(f"tensor '{prefix}{name}' is missing")
+        means, pmean, pscatter, rows, discarded = (tensors[f"{prefix}{name}"] for name in names)
+        for name, t in zip(names, (means, pmean, pscatter, rows, discarded)):
+            if t.dtype != torch.float64:
+                raise ValueError(f"tensor '{prefix}{name}' is {t.dtype}, expected float64")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"tensor '{prefix}{name}' holds NaN or Inf")
+        expected = {
+            "means": (p, d),
+            "pooled_mean": (d,),
+            "pooled_scatter": (d, d),
+            "sketch_discarded": (p,),
+        }
+        for name, t in zip(names, (means, pmean, pscatter, rows, discarded)):
+            if name in expected and tuple(t.shape) != expected[name]:
+                raise ValueError(f"tensor '{prefix}{name}' has shape {tuple(t.shape)}, expected {expected[name]}")
+        if rows.ndim != 3 or rows.shape[0] != p or rows.shape[2] != d or rows.shape[1] >= 2 * ell:
+            raise ValueError(
+                f"tensor '{prefix}sketch_rows' has shape {tuple(rows.shape)}, expected (P={p}, m < {2 * ell}, d={d})"
             )
-        vals, vecs = _top_eigenpairs(self.local_scatter / self.images, rank)
-        return vals, torch.einsum("dr,prk->pdk", self.basis, vecs)
+        if bool((discarded < 0).any()) or (shrinks == 0 and bool((discarded != 0).any())):
+            raise ValueError("the sketch's discarded mass must be >= 0, and 0 when it never shrank")
+        if n > 0:
+            if not torch.allclose(means.mean(0), pmean, rtol=1e-9, atol=1e-9 * float(means.abs().max())):
+                raise ValueError("the pooled mean is not the mean of the per-position means")
+            scale = float(pscatter.diagonal().abs().max())
+            if float((pscatter - pscatter.T).abs().max()) > 1e-9 * max(scale, 1e-300):
+                raise ValueError("the pooled scatter is not symmetric")
+        elif bool(means.any()) or bool(pmean.any()) or bool(pscatter.any()) or rows.shape[1] != 0:
+            raise ValueError("statistics of 0 images must be all zero")
+        stats = cls(p, d, ell)
+        stats.images = n
+        stats.means = means.clone()
+        stats.pooled = PatchStatistics.from_tensors(n * p, pmean, pscatter)
+        stats.fd = FrequentDirections.from_rows(rows, discarded, ell, shrinks)
+        return stats
+
+
+def within_covariance(pooled: PatchStatistics, means: torch.Tensor) -> torch.Tensor:
+    """The pooled within-position covariance C = mean_p C_p of N images, exactly, from the statistics of all their
+    patches (``pooled``, N P of them) and the per-position means (P, d): within scatter = total scatter -
+    N sum_p (mu_p - mu)(mu_p - mu)^T."""
+    positions = means.shape[0]
+    if pooled.count < 1 or pooled.count % positions:
+        raise ValueError(f"no patch grids have been added, or {pooled.count} patches are not whole grids")
+    between = means.to(torch.float64) - pooled.mean
+    within = pooled.scatter - (pooled.count // positions) * (between.T @ between)
+    cov = within / pooled.count
+    return 0.5 * (cov + cov.T)
+
+
+def _gram_eigenpairs(rows: torch.Tensor, count: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` eigenpairs of R_p^T R_p / count from rows R (P, m, d), through the m x m Gram: values (P, k)
+    descending, vectors (P, d, k) with k = min(rank, m); a zero eigenvalue gets a zero vector."""
+    gram = rows @ rows.transpose(1, 2) / count  # same non-zero eigenvalues as R^T R / count
+    vals, vecs = _top_eigenpairs(gram, rank)
+    # R^T R v = count e v  <=>  v = R^T g / sqrt(count e) for a Gram eigenvector g.
+    scale = torch.where(vals > 0, 1.0 / torch.sqrt(count * vals.clamp_min(1e-300)), torch.zeros_like(vals))
+    return vals, rows.transpose(1, 2) @ vecs * scale[:, None, :]
 
 
 def local_eigenpairs_from_patches(grids: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

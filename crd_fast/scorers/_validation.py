@@ -14,6 +14,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+# Defined in core (its statistics raise it too); re-exported here, where the scorers import it from.
+from ..core.dtypes import NumericOverflowError  # noqa: F401
+
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
@@ -87,11 +90,35 @@ def as_patch_matrix(
     return tensor, kind
 
 
+def as_patch_grids(
+    x: Any,
+    name: str = "grids",
+    positions: Optional[int] = None,
+    dim: Optional[int] = None,
+    min_images: int = 1,
+) -> tuple[torch.Tensor, ArrayKind]:
+    """Check (B, P, d) patch grids (one row of P positions per image): 3-D, float, finite, at least
+    ``min_images`` images, ``positions`` and ``dim`` as given (when not None)."""
+    tensor, kind = as_tensor(x, name)
+    if tensor.ndim != 3:
+        raise ValueError(
+            f"{name} must be a 3-D (images, positions, d) array of patch grids, got shape {tuple(tensor.shape)}"
+        )
+    b, p, d = tensor.shape
+    if b < min_images:
+        what = "has no images" if b == 0 else f"has {b} image(s)"
+        raise ValueError(f"{name} {what}; at least {min_images} are needed")
+    if p == 0 or d == 0:
+        raise ValueError(f"{name} has no positions or zero feature dimensions (shape {tuple(tensor.shape)})")
+    if positions is not None and p != positions:
+        raise ValueError(f"{name} has {p} positions per image, but the model was fitted with {positions}")
+    if dim is not None and d != dim:
+        raise ValueError(f"{name} has feature dimension d={d}, but the model was fitted with d={dim}")
+    check_finite(tensor, name)
+    return tensor, kind
+
+
 # ---- numeric parameters -----------------------------------------------------------------------------
-class NumericOverflowError(ValueError):
-    """Values too large for the floating-point precision in use: sums of squares overflowed to Inf."""
-
-
 def check_real(name: str, value: Any, minimum: Optional[float] = None, positive: bool = False) -> float:
     """A finite real parameter (Python or numpy number; bool refused) as a Python float."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
