@@ -260,7 +260,9 @@ class LocalStatistics:
         if bool((discarded < 0).any()) or (shrinks == 0 and bool((discarded != 0).any())):
             raise ValueError("the sketch's discarded mass must be >= 0, and 0 when it never shrank")
         if n > 0:
-            if not torch.allclose(means.mean(0), pmean, rtol=1e-9, atol=1e-9 * float(means.abs().max())):
+            spread = float(pscatter.diagonal().clamp_min(0).max()) / (n * p)
+            scale = float(means.abs().max()) + spread**0.5  # rounding of the means is relative to both
+            if not torch.allclose(means.mean(0), pmean, rtol=1e-9, atol=1e-9 * scale):
                 raise ValueError("the pooled mean is not the mean of the per-position means")
             scale = float(pscatter.diagonal().abs().max())
             if float((pscatter - pscatter.T).abs().max()) > 1e-9 * max(scale, 1e-300):
