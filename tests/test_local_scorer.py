@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import cuda
 
 from crd_fast import CRDScorer, LocalCRDScorer, ModelFileError
 from crd_fast.core.dtypes import NumericOverflowError
@@ -119,6 +120,18 @@ def test_float32_and_numpy_inputs(rng):
     arr = scorer.score(test.numpy())
     assert isinstance(arr, np.ndarray) and arr.dtype == np.float64 and arr.shape == (4, 4)
     assert scorer.score(test[:0]).shape == (0, 4)
+
+
+@cuda
+def test_cuda_grids_fit_and_score_like_cpu_grids(rng):
+    train, test = _grids(rng, 11), _grids(rng, 3)
+    cpu = LocalCRDScorer(sketch=8, rank=3).fit(train)
+    gpu = LocalCRDScorer(sketch=8, rank=3).fit(train.cuda())
+    for scorer in (cpu, gpu):
+        got = scorer.score(test.cuda())
+        assert got.device.type == "cuda" and got.dtype == torch.float64
+        torch.testing.assert_close(got.cpu(), cpu.score(test), rtol=1e-9, atol=1e-12)
+        assert scorer.score(test.float().cuda()).dtype == torch.float32
 
 
 # ---- beyond the sketch: the FD guarantee ----------------------------------------------------------------
