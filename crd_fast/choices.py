@@ -46,3 +46,17 @@ WEIGHT_SOURCES: tuple[str, ...] = ("imagenet", "random", "hed")
 #: Default ridge strength relative to the mean eigenvalue of C (lam = lam_rel * trace(C) / d).
 #: Chosen by the sweep in the README ("Choosing lam_rel"): 0.01 ranks anomalies best on average there.
 DEFAULT_LAM_REL = 0.01
+
+#: lam_rel="auto" (the detector's default): chosen without labels from LAM_GRID on held-out images with
+#: pseudo-defects (crd_fast/detector/selection.py); a number fixes it.
+LAM_AUTO = "auto"
+#: The candidate lam_rel values of the label-free choice: half-decades from 1e-5 to 1e-1.
+DEFAULT_LAM_GRID: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+#: Spatial models: "global" (one mean and covariance for every patch: the paper's CRD), "local" (a mean and a
+#: low-rank covariance part per patch position, for aligned parts), "auto" (chosen like lam_rel="auto").
+SPATIAL_MODES: tuple[str, ...] = ("global", "local", "auto")
+DEFAULT_SPATIAL = "auto"
+#: The local model's defaults: rank k of each position's own covariance part, shrinkage toward the pooled one.
+DEFAULT_LOCAL_RANK = 32
+DEFAULT_LOCAL_SHRINKAGE = 0.5

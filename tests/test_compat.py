@@ -48,8 +48,12 @@ def test_old_model_file_resaves_to_the_same_content(name, tmp_path):
     det.save(tmp_path / "again.crd")
     old_tensors, old_meta = read_model_file(DATA / f"compat_{name}.crd", "crd_detector")
     new_tensors, new_meta = read_model_file(tmp_path / "again.crd", "crd_detector")
-    # the one deliberate addition since: the compute precision option (files without it load as fp32)
+    # the deliberate additions since: the compute precision option (files without it load as fp32) and the
+    # spatial model's options (files without them are global CRD models: they load as spatial "global")
     assert "precision" not in old_meta["config"] and new_meta["config"].pop("precision") == "fp32"
+    added = {name: new_meta["config"].pop(name) for name in ("spatial", "local_rank", "local_shrinkage")}
+    assert added == {"spatial": "global", "local_rank": 32, "local_shrinkage": 0.5}
+    assert not {"spatial", "spatial_choice", "selection", "local"} & (set(old_meta) | set(old_meta["config"]))
     assert new_meta == old_meta
     assert sorted(new_tensors) == sorted(old_tensors)
     for key, tensor in old_tensors.items():

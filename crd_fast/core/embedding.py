@@ -82,3 +82,9 @@ def patch_matrix(embeddings: torch.Tensor) -> torch.Tensor:
     """(B, d, H, W) embeddings as a (B*H*W, d) matrix of patches, row-major over (b, y, x)."""
     b, d, h, w = embeddings.shape
     return embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
+
+
+def patch_grids(embeddings: torch.Tensor) -> torch.Tensor:
+    """(B, d, H, W) embeddings as (B, H*W, d) patch grids: one row of positions per image, row-major over (y, x)."""
+    b, d, h, w = embeddings.shape
+    return embeddings.reshape(b, d, h * w).transpose(1, 2)

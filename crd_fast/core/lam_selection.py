@@ -22,8 +22,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-#: Candidate lam_rel values (relative to trace(C)/d): half-decades from 1e-5 to 1e-1.
-DEFAULT_LAM_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+from ..choices import DEFAULT_LAM_GRID  # candidate lam_rel values (relative to trace(C)/d)
+
+__all__ = ["AUPRO_WEIGHT", "DEFAULT_LAM_GRID", "LamSelection", "SpectralForm", "grid_masks", "select_lam",
+           "selection_criterion"]  # fmt: skip
 #: Weight of AUPRO beside image AUROC in the selection criterion (see the module docstring).
 AUPRO_WEIGHT = 0.1
 

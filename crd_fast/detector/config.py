@@ -15,7 +15,17 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Optional
 
-from ..choices import DEFAULT_LAM_REL, DEFAULT_PRECISION, EMBEDDINGS, PRECISIONS, WEIGHT_SOURCES
+from ..choices import (
+    DEFAULT_LOCAL_RANK,
+    DEFAULT_LOCAL_SHRINKAGE,
+    DEFAULT_PRECISION,
+    DEFAULT_SPATIAL,
+    EMBEDDINGS,
+    LAM_AUTO,
+    PRECISIONS,
+    SPATIAL_MODES,
+    WEIGHT_SOURCES,
+)
 
 Check = Callable[[str, Any], Any]
 
@@ -35,15 +45,29 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _positive_finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 def _non_negative_finite(name: str, value: Any) -> float:
     if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _lam_rel(name: str, value: Any) -> Any:
+    if isinstance(value, str) and value == LAM_AUTO:
+        return LAM_AUTO
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number or {LAM_AUTO!r}, got {value!r}")
+    return float(value)
+
+
+def _spatial(name: str, value: Any) -> str:
+    if not isinstance(value, str) or value not in SPATIAL_MODES:
+        raise ValueError(f"{name} must be one of {SPATIAL_MODES}, got {value!r}")
+    return value
+
+
+def _fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
 
 
@@ -101,7 +125,10 @@ class DetectorConfig:
             state-dict file (safetensors or .pth), or "random" (seeded by ``seed``; not real accuracy).
         layers: backbone stages whose maps are used; the first sets the patch grid.
         embedding: "concat" (d = sum of channels) or "patchcore" (d = ``target_dim``).
-        lam_rel, center, rank: the CRD scorer's options (see ``CRDScorer``).
+        lam_rel: the CRD ridge strength relative to the mean eigenvalue of the covariance (see ``CRDScorer``), or
+            "auto" (the default): chosen from ``DEFAULT_LAM_GRID`` without labels, on held-out training images
+            with pseudo-defects (crd_fast/detector/selection.py; docs/DESIGN.md "Position-aware CRD").
+        center, rank: the global CRD scorer's options (see ``CRDScorer``).
         resize, crop: preprocessing (shorter side resized to ``resize``, center crop ``crop``).
         device: "cpu", "cuda", "cuda:N" or "auto" (run-time option).
         batch_size: images per forward pass (run-time option).
@@ -111,6 +138,11 @@ class DetectorConfig:
         precision: "fp32", "bf16", "fp16" or "auto" (bf16 where the hardware has it natively, else fp32): how
             the backbone and the CPU head's projection GEMM compute, in fit and predict alike; the statistics
             stay float64 (run-time option; docs/DESIGN.md "Compute precision").
+        spatial: "global" (one mean and covariance for every patch position: the paper's CRD, for textures),
+            "local" (a mean per position and a per-position covariance part, for aligned parts) or "auto" (the
+            default: chosen with lam_rel by the same label-free validation).
+        local_rank: k, the rank of each position's own covariance part in the local model.
+        local_shrinkage: a in [0, 1], how far each position's covariance is shrunk toward the pooled one.
 
     ``device`` is checked against the machine by the detector, backbone and layer names by the feature
     extractor; everything else here. Each field's ``help`` metadata is its one-line form (command line).
@@ -129,8 +161,11 @@ class DetectorConfig:
     embedding: str = _option(
         "concat", "concat: all channels of the layers; patchcore: reduced to target_dim", _embedding
     )
-    lam_rel: float = _option(
-        DEFAULT_LAM_REL, "CRD regularisation relative to the mean feature variance", _positive_finite
+    lam_rel: Any = _option(
+        LAM_AUTO,
+        "CRD regularisation relative to the mean feature variance, or auto (chosen without labels on held-out "
+        "training images with pseudo-defects)",
+        _lam_rel,
     )
     center: bool = _option(True, "subtract the mean patch before projecting", lambda name, value: bool(value))
     rank: Optional[int] = _option(
@@ -151,6 +186,21 @@ class DetectorConfig:
         "processor or GPU has it natively, else fp32), fp32, bf16 or fp16",
         _precision,
         runtime=True,
+    )
+    # Appended after precision: the positional order of the fields above is public.
+    spatial: str = _option(
+        DEFAULT_SPATIAL,
+        "global: one covariance for every patch (textures); local: per-position means and covariances (aligned "
+        "parts); auto: chosen with lam_rel without labels",
+        _spatial,
+    )
+    local_rank: int = _option(
+        DEFAULT_LOCAL_RANK, "rank k of each position's own covariance part (spatial local)", _positive_int
+    )
+    local_shrinkage: float = _option(
+        DEFAULT_LOCAL_SHRINKAGE,
+        "shrinkage of each position's covariance toward the pooled one, in [0, 1] (spatial local)",
+        _fraction,
     )
 
     def __post_init__(self) -> None:

@@ -5,10 +5,12 @@
     result = det.predict("test/")        # image_scores (N,), anomaly_maps (N, crop, crop), ...
     det.save("model.crd"); det = CRDDetector.load("model.crd")
 
-Fitting streams the images in batches into ``CRDScorer.partial_fit``: only the d x d float64 sums are
-kept, so memory does not grow with the number of training images. A small fixed-size random sample of
-training inputs (``SCORE_SAMPLE`` images) is kept to compute the training score statistics used for
-score normalisation.
+Fitting streams the images in batches into ``CRDScorer.partial_fit`` (spatial "global": only the d x d
+float64 sums are kept) or ``LocalCRDScorer.partial_fit`` (spatial "local": per-position means and
+fixed-size sketches), so memory does not grow with the number of training images. With lam_rel="auto"
+or spatial="auto" (the defaults) the fit also holds out a few images and chooses both without labels
+(crd_fast/detector/selection.py). A small fixed-size random sample of training inputs (``SCORE_SAMPLE``
+images) is kept to compute the training score statistics used for score normalisation.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ import inspect
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..core.embedding import embed_patches, embedding_dim, patch_matrix
+from ..choices import DEFAULT_LAM_GRID, DEFAULT_LAM_REL, LAM_AUTO
+from ..core.embedding import embed_patches, embedding_dim, patch_grids, patch_matrix
 from ..core.precision import PrecisionChoice, resolve_precision
+from ..core.stats import PatchStatistics
 from ..data.images import Images, count_images, iter_images
 from ..features.backbone import BackboneWeightsError, FeatureExtractor, module_state_sha256, weights_identity
 from ..features.preprocess import Preprocess, load_image
@@ -40,9 +45,13 @@ from ..postprocess.pixels import pixel_f1_threshold, pixel_quantile_threshold
 from ..postprocess.results import DetectionResult
 from ..postprocess.thresholds import check_threshold, f1_threshold, quantile_threshold
 from ..scorers.crd import CRDScorer
+from . import selection as sel
 from .config import OPTIONS, RUNTIME_OPTIONS, DetectorConfig
 from .model_checks import check_detector_metadata
 from .reservoir import Reservoir
+
+if TYPE_CHECKING:
+    from ..scorers.local import LocalCRDScorer
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +60,8 @@ MODEL_KIND = "crd_detector"
 SCORE_SAMPLE = 32
 #: What a model file written before compute precisions existed was fitted and scored with.
 LEGACY_PRECISION = "fp32"
+#: Model files written before the spatial option: the global CRD (their lam_rel is a number).
+LEGACY_SPATIAL = {"spatial": "global", "local_rank": 32, "local_shrinkage": 0.5}
 __all__ = ["CRDDetector", "MODEL_KIND", "OPTIONS", "RUNTIME_OPTIONS", "SCORE_SAMPLE"]
 
 
@@ -100,7 +111,9 @@ class CRDDetector:
         self.device = _resolve_device(config.device)
         self.precision_choice: PrecisionChoice = resolve_precision(config.precision, self.device)
         self.mapper = AnomalyMapper((config.crop, config.crop), config.blur_sigma)  # checks blur_sigma against crop
-        self.scorer = CRDScorer(config.lam_rel, config.center, config.rank)
+        lam_rel = DEFAULT_LAM_REL if config.lam_rel == LAM_AUTO else config.lam_rel  # "auto": chosen by the fit
+        self.scorer = CRDScorer(lam_rel, config.center, config.rank)
+        self.local_scorer: Optional["LocalCRDScorer"] = None
         # "timm:<name>" is built here (crd_fast.features.timm_backbone) and used as a module; its name stays.
         backbone = config.backbone
         if is_timm(backbone):
@@ -123,14 +136,38 @@ class CRDDetector:
     # ---- options ----------------------------------------------------------------------------------
     @property
     def options(self) -> DetectorConfig:
-        """The detector's options now (lam_rel, center and rank as the scorer has them now)."""
+        """The detector's options now: lam_rel, center, rank, local_rank and local_shrinkage as the scorers have
+        them now; lam_rel and spatial stay "auto" where they were asked so (the choice: ``lam_rel``,
+        ``spatial_choice``)."""
         s = self.scorer
-        return self._options.replace(lam_rel=s.lam_rel, center=s.center, rank=s.rank)
+        changes: dict[str, Any] = dict(center=s.center, rank=s.rank)
+        if self._options.lam_rel != LAM_AUTO:
+            changes["lam_rel"] = self.lam_rel
+        if self.local_scorer is not None:
+            changes.update(local_rank=self.local_scorer.rank, local_shrinkage=self.local_scorer.shrinkage)
+        return self._options.replace(**changes)
 
     @property
     def config(self) -> dict[str, Any]:
-        """Every constructor option, JSON-serialisable (lam_rel/center/rank as the scorer has them now)."""
+        """Every constructor option, JSON-serialisable (as ``options`` has them)."""
         return self.options.to_dict()
+
+    @property
+    def spatial_choice(self) -> Optional[str]:
+        """The spatial model in use: "global" or "local" (None before a fit with spatial="auto")."""
+        return self._spatial_choice
+
+    @property
+    def lam_rel(self) -> Optional[float]:
+        """The lam_rel in use (after lam_rel="auto": the chosen one; None before that fit)."""
+        if not self._lam_resolved:
+            return None
+        return self.local_scorer.lam_rel if self._spatial_choice == "local" else self.scorer.lam_rel
+
+    @property
+    def selection_pending(self) -> bool:
+        """Whether the next fit chooses lam_rel and/or the spatial model (an "auto" option not decided yet)."""
+        return not self._lam_resolved or self._spatial_choice is None
 
     backbone_name = property(lambda self: self._options.backbone_name, doc="The backbone's name (custom:<class>).")
     weights = property(lambda self: self._options.weights, doc="'imagenet', 'random', a file path, or None.")
@@ -151,9 +188,24 @@ class CRDDetector:
 
     # ---- fitting state ----------------------------------------------------------------------------
     def reset(self) -> "CRDDetector":
-        """Forget what was fitted (statistics, image count, score sample); keeps the options and threshold."""
-        s = self.scorer
-        self.scorer = CRDScorer(s.lam_rel, s.center, s.rank)
+        """Forget what was fitted (statistics, image count, score sample, the label-free choices); keeps the
+        options and threshold."""
+        s, old_local = self.scorer, self.local_scorer
+        auto_lam = self._options.lam_rel == LAM_AUTO
+        self.scorer = CRDScorer(DEFAULT_LAM_REL if auto_lam else s.lam_rel, s.center, s.rank)
+        self._lam_resolved = not auto_lam
+        self._spatial_choice: Optional[str] = None if self._options.spatial == "auto" else self._options.spatial
+        self.local_scorer = None
+        if self._spatial_choice == "local":
+            keep = old_local if old_local is not None and not auto_lam else None
+            self.local_scorer = self._new_local_scorer(
+                s.lam_rel if keep is None else keep.lam_rel,
+                *(() if keep is None else (keep.shrinkage, keep.rank)),
+            )
+        #: The label-free choice's record (grid, curves per family, choice, held-out count, reason, seconds);
+        #: None when nothing was chosen (explicit lam_rel and spatial).
+        self.selection: Optional[dict[str, Any]] = None
+        self._fit_version = 0
         self.n_images = 0
         self._reservoir: Reservoir[torch.Tensor] = Reservoir(SCORE_SAMPLE, self.seed)
         self._train_stats: Optional[dict[str, float]] = None
@@ -161,6 +213,17 @@ class CRDDetector:
         self._model: Optional[InferenceModel] = None
         self._model_projection: Any = None
         return self
+
+    def _new_local_scorer(
+        self, lam_rel: float, shrinkage: Optional[float] = None, rank: Optional[int] = None
+    ) -> "LocalCRDScorer":
+        from ..scorers.local import LocalCRDScorer
+
+        return LocalCRDScorer(
+            lam_rel,
+            shrinkage=self._options.local_shrinkage if shrinkage is None else shrinkage,
+            rank=self._options.local_rank if rank is None else rank,
+        )
 
     @property
     def reservoir(self) -> Reservoir[torch.Tensor]:
@@ -176,6 +239,11 @@ class CRDDetector:
         """
         if not scorer.is_fitted or scorer.dim != self.dim:
             raise ValueError(f"the scorer must be fitted on d={self.dim} features, got {scorer!r}")
+        if self._spatial_choice != "global" or not self._lam_resolved:
+            raise ValueError(
+                "install_fit takes a global CRD fit with a known lam_rel; this detector's spatial model is "
+                f"{self._spatial_choice or 'not chosen yet'} and lam_rel is {self.lam_rel or 'not chosen yet'}"
+            )
         if reservoir.capacity != SCORE_SAMPLE:
             raise ValueError(f"the reservoir must hold up to {SCORE_SAMPLE} inputs, not {reservoir.capacity}")
         self.scorer = scorer
@@ -205,6 +273,8 @@ class CRDDetector:
 
     @property
     def is_fitted(self) -> bool:
+        if self._spatial_choice == "local":
+            return self.local_scorer is not None and self.local_scorer.is_fitted
         return self.scorer.is_fitted
 
     # ---- images -> batches ----------------------------------------------------------------------
@@ -276,24 +346,44 @@ class CRDDetector:
 
     # ---- fitting ----------------------------------------------------------------------------------
     def fit(self, images: Images, progress: bool = True) -> "CRDDetector":
-        """Fit on defect-free images, discarding any earlier fit and threshold."""
+        """Fit on defect-free images, discarding any earlier fit and threshold.
+
+        With lam_rel="auto" and/or spatial="auto" (the defaults), a few images are held out, pseudo-defects
+        are painted on them, and the candidate (spatial model, lam_rel) that ranks and locates them best is
+        chosen (crd_fast/detector/selection.py); the model is then fitted on all images with that choice.
+        The record is ``selection``. Fewer than 20 images: no selection (spatial "global", lam_rel 0.01).
+        """
         self.threshold = None
         self.pixel_threshold = None
         return self.reset().partial_fit(images, progress)
 
     def partial_fit(self, images: Images, progress: bool = True) -> "CRDDetector":
-        """Add defect-free images to the fit (online updates); from empty this is exactly ``fit``."""
+        """Add defect-free images to the fit (online updates); from empty this is exactly ``fit``.
+
+        On a fitted detector this updates the statistics of the model in use (the global statistics, or the
+        local model's per-position means and sketches) and keeps the chosen spatial model and lam_rel: the
+        label-free selection is not run again (``fit`` on all images chooses afresh).
+        """
+        if not self.is_fitted and self.selection_pending:
+            return self._fit_selecting(images, progress)
+        local = self._spatial_choice == "local"
         added = 0
         with self._progress(images, "fit", progress) as bar:
             for _, x in self.iter_batches(images):
-                patches = patch_matrix(self.embed(x))
-                self._add_patches(patches)
+                if local:
+                    self.local_scorer.partial_fit(patch_grids(self.embed(x)))
+                else:
+                    patches = patch_matrix(self.embed(x))
+                    self._add_patches(patches)
                 self._remember(x)
                 added += x.shape[0]
                 bar.update(x.shape[0])
         if added == 0:
             raise ValueError("no images to fit on")
+        if local:  # the pooled global CRD of the same images follows the local model's statistics
+            self.scorer.replace_statistics(self._pooled_copy())
         self.n_images += added
+        self._fit_version += 1
         self._stats_stale = True
         logger.info(
             "added %d images to the fit (%d in all, %d patches, d=%d)",
@@ -315,6 +405,114 @@ class CRDDetector:
             stats.to(patches.device)
         if patches.shape[0]:
             self.scorer.partial_fit(patches)
+
+    def _pooled_copy(self) -> PatchStatistics:
+        s = self.local_scorer.pooled_statistics
+        return PatchStatistics.from_tensors(s.count, s.mean, s.scatter)
+
+    def _fit_selecting(self, images: Images, progress: bool) -> "CRDDetector":
+        """Fit from empty while choosing what the options leave open (lam_rel and/or spatial "auto")."""
+        started = time.perf_counter()
+        opts = self._options
+        families = sel.SPATIAL_FAMILIES if self._spatial_choice is None else (self._spatial_choice,)
+        lam_grid = tuple(DEFAULT_LAM_GRID) if not self._lam_resolved else (float(self.scorer.lam_rel),)
+        try:
+            count = count_images(images)
+        except (OSError, ValueError):
+            count = None
+        plan = sel.HeldOutPlan(count)
+        # the local statistics are only gathered where the local family can still be chosen
+        need_local = "local" in families and (families == ("local",) or count is None or count >= sel.MIN_IMAGES)
+        factory = (lambda: self._new_local_scorer(lam_grid[0])) if need_local else None
+        stats_device = self.device
+        rest = sel.TrainingPart(self.dim, stats_device, factory)
+        held = sel.TrainingPart(self.dim, stats_device, factory)
+        held_inputs: list[torch.Tensor] = []
+        held_grids: list[torch.Tensor] = []
+        seen = 0
+        with self._progress(images, "fit", progress) as bar:
+            for _, x in self.iter_batches(images):
+                grids = patch_grids(self.embed(x))
+                hold = torch.tensor([plan.take(seen + i) for i in range(x.shape[0])], dtype=torch.bool)
+                if bool(hold.any()):
+                    idx = hold.nonzero()[:, 0].to(x.device)
+                    held.add(grids[idx])
+                    held_grids.append(grids[idx].float().cpu())
+                    held_inputs.append(x[idx].detach().cpu())
+                if not bool(hold.all()):
+                    rest.add(grids[(~hold).nonzero()[:, 0].to(x.device)])
+                self._remember(x)
+                seen += x.shape[0]
+                bar.update(x.shape[0])
+        if seen == 0:
+            raise ValueError("no images to fit on")
+        watch = sel.Stopwatch()
+        asked = {"lam_rel": opts.lam_rel, "spatial": opts.spatial}
+        reason = sel.fallback_reason(seen, plan.held)
+        if reason is not None:
+            spatial, lam = sel.default_choice(families, lam_grid)
+            record = sel.fallback_record(asked, spatial, lam, seen, reason)
+        else:
+            with watch:
+                held_set = self._held_out_set(torch.cat(held_inputs), torch.cat(held_grids))
+                spatial, lam, families_record = sel.evaluate_candidates(
+                    held_set,
+                    lam_grid,
+                    rest.pooled() if "global" in families else None,
+                    opts.center,
+                    rest.local.model() if "local" in families else None,
+                )
+            record = {
+                "asked": asked,
+                "grid": list(lam_grid),
+                "families": families_record,
+                "choice": {"spatial": spatial, "lam_rel": lam},
+                "held_out": plan.held,
+                "n_images": seen,
+                "pseudo_defects": sorted(set(held_set.kinds)),
+                "criterion": "mean of image AUROC and AUPRO on held-out images with pseudo-defects",
+                "reason": "label-free selection",
+            }
+        with watch:
+            self._install_choice(rest.merge(held), spatial, lam)
+        record["seconds"] = round(watch.seconds, 4)
+        record["fit_seconds"] = round(time.perf_counter() - started, 4)
+        self.selection = record
+        self.n_images += seen
+        self._fit_version += 1
+        self._stats_stale = True
+        logger.info(
+            "fitted on %d images; spatial %s, lam_rel %g (%s; %.2f s of %.2f s)",
+            seen,
+            spatial,
+            lam,
+            record["reason"],
+            record["seconds"],
+            record["fit_seconds"],
+        )
+        return self
+
+    def _held_out_set(self, clean_inputs: torch.Tensor, clean_grids: torch.Tensor) -> sel.HeldOutSet:
+        """The held-out images' clean grids and pseudo-defect grids (one pseudo-defect each, embedded here)."""
+        pseudo_x, masks, kinds = sel.pseudo_defect_batch(
+            clean_inputs, self.preprocess.mean, self.preprocess.std, self.seed
+        )
+        pseudo = [
+            patch_grids(self.embed(pseudo_x[i : i + self.batch_size].to(self.device))).float().cpu()
+            for i in range(0, pseudo_x.shape[0], self.batch_size)
+        ]
+        return sel.HeldOutSet.build(clean_grids, torch.cat(pseudo), masks, kinds, tuple(self.patch_grid))
+
+    def _install_choice(self, part: sel.TrainingPart, spatial: str, lam_rel: float) -> None:
+        """Use the fit of all images (``part``) with the chosen spatial model and lam_rel."""
+        s = self.scorer
+        self.scorer = CRDScorer.from_statistics(part.pooled(), lam_rel, s.center, s.rank)
+        self.local_scorer = None
+        if spatial == "local":
+            self.local_scorer = part.local
+            self.local_scorer.lam_rel = lam_rel
+        self._spatial_choice = spatial
+        self._lam_resolved = True
 
     def _remember(self, x: torch.Tensor) -> None:
         """Offer a batch to the training-score sample; only the inputs it keeps are copied to the CPU."""
@@ -353,10 +551,23 @@ class CRDDetector:
     def inference_model(self) -> InferenceModel:
         """The fitted extractor + head + mapper as one module, on the detector's device, in eval mode.
 
-        Rebuilt whenever the scorer's projection changes (new data, lam_rel, center or rank).
+        The head is a CRDHead (spatial "global") or a LocalCRDHead ("local"). Rebuilt whenever the model
+        changes (new data, lam_rel, center or rank; for local: lam_rel, shrinkage or rank).
         """
-        if not self.scorer.is_fitted:
+        if not self.is_fitted:
             raise RuntimeError("this CRDDetector is not fitted yet: call fit(images) first")
+        if self._spatial_choice == "local":
+            ls = self.local_scorer
+            key = ("local", self._fit_version, ls.n_images, ls.lam_rel, ls.shrinkage, ls.rank)
+            if self._model is None or self._model_projection != key:
+                from ..models.local_head import LocalCRDHead
+
+                head = LocalCRDHead.from_model(
+                    ls.model(), ls.lam_rel, self.embedding, self.target_dim, self.layer_channels
+                )
+                self._model = InferenceModel(self.extractor, head, self.mapper).to(self.device).eval()
+                self._model_projection = key
+            return self._model
         proj = self.scorer.projection
         if self._model is None or self._model_projection is not proj:
             head = CRDHead.from_scorer(self.scorer, self.embedding, self.target_dim, self.layer_channels)
@@ -430,7 +641,7 @@ class CRDDetector:
     # ---- persistence ------------------------------------------------------------------------------
     def save(self, path: PathLike) -> None:
         """Write one model file (safetensors + JSON metadata, atomically) with everything predict needs."""
-        if not self.scorer.is_fitted:
+        if not self.is_fitted:
             raise RuntimeError("this CRDDetector is not fitted yet: nothing to save")
         tensors, crd_fields = self.scorer.state(prefix="crd.")
         fields = {
@@ -454,6 +665,16 @@ class CRDDetector:
         }
         if self.pixel_threshold is not None:  # only then: a file without one keeps the earlier content exactly
             fields["pixel_threshold"] = self.pixel_threshold
+        if self._spatial_choice == "local":  # the local model under "local."; "crd." is the pooled global CRD
+            local_tensors, local_fields = self.local_scorer.state(prefix="local.")
+            tensors.update(local_tensors)
+            fields["local"] = local_fields
+            fields["lam_rel"] = self.local_scorer.lam_rel
+            if "lam" in local_fields:
+                fields["lam"] = local_fields["lam"]
+        if self.selection is not None or self._spatial_choice == "local":  # a global fit with explicit options
+            fields["spatial_choice"] = self._spatial_choice  # keeps the earlier content exactly
+            fields["selection"] = self.selection
         write_model_file(path, MODEL_KIND, tensors, fields)
         logger.info(
             "saved model to %s (%s, d=%d, %d training images)", path, self.backbone_name, self.dim, self.n_images
@@ -472,9 +693,10 @@ class CRDDetector:
         """
         tensors, meta = read_model_file(path, MODEL_KIND)
         stored = meta.get("config")
-        if isinstance(stored, dict):
-            stored = {"precision": LEGACY_PRECISION, **stored}  # files from before compute precisions
+        if isinstance(stored, dict):  # files from before compute precisions / before the spatial option
+            stored = {"precision": LEGACY_PRECISION, **LEGACY_SPATIAL, **stored}
         require(isinstance(stored, dict) and set(OPTIONS) <= set(stored), path, "metadata has no complete 'config'")
+        meta = {**meta, "config": stored}
         check_detector_metadata(meta, path)
         unknown = sorted(set(expected) - set(OPTIONS))
         if unknown:
@@ -525,6 +747,7 @@ class CRDDetector:
         require(
             det.scorer.dim == det.dim, path, f"the stored scorer has d={det.scorer.dim}, the features have d={det.dim}"
         )
+        det._load_spatial(tensors, meta, path)
         det.n_images = int(meta.get("n_images", 0))
         det._train_stats = meta.get("train_score_stats")
         threshold = meta.get("threshold")
@@ -535,6 +758,47 @@ class CRDDetector:
         det.set_pixel_threshold(meta.get("pixel_threshold"))  # absent before pixel thresholds; checked on load
         logger.info("loaded model %s (%s, d=%d, device %s)", path, det.backbone_name, det.dim, det.device)
         return det
+
+    def _load_spatial(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: PathLike) -> None:
+        """The spatial model, the lam_rel in use and the selection record of a model file (after ``crd.``)."""
+        spatial = meta.get("spatial_choice", "global")  # absent: a global fit with explicit options, or older
+        asked = meta["config"].get("spatial", "global")
+        require(spatial in ("global", "local"), path, f"spatial_choice {spatial!r} is not 'global' or 'local'")
+        require(
+            asked in ("auto", spatial), path, f"the file's spatial model is {spatial!r} but its config asks {asked!r}"
+        )
+        record = meta.get("selection")
+        require(record is None or isinstance(record, dict), path, "selection is not an object or null")
+        local_names = sorted(name for name in tensors if name.startswith("local."))
+        if spatial == "global":
+            require(not local_names, path, f"a global model file holds local-model tensors {local_names[:3]}")
+            self.local_scorer = None
+        else:
+            require(
+                bool(local_names) and isinstance(meta.get("local"), dict),
+                path,
+                "the file says spatial 'local' but holds no local model (tensors 'local.*' and field 'local')",
+            )
+            from ..scorers.local import LocalCRDScorer
+
+            try:
+                local = LocalCRDScorer.from_state(tensors, meta["local"], path, prefix="local.")
+            except ModelFileError:
+                raise
+            except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+                raise ModelFileError(f"{path}: the local model is unusable: {exc}") from exc
+            positions = self.patch_grid[0] * self.patch_grid[1]
+            require(
+                local.positions == positions and local.dim == self.dim,
+                path,
+                f"the local model has {local.positions} positions and d={local.dim}; the features give "
+                f"{positions} positions ({self.patch_grid[0]}x{self.patch_grid[1]}) and d={self.dim}",
+            )
+            self.local_scorer = local
+        self._spatial_choice = spatial
+        self._lam_resolved = True
+        self.selection = record
+        self._fit_version += 1
 
     def __repr__(self) -> str:
         state = f"fitted on {self.n_images} images" if self.is_fitted else "unfitted"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from ..choices import LAM_AUTO, SPATIAL_MODES
 from ..features.preprocess import MAX_IMAGE_SIDE
 from ..io.model_file import PathLike, require
 from ..scorers._model_checks import MAX_COUNT, MAX_DIM
@@ -43,7 +44,11 @@ def check_detector_metadata(meta: Mapping[str, Any], path: PathLike) -> None:
             "a list of layer names",
         ),
         ("embedding", isinstance(config["embedding"], str), "a string"),
-        ("lam_rel", _finite(config["lam_rel"]) and config["lam_rel"] > 0, "a positive number"),
+        (
+            "lam_rel",
+            config["lam_rel"] == LAM_AUTO or (_finite(config["lam_rel"]) and config["lam_rel"] > 0),
+            f"a positive number or {LAM_AUTO!r}",
+        ),
         ("center", isinstance(config["center"], bool), "true or false"),
         (
             "rank",
@@ -57,6 +62,13 @@ def check_detector_metadata(meta: Mapping[str, Any], path: PathLike) -> None:
         ("seed", _int_in(config["seed"], 0, (1 << 63) - 1), "an integer in [0, 2**63)"),
         ("blur_sigma", _finite(config["blur_sigma"]) and config["blur_sigma"] >= 0, "a number >= 0"),
         ("target_dim", _int_in(config["target_dim"], 1, MAX_DIM), f"an integer in [1, {MAX_DIM}]"),
+        ("spatial", config["spatial"] in SPATIAL_MODES, f"one of {SPATIAL_MODES}"),
+        ("local_rank", _int_in(config["local_rank"], 1, MAX_DIM), f"an integer in [1, {MAX_DIM}]"),
+        (
+            "local_shrinkage",
+            _finite(config["local_shrinkage"]) and 0 <= config["local_shrinkage"] <= 1,
+            "a number in [0, 1]",
+        ),
     ]
     for key, ok, expected in checks:
         require(ok, path, f"config field {key}={config[key]!r} is not {expected}")
@@ -87,6 +99,9 @@ def check_detector_metadata(meta: Mapping[str, Any], path: PathLike) -> None:
             "an object (with state_sha256, when present, a SHA-256 hex digest)",
         ),
         ("crd", isinstance(meta.get("crd"), dict), "an object"),
+        ("spatial_choice", meta.get("spatial_choice", "global") in ("global", "local"), "'global' or 'local'"),
+        ("selection", meta.get("selection") is None or isinstance(meta["selection"], dict), "null or an object"),
+        ("local", meta.get("local") is None or isinstance(meta["local"], dict), "null or an object"),
     ]
     for key, ok, expected in top:
         require(ok, path, f"metadata field {key}={meta.get(key)!r} is not {expected}")

@@ -1,0 +1,289 @@
+"""Label-free choice of the detector's lam_rel and spatial model (lam_rel="auto", spatial="auto").
+
+The fit holds out a few training images (:class:`HeldOutPlan`), fits every candidate model on the rest,
+paints one pseudo-defect on each held-out image (crd_fast/synthetic/pseudo.py) and keeps the candidate that
+ranks the pseudo-defect images above the clean held-out ones and locates them best (``select_lam``'s
+criterion: the mean of image AUROC and AUPRO on the patch grid). Candidates are {global, local} x lam grid,
+restricted to what the options leave open. Every lam of one family costs a diagonal reweighting of patches
+rotated once (crd_fast/core/lam_selection.py, crd_fast/core/local.py), so the cost is the held-out images'
+extra forward passes plus one rotation per family (docs/DESIGN.md "Position-aware CRD").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..choices import DEFAULT_LAM_REL
+from ..core.lam_selection import LamSelection, SpectralForm, grid_masks, select_lam
+from ..core.stats import PatchStatistics
+from ..synthetic.pseudo import make_pseudo_defects
+
+#: Fewer training images than this: no hold-out, no selection (spatial "global", lam_rel DEFAULT_LAM_REL).
+MIN_IMAGES = 20
+#: Held-out images: min(MAX_HELD_OUT, N // 5), and at least MIN_HELD_OUT.
+MAX_HELD_OUT = 24
+MIN_HELD_OUT = 4
+#: When the number of images is not known up front, every STREAM_STRIDE-th image is held out (up to MAX_HELD_OUT).
+STREAM_STRIDE = 8
+
+SPATIAL_FAMILIES = ("global", "local")
+
+
+def held_out_count(n_images: int) -> int:
+    """How many of ``n_images`` (>= MIN_IMAGES) training images are held out."""
+    return max(MIN_HELD_OUT, min(MAX_HELD_OUT, n_images // 5))
+
+
+class HeldOutPlan:
+    """Which training images (by their position in the stream) are held out for the selection.
+
+    With the count known: ``held_out_count(count)`` positions evenly spaced over the stream (none below
+    MIN_IMAGES). Unknown: every STREAM_STRIDE-th image, up to MAX_HELD_OUT.
+    """
+
+    def __init__(self, count: Optional[int]) -> None:
+        self.count = count
+        self.held = 0
+        self._positions: Optional[frozenset[int]] = None
+        if count is not None:
+            if count < MIN_IMAGES:
+                self._positions = frozenset()
+            else:
+                h = held_out_count(count)
+                self._positions = frozenset(((2 * i + 1) * count) // (2 * h) for i in range(h))
+
+    def take(self, position: int) -> bool:
+        """Whether the image at stream ``position`` is held out (call once per image, in order)."""
+        if self._positions is not None:
+            hold = position in self._positions
+        else:
+            hold = position % STREAM_STRIDE == STREAM_STRIDE - 1 and self.held < MAX_HELD_OUT
+        self.held += int(hold)
+        return hold
+
+
+def fallback_reason(n_images: int, held: int) -> Optional[str]:
+    """Why no selection can be made with ``n_images`` training images, ``held`` of them held out (None: it can)."""
+    if n_images < MIN_IMAGES:
+        return f"only {n_images} training images (fewer than {MIN_IMAGES}): no hold-out, no selection"
+    if held < MIN_HELD_OUT:
+        return f"only {held} images held out (fewer than {MIN_HELD_OUT}): no selection"
+    return None
+
+
+def fallback_record(asked: dict[str, Any], spatial: str, lam_rel: float, n_images: int, reason: str) -> dict:
+    """The selection record when no selection was made (the defaults apply)."""
+    return {
+        "asked": asked,
+        "grid": [],
+        "families": {},
+        "choice": {"spatial": spatial, "lam_rel": lam_rel},
+        "held_out": 0,
+        "n_images": n_images,
+        "reason": f"{reason}; spatial {spatial!r}, lam_rel {lam_rel:g}",
+        "seconds": 0.0,
+    }
+
+
+def default_choice(families: Sequence[str], lam_grid: Sequence[float]) -> tuple[str, float]:
+    """(spatial, lam_rel) without a selection: global when allowed, DEFAULT_LAM_REL when lam is open."""
+    spatial = "global" if "global" in families else families[0]
+    lam = float(lam_grid[0]) if len(lam_grid) == 1 else DEFAULT_LAM_REL
+    return spatial, lam
+
+
+def pseudo_defect_batch(
+    clean: torch.Tensor, mean: Sequence[float], std: Sequence[float], seed: int
+) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """One pseudo-defect per normalised input of ``clean`` (H, 3, S, S), made on the de-normalised picture.
+
+    Returns the pseudo-defect inputs normalised again with ``mean``/``std`` (H, 3, S, S) float32, their pixel
+    masks (H, S, S) bool and the kinds painted. The other held-out pictures are the cut-and-paste donors.
+    """
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    pictures = (clean.float().cpu() * s + m).clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous().numpy()
+    rng = np.random.default_rng(seed)
+    images, masks, kinds = make_pseudo_defects(rng, list(pictures), list(pictures))
+    painted = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return ((painted - m) / s).contiguous(), np.stack(masks), kinds
+
+
+@dataclass
+class HeldOutSet:
+    """The held-out images' patch grids, clean and with pseudo-defects, and the pseudo-defect grid masks."""
+
+    clean: torch.Tensor  # (H, P, d) float32
+    pseudo: torch.Tensor  # (H, P, d) float32
+    masks: np.ndarray  # (H, h, w) bool, on the patch grid
+    kinds: list[str]
+
+    @property
+    def grids(self) -> torch.Tensor:
+        return torch.cat([self.clean, self.pseudo])
+
+    @property
+    def labels(self) -> np.ndarray:
+        n = self.clean.shape[0]
+        return np.concatenate([np.zeros(n, dtype=int), np.ones(self.pseudo.shape[0], dtype=int)])
+
+    @property
+    def all_masks(self) -> np.ndarray:
+        return np.concatenate([np.zeros_like(self.masks), self.masks])
+
+    @classmethod
+    def build(
+        cls,
+        clean: torch.Tensor,
+        pseudo: torch.Tensor,
+        pixel_masks: np.ndarray,
+        kinds: list[str],
+        grid_shape: tuple[int, int],
+    ) -> "HeldOutSet":
+        return cls(clean, pseudo, grid_masks(pixel_masks, grid_shape), kinds)
+
+
+def _rotated_global_scorer(
+    stats: PatchStatistics, center: bool, grids: torch.Tensor, shape: tuple[int, ...]
+) -> Callable[[float], np.ndarray]:
+    """lam_rel -> patch maps of ``grids`` under the global CRD of ``stats``: one rotation, then reweightings."""
+    form = SpectralForm.from_covariance(stats.covariance(center).cpu(), stats.location(center).cpu())
+    z = form.rotate(grids)
+    return lambda lam_rel: form.scores(z, lam_rel).reshape(shape).numpy()
+
+
+def _rotated_local_scorer(model: Any, grids: torch.Tensor, shape: tuple[int, ...]) -> Callable[[float], np.ndarray]:
+    """lam_rel -> patch maps of ``grids`` under a LocalCRDModel: one rotation, then per-lam Woodbury factors."""
+    z = model.rotate(grids.to(model.means.device))
+    return lambda lam_rel: model.scores_rotated(z, model.factors(model.lam(lam_rel))).reshape(shape).cpu().numpy()
+
+
+def _finite_or_none(values: Sequence[float]) -> list[Optional[float]]:
+    return [float(v) if math.isfinite(v) else None for v in values]
+
+
+def _family_record(sel: LamSelection) -> dict[str, Any]:
+    # select_lam's criterion: the mean of image AUROC and AUPRO (AUROC alone where AUPRO is undefined)
+    curve = [a if math.isnan(p) else 0.5 * (a + p) for a, p in zip(sel.image_auroc, sel.aupro)]
+    return {
+        "image_auroc": _finite_or_none(sel.image_auroc),
+        "aupro": _finite_or_none(sel.aupro),
+        "curve": _finite_or_none(curve),
+        "lam_rel": sel.choice,
+        "best": float(curve[sel.grid.index(sel.choice)]),
+    }
+
+
+def evaluate_candidates(
+    held: HeldOutSet,
+    lam_grid: Sequence[float],
+    global_stats: Optional[PatchStatistics],
+    center: bool,
+    local_model: Optional[Any],
+) -> tuple[str, float, dict[str, Any]]:
+    """Score every candidate on the held-out set: (spatial, lam_rel, {family: record}).
+
+    ``global_stats`` / ``local_model``: the rest fit of each family still open (None when not a candidate).
+    The family whose best point is higher wins; a tie (within 1e-9) goes to global, the smaller model.
+    """
+    grids = held.grids
+    n, p, _ = grids.shape
+    shape = (n, *held.masks.shape[1:])
+    assert p == shape[1] * shape[2], "patch grids and masks disagree"
+    records: dict[str, Any] = {}
+    best: Optional[tuple[float, str, float]] = None
+    for family in SPATIAL_FAMILIES:
+        if family == "global" and global_stats is not None:
+            score_fn = _rotated_global_scorer(global_stats, center, grids, shape)
+        elif family == "local" and local_model is not None:
+            score_fn = _rotated_local_scorer(local_model, grids, shape)
+        else:
+            continue
+        sel = select_lam(score_fn, held.labels, held.all_masks, lam_grid)
+        record = _family_record(sel)
+        records[family] = record
+        value = record["best"] if math.isfinite(record["best"]) else -math.inf
+        if best is None or value > best[0] + 1e-9:
+            best = (value, family, sel.choice)
+    if best is None:
+        raise ValueError("no candidate family to select from")
+    return best[1], best[2], records
+
+
+class Stopwatch:
+    """Adds up the seconds spent in ``with watch:`` blocks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
+def selection_table(record: dict[str, Any]) -> list[str]:
+    """The record as text lines: one row per lam_rel, one column per family (the curve: mean of AUROC and AUPRO)."""
+    families = [f for f in SPATIAL_FAMILIES if f in record.get("families", {})]
+    if not families or not record.get("grid"):
+        return []
+    head = f"    {'lam_rel':>8} | " + " | ".join(f"{f:>8}" for f in families)
+    lines = [head]
+    choice = record["choice"]
+    for i, lam in enumerate(record["grid"]):
+        cells = []
+        for f in families:
+            v = record["families"][f]["curve"][i]
+            mark = "*" if (f == choice["spatial"] and lam == choice["lam_rel"]) else " "
+            cells.append(f"{'-' if v is None else format(v, '.4f'):>7}{mark}")
+        lines.append(f"    {lam:>8g} | " + " | ".join(cells))
+    return lines
+
+
+class TrainingPart:
+    """Statistics of one part of the training images (the rest, or the held-out ones) for the families open.
+
+    With the local family open it is a LocalCRDScorer (whose pooled statistics are the global CRD's as
+    well); otherwise float64 PatchStatistics on the features' device. Two parts merge into the final fit.
+    """
+
+    def __init__(self, dim: int, device: torch.device, local_factory: Optional[Callable[[], Any]] = None) -> None:
+        self.local = local_factory() if local_factory is not None else None
+        self.stats = PatchStatistics(dim, device=device) if self.local is None else None
+        self.images = 0
+
+    def add(self, grids: torch.Tensor) -> None:
+        """Add (B, P, d) patch grids."""
+        if grids.shape[0] == 0:
+            return
+        if self.local is not None:
+            self.local.partial_fit(grids)
+        else:
+            self.stats.update(grids.reshape(-1, grids.shape[-1]))
+        self.images += int(grids.shape[0])
+
+    def pooled(self) -> PatchStatistics:
+        """A copy of the statistics of all patches of this part (what the global CRD is fitted with)."""
+        s = self.local.pooled_statistics if self.local is not None else self.stats
+        return PatchStatistics.from_tensors(s.count, s.mean, s.scatter)
+
+    def merge(self, other: "TrainingPart") -> "TrainingPart":
+        """Add ``other``'s images into this part (exact for the global statistics, a sketch merge for local)."""
+        if not self.images:
+            self.local, self.stats = other.local, other.stats
+        elif other.images:
+            if self.local is not None:
+                self.local.merge(other.local)
+            else:
+                self.stats.merge(other.stats)
+            self.images += other.images
+        return self
