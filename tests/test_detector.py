@@ -15,7 +15,8 @@ from crd_fast.detector import OPTIONS, DetectorConfig, Reservoir
 from crd_fast.detector.detector import SCORE_SAMPLE
 from crd_fast.features import BackboneWeightsError, ImageReadError
 
-SMALL = dict(backbone="resnet18", weights="random", resize=80, crop=64, batch_size=4)
+# explicit lam_rel and spatial: these tests are not about the label-free choice (tests/test_selection.py is)
+SMALL = dict(backbone="resnet18", weights="random", resize=80, crop=64, batch_size=4, lam_rel=0.01, spatial="global")
 
 
 def texture(rng: np.random.Generator, size: int = 72) -> np.ndarray:
@@ -314,7 +315,8 @@ def test_detector_options_are_the_config_fields(fitted):
     assert fitted.options == DetectorConfig(**SMALL) and fitted.config == DetectorConfig(**SMALL).to_dict()
     # positional options follow the same order as before (backbone, weights, layers, ...)
     positional = CRDDetector("resnet18", "random", ("layer2",), resize=80, crop=64)
-    assert positional.config == dict(DetectorConfig(**SMALL).to_dict(), layers=["layer2"], batch_size=8)
+    defaults = dict(layers=["layer2"], batch_size=8, lam_rel="auto", spatial="auto")
+    assert positional.config == dict(DetectorConfig(**SMALL).to_dict(), **defaults)
     rebuilt = CRDDetector.from_config(fitted.options)
     assert rebuilt.config == fitted.config and not rebuilt.is_fitted
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):

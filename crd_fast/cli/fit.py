@@ -188,12 +188,36 @@ def _summary(det: Any, path: str, seconds: float, threshold_note: str) -> None:
         f"patch grid {det.patch_grid[0]}x{det.patch_grid[1]}"
     )
     echo(
-        f"  fitted:     {det.n_images} images, {det.scorer.n_samples} patches, lam_rel = {det.scorer.lam_rel:g}, "
-        f"in {seconds:.1f} s"
+        f"  fitted:     {det.n_images} images, {det.scorer.n_samples} patches, spatial {det.spatial_choice}, "
+        f"lam_rel = {det.lam_rel:g}, in {seconds:.1f} s"
     )
+    _selection_summary(det.selection)
     if stats:
         echo(f"  training image scores: mean {stats['mean']:.4g}, max {stats['max']:.4g} (from {stats['n']} images)")
     echo(f"  threshold:  {threshold_note}")
     echo(f"wrote {path} ({os.path.getsize(path) / 2**20:.2f} MiB)")
     if det.uses_random_weights:
         warn("the backbone has RANDOM weights: fine for trying things out, not for real inspection")
+
+
+def _selection_summary(record: Optional[dict]) -> None:
+    """What the label-free choice (lam_rel and/or spatial "auto") chose, with its validation curve."""
+    if not record:
+        return
+    from ..detector.selection import selection_table
+
+    choice = record["choice"]
+    asked = ", ".join(f"{k} {v}" for k, v in record.get("asked", {}).items())
+    echo(f"  selection:  spatial {choice['spatial']}, lam_rel {choice['lam_rel']:g} (asked: {asked})")
+    if not record.get("grid"):
+        echo(f"              {record.get('reason', 'no selection')}")
+        return
+    fit_seconds = record.get("fit_seconds") or 0.0
+    share = f", {100 * record['seconds'] / fit_seconds:.0f}% of the fit" if fit_seconds > 0 else ""
+    echo(
+        f"              {record['held_out']} of {record['n_images']} images held out with pseudo-defects; "
+        f"{record['seconds']:.1f} s{share}"
+    )
+    echo("              mean of image AUROC and AUPRO on them (* = chosen):")
+    for line in selection_table(record):
+        echo("          " + line)

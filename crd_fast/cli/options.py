@@ -11,7 +11,7 @@ import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
-from ..choices import BACKBONES, EMBEDDINGS, LAYERS, PRECISIONS, WEIGHT_SOURCES
+from ..choices import BACKBONES, EMBEDDINGS, LAM_AUTO, LAYERS, PRECISIONS, SPATIAL_MODES, WEIGHT_SOURCES
 from ..detector.config import DEFAULTS, OPTIONS, RUNTIME_OPTIONS, DetectorConfig
 
 
@@ -51,6 +51,19 @@ positive_float = _number_type(float, lambda v: math.isfinite(v) and v > 0, "a po
 finite_float = _number_type(float, math.isfinite, "a finite number", "finite_float")
 fraction = _number_type(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", "fraction")
 probability = _number_type(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "probability")
+
+
+def lam_rel_value(text: str) -> Any:
+    """'auto' or a positive finite number (the detector's lam_rel)."""
+    if text == LAM_AUTO:
+        return LAM_AUTO
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number or {LAM_AUTO!r}, got {text!r}")
+    return value
 
 
 def backbone_name(text: str) -> str:
@@ -140,7 +153,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "weights": dict(type=weights_spec, metavar="W"),
     "layers": dict(type=layer_list, metavar="L1,L2"),
     "embedding": dict(choices=EMBEDDINGS),
-    "lam_rel": dict(type=positive_float, metavar="X"),
+    "lam_rel": dict(type=lam_rel_value, metavar="X|auto"),
     "center": dict(action=argparse.BooleanOptionalAction),
     "rank": dict(type=positive_int, metavar="R"),
     "resize": dict(type=positive_int, metavar="PX"),
@@ -149,6 +162,9 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "batch_size": dict(type=positive_int, metavar="N"),
     "seed": dict(type=non_negative_int, metavar="S"),
     "precision": dict(choices=PRECISIONS),
+    "spatial": dict(choices=SPATIAL_MODES),
+    "local_rank": dict(type=positive_int, metavar="K"),
+    "local_shrinkage": dict(type=probability, metavar="A"),
 }
 
 

@@ -420,6 +420,8 @@ class CRDDetector:
             count = count_images(images)
         except (OSError, ValueError):
             count = None
+        if count is not None and count < sel.MIN_IMAGES:  # too few to hold any out: the defaults, fitted as usual
+            return self._fit_without_selection(images, progress, families, lam_grid, count, started)
         plan = sel.HeldOutPlan(count)
         # the local statistics are only gathered where the local family can still be chosen
         need_local = "local" in families and (families == ("local",) or count is None or count >= sel.MIN_IMAGES)
@@ -490,6 +492,28 @@ class CRDDetector:
             record["seconds"],
             record["fit_seconds"],
         )
+        return self
+
+    def _fit_without_selection(
+        self,
+        images: Images,
+        progress: bool,
+        families: Sequence[str],
+        lam_grid: Sequence[float],
+        count: int,
+        started: float,
+    ) -> "CRDDetector":
+        """The fit of too few images for a selection: the default choice, streamed like explicit options."""
+        spatial, lam = sel.default_choice(families, lam_grid)
+        self.scorer.lam_rel = lam
+        if spatial == "local":
+            self.local_scorer.lam_rel = lam
+        self._spatial_choice, self._lam_resolved = spatial, True
+        self.partial_fit(images, progress)
+        asked = {"lam_rel": self._options.lam_rel, "spatial": self._options.spatial}
+        record = sel.fallback_record(asked, spatial, lam, self.n_images, sel.fallback_reason(count, 0) or "")
+        record["fit_seconds"] = round(time.perf_counter() - started, 4)
+        self.selection = record
         return self
 
     def _held_out_set(self, clean_inputs: torch.Tensor, clean_grids: torch.Tensor) -> sel.HeldOutSet:
