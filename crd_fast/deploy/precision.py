@@ -276,7 +276,7 @@ def head_from(
     if isinstance(source, CRDScorer):
         return DeployHead.from_scorer(source, precision, rank)
     if hasattr(source, "scorer") and hasattr(source, "config"):  # a CRDDetector (imported lazily: optional here)
-        return DeployHead.from_scorer(source.scorer, precision, rank, detector=detector_info(source))
+        return DeployHead.from_scorer(_global(source).scorer, precision, rank, detector=detector_info(source))
     from ..io.model_file import ModelFileError
 
     try:
@@ -286,8 +286,18 @@ def head_from(
             raise
     from ..detector.detector import CRDDetector
 
-    detector = CRDDetector.load(source)
+    detector = _global(CRDDetector.load(source))
     return DeployHead.from_scorer(detector.scorer, precision, rank, detector=detector_info(detector))
+
+
+def _global(detector: Any) -> Any:
+    """``detector``, if it scores with the global CRD (a head file holds the global projection)."""
+    if getattr(detector, "spatial_choice", "global") == "local":
+        raise ValueError(
+            "this detector uses the local (position-aware) CRD model; head files hold the global CRD projection "
+            "only: export the whole model instead (crd-fast export)"
+        )
+    return detector
 
 
 def detector_info(detector: Any) -> dict[str, Any]:

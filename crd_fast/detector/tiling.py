@@ -109,7 +109,23 @@ class TiledDetector:
 
     # ---- fit ------------------------------------------------------------------------------------------
     def fit(self, images: Images, progress: bool = False) -> "TiledDetector":
-        """Fit the detector on every tile of the defect-free ``images`` (discarding any earlier fit)."""
+        """Fit the detector on every tile of the defect-free ``images`` (discarding any earlier fit).
+
+        With lam_rel or spatial "auto", all tiles go through one ``fit`` so that the label-free choice sees
+        them all (counted as images: the hold-out takes every 8th tile).
+        """
+        options = self.detector.options
+        if options.lam_rel == "auto" or options.spatial == "auto":
+            counter = [0]
+
+            def all_tiles() -> Iterator[torch.Tensor]:
+                for _, image in self._iter(images):
+                    counter[0] += 1
+                    yield from self.tiles(image)
+
+            self.detector.fit(all_tiles(), progress=progress)
+            logger.info("fitted on %d tiles of %d images (tile %d px)", self.detector.n_images, counter[0], self.tile)
+            return self
         first = True
         n = 0
         for _, image in self._iter(images):

@@ -74,6 +74,15 @@ def fit_detector_distributed(
     if not update:  # what CRDDetector.fit does before streaming
         detector.set_threshold(None)
         detector.reset()
+    if detector.selection_pending or detector.spatial_choice != "global":
+        # every rank has the same options, so every rank raises this before any work
+        raise ValueError(
+            "distributed fitting supports the global CRD with a fixed lam_rel (e.g. lam_rel=0.01, spatial='global'), "
+            "or updates of a model fitted that way or with the choice made; got "
+            f"lam_rel={detector.options.lam_rel!r}, spatial={detector.options.spatial!r} "
+            f"(spatial model in use: {detector.spatial_choice or 'not chosen yet'}): the label-free choice "
+            "(lam_rel/spatial 'auto') and the local model need a single-process fit"
+        )
     params = dict(lam_rel=detector.scorer.lam_rel, center=detector.scorer.center, rank=detector.scorer.rank)
     old_stats = copy_statistics(detector.scorer.statistics) if detector.scorer.is_fitted else None
     old_n_images = detector.n_images
