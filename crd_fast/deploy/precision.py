@@ -317,7 +317,7 @@ def detector_info(detector: Any) -> dict[str, Any]:
         "embedding": detector.embedding,
         "target_dim": detector.target_dim,
         "d": detector.dim,
-        "lam_rel": detector.scorer.lam_rel,
+        "lam_rel": getattr(detector, "lam_rel", None) or detector.scorer.lam_rel,
         "n_images": detector.n_images,
         "n_patches": detector.scorer.n_samples,
         "threshold": detector.threshold,

@@ -242,6 +242,7 @@ def evaluate_dataset(
         ms_per_image=ms_per_image,
         extra=extra,
         pixel_threshold=getattr(detector, "pixel_threshold", None),
+        selection=getattr(detector, "selection", None),
     )
     return CategoryEvaluation(name, result, metrics, notes)
 

@@ -47,6 +47,8 @@ class CategoryResult:
     extra: further figures shown next to the metrics, e.g. {"nn": {"image_auroc": 0.97, "ms_per_image": 40}}.
     pixel_threshold: the detector's pixel threshold, or None; with one, the predicted masks
         (anomaly_maps >= pixel_threshold) are outlined in the overlays and scored by pixel F1.
+    selection: the detector's label-free choice record (``CRDDetector.selection``), or None; shown as the
+        chosen spatial model and lam_rel with the validation curve.
     """
 
     name: str
@@ -61,6 +63,7 @@ class CategoryResult:
     ms_per_image: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
     pixel_threshold: Optional[float] = None
+    selection: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         labels = _numpy(self.labels)

@@ -19,7 +19,7 @@ from .._version import __version__
 from ..evaluation import metrics as M
 from ..io.atomic import atomic_write
 from ..postprocess.pixels import pixel_f1
-from .figures import curves_png, map_range, overlay_tile
+from .figures import curves_png, map_range, overlay_tile, selection_png
 from .results import CategoryResult, RunInfo, example_indices
 
 PathLike = Union[str, os.PathLike]
@@ -105,6 +105,7 @@ def category_figures(
         "roc": {"image": curves["image_roc"], "pixel": curves["pixel_roc"]},
         "pro_curve": curves["pro"],
         "examples": example_indices(y, s, n_examples),
+        "selection": result.selection,
         "per_image": [
             {"path": p, "label": int(lab), "defect_type": t, "score": float(sc)}
             for p, lab, t, sc in zip(result.paths, y, result.defect_types, s)
@@ -320,6 +321,8 @@ def _category_section(result: CategoryResult, figures: dict[str, Any], curves: d
         parts.append(f'<p class="note">{html.escape(note)}</p>')
     if curves.get("image_roc") is not None:
         parts.append(_img(curves_png(result.name, curves, figures["metrics"]), f"{result.name} curves"))
+    if result.selection:
+        parts.append(_selection_section(result.name, result.selection))
     maps, masks, pred_masks = result.anomaly_maps, result.masks, result.pred_masks
     vmin, vmax = map_range(maps, result.labels) if maps is not None else (0.0, 1.0)
     if maps is not None:
@@ -356,6 +359,39 @@ def _category_section(result: CategoryResult, figures: dict[str, Any], curves: d
             body = _img(png, result.paths[i]) if png is not None else '<p class="note">(no image or map kept)</p>'
             tiles.append(f"<figure>{body}<figcaption>{caption}</figcaption></figure>")
         parts.append(f'<h3>{EXAMPLE_TITLES[group]}</h3><div class="grid">{"".join(tiles)}</div>')
+    return "\n".join(parts)
+
+
+def _selection_section(name: str, record: dict[str, Any]) -> str:
+    """The label-free choice: what was chosen, why, and the validation curve per spatial model (plot and table)."""
+    choice = record.get("choice", {})
+    lam = choice.get("lam_rel")
+    parts = [
+        "<h3>Label-free choice of the model</h3>",
+        f'<p class="note">spatial model <b>{html.escape(str(choice.get("spatial")))}</b>, lam_rel <b>{_fmt(lam, 4)}</b>'
+        f" ({html.escape(str(record.get('reason', '')))}; {record.get('held_out', 0)} of "
+        f"{record.get('n_images', '?')} training images held out with pseudo-defects, "
+        f"{_fmt(record.get('seconds'), 3)} s of a {_fmt(record.get('fit_seconds'), 3)} s fit)</p>",
+    ]
+    families = record.get("families") or {}
+    grid = record.get("grid") or []
+    if not families or not grid:
+        return "\n".join(parts)
+    parts.append(_img(selection_png(name, record), f"{name} label-free choice"))
+    head = "".join(f"<th>{html.escape(f)}</th>" for f in families)
+    rows = [f'<tr><th class="l">lam_rel</th>{head}</tr>']
+    for i, g in enumerate(grid):
+        cells = []
+        for fam, rec in families.items():
+            mark = " *" if fam == choice.get("spatial") and g == lam else ""
+            cells.append(f"<td>{_fmt(rec['curve'][i], 4)}{mark}</td>")
+        rows.append(f'<tr><td class="l">{g:g}</td>{"".join(cells)}</tr>')
+    parts.append(
+        '<p class="note">mean of image AUROC and AUPRO on the held-out images with pseudo-defects (* = chosen)</p>'
+        + "<table>"
+        + "".join(rows)
+        + "</table>"
+    )
     return "\n".join(parts)
 
 
