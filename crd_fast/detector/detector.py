@@ -453,7 +453,7 @@ class CRDDetector:
         reason = sel.fallback_reason(seen, plan.held)
         if reason is not None:
             spatial, lam = sel.default_choice(families, lam_grid)
-            record = sel.fallback_record(asked, spatial, lam, seen, reason)
+            record = sel.fallback_record(asked, spatial, lam, seen, reason, plan.held)
         else:
             with watch:
                 held_set = self._held_out_set(torch.cat(held_inputs), torch.cat(held_grids))

@@ -77,14 +77,16 @@ def fallback_reason(n_images: int, held: int) -> Optional[str]:
     return None
 
 
-def fallback_record(asked: dict[str, Any], spatial: str, lam_rel: float, n_images: int, reason: str) -> dict:
+def fallback_record(
+    asked: dict[str, Any], spatial: str, lam_rel: float, n_images: int, reason: str, held: int = 0
+) -> dict:
     """The selection record when no selection was made (the defaults apply)."""
     return {
         "asked": asked,
         "grid": [],
         "families": {},
         "choice": {"spatial": spatial, "lam_rel": lam_rel},
-        "held_out": 0,
+        "held_out": held,
         "n_images": n_images,
         "reason": f"{reason}; spatial {spatial!r}, lam_rel {lam_rel:g}",
         "seconds": 0.0,

@@ -1,0 +1,224 @@
+"""The detector's label-free choice of lam_rel and of the spatial model (lam_rel="auto", spatial="auto").
+
+Small and fast: a seeded random resnet18 on 64 px images (an 8 x 8 patch grid, d = 384).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from crd_fast import CRDDetector
+from crd_fast.choices import DEFAULT_LAM_GRID, DEFAULT_LAM_REL
+from crd_fast.core.embedding import patch_grids
+from crd_fast.core.lam_selection import SpectralForm, grid_masks, select_lam
+from crd_fast.core.stats import PatchStatistics
+from crd_fast.detector import selection as sel
+from crd_fast.io.model_file import ModelFileError, read_model_file, write_model_file
+
+PX = 64
+BASE = dict(backbone="resnet18", weights="random", resize=PX, crop=PX, batch_size=8)
+
+
+def aligned_part(rng: np.random.Generator, size: int = PX) -> np.ndarray:
+    """An aligned 'part': a fixed layout (dark disc at the centre, bright bar at the top, a graded background)
+    with a little noise. What a patch looks like depends on where it is."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = np.stack([0.3 + 0.4 * xx, 0.5 - 0.2 * yy, 0.4 + 0.2 * xx * yy], axis=-1)
+    disc = (yy - 0.55) ** 2 + (xx - 0.5) ** 2 < 0.05
+    img[disc] = (0.1, 0.1, 0.15)
+    img[4:10, 8:56] = (0.9, 0.85, 0.8)
+    img += rng.normal(0.0, 0.02, img.shape).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def parts() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [aligned_part(rng) for _ in range(30)]
+
+
+@pytest.fixture(scope="module")
+def global_auto(parts) -> CRDDetector:
+    return CRDDetector(**BASE, spatial="global").fit(parts, progress=False)
+
+
+# ---- the held-out plan ----------------------------------------------------------------------------------
+def test_held_out_plan_is_evenly_spaced_when_the_count_is_known():
+    for n in (20, 24, 57, 100, 1000):
+        plan = sel.HeldOutPlan(n)
+        held = [i for i in range(n) if plan.take(i)]
+        assert len(held) == plan.held == max(4, min(24, n // 5))
+        gaps = np.diff(held)
+        assert gaps.min() >= n // len(held) - 1 and gaps.max() <= n // len(held) + 1
+
+
+def test_held_out_plan_holds_every_eighth_image_of_an_unknown_stream():
+    plan = sel.HeldOutPlan(None)
+    held = [i for i in range(400) if plan.take(i)]
+    assert held == list(range(7, 8 * 24, 8))  # up to 24
+
+
+def test_held_out_plan_holds_nothing_below_twenty_images():
+    plan = sel.HeldOutPlan(19)
+    assert not any(plan.take(i) for i in range(19))
+    assert "19 training images" in sel.fallback_reason(19, 0)
+    assert "3 images held out" in sel.fallback_reason(26, 3)
+    assert sel.fallback_reason(20, 4) is None
+
+
+def test_pseudo_defects_are_made_on_the_denormalised_picture_and_normalised_again():
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    rng = np.random.default_rng(1)
+    pictures = torch.from_numpy(rng.uniform(0.2, 0.8, (5, 3, 48, 48)).astype(np.float32))
+    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    clean = (pictures - m) / s
+    pseudo, masks, kinds = sel.pseudo_defect_batch(clean, mean, std, seed=3)
+    assert pseudo.shape == clean.shape and masks.shape == (5, 48, 48) and len(kinds) == 5
+    changed = (pseudo * s + m - pictures).abs().amax(dim=1) > 1e-4  # (5, 48, 48)
+    assert all(masks[i].any() for i in range(5))
+    outside = changed.numpy() & ~masks
+    # a pseudo-defect changes its own region (soft edges and blurs reach a few pixels further, nothing more)
+    assert outside.sum() < 0.2 * changed.numpy().sum() + 5 * 48
+    again, _, _ = sel.pseudo_defect_batch(clean, mean, std, seed=3)
+    torch.testing.assert_close(again, pseudo, rtol=0, atol=0)  # seeded
+
+
+# ---- the global family ---------------------------------------------------------------------------------
+def test_global_choice_is_select_lams_choice_on_the_rest_fit(parts):
+    """Recompute the choice independently: statistics of the non-held images, pseudo-defects, select_lam."""
+    det = CRDDetector(**BASE, spatial="global").fit(parts, progress=False)
+    record = det.selection
+    n = len(parts)
+    plan = sel.HeldOutPlan(n)
+    held = [i for i in range(n) if plan.take(i)]
+    assert record["held_out"] == len(held) == 6 and record["n_images"] == n
+    x = torch.stack([det.preprocess(p) for p in parts])
+    grids = patch_grids(det.embed(x)).double()
+    rest = [i for i in range(n) if i not in held]
+    stats = PatchStatistics(det.dim).update(grids[rest].reshape(-1, det.dim))
+    form = SpectralForm.from_covariance(stats.covariance(), stats.mean)
+    pseudo_x, pixel_masks, _ = sel.pseudo_defect_batch(x[held], det.preprocess.mean, det.preprocess.std, det.seed)
+    all_grids = torch.cat([grids[held], patch_grids(det.embed(pseudo_x)).double()])
+    masks = np.concatenate([np.zeros((len(held), 8, 8), bool), grid_masks(pixel_masks, (8, 8))])
+    labels = np.r_[np.zeros(len(held)), np.ones(len(held))]
+    z = form.rotate(all_grids)
+    expected = select_lam(lambda lam: form.scores(z, lam).reshape(-1, 8, 8).numpy(), labels, masks)
+    assert record["choice"] == {"spatial": "global", "lam_rel": expected.choice}
+    np.testing.assert_allclose(record["families"]["global"]["image_auroc"], expected.image_auroc, atol=1e-12)
+    np.testing.assert_allclose(record["families"]["global"]["aupro"], expected.aupro, rtol=1e-6)
+    assert record["grid"] == list(DEFAULT_LAM_GRID) and list(record["families"]) == ["global"]
+    # then the model is fitted on every image with that lam_rel
+    full = PatchStatistics(det.dim).update(grids.reshape(-1, det.dim))
+    torch.testing.assert_close(det.scorer.statistics.scatter.cpu(), full.scatter, rtol=1e-9, atol=1e-9)
+    assert det.scorer.n_samples == n * 64 and det.lam_rel == expected.choice == det.scorer.lam_rel
+    assert det.spatial_choice == "global" and det.local_scorer is None
+    assert det.options.lam_rel == "auto" and det.config["lam_rel"] == "auto"
+
+
+def test_a_fixed_lam_rel_with_spatial_auto_scores_one_point_per_family_and_explicit_options_select_nothing(parts):
+    det = CRDDetector(**BASE, lam_rel=0.003, spatial="global").fit(parts, progress=False)
+    assert det.selection is None and det.lam_rel == 0.003 and det.spatial_choice == "global"
+
+
+def test_fewer_than_twenty_images_fit_the_defaults_exactly_as_explicit_options(parts):
+    auto = CRDDetector(**BASE).fit(parts[:12], progress=False)
+    explicit = CRDDetector(**BASE, lam_rel=DEFAULT_LAM_REL, spatial="global").fit(parts[:12], progress=False)
+    record = auto.selection
+    assert record["choice"] == {"spatial": "global", "lam_rel": DEFAULT_LAM_REL} and record["held_out"] == 0
+    assert "only 12 training images" in record["reason"] and record["grid"] == []
+    assert auto.spatial_choice == "global" and auto.lam_rel == DEFAULT_LAM_REL
+    a = auto.predict(parts[:3], progress=False)
+    b = explicit.predict(parts[:3], progress=False)
+    torch.testing.assert_close(torch.from_numpy(a.patch_maps), torch.from_numpy(b.patch_maps), rtol=0, atol=0)
+
+
+def test_an_unknown_number_of_images_holds_out_every_eighth(parts):
+    det = CRDDetector(**BASE, spatial="global").fit(iter(parts), progress=False)  # a generator: no count
+    assert det.selection["held_out"] == 3 and "3 images held out" in det.selection["reason"]
+    assert det.n_images == len(parts) and det.scorer.n_samples == len(parts) * 64
+    det = CRDDetector(**BASE, spatial="global").fit(iter(parts + parts[:10]), progress=False)
+    assert det.selection["held_out"] == 5 and det.selection["grid"] == list(DEFAULT_LAM_GRID)
+
+
+def test_online_update_keeps_the_choice(global_auto, parts):
+    det = CRDDetector(**BASE, spatial="global").fit(parts, progress=False)
+    lam, record = det.lam_rel, dict(det.selection)
+    det.partial_fit(parts[:5], progress=False)
+    assert det.lam_rel == lam and det.selection == record and det.n_images == len(parts) + 5
+    assert det.scorer.n_samples == (len(parts) + 5) * 64
+
+
+def test_global_auto_save_load_gives_identical_scores_and_the_record(global_auto, parts, tmp_path):
+    path = tmp_path / "auto.crd"
+    global_auto.save(path)
+    _, meta = read_model_file(path, "crd_detector")
+    assert meta["config"]["lam_rel"] == "auto" and meta["lam_rel"] == global_auto.lam_rel
+    assert meta["spatial_choice"] == "global" and meta["selection"] == json.loads(json.dumps(global_auto.selection))
+    loaded = CRDDetector.load(path)
+    assert loaded.lam_rel == global_auto.lam_rel and loaded.spatial_choice == "global"
+    assert loaded.selection == meta["selection"] and not loaded.selection_pending
+    a = global_auto.predict(parts[:4], progress=False)
+    b = loaded.predict(parts[:4], progress=False)
+    for key in ("image_scores", "anomaly_maps", "patch_maps"):
+        torch.testing.assert_close(torch.from_numpy(getattr(b, key)), torch.from_numpy(getattr(a, key)), rtol=0, atol=0)
+    with pytest.raises(ModelFileError, match="lam_rel='auto'"):
+        CRDDetector.load(path, lam_rel=global_auto.lam_rel)  # the file was asked to choose
+
+
+def _rewrite(path, tmp_path, name, edit_meta=None, edit_tensors=None):
+    tensors, meta = read_model_file(path, "crd_detector")
+    meta = {
+        k: v for k, v in meta.items() if k not in ("format", "format_version", "crd_fast_version", "kind", "checksum")
+    }
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    out = tmp_path / name
+    write_model_file(out, "crd_detector", tensors, meta)
+    return out
+
+
+def test_a_file_claiming_a_local_model_without_one_is_refused(global_auto, tmp_path):
+    global_auto.save(tmp_path / "g.crd")
+
+    def claim_local(meta):
+        meta["config"]["spatial"] = "auto"
+        meta["spatial_choice"] = "local"
+
+    bad = _rewrite(tmp_path / "g.crd", tmp_path, "claims.crd", claim_local)
+    with pytest.raises(ModelFileError, match="spatial 'local' but holds no local model"):
+        CRDDetector.load(bad)
+
+    def odd(meta):
+        meta["spatial_choice"] = "regional"
+
+    with pytest.raises(ModelFileError, match="spatial_choice='regional'"):
+        CRDDetector.load(_rewrite(tmp_path / "g.crd", tmp_path, "odd.crd", odd))
+
+    def fixed_global(meta):
+        meta["config"]["spatial"] = "global"
+        meta["spatial_choice"] = "local"
+
+    with pytest.raises(ModelFileError, match="config asks 'global'"):
+        CRDDetector.load(_rewrite(tmp_path / "g.crd", tmp_path, "conflict.crd", fixed_global))
+
+    def bad_lam(meta):
+        meta["config"]["lam_rel"] = "automatic"
+
+    with pytest.raises(ModelFileError, match="lam_rel='automatic' is not a positive number or 'auto'"):
+        CRDDetector.load(_rewrite(tmp_path / "g.crd", tmp_path, "lam.crd", bad_lam))
+
+
+def test_distributed_fit_names_the_unsupported_choice(parts):
+    from crd_fast.distributed.detector import fit_detector_distributed
+
+    with pytest.raises(ValueError, match="lam_rel='auto', spatial='auto'"):
+        fit_detector_distributed(CRDDetector(**BASE), parts)
+    det = CRDDetector(**BASE, lam_rel=0.01, spatial="global")
+    fit_detector_distributed(det, parts)  # explicit global options: as before
+    assert det.is_fitted and det.selection is None
