@@ -222,3 +222,34 @@ def test_distributed_fit_names_the_unsupported_choice(parts):
     det = CRDDetector(**BASE, lam_rel=0.01, spatial="global")
     fit_detector_distributed(det, parts)  # explicit global options: as before
     assert det.is_fitted and det.selection is None
+
+
+# ---- command line and report ----------------------------------------------------------------------------
+def test_fit_command_prints_the_choice_and_the_report_shows_it(parts, tmp_path, capsys):
+    from PIL import Image
+
+    from crd_fast.cli.main import main
+    from crd_fast.report import CategoryResult, write_report
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i, p in enumerate(parts[:24]):
+        Image.fromarray(p).save(folder / f"{i:03d}.png")
+    args = ["--backbone", "resnet18", "--weights", "random", "--resize", str(PX), "--crop", str(PX), "--no-progress"]
+    assert main(["fit", str(folder), "-o", str(tmp_path / "m.crd"), *args, "--spatial", "global"]) == 0
+    out = capsys.readouterr().out
+    det = CRDDetector.load(tmp_path / "m.crd")
+    lam = det.selection["choice"]["lam_rel"]
+    assert f"selection:  spatial global, lam_rel {lam:g} (asked: lam_rel auto, spatial global)" in out
+    assert "4 of 24 images held out with pseudo-defects" in out and f"{lam:>8g} |" in out and "*" in out
+    assert main(["fit", str(folder), "-o", str(tmp_path / "x.crd"), *args, "--lam-rel", "automatic"]) == 2
+    assert "expected a positive finite number or 'auto', got 'automatic'" in capsys.readouterr().err
+    assert main(["fit", str(folder), "-o", str(tmp_path / "x.crd"), *args, "--spatial", "position"]) == 2
+
+    labels = np.r_[np.zeros(3), np.ones(3)]
+    result = CategoryResult("part", labels, np.arange(6.0), selection=det.selection)
+    report = write_report(tmp_path / "report", [result])
+    page = report.html_path.read_text()
+    assert "Label-free choice of the model" in page and f"<b>{lam:g}</b>" in page
+    assert page.count('<tr><td class="l">') >= len(DEFAULT_LAM_GRID)
+    assert report.data["categories"][0]["selection"] == json.loads(json.dumps(det.selection))

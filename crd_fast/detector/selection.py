@@ -156,8 +156,15 @@ def _rotated_global_scorer(
 ) -> Callable[[float], np.ndarray]:
     """lam_rel -> patch maps of ``grids`` under the global CRD of ``stats``: one rotation, then reweightings."""
     form = SpectralForm.from_covariance(stats.covariance(center).cpu(), stats.location(center).cpu())
-    z = form.rotate(grids)
-    return lambda lam_rel: form.scores(z, lam_rel).reshape(shape).numpy()
+    z2 = form.rotate(grids).square_().reshape(-1, form.eigenvalues.shape[0])
+    mean_eig = form.mean_eigenvalue
+
+    def maps(lam_rel: float) -> np.ndarray:
+        # ||diag(c) z||^2 = z^2 . c^2 with c_i = lam / (s_i + lam) (SpectralForm.scores): one GEMV per lam
+        lam = lam_rel * mean_eig
+        return (z2 @ (lam / (form.eigenvalues + lam)).square()).sqrt().reshape(shape).numpy()
+
+    return maps
 
 
 def _rotated_local_scorer(model: Any, grids: torch.Tensor, shape: tuple[int, ...]) -> Callable[[float], np.ndarray]:

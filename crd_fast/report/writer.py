@@ -366,9 +366,10 @@ def _selection_section(name: str, record: dict[str, Any]) -> str:
     """The label-free choice: what was chosen, why, and the validation curve per spatial model (plot and table)."""
     choice = record.get("choice", {})
     lam = choice.get("lam_rel")
+    lam_text = "–" if lam is None else format(lam, "g")
     parts = [
         "<h3>Label-free choice of the model</h3>",
-        f'<p class="note">spatial model <b>{html.escape(str(choice.get("spatial")))}</b>, lam_rel <b>{_fmt(lam, 4)}</b>'
+        f'<p class="note">spatial model <b>{html.escape(str(choice.get("spatial")))}</b>, lam_rel <b>{lam_text}</b>'
         f" ({html.escape(str(record.get('reason', '')))}; {record.get('held_out', 0)} of "
         f"{record.get('n_images', '?')} training images held out with pseudo-defects, "
         f"{_fmt(record.get('seconds'), 3)} s of a {_fmt(record.get('fit_seconds'), 3)} s fit)</p>",
