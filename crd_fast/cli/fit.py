@@ -218,6 +218,6 @@ def _selection_summary(record: Optional[dict]) -> None:
         f"              {record['held_out']} of {record['n_images']} images held out with pseudo-defects; "
         f"{record['seconds']:.1f} s{share}"
     )
-    echo("              mean of image AUROC and AUPRO on them (* = chosen):")
+    echo(f"              {record.get('criterion', 'criterion')} (* = chosen):")
     for line in selection_table(record):
         echo("          " + line)

@@ -472,7 +472,7 @@ class CRDDetector:
                 "held_out": plan.held,
                 "n_images": seen,
                 "pseudo_defects": sorted(set(held_set.kinds)),
-                "criterion": "mean of image AUROC and AUPRO on held-out images with pseudo-defects",
+                "criterion": sel.CRITERION,
                 "reason": "label-free selection",
             }
         with watch:

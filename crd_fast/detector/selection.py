@@ -2,8 +2,8 @@
 
 The fit holds out a few training images (:class:`HeldOutPlan`), fits every candidate model on the rest,
 paints one pseudo-defect on each held-out image (crd_fast/synthetic/pseudo.py) and keeps the candidate that
-ranks the pseudo-defect images above the clean held-out ones and locates them best (``select_lam``'s
-criterion: the mean of image AUROC and AUPRO on the patch grid). Candidates are {global, local} x lam grid,
+ranks the pseudo-defect images above the clean held-out ones best (``select_lam``'s criterion: image AUROC,
+plus AUPRO on the patch grid weighted 0.1 to separate near-ties). Candidates are {global, local} x lam grid,
 restricted to what the options leave open. Every lam of one family costs a diagonal reweighting of patches
 rotated once (crd_fast/core/lam_selection.py, crd_fast/core/local.py), so the cost is the held-out images'
 extra forward passes plus one rotation per family (docs/DESIGN.md "Position-aware CRD").
@@ -33,6 +33,8 @@ MIN_HELD_OUT = 4
 STREAM_STRIDE = 8
 
 SPATIAL_FAMILIES = ("global", "local")
+#: What the curves hold (select_lam's criterion), as the record states it.
+CRITERION = f"{LamSelection.criterion} (held-out training images)"
 
 
 def held_out_count(n_images: int) -> int:
@@ -178,8 +180,7 @@ def _finite_or_none(values: Sequence[float]) -> list[Optional[float]]:
 
 
 def _family_record(sel: LamSelection) -> dict[str, Any]:
-    # select_lam's criterion: the mean of image AUROC and AUPRO (AUROC alone where AUPRO is undefined)
-    curve = [a if math.isnan(p) else 0.5 * (a + p) for a, p in zip(sel.image_auroc, sel.aupro)]
+    curve = list(sel.curve)  # select_lam's criterion at each lam_rel
     return {
         "image_auroc": _finite_or_none(sel.image_auroc),
         "aupro": _finite_or_none(sel.aupro),
@@ -241,7 +242,7 @@ class Stopwatch:
 
 
 def selection_table(record: dict[str, Any]) -> list[str]:
-    """The record as text lines: one row per lam_rel, one column per family (the curve: mean of AUROC and AUPRO)."""
+    """The record as text lines: one row per lam_rel, one column per family (the curve: select_lam's criterion)."""
     families = [f for f in SPATIAL_FAMILIES if f in record.get("families", {})]
     if not families or not record.get("grid"):
         return []

@@ -68,7 +68,7 @@ def selection_png(name: str, record: dict[str, Any]) -> bytes:
             ax.plot([choice["lam_rel"]], [value], marker="*", ms=12, color="black", ls="none", label="chosen")
     ax.set_xscale("log")
     ax.set_xlabel("lam_rel")
-    ax.set_ylabel("mean of AUROC and AUPRO")
+    ax.set_ylabel("image AUROC + 0.1 AUPRO")
     ax.set_title(f"{name}: label-free choice (pseudo-defects)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -388,7 +388,7 @@ def _selection_section(name: str, record: dict[str, Any]) -> str:
             cells.append(f"<td>{_fmt(rec['curve'][i], 4)}{mark}</td>")
         rows.append(f'<tr><td class="l">{g:g}</td>{"".join(cells)}</tr>')
     parts.append(
-        '<p class="note">mean of image AUROC and AUPRO on the held-out images with pseudo-defects (* = chosen)</p>'
+        '<p class="note">image AUROC + 0.1 x AUPRO on the held-out images with pseudo-defects (* = chosen)</p>'
         + "<table>"
         + "".join(rows)
         + "</table>"
