@@ -170,9 +170,35 @@ def _rotated_global_scorer(
 
 
 def _rotated_local_scorer(model: Any, grids: torch.Tensor, shape: tuple[int, ...]) -> Callable[[float], np.ndarray]:
-    """lam_rel -> patch maps of ``grids`` under a LocalCRDModel: one rotation, then per-lam Woodbury factors."""
-    z = model.rotate(grids.to(model.means.device))
-    return lambda lam_rel: model.scores_rotated(z, model.factors(model.lam(lam_rel))).reshape(shape).cpu().numpy()
+    """lam_rel -> patch maps of ``grids`` under a LocalCRDModel: one rotation, then per lam two (P, k)-wide products.
+
+    ``LocalCRDModel.scores_rotated``'s value, lam ||inv_b z - W K W^T z|| with W = inv_b S (S the model's
+    ``scaled_vectors``), expanded so that nothing d-sized is formed per lam: with v = S^T (inv_b z),
+    v2 = S^T (inv_b^2 z) and G = S^T diag(inv_b^2) S, the square is lam^2 (sum inv_b^2 z^2 - 2 v2.Kv + Kv.G Kv).
+    """
+    z = model.rotate(grids.to(model.means.device))  # (N, P, d) float64
+    n, p, d = z.shape
+    z2 = z.square().reshape(n * p, d)
+    zp = z.transpose(0, 1).contiguous()  # (P, N, d): batched over positions
+    del z
+    vectors = model.scaled_vectors  # (P, d, k)
+    eye = torch.eye(model.rank, dtype=torch.float64, device=vectors.device)
+
+    def maps(lam_rel: float) -> np.ndarray:
+        lam = model.lam(lam_rel)
+        inv_b = 1.0 / (model.shrinkage * model.eigenvalues + lam)
+        weighted = inv_b[:, None] * vectors  # W_p = B^-1 S_p
+        inner = vectors.transpose(1, 2) @ weighted
+        k = torch.cholesky_inverse(torch.linalg.cholesky(eye + 0.5 * (inner + inner.transpose(1, 2))))
+        gram = weighted.transpose(1, 2) @ weighted  # S^T diag(inv_b^2) S
+        v = torch.bmm(zp, weighted)  # (P, N, k): W^T z
+        v2 = torch.bmm(zp, inv_b[:, None] * weighted)  # W^T (inv_b z)
+        kv = torch.bmm(v, k)
+        main = (z2 @ inv_b.square()).reshape(n, p).T  # (P, N)
+        square = main - 2.0 * (v2 * kv).sum(-1) + (torch.bmm(kv, gram) * kv).sum(-1)
+        return (lam * square.clamp_min(0.0).sqrt()).T.reshape(shape).cpu().numpy()
+
+    return maps
 
 
 def _finite_or_none(values: Sequence[float]) -> list[Optional[float]]:
