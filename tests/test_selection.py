@@ -253,3 +253,150 @@ def test_fit_command_prints_the_choice_and_the_report_shows_it(parts, tmp_path, 
     assert "Label-free choice of the model" in page and f"<b>{lam:g}</b>" in page
     assert page.count('<tr><td class="l">') >= len(DEFAULT_LAM_GRID)
     assert report.data["categories"][0]["selection"] == json.loads(json.dumps(det.selection))
+
+
+# ---- the local family ----------------------------------------------------------------------------------
+S128 = dict(backbone="resnet18", weights="random", resize=128, crop=128, batch_size=8, layers=("layer2",))
+
+
+@pytest.fixture(scope="module")
+def template_parts() -> list[np.ndarray]:
+    """An aligned part with detailed structure that differs from place to place (a fixed smooth random pattern),
+    identical in every image up to a little noise: position matters (grid 16 x 16 > d = 128)."""
+    from scipy import ndimage
+
+    template = ndimage.gaussian_filter(np.random.default_rng(123).uniform(0, 1, (128, 128, 3)), (1.5, 1.5, 0))
+    template = (template - template.min()) / (template.max() - template.min())
+    rng = np.random.default_rng(0)
+    return [(np.clip(template + rng.normal(0, 0.02, template.shape), 0, 1) * 255).astype(np.uint8) for _ in range(30)]
+
+
+@pytest.fixture(scope="module")
+def local_fixed(parts) -> CRDDetector:
+    return CRDDetector(**BASE, lam_rel=0.01, spatial="local").fit(parts, progress=False)
+
+
+def test_aligned_parts_choose_the_local_model_and_its_curve_is_the_rest_fits(template_parts):
+    from crd_fast.scorers.local import LocalCRDScorer
+
+    det = CRDDetector(**S128).fit(template_parts, progress=False)
+    record = det.selection
+    families = record["families"]
+    assert list(families) == ["global", "local"] and record["held_out"] == 6
+    assert max(families["local"]["curve"]) > max(families["global"]["curve"])
+    assert det.spatial_choice == "local" and record["choice"] == {"spatial": "local", "lam_rel": det.lam_rel}
+    assert det.lam_rel == families["local"]["lam_rel"] == det.local_scorer.lam_rel
+    assert isinstance(det.local_scorer, LocalCRDScorer) and det.local_scorer.n_images == 30
+    assert det.scorer.n_samples == 30 * 256  # the pooled global CRD of the same images
+    # the local curve, recomputed: a LocalCRDScorer on the non-held images scoring clean + pseudo-defect grids
+    plan = sel.HeldOutPlan(30)
+    held = [i for i in range(30) if plan.take(i)]
+    rest = [i for i in range(30) if i not in held]
+    x = torch.stack([det.preprocess(p) for p in template_parts])
+    grids = patch_grids(det.embed(x))
+    model = LocalCRDScorer(0.01, 0.5, 32).fit(grids[rest]).model()
+    pseudo_x, pixel_masks, _ = sel.pseudo_defect_batch(x[held], det.preprocess.mean, det.preprocess.std, det.seed)
+    both = torch.cat([grids[held], patch_grids(det.embed(pseudo_x))]).double()
+    masks = np.concatenate([np.zeros((6, 16, 16), bool), grid_masks(pixel_masks, (16, 16))])
+    labels = np.r_[np.zeros(6), np.ones(6)]
+    expected = select_lam(lambda lam: model.scores(both, lam).reshape(-1, 16, 16).numpy(), labels, masks)
+    np.testing.assert_allclose(families["local"]["curve"], expected.curve, atol=1e-9)
+    assert families["local"]["lam_rel"] == expected.choice
+
+
+def test_local_detector_predicts_the_float64_local_model_of_its_embeddings(local_fixed, parts):
+    det = local_fixed
+    assert det.selection is None and det.spatial_choice == "local" and det.lam_rel == 0.01
+    result = det.predict(parts[:5], progress=False)
+    x = torch.stack([det.preprocess(p) for p in parts[:5]])
+    grids = patch_grids(det.embed(x)).double()
+    expected = det.local_scorer.model().scores(grids, 0.01).reshape(5, 8, 8).numpy()
+    np.testing.assert_allclose(result.patch_maps, expected, rtol=2e-4, atol=2e-4 * expected.max())
+    np.testing.assert_allclose(result.image_scores, expected.reshape(5, -1).max(1), rtol=2e-4)
+    # and it is not the global CRD of the same images
+    global_maps = det.scorer.score(grids.reshape(-1, det.dim)).reshape(5, 8, 8).numpy()
+    assert not np.allclose(global_maps, expected, rtol=0.05)
+
+
+def test_local_save_load_gives_identical_scores(local_fixed, template_parts, parts, tmp_path):
+    auto = CRDDetector(**S128).fit(template_parts, progress=False)
+    for det, images, name in ((local_fixed, parts[:4], "fixed.crd"), (auto, template_parts[:4], "auto.crd")):
+        det.calibrate(images, q=0.9, progress=False)
+        det.save(tmp_path / name)
+        loaded = CRDDetector.load(tmp_path / name)
+        assert loaded.spatial_choice == "local" and loaded.lam_rel == det.lam_rel
+        assert loaded.selection == (None if det.selection is None else json.loads(json.dumps(det.selection)))
+        assert loaded.options == det.options and loaded.threshold == det.threshold
+        a, b = det.predict(images, progress=False), loaded.predict(images, progress=False)
+        for key in ("image_scores", "anomaly_maps", "patch_maps", "normalized_scores"):
+            torch.testing.assert_close(torch.from_numpy(getattr(b, key)), torch.from_numpy(getattr(a, key)), rtol=0, atol=0)
+        np.testing.assert_array_equal(a.labels, b.labels)
+    _, meta = read_model_file(tmp_path / "auto.crd", "crd_detector")
+    assert meta["config"]["lam_rel"] == "auto" and meta["config"]["spatial"] == "auto"
+    assert meta["spatial_choice"] == "local" and meta["lam_rel"] == auto.lam_rel and "local" in meta
+
+
+def test_a_local_file_with_broken_local_tensors_is_refused(local_fixed, tmp_path):
+    local_fixed.save(tmp_path / "l.crd")
+
+    def drop_local(tensors):
+        for name in [n for n in tensors if n.startswith("local.")]:
+            del tensors[name]
+
+    with pytest.raises(ModelFileError, match="spatial 'local' but holds no local model"):
+        CRDDetector.load(_rewrite(tmp_path / "l.crd", tmp_path, "none.crd", edit_tensors=drop_local))
+
+    def short_means(tensors):
+        tensors["local.means"] = tensors["local.means"][:-1].clone()
+
+    with pytest.raises(ModelFileError, match="l?ocal|means|shape"):
+        CRDDetector.load(_rewrite(tmp_path / "l.crd", tmp_path, "short.crd", edit_tensors=short_means))
+
+    def now_global(meta):
+        meta["config"]["spatial"] = "auto"
+        meta["spatial_choice"] = "global"
+
+    with pytest.raises(ModelFileError, match="global model file holds local-model tensors"):
+        CRDDetector.load(_rewrite(tmp_path / "l.crd", tmp_path, "mixed.crd", now_global))
+
+
+def test_local_online_update_equals_one_fit_and_keeps_the_choice(template_parts, parts):
+    det = CRDDetector(**S128).fit(template_parts[:24], progress=False)
+    spatial, lam, record = det.spatial_choice, det.lam_rel, dict(det.selection)
+    det.partial_fit(template_parts[24:], progress=False)
+    assert (det.spatial_choice, det.lam_rel, det.selection) == (spatial, lam, record) == ("local", lam, record)
+    assert det.local_scorer.n_images == det.n_images == 30 and det.scorer.n_samples == 30 * 256
+    # fewer images than the sketch size: the sketch is exact, so the update equals one fit of all images
+    once = CRDDetector(**S128, lam_rel=lam, spatial="local").fit(template_parts, progress=False)
+    a = det.predict(template_parts[:3], progress=False).patch_maps
+    b = once.predict(template_parts[:3], progress=False).patch_maps
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * b.max())
+    assert det.train_score_stats is not None and det.train_score_stats["n"] == 30
+
+
+def test_tiled_local_detector_fits_all_tiles_in_one_choice(parts):
+    from crd_fast.detector.tiling import TiledDetector
+
+    big = [np.concatenate([p, p[:, ::-1]], axis=1) for p in parts[:20]]  # 64 x 128: two tiles each, 40 tiles
+    tiled = TiledDetector(CRDDetector(**BASE), tile=64, overlap=0).fit(big, progress=False)
+    det = tiled.detector
+    # the tiles are one stream of unknown length: every 8th tile is held out
+    assert det.n_images == 40 and det.selection["n_images"] == 40 and det.selection["held_out"] == 5
+    assert det.selection["grid"] == list(DEFAULT_LAM_GRID) and det.spatial_choice in ("global", "local")
+    assert tiled.predict(big[:2], progress=False).anomaly_maps.shape == (2, 64, 128)
+    fixed = TiledDetector(CRDDetector(**BASE, lam_rel=0.01, spatial="local"), tile=64, overlap=0)
+    fixed.fit(big, progress=False)
+    assert fixed.detector.local_scorer.n_images == 40 and fixed.detector.selection is None
+    assert fixed.predict(big[:1], progress=False).anomaly_maps.shape == (1, 64, 128)
+
+
+def test_distributed_fit_names_the_local_model(parts):
+    from crd_fast.distributed.detector import fit_detector_distributed
+
+    with pytest.raises(ValueError, match="spatial='local'"):
+        fit_detector_distributed(CRDDetector(**BASE, lam_rel=0.01, spatial="local"), parts)
+
+
+def test_local_rank_above_the_sketch_is_refused_when_the_detector_is_made():
+    with pytest.raises(ValueError, match="rank must be an integer in \\[1, sketch - 1 = 63\\]"):
+        CRDDetector(**BASE, spatial="local", lam_rel=0.01, local_rank=64)

@@ -457,12 +457,17 @@ class CRDDetector:
         else:
             with watch:
                 held_set = self._held_out_set(torch.cat(held_inputs), torch.cat(held_grids))
+            pseudo_seconds = watch.seconds
+            with watch:
+                local_model = rest.local.model() if "local" in families else None
+            local_model_seconds = watch.seconds - pseudo_seconds
+            with watch:
                 spatial, lam, families_record = sel.evaluate_candidates(
                     held_set,
                     lam_grid,
                     rest.pooled() if "global" in families else None,
                     opts.center,
-                    rest.local.model() if "local" in families else None,
+                    local_model,
                 )
             record = {
                 "asked": asked,
@@ -474,6 +479,8 @@ class CRDDetector:
                 "pseudo_defects": sorted(set(held_set.kinds)),
                 "criterion": sel.CRITERION,
                 "reason": "label-free selection",
+                "pseudo_defect_seconds": round(pseudo_seconds, 4),
+                "local_model_seconds": round(local_model_seconds, 4),
             }
         with watch:
             self._install_choice(rest.merge(held), spatial, lam)

@@ -235,6 +235,7 @@ def evaluate_candidates(
     records: dict[str, Any] = {}
     best: Optional[tuple[float, str, float]] = None
     for family in SPATIAL_FAMILIES:
+        started = time.perf_counter()
         if family == "global" and global_stats is not None:
             score_fn = _rotated_global_scorer(global_stats, center, grids, shape)
         elif family == "local" and local_model is not None:
@@ -243,6 +244,7 @@ def evaluate_candidates(
             continue
         sel = select_lam(score_fn, held.labels, held.all_masks, lam_grid)
         record = _family_record(sel)
+        record["seconds"] = round(time.perf_counter() - started, 4)  # rotation and every lam of this family
         records[family] = record
         value = record["best"] if math.isfinite(record["best"]) else -math.inf
         if best is None or value > best[0] + 1e-9:
