@@ -57,7 +57,11 @@ UPDATE_SIZES = [22, 9, 35]
 PREDICT_SIZES = [11, 4, 9, 16, 5]  # odd count: the ranks get different numbers of items
 
 # Detector level: resnet18 with seeded random weights on tiny images (layer2+layer3: d = 384, 4x4 patches).
-DETECTOR_OPTIONS = dict(backbone="resnet18", weights="random", resize=36, crop=32, batch_size=8)
+# explicit lam_rel and spatial: the label-free choice ("auto") is single-process (tests/test_selection.py)
+DETECTOR_OPTIONS = dict(
+    backbone="resnet18", weights="random", resize=36, crop=32, batch_size=8, lam_rel=0.01, spatial="global"
+)
+LOCAL_OPTIONS = dict(DETECTOR_OPTIONS, spatial="local", local_rank=4)
 N_TRAIN_IMAGES = 37  # odd, and more than the detector's training-score sample (32): the reservoir replaces some
 N_TEST_IMAGES = 5
 THRESHOLD = 0.075  # inside the range of the random-weight training scores, so both labels occur
@@ -78,10 +82,10 @@ def write_images(folder: Path, images: list[np.ndarray]) -> list[str]:
     return paths
 
 
-def make_detector():
+def make_detector(**options):
     from crd_fast.detector.detector import CRDDetector
 
-    return CRDDetector(**DETECTOR_OPTIONS)
+    return CRDDetector(**{**DETECTOR_OPTIONS, **options})
 
 
 def single_process_scorer(items: list[np.ndarray], **params) -> CRDScorer:
@@ -300,6 +304,37 @@ def test_detector_fit_without_group_equals_detector_fit():
     assert_same_detector(fit_distributed(make_detector(), images), make_detector().fit(images, progress=False))
 
 
+def assert_same_local_detector(a, b) -> None:
+    assert a.spatial_choice == b.spatial_choice == "local" and a.n_images == b.n_images
+    la, lb = a.local_scorer, b.local_scorer
+    assert la.n_images == lb.n_images and (la.lam_rel, la.shrinkage, la.rank) == (lb.lam_rel, lb.shrinkage, lb.rank)
+    # fewer images than the sketch size: the sketches are exact, so any sharding gives the same model
+    ma, mb = la.model(), lb.model()
+    torch.testing.assert_close(ma.means, mb.means, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ma.eigenvalues, mb.eigenvalues, rtol=1e-7, atol=1e-9)
+    assert_same_features_model(a.scorer, b.scorer)
+    sa, sb = a.train_score_stats, b.train_score_stats
+    for key in sa:
+        assert sa[key] == pytest.approx(sb[key], rel=1e-4), key
+
+
+def test_local_detector_fit_without_group_equals_detector_fit():
+    images = tiny_images(40, N_TRAIN_IMAGES)
+    expected = make_detector(**LOCAL_OPTIONS).fit(images, progress=False)
+    assert_same_local_detector(fit_distributed(make_detector(**LOCAL_OPTIONS), images), expected)
+
+
+def test_distributed_fit_of_few_images_settles_the_auto_options_as_a_fit_does():
+    images = tiny_images(44, 9)
+    auto = dict(DETECTOR_OPTIONS, lam_rel="auto", spatial="auto")
+    expected = make_detector(**auto).fit(images, progress=False)
+    got = fit_distributed(make_detector(**auto), images)
+    assert got.selection["reason"] == expected.selection["reason"] and got.lam_rel == expected.lam_rel == 0.01
+    assert_same_detector(got, expected)
+    with pytest.raises(ValueError, match="the label-free choice"):
+        fit_distributed(make_detector(**auto), tiny_images(45, 20))
+
+
 def test_detector_online_update_equals_fit_on_everything(tmp_path):
     old, new = tiny_images(41, 9), tiny_images(42, 7)
     make_detector().fit(old, progress=False).save(tmp_path / "det.crd")
@@ -437,6 +472,20 @@ def test_two_rank_detector_fit_equals_single_process_fit(main_job):
 
 
 @pytest.mark.slow
+def test_two_rank_local_detector_fit_equals_single_process_fit(main_job):
+    from crd_fast.detector.detector import CRDDetector
+
+    expected = make_detector(**LOCAL_OPTIONS).fit(str(main_job / "train"), progress=False)
+    written = CRDDetector.load(main_job / "local.crd")
+    assert_same_local_detector(written, expected)
+    other = CRDDetector.load(main_job / "local.rank1.crd")
+    probe = tiny_images(52, 3)
+    np.testing.assert_array_equal(
+        written.predict(probe, progress=False).patch_maps, other.predict(probe, progress=False).patch_maps
+    )
+
+
+@pytest.mark.slow
 def test_two_rank_detector_prediction_equals_single_process(main_job):
     from crd_fast.detector.detector import CRDDetector
 
@@ -497,6 +546,8 @@ def _scenario_main(out: Path, rank: int) -> None:
     predict_sharded(model, predict_items, output=out / "predict.csv")
     _dump(out / f"predict.rank{rank}.json", records)
 
+    local = fit_distributed(make_detector(**LOCAL_OPTIONS), str(out / "train"), save_path=out / "local.crd")
+    local.save(out / f"local.rank{rank}.crd")
     detector = fit_distributed(make_detector(), str(out / "train"), save_path=out / "detector.crd")
     detector.save(out / f"detector.rank{rank}.crd")
     detector.set_threshold(THRESHOLD)

@@ -329,7 +329,8 @@ def test_local_save_load_gives_identical_scores(local_fixed, template_parts, par
         assert loaded.options == det.options and loaded.threshold == det.threshold
         a, b = det.predict(images, progress=False), loaded.predict(images, progress=False)
         for key in ("image_scores", "anomaly_maps", "patch_maps", "normalized_scores"):
-            torch.testing.assert_close(torch.from_numpy(getattr(b, key)), torch.from_numpy(getattr(a, key)), rtol=0, atol=0)
+            got, want = torch.from_numpy(getattr(b, key)), torch.from_numpy(getattr(a, key))
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
         np.testing.assert_array_equal(a.labels, b.labels)
     _, meta = read_model_file(tmp_path / "auto.crd", "crd_detector")
     assert meta["config"]["lam_rel"] == "auto" and meta["config"]["spatial"] == "auto"

@@ -252,6 +252,27 @@ class CRDDetector:
         self._stats_stale = True
         return self
 
+    def install_local_fit(
+        self, local_scorer: "LocalCRDScorer", n_images: int, reservoir: Reservoir[torch.Tensor]
+    ) -> "CRDDetector":
+        """``install_fit`` for the local model: a LocalCRDScorer fitted elsewhere on this detector's patch grids."""
+        if self._spatial_choice != "local" or not self._lam_resolved:
+            raise ValueError(f"install_local_fit needs a detector with the local model, not {self._spatial_choice}")
+        positions = self.patch_grid[0] * self.patch_grid[1]
+        if not local_scorer.is_fitted or (local_scorer.positions, local_scorer.dim) != (positions, self.dim):
+            raise ValueError(
+                f"the local scorer must be fitted on ({positions}, d={self.dim}) grids, got {local_scorer!r}"
+            )
+        if reservoir.capacity != SCORE_SAMPLE:
+            raise ValueError(f"the reservoir must hold up to {SCORE_SAMPLE} inputs, not {reservoir.capacity}")
+        self.local_scorer = local_scorer
+        self.scorer.replace_statistics(self._pooled_copy())
+        self.n_images = int(n_images)
+        self._reservoir = reservoir
+        self._fit_version += 1
+        self._stats_stale = True
+        return self
+
     @property
     def uses_random_weights(self) -> bool:
         return self.weights_identity.get("kind") == "random"
@@ -380,7 +401,7 @@ class CRDDetector:
                 bar.update(x.shape[0])
         if added == 0:
             raise ValueError("no images to fit on")
-        if local:  # the pooled global CRD of the same images follows the local model's statistics
+        if local and self.local_scorer.is_fitted:  # the pooled global CRD of the same images follows the local model
             self.scorer.replace_statistics(self._pooled_copy())
         self.n_images += added
         self._fit_version += 1
@@ -511,17 +532,30 @@ class CRDDetector:
         started: float,
     ) -> "CRDDetector":
         """The fit of too few images for a selection: the default choice, streamed like explicit options."""
+        self.settle_without_selection(count)
+        self.partial_fit(images, progress)
+        self.selection["fit_seconds"] = round(time.perf_counter() - started, 4)
+        return self
+
+    def settle_without_selection(self, n_images: int) -> dict[str, Any]:
+        """Decide what lam_rel/spatial "auto" leave open as a fit of ``n_images`` (< 20) images does, without a
+        selection: spatial "global" where open, lam_rel DEFAULT_LAM_REL where open; records why (``selection``)
+        and returns the record. For an unfitted detector (e.g. before a distributed fit of few images)."""
+        if self.is_fitted:
+            raise RuntimeError("the detector is fitted: its spatial model and lam_rel are already chosen")
+        families = sel.SPATIAL_FAMILIES if self._spatial_choice is None else (self._spatial_choice,)
+        lam_grid = tuple(DEFAULT_LAM_GRID) if not self._lam_resolved else (float(self.scorer.lam_rel),)
         spatial, lam = sel.default_choice(families, lam_grid)
+        reason = sel.fallback_reason(n_images, 0) or f"{n_images} training images: no selection asked here"
         self.scorer.lam_rel = lam
         if spatial == "local":
+            if self.local_scorer is None:
+                self.local_scorer = self._new_local_scorer(lam)
             self.local_scorer.lam_rel = lam
         self._spatial_choice, self._lam_resolved = spatial, True
-        self.partial_fit(images, progress)
         asked = {"lam_rel": self._options.lam_rel, "spatial": self._options.spatial}
-        record = sel.fallback_record(asked, spatial, lam, self.n_images, sel.fallback_reason(count, 0) or "")
-        record["fit_seconds"] = round(time.perf_counter() - started, 4)
-        self.selection = record
-        return self
+        self.selection = sel.fallback_record(asked, spatial, lam, n_images, reason)
+        return self.selection
 
     def _held_out_set(self, clean_inputs: torch.Tensor, clean_grids: torch.Tensor) -> sel.HeldOutSet:
         """The held-out images' clean grids and pseudo-defect grids (one pseudo-defect each, embedded here)."""
