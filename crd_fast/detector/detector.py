@@ -533,7 +533,11 @@ class CRDDetector:
     ) -> "CRDDetector":
         """The fit of too few images for a selection: the default choice, streamed like explicit options."""
         self.settle_without_selection(count)
-        self.partial_fit(images, progress)
+        try:
+            self.partial_fit(images, progress)
+        except BaseException:
+            self.reset()  # still unfitted: the next fit chooses afresh
+            raise
         self.selection["fit_seconds"] = round(time.perf_counter() - started, 4)
         return self
 
