@@ -306,28 +306,18 @@ def test_onnx_export_of_backbone_and_local_head_matches_torch():
 
 @pytest.fixture(scope="module")
 def local_detector():
-    """A fitted detector made to score position-aware the way the detector wiring does it: ``spatial_choice``
-    "local" and an inference model whose head is a LocalCRDHead (fitted on its own training features)."""
+    """A fitted detector that scores position-aware (``spatial="local"``): its inference model's head is a
+    LocalCRDHead of its own LocalCRDScorer."""
     from deploy_fixtures import CROP, demo_images
 
     from crd_fast.detector.detector import CRDDetector
-    from crd_fast.models import InferenceModel
 
-    det = CRDDetector(backbone="resnet18", weights="random", resize=CROP, crop=CROP, batch_size=4)
-    images = demo_images(8)
-    det.fit(images, progress=False)
-    x = torch.cat([b for _, b in det.iter_batches(images)])
-    with torch.no_grad():
-        feats = det.extractor(x)
-    grids = _grids(feats, "concat")
-    means, vals, vecs = local_eigenpairs_from_patches(grids, 4)
-    xc = grids - means
-    pooled = torch.einsum("npd,npe->de", xc, xc) / (grids.shape[0] * grids.shape[1])
-    model = LocalCRDModel.build(means, pooled, vals, vecs, 0.5)
-    head = LocalCRDHead.from_model(model, 0.05, layer_channels=det.layer_channels, grid=tuple(det.patch_grid))
-    inference = InferenceModel(det.extractor, head, det.mapper).eval()
-    det.spatial_choice = "local"
-    det.inference_model = lambda: inference
+    det = CRDDetector(
+        backbone="resnet18", weights="random", resize=CROP, crop=CROP, batch_size=4,
+        lam_rel=0.05, spatial="local", local_rank=4,
+    )  # fmt: skip
+    det.fit(demo_images(8), progress=False)
+    assert det.spatial_choice == "local" and isinstance(det.inference_model().head, LocalCRDHead)
     return det
 
 

@@ -499,6 +499,7 @@ class CRDDetector:
                 "n_images": seen,
                 "pseudo_defects": sorted(set(held_set.kinds)),
                 "criterion": sel.CRITERION,
+                "local_margin": sel.local_margin(held_set.clean.shape[0], held_set.pseudo.shape[0]),
                 "reason": "label-free selection",
                 "pseudo_defect_seconds": round(pseudo_seconds, 4),
                 "local_model_seconds": round(local_model_seconds, 4),
