@@ -393,4 +393,4 @@ def test_tiled_local_detector_fits_all_tiles_in_one_choice(parts):
 
 def test_local_rank_above_the_sketch_is_refused_when_the_detector_is_made():
     with pytest.raises(ValueError, match="rank must be an integer in \\[1, sketch - 1 = 63\\]"):
-        CRDDetector(**BASE, spatial="local", lam_rel=0.01, local_rank=64)
+        CRDDetector(**BASE, local_rank=64)  # spatial "auto": checked when made, not after the fit

@@ -129,6 +129,8 @@ class CRDDetector:
         self.layer_channels = [s[0] for s in shapes]
         self.patch_grid = (shapes[0][1], shapes[0][2])
         self.dim = embedding_dim(self.layer_channels, config.embedding, config.target_dim)
+        if config.spatial != "global":  # a local_rank the sketch cannot hold fails here, not after a long fit
+            self._new_local_scorer(DEFAULT_LAM_REL)
         self.threshold: Optional[float] = None
         self.pixel_threshold: Optional[float] = None
         self.reset()
