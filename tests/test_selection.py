@@ -144,6 +144,19 @@ def test_an_unknown_number_of_images_holds_out_every_eighth(parts):
     assert det.selection["held_out"] == 5 and det.selection["grid"] == list(DEFAULT_LAM_GRID)
 
 
+def test_without_evidence_the_defaults_are_kept():
+    """Pure noise: no candidate tells pseudo-defects from clean held-out images, so the curves are noise."""
+    rng = np.random.default_rng(5)
+    noise = [(rng.random((PX, PX, 3)) * 255).astype(np.uint8) for _ in range(30)]
+    det = CRDDetector(**BASE).fit(noise, progress=False)
+    record = det.selection
+    assert record["evidence_level"] == pytest.approx(0.5 + 2 * np.sqrt(13 / 432))
+    best = max(max(f["image_auroc"]) for f in record["families"].values())
+    assert best < record["evidence_level"] and "the defaults are kept" in record["reason"]
+    assert record["choice"] == {"spatial": "global", "lam_rel": DEFAULT_LAM_REL} and len(record["families"]) == 2
+    assert det.spatial_choice == "global" and det.lam_rel == DEFAULT_LAM_REL
+
+
 def test_online_update_keeps_the_choice(global_auto, parts):
     det = CRDDetector(**BASE, spatial="global").fit(parts, progress=False)
     lam, record = det.lam_rel, dict(det.selection)

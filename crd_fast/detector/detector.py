@@ -492,6 +492,16 @@ class CRDDetector:
                     opts.center,
                     local_model,
                 )
+            n_clean, n_pseudo = held_set.clean.shape[0], held_set.pseudo.shape[0]
+            level = sel.evidence_level(n_clean, n_pseudo)
+            best_auroc = max(max(v for v in f["image_auroc"] if v is not None) for f in families_record.values())
+            reason = "label-free selection"
+            if best_auroc < level:  # no candidate told the pseudo-defects apart: the curves are noise
+                spatial, lam = sel.default_choice(families, lam_grid)
+                reason = (
+                    f"no candidate told the pseudo-defects from the clean held-out images (best image AUROC "
+                    f"{best_auroc:.3f} < {level:.3f}, chance + 2 standard deviations): the defaults are kept"
+                )
             record = {
                 "asked": asked,
                 "grid": list(lam_grid),
@@ -501,8 +511,9 @@ class CRDDetector:
                 "n_images": seen,
                 "pseudo_defects": sorted(set(held_set.kinds)),
                 "criterion": sel.CRITERION,
-                "local_margin": sel.local_margin(held_set.clean.shape[0], held_set.pseudo.shape[0]),
-                "reason": "label-free selection",
+                "local_margin": sel.local_margin(n_clean, n_pseudo),
+                "evidence_level": level,
+                "reason": reason,
                 "pseudo_defect_seconds": round(pseudo_seconds, 4),
                 "local_model_seconds": round(local_model_seconds, 4),
             }

@@ -257,6 +257,15 @@ def evaluate_candidates(
     return best[1], best[2], records
 
 
+def evidence_level(n_clean: int, n_pseudo: int) -> float:
+    """The image AUROC some candidate must reach for the selection to count: chance (0.5) plus two standard
+    deviations of the AUROC of n_clean vs n_pseudo images that do not differ (Mann-Whitney: sqrt((n1 + n2 + 1) /
+    (12 n1 n2))); 0.84 for 6 + 6 images, 0.67 for 24 + 24. Below it the pseudo-defects were not told apart from
+    the clean images by any candidate, and the curves are noise: the defaults are kept."""
+    n1, n2 = max(1, n_clean), max(1, n_pseudo)
+    return 0.5 + 2.0 * math.sqrt((n1 + n2 + 1) / (12.0 * n1 * n2))
+
+
 def local_margin(n_clean: int, n_pseudo: int) -> float:
     """How much the local model's best criterion must exceed global's to be chosen: one ranked pair of the
     held-out images in image AUROC, 1 / (n_clean n_pseudo) (0.0625 for 4 + 4 images, 0.0017 for 24 + 24)."""
