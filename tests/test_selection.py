@@ -150,7 +150,7 @@ def test_without_evidence_the_defaults_are_kept():
     noise = [(rng.random((PX, PX, 3)) * 255).astype(np.uint8) for _ in range(30)]
     det = CRDDetector(**BASE).fit(noise, progress=False)
     record = det.selection
-    assert record["evidence_level"] == pytest.approx(0.5 + 2 * np.sqrt(13 / 432))
+    assert record["evidence_level"] == pytest.approx(0.5 + np.sqrt(13 / 432))
     best = max(max(f["image_auroc"]) for f in record["families"].values())
     assert best < record["evidence_level"] and "the defaults are kept" in record["reason"]
     assert record["choice"] == {"spatial": "global", "lam_rel": DEFAULT_LAM_REL} and len(record["families"]) == 2

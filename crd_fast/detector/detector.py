@@ -500,7 +500,7 @@ class CRDDetector:
                 spatial, lam = sel.default_choice(families, lam_grid)
                 reason = (
                     f"no candidate told the pseudo-defects from the clean held-out images (best image AUROC "
-                    f"{best_auroc:.3f} < {level:.3f}, chance + 2 standard deviations): the defaults are kept"
+                    f"{best_auroc:.3f} < {level:.3f}, chance + 1 standard deviation): the defaults are kept"
                 )
             record = {
                 "asked": asked,
