@@ -33,6 +33,9 @@ MIN_HELD_OUT = 4
 STREAM_STRIDE = 8
 
 SPATIAL_FAMILIES = ("global", "local")
+#: Standard deviations above chance the best candidate's held-out image AUROC must reach (``evidence_level``);
+#: 0 disables the check. A trade-off measured in docs/DESIGN.md "Position-aware CRD".
+EVIDENCE_DEVIATIONS = 1.0
 #: What the curves hold (select_lam's criterion), as the record states it.
 CRITERION = f"{LamSelection.criterion} (held-out training images)"
 
@@ -264,7 +267,7 @@ def evidence_level(n_clean: int, n_pseudo: int) -> float:
     clean images and the curves are noise: the defaults are kept. (One deviation, not two: on the development
     set's real images the best held-out AUROC was 0.66 with 24 + 24 images, and the choice it made was right.)"""
     n1, n2 = max(1, n_clean), max(1, n_pseudo)
-    return 0.5 + math.sqrt((n1 + n2 + 1) / (12.0 * n1 * n2))
+    return 0.5 + EVIDENCE_DEVIATIONS * math.sqrt((n1 + n2 + 1) / (12.0 * n1 * n2))
 
 
 def local_margin(n_clean: int, n_pseudo: int) -> float:
