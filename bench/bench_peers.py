@@ -17,7 +17,9 @@ and then
 
 Every model uses the same seeded random torchvision wide_resnet50_2 (the state dict is written once and
 loaded into anomalib's timm feature extractor, strictly apart from the classifier). Configurations:
-crd-fast layer2+layer3 concat, per precision (fp32 channels_last, bf16 where the processor has it);
+crd-fast layer2+layer3 concat, per precision (fp32, bf16 where the processor has it), and the fitted fp32
+detector exported to float32 ONNX and to int8 ONNX (``crd_fast.deploy.quantize``, calibrated on the first
+32 training images; their "fit" is the export, after the fp32 fit, and is not compared with anyone's fit);
 PaDiM layer1-3, n_features PADIM_FEATURES (100; see there);
 PatchCore layer2+layer3, coreset ratio 0.1, 9 neighbours. Image decoding is excluded on every side.
 The result is printed as JSON and written to --out.
@@ -71,6 +73,7 @@ def _worker_models(kind: str, weights: str, layers_crd: tuple[str, ...]) -> dict
             )
             det.extractor.set_precision(resolve_precision(name.split("-")[1], "cpu"))
             models[name] = det
+        models["crd-onnx-fp32"] = models["crd-onnx-int8"] = None  # exported from crd-fp32 once it is fitted
         return models
     from anomalib.models.image.padim.torch_model import PadimModel
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
@@ -106,6 +109,25 @@ def _batches(x: np.ndarray):
         yield torch.from_numpy(x[s : s + BATCH])
 
 
+def _export(name: str, det: Any, train: np.ndarray, folder: str) -> Any:
+    """crd-fp32 (fitted) exported to float32 or int8 ONNX; int8 calibrated on the first training images."""
+    import torch
+
+    from crd_fast.deploy import OnnxDetector, export_onnx
+    from crd_fast.deploy.quantize import DEFAULT_CALIBRATION_IMAGES, export_onnx_int8
+
+    path = os.path.join(folder, f"{name}.onnx")
+    if name.endswith("int8"):
+        # the calibration takes images in [0, 1]: undo the driver's normalisation (crop already applied)
+        mean = torch.tensor(det.preprocess.mean).view(1, 3, 1, 1)
+        std = torch.tensor(det.preprocess.std).view(1, 3, 1, 1)
+        unit = (torch.from_numpy(train[:DEFAULT_CALIBRATION_IMAGES]) * std + mean).clamp(0, 1)
+        export_onnx_int8(det, path, unit)
+    else:
+        export_onnx(det, path)
+    return OnnxDetector(path)
+
+
 def _fit(name: str, model: Any, train: np.ndarray) -> None:
     import torch
 
@@ -139,14 +161,19 @@ def _predict(name: str, model: Any, xb: Any) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
+        if name.startswith("crd-onnx"):
+            return model.run(xb.numpy())[0]
         if name.startswith("crd"):
             return model.inference_model()(xb)[0].double().numpy()
         return model(xb).pred_score.double().reshape(-1).numpy()
 
 
-def _backbone(name: str, model: Any, train: np.ndarray) -> float:
+def _backbone(name: str, model: Any, train: np.ndarray) -> Any:
     """Seconds of the backbone alone on the training images, timed on BACKBONE_BATCHES batches and scaled."""
     import torch
+
+    if name.startswith("crd-onnx"):
+        return None  # the exported graph has no separate backbone to time
 
     batches = list(_batches(train))
     timed = batches[:BACKBONE_BATCHES]
@@ -178,7 +205,9 @@ def worker(kind: str, data_dir: str, weights: str) -> None:
         model = models[name]
         t0 = time.perf_counter()
         out: Any = None
-        if cmd == "fit":
+        if cmd == "fit" and name.startswith("crd-onnx"):
+            models[name] = model = _export(name, models["crd-fp32"], train, data_dir)
+        elif cmd == "fit":
             _fit(name, model, train)
         elif cmd == "backbone":
             out = _backbone(name, model, train)
@@ -252,6 +281,39 @@ def _write_data(data_dir: Path, n_train: int, n_test: int) -> np.ndarray:
     return labels
 
 
+def _fit_only(args: argparse.Namespace, argv: Any, owner: dict[str, "Worker"], load: dict) -> dict[str, Any]:
+    """Fit seconds of crd-fast's torch paths and PatchCore on the training set, one after the other."""
+    from crd_fast.benchmark.machine import machine_info
+
+    names = [n for n in owner if (n.startswith("crd") and not n.startswith("crd-onnx")) or n.endswith("patchcore")]
+    fit_s, backbone_s, clock = {}, {}, {}
+    for name in names:
+        load[f"before_fit {name}"] = os.getloadavg()
+        clock[name] = time.strftime("%H:%M:%S", time.gmtime())
+        fit_s[name] = owner[name].ask("fit", name)["s"]
+    load["after_fits"] = os.getloadavg()
+    for name in names:
+        backbone_s[name] = owner[name].ask("backbone", name)["out"]
+    crd = [n for n in names if n.startswith("crd")]
+    best = min(crd, key=fit_s.get)
+    result = {
+        "command": "python bench/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
+        "sizes": {"train": args.train, "batch": BATCH, "crop": CROP},
+        "fit_s": fit_s,
+        "fit_started_utc": clock,
+        "backbone_on_train_s": backbone_s,
+        "fit_minus_backbone_s": {n: fit_s[n] - backbone_s[n] for n in names},
+        "load_average_1_5_15min": load,
+        "fit_ratio_vs_patchcore": {n: fit_s["anomalib-patchcore"] / fit_s[n] for n in crd},
+        "fit_own_part_ratio_vs_patchcore": (fit_s["anomalib-patchcore"] - backbone_s["anomalib-patchcore"])
+        / max(1e-9, fit_s[best] - backbone_s[best]),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--anomalib-python", default="/work/venv-anomalib/bin/python")
@@ -259,6 +321,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--test", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="/tmp/crd_bench_peers.json")
+    ap.add_argument(
+        "--fit-only",
+        action="store_true",
+        help="only the fit comparison: crd-fast's torch paths and PatchCore fitted (and their backbones timed), "
+        "no PaDiM, no ONNX, no predict (for the 200-image fit target when the whole run does not fit the time)",
+    )
     ap.add_argument("--worker", choices=("crd", "anomalib"))
     ap.add_argument("--data")
     ap.add_argument("--weights")
@@ -270,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from crd_fast.core.precision import cpu_flags, resolve_precision
     from crd_fast.evaluation.metrics import image_auroc
 
+    load: dict[str, tuple[float, ...]] = {}  # os.getloadavg(): the shared machine's load during the run
     with tempfile.TemporaryDirectory(prefix="crd_peers_") as tmp:
         data_dir = Path(tmp)
         labels = _write_data(data_dir, args.train, args.test)
@@ -280,7 +349,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         try:
             owner = {name: w for w in workers.values() for name in w.info["ready"]}
+            if args.fit_only:
+                return _fit_only(args, argv, owner, load)
+            load["start"] = os.getloadavg()
             fit_s = {name: w.ask("fit", name)["s"] for name, w in owner.items()}
+            load["after_fit"] = os.getloadavg()
             backbone_s = {name: w.ask("backbone", name)["out"] for name, w in owner.items()}
             times: dict[str, list[float]] = {name: [] for name in owner}
             for name, w in owner.items():
@@ -288,12 +361,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for r in range(args.rounds):
                 for name, w in owner.items():
                     times[name].append(w.ask("predict", name, r)["s"])
+            load["after_predict"] = os.getloadavg()
             aurocs = {name: image_auroc(labels, w.ask("score", name)["out"]) for name, w in owner.items()}
         finally:
             for w in workers.values():
                 w.close()
     ips = {name: BATCH / min(t) for name, t in times.items()}
-    best_crd = max((n for n in ips if n.startswith("crd")), key=ips.get)
+    crd = [n for n in ips if n.startswith("crd")]
+    crd_torch = [n for n in crd if not n.startswith("crd-onnx")]  # the ONNX "fit" is an export, not a fit
+    best_crd = max(crd, key=ips.get)
+    best_fit = min(crd_torch, key=fit_s.get)
     result = {
         "command": "python bench/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(),
@@ -312,15 +389,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "predict_images_per_s_median": {n: BATCH / float(np.median(t)) for n, t in times.items()},
         "fit_s": fit_s,
         "backbone_on_train_s": backbone_s,
-        "fit_minus_backbone_s": {n: fit_s[n] - backbone_s[n] for n in fit_s},
+        "fit_minus_backbone_s": {n: fit_s[n] - backbone_s[n] for n in fit_s if backbone_s[n] is not None},
+        "load_average_1_5_15min": load,
         "image_auroc_random_weights": aurocs,
         "fastest_crd": best_crd,
-        "predict_ratio_vs_padim": ips[best_crd] / ips["anomalib-padim"],
-        "predict_ratio_vs_patchcore": ips[best_crd] / ips["anomalib-patchcore"],
-        "fit_ratio_vs_patchcore": fit_s["anomalib-patchcore"] / fit_s[best_crd],
+        "predict_ratio_vs_padim": {n: ips[n] / ips["anomalib-padim"] for n in crd},
+        "predict_ratio_vs_patchcore": {n: ips[n] / ips["anomalib-patchcore"] for n in crd},
+        "fastest_crd_fit": best_fit,
+        "fit_ratio_vs_patchcore": {n: fit_s["anomalib-patchcore"] / fit_s[n] for n in crd_torch},
         "fit_own_part_ratio_vs_patchcore": (
             (fit_s["anomalib-patchcore"] - backbone_s["anomalib-patchcore"])
-            / max(1e-9, fit_s[best_crd] - backbone_s[best_crd])
+            / max(1e-9, fit_s[best_fit] - backbone_s[best_fit])
         ),
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
