@@ -29,6 +29,9 @@ _LAZY = {
     "variant_projection": "precision",
     "rank_for_error_bound": "precision",
     "PRECISIONS": "precision",
+    "LocalDeployHead": "local_head_file",
+    "load_head_file": "local_head_file",
+    "measure_local_error": "local_head_file",
 }
 
 __all__ = ["OnnxDetector", "DeployError", "metadata_path_for", *_LAZY]

@@ -15,7 +15,8 @@ add nothing). The batch axis is dynamic; image size and feature shapes are fixed
 With ``precision="fp16"`` the head's weights are stored as float16 initializers followed by a Cast to
 float32 (computation stays float32); ``rank=r`` exports the rank-r W instead of M_pre (global CRD only). A
 detector that scores position-aware (``spatial_choice == "local"``) exports its LocalCRDHead (``head_of``): the
-same graph operators plus batched MatMul / Einsum for the rank-k correction. Next to the ONNX
+same graph operators plus batched MatMul / Einsum for the rank-k correction; so does a local head file (kind
+``"local_crd_head"``), with exactly its stored values. Next to the ONNX
 file, ``<file>.json`` holds the metadata (config, sizes, threshold, training score statistics, crd_fast
 version, input and output names and shapes, SHA-256 of the ONNX bytes), which ``OnnxDetector`` checks.
 Both files are written atomically.
@@ -42,6 +43,7 @@ from ..io.model_file import ModelFileError
 from ..models.head import CRDHead
 from ..models.local_head import LocalCRDHead
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
+from .local_head_file import LOCAL_HEAD_KIND, LocalDeployHead
 from .metadata import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -93,27 +95,33 @@ class _WholeModel(nn.Module):
         return patch_maps.flatten(1).amax(dim=1), self.mapper(patch_maps), patch_maps
 
 
-def _load_source(source: Any) -> tuple[Any, Optional[DeployHead], dict[str, Any]]:
-    """(detector or None, head file or None, provenance) from a CRDDetector, a detector file or a head file."""
+def _load_source(source: Any) -> tuple[Any, Optional[Union[DeployHead, LocalDeployHead]], dict[str, Any]]:
+    """(detector or None, head file or None, provenance) from a CRDDetector, a detector file or a head file
+    (global or local)."""
     from ..detector.detector import CRDDetector
 
     if isinstance(source, CRDDetector):
         return source, None, {"source": "CRDDetector (in memory)"}
-    if isinstance(source, DeployHead):
-        return None, source, {"source": "DeployHead (in memory)"}
+    if isinstance(source, (DeployHead, LocalDeployHead)):
+        return None, source, {"source": f"{type(source).__name__} (in memory)"}
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be a CRDDetector, a DeployHead or a model file path, got {type(source).__name__}")
+        raise TypeError(
+            "source must be a CRDDetector, a DeployHead, a LocalDeployHead or a model file path, got "
+            f"{type(source).__name__}"
+        )
     p = Path(source)
     provenance = {"source": str(p), "source_sha256": sha256_bytes(p.read_bytes()) if p.is_file() else None}
     try:
         return CRDDetector.load(p), None, provenance
     except ModelFileError as exc:
+        if f"holds a {LOCAL_HEAD_KIND!r} model" in str(exc):
+            return None, LocalDeployHead.load(p), provenance
         if f"holds a {HEAD_KIND!r} model" not in str(exc):
             raise
     return None, DeployHead.load(p), provenance
 
 
-def _detector_from_head(head: DeployHead) -> Any:
+def _detector_from_head(head: Union[DeployHead, LocalDeployHead]) -> Any:
     """An (unfitted) detector with the backbone and preprocessing a head file's detector metadata describes."""
     from ..detector.detector import CRDDetector
 
@@ -264,7 +272,8 @@ def export_onnx(
 
     Args:
         source: a fitted CRDDetector, a detector model file (``CRDDetector.save``), or a head file / DeployHead
-            (``crd_fast.deploy.precision``; whole-detector export then rebuilds the backbone from its config).
+            (``crd_fast.deploy.precision``) or local head file / LocalDeployHead (``crd_fast.deploy.local_head_file``);
+            whole-detector export from a head file rebuilds the backbone from its detector metadata's config.
         path: the .onnx file to write (its metadata goes to ``metadata_path``, default ``path`` + ".json").
         head_only: export only the head: inputs are the layer feature maps (named after the layers, e.g.
             "layer2", "layer3"), outputs "image_scores" (B,) and "patch_maps" (B, h, w). Otherwise the input is
@@ -293,17 +302,39 @@ def export_onnx(
         error_bound, stored_precision, want_rank, lam = facts["error_bound"], "fp64", facts["rank"], facts["lam"]
     else:
         assert head_file is not None
-        if rank is not None and rank != (head_file.rank or head_file.dim):
+        local_file = isinstance(head_file, LocalDeployHead)
+        if local_file and rank is not None:
+            raise ValueError(
+                f"rank={rank} makes the global head's rank-r W; a local head file has no such form (its own rank "
+                "keeps per-position directions: make a local head file with rank= instead)"
+            )
+        if not local_file and rank is not None and rank != (head_file.rank or head_file.dim):
             raise ValueError(f"the head file has rank={head_file.rank}; make a head file of rank {rank} instead")
         det_meta = head_file.detector or {}
         if not det_meta.get("layer_channels"):
             raise DeployError("the head file has no detector metadata (layers, channels): it cannot be exported")
         info = dict(det_meta)
-        matrix, offset, lam = head_file.matrix, head_file.offset, head_file.lam
-        error_bound, stored_precision, want_rank = head_file.error_bound, head_file.precision, head_file.rank
+        lam, stored_precision = head_file.lam, head_file.precision
         if not head_only:
             detector = _detector_from_head(head_file)
-        head = _head_module(matrix, offset, info["embedding"], int(info["target_dim"]), list(info["layer_channels"]))
+        if local_file:
+            error_bound, want_rank = None, None
+            head = head_file.head(
+                info["embedding"],
+                int(info["target_dim"]),
+                list(info["layer_channels"]),
+                grid=tuple(info.get("patch_grid") or head_file.grid),
+                use_fused=False,
+            ).eval()
+        else:
+            error_bound, want_rank = head_file.error_bound, head_file.rank
+            head = _head_module(
+                head_file.matrix,
+                head_file.offset,
+                info["embedding"],
+                int(info["target_dim"]),
+                list(info["layer_channels"]),
+            )
     local = isinstance(head, LocalCRDHead)
     names = list(layer_names or info["layers"])
     if len(names) != len(info["layer_channels"]):
