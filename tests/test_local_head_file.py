@@ -318,3 +318,42 @@ def test_export_onnx_head_only_from_local_head_file(map_head, tmp_path, precisio
     LocalDeployHead.from_scorer(scorer, grid=(4, 5)).save(bare)
     with pytest.raises(Exception, match="no detector metadata"):
         export_onnx(bare, tmp_path / "bare.onnx", head_only=True)
+
+
+class _LocalView:
+    """A fitted detector seen as one that scores with the local model (its attributes, plus a local scorer)."""
+
+    def __init__(self, detector, local_scorer):
+        self._detector, self.local_scorer, self.spatial_choice = detector, local_scorer, "local"
+
+    def __getattr__(self, name):
+        return getattr(self._detector, name)
+
+
+def test_whole_model_export_from_a_detectors_local_head_file(tmp_path):
+    from deploy_fixtures import demo_images, fitted_detector
+
+    detector = fitted_detector("concat")
+
+    def grids(images):
+        x = torch.cat([batch for _, batch in detector.iter_batches(images)])
+        emb = detector.embed(x).double()
+        b, d, h, w = emb.shape
+        return x, patch_matrix(emb).reshape(b, h * w, d)
+
+    _, train = grids(demo_images(6))
+    scorer = LocalCRDScorer(lam_rel=0.01, shrinkage=0.5, rank=4, sketch=8).fit(train)
+    view = _LocalView(detector, scorer)
+    with pytest.raises(ValueError, match="no such form: pass local_rank="):
+        make_head_file(view, tmp_path / "x.crdh", rank=8)
+    lhead = make_head_file(view, tmp_path / "local16.crdh", precision="fp16", local_rank=3)
+    assert isinstance(lhead, LocalDeployHead) and lhead.grid == tuple(detector.patch_grid)
+    assert lhead.detector["lam_rel"] == scorer.lam_rel and lhead.detector["threshold"] == detector.threshold
+    result = export_onnx(tmp_path / "local16.crdh", tmp_path / "local16.onnx")
+    assert result.metadata["spatial"] == "local" and result.metadata["threshold"] == detector.threshold
+    x, test = grids(demo_images(2) + demo_images(2, defect=True))
+    session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    image_scores, _, patch_maps = session.run(None, {"images": x.numpy()})
+    want = lhead.score(test, torch.float64).reshape(patch_maps.shape).numpy()
+    assert np.abs(patch_maps - want).max() / np.abs(want).max() < 1e-4
+    assert np.abs(image_scores - want.reshape(len(want), -1).max(1)).max() / np.abs(want).max() < 1e-4
