@@ -318,3 +318,37 @@ def test_fuzz_image_loaders(tmp_path_factory, which, edits, cut, head):
         return
     assert img.mode == "RGB" and img.size[0] * img.size[1] > 0
     np.testing.assert_array_equal(np.asarray(onnx_load_image(path)), np.asarray(img))
+
+
+# ---- local head files --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_head_file(tmp_path_factory):
+    from crd_fast.deploy.local_head_file import LocalDeployHead
+    from crd_fast.scorers.local import LocalCRDScorer
+
+    gen = torch.Generator().manual_seed(9)
+    grids = torch.randn(1, 4, 5, generator=gen, dtype=torch.float64) + torch.randn(12, 4, 5, generator=gen).double()
+    scorer = LocalCRDScorer(lam_rel=0.05, rank=2, sketch=16).fit(grids)
+    head = LocalDeployHead.from_scorer(scorer, "fp16", detector={"d": 5, "patch_grid": [2, 2], "threshold": 1.0})
+    path = tmp_path_factory.mktemp("fuzz") / "local.crdh"
+    head.save(path)
+    probe = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    return path, probe, head.score(probe)
+
+
+@settings(max_examples=800, **FUZZ)
+@given(data=st.data())
+def test_fuzz_local_head_metadata(local_head_file, tmp_path_factory, data):
+    from crd_fast.deploy.local_head_file import LocalDeployHead
+
+    path, probe, want = local_head_file
+    meta = _meta(path)
+    _mutate(meta, data, data.draw(st.integers(1, 3)))
+    out = tmp_path_factory.getbasetemp() / "fuzz_local_head_meta.crdh"
+    _write_with_meta(path, out, meta)
+    try:
+        loaded = LocalDeployHead.load(out)
+    except ModelFileError:
+        return
+    # the stored tensors decide the scores; fields (lam_rel, grid, detector, ...) only describe them
+    assert torch.equal(loaded.score(probe), want)

@@ -208,7 +208,7 @@ def test_corrupt_files_are_refused(train, tmp_path):
         ({"drop": ["inner"]}, r"tensors \['inner'\] are missing"),
         ({"tensors": {"extra": torch.zeros(2)}}, r"unexpected tensors \['extra'\]"),
         ({"tensors": {"inner": asym}}, "tensor 'inner' is not symmetric"),
-        ({"tensors": {"inv_b": big_inv_b}}, r"inv_b must lie in \(0, 1/lam"),
+        ({"tensors": {"inv_b": big_inv_b}}, r"inv_b must lie in \(0, 1/lam\]"),
         ({"fields": {"precision": "bf16"}}, "precision 'bf16' is not one of"),
         ({"fields": {"rank": 5}}, r"tensor 'vectors' has shape \(12, 16, 4\), expected \(12, 16, 5\)"),
         ({"fields": {"rank": 7}}, r"rank=7 is not an integer in \[1, 6\]"),

@@ -187,18 +187,19 @@ class _Booby:
 
 def _loaders():
     from crd_fast import CRDDetector
-    from crd_fast.deploy import DeployHead
+    from crd_fast.deploy import DeployHead, LocalDeployHead
 
     return {
         "CRDScorer": CRDScorer.load,
         "NNScorer": NNScorer.load,
         "CRDDetector": CRDDetector.load,
         "DeployHead": DeployHead.load,
+        "LocalDeployHead": LocalDeployHead.load,
     }
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
-@pytest.mark.parametrize("loader", ["CRDScorer", "NNScorer", "CRDDetector", "DeployHead"])
+@pytest.mark.parametrize("loader", ["CRDScorer", "NNScorer", "CRDDetector", "DeployHead", "LocalDeployHead"])
 def test_pickled_files_are_refused_without_unpickling(tmp_path, writer, loader):
     """Model files are safetensors + JSON: a pickle in their place is refused, and its code never runs."""
     import pickle

@@ -302,7 +302,11 @@ class LocalDeployHead:
         extra = sorted(set(tensors) - set(_TENSORS))
         require(not extra, path, f"unexpected tensors {extra}")
         stored = meta.get("precision")
-        require(stored in PRECISIONS, path, f"precision {stored!r} is not one of {tuple(PRECISIONS)}")
+        require(
+            isinstance(stored, str) and stored in PRECISIONS,
+            path,
+            f"precision {stored!r} is not one of {tuple(PRECISIONS)}",
+        )
 
         def integer(key: str, low: int, high: int) -> int:
             value = meta.get(key)
@@ -315,8 +319,9 @@ class LocalDeployHead:
 
         def real(key: str, low: float, high: float, open_low: bool) -> float:
             value = meta.get(key)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ok = ok and (value > low if open_low else value >= low) and value <= high
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            number = float(value) if ok and abs(value) < 1e300 else math.nan  # a huge int would not fit a float
+            ok = ok and math.isfinite(number) and (number > low if open_low else number >= low) and number <= high
             require(ok, path, f"{key}={value!r} is not a finite number in {'(' if open_low else '['}{low}, {high}]")
             return float(value)
 
@@ -343,7 +348,11 @@ class LocalDeployHead:
         if detector is not None:
             require(detector.get("d") in (None, d), path, f"detector metadata says d={detector.get('d')}, file d={d}")
             want_grid = detector.get("patch_grid")
-            require(want_grid in (None, grid), path, f"detector metadata says patch_grid={want_grid}, file {grid}")
+            require(
+                want_grid is None or want_grid == grid,
+                path,
+                f"detector metadata says patch_grid={want_grid}, file {grid}",
+            )
 
         dtype = PRECISIONS[stored]
         expected = {
@@ -371,7 +380,7 @@ class LocalDeployHead:
         require(
             bool((inv_b > 0).all()) and float(inv_b.max()) * lam <= 1 + 1e-9,
             path,
-            f"inv_b must lie in (0, 1/lam = {1 / lam:.6g}]",
+            f"inv_b must lie in (0, 1/lam] (lam={lam:.6g})",
         )
         require(float(matrix.abs().max()) <= 1 + 1e-6, path, "matrix entries must lie in [-1, 1]")
         require(bool(torch.equal(inner, inner.transpose(1, 2))), path, "tensor 'inner' is not symmetric")
