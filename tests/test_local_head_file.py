@@ -79,6 +79,8 @@ def test_fp64_head_scores_are_the_float64_model(train, test_grids, shrinkage, la
     assert _rel(head.score(test_grids, torch.float64), _dense(train, test_grids, K, shrinkage, lam_rel)) < 1e-9
     assert _rel(head.score(test_grids), exact) < 1e-5  # float32 compute, as deployed
     assert head.grid == (3, 4) and head.rank == head.model_rank == K and head.lam == scorer.lam()
+    with pytest.raises(ValueError, match=r"grids must be an \(N, P=12, d=16\) tensor, got \(7, 12, 15\)"):
+        head.score(test_grids[:, :, :15])
 
 
 @pytest.mark.parametrize("lam_rel", [0.01, 1e-4])
@@ -357,3 +359,11 @@ def test_whole_model_export_from_a_detectors_local_head_file(tmp_path):
     want = lhead.score(test, torch.float64).reshape(patch_maps.shape).numpy()
     assert np.abs(patch_maps - want).max() / np.abs(want).max() < 1e-4
     assert np.abs(image_scores - want.reshape(len(want), -1).max(1)).max() / np.abs(want).max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_score_on_cuda_grids_matches_cpu(train, test_grids):
+    head = LocalDeployHead.from_scorer(_scorer(train), "fp16")
+    got = head.score(test_grids.cuda(), torch.float64)
+    assert got.device.type == "cuda"
+    assert _rel(got.cpu(), head.score(test_grids, torch.float64)) < 1e-12

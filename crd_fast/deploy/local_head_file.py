@@ -206,24 +206,18 @@ class LocalDeployHead:
     # ---- scoring --------------------------------------------------------------------------------------
     def score(self, grids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Scores (N, P) of (N, P, d) patch grids as deployed: q_p = M mu_p folded in float64, the rest in
-        ``dtype`` (float32 by default, as the exported head computes)."""
-        if (
-            not isinstance(grids, torch.Tensor)
-            or grids.ndim != 3
-            or tuple(grids.shape[1:])
-            != (
-                self.positions,
-                self.dim,
-            )
-        ):
+        ``dtype`` (float32 by default, as the exported head computes), on the grids' device."""
+        expected = (self.positions, self.dim)
+        if not isinstance(grids, torch.Tensor) or grids.ndim != 3 or tuple(grids.shape[1:]) != expected:
             shape = tuple(grids.shape) if isinstance(grids, torch.Tensor) else type(grids).__name__
             raise ValueError(f"grids must be an (N, P={self.positions}, d={self.dim}) tensor, got {shape}")
-        q = (self.means @ self.matrix.T).to(dtype)  # folded in float64, then cast
-        main = grids.to(dtype) @ self.matrix.to(dtype).T - q
-        vectors, inner = self.vectors.to(dtype), self.inner.to(dtype)
+        dev = grids.device
+        q = (self.means @ self.matrix.T).to(device=dev, dtype=dtype)  # folded in float64, then cast
+        main = grids.to(dtype) @ self.matrix.to(device=dev, dtype=dtype).T - q
+        vectors, inner = self.vectors.to(device=dev, dtype=dtype), self.inner.to(device=dev, dtype=dtype)
         t = torch.einsum("npd,pdk->npk", main, vectors)
         c = torch.einsum("npk,pkj->npj", t, inner)
-        corrected = main - torch.einsum("npj,pdj->npd", c, vectors) * self.inv_b.to(dtype)
+        corrected = main - torch.einsum("npj,pdj->npd", c, vectors) * self.inv_b.to(device=dev, dtype=dtype)
         return torch.linalg.vector_norm(corrected, dim=-1)
 
     def head(
