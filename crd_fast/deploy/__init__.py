@@ -23,14 +23,14 @@ _LAZY = {
     "check_default_domain": "export",
     "head_of": "export",
     "DeployHead": "precision",
-    "make_head_file": "precision",
-    "head_from": "precision",
+    "make_head_file": "head_files",
+    "head_from": "head_files",
+    "load_head_file": "head_files",
     "measure_error": "precision",
     "variant_projection": "precision",
     "rank_for_error_bound": "precision",
     "PRECISIONS": "precision",
     "LocalDeployHead": "local_head_file",
-    "load_head_file": "local_head_file",
     "measure_local_error": "local_head_file",
 }
 

@@ -26,7 +26,7 @@ rank-r truncation of that matrix has no local counterpart and is refused.
 
 Scoring (:meth:`LocalDeployHead.score`) computes in float32 by default, the way the exported head does;
 float16 is a storage format only. :func:`measure_local_error` reports what a variant costs against the exact
-float64 model. :func:`load_head_file` reads either kind of head file.
+float64 model. crd_fast/deploy/head_files.py picks the kind of head file that fits a source and reads either.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from ..core.local import MAX_DIM, MAX_IMAGES, MAX_POSITIONS, LocalCRDModel
-from ..io.model_file import ModelFileError, PathLike, read_model_file, require, write_model_file
+from ..io.model_file import PathLike, read_model_file, require, write_model_file
 from ..models.local_head import LocalCRDHead
 from ..scorers.local import LocalCRDScorer
-from .precision import PRECISIONS, DeployHead, check_precision, detector_info, relative_errors
+from .precision import PRECISIONS, check_precision, detector_info, relative_errors
 
 LOCAL_HEAD_KIND = "local_crd_head"
 _TENSORS = ("matrix", "means", "inv_b", "vectors", "inner")
@@ -404,16 +404,6 @@ class LocalDeployHead:
         )
 
 
-def load_head_file(path: PathLike) -> Union[DeployHead, LocalDeployHead]:
-    """Read a head file of either kind: a DeployHead (``"crd_head"``) or a LocalDeployHead (``"local_crd_head"``)."""
-    try:
-        return DeployHead.load(path)
-    except ModelFileError as exc:
-        if f"holds a {LOCAL_HEAD_KIND!r} model" not in str(exc):
-            raise
-    return LocalDeployHead.load(path)
-
-
 def measure_local_error(
     source: Union[LocalCRDScorer, LocalCRDModel],
     grids: torch.Tensor,
@@ -457,7 +447,6 @@ def measure_local_error(
 __all__ = [
     "LOCAL_HEAD_KIND",
     "LocalDeployHead",
-    "load_head_file",
     "measure_local_error",
     "truncated_model",
 ]

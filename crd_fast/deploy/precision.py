@@ -15,6 +15,10 @@ it): keep the full model file for that.
 Scoring always computes in float32 (or float64); float16 is a storage format here, so its error is
 the rounding of the matrix entries (|entries| <= 1: eigenvalues of M_pre lie in (0, 1]).
 ``measure_error`` reports what each variant costs against the exact float64 score.
+
+The position-aware (local) model has its own head file, kind ``"local_crd_head"``
+(crd_fast/deploy/local_head_file.py); ``crd_fast.deploy.head_from`` / ``make_head_file`` (crd_fast/deploy/head_files.py)
+pick the kind that fits a source, the functions of the same names here make global head files only.
 """
 
 from __future__ import annotations
@@ -110,6 +114,15 @@ class DeployHead:
         detector: Optional[dict[str, Any]] = None,
     ) -> "DeployHead":
         """The head of a fitted scorer at ``rank`` with its matrix stored in ``precision``."""
+        if not isinstance(scorer, CRDScorer):
+            from ..scorers.local import LocalCRDScorer
+
+            hint = (
+                ": use LocalDeployHead (crd_fast.deploy.local_head_file)" if isinstance(scorer, LocalCRDScorer) else ""
+            )
+            raise TypeError(
+                f"DeployHead holds the global CRD projection of a CRDScorer, got a {type(scorer).__name__}{hint}"
+            )
         proj = variant_projection(scorer, precision, rank)
         return cls(
             matrix=proj.matrix,
@@ -294,8 +307,8 @@ def _global(detector: Any) -> Any:
     """``detector``, if it scores with the global CRD (a head file holds the global projection)."""
     if getattr(detector, "spatial_choice", "global") == "local":
         raise ValueError(
-            "this detector uses the local (position-aware) CRD model; head files hold the global CRD projection "
-            "only: export the whole model instead (crd-fast export)"
+            "this detector uses the local (position-aware) CRD model; these head files hold the global CRD projection "
+            "only: crd_fast.deploy.make_head_file writes a local head file for it"
         )
     return detector
 
