@@ -323,7 +323,7 @@ def export_onnx(
                 info["embedding"],
                 int(info["target_dim"]),
                 list(info["layer_channels"]),
-                grid=tuple(info.get("patch_grid") or head_file.grid),
+                grid=tuple(info["patch_grid"]) if info.get("patch_grid") else None,  # None: the file's own grid
                 use_fused=False,
             ).eval()
         else:
