@@ -322,43 +322,58 @@ def test_export_onnx_head_only_from_local_head_file(map_head, tmp_path, precisio
         export_onnx(bare, tmp_path / "bare.onnx", head_only=True)
 
 
-class _LocalView:
-    """A fitted detector seen as one that scores with the local model (its attributes, plus a local scorer)."""
+@pytest.fixture(scope="module")
+def local_detector_file(tmp_path_factory):
+    """A fitted detector that scores position-aware (``spatial="local"``), saved as a detector model file."""
+    from deploy_fixtures import CROP, demo_images
 
-    def __init__(self, detector, local_scorer):
-        self._detector, self.local_scorer, self.spatial_choice = detector, local_scorer, "local"
+    from crd_fast.detector.detector import CRDDetector
 
-    def __getattr__(self, name):
-        return getattr(self._detector, name)
+    det = CRDDetector(
+        backbone="resnet18", weights="random", resize=CROP, crop=CROP, batch_size=4,
+        lam_rel=0.05, spatial="local", local_rank=4,
+    )  # fmt: skip
+    det.fit(demo_images(8), progress=False)
+    det.set_threshold(1.0)
+    path = tmp_path_factory.mktemp("local_det") / "local.crd"
+    det.save(path)
+    return det, path
 
 
-def test_whole_model_export_from_a_detectors_local_head_file(tmp_path):
-    from deploy_fixtures import demo_images, fitted_detector
+def test_head_file_of_a_local_detector_exports_like_the_detector(local_detector_file, tmp_path):
+    from deploy_fixtures import demo_images
 
-    detector = fitted_detector("concat")
+    from crd_fast.deploy import precision as global_heads
 
-    def grids(images):
-        x = torch.cat([batch for _, batch in detector.iter_batches(images)])
-        emb = detector.embed(x).double()
-        b, d, h, w = emb.shape
-        return x, patch_matrix(emb).reshape(b, h * w, d)
-
-    _, train = grids(demo_images(6))
-    scorer = LocalCRDScorer(lam_rel=0.01, shrinkage=0.5, rank=4, sketch=8).fit(train)
-    view = _LocalView(detector, scorer)
+    detector, path = local_detector_file
     with pytest.raises(ValueError, match="no such form: pass local_rank="):
-        make_head_file(view, tmp_path / "x.crdh", rank=8)
-    lhead = make_head_file(view, tmp_path / "local16.crdh", precision="fp16", local_rank=3)
-    assert isinstance(lhead, LocalDeployHead) and lhead.grid == tuple(detector.patch_grid)
-    assert lhead.detector["lam_rel"] == scorer.lam_rel and lhead.detector["threshold"] == detector.threshold
+        make_head_file(path, tmp_path / "x.crdh", rank=8)
+    with pytest.raises(ValueError, match="make_head_file writes a local head file for it"):
+        global_heads.head_from(detector)
+    full = make_head_file(path, tmp_path / "local.crdh", precision="fp64")  # from the detector file
+    assert isinstance(full, LocalDeployHead) and full.grid == tuple(detector.patch_grid) and full.rank == 4
+    assert full.detector["lam_rel"] == detector.lam_rel == full.lam_rel and full.detector["threshold"] == 1.0
+    x = torch.cat([batch for _, batch in detector.iter_batches(demo_images(2) + demo_images(2, defect=True))])
+    with torch.no_grad():
+        want = [t.double().numpy() for t in detector.inference_model()(x)]
+    result = export_onnx(tmp_path / "local.crdh", tmp_path / "local.onnx")
+    assert result.metadata["spatial"] == "local" and result.metadata["threshold"] == 1.0
+    session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    for got, w in zip(session.run(None, {"images": x.numpy()}), want):
+        assert np.abs(got - w).max() / np.abs(w).max() < 1e-4
+
+    # fp16 storage, 3 of the 4 per-position directions: the ONNX graph computes the head file's own scores
+    small = make_head_file(detector, tmp_path / "local16.crdh", precision="fp16", local_rank=3)
+    assert small.rank == 3 and small.model_rank == 4
+    emb = detector.embed(x).double()
+    b, d, h, w = emb.shape
+    grids = patch_matrix(emb).reshape(b, h * w, d)
     result = export_onnx(tmp_path / "local16.crdh", tmp_path / "local16.onnx")
-    assert result.metadata["spatial"] == "local" and result.metadata["threshold"] == detector.threshold
-    x, test = grids(demo_images(2) + demo_images(2, defect=True))
     session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
     image_scores, _, patch_maps = session.run(None, {"images": x.numpy()})
-    want = lhead.score(test, torch.float64).reshape(patch_maps.shape).numpy()
+    want = small.score(grids, torch.float64).reshape(patch_maps.shape).numpy()
     assert np.abs(patch_maps - want).max() / np.abs(want).max() < 1e-4
-    assert np.abs(image_scores - want.reshape(len(want), -1).max(1)).max() / np.abs(want).max() < 1e-4
+    assert np.abs(image_scores - want.reshape(b, -1).max(1)).max() / np.abs(want).max() < 1e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
