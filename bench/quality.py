@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_e2e  # noqa: E402
 import quality_methods as qm  # noqa: E402
 from quality_data import BACKBONES, build_features, elpv_images, synthetic_images  # noqa: E402
 
 from crd_fast.core.lam_selection import DEFAULT_LAM_GRID  # noqa: E402
 from crd_fast.evaluation.metrics import image_auroc  # noqa: E402
+from crd_fast.io.atomic import atomic_write  # noqa: E402
 
 FIXED_LAM = 0.01  # the detector's lam_rel default before this bench
 
@@ -58,7 +60,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-elpv", action="store_true")
     p.add_argument("--synthetic", nargs="*", default=[], help="generated categories to run too (fabric stone cap)")
     p.add_argument(
-        "--skip", nargs="*", default=[], help="methods to skip: nn_full coreset streaming crd peers (PaDiM and NN)"
+        "--skip",
+        nargs="*",
+        default=[],
+        help="methods to skip: nn_full coreset streaming crd peers (PaDiM and NN) "
+        "detector (CRDDetector end to end on the images)",
+    )
+    p.add_argument(
+        "--anomalib-python",
+        default=None,
+        help="interpreter of an environment with anomalib 2.7: adds its Padim and Patchcore rows "
+        "(seeded random wide_resnet50_2, elpv only), run by bench/quality_anomalib.py in a subprocess",
     )
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
@@ -207,9 +219,21 @@ def main(argv=None) -> None:
             )
             if args.features_only:
                 continue
-            results["runs"][f"{key}/{name}"] = run_methods(data, args, with_nn=with_nn)
+            rows = run_methods(data, args, with_nn=with_nn)
+            if "detector" not in args.skip:
+                rows += quality_e2e.detector_rows(key, images_fn, resize, crop, args)
+            if args.anomalib_python and with_nn and key == "wrn50_random":
+                rows += quality_e2e.anomalib_rows(key, images_fn, resize, crop, args)
+            results["runs"][f"{key}/{name}"] = rows
+            if args.out is not None:  # after every run: a stopped bench keeps what it measured
+                write_results(args.out, results)
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=1, default=float))
+        write_results(args.out, results)
+
+
+def write_results(path: Path, results: dict) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1, default=float))
 
 
 if __name__ == "__main__":
