@@ -116,6 +116,12 @@ def _padim_inverse_error(model: torch.nn.Module, cov: dict[int, torch.Tensor]) -
     return max(float((inv[p].double() @ c - eye).abs().max()) for p, c in cov.items())
 
 
+def _float32_inverse_error(cov: dict[int, torch.Tensor]) -> float:
+    """The same residual for one float32 matrix at a time: what float32 reaches on these matrices."""
+    eye = torch.eye(next(iter(cov.values())).shape[0], dtype=torch.float64)
+    return max(float((torch.linalg.inv(c.float()).double() @ c - eye).abs().max()) for c in cov.values())
+
+
 def _padim_covariances(model: torch.nn.Module, positions: int = 3) -> dict[int, torch.Tensor]:
     """anomalib's regularised covariance (cov + 0.01 I + 1e-5 I) at a few positions, in float64, before ``fit``."""
     emb = torch.vstack(model.memory_bank).double()  # (N, C, H, W)
@@ -145,6 +151,7 @@ def fit(name: str, model: torch.nn.Module, train: np.ndarray, batch: int) -> dic
             finally:
                 torch.set_num_threads(threads)
             checks["max_abs_inv_cov_times_cov_minus_eye"] = _padim_inverse_error(model, cov)
+            checks["same_for_single_float32_inverses"] = _float32_inverse_error(cov)
         else:
             torch.manual_seed(0)  # the coreset's random start point
             np.random.seed(0)  # its sparse random projection (sklearn, numpy's global generator)
