@@ -7,6 +7,11 @@ Development data: the elpv polycrystalline cells only (bench/quality_data.py); t
 categories (crd_fast.synthetic) are run through the same methods (--synthetic). All methods of one backbone
 use the same cached features. Image score = the largest patch score; metric = image AUROC on the test split.
 Rows marked "oracle" pick lam on the TEST labels: they show the best a fixed lam could do, nothing a user can.
+
+End-to-end rows on the same images (bench/quality_e2e.py): CRDDetector with lam_rel="auto", spatial="auto"
+(skip with ``--skip detector``), and anomalib 2.7's Padim and Patchcore on the seeded random wide_resnet50_2
+(``--anomalib-python PATH``: the interpreter of an environment with anomalib, which runs
+bench/quality_anomalib.py; anomalib is never a dependency of crd-fast).
 """
 
 from __future__ import annotations

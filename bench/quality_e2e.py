@@ -125,6 +125,7 @@ def anomalib_rows(key: str, images_fn: ImagesFn, resize: int, crop: int, args) -
                 res["fit_seconds"],
                 f"anomalib {out['anomalib']}, torch {out['torch']}; predict {res['predict_seconds']:.0f} s",
                 predict_seconds=res["predict_seconds"],
+                checks=res["checks"],
             )
         )
     print(f"  (anomalib subprocess wall time {wall:.0f} s)", flush=True)
