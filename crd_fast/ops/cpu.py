@@ -9,7 +9,7 @@ For the default wide_resnet50_2 embedding this halves the multiply-adds of "embe
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -100,6 +100,37 @@ def _project_layers(maps: Sequence[torch.Tensor], matrix_t: torch.Tensor, geom: 
     return projected
 
 
+def _run_pass(
+    compiled_pass: Any,
+    maps: Sequence[torch.Tensor],
+    matrix_t: torch.Tensor,
+    q: torch.Tensor,
+    out: torch.Tensor,
+    geom: Geometry,
+    num_threads: Optional[int],
+) -> None:
+    """Project each layer (BLAS), then run one compiled pass (norm or residual) over the output grid into ``out``."""
+    dtype = maps[0].dtype
+    h0, w0 = geom.out_size
+    plan, weights = tables(geom, dtype, torch.device("cpu"))
+    projected = _project_layers(maps, matrix_t, geom)
+    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    compiled_pass(
+        _REAL[dtype],
+        [z.data_ptr() for z in projected],
+        plan.data_ptr(),
+        weights.data_ptr(),
+        q.data_ptr(),
+        out.data_ptr(),
+        geom.batch,
+        h0,
+        w0,
+        int(matrix_t.shape[1]),
+        max(s[1] for s in geom.sizes),
+        threads,
+    )
+
+
 def fused_head_cpu(
     maps: Sequence[torch.Tensor],
     matrix_t: torch.Tensor,
@@ -125,23 +156,7 @@ def fused_head_cpu(
         out = torch.empty((batch, h0, w0), dtype=dtype)
     if batch == 0 or r == 0:
         return out.zero_()  # an empty batch, or a rank-0 matrix: every score is ||0|| = 0
-    plan, weights = tables(geom, dtype, torch.device("cpu"))
-    projected = _project_layers(maps, matrix_t, geom)
-    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
-    _crd_head_cpu.fused_pass(
-        _REAL[dtype],
-        [z.data_ptr() for z in projected],
-        plan.data_ptr(),
-        weights.data_ptr(),
-        q.data_ptr(),
-        out.data_ptr(),
-        batch,
-        h0,
-        w0,
-        r,
-        max(s[1] for s in geom.sizes),
-        threads,
-    )
+    _run_pass(_crd_head_cpu.fused_pass, maps, matrix_t, q, out, geom, num_threads)
     return out
 
 
@@ -179,21 +194,5 @@ def fused_residual_cpu(
     out = torch.empty((batch, h0, w0, r), dtype=dtype)
     if batch == 0 or r == 0:
         return out
-    plan, weights = tables(geom, dtype, torch.device("cpu"))
-    projected = _project_layers(maps, matrix_t, geom)
-    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
-    _crd_head_cpu.fused_residual_pass(
-        _REAL[dtype],
-        [z.data_ptr() for z in projected],
-        plan.data_ptr(),
-        weights.data_ptr(),
-        q.data_ptr(),
-        out.data_ptr(),
-        batch,
-        h0,
-        w0,
-        r,
-        max(s[1] for s in geom.sizes),
-        threads,
-    )
+    _run_pass(_crd_head_cpu.fused_residual_pass, maps, matrix_t, q, out, geom, num_threads)
     return out
