@@ -38,3 +38,27 @@ def torchrun_command(nproc: int, *extra: str) -> list[str]:
         port = s.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(port), *extra]  # fmt: skip
+
+
+def dense_local_scores(train: torch.Tensor, test: torch.Tensor, a: float, k: int, lam_rel: float) -> torch.Tensor:
+    """The local CRD's float64 specification, written densely (docs/DESIGN.md "Position-aware CRD").
+
+    lam ||(S_p + lam I)^-1 (y - mu_p)|| with S_p = a C + (1 - a) V_p E_p V_p^T, C_p's top-k eigenpairs (V_p, E_p)
+    from a dense eigh, C = mean_p C_p and lam = lam_rel * trace(C) / d; ``train`` (N, P, d), ``test`` (M, P, d)
+    -> (M, P), all by dense solves.
+    """
+    train, test = train.to(torch.float64), test.to(torch.float64)
+    n, p, d = train.shape
+    mu = train.mean(0)
+    xc = train - mu
+    cps = torch.einsum("npd,npe->pde", xc, xc) / n
+    pooled = cps.mean(0)
+    lam = lam_rel * float(torch.trace(pooled)) / d
+    kk = min(k, d)
+    out = torch.empty(test.shape[0], p, dtype=torch.float64)
+    for j in range(p):
+        evals, evecs = torch.linalg.eigh(cps[j])
+        v, e = evecs[:, -kk:], evals[-kk:].clamp_min(0)
+        s = a * pooled + (1 - a) * (v * e) @ v.T + lam * torch.eye(d, dtype=torch.float64)
+        out[:, j] = lam * torch.linalg.vector_norm(torch.linalg.solve(s, (test[:, j] - mu[j]).T).T, dim=1)
+    return out

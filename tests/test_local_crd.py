@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from helpers import dense_local_scores
 
 from crd_fast.core.local import (
     LocalCRDModel,
@@ -20,31 +21,13 @@ def _grids(n=12, p=5, d=9, seed=0):
     return base + torch.einsum("npd,pde->npe", x, mix)
 
 
-def _direct(grids_train, grids_test, a, k, lam_rel):
-    """(S_p + lam I)^-1 by dense solves, with C_p's top-k eigenpairs from a dense eigh."""
-    n, p, d = grids_train.shape
-    mu = grids_train.mean(0)
-    xc = grids_train - mu
-    cps = torch.einsum("npd,npe->pde", xc, xc) / n
-    pooled = cps.mean(0)
-    lam = lam_rel * float(torch.trace(pooled)) / d
-    out = torch.empty(grids_test.shape[0], p, dtype=torch.float64)
-    for j in range(p):
-        evals, evecs = torch.linalg.eigh(cps[j])
-        v, e = evecs[:, -k:], evals[-k:].clamp_min(0)
-        s = a * pooled + (1 - a) * (v * e) @ v.T + lam * torch.eye(d, dtype=torch.float64)
-        r = grids_test[:, j] - mu[j]
-        out[:, j] = lam * torch.linalg.vector_norm(torch.linalg.solve(s, r.T).T, dim=1)
-    return out
-
-
 @pytest.mark.parametrize("a,k", [(0.5, 3), (0.2, 9), (1.0, 2), (0.0, 11)])
 def test_woodbury_scores_match_direct_inverse(a, k):
     train, test = _grids(seed=1), _grids(n=4, seed=2)
     means, vals, vecs = local_eigenpairs_from_patches(train, k)
     stats = LocalStatistics(train.shape[1], train.shape[2]).update(train)
     model = LocalCRDModel.build(means, stats.within_covariance(), vals, vecs, a)
-    expected = _direct(train, test, a, min(k, train.shape[2]), 0.05)
+    expected = dense_local_scores(train, test, a, min(k, train.shape[2]), 0.05)
     torch.testing.assert_close(model.scores(test, 0.05), expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(score_deploy_form(model.deploy_form(0.05), test), expected, rtol=1e-9, atol=1e-12)
 
@@ -107,7 +90,7 @@ def test_lam_change_needs_no_refit():
     for lam_rel in (1e-4, 1e-2, 1.0):
         torch.testing.assert_close(
             model.scores_rotated(z, model.factors(model.lam(lam_rel))),
-            _direct(train, test, 0.5, 3, lam_rel),
+            dense_local_scores(train, test, 0.5, 3, lam_rel),
             rtol=1e-9,
             atol=1e-12,
         )

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import dense_local_scores
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from crd_fast.core.embedding import embed_patches, patch_matrix
@@ -50,24 +51,6 @@ def _fit(train_maps, embedding, k, a):
     return LocalCRDModel.build(means, pooled, vals, vecs, a), grids
 
 
-def _dense(train_grids, test_grids, k, a, lam_rel):
-    """lam ||(S_p + lam I)^-1 (y - mu_p)|| with dense solves; C_p's top-k eigenpairs from a dense eigh."""
-    n, p, d = train_grids.shape
-    mu = train_grids.mean(0)
-    xc = train_grids - mu
-    cps = torch.einsum("npd,npe->pde", xc, xc) / n
-    pooled = cps.mean(0)
-    lam = lam_rel * float(torch.trace(pooled)) / d
-    out = torch.empty(test_grids.shape[0], p, dtype=torch.float64)
-    for j in range(p):
-        evals, evecs = torch.linalg.eigh(cps[j])
-        kk = min(k, d)
-        v, e = evecs[:, -kk:], evals[-kk:].clamp_min(0)
-        s = a * pooled + (1 - a) * (v * e) @ v.T + lam * torch.eye(d, dtype=torch.float64)
-        out[:, j] = lam * torch.linalg.vector_norm(torch.linalg.solve(s, (test_grids[:, j] - mu[j]).T).T, dim=1)
-    return out
-
-
 def _head(model, embedding, layers, fused, dtype=torch.float64, lam_rel=0.05):
     channels = [c for c, _, _ in SPECS[layers]]
     return LocalCRDHead.from_model(
@@ -90,7 +73,7 @@ def test_float64_head_equals_direct_computation(embedding, layers, k, a):
     model, train_grids = _fit(train, embedding, k, a)
     test_grids = _grids(test, embedding)
     h, w = SPECS[layers][0][1:]
-    want = _dense(train_grids, test_grids, k, a, 0.05).reshape(3, h, w)
+    want = dense_local_scores(train_grids, test_grids, a, k, 0.05).reshape(3, h, w)
     _assert_rel(model.scores(test_grids, 0.05).reshape(3, h, w), want, 1e-10)
     for fused in (False, True):
         head = _head(model, embedding, layers, fused)

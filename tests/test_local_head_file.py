@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import dense_local_scores
 
 from crd_fast.core.embedding import embed_patches, patch_matrix
 from crd_fast.deploy import DeployHead, export_onnx, head_from, load_head_file, make_head_file
@@ -32,23 +33,6 @@ def _grids(seed: int, n: int, p: int = P, d: int = D) -> torch.Tensor:
     return (
         base + torch.einsum("pdk,npk->npd", basis, coef) + 0.3 * torch.randn(n, p, d, generator=g, dtype=torch.float64)
     )
-
-
-def _dense(train: torch.Tensor, test: torch.Tensor, k: int, a: float, lam_rel: float) -> torch.Tensor:
-    """lam ||(S_p + lam I)^-1 (y - mu_p)|| with S_p = a C + (1 - a) [C_p]_k, dense eigh and solves, float64."""
-    n, p, d = train.shape
-    mu = train.mean(0)
-    xc = train - mu
-    cps = torch.einsum("npd,npe->pde", xc, xc) / n
-    pooled = cps.mean(0)
-    lam = lam_rel * float(torch.trace(pooled)) / d
-    out = torch.empty(test.shape[0], p, dtype=torch.float64)
-    for j in range(p):
-        evals, evecs = torch.linalg.eigh(cps[j])
-        v, e = evecs[:, -k:], evals[-k:].clamp_min(0)
-        s = a * pooled + (1 - a) * (v * e) @ v.T + lam * torch.eye(d, dtype=torch.float64)
-        out[:, j] = lam * torch.linalg.vector_norm(torch.linalg.solve(s, (test[:, j] - mu[j]).T).T, dim=1)
-    return out
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -76,7 +60,9 @@ def test_fp64_head_scores_are_the_float64_model(train, test_grids, shrinkage, la
     head = LocalDeployHead.from_scorer(scorer, "fp64", grid=(3, 4))
     exact = scorer.model().scores(test_grids, lam_rel)
     assert _rel(head.score(test_grids, torch.float64), exact) < 1e-12
-    assert _rel(head.score(test_grids, torch.float64), _dense(train, test_grids, K, shrinkage, lam_rel)) < 1e-9
+    assert (
+        _rel(head.score(test_grids, torch.float64), dense_local_scores(train, test_grids, shrinkage, K, lam_rel)) < 1e-9
+    )
     assert _rel(head.score(test_grids), exact) < 1e-5  # float32 compute, as deployed
     assert head.grid == (3, 4) and head.rank == head.model_rank == K and head.lam == scorer.lam()
     with pytest.raises(ValueError, match=r"grids must be an \(N, P=12, d=16\) tensor, got \(7, 12, 15\)"):
@@ -111,7 +97,7 @@ def test_rank_keeps_top_per_position_directions(train, test_grids):
     for r in (1, 3):
         head = LocalDeployHead.from_scorer(scorer, "fp64", rank=r)
         assert head.rank == r and head.model_rank == K and head.vectors.shape == (P, D, r)
-        dense = _dense(train, test_grids, r, 0.3, 0.003)
+        dense = dense_local_scores(train, test_grids, 0.3, r, 0.003)
         assert _rel(head.score(test_grids, torch.float64), dense) < 1e-9
         # the same as the scorer fitted at rank r (its top-r eigenpairs are the same)
         at_r = _scorer(train, 0.3, 0.003, rank=r).model().scores(test_grids, 0.003)

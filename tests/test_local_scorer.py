@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import cuda
+from helpers import cuda, dense_local_scores
 
 from crd_fast import CRDScorer, LocalCRDScorer, ModelFileError
 from crd_fast.core.dtypes import NumericOverflowError
@@ -19,24 +19,6 @@ def _grids(rng: np.random.Generator, n: int, p: int = 4, d: int = 10, decay: flo
     rot = np.linalg.qr(rng.normal(size=(p, d, d)))[0]
     x = rng.normal(size=(n, p, d)) * decay ** np.arange(d)
     return torch.from_numpy(base + np.einsum("npd,ped->npe", x, rot))
-
-
-def _direct(train: torch.Tensor, test: torch.Tensor, a: float, k: int, lam_rel: float) -> torch.Tensor:
-    """lam ||(S_p + lam I)^-1 (y - mu_p)|| with S_p = a C + (1 - a) V_p E_p V_p^T built densely (dense eigh of C_p)."""
-    n, p, d = train.shape
-    mu = train.mean(0)
-    xc = train - mu
-    cps = torch.einsum("npd,npe->pde", xc, xc) / n
-    pooled = cps.mean(0)
-    lam = lam_rel * float(torch.trace(pooled)) / d
-    out = torch.empty(test.shape[0], p, dtype=torch.float64)
-    for j in range(p):
-        evals, evecs = torch.linalg.eigh(cps[j])
-        v, e = evecs[:, -k:], evals[-k:].clamp_min(0)
-        s = a * pooled + (1 - a) * (v * e) @ v.T + lam * torch.eye(d, dtype=torch.float64)
-        r = test[:, j] - mu[j]
-        out[:, j] = lam * torch.linalg.vector_norm(torch.linalg.solve(s, r.T).T, dim=1)
-    return out
 
 
 def _projectors(values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -87,7 +69,7 @@ def test_few_images_give_the_exact_eigenpairs_and_the_dense_scores(rng):
     torch.testing.assert_close(_projectors(got_vals, got_vecs), _projectors(vals, vecs), rtol=1e-8, atol=1e-10)
     scores = scorer.score(test)
     assert scores.dtype == torch.float64 and scores.shape == (5, 4)
-    torch.testing.assert_close(scores, _direct(train, test, 0.4, 4, 0.05), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(scores, dense_local_scores(train, test, 0.4, 4, 0.05), rtol=1e-9, atol=1e-12)
 
 
 def test_rank_beyond_the_data_keeps_all_of_c_p(rng):
@@ -96,7 +78,7 @@ def test_rank_beyond_the_data_keeps_all_of_c_p(rng):
     scorer = LocalCRDScorer(lam_rel=0.01, shrinkage=0.5, rank=7, sketch=8).fit(train)
     vals, vecs = scorer.statistics.local_eigenpairs(7)
     assert vals.shape == (4, 7) and vecs.shape == (4, 8, 7) and bool((vals[:, 5:] == 0).all())
-    torch.testing.assert_close(scorer.score(test), _direct(train, test, 0.5, 7, 0.01), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(scorer.score(test), dense_local_scores(train, test, 0.5, 7, 0.01), rtol=1e-9, atol=1e-12)
 
 
 def test_options_change_the_model_without_refitting(rng):
@@ -105,7 +87,9 @@ def test_options_change_the_model_without_refitting(rng):
     stats = scorer.statistics
     for lam_rel, a, k in ((1e-3, 0.5, 3), (0.2, 0.5, 3), (0.2, 0.1, 3), (0.2, 0.1, 6), (0.03, 1.0, 1)):
         scorer.lam_rel, scorer.shrinkage, scorer.rank = lam_rel, a, k
-        torch.testing.assert_close(scorer.score(test), _direct(train, test, a, k, lam_rel), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            scorer.score(test), dense_local_scores(train, test, a, k, lam_rel), rtol=1e-9, atol=1e-12
+        )
         assert scorer.statistics is stats and scorer.n_images == 10
         assert scorer.lam() == pytest.approx(lam_rel * float(torch.trace(stats.within_covariance())) / 10, rel=1e-9)
 
@@ -200,7 +184,7 @@ def test_merge_of_two_halves_equals_one_fit_when_exact(rng):
         atol=1e-10,
     )
     torch.testing.assert_close(merged.score(test), whole.score(test), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(merged.score(test), _direct(train, test, 0.5, 5, 0.01), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(merged.score(test), dense_local_scores(train, test, 0.5, 5, 0.01), rtol=1e-9, atol=1e-12)
     # merging into an unfitted scorer copies; merging an unfitted one changes nothing
     empty = LocalCRDScorer(sketch=16, rank=5).merge(whole).merge(LocalCRDScorer(sketch=16, rank=5))
     torch.testing.assert_close(empty.score(test), whole.score(test), rtol=0, atol=0)
