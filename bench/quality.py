@@ -134,13 +134,6 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
     form, t_fit = qm.timed(qm.global_form, train)
     gmaps = qm.global_maps(form, test, grid)
     row("CRD global, lam_rel 0.01 (old default)", auc(gmaps[FIXED_LAM]), t_fit)
-    g_sel, t_sel = qm.timed(qm.choose_lam, lambda x, g: qm.global_maps(qm.global_form(fit), x, g), clean, pseudo, masks)
-    row(
-        "CRD global, lam_rel auto (label-free)",
-        auc(gmaps[g_sel.choice]),
-        t_sel,
-        f"chose {g_sel.choice:g}; selection {t_sel:.1f} s vs head fit {t_fit:.1f} s",
-    )
     g_oracle = {lam: auc(m) for lam, m in gmaps.items()}
     best = max(g_oracle, key=g_oracle.get)
     row("CRD global, best lam_rel on test (oracle)", g_oracle[best], None, f"lam_rel {best:g}")
@@ -149,50 +142,33 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
     lmaps = qm.local_maps(lm, test, grid)
     tag = f"a {args.shrinkage:g}, k {args.rank}"
     row(f"CRD local ({tag}), lam_rel 0.01", auc(lmaps[FIXED_LAM]), t_lfit)
-    l_sel, t_lsel = qm.timed(
-        qm.choose_lam,
-        lambda x, g: qm.local_maps(qm.local_model(fit, args.shrinkage, args.rank), x, g),
-        clean,
-        pseudo,
-        masks,
-    )
-    row(
-        f"CRD local ({tag}), lam_rel auto",
-        auc(lmaps[l_sel.choice]),
-        t_lsel,
-        f"chose {l_sel.choice:g}; selection {t_lsel:.1f} s vs local fit {t_lfit:.1f} s",
-    )
     l_oracle = {lam: auc(m) for lam, m in lmaps.items()}
     lbest = max(l_oracle, key=l_oracle.get)
     row(f"CRD local ({tag}), best lam_rel on test (oracle)", l_oracle[lbest], None, f"lam_rel {lbest:g}")
     if "streaming" not in args.skip:
         sm, t_s = qm.timed(qm.local_model, train, args.shrinkage, args.rank, args.sketch, lm)
-        smap = qm.local_maps(sm, test, (l_sel.choice,))[l_sel.choice]
+        smap = qm.local_maps(sm, test, (FIXED_LAM,))[FIXED_LAM]
         row(
-            f"CRD local one-pass streaming fit (FD sketch ell {args.sketch}), lam auto",
+            f"CRD local one-pass streaming fit (FD sketch ell {args.sketch}), lam_rel 0.01",
             auc(smap),
             t_s,
-            f"max |score - exact| / exact = {np.max(np.abs(smap - lmaps[l_sel.choice]) / lmaps[l_sel.choice]):.2e}",
+            f"max |score - exact| / exact = {np.max(np.abs(smap - lmaps[FIXED_LAM]) / lmaps[FIXED_LAM]):.2e}",
         )
     mm = qm.local_model(train, 1.0, 1, like=lm)
-    mmaps = qm.local_maps(mm, test, (FIXED_LAM, g_sel.choice))
-    row("per-position mean + pooled cov (a = 1), lam auto", auc(mmaps[g_sel.choice]), None, f"lam_rel {g_sel.choice:g}")
-    # spatial="auto": the validation's best curve value decides
-    g_best, l_best = max(g_sel.curve), max(l_sel.curve)
-    pick = "local" if l_best > g_best else "global"
-    auto_maps = lmaps[l_sel.choice] if pick == "local" else gmaps[g_sel.choice]
+    mmaps = qm.local_maps(mm, test, (FIXED_LAM,))
+    row("per-position mean + pooled cov (a = 1), lam_rel 0.01", auc(mmaps[FIXED_LAM]), None)
+    # the detector's label-free rule (held-out likelihood, then pseudo-defects in [lam0, 10 lam0]) on these features
+    (spatial, lam, families, about), t_sel = qm.timed(
+        qm.label_free_choice, fit, clean, pseudo, masks, qm.local_model(fit, args.shrinkage, args.rank)
+    )
+    chosen = (lmaps if spatial == "local" else gmaps)[lam]
     row(
-        "CRD spatial auto + lam auto (label-free)",
-        auc(auto_maps),
-        None,
-        f"picked {pick} (validation {g_best:.3f} global vs {l_best:.3f} local)",
+        "CRD spatial auto + lam auto (the detector's rule, cached features)",
+        auc(chosen),
+        t_sel,
+        f"chose {spatial}, lam_rel {lam:g} ({about['reason']})",
     )
-    rows.append(
-        {
-            "lam_selection": {"global": g_sel.to_json(), "local": l_sel.to_json()},
-            "oracle_curves": {"global": g_oracle, "local": l_oracle},
-        }
-    )
+    rows.append({"selection": families, "oracle_curves": {"global": g_oracle, "local": l_oracle}})
     return rows
 
 

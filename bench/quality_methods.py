@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from crd_fast.core.lam_selection import DEFAULT_LAM_GRID, SpectralForm, select_lam
+from crd_fast.core.lam_selection import DEFAULT_LAM_GRID, SpectralForm
 from crd_fast.core.local import LocalCRDModel, LocalStatistics, local_eigenpairs_from_patches, within_covariance
 from crd_fast.core.stats import PatchStatistics
 
@@ -84,21 +84,18 @@ def local_maps(model: LocalCRDModel, x: np.ndarray, lam_rels) -> dict[float, np.
     return {lam: np.concatenate(v) for lam, v in out.items()}
 
 
-# -- label-free lam choice ------------------------------------------------------------------------
-def choose_lam(
-    maps_fn: Callable[[np.ndarray, tuple], dict[float, np.ndarray]],
-    clean: np.ndarray,
-    pseudo: np.ndarray,
-    pseudo_masks: np.ndarray,
-    grid=DEFAULT_LAM_GRID,
-):
-    """Score clean held-out + pseudo-defect grids for the whole lam grid at once and pick the best lam_rel."""
-    x = np.concatenate([clean, pseudo])
-    maps = maps_fn(x, tuple(grid))
-    h, w = pseudo_masks.shape[1:]
-    labels = np.r_[np.zeros(len(clean)), np.ones(len(pseudo))]
-    masks = np.concatenate([np.zeros((len(clean), h, w), bool), pseudo_masks])
-    return select_lam(lambda lam: maps[lam].reshape(-1, h, w), labels, masks, grid)
+# -- label-free choice: the detector's rule on cached features -----------------------------------------
+def label_free_choice(fit: np.ndarray, clean: np.ndarray, pseudo: np.ndarray, pseudo_masks: np.ndarray, local_fit):
+    """``crd_fast.detector.selection.evaluate_candidates`` (what CRDDetector(lam_rel="auto", spatial="auto") runs)
+    on cached features: the global statistics and ``local_fit`` (a LocalCRDModel) of ``fit``, judged on the clean
+    held-out grids and their pseudo-defect grids. Returns (spatial, lam_rel, family records, about)."""
+    from crd_fast.detector.selection import HeldOutSet, evaluate_candidates
+
+    stats = PatchStatistics(fit.shape[2])
+    for i in range(0, len(fit), CHUNK):
+        stats.update(torch.from_numpy(fit[i : i + CHUNK]).reshape(-1, fit.shape[2]))
+    held = HeldOutSet(torch.from_numpy(clean), torch.from_numpy(pseudo), np.asarray(pseudo_masks, bool), [])
+    return evaluate_candidates(held, tuple(DEFAULT_LAM_GRID), stats, True, local_fit)
 
 
 # -- PaDiM's rule -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import time
 import torch
 
 from crd_fast import CRDDetector
-from crd_fast.detector.selection import selection_table
+from crd_fast.detector.record import selection_table
 from crd_fast.synthetic import render_sample
 
 

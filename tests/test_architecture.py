@@ -38,6 +38,7 @@ TORCH_FREE_MODULES = (
     "crd_fast.choices",
     "crd_fast.detector",
     "crd_fast.detector.config",
+    "crd_fast.detector.record",
     "crd_fast.detector.reservoir",
     "crd_fast.io",
     "crd_fast.io.atomic",

@@ -106,15 +106,33 @@ def test_global_choice_is_select_lams_choice_on_the_rest_fit(parts):
     masks = np.concatenate([np.zeros((len(held), 8, 8), bool), grid_masks(pixel_masks, (8, 8))])
     labels = np.r_[np.zeros(len(held)), np.ones(len(held))]
     z = form.rotate(all_grids)
-    expected = select_lam(lambda lam: form.scores(z, lam).reshape(-1, 8, 8).numpy(), labels, masks)
-    assert record["choice"] == {"spatial": "global", "lam_rel": expected.choice}
-    np.testing.assert_allclose(record["families"]["global"]["image_auroc"], expected.image_auroc, atol=1e-12)
-    np.testing.assert_allclose(record["families"]["global"]["aupro"], expected.aupro, rtol=1e-6)
+    family = record["families"]["global"]
     assert record["grid"] == list(DEFAULT_LAM_GRID) and list(record["families"]) == ["global"]
+    # the likelihood curve, dense: mean -log N(y; mu, C + lam I) per patch and dimension of the clean held-out
+    cov, clean = stats.covariance().double(), grids[held].reshape(-1, det.dim) - stats.mean
+    assert len(family["nll"]) == len(DEFAULT_LAM_GRID)
+    for lam_rel, got in zip(DEFAULT_LAM_GRID, family["nll"]):
+        sigma = cov + lam_rel * torch.trace(cov) / det.dim * torch.eye(det.dim, dtype=torch.float64)
+        quad = (clean * torch.linalg.solve(sigma, clean.T).T).sum(1).mean()
+        assert got == pytest.approx(float(0.5 * (quad + torch.linalg.slogdet(sigma)[1]) / det.dim), rel=1e-9)
+    # lam0 minimises it; lam_rel is select_lam's choice in [lam0, 10 lam0], or the window's top without evidence
+    lam0 = DEFAULT_LAM_GRID[int(np.argmin(family["nll"]))]
+    window = [g for g in DEFAULT_LAM_GRID if lam0 <= g <= 10 * lam0 * (1 + 1e-9)]
+    assert family["lam0"] == lam0 and family["window"] == window and len(window) in (1, 2, 3)
+    in_window = select_lam(lambda lam: form.scores(z, lam).reshape(-1, 8, 8).numpy(), labels, masks, window)
+    # the pseudo-defect curves: select_lam's in the window, None elsewhere (not scored there)
+    inside = [DEFAULT_LAM_GRID.index(g) for g in window]
+    assert all(v is None for i, v in enumerate(family["image_auroc"]) if i not in inside)
+    np.testing.assert_allclose([family["image_auroc"][i] for i in inside], in_window.image_auroc, atol=1e-12)
+    np.testing.assert_allclose([family["aupro"][i] for i in inside], in_window.aupro, rtol=1e-6)
+    evidence = max(in_window.image_auroc) >= record["evidence_level"]
+    lam = in_window.choice if evidence else window[-1]
+    assert record["choice"] == {"spatial": "global", "lam_rel": lam}
+    assert ("pseudo-defects in the window" if evidence else "the window's top") in record["reason"]
     # then the model is fitted on every image with that lam_rel
     full = PatchStatistics(det.dim).update(grids.reshape(-1, det.dim))
     torch.testing.assert_close(det.scorer.statistics.scatter.cpu(), full.scatter, rtol=1e-9, atol=1e-9)
-    assert det.scorer.n_samples == n * 64 and det.lam_rel == expected.choice == det.scorer.lam_rel
+    assert det.scorer.n_samples == n * 64 and det.lam_rel == lam == det.scorer.lam_rel
     assert det.spatial_choice == "global" and det.local_scorer is None
     assert det.options.lam_rel == "auto" and det.config["lam_rel"] == "auto"
 
@@ -144,17 +162,35 @@ def test_an_unknown_number_of_images_holds_out_every_eighth(parts):
     assert det.selection["held_out"] == 5 and det.selection["grid"] == list(DEFAULT_LAM_GRID)
 
 
-def test_without_evidence_the_defaults_are_kept():
-    """Pure noise: no candidate tells pseudo-defects from clean held-out images, so the curves are noise."""
+def test_without_evidence_lam_rel_is_the_top_of_the_likelihood_window():
+    """Pure noise: no lam tells pseudo-defects from clean held-out images, so lam_rel is the window's top."""
     rng = np.random.default_rng(5)
     noise = [(rng.random((PX, PX, 3)) * 255).astype(np.uint8) for _ in range(30)]
     det = CRDDetector(**BASE).fit(noise, progress=False)
     record = det.selection
     assert record["evidence_level"] == pytest.approx(0.5 + np.sqrt(13 / 432))
-    best = max(max(f["image_auroc"]) for f in record["families"].values())
-    assert best < record["evidence_level"] and "the defaults are kept" in record["reason"]
-    assert record["choice"] == {"spatial": "global", "lam_rel": DEFAULT_LAM_REL} and len(record["families"]) == 2
-    assert det.spatial_choice == "global" and det.lam_rel == DEFAULT_LAM_REL
+    chosen = record["families"][record["choice"]["spatial"]]
+    assert chosen["window_best_auroc"] < record["evidence_level"] and "the window's top" in record["reason"]
+    lam0 = chosen["lam0"]
+    assert lam0 == DEFAULT_LAM_GRID[int(np.argmin(chosen["nll"]))] and len(record["families"]) == 2
+    assert record["choice"]["lam_rel"] == chosen["window"][-1] == det.lam_rel
+    # local only where its held-out likelihood is better by more than two standard errors
+    paired = record["paired_likelihood"]
+    assert det.spatial_choice == ("local" if paired["t"] < -2 else "global")
+
+
+def test_the_lam_window_and_the_paired_comparison():
+    grid = DEFAULT_LAM_GRID
+    assert sel.lam_window(grid, 1e-5) == [1e-5, 3e-5, 1e-4]
+    assert sel.lam_window(grid, 3e-3) == [3e-3, 1e-2, 3e-2]
+    assert sel.lam_window(grid, 0.1) == [0.1]
+    assert sel.lam_window((0.003, 0.01), 0.001) == [0.003, 0.01]  # lam0 itself need not be in the grid
+    diff = np.array([-0.3, -0.1, -0.2, -0.2])
+    paired = sel.paired_comparison(diff + 1.0, np.ones(4))
+    se = diff.std(ddof=1) / 2.0
+    assert paired["mean_difference"] == pytest.approx(-0.2) and paired["standard_error"] == pytest.approx(se)
+    assert paired["t"] == pytest.approx(-0.2 / se)
+    assert sel.paired_comparison(np.zeros(3), np.ones(3))["t"] == -np.inf  # always better by the same amount
 
 
 def test_online_update_keeps_the_choice(global_auto, parts):
@@ -295,10 +331,12 @@ def test_aligned_parts_choose_the_local_model_and_its_curve_is_the_rest_fits(tem
     det = CRDDetector(**S128).fit(template_parts, progress=False)
     record = det.selection
     families = record["families"]
-    assert list(families) == ["global", "local"] and record["held_out"] == 8 and record["local_margin"] == 1 / 64
-    assert max(families["local"]["curve"]) > max(families["global"]["curve"]) + record["local_margin"]
+    assert list(families) == ["global", "local"] and record["held_out"] == 8
+    assert min(families["local"]["nll"]) < min(families["global"]["nll"])  # local describes held-out parts better
+    assert record["paired_likelihood"]["t"] < -2  # by more than two standard errors over the 8 held-out images
     assert det.spatial_choice == "local" and record["choice"] == {"spatial": "local", "lam_rel": det.lam_rel}
     assert det.lam_rel == families["local"]["lam_rel"] == det.local_scorer.lam_rel
+    assert det.lam_rel in families["local"]["window"]
     assert isinstance(det.local_scorer, LocalCRDScorer) and det.local_scorer.n_images == 40
     assert det.scorer.n_samples == 40 * 256  # the pooled global CRD of the same images
     # the local curve, recomputed: a LocalCRDScorer on the non-held images scoring clean + pseudo-defect grids
@@ -312,9 +350,21 @@ def test_aligned_parts_choose_the_local_model_and_its_curve_is_the_rest_fits(tem
     both = torch.cat([grids[held], patch_grids(det.embed(pseudo_x))]).double()
     masks = np.concatenate([np.zeros((8, 16, 16), bool), grid_masks(pixel_masks, (16, 16))])
     labels = np.r_[np.zeros(8), np.ones(8)]
-    expected = select_lam(lambda lam: model.scores(both, lam).reshape(-1, 16, 16).numpy(), labels, masks)
-    np.testing.assert_allclose(families["local"]["curve"], expected.curve, atol=1e-9)
-    assert families["local"]["lam_rel"] == expected.choice
+    window = families["local"]["window"]
+    expected = select_lam(lambda lam: model.scores(both, lam).reshape(-1, 16, 16).numpy(), labels, masks, window)
+    inside = [DEFAULT_LAM_GRID.index(g) for g in window]
+    np.testing.assert_allclose([families["local"]["curve"][i] for i in inside], expected.curve, atol=1e-9)
+    assert all(v is None for v in families["global"]["curve"])  # the family not chosen: likelihood only
+    # the likelihood curve, dense: S_p = U (a diag(s) + S~_p S~_p^T) U^T per position, slogdet and solve
+    a, u, s, sv = model.shrinkage, model.eigenvectors, model.eigenvalues, model.scaled_vectors
+    cov = u @ (a * torch.diag_embed(s) + sv @ sv.transpose(1, 2)) @ u.T  # (P, d, d)
+    r = (grids[held].double() - model.means).transpose(0, 1)  # (P, 8, d)
+    eye = torch.eye(model.dim, dtype=torch.float64)
+    for i in (0, 4, 8):
+        sigma = cov + model.lam(DEFAULT_LAM_GRID[i]) * eye
+        quad = (r * torch.linalg.solve(sigma, r.transpose(1, 2)).transpose(1, 2)).sum(-1).mean()
+        dense = float(0.5 * (quad + torch.linalg.slogdet(sigma)[1].mean()) / model.dim)
+        assert families["local"]["nll"][i] == pytest.approx(dense, rel=1e-8)
 
 
 def test_local_detector_predicts_the_float64_local_model_of_its_embeddings(local_fixed, parts):

@@ -204,7 +204,7 @@ def _selection_summary(record: Optional[dict]) -> None:
     """What the label-free choice (lam_rel and/or spatial "auto") chose, with its validation curve."""
     if not record:
         return
-    from ..detector.selection import selection_table
+    from ..detector.record import selection_table
 
     choice = record["choice"]
     asked = ", ".join(f"{k} {v}" for k, v in record.get("asked", {}).items())

@@ -485,22 +485,12 @@ class CRDDetector:
                 local_model = rest.local.model() if "local" in families else None
             local_model_seconds = watch.seconds - pseudo_seconds
             with watch:
-                spatial, lam, families_record = sel.evaluate_candidates(
+                spatial, lam, families_record, about = sel.evaluate_candidates(
                     held_set,
                     lam_grid,
                     rest.pooled() if "global" in families else None,
                     opts.center,
                     local_model,
-                )
-            n_clean, n_pseudo = held_set.clean.shape[0], held_set.pseudo.shape[0]
-            level = sel.evidence_level(n_clean, n_pseudo)
-            best_auroc = max(max(v for v in f["image_auroc"] if v is not None) for f in families_record.values())
-            reason = "label-free selection"
-            if best_auroc < level:  # no candidate told the pseudo-defects apart: the curves are noise
-                spatial, lam = sel.default_choice(families, lam_grid)
-                reason = (
-                    f"no candidate told the pseudo-defects from the clean held-out images (best image AUROC "
-                    f"{best_auroc:.3f} < {level:.3f}, chance + 1 standard deviation): the defaults are kept"
                 )
             record = {
                 "asked": asked,
@@ -511,9 +501,10 @@ class CRDDetector:
                 "n_images": seen,
                 "pseudo_defects": sorted(set(held_set.kinds)),
                 "criterion": sel.CRITERION,
-                "local_margin": sel.local_margin(n_clean, n_pseudo),
-                "evidence_level": level,
-                "reason": reason,
+                "lam_window": sel.LAM_WINDOW,
+                "evidence_level": about["evidence_level"],
+                "paired_likelihood": about["paired_likelihood"],
+                "reason": about["reason"],
                 "pseudo_defect_seconds": round(pseudo_seconds, 4),
                 "local_model_seconds": round(local_model_seconds, 4),
             }

@@ -49,30 +49,34 @@ def curves_png(name: str, curves: dict[str, Any], metrics: dict[str, Any]) -> by
 
 
 def selection_png(name: str, record: dict[str, Any]) -> bytes:
-    """The label-free choice's validation curve: criterion against lam_rel, one line per spatial model."""
+    """The label-free choice: held-out likelihood (left) and pseudo-defect criterion (right) against lam_rel,
+    one line per spatial model, the choice starred."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2, 3.0), dpi=90)
+    fig = Figure(figsize=(7.6, 3.0), dpi=90)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    grid = np.asarray(record["grid"], dtype=float)
-    for family, rec in record["families"].items():
-        curve = np.asarray([np.nan if v is None else v for v in rec["curve"]], dtype=float)
-        ax.plot(grid, curve, marker="o", ms=3, lw=1.5, label=family)
     choice = record["choice"]
-    chosen = record["families"].get(choice["spatial"])
-    if chosen is not None and choice["lam_rel"] in record["grid"]:
-        value = chosen["curve"][record["grid"].index(choice["lam_rel"])]
-        if value is not None:
-            ax.plot([choice["lam_rel"]], [value], marker="*", ms=12, color="black", ls="none", label="chosen")
-    ax.set_xscale("log")
-    ax.set_xlabel("lam_rel")
-    ax.set_ylabel("image AUROC + 0.1 AUPRO")
-    ax.set_title(f"{name}: label-free choice (pseudo-defects)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.16, top=0.88)
+    panels = (("nll", "held-out negative log-likelihood"), ("curve", "image AUROC + 0.1 AUPRO"))
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        grid = list(record["grid"])
+        for family, rec in record["families"].items():
+            values = rec.get(key) or [None] * len(grid)
+            curve = np.asarray([np.nan if v is None else v for v in values], dtype=float)
+            ax.plot(grid, curve, marker="o", ms=3, lw=1.5, label=family)
+        chosen = record["families"].get(choice["spatial"])
+        if chosen is not None and chosen.get(key) and choice["lam_rel"] in grid:
+            value = chosen[key][grid.index(choice["lam_rel"])]
+            if value is not None:
+                ax.plot([choice["lam_rel"]], [value], marker="*", ms=12, color="black", ls="none", label="chosen")
+        ax.set_xscale("log")
+        ax.set_xlabel("lam_rel")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{name}: label-free choice (held-out images)", fontsize=9)
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.88, wspace=0.3)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .._version import __version__
+from ..detector.record import record_rows
 from ..evaluation import metrics as M
 from ..io.atomic import atomic_write
 from ..postprocess.pixels import pixel_f1
@@ -379,16 +380,19 @@ def _selection_section(name: str, record: dict[str, Any]) -> str:
     if not families or not grid:
         return "\n".join(parts)
     parts.append(_img(selection_png(name, record), f"{name} label-free choice"))
-    head = "".join(f"<th>{html.escape(f)}</th>" for f in families)
+    head = "".join(f"<th>{html.escape(f)} nll</th><th>{html.escape(f)} pseudo-defects</th>" for f in families)
     rows = [f'<tr><th class="l">lam_rel</th>{head}</tr>']
-    for i, g in enumerate(grid):
+    for g, cells_by_family in record_rows(record):
         cells = []
-        for fam, rec in families.items():
+        for fam, (nll, crit) in cells_by_family.items():
             mark = " *" if fam == choice.get("spatial") and g == lam else ""
-            cells.append(f"<td>{_fmt(rec['curve'][i], 4)}{mark}</td>")
+            lam0 = " &lt;" if families[fam].get("lam0") == g else ""
+            cells.append(f"<td>{_fmt(nll, 4)}{lam0}</td><td>{_fmt(crit, 4)}{mark}</td>")
         rows.append(f'<tr><td class="l">{g:g}</td>{"".join(cells)}</tr>')
     parts.append(
-        '<p class="note">image AUROC + 0.1 x AUPRO on the held-out images with pseudo-defects (* = chosen)</p>'
+        '<p class="note">nll: negative Gaussian log-likelihood of the clean held-out patches (lowest = the spatial '
+        "model and lam0, marked &lt;); pseudo-defects: image AUROC + 0.1 x AUPRO on the held-out images with "
+        "pseudo-defects, which chooses lam_rel in [lam0, 10 lam0] (* = chosen)</p>"
         + "<table>"
         + "".join(rows)
         + "</table>"

@@ -1,0 +1,124 @@
+"""The spatial families as candidates of the label-free choice: held-out likelihood and patch scores per lam_rel.
+
+Both work on patch grids rotated once into the eigenbasis of the pooled covariance C = U diag(s) U^T, so every
+lam_rel of a grid costs a reweighting (docs/DESIGN.md "Label-free lam"):
+
+* :class:`GlobalCandidate`, the global CRD: score ||diag(lam / (s + lam)) z||, likelihood under N(mu, C + lam I)
+  (diagonal in the eigenbasis);
+* :class:`LocalCandidate`, a ``LocalCRDModel``: S_p = B + S~_p S~_p^T with B = a diag(s) (plus lam), scored through
+  Woodbury and the matrix determinant lemma with (P, k)-wide products only, nothing d x d per lam.
+
+``likelihood`` returns each image's mean over its patches of the negative Gaussian log-likelihood per dimension,
+0.5 (r^T Sigma^-1 r + log det Sigma) / d (the 2 pi constant left out: it is the same for every candidate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.lam_selection import SpectralForm
+from ..core.stats import PatchStatistics
+
+
+class GlobalCandidate:
+    """The global CRD of some statistics, for grids (N, P, d) rotated by :meth:`rotate`."""
+
+    def __init__(self, stats: PatchStatistics, center: bool) -> None:
+        self.form = SpectralForm.from_covariance(stats.covariance(center).cpu(), stats.location(center).cpu())
+        self.eigenvalues = self.form.eigenvalues
+
+    def rotate(self, grids: torch.Tensor) -> torch.Tensor:
+        """z^2 with z = U^T (y - mu): (N, P, d) float64 (only squares enter scores and likelihood)."""
+        return self.form.rotate(grids).square_()
+
+    @staticmethod
+    def concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, b])
+
+    def _lam(self, lam_rel: float) -> float:
+        return lam_rel * self.form.mean_eigenvalue
+
+    def maps(self, rotated: torch.Tensor, lam_rel: float) -> np.ndarray:
+        """Patch scores (N, P): ||diag(c) z||^2 = z^2 . c^2 with c_i = lam / (s_i + lam): one GEMV."""
+        lam = self._lam(lam_rel)
+        return (rotated @ (lam / (self.eigenvalues + lam)).square()).sqrt().numpy()
+
+    def likelihood(self, rotated: torch.Tensor, lam_rel: float) -> np.ndarray:
+        """Per image (N,): mean over patches of 0.5 (z^2 . 1 / (s + lam) + sum log (s + lam)) / d."""
+        sigma = self.eigenvalues + self._lam(lam_rel)
+        quad = (rotated @ (1.0 / sigma)).mean(1)
+        return (0.5 * (quad + torch.log(sigma).sum()) / sigma.shape[0]).numpy()
+
+
+@dataclass(frozen=True)
+class _LocalFactors:
+    lam: float
+    inv_b: torch.Tensor  # (d,): B^-1 = diag(1 / (a s + lam))
+    weighted: torch.Tensor  # (P, d, k): W_p = B^-1 S~_p
+    k: torch.Tensor  # (P, k, k): (I + S~^T B^-1 S~)^-1
+    logdet: torch.Tensor  # (P,): log det (S_p + lam I)
+
+
+@dataclass(frozen=True)
+class LocalRotated:
+    """Grids rotated for the local model: z^2 (N, P, d) and z by position (P, N, d)."""
+
+    squares: torch.Tensor
+    by_position: torch.Tensor
+
+
+class LocalCandidate:
+    """A ``LocalCRDModel`` (crd_fast/core/local.py), for grids rotated by :meth:`rotate`."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._factors: dict[float, _LocalFactors] = {}
+
+    def rotate(self, grids: torch.Tensor) -> LocalRotated:
+        z = self.model.rotate(grids.to(self.model.means.device))  # (N, P, d) float64
+        return LocalRotated(z.square(), z.transpose(0, 1).contiguous())
+
+    @staticmethod
+    def concat(a: LocalRotated, b: LocalRotated) -> LocalRotated:
+        return LocalRotated(torch.cat([a.squares, b.squares]), torch.cat([a.by_position, b.by_position], dim=1))
+
+    def factors(self, lam_rel: float) -> _LocalFactors:
+        """Woodbury factors at lam_rel (kept: the likelihood and the scores of one lam share them)."""
+        if lam_rel not in self._factors:
+            m = self.model
+            lam = m.lam(lam_rel)
+            inv_b = 1.0 / (m.shrinkage * m.eigenvalues + lam)
+            vectors = m.scaled_vectors  # (P, d, k)
+            weighted = inv_b[:, None] * vectors
+            inner = vectors.transpose(1, 2) @ weighted
+            eye = torch.eye(m.rank, dtype=torch.float64, device=vectors.device)
+            chol = torch.linalg.cholesky(eye + 0.5 * (inner + inner.transpose(1, 2)))
+            # det(B + S~ S~^T) = det B det(I + S~^T B^-1 S~) (the matrix determinant lemma)
+            logdet = -torch.log(inv_b).sum() + 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+            self._factors[lam_rel] = _LocalFactors(lam, inv_b, weighted, torch.cholesky_inverse(chol), logdet)
+        return self._factors[lam_rel]
+
+    def maps(self, rotated: LocalRotated, lam_rel: float) -> np.ndarray:
+        """Patch scores (N, P): ``LocalCRDModel.scores_rotated``'s lam ||inv_b z - W K W^T z||, expanded so that
+        nothing d-sized is formed per lam: with v = W^T z, v2 = W^T (inv_b z) and G = W^T W, the square is
+        lam^2 (sum inv_b^2 z^2 - 2 v2.Kv + Kv.G Kv)."""
+        f = self.factors(lam_rel)
+        zp = rotated.by_position
+        v = torch.bmm(zp, f.weighted)  # (P, N, k)
+        v2 = torch.bmm(zp, f.inv_b[:, None] * f.weighted)
+        kv = torch.bmm(v, f.k)
+        gram = f.weighted.transpose(1, 2) @ f.weighted  # only the scores need it (a few lam), not the likelihood
+        main = (rotated.squares @ f.inv_b.square()).T  # (P, N)
+        square = main - 2.0 * (v2 * kv).sum(-1) + (torch.bmm(kv, gram) * kv).sum(-1)
+        return (f.lam * square.clamp_min(0.0).sqrt()).T.cpu().numpy()
+
+    def likelihood(self, rotated: LocalRotated, lam_rel: float) -> np.ndarray:
+        """Per image (N,): z^T (S_p + lam I)^-1 z = z.inv_b z - v.Kv (Woodbury), plus log det, over 2 d."""
+        f = self.factors(lam_rel)
+        v = torch.bmm(rotated.by_position, f.weighted)  # (P, N, k)
+        quad = (rotated.squares @ f.inv_b).T - (torch.bmm(v, f.k) * v).sum(-1)  # (P, N)
+        return (0.5 * (quad + f.logdet[:, None]).mean(0) / self.model.dim).cpu().numpy()
