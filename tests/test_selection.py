@@ -115,7 +115,7 @@ def test_global_choice_is_select_lams_choice_on_the_rest_fit(parts):
         sigma = cov + lam_rel * torch.trace(cov) / det.dim * torch.eye(det.dim, dtype=torch.float64)
         quad = (clean * torch.linalg.solve(sigma, clean.T).T).sum(1).mean()
         assert got == pytest.approx(float(0.5 * (quad + torch.linalg.slogdet(sigma)[1]) / det.dim), rel=1e-9)
-    # lam0 minimises it; lam_rel is select_lam's choice in [lam0, 10 lam0], or the window's top without evidence
+    # lam0 minimises it; lam_rel is select_lam's choice in [lam0, 10 lam0], or without evidence the default (>= lam0)
     lam0 = DEFAULT_LAM_GRID[int(np.argmin(family["nll"]))]
     window = [g for g in DEFAULT_LAM_GRID if lam0 <= g <= 10 * lam0 * (1 + 1e-9)]
     assert family["lam0"] == lam0 and family["window"] == window and len(window) in (1, 2, 3)
@@ -126,9 +126,9 @@ def test_global_choice_is_select_lams_choice_on_the_rest_fit(parts):
     np.testing.assert_allclose([family["image_auroc"][i] for i in inside], in_window.image_auroc, atol=1e-12)
     np.testing.assert_allclose([family["aupro"][i] for i in inside], in_window.aupro, rtol=1e-6)
     evidence = max(in_window.image_auroc) >= record["evidence_level"]
-    lam = in_window.choice if evidence else window[-1]
+    lam = in_window.choice if evidence else max(DEFAULT_LAM_REL, lam0)
     assert record["choice"] == {"spatial": "global", "lam_rel": lam}
-    assert ("pseudo-defects in the window" if evidence else "the window's top") in record["reason"]
+    assert ("by the pseudo-defects" if evidence else "the default 0.01, not below lam0") in record["reason"]
     # then the model is fitted on every image with that lam_rel
     full = PatchStatistics(det.dim).update(grids.reshape(-1, det.dim))
     torch.testing.assert_close(det.scorer.statistics.scatter.cpu(), full.scatter, rtol=1e-9, atol=1e-9)
@@ -162,18 +162,19 @@ def test_an_unknown_number_of_images_holds_out_every_eighth(parts):
     assert det.selection["held_out"] == 5 and det.selection["grid"] == list(DEFAULT_LAM_GRID)
 
 
-def test_without_evidence_lam_rel_is_the_top_of_the_likelihood_window():
-    """Pure noise: no lam tells pseudo-defects from clean held-out images, so lam_rel is the window's top."""
+def test_without_evidence_lam_rel_is_the_default_not_below_lam0():
+    """Pure noise: no lam tells pseudo-defects from clean held-out images: the default 0.01, or lam0 above it."""
     rng = np.random.default_rng(5)
     noise = [(rng.random((PX, PX, 3)) * 255).astype(np.uint8) for _ in range(30)]
     det = CRDDetector(**BASE).fit(noise, progress=False)
     record = det.selection
     assert record["evidence_level"] == pytest.approx(0.5 + np.sqrt(13 / 432))
     chosen = record["families"][record["choice"]["spatial"]]
-    assert chosen["window_best_auroc"] < record["evidence_level"] and "the window's top" in record["reason"]
+    assert chosen["window_best_auroc"] < record["evidence_level"]
+    assert "the default 0.01, not below lam0" in record["reason"]
     lam0 = chosen["lam0"]
     assert lam0 == DEFAULT_LAM_GRID[int(np.argmin(chosen["nll"]))] and len(record["families"]) == 2
-    assert record["choice"]["lam_rel"] == chosen["window"][-1] == det.lam_rel
+    assert record["choice"]["lam_rel"] == max(DEFAULT_LAM_REL, lam0) == det.lam_rel
     # local only where its held-out likelihood is better by more than two standard errors
     paired = record["paired_likelihood"]
     assert det.spatial_choice == ("local" if paired["t"] < -2 else "global")
@@ -185,6 +186,8 @@ def test_the_lam_window_and_the_paired_comparison():
     assert sel.lam_window(grid, 3e-3) == [3e-3, 1e-2, 3e-2]
     assert sel.lam_window(grid, 0.1) == [0.1]
     assert sel.lam_window((0.003, 0.01), 0.001) == [0.003, 0.01]  # lam0 itself need not be in the grid
+    assert sel.no_evidence_lam(grid, 1e-5) == DEFAULT_LAM_REL == 0.01 and sel.no_evidence_lam(grid, 0.03) == 0.03
+    assert sel.no_evidence_lam((0.003,), 0.1) == 0.003  # a fixed lam_rel stays
     diff = np.array([-0.3, -0.1, -0.2, -0.2])
     paired = sel.paired_comparison(diff + 1.0, np.ones(4))
     se = diff.std(ddof=1) / 2.0
@@ -336,7 +339,7 @@ def test_aligned_parts_choose_the_local_model_and_its_curve_is_the_rest_fits(tem
     assert record["paired_likelihood"]["t"] < -2  # by more than two standard errors over the 8 held-out images
     assert det.spatial_choice == "local" and record["choice"] == {"spatial": "local", "lam_rel": det.lam_rel}
     assert det.lam_rel == families["local"]["lam_rel"] == det.local_scorer.lam_rel
-    assert det.lam_rel in families["local"]["window"]
+    assert det.lam_rel in families["local"]["window"] or det.lam_rel == max(DEFAULT_LAM_REL, families["local"]["lam0"])
     assert isinstance(det.local_scorer, LocalCRDScorer) and det.local_scorer.n_images == 40
     assert det.scorer.n_samples == 40 * 256  # the pooled global CRD of the same images
     # the local curve, recomputed: a LocalCRDScorer on the non-held images scoring clean + pseudo-defect grids

@@ -44,7 +44,7 @@ LAM_WINDOW = 10.0
 #: images, ``paired_comparison``) for local to be chosen: the global model is the simpler one.
 LOCAL_STANDARD_ERRORS = 2.0
 #: Standard deviations above chance the pseudo-defect image AUROC must reach in the window (``evidence_level``)
-#: for the pseudo-defects to choose there; below it the window's top is taken.
+#: for the pseudo-defects to choose there; below it ``no_evidence_lam`` applies.
 EVIDENCE_DEVIATIONS = 1.0
 #: What the record's curves hold, as it states them.
 CRITERION = (
@@ -179,6 +179,18 @@ def lam_window(lam_grid: Sequence[float], lam0: float) -> list[float]:
     return [g for g in lam_grid if lam0 * (1 - 1e-9) <= g <= lam0 * LAM_WINDOW * (1 + 1e-9)]
 
 
+def no_evidence_lam(lam_grid: Sequence[float], lam0: float) -> float:
+    """lam_rel when the pseudo-defects tell nothing: DEFAULT_LAM_REL, but not below lam0 (a fixed lam_rel: itself).
+
+    Without evidence of how strong defects are, the window cannot be searched: 0.01 is where the generated
+    categories' defects are found best (README "Choosing lam_rel"), and below lam0 the model fits normal
+    patches worse. On the development set's random wide_resnet50_2 this costs 0.02 AUROC against the window's
+    top (docs/DESIGN.md "Label-free lam")."""
+    if len(lam_grid) == 1:
+        return float(lam_grid[0])
+    return max(DEFAULT_LAM_REL, lam0)
+
+
 def paired_comparison(local: np.ndarray, global_: np.ndarray) -> dict[str, float]:
     """Local minus global held-out negative log-likelihood per clean held-out image (each family at its own lam0):
     mean, standard error and their ratio t. Local is chosen when t < -LOCAL_STANDARD_ERRORS."""
@@ -205,9 +217,8 @@ def evaluate_candidates(
        at its lam0 by more than LOCAL_STANDARD_ERRORS standard errors (``paired_comparison``); otherwise global.
     2. lam_rel is chosen in the chosen family's window [lam0, LAM_WINDOW lam0] (``lam_window``) by
        ``select_lam``'s pseudo-defect criterion, if its best image AUROC there reaches ``evidence_level``;
-       otherwise it is the window's top, its largest value (as ``select_lam`` breaks ties: the better-conditioned
-       one). Pseudo-defects are scored there only (the
-       record's pseudo-defect curves are None elsewhere).
+       otherwise ``no_evidence_lam``. Pseudo-defects are scored in the window only (the record's pseudo-defect
+       curves are None elsewhere).
     """
     lam_grid = tuple(float(g) for g in lam_grid)
     n_clean = held.clean.shape[0]
@@ -231,8 +242,10 @@ def evaluate_candidates(
         best = int(np.nanargmin(np.asarray(nll, dtype=float)))
         at_lam0[family] = per_image[best]
         lam0 = lam_grid[best]
+        diffs = np.stack(per_image) - per_image[best]  # (lams, n_clean): paired against lam0
         records[family] = {
             "nll": _finite_or_none(nll),
+            "nll_se": _finite_or_none(diffs.std(axis=1, ddof=1) / math.sqrt(diffs.shape[1])),
             "lam0": lam0,
             "window": lam_window(lam_grid, lam0),
             "seconds": round(time.perf_counter() - started, 4),  # rotation and every lam's likelihood
@@ -262,14 +275,15 @@ def evaluate_candidates(
     if window_best >= level:
         lam = in_window.choice
         how = (
-            f"pseudo-defects in the window (best image AUROC {window_best:.3f} >= {level:.3f}, "
-            "chance + 1 standard deviation)"
+            f"from the window [{window[0]:g}, {window[-1]:g}] by the pseudo-defects (best image AUROC "
+            f"{window_best:.3f} >= {level:.3f}, chance + 1 standard deviation)"
         )
     else:
-        lam = window[-1]
+        lam = no_evidence_lam(lam_grid, rec["lam0"])
         how = (
-            f"the window's top: no lam_rel in it told the pseudo-defects from the clean held-out images (best "
-            f"image AUROC {window_best:.3f} < {level:.3f}, chance + 1 standard deviation)"
+            f"the default {DEFAULT_LAM_REL:g}, not below lam0: no lam_rel in the window [{window[0]:g}, "
+            f"{window[-1]:g}] told the pseudo-defects from the clean held-out images (best image AUROC "
+            f"{window_best:.3f} < {level:.3f}, chance + 1 standard deviation)"
         )
 
     def over_grid(values: Sequence[float]) -> list[Optional[float]]:
@@ -289,7 +303,7 @@ def evaluate_candidates(
         "paired_likelihood": paired,
         "reason": (
             f"label-free selection: spatial {spatial!r} ({why}), lam0 {rec['lam0']:g} (its likelihood's minimiser), "
-            f"lam_rel {lam:g} from the window [{window[0]:g}, {window[-1]:g}] by {how}"
+            f"lam_rel {lam:g}, {how}"
         ),
     }
     return spatial, lam, records, about
@@ -299,7 +313,7 @@ def evidence_level(n_clean: int, n_pseudo: int) -> float:
     """The image AUROC the pseudo-defect criterion must reach in the lam window to choose there: chance (0.5)
     plus one standard deviation of the AUROC of n_clean vs n_pseudo images that do not differ (Mann-Whitney:
     sqrt((n1 + n2 + 1) / (12 n1 n2))); 0.67 for 6 + 6 images, 0.58 for 24 + 24. Below it the pseudo-defects
-    were not told apart and the window's top is taken."""
+    were not told apart and ``no_evidence_lam`` applies."""
     n1, n2 = max(1, n_clean), max(1, n_pseudo)
     return 0.5 + EVIDENCE_DEVIATIONS * math.sqrt((n1 + n2 + 1) / (12.0 * n1 * n2))
 
