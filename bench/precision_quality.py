@@ -15,7 +15,9 @@ option), so only the precision differs. Per data set:
   fits), score the test images: image AUROC, largest image-score difference, anomaly-map differences
   (largest and 99.9th percentile of |map - fp32 map|, relative to fp32's largest map value);
 * the fp32 detector exported to float32 ONNX and to int8 ONNX (``crd_fast.deploy.quantize``, calibrated on
-  the first --calibration-images training images, the export's default count) scores them the same way;
+  the first --calibration-images training images, the export's default count, head refitted on the int8
+  backbone's features of all training images) scores them the same way; so does the int8 export that keeps
+  the float32-fitted head (``refit_head=False``, "onnx-int8 float head"; not timed: same graph);
 * speed: one normalised batch of 8 through all four (torch fp32, torch bf16, ONNX fp32, ONNX int8),
   round-robin (--rounds after a warm-up round), images/s from the best and the median round.
 
@@ -69,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument(
+        "--no-int8-float-head",
+        action="store_true",
+        help="skip the int8 export that keeps the float32-fitted head (refit_head=False; scored, not timed)",
+    )
     p.add_argument("--out", type=Path, default=Path("/tmp/crd_precision_quality.json"))
     return p.parse_args(argv)
 
@@ -163,6 +170,17 @@ def run_dataset(name: str, train: torch.Tensor, test: torch.Tensor, labels: np.n
             )
             onnx["onnx-int8"] = OnnxDetector(int8.onnx_path)
             export_s["onnx-int8"] = time.perf_counter() - t0
+            if not args.no_int8_float_head:  # the export before the head refit: what the refit changes
+                t0 = time.perf_counter()
+                int8_float_head = export_onnx_int8(
+                    dets["fp32"],
+                    Path(tmp) / "int8_float_head.onnx",
+                    train,
+                    calibration_images=args.calibration_images,
+                    refit_head=False,
+                )
+                onnx["onnx-int8-float-head"] = OnnxDetector(int8_float_head.onnx_path)
+                export_s["onnx-int8-float-head"] = time.perf_counter() - t0
             xn = x.numpy()
             for key, sess in onnx.items():
                 scores, maps = [], []
@@ -171,7 +189,8 @@ def run_dataset(name: str, train: torch.Tensor, test: torch.Tensor, labels: np.n
                     scores.append(sc)
                     maps.append(am)
                 out[key] = {"scores": np.concatenate(scores), "maps": np.concatenate(maps)}
-                paths[key] = lambda sess=sess: sess.run(xn)
+                if key != "onnx-int8-float-head":  # same graph and speed as onnx-int8 but for the head's values
+                    paths[key] = lambda sess=sess: sess.run(xn)
                 print(
                     f"  {key}: export {export_s[key]:.1f} s, image AUROC {image_auroc(labels, out[key]['scores']):.4f}",
                     flush=True,
@@ -188,6 +207,10 @@ def run_dataset(name: str, train: torch.Tensor, test: torch.Tensor, labels: np.n
     if "onnx-fp32" in out:
         quality["onnx-fp32 vs fp32"] = _compare(out["fp32"], out["onnx-fp32"], labels)
         quality["onnx-int8 vs onnx-fp32"] = _compare(out["onnx-fp32"], out["onnx-int8"], labels)
+        if "onnx-int8-float-head" in out:
+            quality["onnx-int8 float head vs onnx-fp32"] = _compare(
+                out["onnx-fp32"], out["onnx-int8-float-head"], labels
+            )
     ratios = {"bf16 / fp32 (torch)": ips["torch-bf16"] / ips["torch-fp32"]}
     ratios_med = {"bf16 / fp32 (torch)": ips_med["torch-bf16"] / ips_med["torch-fp32"]}
     if "onnx-int8" in ips:

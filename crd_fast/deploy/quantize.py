@@ -61,6 +61,42 @@ class _Reader:
         return {"images": batch}
 
 
+def _quantized(
+    detector: Any, tmp: Path, tag: str, calibration: Any, limit: int, reduce_range: bool, opset: int
+) -> tuple[ExportResult, Any, set[str], int]:
+    """Export ``detector`` to float32 ONNX and quantize its backbone (QDQ, MinMax ranges on up to ``limit`` of
+    ``calibration``): (the float32 export, the quantized onnx ModelProto, the names of the nodes left float, the
+    number of calibration images read)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    fp32 = export_onnx(detector, tmp / f"{tag}_fp32.onnx", opset=opset)
+    prepared = tmp / f"{tag}_prepared.onnx"
+    # onnxruntime's recommended preparation: shape inference and graph folding (biases become initializers)
+    quant_pre_process(str(fp32.onnx_path), str(prepared), skip_symbolic_shape=True)
+    graph = onnx.load(str(prepared))
+    exclude = [n.name for n in graph.graph.node if not n.name.startswith(BACKBONE_SCOPE)]
+    if len(exclude) == len(graph.graph.node):
+        raise DeployError(f"no backbone nodes (named {BACKBONE_SCOPE}...) in the exported graph: nothing to quantize")
+    reader = _Reader(calibration_batches(detector, calibration, limit))
+    quantized = tmp / f"{tag}_int8.onnx"
+    quantize_static(
+        str(prepared),
+        str(quantized),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        reduce_range=reduce_range,
+        calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=exclude,
+    )
+    if reader.count == 0:
+        raise ValueError("no calibration images were found")
+    return fp32, onnx.load(str(quantized)), set(exclude), reader.count
+
+
 def export_onnx_int8(
     source: Any,
     path: PathLike,
@@ -69,53 +105,64 @@ def export_onnx_int8(
     reduce_range: bool = False,
     opset: int = 17,
     metadata_path: Optional[PathLike] = None,
+    refit_head: bool = True,
 ) -> ExportResult:
     """Export a fitted detector (object or model file) to ONNX with an int8 backbone calibrated on ``calibration``.
 
     Args:
-        source: a fitted CRDDetector or a detector model file.
+        source: a fitted CRDDetector or a detector model file (the file itself is not changed).
         path: the .onnx file to write (metadata next to it, as ``export_onnx`` does).
         calibration: defect-free images (a folder, files, a tensor batch...: what ``CRDDetector.fit`` takes),
             normally the training images.
-        calibration_images: how many of them calibrate the activation ranges.
+        calibration_images: how many of them calibrate the activation ranges (the first ones).
         reduce_range: 7-bit weights, for processors without VNNI (see the module docstring).
         opset: ONNX opset of the float32 export (QDQ needs >= 13).
+        metadata_path: where the metadata JSON goes (default ``path`` + ".json").
+        refit_head: refit the head's statistics on the int8 backbone's features of ALL ``calibration`` images
+            (see the module docstring); False keeps the source's head, fitted on float32 features.
     """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+    from ..detector.detector import CRDDetector
+    from .quantized_refit import backbone_signature, graph_score_statistics, refit_on_graph
 
     if not isinstance(calibration_images, int) or isinstance(calibration_images, bool) or calibration_images < 1:
         raise ValueError(f"calibration_images must be a positive integer, got {calibration_images!r}")
+    if not isinstance(refit_head, bool):
+        raise TypeError(f"refit_head must be True or False, got {refit_head!r}")
     out = Path(path)
+    provenance: dict[str, Any] = {}
+    if isinstance(source, CRDDetector):
+        detector = source
+    else:
+        p = Path(source)
+        detector = CRDDetector.load(p)
+        provenance = {"source": str(p), "source_sha256": sha256_bytes(p.read_bytes())}
+    if not detector.is_fitted:
+        raise RuntimeError("the detector is not fitted yet: nothing to export")
+    head_note = "the model's own, fitted on float32 backbone features"
     with tempfile.TemporaryDirectory(prefix="crd_int8_") as tmp:
-        fp32 = export_onnx(source, Path(tmp) / "fp32.onnx", opset=opset)
-        prepared = Path(tmp) / "prepared.onnx"
-        # onnxruntime's recommended preparation: shape inference and graph folding (biases become initializers)
-        quant_pre_process(str(fp32.onnx_path), str(prepared), skip_symbolic_shape=True)
-        graph = onnx.load(str(prepared))
-        exclude = [n.name for n in graph.graph.node if not n.name.startswith(BACKBONE_SCOPE)]
-        if len(exclude) == len(graph.graph.node):
-            raise DeployError(
-                f"no backbone nodes (named {BACKBONE_SCOPE}...) in the exported graph: nothing to quantize"
-            )
-        reader = _Reader(calibration_batches(source, calibration, calibration_images))
-        quantized = Path(tmp) / "int8.onnx"
-        quantize_static(
-            str(prepared),
-            str(quantized),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            reduce_range=reduce_range,
-            calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=exclude,
+        fp32, model, head_nodes, count = _quantized(
+            detector, Path(tmp), "source", calibration, calibration_images, reduce_range, opset
         )
-        if reader.count == 0:
-            raise ValueError("no calibration images were found")
-        data = quantized.read_bytes()
+        if refit_head:
+            refitted, reservoir, n_refit = refit_on_graph(detector, model, head_nodes, calibration)
+            # the training score statistics are computed below on the int8 graph itself, not in torch
+            refitted._train_stats, refitted._stats_stale = None, False
+            first = backbone_signature(model, head_nodes)
+            fp32, model, refit_nodes, count = _quantized(
+                refitted, Path(tmp), "refit", calibration, calibration_images, reduce_range, opset
+            )
+            # MinMax ranges and weights of the backbone do not depend on the head: the same int8 backbone
+            if backbone_signature(model, refit_nodes) != first:
+                raise DeployError("the refitted export quantized the backbone differently from the first one")
+            data = model.SerializeToString()
+            train_stats = graph_score_statistics(data, reservoir.items, detector.batch_size)
+            head_note = f"refitted on the int8 backbone's features of {n_refit} calibration images"
+        else:
+            data = model.SerializeToString()
     meta = dict(fp32.metadata)
+    meta.update(provenance)
+    if refit_head:
+        meta["train_score_stats"] = train_stats
     meta.update(
         {
             "precision": "int8",
@@ -124,9 +171,11 @@ def export_onnx_int8(
                 "weights": "int8 per channel",
                 "activations": "uint8",
                 "method": "MinMax",
-                "calibration_images": reader.count,
+                "calibration_images": count,
                 "reduce_range": bool(reduce_range),
                 "quantized": "backbone convolutions; head and anomaly map float32",
+                "head": head_note,
+                "refit_images": n_refit if refit_head else 0,
             },
             "onnx_sha256": sha256_bytes(data),
         }

@@ -62,7 +62,7 @@ SCORE_SAMPLE = 32
 LEGACY_PRECISION = "fp32"
 #: Model files written before the spatial option: the global CRD (their lam_rel is a number).
 LEGACY_SPATIAL = {"spatial": "global", "local_rank": 32, "local_shrinkage": 0.5}
-__all__ = ["CRDDetector", "MODEL_KIND", "OPTIONS", "RUNTIME_OPTIONS", "SCORE_SAMPLE"]
+__all__ = ["CRDDetector", "MODEL_KIND", "OPTIONS", "RUNTIME_OPTIONS", "SCORE_SAMPLE", "score_statistics"]
 
 
 def _resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -597,19 +597,7 @@ class CRDDetector:
         """Statistics of training image scores (n, mean, std, min, max, q50, q90, q95, q99), from a
         random sample of up to SCORE_SAMPLE training images; None before fitting."""
         if self._stats_stale and len(self._reservoir):
-            scores = self._image_scores(torch.stack(self._reservoir.items))
-            q = np.quantile(scores, [0.5, 0.9, 0.95, 0.99])
-            self._train_stats = {
-                "n": int(scores.size),
-                "mean": float(scores.mean()),
-                "std": float(scores.std()),
-                "min": float(scores.min()),
-                "max": float(scores.max()),
-                "q50": float(q[0]),
-                "q90": float(q[1]),
-                "q95": float(q[2]),
-                "q99": float(q[3]),
-            }
+            self._train_stats = score_statistics(self._image_scores(torch.stack(self._reservoir.items)))
             self._stats_stale = False
         return self._train_stats
 
@@ -923,6 +911,23 @@ def _requested_option(path: PathLike, key: str, want: Any, stored: dict[str, Any
     if _jsonable(DetectorConfig.check(key, want)) != _jsonable(DetectorConfig.check(key, stored[key])):
         raise ModelFileError(f"{path}: the model was made with {key}={stored[key]!r}, but {key}={want!r} was requested")
     return want
+
+
+def score_statistics(scores: np.ndarray) -> dict[str, float]:
+    """The training score statistics of image ``scores`` (n, mean, std, min, max, q50, q90, q95, q99)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    q = np.quantile(scores, [0.5, 0.9, 0.95, 0.99])
+    return {
+        "n": int(scores.size),
+        "mean": float(scores.mean()),
+        "std": float(scores.std()),
+        "min": float(scores.min()),
+        "max": float(scores.max()),
+        "q50": float(q[0]),
+        "q90": float(q[1]),
+        "q95": float(q[2]),
+        "q99": float(q[3]),
+    }
 
 
 def _without_file(identity: dict[str, Any]) -> dict[str, Any]:
