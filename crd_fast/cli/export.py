@@ -68,7 +68,8 @@ def register(sub: Any) -> None:
             "--int8",
             metavar="IMAGES",
             help="quantize the backbone to int8 (onnxruntime static quantization, for processors without "
-            "bf16), calibrated on IMAGES (a folder of the training images)",
+            "bf16), calibrated on IMAGES (a folder of the training images); the head is refitted on the int8 "
+            "backbone's features of all of IMAGES",
         )
         p.add_argument("--opset", type=positive_int, default=17, metavar="N", help="ONNX opset (default: 17)")
         p.add_argument(

@@ -5,7 +5,7 @@ most. The int8 backbone's rounding noise is spread over all directions, so a hea
 sees it as large deviations in exactly those directions and inflates every score, normal and defective
 alike. Fitted on the int8 backbone's own features, the head's statistics (mean, covariance; the local
 model's per-position means and sketches) hold that noise as normal variation. See docs/DESIGN.md
-"Deployment".
+"Compute precision".
 """
 
 from __future__ import annotations
