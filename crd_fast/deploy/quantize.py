@@ -71,12 +71,27 @@ class _Reader:
         return {"images": batch}
 
 
+def stem_convolution(model: Any) -> str:
+    """The name of the backbone's first Conv in ``model`` (ONNX graphs are in topological order: the stem)."""
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.name.startswith(BACKBONE_SCOPE):
+            return node.name
+    raise DeployError(f"no backbone convolution (named {BACKBONE_SCOPE}...) in the exported graph")
+
+
 def _quantized(
-    detector: Any, tmp: Path, tag: str, calibration: Any, limit: int, reduce_range: bool, opset: int
-) -> tuple[ExportResult, Any, set[str], int]:
+    detector: Any,
+    tmp: Path,
+    tag: str,
+    calibration: Any,
+    limit: int,
+    reduce_range: bool,
+    opset: int,
+    float_stem: bool,
+) -> tuple[ExportResult, Any, set[str], list[str], int]:
     """Export ``detector`` to float32 ONNX and quantize its backbone (QDQ, MinMax ranges on up to ``limit`` of
-    ``calibration``): (the float32 export, the quantized onnx ModelProto, the names of the nodes left float, the
-    number of calibration images read)."""
+    ``calibration``): (the float32 export, the quantized onnx ModelProto, the names of the nodes outside the
+    backbone, the backbone nodes kept float, the number of calibration images read)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
@@ -88,6 +103,7 @@ def _quantized(
     exclude = [n.name for n in graph.graph.node if not n.name.startswith(BACKBONE_SCOPE)]
     if len(exclude) == len(graph.graph.node):
         raise DeployError(f"no backbone nodes (named {BACKBONE_SCOPE}...) in the exported graph: nothing to quantize")
+    kept = [stem_convolution(graph)] if float_stem else []
     reader = _Reader(calibration_batches(detector, calibration, limit))
     quantized = tmp / f"{tag}_int8.onnx"
     quantize_static(
@@ -100,11 +116,11 @@ def _quantized(
         weight_type=QuantType.QInt8,
         reduce_range=reduce_range,
         calibrate_method=CalibrationMethod.MinMax,
-        nodes_to_exclude=exclude,
+        nodes_to_exclude=exclude + kept,
     )
     if reader.count == 0:
         raise ValueError("no calibration images were found")
-    return fp32, onnx.load(str(quantized)), set(exclude), reader.count
+    return fp32, onnx.load(str(quantized)), set(exclude), kept, reader.count
 
 
 def export_onnx_int8(
@@ -116,6 +132,7 @@ def export_onnx_int8(
     opset: int = 17,
     metadata_path: Optional[PathLike] = None,
     refit_head: bool = True,
+    float_stem: bool = True,
 ) -> ExportResult:
     """Export a fitted detector (object or model file) to ONNX with an int8 backbone calibrated on ``calibration``.
 
@@ -130,14 +147,17 @@ def export_onnx_int8(
         metadata_path: where the metadata JSON goes (default ``path`` + ".json").
         refit_head: refit the head's statistics on the int8 backbone's features of ALL ``calibration`` images
             (see the module docstring); False keeps the source's head, fitted on float32 features.
+        float_stem: keep the backbone's first convolution (the one reading the images) in float32 (see the
+            module docstring); False quantizes it too.
     """
     from ..detector.detector import CRDDetector
     from .quantized_refit import backbone_signature, graph_score_statistics, refit_on_graph
 
     if not isinstance(calibration_images, int) or isinstance(calibration_images, bool) or calibration_images < 1:
         raise ValueError(f"calibration_images must be a positive integer, got {calibration_images!r}")
-    if not isinstance(refit_head, bool):
-        raise TypeError(f"refit_head must be True or False, got {refit_head!r}")
+    for name, flag in (("refit_head", refit_head), ("float_stem", float_stem)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     out = Path(path)
     provenance: dict[str, Any] = {}
     if isinstance(source, CRDDetector):
@@ -150,16 +170,16 @@ def export_onnx_int8(
         raise RuntimeError("the detector is not fitted yet: nothing to export")
     head_note = "the model's own, fitted on float32 backbone features"
     with tempfile.TemporaryDirectory(prefix="crd_int8_") as tmp:
-        fp32, model, head_nodes, count = _quantized(
-            detector, Path(tmp), "source", calibration, calibration_images, reduce_range, opset
+        fp32, model, head_nodes, kept, count = _quantized(
+            detector, Path(tmp), "source", calibration, calibration_images, reduce_range, opset, float_stem
         )
         if refit_head:
             refitted, reservoir, n_refit = refit_on_graph(detector, model, head_nodes, calibration)
             # the training score statistics are computed below on the int8 graph itself, not in torch
             refitted._train_stats, refitted._stats_stale = None, False
             first = backbone_signature(model, head_nodes)
-            fp32, model, refit_nodes, count = _quantized(
-                refitted, Path(tmp), "refit", calibration, calibration_images, reduce_range, opset
+            fp32, model, refit_nodes, _, count = _quantized(
+                refitted, Path(tmp), "refit", calibration, calibration_images, reduce_range, opset, float_stem
             )
             # MinMax ranges and weights of the backbone do not depend on the head: the same int8 backbone
             if backbone_signature(model, refit_nodes) != first:
@@ -183,7 +203,10 @@ def export_onnx_int8(
                 "method": "MinMax",
                 "calibration_images": count,
                 "reduce_range": bool(reduce_range),
-                "quantized": "backbone convolutions; head and anomaly map float32",
+                "quantized": "backbone convolutions"
+                + (" but the first" if kept else "")
+                + "; head and anomaly map float32",
+                "float_backbone_nodes": kept,
                 "head": head_note,
                 "refit_images": n_refit if refit_head else 0,
             },
