@@ -21,7 +21,7 @@ from helpers import dense_local_scores  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from crd_fast.core.embedding import embed_patches, patch_grids, patch_matrix  # noqa: E402
-from crd_fast.deploy import OnnxDetector  # noqa: E402
+from crd_fast.deploy import OnnxDetector, export_onnx  # noqa: E402
 from crd_fast.deploy.quantize import BACKBONE_SCOPE, export_onnx_int8  # noqa: E402
 from crd_fast.detector.detector import CRDDetector, score_statistics  # noqa: E402
 
@@ -118,7 +118,7 @@ def test_train_score_stats_are_the_int8_graphs(refitted):
     np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-5)
 
 
-def test_local_head_refit_equals_dense_float64_fit():
+def test_local_head_refit_equals_dense_float64_fit(tmp_path):
     det = CRDDetector(
         backbone="resnet18",
         weights="random",
@@ -132,14 +132,10 @@ def test_local_head_refit_equals_dense_float64_fit():
     )
     train = demo_images(6)
     det.fit(train, progress=False)
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        refit = export_onnx_int8(det, Path(tmp) / "l.onnx", train, calibration_images=3)
-        test = demo_images(2) + demo_images(1, defect=True)
-        train_maps, _ = _layer_features(refit.onnx_path, det, train)
-        test_maps, patch_maps = _layer_features(refit.onnx_path, det, test)
+    refit = export_onnx_int8(det, tmp_path / "l.onnx", train, calibration_images=3)
+    test = demo_images(2) + demo_images(1, defect=True)
+    train_maps, _ = _layer_features(refit.onnx_path, det, train)
+    test_maps, patch_maps = _layer_features(refit.onnx_path, det, test)
     ls = det.local_scorer
     expected = dense_local_scores(
         patch_grids(embed_patches(train_maps, det.embedding, det.target_dim)),
@@ -178,3 +174,30 @@ def test_refit_from_model_file_leaves_it_unchanged(refitted, tmp_path):
     out = export_onnx_int8(model, tmp_path / "m.onnx", train[:3], calibration_images=2)
     assert model.read_bytes() == before
     assert out.metadata["source"] == str(model) and out.metadata["quantization"]["refit_images"] == 3
+
+
+def _stem(graph):
+    return next(n for n in graph.node if n.op_type == "Conv" and n.name.startswith(BACKBONE_SCOPE))
+
+
+def test_float_stem_keeps_the_first_convolution_float(refitted, tmp_path):
+    det, train, refit, _ = refitted
+    graph = onnx.load(str(refit.onnx_path)).graph
+    stem = _stem(graph)
+    produced_by_dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert stem.input[0] == "images" and stem.input[1] not in produced_by_dq
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    fp32 = onnx.load(str(export_onnx(det, tmp_path / "f.onnx").onnx_path)).graph
+    fp32_inits = {i.name: numpy_helper.to_array(i) for i in fp32.initializer}
+    np.testing.assert_array_equal(inits[stem.input[1]], fp32_inits[_stem(fp32).input[1]])  # float32, unrounded
+    assert refit.metadata["quantization"]["float_backbone_nodes"] == [stem.name]
+    # the next convolution is quantized (weights through a DequantizeLinear)
+    assert any(n.op_type == "Conv" and n.input[1] in produced_by_dq for n in graph.node)
+    quantized = export_onnx_int8(det, tmp_path / "q.onnx", train[:2], calibration_images=2, float_stem=False)
+    graph = onnx.load(str(quantized.onnx_path)).graph
+    produced_by_dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    stem = _stem(graph)
+    assert stem.input[0] in produced_by_dq and stem.input[1] in produced_by_dq
+    assert quantized.metadata["quantization"]["float_backbone_nodes"] == []
+    with pytest.raises(TypeError, match="float_stem must be True or False"):
+        export_onnx_int8(det, tmp_path / "x.onnx", train[:2], float_stem=1)
