@@ -164,6 +164,8 @@ def test_refit_bad_input_and_atomic_write(refitted, tmp_path):
         export_onnx_int8(det, target, demo_images(4) + [np.zeros(5)], calibration_images=4)
     assert target.read_bytes() == b"earlier export" and not (tmp_path / "m.onnx.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "m.onnx"]  # no temporary left behind
+    with pytest.raises(ValueError, match="training score statistics must be a dict of numbers"):
+        det.set_train_score_stats({"n": "six"})
 
 
 def test_refit_from_model_file_leaves_it_unchanged(refitted, tmp_path):

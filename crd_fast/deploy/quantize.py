@@ -182,7 +182,7 @@ def export_onnx_int8(
         if refit_head:
             refitted, reservoir, n_refit = refit_on_graph(detector, model, head_nodes, calibration)
             # the training score statistics are computed below on the int8 graph itself, not in torch
-            refitted._train_stats, refitted._stats_stale = None, False
+            refitted.set_train_score_stats(None)
             first = backbone_signature(model, head_nodes)
             fp32, model, refit_nodes, _, count = _quantized(
                 refitted, Path(tmp), "refit", calibration, calibration_images, reduce_range, opset, float_stem

@@ -601,6 +601,16 @@ class CRDDetector:
             self._stats_stale = False
         return self._train_stats
 
+    def set_train_score_stats(self, stats: Optional[dict[str, float]]) -> None:
+        """Use ``stats`` as the training score statistics until the next fit (e.g. those of a quantized export's
+        own scores, crd_fast.deploy.quantize); None: none (exports then record none)."""
+        if stats is not None and (
+            not isinstance(stats, dict) or not all(isinstance(v, (int, float)) for v in stats.values())
+        ):
+            raise ValueError(f"training score statistics must be a dict of numbers or None, got {stats!r}")
+        self._train_stats = None if stats is None else dict(stats)
+        self._stats_stale = False
+
     def _image_scores(self, x: torch.Tensor) -> np.ndarray:
         model = self.inference_model()
         out = []
