@@ -183,9 +183,9 @@ def no_evidence_lam(lam_grid: Sequence[float], lam0: float) -> float:
     """lam_rel when the pseudo-defects tell nothing: DEFAULT_LAM_REL, but not below lam0 (a fixed lam_rel: itself).
 
     Without evidence of how strong defects are, the window cannot be searched: 0.01 is where the generated
-    categories' defects are found best (README "Choosing lam_rel"), and below lam0 the model fits normal
-    patches worse. On the development set's random wide_resnet50_2 this costs 0.02 AUROC against the window's
-    top (docs/DESIGN.md "Label-free lam")."""
+    categories' defects are found best (docs/DESIGN.md "lam_rel"), and below lam0 the model fits normal patches
+    worse. On the development set's random wide_resnet50_2 this costs 0.02 AUROC against the window's top
+    (docs/DESIGN.md "Label-free lam")."""
     if len(lam_grid) == 1:
         return float(lam_grid[0])
     return max(DEFAULT_LAM_REL, lam0)
