@@ -157,7 +157,7 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
     mm = qm.local_model(train, 1.0, 1, like=lm)
     mmaps = qm.local_maps(mm, test, (FIXED_LAM,))
     row("per-position mean + pooled cov (a = 1), lam_rel 0.01", auc(mmaps[FIXED_LAM]), None)
-    # the detector's label-free rule (held-out likelihood, then pseudo-defects in [lam0, 10 lam0]) on these features
+    # the detector's label-free rule (held-out likelihood, then pseudo-defects at or above lam0) on these features
     (spatial, lam, families, about), t_sel = qm.timed(
         qm.label_free_choice, fit, clean, pseudo, masks, qm.local_model(fit, args.shrinkage, args.rank)
     )

@@ -23,6 +23,7 @@ import torch
 
 from crd_fast.core.embedding import embed_patches
 from crd_fast.core.lam_selection import grid_masks
+from crd_fast.detector.selection import PSEUDO_STRENGTH
 from crd_fast.features.backbone import FeatureExtractor, input_normalisation
 from crd_fast.features.preprocess import Preprocess
 from crd_fast.synthetic.pseudo import make_pseudo_defects
@@ -99,48 +100,67 @@ def synthetic_images(category: str, seed: int, n_train: int = 30, n_good: int = 
     return train, np.stack(good + bad), np.r_[np.zeros(n_good), np.ones(n_bad)].astype(np.int8)
 
 
+def _pseudo_features(extractor, pre: Preprocess, train_unit: torch.Tensor, n_held_out: int, grid, args) -> dict:
+    """Pseudo-defect versions of the last ``n_held_out`` training images (the other training images are the
+    cut-and-paste donors), at the detector's strength (crd_fast/detector/selection.py PSEUDO_STRENGTH)."""
+    n_fit = len(train_unit) - n_held_out
+    donors = [t.permute(1, 2, 0).numpy() for t in train_unit[:n_fit]]
+    held = [t.permute(1, 2, 0).numpy() for t in train_unit[n_fit:]]
+    pseudo_imgs, pseudo_masks, kinds = make_pseudo_defects(
+        np.random.default_rng(args.seed + 1), held, donors, strength=PSEUDO_STRENGTH
+    )
+    pseudo_unit = torch.from_numpy(np.stack(pseudo_imgs)).permute(0, 3, 1, 2).contiguous()
+    pseudo, _ = _embed(extractor, pre, pseudo_unit, args.batch)
+    return {
+        "pseudo": pseudo,
+        "pseudo_masks": grid_masks(np.stack(pseudo_masks), grid),
+        "pseudo_kinds": np.array(kinds),
+        "pseudo_strength": np.array(PSEUDO_STRENGTH),
+    }
+
+
+def _save(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **data)
+    tmp.replace(path)
+
+
 def build_features(
     key: str, dataset: str, images_fn, resize: int, crop: int, n_held_out: int, args, cache: Path
 ) -> dict:
     """Extract (or load from ``cache``) every feature set the methods need for backbone ``key``.
 
     The last ``n_held_out`` training images are the label-free validation's clean images; pseudo-defect
-    versions of them are made with the other training images as cut-and-paste donors.
+    versions of them (at the detector's PSEUDO_STRENGTH, cached in a file of their own) are made with the other
+    training images as cut-and-paste donors.
     """
     path = cache / f"{key}_{dataset}_px{resize}-{crop}_h{n_held_out}.npz"
-    if path.is_file():
-        data = dict(np.load(path, allow_pickle=False))
-        data["grid"] = tuple(int(v) for v in data["grid"])
-        return data
-    train_imgs, test_imgs, labels = images_fn()
-    backbone, layers, weights = BACKBONES[key]
-    mean, std = input_normalisation(weights)
-    pre = Preprocess(resize, crop, mean, std)
-    extractor = FeatureExtractor(backbone, layers, weights, seed=args.seed)
-    t0 = time.time()
-    train_unit = _unit(train_imgs, pre)
-    train, grid = _embed(extractor, pre, train_unit, args.batch)
-    test, _ = _embed(extractor, pre, _unit(test_imgs, pre), args.batch)
-    n_fit = len(train_imgs) - n_held_out
-    donors = [t.permute(1, 2, 0).numpy() for t in train_unit[:n_fit]]
-    held = [t.permute(1, 2, 0).numpy() for t in train_unit[n_fit:]]
-    pseudo_imgs, pseudo_masks, kinds = make_pseudo_defects(np.random.default_rng(args.seed + 1), held, donors)
-    pseudo_unit = torch.from_numpy(np.stack(pseudo_imgs)).permute(0, 3, 1, 2).contiguous()
-    pseudo, _ = _embed(extractor, pre, pseudo_unit, args.batch)
-    data = {
-        "train": train,
-        "test": test,
-        "labels": labels,
-        "pseudo": pseudo,
-        "n_held_out": np.array(n_held_out),
-        "pseudo_masks": grid_masks(np.stack(pseudo_masks), grid),
-        "pseudo_kinds": np.array(kinds),
-        "grid": np.array(grid),
-        "extract_seconds": np.array(time.time() - t0),
-    }
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **data)
-    tmp.replace(path)
-    data["grid"] = grid
+    pseudo_path = cache / f"{key}_{dataset}_px{resize}-{crop}_h{n_held_out}_pseudo-x{PSEUDO_STRENGTH:g}.npz"
+    data = dict(np.load(path, allow_pickle=False)) if path.is_file() else None
+    pseudo = dict(np.load(pseudo_path, allow_pickle=False)) if pseudo_path.is_file() else None
+    if data is None or pseudo is None:
+        train_imgs, test_imgs, labels = images_fn()
+        backbone, layers, weights = BACKBONES[key]
+        mean, std = input_normalisation(weights)
+        pre = Preprocess(resize, crop, mean, std)
+        extractor = FeatureExtractor(backbone, layers, weights, seed=args.seed)
+        t0 = time.time()
+        train_unit = _unit(train_imgs, pre)
+        if data is None:
+            train, grid = _embed(extractor, pre, train_unit, args.batch)
+            test, _ = _embed(extractor, pre, _unit(test_imgs, pre), args.batch)
+            data = {
+                "train": train,
+                "test": test,
+                "labels": labels,
+                "n_held_out": np.array(n_held_out),
+                "grid": np.array(grid),
+                "extract_seconds": np.array(time.time() - t0),
+            }
+            _save(path, data)
+        pseudo = _pseudo_features(extractor, pre, train_unit, n_held_out, tuple(int(v) for v in data["grid"]), args)
+        _save(pseudo_path, pseudo)
+    data.update(pseudo)  # (a cache file written before the pseudo-defects had their own holds strength-1 ones)
+    data["grid"] = tuple(int(v) for v in data["grid"])
     return data

@@ -53,7 +53,7 @@ def test_grid_masks_marks_every_cell_a_defect_pixel_touches():
     assert grid_masks(odd, (3, 3))[0, 2, 2] and grid_masks(odd, (3, 3)).sum() == 1
 
 
-def test_select_lam_picks_the_best_ranking_and_breaks_ties_upward():
+def test_select_lam_picks_the_best_ranking_and_breaks_ties_downward():
     labels = np.array([0, 0, 1, 1])
     masks = np.zeros((4, 2, 2), dtype=bool)
     masks[2, 0, 0] = masks[3, 1, 1] = True
@@ -71,8 +71,13 @@ def test_select_lam_picks_the_best_ranking_and_breaks_ties_upward():
     assert sel.choice == 1e-3
     assert sel.image_auroc[1] == 1.0 and sel.image_auroc[0] == 0.0
     tied = select_lam(lambda lam: good, labels, masks, grid=(1e-4, 1e-3, 1e-2))
-    assert tied.choice == 1e-2 and len(set(tied.curve)) == 1
-    assert tied.to_json()["choice"] == 1e-2
+    assert tied.choice == 1e-4 and len(set(tied.curve)) == 1
+    assert tied.to_json()["choice"] == 1e-4
+    # AUPRO does not choose: equal image AUROC, the larger lam locating better, the smaller lam still wins
+    blurry = good.copy()
+    blurry[2, 0, 1] = blurry[3, 1, 0] = 5.1  # outside the masks, above the defects: worse AUPRO
+    by_lam = select_lam(lambda lam: blurry if lam == 1e-4 else good, labels, masks, grid=(1e-4, 1e-3))
+    assert by_lam.image_auroc == (1.0, 1.0) and by_lam.aupro[0] < by_lam.aupro[1] and by_lam.choice == 1e-4
 
 
 def test_select_lam_refuses_bad_input():
@@ -97,3 +102,20 @@ def test_pseudo_defects_change_the_image_only_near_their_mask():
         assert not (changed & ~near).any(), f"{kind} changed pixels far from its mask"
     with pytest.raises(ValueError, match="unknown pseudo-defect kind"):
         make_pseudo_defects(rng, [base], donors, kinds=("nope",))
+
+
+def test_pseudo_defect_strength_multiplies_the_painted_change():
+    base = np.random.default_rng(1).uniform(0.3, 0.7, (64, 64, 3)).astype(np.float32)
+    donors = [np.random.default_rng(2).uniform(0.3, 0.7, (64, 64, 3)).astype(np.float32)]
+    faint, masks, kinds = make_pseudo_defects(np.random.default_rng(4), [base] * len(PSEUDO_DEFECTS), donors)
+    strong, masks4, kinds4 = make_pseudo_defects(
+        np.random.default_rng(4), [base] * len(PSEUDO_DEFECTS), donors, strength=4.0
+    )
+    assert kinds4 == kinds and all((a == b).all() for a, b in zip(masks, masks4))  # same draws, same masks
+    for f, s in zip(faint, strong):
+        expected = np.clip(base + 4.0 * (f - base), 0.0, 1.0)
+        np.testing.assert_allclose(s, expected, atol=1e-6)
+        assert np.abs(s - base).max() > np.abs(f - base).max()
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "4"):
+        with pytest.raises(ValueError, match="strength must be a positive finite number"):
+            make_pseudo_defects(np.random.default_rng(4), [base], donors, strength=bad)

@@ -6,12 +6,12 @@ any lam is a diagonal reweighting,
     score(y; lam) = || diag(c) z ||,   c_i = lam / (s_i + lam),
 
 so a whole grid costs one d x d rotation plus an O(d) pass per candidate. The candidate that ranks the
-pseudo-defect images above the clean held-out ones best (image AUROC) wins; how well it locates them (AUPRO
-of the patch-grid map against the pseudo-masks, weighted ``AUPRO_WEIGHT``) separates near-ties. Image AUROC
-leads because on the development set (elpv poly cells, docs/DESIGN.md "Position-aware CRD") its ranking of
-lam agreed with the test set on both backbones, while AUPRO on subtle pseudo-defects kept favouring larger
-lam (smoother maps) where the test set favoured smaller ones. Which pseudo-defects make a useful yardstick is
-discussed in docs/DESIGN.md ("Position-aware CRD"): easy ones score ~1.0 for every lam and cannot choose.
+pseudo-defect images above the clean held-out ones best (image AUROC) wins, ties to the smaller lam_rel (the one
+nearer the held-out likelihood's minimiser, the better model of normal patches: docs/DESIGN.md "Label-free lam").
+AUPRO of the patch-grid maps against the pseudo-masks is recorded beside it but does not choose: on the
+development set (elpv poly cells) it kept favouring larger lam (smoother maps) where the test set favoured
+smaller ones. Which pseudo-defects make a useful yardstick is discussed in docs/DESIGN.md ("Label-free lam"):
+defects that score ~1.0 for every lam cannot choose, and ones that no lam finds cannot either.
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ import torch
 
 from ..choices import DEFAULT_LAM_GRID  # candidate lam_rel values (relative to trace(C)/d)
 
-__all__ = ["AUPRO_WEIGHT", "DEFAULT_LAM_GRID", "LamSelection", "SpectralForm", "grid_masks", "select_lam",
-           "selection_criterion"]  # fmt: skip
-#: Weight of AUPRO beside image AUROC in the selection criterion (see the module docstring).
-AUPRO_WEIGHT = 0.1
+__all__ = ["DEFAULT_LAM_GRID", "LamSelection", "SpectralForm", "grid_masks", "select_lam"]
 
 
 @dataclass(frozen=True)
@@ -67,13 +64,13 @@ class LamSelection:
     image_auroc: tuple[float, ...]
     aupro: tuple[float, ...]
     choice: float
-    criterion: str = f"image AUROC + {AUPRO_WEIGHT} x AUPRO on pseudo-defects"
+    criterion: str = "image AUROC on pseudo-defects, ties to the smaller lam_rel"
     extra: dict = field(default_factory=dict)
 
     @property
     def curve(self) -> tuple[float, ...]:
-        """The criterion at each grid value (image AUROC alone where AUPRO is undefined: no masks)."""
-        return tuple(selection_criterion(a, p) for a, p in zip(self.image_auroc, self.aupro))
+        """The criterion at each grid value: the image AUROC."""
+        return self.image_auroc
 
     def to_json(self) -> dict:
         return {
@@ -85,11 +82,6 @@ class LamSelection:
             "criterion": self.criterion,
             **self.extra,
         }
-
-
-def selection_criterion(image_auroc: float, aupro: float) -> float:
-    """The selection criterion: image AUROC + AUPRO_WEIGHT * AUPRO (AUPRO ignored when NaN)."""
-    return image_auroc if np.isnan(aupro) else image_auroc + AUPRO_WEIGHT * aupro
 
 
 def grid_masks(masks: np.ndarray, grid_shape: tuple[int, int]) -> np.ndarray:
@@ -125,8 +117,8 @@ def select_lam(
         masks: (N, h, w) pseudo-defect masks on the patch grid (see :func:`grid_masks`); clean images all False.
         grid: candidate lam_rel values.
 
-    The choice maximises :func:`selection_criterion` (image AUROC, then AUPRO weighted ``AUPRO_WEIGHT``); ties (within
-    1e-9) go to the larger lam_rel, the better-conditioned one.
+    The choice maximises the image AUROC; ties (within 1e-9) go to the smaller lam_rel. AUPRO is recorded, not
+    used (see the module docstring).
     """
     from ..evaluation.metrics import aupro, image_auroc
 
@@ -145,7 +137,6 @@ def select_lam(
         img = maps.reshape(maps.shape[0], -1).max(axis=1)
         aurocs.append(float(image_auroc(labels, img)))
         apros.append(float(aupro(masks, maps)) if masks.any() else float("nan"))
-    combined = np.array([selection_criterion(a, p) for a, p in zip(aurocs, apros)])
-    best = combined.max()
-    choice = max(g for g, c in zip(grid, combined) if c >= best - 1e-9)
+    best = max(aurocs)
+    choice = min(g for g, a in zip(grid, aurocs) if a >= best - 1e-9)
     return LamSelection(grid, tuple(aurocs), tuple(apros), choice)

@@ -501,7 +501,7 @@ class CRDDetector:
                 "n_images": seen,
                 "pseudo_defects": sorted(set(held_set.kinds)),
                 "criterion": sel.CRITERION,
-                "lam_window": sel.LAM_WINDOW,
+                "pseudo_strength": sel.PSEUDO_STRENGTH,
                 "evidence_level": about["evidence_level"],
                 "paired_likelihood": about["paired_likelihood"],
                 "reason": about["reason"],

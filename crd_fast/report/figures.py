@@ -57,7 +57,7 @@ def selection_png(name: str, record: dict[str, Any]) -> bytes:
     fig = Figure(figsize=(7.6, 3.0), dpi=90)
     FigureCanvasAgg(fig)
     choice = record["choice"]
-    panels = (("nll", "held-out negative log-likelihood"), ("curve", "image AUROC + 0.1 AUPRO"))
+    panels = (("nll", "held-out negative log-likelihood"), ("curve", "pseudo-defect image AUROC"))
     for i, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         grid = list(record["grid"])

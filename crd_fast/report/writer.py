@@ -391,8 +391,8 @@ def _selection_section(name: str, record: dict[str, Any]) -> str:
         rows.append(f'<tr><td class="l">{g:g}</td>{"".join(cells)}</tr>')
     parts.append(
         '<p class="note">nll: negative Gaussian log-likelihood of the clean held-out patches (lowest = the spatial '
-        "model and lam0, marked &lt;); pseudo-defects: image AUROC + 0.1 x AUPRO on the held-out images with "
-        "pseudo-defects, which chooses lam_rel in [lam0, 10 lam0] (* = chosen)</p>"
+        "model and lam0, marked &lt;); pseudo-defects: image AUROC of the held-out images with pseudo-defects "
+        "against the clean ones, which chooses lam_rel at or above lam0 (* = chosen)</p>"
         + "<table>"
         + "".join(rows)
         + "</table>"

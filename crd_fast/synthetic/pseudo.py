@@ -3,7 +3,9 @@
 Each kind takes a numpy Generator, an (H, W, 3) float32 image in [0, 1] and a list of other defect-free
 images (the donors of cut-and-paste), and returns the changed image and its bool mask. They are subtle on
 purpose: defects that every setting finds (dark blotches, bold scratches) score ~1.0 everywhere and cannot
-tell settings apart (docs/DESIGN.md "Position-aware CRD"). Sizes are in pixels of a ~224 px image.
+tell settings apart (docs/DESIGN.md "Position-aware CRD"). ``make_pseudo_defects(strength=...)`` multiplies the
+painted change: the detector's choice of lam_rel uses them 4x stronger, where subtle ones go unseen by a weak
+backbone (docs/DESIGN.md "Label-free lam"). Sizes are in pixels of a ~224 px image.
 """
 
 from __future__ import annotations
@@ -137,11 +139,18 @@ def make_pseudo_defects(
     images: Sequence[np.ndarray],
     donors: Sequence[np.ndarray],
     kinds: Sequence[str] = tuple(PSEUDO_DEFECTS),
+    strength: float = 1.0,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """One pseudo-defect per image, kinds taken in turn: (images, masks, kind names)."""
+    """One pseudo-defect per image, kinds taken in turn: (images, masks, kind names).
+
+    ``strength`` multiplies each painted change (image + strength * (painted - image), clipped to [0, 1]); the
+    masks are the painters' own. 1 is the kinds as described above.
+    """
     unknown = [k for k in kinds if k not in PSEUDO_DEFECTS]
     if unknown or not kinds:
         raise ValueError(f"unknown pseudo-defect kind(s) {unknown}; choose from {sorted(PSEUDO_DEFECTS)}")
+    if not (isinstance(strength, (int, float)) and np.isfinite(strength) and strength > 0):
+        raise ValueError(f"strength must be a positive finite number, got {strength!r}")
     out, masks, names = [], [], []
     for i, image in enumerate(images):
         image = np.asarray(image, dtype=np.float32)
@@ -151,6 +160,8 @@ def make_pseudo_defects(
         changed, mask = PSEUDO_DEFECTS[kind](rng, image, donors)
         if not mask.any():  # too faint to leave a mask: try once more
             changed, mask = PSEUDO_DEFECTS[kind](rng, image, donors)
+        if strength != 1.0:
+            changed = np.clip(image + strength * (changed - image), 0.0, 1.0).astype(np.float32)
         out.append(changed)
         masks.append(mask)
         names.append(kind)
