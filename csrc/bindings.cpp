@@ -97,6 +97,38 @@ PYBIND11_MODULE(_C, m) {
       "Fused CRD head on CUDA (see csrc/cuda/crd_head_kernels.cuh): out[p] = ||P' e_p - q||.");
 
   m.def(
+      "crd_residual_cuda",
+      [](const std::string& dtype, const std::vector<std::uintptr_t>& maps, std::uintptr_t plan,
+         std::uintptr_t weights, std::uintptr_t matrix, std::uintptr_t q, std::uintptr_t out,
+         int batch, int h0, int w0, int c_total, int r, std::uintptr_t stream) {
+        const DType dt = dtype_from_name(dtype);
+        if (maps.empty() || maps.size() > static_cast<std::size_t>(kHeadMaxLayers)) {
+          throw std::invalid_argument("crd_residual_cuda: 1 to " + std::to_string(kHeadMaxLayers) +
+                                      " feature maps, got " + std::to_string(maps.size()));
+        }
+        HeadArgs a{};
+        for (std::size_t l = 0; l < static_cast<std::size_t>(kHeadMaxLayers); ++l) a.maps[l] = maps[l < maps.size() ? l : 0];
+        a.num_layers = static_cast<int>(maps.size());
+        a.plan = plan;
+        a.weights = weights;
+        a.matrix = matrix;
+        a.q = q;
+        a.partial = 0;  // no scratch: the tile kernel writes out directly
+        a.out = out;
+        a.batch = batch;
+        a.h0 = h0;
+        a.w0 = w0;
+        a.c_total = c_total;
+        a.r = r;
+        py::gil_scoped_release release;
+        cuda::crd_residual(dt, a, stream);
+      },
+      py::arg("dtype"), py::arg("maps"), py::arg("plan"), py::arg("weights"), py::arg("matrix"), py::arg("q"),
+      py::arg("out"), py::arg("batch"), py::arg("h0"), py::arg("w0"), py::arg("c_total"), py::arg("r"),
+      py::arg("stream"),
+      "Residual mode of the fused head on CUDA: out[p, :] = P' e_p - q[p mod (h0 w0), :], out (N, r).");
+
+  m.def(
       "crd_head_cuda_attributes",
       []() {
         py::list result;
@@ -111,6 +143,6 @@ PYBIND11_MODULE(_C, m) {
         }
         return result;
       },
-      "Registers, local-memory (spill) bytes and static shared bytes of the head kernels on this device.");
+      "Registers, local-memory (spill) bytes and static shared bytes of the head and residual kernels here.");
 #endif
 }

@@ -40,9 +40,9 @@ struct HeadArgs {
   std::uintptr_t plan;     // int32
   std::uintptr_t weights;  // accumulation dtype (float32, or float64 for the float64 kernel)
   std::uintptr_t matrix;   // (r, c_total) operand dtype, row-major
-  std::uintptr_t q;        // (r,) accumulation dtype
-  std::uintptr_t partial;  // (ceil(r / kTileR), N) accumulation dtype, scratch
-  std::uintptr_t out;      // (N,) accumulation dtype
+  std::uintptr_t q;        // (r,) accumulation dtype; crd_residual: (h0 * w0, r)
+  std::uintptr_t partial;  // (ceil(r / kTileR), N) accumulation dtype, scratch (unused by crd_residual)
+  std::uintptr_t out;      // (N,) accumulation dtype; crd_residual: (N, r)
   int batch, h0, w0, c_total, r;
 };
 
@@ -66,7 +66,9 @@ void residual_norm(DType dtype, std::uintptr_t z, std::uintptr_t q, std::uintptr
                    std::int64_t rows, std::int64_t cols, std::uintptr_t stream);
 // The fused head: tile kernel then finish kernel, both on the given stream.
 void crd_head(DType dtype, const HeadArgs& args, std::uintptr_t stream);
-// Registers / local (spill) / static shared bytes of every head kernel (needs a CUDA device).
+// The residual mode of the same tiles: out (N, r) = P' e_p - q[p mod (h0 w0)], one tile kernel, no finish.
+void crd_residual(DType dtype, const HeadArgs& args, std::uintptr_t stream);
+// Registers / local (spill) / static shared bytes of every head and residual kernel (needs a CUDA device).
 std::vector<KernelAttributes> crd_head_attributes();
 }  // namespace cuda
 #endif

@@ -1,4 +1,4 @@
-// Host launchers of the fused CRD head kernels (device code: crd_head_kernels.cuh, shared with CuPy).
+// Host launchers of the fused CRD head and residual kernels (device code: crd_head_kernels.cuh, shared with CuPy).
 // Twin of csrc/cpu/crd_head.pyx. Python (crd_fast/ops/cuda_launch.py) checks every pointer's device, dtype,
 // shape and contiguity and allocates partial (tiles x N) and out (N) before calling here.
 #include <cuda_runtime.h>
@@ -20,8 +20,9 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
+// One tile launch; dst is a.partial (crd_head_tile_*) or a.out (crd_residual_tile_*, no finish kernel).
 template <typename T, typename W, typename Acc, typename Kernel>
-void launch_tile(Kernel kernel, const HeadArgs& a, cudaStream_t stream) {
+void launch_tile(Kernel kernel, const HeadArgs& a, std::uintptr_t dst, cudaStream_t stream, const char* what) {
   const std::int64_t n = static_cast<std::int64_t>(a.batch) * a.h0 * a.w0;
   const T* f[crd_head::kMaxLayers];
   for (int l = 0; l < crd_head::kMaxLayers; ++l) {
@@ -33,8 +34,8 @@ void launch_tile(Kernel kernel, const HeadArgs& a, cudaStream_t stream) {
   kernel<<<grid, crd_head::kThreads, 0, stream>>>(
       f[0], f[1], f[2], f[3], a.num_layers, reinterpret_cast<const int*>(a.plan),
       reinterpret_cast<const W*>(a.weights), reinterpret_cast<const T*>(a.matrix),
-      reinterpret_cast<const Acc*>(a.q), reinterpret_cast<Acc*>(a.partial), a.batch, a.h0, a.w0, a.c_total, a.r);
-  check(cudaGetLastError(), "crd_head tile launch");
+      reinterpret_cast<const Acc*>(a.q), reinterpret_cast<Acc*>(dst), a.batch, a.h0, a.w0, a.c_total, a.r);
+  check(cudaGetLastError(), what);
 }
 
 template <typename Acc, typename Kernel>
@@ -56,20 +57,43 @@ void crd_head(DType dtype, const HeadArgs& a, std::uintptr_t stream_handle) {
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   switch (dtype) {
     case DType::Float32:
-      launch_tile<float, float, float>(crd_head_tile_f32, a, stream);
+      launch_tile<float, float, float>(crd_head_tile_f32, a, a.partial, stream, "crd_head tile launch");
       launch_finish<float>(crd_head_finish_f32, a, stream);
       break;
     case DType::Float64:
-      launch_tile<double, double, double>(crd_head_tile_f64, a, stream);
+      launch_tile<double, double, double>(crd_head_tile_f64, a, a.partial, stream, "crd_head tile launch");
       launch_finish<double>(crd_head_finish_f64, a, stream);
       break;
     case DType::Float16:
-      launch_tile<__half, float, float>(crd_head_tile_f16, a, stream);
+      launch_tile<__half, float, float>(crd_head_tile_f16, a, a.partial, stream, "crd_head tile launch");
       launch_finish<float>(crd_head_finish_f32, a, stream);
       break;
     case DType::BFloat16:
-      launch_tile<__nv_bfloat16, float, float>(crd_head_tile_bf16, a, stream);
+      launch_tile<__nv_bfloat16, float, float>(crd_head_tile_bf16, a, a.partial, stream, "crd_head tile launch");
       launch_finish<float>(crd_head_finish_f32, a, stream);
+      break;
+  }
+}
+
+void crd_residual(DType dtype, const HeadArgs& a, std::uintptr_t stream_handle) {
+  if (a.num_layers < 1 || a.num_layers > crd_head::kMaxLayers) {
+    throw std::invalid_argument("crd_residual_cuda: num_layers must be 1.." + std::to_string(crd_head::kMaxLayers));
+  }
+  if (a.batch <= 0 || a.h0 <= 0 || a.w0 <= 0 || a.r <= 0) return;  // an empty (N, r) output
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const char* what = "crd_residual tile launch";
+  switch (dtype) {
+    case DType::Float32:
+      launch_tile<float, float, float>(crd_residual_tile_f32, a, a.out, stream, what);
+      break;
+    case DType::Float64:
+      launch_tile<double, double, double>(crd_residual_tile_f64, a, a.out, stream, what);
+      break;
+    case DType::Float16:
+      launch_tile<__half, float, float>(crd_residual_tile_f16, a, a.out, stream, what);
+      break;
+    case DType::BFloat16:
+      launch_tile<__nv_bfloat16, float, float>(crd_residual_tile_bf16, a, a.out, stream, what);
       break;
   }
 }
@@ -84,6 +108,10 @@ std::vector<KernelAttributes> crd_head_attributes() {
       {"crd_head_tile_f64", reinterpret_cast<const void*>(crd_head_tile_f64)},
       {"crd_head_tile_f16", reinterpret_cast<const void*>(crd_head_tile_f16)},
       {"crd_head_tile_bf16", reinterpret_cast<const void*>(crd_head_tile_bf16)},
+      {"crd_residual_tile_f32", reinterpret_cast<const void*>(crd_residual_tile_f32)},
+      {"crd_residual_tile_f64", reinterpret_cast<const void*>(crd_residual_tile_f64)},
+      {"crd_residual_tile_f16", reinterpret_cast<const void*>(crd_residual_tile_f16)},
+      {"crd_residual_tile_bf16", reinterpret_cast<const void*>(crd_residual_tile_bf16)},
       {"crd_head_finish_f32", reinterpret_cast<const void*>(crd_head_finish_f32)},
       {"crd_head_finish_f64", reinterpret_cast<const void*>(crd_head_finish_f64)},
   };

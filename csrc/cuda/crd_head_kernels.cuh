@@ -17,6 +17,14 @@
 // in (kTileR x kChunk) tiles. crd_head_finish_* then writes score[p] = sqrt(sum over r-tiles), a fixed
 // order: results are deterministic (no atomics).
 //
+// Residual mode (crd_residual_tile_*, the position-aware head's fused part, docs/DESIGN.md "Position-aware CRD"):
+// the same tile code with the other epilogue (a template flag, not a second GEMM loop), no finish kernel:
+//
+//   out[p, j] = Z[p, j] - q[pos(p), j]     for j < r,   pos(p) = p mod (h0 w0),   q (h0 w0, r) row-major
+//
+// out is (N, r) in the accumulation dtype (float64 for fp64, float32 for fp32/fp16/bf16). Every element is
+// written by exactly one thread: deterministic, no atomics.
+//
 // fp32 and fp64 run a SIMT 4x4 register tile; fp16 and bf16 operands run on tensor cores through
 // wmma 16x16x16 with fp32 accumulation (embedding values are summed in fp32 and rounded once to the
 // operand type when stored to shared memory).
@@ -228,10 +236,11 @@ __device__ __forceinline__ void load_chunk(Shared<T>& s, int num_layers, const T
 
 // ---- fp32 / fp64: SIMT register tile ----------------------------------------------------------------
 // Thread (ty, tx) = (t / 16, t % 16) owns patches ty + 16 i and rows tx + 16 j, i, j < 4.
-template <typename T>
+// kResidual selects the epilogue: false, sum_j (Z - q_j)^2 into partial (dst); true, Z - q[pos(p)] into out (dst).
+template <typename T, bool kResidual>
 __device__ __forceinline__ void tile_simt(Shared<T>& s, int num_layers, const T* f0, const T* f1, const T* f2,
                                           const T* f3, const T* __restrict__ matrix, const T* __restrict__ q,
-                                          T* __restrict__ partial, i64 p0, i64 n, int j0, int c_total, int r) {
+                                          T* __restrict__ dst, i64 p0, i64 n, i64 hw, int j0, int c_total, int r) {
   constexpr int kChunk = Traits<T>::kChunk;
   constexpr int kLd = Traits<T>::kLd;
   const int ty = threadIdx.x / 16;
@@ -260,36 +269,54 @@ __device__ __forceinline__ void tile_simt(Shared<T>& s, int num_layers, const T*
     __syncthreads();
   }
 
-  // Epilogue: rows past r have acc = 0 (zero matrix rows) and q = 0 there, so they add nothing.
-  T qv[4];
+  if constexpr (kResidual) {
+    // out[p, row] = Z - q[pos(p), row]: for each (i, j), the 16 threads sharing ty write 16 consecutive rows.
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int row = j0 + tx + 16 * j;
-    qv[j] = row < r ? q[row] : T(0);
-  }
+    for (int i = 0; i < 4; ++i) {
+      const int pp = ty + 16 * i;
+      const i64 p = p0 + pp;
+      if (p < n) {
+        const i64 pos = p - (i64)s.batch[pp] * hw;  // p mod (h0 w0), from the batch index load_taps stored
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    T sum = 0;
+        for (int j = 0; j < 4; ++j) {
+          const int row = j0 + tx + 16 * j;
+          if (row < r) dst[p * r + row] = acc[i][j] - q[pos * r + row];
+        }
+      }
+    }
+  } else {
+    // Epilogue: rows past r have acc = 0 (zero matrix rows) and q = 0 there, so they add nothing.
+    T qv[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const T d = acc[i][j] - qv[j];
-      sum += d * d;
+      const int row = j0 + tx + 16 * j;
+      qv[j] = row < r ? q[row] : T(0);
     }
-    // the 16 threads sharing ty are one aligned half-warp: reduce over tx with xor shuffles
 #pragma unroll
-    for (int off = 8; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    const i64 p = p0 + ty + 16 * i;
-    if (tx == 0 && p < n) partial[(i64)blockIdx.y * n + p] = sum;
+    for (int i = 0; i < 4; ++i) {
+      T sum = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const T d = acc[i][j] - qv[j];
+        sum += d * d;
+      }
+      // the 16 threads sharing ty are one aligned half-warp: reduce over tx with xor shuffles
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      const i64 p = p0 + ty + 16 * i;
+      if (tx == 0 && p < n) dst[(i64)blockIdx.y * n + p] = sum;
+    }
   }
 }
 
 // ---- fp16 / bf16: tensor cores (wmma m16n16k16, fp32 accumulators) ------------------------------------
 // Warp w owns the 16 patches (w / 2) * 16 and the 32 rows (w % 2) * 32 of the 64 x 64 tile.
-template <typename T>
+// kResidual selects the epilogue, as for tile_simt.
+template <typename T, bool kResidual>
 __device__ __forceinline__ void tile_tensor(Shared<T>& s, float* c_tile, int num_layers, const T* f0, const T* f1,
                                             const T* f2, const T* f3, const T* __restrict__ matrix,
-                                            const float* __restrict__ q, float* __restrict__ partial, i64 p0, i64 n,
-                                            int j0, int c_total, int r) {
+                                            const float* __restrict__ q, float* __restrict__ dst, i64 p0, i64 n,
+                                            i64 hw, int j0, int c_total, int r) {
   namespace wmma = nvcuda::wmma;
   constexpr int kChunk = Traits<T>::kChunk;
   constexpr int kLd = Traits<T>::kLd;
@@ -324,20 +351,35 @@ __device__ __forceinline__ void tile_tensor(Shared<T>& s, float* c_tile, int num
   }
   __syncthreads();
 
-  // Epilogue: 4 consecutive threads per patch, 16 rows each, then a 4-lane shuffle reduction.
-  const int pp = threadIdx.x / 4;
-  const int part = threadIdx.x % 4;
-  float sum = 0.0f;
+  if constexpr (kResidual) {
+    // out[p, row] = Z - q[pos(p), row]: consecutive threads take consecutive rows of one patch (coalesced rows of
+    // out and q, conflict-free reads of c_tile).
+    for (int e = threadIdx.x; e < kTileP * kTileR; e += kThreads) {
+      const int pp = e / kTileR;
+      const int jj = e % kTileR;
+      const i64 p = p0 + pp;
+      const int row = j0 + jj;
+      if (p < n && row < r) {
+        const i64 pos = p - (i64)s.batch[pp] * hw;
+        dst[p * r + row] = c_tile[pp * kLdc + jj] - q[pos * r + row];
+      }
+    }
+  } else {
+    // Epilogue: 4 consecutive threads per patch, 16 rows each, then a 4-lane shuffle reduction.
+    const int pp = threadIdx.x / 4;
+    const int part = threadIdx.x % 4;
+    float sum = 0.0f;
 #pragma unroll
-  for (int jj = part * 16; jj < part * 16 + 16; ++jj) {
-    const int row = j0 + jj;
-    const float d = c_tile[pp * kLdc + jj] - (row < r ? q[row] : 0.0f);
-    sum += d * d;
+    for (int jj = part * 16; jj < part * 16 + 16; ++jj) {
+      const int row = j0 + jj;
+      const float d = c_tile[pp * kLdc + jj] - (row < r ? q[row] : 0.0f);
+      sum += d * d;
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const i64 p = p0 + pp;
+    if (part == 0 && p < n) dst[(i64)blockIdx.y * n + p] = sum;
   }
-  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-  const i64 p = p0 + pp;
-  if (part == 0 && p < n) partial[(i64)blockIdx.y * n + p] = sum;
 }
 
 template <typename Acc>
@@ -353,47 +395,55 @@ __device__ __forceinline__ void finish(const Acc* __restrict__ partial, Acc* __r
 
 // ---- C-linkage entry points (the names CuPy looks up; crd_head.cu launches the same ones) -------------
 // grid = (ceil(N / kTileP), ceil(r / kTileR)), block = kThreads; N = batch * h0 * w0.
-// partial is (ceil(r / kTileR), N); every entry of it and of out is written.
+// crd_head_tile_*: dst is partial, (ceil(r / kTileR), N); every entry of it and of the finish's out is written.
+// crd_residual_tile_*: q is (h0 * w0, r), dst is out, (N, r); every entry of it is written.
 
-#define CRD_HEAD_SIMT_ENTRY(NAME, T)                                                                        \
+#define CRD_HEAD_SIMT_ENTRY(NAME, T, RESIDUAL)                                                              \
   extern "C" __global__ void __launch_bounds__(crd_head::kThreads)                                          \
       NAME(const T* f0, const T* f1, const T* f2, const T* f3, int num_layers, const int* plan,             \
-           const T* weights, const T* matrix, const T* q, T* partial, int batch, int h0, int w0, int c_total, \
+           const T* weights, const T* matrix, const T* q, T* dst, int batch, int h0, int w0, int c_total,   \
            int r) {                                                                                          \
     __shared__ crd_head::Shared<T> s;                                                                       \
-    const crd_head::i64 n = (crd_head::i64)batch * h0 * w0;                                                 \
+    const crd_head::i64 hw = (crd_head::i64)h0 * w0;                                                        \
+    const crd_head::i64 n = (crd_head::i64)batch * hw;                                                      \
     const crd_head::i64 p0 = (crd_head::i64)blockIdx.x * crd_head::kTileP;                                  \
     crd_head::load_taps<T>(s, num_layers, plan, weights, p0, n, h0, w0);                                    \
     __syncthreads();                                                                                         \
-    crd_head::tile_simt<T>(s, num_layers, f0, f1, f2, f3, matrix, q, partial, p0, n,                        \
-                           (int)blockIdx.y * crd_head::kTileR, c_total, r);                                 \
+    crd_head::tile_simt<T, RESIDUAL>(s, num_layers, f0, f1, f2, f3, matrix, q, dst, p0, n, hw,              \
+                                     (int)blockIdx.y * crd_head::kTileR, c_total, r);                       \
   }
 
 #define CRD_HEAD_TENSOR_SIGNATURE(NAME, T)                                                                  \
   extern "C" __global__ void __launch_bounds__(crd_head::kThreads)                                          \
       NAME(const T* f0, const T* f1, const T* f2, const T* f3, int num_layers, const int* plan,             \
-           const float* weights, const T* matrix, const float* q, float* partial, int batch, int h0, int w0, \
+           const float* weights, const T* matrix, const float* q, float* dst, int batch, int h0, int w0,    \
            int c_total, int r)
 
-#define CRD_HEAD_TENSOR_ENTRY(NAME, T)                                                                      \
+#define CRD_HEAD_TENSOR_ENTRY(NAME, T, RESIDUAL)                                                            \
   CRD_HEAD_TENSOR_SIGNATURE(NAME, T) {                                                                      \
     __shared__ crd_head::Shared<T> s;                                                                       \
     __shared__ __align__(32) float c_tile[crd_head::kTileP * (crd_head::kTileR + 4)];                       \
-    const crd_head::i64 n = (crd_head::i64)batch * h0 * w0;                                                 \
+    const crd_head::i64 hw = (crd_head::i64)h0 * w0;                                                        \
+    const crd_head::i64 n = (crd_head::i64)batch * hw;                                                      \
     const crd_head::i64 p0 = (crd_head::i64)blockIdx.x * crd_head::kTileP;                                  \
     crd_head::load_taps<T>(s, num_layers, plan, weights, p0, n, h0, w0);                                    \
     __syncthreads();                                                                                         \
-    crd_head::tile_tensor<T>(s, c_tile, num_layers, f0, f1, f2, f3, matrix, q, partial, p0, n,              \
-                             (int)blockIdx.y * crd_head::kTileR, c_total, r);                               \
+    crd_head::tile_tensor<T, RESIDUAL>(s, c_tile, num_layers, f0, f1, f2, f3, matrix, q, dst, p0, n, hw,    \
+                                       (int)blockIdx.y * crd_head::kTileR, c_total, r);                     \
   }
 
-CRD_HEAD_SIMT_ENTRY(crd_head_tile_f32, float)
-CRD_HEAD_SIMT_ENTRY(crd_head_tile_f64, double)
-CRD_HEAD_TENSOR_ENTRY(crd_head_tile_f16, __half)
+CRD_HEAD_SIMT_ENTRY(crd_head_tile_f32, float, false)
+CRD_HEAD_SIMT_ENTRY(crd_head_tile_f64, double, false)
+CRD_HEAD_TENSOR_ENTRY(crd_head_tile_f16, __half, false)
+CRD_HEAD_SIMT_ENTRY(crd_residual_tile_f32, float, true)
+CRD_HEAD_SIMT_ENTRY(crd_residual_tile_f64, double, true)
+CRD_HEAD_TENSOR_ENTRY(crd_residual_tile_f16, __half, true)
 #if CRD_HEAD_BF16_MMA
-CRD_HEAD_TENSOR_ENTRY(crd_head_tile_bf16, __nv_bfloat16)
+CRD_HEAD_TENSOR_ENTRY(crd_head_tile_bf16, __nv_bfloat16, false)
+CRD_HEAD_TENSOR_ENTRY(crd_residual_tile_bf16, __nv_bfloat16, true)
 #else
-CRD_HEAD_TENSOR_SIGNATURE(crd_head_tile_bf16, __nv_bfloat16) { __trap(); }  // never launched below sm_80
+CRD_HEAD_TENSOR_SIGNATURE(crd_head_tile_bf16, __nv_bfloat16) { __trap(); }      // never launched below sm_80
+CRD_HEAD_TENSOR_SIGNATURE(crd_residual_tile_bf16, __nv_bfloat16) { __trap(); }  // never launched below sm_80
 #endif
 
 // score[p] = sqrt(sum_t partial[t, p]); grid = ceil(N / kFinishThreads), block = kFinishThreads.
