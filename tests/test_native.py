@@ -36,6 +36,10 @@ ENTRIES = [
     "crd_head_tile_f64",
     "crd_head_tile_f16",
     "crd_head_tile_bf16",
+    "crd_residual_tile_f32",
+    "crd_residual_tile_f64",
+    "crd_residual_tile_f16",
+    "crd_residual_tile_bf16",
     "crd_head_finish_f32",
     "crd_head_finish_f64",
 ]
@@ -50,8 +54,10 @@ def test_expected_builds_are_present():
     expect_cuda = os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS")
     if expect_cuda == "1":
         assert _native.has_native_cuda() and hasattr(_native._C, "crd_head_cuda")
+        assert hasattr(_native._C, "crd_residual_cuda") and cuda_launch.has_residual_kernels()
     elif expect_cuda == "0":  # the CPU-only build (CRD_FAST_CUDA=OFF)
         assert not _native.has_native_cuda() and not hasattr(_native._C, "crd_head_cuda")
+        assert not hasattr(_native._C, "crd_residual_cuda") and not cuda_launch.has_residual_kernels()
 
 
 # ---- plan tables ---------------------------------------------------------------------------------
@@ -274,11 +280,14 @@ def test_cupy_source_compiles_with_nvrtc(arch):
     entries = re.findall(r"\.entry\s+(\w+)\(", ptx)
     assert sorted(entries) == sorted(ENTRIES)
     assert "wmma.mma.sync" in ptx  # the half-precision kernels run on tensor cores (fp16 from sm_75, bf16 from sm_80)
-    bf16 = ptx[ptx.index(".entry crd_head_tile_bf16") :].split(".entry", 2)[1]  # the bf16 kernel's body
-    if arch == "75":  # no bf16 fragments below sm_80: the entry is a trapping stub there
-        assert "trap;" in bf16 and "wmma" not in bf16
-    else:
-        assert "wmma.mma.sync" in bf16 and "trap;" not in bf16
+    for mode in ("head", "residual"):
+        f16 = ptx[ptx.index(f".entry crd_{mode}_tile_f16") :].split(".entry", 2)[1]
+        assert "wmma.mma.sync" in f16 and "trap;" not in f16
+        bf16 = ptx[ptx.index(f".entry crd_{mode}_tile_bf16") :].split(".entry", 2)[1]  # the bf16 kernel's body
+        if arch == "75":  # no bf16 fragments below sm_80: the entry is a trapping stub there
+            assert "trap;" in bf16 and "wmma" not in bf16
+        else:
+            assert "wmma.mma.sync" in bf16 and "trap;" not in bf16
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -304,7 +313,7 @@ def test_nvcc_build_has_no_spills(tmp_path):
     assert result.returncode == 0, result.stderr
     report = result.stdout + result.stderr
     props = re.findall(
-        r"Function properties for (crd_head_\w+)\n.*?(\d+) bytes stack frame, "
+        r"Function properties for (crd_(?:head|residual)_\w+)\n.*?(\d+) bytes stack frame, "
         r"(\d+) bytes spill stores, (\d+) bytes spill loads",
         report,
     )

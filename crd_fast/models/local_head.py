@@ -11,9 +11,11 @@ y at grid position p as (docs/DESIGN.md "Position-aware CRD")
 docs/DESIGN.md "Linearity"; the code is shared with CRDHead), ``q_p`` a per-position offset and the rest a
 rank-k correction per patch (batched matmuls over the P positions).
 
-With ``use_fused`` set, eager calls on CPU tensors compute ``M y - q_p`` with the fused op
-``crd_fast.ops.crd_residual`` (the Cython pass in its residual mode); elsewhere (CUDA, tracing, export) the
-pure-torch path runs. The correction and the norm are torch in both.
+With ``use_fused`` set, eager calls on CPU and CUDA tensors compute ``M y - q_p`` with the fused op
+``crd_fast.ops.crd_residual`` (CPU: the Cython pass in its residual mode; CUDA: the residual kernels, or the
+reference where the per-device decision says so, docs/GPU.md); elsewhere (other devices, tracing, export) the
+pure-torch path runs. The correction and the norm are torch in both. On CUDA, float16 / bfloat16 maps are
+tensor-core operands of the residual kernels (float32 accumulation and output), as in CRDHead.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ def _square_grid(positions: int) -> tuple[int, int]:
     if side * side != positions:
         raise ValueError(f"the model has {positions} positions, not a square grid: pass grid=(h, w)")
     return side, side
+
+
+#: Devices whose eager calls take the fused residual op (it has a kernel for each).
+FUSED_DEVICES = ("cpu", "cuda")
 
 
 def _refresh_after_load(module: "LocalCRDHead", _incompatible_keys: object) -> None:
@@ -197,7 +203,7 @@ class LocalCRDHead(nn.Module):
         """List of (B, C_l, H_l, W_l) maps -> (B, h, w) patch scores (float64 for float64 maps, else float32)."""
         maps = list(feature_maps)
         self._check_maps(maps)
-        if self.use_fused and not _exporting() and maps[0].device.type == "cpu":
+        if self.use_fused and not _exporting() and maps[0].device.type in FUSED_DEVICES:
             scores = self.fused_forward(maps)
         else:
             scores = self.torch_forward(maps)

@@ -6,6 +6,9 @@ crd_fast/ops/streams.py), and ``run`` hands it to the launcher of a path ("nativ
 ``_C``; "cupy": the same source built by NVRTC), filling a (B, H0, W0) score map. Which path a device
 takes is decided in crd_fast/ops/cuda_dispatch.py. ``out`` and ``partial`` can be passed in
 (bench/gpu_check.py poisons them first to prove every element is written).
+
+``prepare_residual`` / ``run_residual`` are the same for the residual mode (crd_fast::crd_residual, the local
+head's fused part): q is (h0 w0, r), one projected offset per grid position, and the output (B, h0, w0, r).
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from typing import Optional
 import torch
 
 from ..core.dtypes import compute_dtype
-from .cuda_launch import Operands, config, crd_head_cuda
-from .cupy_jit import crd_head_cupy
-from .plan import folded_operands, geometry_of, tables
+from .cuda_launch import Operands, config, crd_head_cuda, crd_residual_cuda
+from .cupy_jit import crd_head_cupy, crd_residual_cupy
+from .plan import FOLDS, fold_matrix, folded_operands, geometry_of, tables
 
 #: Kernel paths and their launchers; "reference" (pure torch) is the op's last resort, not a launcher.
 LAUNCHERS = {"native": crd_head_cuda, "cupy": crd_head_cupy}
+#: The residual mode's launchers (crd_fast::crd_residual), per path.
+RESIDUAL_LAUNCHERS = {"native": crd_residual_cuda, "cupy": crd_residual_cupy}
 
 
 def operand_dtype(dtype: torch.dtype, capability: Optional[tuple[int, int]] = None) -> torch.dtype:
@@ -70,3 +75,45 @@ def run(
     if launcher is None:
         raise ValueError(f"no CUDA kernel backend {backend!r} (one of {sorted(LAUNCHERS)})")
     return launcher(ops, out=out, partial=partial)
+
+
+def prepare_residual(
+    feature_maps: Sequence[torch.Tensor],
+    matrix: torch.Tensor,
+    q: torch.Tensor,
+    embedding: str,
+    target_dim: int,
+    capability: Optional[tuple[int, int]] = None,
+) -> Operands:
+    """Residual-kernel operands for checked crd_residual inputs: ``q`` (h0 w0, r) in the accumulation dtype.
+
+    The maps and the folded matrix follow :func:`prepare` (operand dtype, bf16 widened below sm_80); the folded
+    matrix and q are cached per (matrix, q) tensor pair like the head's. Raises
+    :class:`crd_fast.ops.streams.NotPrepared` inside CUDA-graph capture when something would have to be made.
+    """
+    if capability is None and feature_maps[0].device.type == "cuda":
+        capability = torch.cuda.get_device_capability(feature_maps[0].device)
+    dtype = operand_dtype(feature_maps[0].dtype, capability)
+    maps = tuple(f.to(dtype).contiguous() for f in feature_maps)
+    geom = geometry_of(maps)
+    acc = compute_dtype(dtype)
+    device = maps[0].device
+
+    def fold() -> tuple[torch.Tensor, torch.Tensor]:
+        zero = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
+        folded, _ = fold_matrix(matrix.detach(), zero, geom.channels, embedding, target_dim)
+        p = folded.to(device=device, dtype=dtype).contiguous()
+        return p, q.detach().to(device=device, dtype=acc).contiguous()
+
+    params = ("residual", geom.channels, embedding, int(target_dim), dtype, acc, str(device))
+    p, q_acc = FOLDS.get(matrix, q, params, fold, device)
+    plan, weights = tables(geom, acc, device)
+    return Operands(maps, plan, weights, p, q_acc)
+
+
+def run_residual(ops: Operands, backend: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Residual vectors (B, h0, w0, r) through ``backend`` ("native" or "cupy"); fills and returns ``out``."""
+    launcher = RESIDUAL_LAUNCHERS.get(backend)
+    if launcher is None:
+        raise ValueError(f"no CUDA kernel backend {backend!r} (one of {sorted(RESIDUAL_LAUNCHERS)})")
+    return launcher(ops, out=out)

@@ -14,6 +14,11 @@ call on a device, cached per device, and when a path that is installed could not
 reference is what remains, one ``RuntimeWarning`` says so and why. ``crd_fast.backends()`` reports the
 decision of every device. ``CRD_FAST_CUDA_BACKEND`` forces a path (benchmarks and checks): no probe, no
 fallback.
+
+Each op decides on its own (:data:`OPS`): ``crd_fast::crd_head`` and ``crd_fast::crd_residual`` (the local
+head's fused part) take the same steps with their own probe, cache entry and warning, so a residual kernel
+that fails its probe sends only the residual op to the reference. The native path of the residual op also
+needs a ``_C`` built with the residual kernels (an older CUDA build lacks them: absent, not failed).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from . import cupy_jit, native, reference, streams
 from .kernel_config import CONFIG
 
 PATHS = ("native", "cupy", "reference")
+#: The ops that decide a path per device; the first is the default of :func:`decide`.
+HEAD, RESIDUAL = "crd_head", "crd_residual"
+OPS = (HEAD, RESIDUAL)
 #: Environment override of the CUDA path (for benchmarks and checks): native, cupy or reference.
 BACKEND_ENV = "CRD_FAST_CUDA_BACKEND"
 #: Oldest device the kernels are built for (Turing, sm_75: the oldest CUDA 13 supports).
@@ -109,6 +117,13 @@ def native_problem(cap: tuple[int, int]) -> Optional[tuple[str, bool]]:
     return None
 
 
+def native_residual_problem() -> Optional[tuple[str, bool]]:
+    """Why the compiled module lacks the residual kernels (absent: a build from before them), else None."""
+    if native.has_native_cuda() and not hasattr(native.compiled(), "crd_residual_cuda"):
+        return "crd_fast.ops._C was built before the crd_residual kernels (rebuild it)", True
+    return None
+
+
 def cupy_problem(index: int) -> Optional[tuple[str, bool]]:
     """Why the CuPy build cannot serve device ``index`` (compiling it once if needed), and whether absent."""
     if not cupy_jit.available():
@@ -129,25 +144,59 @@ def probe(path: str, device: torch.device) -> Optional[str]:
         got = kernels.run(ops, path).double().cpu()
     except Exception as exc:  # no kernel image, launch failure, compile failure: the path is unusable
         return f"probe launch failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
+    return _compare(got, want)
+
+
+def probe_residual(path: str, device: torch.device) -> Optional[str]:
+    """:func:`probe` for the residual kernels: a tiny crd_residual (odd grid, two layers) against the reference."""
+    try:
+        gen = torch.Generator().manual_seed(1)
+        maps = [torch.randn(2, 3, 5, 4, generator=gen), torch.randn(2, 2, 3, 3, generator=gen)]
+        matrix, q = torch.randn(3, 5, generator=gen), torch.randn(20, 3, generator=gen)
+        want = reference.crd_residual(maps, matrix, q)
+        ops = kernels.prepare_residual([m.to(device) for m in maps], matrix.to(device), q.to(device), "concat", 1)
+        got = kernels.run_residual(ops, path).double().cpu()
+    except Exception as exc:  # no kernel image, launch failure, compile failure: the path is unusable
+        return f"probe launch failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
+    return _compare(got, want)
+
+
+def _compare(got: torch.Tensor, want: torch.Tensor) -> Optional[str]:
+    if got.shape != want.shape:
+        return f"probe result has shape {tuple(got.shape)}, the reference {tuple(want.shape)}"
     err = float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want))
     if not err < 1e-4:  # float32 kernels agree to ~1e-7 here; NaN fails too
         return f"probe result differs from the reference (relative error {err:.2e})"
     return None
 
 
+def _probe(op: str, path: str, device: torch.device) -> Optional[str]:
+    # looked up at call time, so tests can fake either probe
+    return probe(path, device) if op == HEAD else probe_residual(path, device)
+
+
+def _native_problem(op: str, cap: tuple[int, int]) -> Optional[tuple[str, bool]]:
+    problem = native_problem(cap)
+    if problem is None and op == RESIDUAL:
+        problem = native_residual_problem()
+    return problem
+
+
 # ---- the decision ------------------------------------------------------------------------------------------
 class _Choices:
+    """Decisions per (op, device index)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_index: dict[int, Choice] = {}
+        self._by_index: dict[tuple[str, int], Choice] = {}
 
-    def get(self, index: int) -> Optional[Choice]:
+    def get(self, index: int, op: str = HEAD) -> Optional[Choice]:
         with self._lock:
-            return self._by_index.get(index)
+            return self._by_index.get((op, index))
 
-    def put(self, index: int, choice: Choice) -> None:
+    def put(self, index: int, choice: Choice, op: str = HEAD) -> None:
         with self._lock:
-            self._by_index[index] = choice
+            self._by_index[(op, index)] = choice
 
     def clear(self) -> None:
         with self._lock:
@@ -167,13 +216,18 @@ def forced() -> Optional[str]:
     return value
 
 
-def decide(device: torch.device) -> Choice:
-    """The path of CUDA ``device`` (cached per device after the first decision; see the module docstring)."""
+def decide(device: torch.device, op: str = HEAD) -> Choice:
+    """The path of ``op`` (one of :data:`OPS`) on CUDA ``device``, cached per (op, device) after the first decision.
+
+    See the module docstring for the steps; ValueError for an unknown op.
+    """
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     path = forced()
     index = device_index(device)
     if path is not None:
         return Choice(path, f"forced by {BACKEND_ENV}", device=f"cuda:{index}", capability=capability(index))
-    hit = CHOICES.get(index)
+    hit = CHOICES.get(index, op)
     if hit is not None:
         return hit
     cap = capability(index)
@@ -188,13 +242,13 @@ def decide(device: torch.device) -> Choice:
     else:
         for path in ("native", "cupy"):
             if capture:  # no compile, no probe (nor caching) while capturing: static checks only
-                ready = native_problem(cap) is None if path == "native" else cupy_jit.available()
+                ready = _native_problem(op, cap) is None if path == "native" else cupy_jit.available()
                 if ready:
                     return Choice(path, "static checks only (first use inside CUDA-graph capture)", skipped, name, cap)
                 continue
-            problem = native_problem(cap) if path == "native" else cupy_problem(index)
+            problem = _native_problem(op, cap) if path == "native" else cupy_problem(index)
             if problem is None:
-                why = probe(path, torch.device("cuda", index))
+                why = _probe(op, path, torch.device("cuda", index))
                 problem = None if why is None else (why, False)
             if problem is None:
                 choice = Choice(path, "checks and probe passed", skipped, name, cap)
@@ -208,19 +262,26 @@ def decide(device: torch.device) -> Choice:
     if failed or choice.path == "reference":
         details = "; ".join(f"{p}: {why}" for p, why in skipped.items())
         warnings.warn(
-            f"crd_fast: CUDA device {name} uses the {choice.path} path of crd_head ({details}); see docs/GPU.md",
+            f"crd_fast: CUDA device {name} uses the {choice.path} path of {op} ({details}); see docs/GPU.md",
             RuntimeWarning,
             stacklevel=3,
         )
-    CHOICES.put(index, choice)
+    CHOICES.put(index, choice, op)
     return choice
 
 
 def device_report() -> list[dict]:
-    """The decision for every visible CUDA device (probing each once); [] without CUDA."""
+    """The crd_head decision for every visible CUDA device (probing each once), with the crd_residual one
+    under the key "crd_residual"; [] without CUDA."""
     if not torch.cuda.is_available():
         return []
-    return [decide(torch.device("cuda", i)).as_dict() for i in range(torch.cuda.device_count())]
+    report = []
+    for i in range(torch.cuda.device_count()):
+        entry = decide(torch.device("cuda", i)).as_dict()
+        residual = decide(torch.device("cuda", i), RESIDUAL)
+        entry[RESIDUAL] = {"path": residual.path, "reason": residual.reason, "skipped": dict(residual.skipped)}
+        report.append(entry)
+    return report
 
 
 def reset() -> None:

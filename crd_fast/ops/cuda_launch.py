@@ -5,6 +5,10 @@ q, plan tables); the compiled launcher (:data:`crd_head_cuda`, into ``_C``) and 
 (crd_fast/ops/cupy_jit.py) both take it as it is, with the ``partial`` scratch and the ``out`` map. Every
 tensor is checked by :func:`check_launch` before any pointer crosses into C++ or NVRTC code; layouts are
 those of csrc/cuda/crd_head_kernels.cuh, sizes those of crd_fast/ops/kernel_config.py.
+
+The residual mode (the local head's fused part) has the same contract with its own operands
+(:func:`crd_fast.ops.cuda.prepare_residual`: q is (h0 w0, r), one offset per grid position), no scratch and a
+(B, h0, w0, r) ``out``: :func:`check_residual_launch`, :data:`crd_residual_cuda` and its CuPy twin.
 """
 
 from __future__ import annotations
@@ -84,13 +88,22 @@ class Operands:
     def new_out(self) -> torch.Tensor:
         return torch.empty(self.out_shape, dtype=self.acc_dtype, device=self.device)
 
+    @property
+    def residual_shape(self) -> tuple[int, int, int, int]:
+        """(B, h0, w0, r): the output of the residual kernels."""
+        batch, h0, w0, _, r = self.sizes
+        return batch, h0, w0, r
+
+    def new_residual_out(self) -> torch.Tensor:
+        return torch.empty(self.residual_shape, dtype=self.acc_dtype, device=self.device)
+
     def stream(self) -> int:
         """The current torch CUDA stream of the operands' device (the kernels run on it)."""
         return torch.cuda.current_stream(self.device).cuda_stream
 
 
-def check_launch(ops: Operands, partial: torch.Tensor, out: torch.Tensor) -> str:
-    """Checks every tensor the CUDA head kernels read or write; returns the operand dtype name."""
+def _check_operands(ops: Operands, residual: bool) -> tuple[str, Callable[..., None], int, int]:
+    """Checks the maps, matrix, q and tables of either mode; returns (dtype name, the checker ``need``, N, r)."""
     maps = ops.maps
     limit = config().max_layers
     if not 1 <= len(maps) <= limit:
@@ -133,14 +146,27 @@ def check_launch(ops: Operands, partial: torch.Tensor, out: torch.Tensor) -> str
     rows = int(h0) + int(w0)
     header, taps = config().header, config().max_taps
     need(matrix, "matrix", (r, c_total), dtype)
-    need(ops.q, "q", (r,), acc)
+    need(ops.q, "q", (int(h0) * int(w0), r) if residual else (r,), acc)
     need(ops.plan, "plan", (len(maps) * header + len(maps) * rows * 2,), torch.int32)
     need(ops.weights, "weights", (len(maps) * rows * taps,), acc)
-    need(partial, "partial", (config().tiles(r), n), acc)
-    need(out, "out", (int(batch), int(h0), int(w0)), acc)
     if max(n, c_total, r) >= 2**31:
         raise ValueError(f"sizes beyond int32 (N={n}, C={c_total}, r={r}): split the batch")
-    return HEAD_DTYPES[dtype]
+    return HEAD_DTYPES[dtype], need, n, r
+
+
+def check_launch(ops: Operands, partial: torch.Tensor, out: torch.Tensor) -> str:
+    """Checks every tensor the CUDA head kernels read or write; returns the operand dtype name."""
+    name, need, n, r = _check_operands(ops, residual=False)
+    need(partial, "partial", (config().tiles(r), n), ops.acc_dtype)
+    need(out, "out", ops.out_shape, ops.acc_dtype)
+    return name
+
+
+def check_residual_launch(ops: Operands, out: torch.Tensor) -> str:
+    """Checks every tensor the CUDA residual kernels read or write (q (h0 w0, r), out (B, h0, w0, r))."""
+    name, need, _, _ = _check_operands(ops, residual=True)
+    need(out, "out", ops.residual_shape, ops.acc_dtype)  # indexed with 64-bit offsets: N r may pass 2^31
+    return name
 
 
 #: A launcher body: fills ``out`` from checked, non-empty operands; gets the kernel dtype name too.
@@ -165,6 +191,30 @@ def head_launcher(body: LaunchBody, ready: Callable[[], Any], name: str, doc: st
         if out.numel() == 0 or ops.matrix.shape[0] == 0:
             return out.zero_()  # nothing to launch; a rank-0 matrix scores every patch 0
         body(ops, partial, out, dtype)
+        return out
+
+    launch.__name__ = launch.__qualname__ = name
+    launch.__module__ = body.__module__
+    launch.__doc__ = doc
+    return launch
+
+
+#: A residual launcher body: fills ``out`` (B, h0, w0, r) from checked, non-empty operands.
+ResidualBody = Callable[[Operands, torch.Tensor, str], None]
+
+
+def residual_launcher(
+    body: ResidualBody, ready: Callable[[], Any], name: str, doc: str
+) -> Callable[..., torch.Tensor]:
+    """A residual launcher ``(ops, out=None) -> out`` around ``body``: :func:`head_launcher`'s contract, no scratch."""
+
+    def launch(ops: Operands, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        ready()
+        out = ops.new_residual_out() if out is None else out
+        dtype = check_residual_launch(ops, out)
+        if out.numel() == 0:
+            return out  # B = 0 or r = 0: nothing to write
+        body(ops, out, dtype)
         return out
 
     launch.__name__ = launch.__qualname__ = name
@@ -211,7 +261,50 @@ crd_head_cuda = head_launcher(
 )
 
 
+def has_residual_kernels() -> bool:
+    """True when the compiled module carries the residual kernels (a CUDA build from before them does not)."""
+    return native.has_native_cuda() and hasattr(native.compiled(), "crd_residual_cuda")
+
+
+def _require_native_residual() -> None:
+    _require_native_cuda()
+    if not has_residual_kernels():
+        raise RuntimeError("crd_fast.ops._C was built before the CUDA residual kernels: rebuild it")
+
+
+def _launch_compiled_residual(ops: Operands, out: torch.Tensor, dtype: str) -> None:
+    batch, h0, w0, c_total, r = ops.sizes
+    with torch.cuda.device(ops.device):
+        native.compiled().crd_residual_cuda(
+            dtype,
+            [f.data_ptr() for f in ops.maps],
+            ops.plan.data_ptr(),
+            ops.weights.data_ptr(),
+            ops.matrix.data_ptr(),
+            ops.q.data_ptr(),
+            out.data_ptr(),
+            batch,
+            h0,
+            w0,
+            c_total,
+            r,
+            ops.stream(),
+        )
+
+
+crd_residual_cuda = residual_launcher(
+    _launch_compiled_residual,
+    _require_native_residual,
+    "crd_residual_cuda",
+    """Residual vectors (B, h0, w0, r) through the compiled CUDA kernels, on the current stream; fills ``out``.
+
+    Arguments ``(ops, out=None)``; ``ops`` from ``crd_fast.ops.cuda.prepare_residual``.
+    ``crd_fast.ops.crd_residual`` is the user-facing entry point.
+    """,
+)
+
+
 def crd_head_cuda_attributes() -> list[dict[str, Any]]:
-    """Registers, local (spill) bytes and static shared bytes of each compiled head kernel (needs a GPU)."""
+    """Registers, local (spill) bytes and static shared bytes of each compiled head and residual kernel (a GPU)."""
     _require_native_cuda()
     return list(native.compiled().crd_head_cuda_attributes())

@@ -1,4 +1,4 @@
-"""The fused head kernels compiled at run time by CuPy (NVRTC), for installs whose ``_C`` has no CUDA.
+"""The fused head and residual kernels compiled at run time by CuPy (NVRTC), for installs whose ``_C`` has no CUDA.
 
 The source is the very file nvcc compiles into ``_C`` (csrc/cuda/crd_head_kernels.cuh, shipped in the
 wheel; crd_fast/ops/kernel_config.py finds it), loaded as a ``cupy.RawModule`` and launched through its
@@ -32,6 +32,13 @@ _ENTRY = {
     "float64": "crd_head_tile_f64",
     "float16": "crd_head_tile_f16",
     "bfloat16": "crd_head_tile_bf16",
+}
+#: The residual mode's entry points (same tile code, the per-position epilogue; no finish kernel).
+_RESIDUAL_ENTRY = {
+    "float32": "crd_residual_tile_f32",
+    "float64": "crd_residual_tile_f64",
+    "float16": "crd_residual_tile_f16",
+    "bfloat16": "crd_residual_tile_bf16",
 }
 
 
@@ -120,7 +127,8 @@ def _module(index: int) -> Any:
     return module
 
 
-def _launch_cupy(ops: cuda_launch.Operands, partial: torch.Tensor, out: torch.Tensor, dtype: str) -> None:
+def _tile_launch(ops: cuda_launch.Operands, entry: str, dst: torch.Tensor) -> tuple[Any, int, int, Any]:
+    """Launches tile kernel ``entry`` of the module on ``ops`` writing ``dst``; returns (module, N, tiles, ptr)."""
     import cupy
 
     cfg = cuda_launch.config()
@@ -136,11 +144,8 @@ def _launch_cupy(ops: cuda_launch.Operands, partial: torch.Tensor, out: torch.Te
     maps = ops.maps
     f = [ptr(m) for m in maps] + [ptr(maps[0])] * (cfg.max_layers - len(maps))  # unused slots are never read
     tiles = cfg.tiles(r)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # CuPy 14 deprecates ExternalStream; it still works
-        external = cupy.cuda.ExternalStream(ops.stream(), index)
-    with cupy.cuda.Device(index), external:
-        module.get_function(_ENTRY[dtype])(
+    with cupy.cuda.Device(index), _external_stream(ops, index):
+        module.get_function(entry)(
             ((n + cfg.tile_p - 1) // cfg.tile_p, tiles),
             (cfg.threads,),
             (
@@ -150,7 +155,7 @@ def _launch_cupy(ops: cuda_launch.Operands, partial: torch.Tensor, out: torch.Te
                 ptr(ops.weights),
                 ptr(ops.matrix),
                 ptr(ops.q),
-                ptr(partial),
+                ptr(dst),
                 np.int32(batch),
                 np.int32(h0),
                 np.int32(w0),
@@ -158,12 +163,33 @@ def _launch_cupy(ops: cuda_launch.Operands, partial: torch.Tensor, out: torch.Te
                 np.int32(r),
             ),
         )
-        finish = "crd_head_finish_f64" if dtype == "float64" else "crd_head_finish_f32"
+    return module, n, tiles, index
+
+
+def _external_stream(ops: cuda_launch.Operands, index: int) -> Any:
+    import cupy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # CuPy 14 deprecates ExternalStream; it still works
+        return cupy.cuda.ExternalStream(ops.stream(), index)
+
+
+def _launch_cupy(ops: cuda_launch.Operands, partial: torch.Tensor, out: torch.Tensor, dtype: str) -> None:
+    import cupy
+
+    cfg = cuda_launch.config()
+    module, n, tiles, index = _tile_launch(ops, _ENTRY[dtype], partial)
+    finish = "crd_head_finish_f64" if dtype == "float64" else "crd_head_finish_f32"
+    with cupy.cuda.Device(index), _external_stream(ops, index):
         module.get_function(finish)(
             ((n + cfg.finish_threads - 1) // cfg.finish_threads,),
             (cfg.finish_threads,),
-            (ptr(partial), ptr(out), np.int64(n), np.int32(tiles)),
+            (np.uint64(partial.data_ptr()), np.uint64(out.data_ptr()), np.int64(n), np.int32(tiles)),
         )
+
+
+def _launch_cupy_residual(ops: cuda_launch.Operands, out: torch.Tensor, dtype: str) -> None:
+    _tile_launch(ops, _RESIDUAL_ENTRY[dtype], out)
 
 
 def _import_cupy() -> None:
@@ -175,4 +201,11 @@ crd_head_cupy = cuda_launch.head_launcher(
     _import_cupy,
     "crd_head_cupy",
     """Same contract as ``crd_fast.ops.cuda_launch.crd_head_cuda``, through CuPy; fills and returns ``out``.""",
+)
+
+crd_residual_cupy = cuda_launch.residual_launcher(
+    _launch_cupy_residual,
+    _import_cupy,
+    "crd_residual_cupy",
+    """Same contract as ``crd_fast.ops.cuda_launch.crd_residual_cuda``, through CuPy; fills and returns ``out``.""",
 )

@@ -21,6 +21,9 @@ fake implementation):
   warning instead of raising (crd_fast/ops/cuda_dispatch.py, docs/GPU.md). More layers than the kernels
   take, and a first call inside CUDA-graph capture, also take the reference;
 * any other device: the reference.
+
+``crd_residual`` (the local head's fused part, end of this module) dispatches the same way with its own
+decision per device (the residual kernels of the same source).
 """
 
 from __future__ import annotations
@@ -220,7 +223,9 @@ def crd_head(
 # Same embedding and precision rules as crd_head, but q (P, r) holds one projected offset per grid position
 # (P = H_0 W_0, row-major) and the result is the (B, H_0, W_0, r) residual vectors, not their norms: the local
 # head (crd_fast/models/local_head.py, docs/DESIGN.md "Position-aware CRD") adds its rank-k correction and the norm
-# in torch. CPU: the fused Cython pass in its residual mode; every other device (CUDA included): the reference.
+# in torch. CPU: the fused Cython pass in its residual mode; CUDA: the residual kernels (crd_residual_tile_* of
+# csrc/cuda/crd_head_kernels.cuh), native or CuPy, decided per device with their own probe and the same fallback
+# and warning rules as crd_head (crd_fast/ops/cuda_dispatch.py); any other device: the reference.
 
 
 def _residual_reference(
@@ -232,7 +237,7 @@ def _residual_reference(
 
 @torch.library.custom_op("crd_fast::crd_residual", mutates_args=())
 def _crd_residual_op(feature_maps: list[Tensor], matrix: Tensor, q: Tensor, embedding: str, target_dim: int) -> Tensor:
-    """Default kernel (every device but the CPU, CUDA included): the reference, in the output dtype."""
+    """Default kernel (devices without a fused path): the reference, in the output dtype."""
     check_residual_inputs(feature_maps, matrix, q, embedding, target_dim)
     return _residual_reference(feature_maps, matrix, q, embedding, target_dim)
 
@@ -255,6 +260,25 @@ def _crd_residual_cpu(feature_maps: list[Tensor], matrix: Tensor, q: Tensor, emb
     params = ("residual", channels, embedding, int(target_dim), dtype, (h, w))
     matrix_t, q_grid = FOLDS.get(matrix, q, params, fold, torch.device("cpu"))
     return _cpu.fused_residual_cpu(maps, matrix_t, q_grid)
+
+
+@_crd_residual_op.register_kernel("cuda")
+def _crd_residual_cuda(
+    feature_maps: list[Tensor], matrix: Tensor, q: Tensor, embedding: str, target_dim: int
+) -> Tensor:
+    check_residual_inputs(feature_maps, matrix, q, embedding, target_dim)
+    if CONFIG is None or len(feature_maps) > CONFIG.max_layers:
+        return _residual_reference(feature_maps, matrix, q, embedding, target_dim)
+    choice = cuda_dispatch.decide(feature_maps[0].device, cuda_dispatch.RESIDUAL)
+    if choice.path == "reference":
+        return _residual_reference(feature_maps, matrix, q, embedding, target_dim)
+    maps = [f.detach() for f in feature_maps]
+    try:
+        operands = _cuda.prepare_residual(maps, matrix, q, embedding, target_dim, choice.capability)
+    except streams.NotPrepared as exc:
+        _warn_once("capture-residual", f"{exc}; this capture records the reference path")
+        return _residual_reference(feature_maps, matrix, q, embedding, target_dim)
+    return _cuda.run_residual(operands, choice.path)
 
 
 @_crd_residual_op.register_fake
