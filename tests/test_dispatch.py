@@ -37,8 +37,13 @@ def fresh_decisions(monkeypatch):
     plan._TABLES.clear()
 
 
-def fake_device(monkeypatch, cap=(8, 0), native=None, cupy=None, probe=None, capturing=False):
-    """A fake CUDA device 0 of capability ``cap``; ``native`` / ``cupy`` / ``probe``: problems (None = fine)."""
+def fake_device(
+    monkeypatch, cap=(8, 0), native=None, cupy=None, probe=None, capturing=False, native_residual=None
+):
+    """A fake CUDA device 0 of capability ``cap``; ``native`` / ``cupy`` / ``probe``: problems (None = fine).
+
+    Residual probes are recorded as "residual:<path>" and read their problems from ``probe`` under that key.
+    """
     probes = []
     monkeypatch.setattr(dispatch, "device_index", lambda device: 0)
     monkeypatch.setattr(dispatch, "capability", lambda index: cap)
@@ -51,14 +56,20 @@ def fake_device(monkeypatch, cap=(8, 0), native=None, cupy=None, probe=None, cap
         probes.append(path)
         return (probe or {}).get(path)
 
+    def fake_probe_residual(path, device):
+        probes.append(f"residual:{path}")
+        return (probe or {}).get(f"residual:{path}")
+
     monkeypatch.setattr(dispatch, "probe", fake_probe)
+    monkeypatch.setattr(dispatch, "probe_residual", fake_probe_residual)
+    monkeypatch.setattr(dispatch, "native_residual_problem", lambda: native_residual)
     return probes
 
 
-def decide_recording():
+def decide_recording(op=dispatch.HEAD):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        choice = dispatch.decide(torch.device("cuda", 0))
+        choice = dispatch.decide(torch.device("cuda", 0), op)
     return choice, [w for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
@@ -136,6 +147,81 @@ def test_forced_path(monkeypatch):
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     with pytest.raises(ValueError, match="CRD_FAST_CUDA_BACKEND must be one of"):
         dispatch.decide(torch.device("cuda", 0))
+
+
+# ---- the residual op decides on its own -------------------------------------------------------------------
+def test_residual_op_has_its_own_probe_cache_and_warning(monkeypatch):
+    probes = fake_device(monkeypatch, probe={"residual:native": "probe result differs from the reference (1e-01)"})
+    head, warned = decide_recording()
+    assert head.path == "native" and warned == [] and probes == ["native"]
+    residual, warned = decide_recording(dispatch.RESIDUAL)
+    assert residual.path == "cupy" and probes == ["native", "residual:native", "residual:cupy"]
+    assert "differs from the reference" in residual.skipped["native"]
+    assert len(warned) == 1 and "uses the cupy path of crd_residual" in str(warned[0].message)
+    assert dispatch.CHOICES.get(0) is head and dispatch.CHOICES.get(0, dispatch.RESIDUAL) is residual
+    again, warned = decide_recording(dispatch.RESIDUAL)  # cached per (op, device): no probe, no warning
+    assert again is residual and warned == [] and len(probes) == 3
+
+
+def test_residual_op_falls_back_to_the_reference_alone(monkeypatch):
+    fake_device(monkeypatch, probe={"residual:native": "probe launch failed", "residual:cupy": "probe launch failed"})
+    residual, warned = decide_recording(dispatch.RESIDUAL)
+    assert residual.path == "reference" and set(residual.skipped) == {"native", "cupy"}
+    assert len(warned) == 1 and "uses the reference path of crd_residual" in str(warned[0].message)
+    assert decide_recording()[0].path == "native"  # the head keeps its kernels
+
+
+def test_a_build_without_residual_kernels_is_absent_for_the_residual_op_only(monkeypatch):
+    probes = fake_device(monkeypatch, native_residual=("_C was built before the crd_residual kernels", True))
+    residual, warned = decide_recording(dispatch.RESIDUAL)
+    assert residual.path == "cupy" and warned == [] and probes == ["residual:cupy"]  # absent: quiet, no probe
+    assert "before the crd_residual kernels" in residual.skipped["native"]
+    assert decide_recording()[0].path == "native"
+
+
+def test_native_residual_problem_reads_the_build(monkeypatch):
+    monkeypatch.setattr(dispatch.native, "has_native_cuda", lambda: True)
+    monkeypatch.setattr(dispatch.native, "compiled", lambda: object())  # a CUDA build from before the kernels
+    assert dispatch.native_residual_problem() == (
+        "crd_fast.ops._C was built before the crd_residual kernels (rebuild it)",
+        True,
+    )
+    monkeypatch.setattr(dispatch.native, "compiled", lambda: type("C", (), {"crd_residual_cuda": None})())
+    assert dispatch.native_residual_problem() is None
+    monkeypatch.setattr(dispatch.native, "has_native_cuda", lambda: False)  # no CUDA at all: native_problem says so
+    assert dispatch.native_residual_problem() is None
+
+
+def test_residual_decision_inside_capture_and_unknown_op(monkeypatch):
+    probes = fake_device(monkeypatch, capturing=True, native_residual=("old build", True))
+    monkeypatch.setattr(dispatch.cupy_jit, "available", lambda: True)
+    choice, _ = decide_recording(dispatch.RESIDUAL)
+    assert choice.path == "cupy" and probes == [] and dispatch.CHOICES.get(0, dispatch.RESIDUAL) is None
+    with pytest.raises(ValueError, match="op must be one of"):
+        dispatch.decide(torch.device("cuda", 0), "crd_heads")
+
+
+def test_residual_probe_reports_wrong_results_and_launch_errors(monkeypatch):
+    """The residual probe runs the real prepare_residual() on CPU tensors with the launch faked."""
+
+    def exact(ops, path):
+        emb = patch_matrix(embed_patches([m.double() for m in ops.maps]))
+        b, h, w, r = ops.residual_shape
+        rows = (emb @ ops.matrix.double().T).reshape(b, h * w, r) - ops.q.double()
+        return rows.reshape(b, h, w, r)
+
+    monkeypatch.setattr(kcuda, "run_residual", exact)
+    assert dispatch.probe_residual("native", torch.device("cpu")) is None
+    monkeypatch.setattr(kcuda, "run_residual", lambda ops, path: exact(ops, path) + 0.01)
+    assert "differs from the reference" in dispatch.probe_residual("native", torch.device("cpu"))
+    monkeypatch.setattr(kcuda, "run_residual", lambda ops, path: exact(ops, path)[:, :, :, :2])
+    assert "has shape" in dispatch.probe_residual("native", torch.device("cpu"))
+
+    def no_image(ops, path):
+        raise RuntimeError("crd_fast CUDA error in crd_residual tile launch: no kernel image is available")
+
+    monkeypatch.setattr(kcuda, "run_residual", no_image)
+    assert "no kernel image" in dispatch.probe_residual("cupy", torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -218,6 +304,7 @@ def test_backends_reports_each_device(monkeypatch):
         warnings.simplefilter("ignore", RuntimeWarning)
         report = crd_fast.backends()["cuda_devices"]
     assert [d["path"] for d in report] == ["cupy", "reference"]
+    assert [d["crd_residual"]["path"] for d in report] == ["native", "reference"]
     assert report[0]["capability"] == "8.0" and "no kernel image" in report[0]["skipped"]["native"]
     assert report[1]["capability"] == "6.0" and "sm_60" in report[1]["skipped"]["cupy"]
 
@@ -279,6 +366,99 @@ def test_cuda_kernel_takes_the_reference_when_decided_or_too_many_layers(monkeyp
         rtol=1e-12,
         atol=0,
     )
+
+
+def _decide_residual(path, cap=(8, 0)):
+    def decide(device, op=dispatch.HEAD):
+        assert op == dispatch.RESIDUAL, "the residual op decides under its own name"
+        return dispatch.Choice(path, "test", capability=cap)
+
+    return decide
+
+
+@pytest.mark.parametrize(
+    "dtype,cap,operand,acc",
+    [
+        (torch.float32, (8, 0), torch.float32, torch.float32),
+        (torch.float64, (8, 0), torch.float64, torch.float64),
+        (torch.bfloat16, (8, 0), torch.bfloat16, torch.float32),
+        (torch.float16, (8, 0), torch.float16, torch.float32),
+        (torch.bfloat16, (7, 5), torch.float32, torch.float32),
+    ],
+)
+def test_residual_cuda_kernel_hands_its_operands_to_the_launcher(monkeypatch, dtype, cap, operand, acc):
+    """crd_residual's CUDA kernel up to the pointer hand-off: folded matrix, (P, r) q, tables; bf16 widened."""
+    gen = torch.Generator().manual_seed(53)
+    maps = [torch.randn(2, c, h, w, generator=gen, dtype=torch.float64).to(dtype) for c, h, w in ((6, 7, 5), (10, 3, 3))]
+    matrix = torch.randn(9, 9, generator=gen, dtype=torch.float64)
+    q = torch.randn(35, 9, generator=gen, dtype=torch.float64)
+    seen = {}
+
+    def fake_run(operands, backend, out=None):
+        seen["ops"], seen["backend"] = operands, backend
+        emb = patch_matrix(embed_patches([m.double() for m in operands.maps]))
+        rows = (emb @ operands.matrix.double().T).reshape(2, 35, 9) - operands.q.double()
+        return rows.reshape(operands.residual_shape).to(operands.acc_dtype)
+
+    monkeypatch.setattr(dispatch, "decide", _decide_residual("native", cap))
+    monkeypatch.setattr(kcuda, "run_residual", fake_run)
+    got = head_op._crd_residual_cuda(maps, matrix, q, "patchcore", 9)
+    o = seen["ops"]
+    assert seen["backend"] == "native" and got.dtype == acc and got.shape == (2, 7, 5, 9)
+    assert all(m.dtype == operand and m.is_contiguous() for m in o.maps)
+    assert o.matrix.dtype == operand and o.matrix.shape == (9, 16) and o.q.dtype == acc and o.q.shape == (35, 9)
+    assert o.weights.dtype == acc and o.plan.dtype == torch.int32 and o.residual_shape == (2, 7, 5, 9)
+    assert o.new_residual_out().shape == (2, 7, 5, 9) and o.new_residual_out().dtype == acc
+    if dtype == torch.float64:  # the folded operands reproduce the reference residuals
+        want = reference.crd_residual(maps, matrix, q, "patchcore", 9)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        p, _ = fold_matrix(matrix, torch.zeros(9, dtype=torch.float64), (6, 10), "patchcore", 9)
+        torch.testing.assert_close(o.matrix, p, rtol=0, atol=0)
+    # the folded matrix and q are cached per (matrix, q) pair: a second call reuses them
+    head_op._crd_residual_cuda(maps, matrix, q, "patchcore", 9)
+    assert seen["ops"].matrix is o.matrix and seen["ops"].q is o.q
+
+
+def test_residual_cuda_kernel_takes_the_reference_when_decided_or_too_many_layers(monkeypatch):
+    gen = torch.Generator().manual_seed(59)
+    layers = kernel_config.CONFIG.max_layers + 1
+    maps = [torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(layers)]
+    matrix = torch.randn(5, 3 * layers, generator=gen, dtype=torch.float64)
+    q = torch.randn(16, 5, generator=gen, dtype=torch.float64)
+    monkeypatch.setattr(kcuda, "run_residual", lambda *a, **k: pytest.fail("no kernel may run"))
+    monkeypatch.setattr(dispatch, "decide", _decide_residual("native"))
+    want = reference.crd_residual(maps, matrix, q)
+    torch.testing.assert_close(head_op._crd_residual_cuda(maps, matrix, q, "concat", 1), want, rtol=1e-12, atol=0)
+    monkeypatch.setattr(dispatch, "decide", _decide_residual("reference"))
+    torch.testing.assert_close(
+        head_op._crd_residual_cuda(maps[:2], matrix[:, :6], q, "concat", 1),
+        reference.crd_residual(maps[:2], matrix[:, :6], q),
+        rtol=1e-12,
+        atol=0,
+    )
+    with pytest.raises(ValueError, match=r"q must be \(P, r\)"):  # the op's checks run first
+        head_op._crd_residual_cuda(maps[:2], matrix[:, :6], q[:15], "concat", 1)
+
+
+def test_first_residual_call_inside_capture_records_the_reference_once(monkeypatch):
+    gen = torch.Generator().manual_seed(61)
+    maps = [torch.randn(2, 3, 5, 5, generator=gen), torch.randn(2, 2, 3, 3, generator=gen)]
+    matrix, q = torch.randn(4, 5, generator=gen), torch.randn(25, 4, generator=gen)
+    monkeypatch.setattr(dispatch, "decide", _decide_residual("native"))
+    monkeypatch.setattr(kcuda, "run_residual", lambda *a, **k: pytest.fail("nothing is prepared: no kernel may run"))
+    monkeypatch.setattr(streams, "capturing", lambda device: True)
+    monkeypatch.setattr(head_op, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="inside CUDA-graph capture"):
+        got = head_op._crd_residual_cuda(maps, matrix, q, "concat", 1)
+    torch.testing.assert_close(got.double(), reference.crd_residual(maps, matrix, q), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head_op._crd_residual_cuda(maps, matrix, q, "concat", 1)  # warned once only
+
+
+def test_residual_run_refuses_unknown_backends():
+    with pytest.raises(ValueError, match="no CUDA kernel backend 'triton'"):
+        kcuda.run_residual(None, "triton")
 
 
 def test_first_call_inside_capture_records_the_reference_once(monkeypatch):

@@ -243,6 +243,46 @@ def test_cuda_argument_checks(dtype):
             cupy_module.crd_head_cupy(cpu_ops, out=cpu_out, partial=cpu_partial)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_residual_argument_checks(dtype):
+    """The residual launch: q is (h0 w0, r), out (B, h0, w0, r) in the accumulation dtype, no scratch."""
+    acc = compute_dtype(dtype)
+    with FakeTensorMode():
+        head_ops, _, _ = _launch_args(dtype)
+        ops = dataclasses.replace(head_ops, q=torch.zeros(30, 70, device="cuda", dtype=acc))
+        out = ops.new_residual_out()
+        assert out.shape == (2, 6, 5, 70) and out.dtype == acc
+        assert cuda_launch.check_residual_launch(ops, out) == cuda_launch.HEAD_DTYPES[dtype]
+        with pytest.raises(ValueError, match=r"^q: expected a contiguous .* \(30, 70\)"):
+            cuda_launch.check_residual_launch(head_ops, out)  # the head's (r,) q
+        with pytest.raises(ValueError, match="^q"):
+            cuda_launch.check_residual_launch(dataclasses.replace(ops, q=ops.q.to(torch.float16)), out)
+        with pytest.raises(ValueError, match="^q"):
+            cuda_launch.check_residual_launch(dataclasses.replace(ops, q=ops.q.T), out)  # not contiguous
+        with pytest.raises(ValueError, match=r"^out: expected a contiguous .* \(2, 6, 5, 70\)"):
+            cuda_launch.check_residual_launch(ops, torch.empty(2, 6, 5, device="cuda", dtype=acc))
+        with pytest.raises(ValueError, match="^out"):
+            wrong = torch.float32 if acc == torch.float64 else torch.float64
+            cuda_launch.check_residual_launch(ops, torch.empty(2, 6, 5, 70, device="cuda", dtype=wrong))
+        with pytest.raises(ValueError, match="^matrix"):
+            cuda_launch.check_residual_launch(
+                dataclasses.replace(ops, matrix=torch.empty(70, 8, device="cuda", dtype=dtype)), out
+            )
+        with pytest.raises(ValueError, match="1 to 4 feature maps"):
+            cuda_launch.check_residual_launch(dataclasses.replace(ops, maps=ops.maps * 3), out)
+    cpu_head_ops, _, _ = _launch_args(dtype, device="cpu")
+    cpu_ops = dataclasses.replace(cpu_head_ops, q=torch.zeros(30, 70, dtype=acc))
+    cpu_out = cpu_ops.new_residual_out()
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        cuda_launch.check_residual_launch(cpu_ops, cpu_out)
+    if cuda_launch.has_residual_kernels():  # the compiled launcher checks before any pointer crosses
+        with pytest.raises(ValueError, match="need CUDA tensors"):
+            cuda_launch.crd_residual_cuda(cpu_ops, out=cpu_out)
+    if cupy_module.cupy_importable():  # and so does the CuPy one
+        with pytest.raises(ValueError, match="need CUDA tensors"):
+            cupy_module.crd_residual_cupy(cpu_ops, out=cpu_out)
+
+
 # ---- the CUDA source: shipped, and it builds with NVRTC (CuPy path) and nvcc without spills ----------------
 def test_kernel_source_is_shipped():
     path = kernel_config.source_path()
@@ -359,6 +399,83 @@ def test_gpu_kernels_match_reference(backend, dtype, shapes, r):
     tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 3e-2)
     err = float(((got.double() - want).abs() / want.abs()).max())
     assert err < tol, f"{backend} {dtype}: max relative error {err}"
+
+
+def _residual_want(maps, matrix, q, operand):
+    """The float64 reference for float32/float64 operands, else the kernel's own roundings (embedding and folded
+    matrix rounded once to the operand dtype, q in float32), in float64."""
+    if operand in (torch.float32, torch.float64):
+        return reference.crd_residual(maps, matrix, q)
+    b, _, h, w = maps[0].shape
+    emb = patch_matrix(embed_patches([m.double() for m in maps])).to(operand).double()
+    rows = emb @ matrix.to(operand).double().T - q.float().double().repeat(b, 1)
+    return rows.reshape(b, h, w, -1)
+
+
+RESIDUAL_SHAPES = {  # (C, H, W) per layer: odd grids, resized and downsampled layers, 1 to 4 layers
+    1: [(5, 7, 9)],
+    2: [(6, 9, 7), (10, 4, 5)],
+    3: [(3, 5, 11), (7, 3, 3), (4, 11, 13)],
+    4: [(9, 9, 9), (12, 5, 5), (16, 3, 3), (8, 2, 2)],
+}
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["native", "cupy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layers", [1, 2, 3, 4])
+@pytest.mark.parametrize("r", [1, 70, 130])
+def test_gpu_residual_kernels_match_reference(backend, dtype, layers, r):
+    """Every element of the (B, h0, w0, r) output written (poisoned first), equal to the float64 reference (or the
+    same-roundings model for half operands) in the norm-relative sense, and identical on a rerun."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend} backend not available")
+    gen = torch.Generator().manual_seed(1000 * layers + r)
+    shapes = RESIDUAL_SHAPES[layers]
+    maps = [torch.randn((3, *s), generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    d = sum(s[0] for s in shapes)
+    h0, w0 = shapes[0][1:]
+    matrix = torch.randn(r, d, generator=gen, dtype=torch.float64) / d**0.5
+    q = torch.randn(h0 * w0, r, generator=gen, dtype=torch.float64)
+    cap = torch.cuda.get_device_capability()
+    operands = kcuda.prepare_residual([m.cuda() for m in maps], matrix.cuda(), q.cuda(), "concat", 1024, cap)
+    runs = []
+    for _ in range(2):
+        out = operands.new_residual_out().fill_(float("nan"))
+        kcuda.run_residual(operands, backend, out=out)
+        torch.cuda.synchronize()
+        runs.append(out.cpu())
+    got = runs[0]
+    assert got.shape == (3, h0, w0, r) and torch.isfinite(got).all(), "some residuals were never written"
+    assert torch.equal(runs[0], runs[1]), "two runs differ"
+    want = _residual_want(maps, matrix, q, operands.dtype)
+    tol = {torch.float64: 1e-12}.get(operands.dtype, 2e-5)
+    err = float((got.double() - want).abs().max() / want.abs().max())
+    assert err < tol, f"{backend} {dtype}: norm-relative error {err}"
+
+
+@cuda
+def test_gpu_residual_op_and_local_head_use_the_kernels():
+    """The op's decision on this GPU is a kernel path, and LocalCRDHead on CUDA (fused) scores as on the CPU."""
+    from crd_fast.core.local import LocalCRDModel, local_eigenpairs_from_patches
+    from crd_fast.models.local_head import LocalCRDHead
+    from crd_fast.ops import cuda_dispatch
+
+    assert cuda_dispatch.decide(torch.device("cuda"), cuda_dispatch.RESIDUAL).path != "reference"
+    gen = torch.Generator().manual_seed(77)
+    specs = [(6, 7, 5), (5, 3, 3)]
+    base = [3 * torch.randn(1, c, h, w, generator=gen, dtype=torch.float64) for c, h, w in specs]
+    train = [b + torch.randn(12, *b.shape[1:], generator=gen, dtype=torch.float64) for b in base]
+    test = [b + torch.randn(2, *b.shape[1:], generator=gen, dtype=torch.float64) for b in base]
+    grids = patch_matrix(embed_patches(train)).reshape(12, 35, 11)
+    means, vals, vecs = local_eigenpairs_from_patches(grids, 3)
+    xc = grids - means
+    model = LocalCRDModel.build(means, (xc.reshape(-1, 11).T @ xc.reshape(-1, 11)) / (12 * 35), vals, vecs, 0.5)
+    want = model.scores(patch_matrix(embed_patches(test)).reshape(2, 35, 11), 0.05).reshape(2, 7, 5)
+    head = LocalCRDHead.from_model(model, 0.05, layer_channels=[6, 5], grid=(7, 5)).cuda()
+    got = head([m.float().cuda() for m in test]).cpu()
+    err = float((got.double() - want).abs().max() / want.abs().max())
+    assert got.dtype == torch.float32 and err < 1e-5, err
 
 
 @cuda
