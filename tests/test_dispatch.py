@@ -37,9 +37,7 @@ def fresh_decisions(monkeypatch):
     plan._TABLES.clear()
 
 
-def fake_device(
-    monkeypatch, cap=(8, 0), native=None, cupy=None, probe=None, capturing=False, native_residual=None
-):
+def fake_device(monkeypatch, cap=(8, 0), native=None, cupy=None, probe=None, capturing=False, native_residual=None):
     """A fake CUDA device 0 of capability ``cap``; ``native`` / ``cupy`` / ``probe``: problems (None = fine).
 
     Residual probes are recorded as "residual:<path>" and read their problems from ``probe`` under that key.
@@ -389,7 +387,8 @@ def _decide_residual(path, cap=(8, 0)):
 def test_residual_cuda_kernel_hands_its_operands_to_the_launcher(monkeypatch, dtype, cap, operand, acc):
     """crd_residual's CUDA kernel up to the pointer hand-off: folded matrix, (P, r) q, tables; bf16 widened."""
     gen = torch.Generator().manual_seed(53)
-    maps = [torch.randn(2, c, h, w, generator=gen, dtype=torch.float64).to(dtype) for c, h, w in ((6, 7, 5), (10, 3, 3))]
+    specs = ((6, 7, 5), (10, 3, 3))
+    maps = [torch.randn(2, c, h, w, generator=gen, dtype=torch.float64).to(dtype) for c, h, w in specs]
     matrix = torch.randn(9, 9, generator=gen, dtype=torch.float64)
     q = torch.randn(35, 9, generator=gen, dtype=torch.float64)
     seen = {}

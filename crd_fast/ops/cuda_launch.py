@@ -203,9 +203,7 @@ def head_launcher(body: LaunchBody, ready: Callable[[], Any], name: str, doc: st
 ResidualBody = Callable[[Operands, torch.Tensor, str], None]
 
 
-def residual_launcher(
-    body: ResidualBody, ready: Callable[[], Any], name: str, doc: str
-) -> Callable[..., torch.Tensor]:
+def residual_launcher(body: ResidualBody, ready: Callable[[], Any], name: str, doc: str) -> Callable[..., torch.Tensor]:
     """A residual launcher ``(ops, out=None) -> out`` around ``body``: :func:`head_launcher`'s contract, no scratch."""
 
     def launch(ops: Operands, out: Optional[torch.Tensor] = None) -> torch.Tensor:
