@@ -16,12 +16,18 @@ built to finish in under 10 minutes on one data-centre GPU. Steps, each recorded
    q) at ~1e-5. Shapes: 1-4 layers, 5 layers (reference fallback through the op), d % 32 != 0, r = 65,
    N not a multiple of 64, a rank-1 case, B = 0, r = 0, channels_last, strided and offset views, and a
    feature map of more than 2^31 elements. Every kernel runs twice: identical bits (no races).
-4. native vs CuPy: identical bits (same source, same code-generation flags).
+   The residual kernels (crd_fast::crd_residual, the local head's fused part: out = P' e_p - q[pos(p)], no norm)
+   get the same treatment on their own cases (1-4 layers, odd grids, r = 1, 65, 70, 130, patchcore folding):
+   float32/float64 against the float64 reference.crd_residual, float16/bfloat16 against the same-roundings model,
+   outputs poisoned first, two runs identical; then LocalCRDHead on CUDA (fused) against the float64
+   LocalCRDModel scores.
+4. native vs CuPy: identical bits (same source, same code-generation flags), head and residual kernels.
 5. streams: a launch on a side stream behind ``torch.cuda._sleep`` with only stream-level waits; CUDA-graph
    capture and replay; ``torch.compile(mode="reduce-overhead")``.
 6. compute-sanitizer memcheck, racecheck, synccheck and initcheck on small shapes, every dtype and path.
 7. timings (CUDA events, median): fused paths vs the unfused float32 reference vs exact nearest-neighbour
-   search by cuBLAS, with GB/s and TFLOP/s against this device's measured copy bandwidth and matmul peak.
+   search by cuBLAS, with GB/s and TFLOP/s against this device's measured copy bandwidth and matmul peak;
+   the residual kernels vs the unfused float32 reference.crd_residual on the same shapes.
 
 Writes gpu_check.json and gpu_check.md (a table for bench/RESULTS.md) to --out (default $OUT or .).
 Exit status: 0 every check passed; 1 a check failed; 2 no GPU or the build failed; 3 passed, but some
@@ -104,6 +110,39 @@ def expected_scores(maps, matrix, offset, embedding: str, target_dim: int, opera
     emb = patch_matrix(embed_patches([m.double() for m in maps], "concat")).to(operand).double()
     z = emb @ p.to(operand).double().T - q.float().double()
     return torch.linalg.vector_norm(z, dim=1).reshape(b, h, w)
+
+
+def expected_residuals(maps, matrix, q, embedding: str, target_dim: int, operand):
+    """What a residual kernel with ``operand`` dtype should return, (B, h, w, r) in float64: the reference for
+    float32/float64 operands, else the same-roundings model (embedding and folded matrix rounded once to
+    ``operand``, q in float32)."""
+    import torch
+
+    from crd_fast.core.embedding import embed_patches, patch_matrix
+    from crd_fast.ops import reference
+    from crd_fast.ops.plan import fold_matrix
+
+    if operand in (torch.float32, torch.float64):
+        return reference.crd_residual(maps, matrix, q, embedding, target_dim)
+    b, _, h, w = maps[0].shape
+    channels = [int(m.shape[1]) for m in maps]
+    device = maps[0].device
+    zero = torch.zeros(matrix.shape[1], dtype=torch.float64, device=device)
+    p, _ = fold_matrix(matrix.double().to(device), zero, channels, embedding, target_dim)
+    emb = patch_matrix(embed_patches([m.double() for m in maps], "concat")).to(operand).double()
+    rows = (emb @ p.to(operand).double().T).reshape(b, h * w, -1)
+    return (rows - q.to(device).float().double()).reshape(b, h, w, -1)
+
+
+#: Residual-kernel cases: (name, map shapes, embedding, target_dim, r); q is (h0 w0, r).
+RESIDUAL_CASES = [
+    ("residual 1 layer, grid 7x9, r=70", [(2, 5, 7, 9)], "concat", 1024, 70),
+    ("residual 2 layers, grid 9x7, r=130", [(2, 6, 9, 7), (2, 10, 4, 5)], "concat", 1024, 130),
+    ("residual 3 layers patchcore, r=9", [(3, 6, 6, 6), (3, 10, 3, 3), (3, 4, 11, 13)], "patchcore", 9, 9),
+    ("residual 4 layers, d=45, r=65", [(2, 9, 9, 9), (2, 12, 5, 5), (2, 16, 3, 3), (2, 8, 2, 2)], "concat", 1024, 65),
+    ("residual rank 1, single pixel", [(2, 3, 1, 1)], "concat", 1024, 1),
+    ("residual wide_resnet50_2 b2, r=1024", [(2, 512, 28, 28), (2, 1024, 14, 14)], "concat", 1024, 1024),
+]
 
 
 @dataclass
@@ -202,6 +241,14 @@ def self_test() -> int:
         assert norm_rel(model, ref) > 2 * TOLERANCES[str(dtype).split(".")[1]], norm_rel(model, ref)
         assert norm_rel(model * (1 + 1e-6), model) < TOLERANCES["float16"]
         assert norm_rel(model * (1 + 1e-3), model) > TOLERANCES["float16"]
+    q = torch.randn(42, 65, generator=gen)  # one offset per position of the 6x7 grid
+    for dtype in (torch.float16, torch.bfloat16):
+        half = [m.to(dtype) for m in maps]
+        model = expected_residuals(half, matrix, q, "concat", 1, dtype)
+        ref = expected_residuals(half, matrix, q, "concat", 1, torch.float32)
+        assert model.shape == ref.shape == (2, 6, 7, 65)
+        assert norm_rel(model, ref) > 2 * TOLERANCES[str(dtype).split(".")[1]], norm_rel(model, ref)
+        assert norm_rel(model + 1e-6 * model.abs().max(), model) < TOLERANCES["float16"]
     assert norm_rel(torch.zeros(0, 3, 3), torch.zeros(0, 3, 3)) == 0.0
     assert norm_rel(torch.full((1, 2, 2), math.nan), torch.ones(1, 2, 2)) == math.inf
     assert norm_rel(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)) == 0.0  # a rank-0 map: no division by zero
@@ -327,6 +374,28 @@ class GpuRun:
             runs.append(out.cpu())
         return runs[0], torch.equal(runs[0], runs[1]), ops.dtype
 
+    def residual_inputs(self, seed: int, shapes, rank: int, embedding="concat", target_dim=1024):
+        """Maps and matrix as :meth:`inputs`, with q (h0 w0, r): one offset per grid position."""
+        torch = self.torch
+        maps, matrix, _ = self.inputs(seed, shapes, rank, embedding, target_dim)
+        gen = torch.Generator().manual_seed(seed + 10_000)
+        h0, w0 = shapes[0][2], shapes[0][3]
+        return maps, matrix, torch.randn(h0 * w0, rank, generator=gen, dtype=torch.float64)
+
+    def launch_residual(self, path, maps, matrix, q, embedding, target_dim):
+        """Residuals through one kernel path, output poisoned first; runs twice, returns (out, same_bits, operand)."""
+        torch, kcuda = self.torch, self.kcuda
+        ops = kcuda.prepare_residual(
+            [m.to(self.dev) for m in maps], matrix.to(self.dev), q.to(self.dev), embedding, target_dim, self.cap
+        )
+        runs = []
+        for _ in range(2):
+            out = ops.new_residual_out().fill_(math.nan)
+            kcuda.run_residual(ops, path, out=out)
+            torch.cuda.synchronize()
+            runs.append(out.cpu())
+        return runs[0], torch.equal(runs[0], runs[1]), ops.dtype
+
     # step 2
     def dispatch_and_resources(self) -> None:
         from crd_fast.ops import cuda_launch, native
@@ -338,6 +407,14 @@ class GpuRun:
             "the op runs a kernel on this device",
             choice.path != "reference",
             note=f"path {choice.path}: {choice.reason}; skipped {choice.skipped}",
+        )
+        residual = self.dispatch.decide(self.dev, self.dispatch.RESIDUAL)
+        self.report.info["dispatch_residual"] = residual.as_dict()
+        self.report.add(
+            "dispatch",
+            "the residual op runs a kernel on this device",
+            residual.path != "reference",
+            note=f"path {residual.path}: {residual.reason}; skipped {residual.skipped}",
         )
         self.report.add(
             "dispatch",
@@ -391,6 +468,61 @@ class GpuRun:
                     note = f"seed {seed + i}" + ("" if same else "; two runs differ (race?)")
                     self.report.add("correctness", f"{name} {path} {label}", err < tol and same, err, tol, note)
         self.edge_cases()
+
+    # step 3, residual mode
+    def residual(self) -> None:
+        torch = self.torch
+        seed = self.args.seed + 600
+        cases = RESIDUAL_CASES[:5] if self.args.quick else RESIDUAL_CASES
+        for i, (name, shapes, emb, td, r) in enumerate(cases):
+            maps64, matrix, q = self.residual_inputs(seed + i, shapes, r, emb, td)
+            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                maps = [m.to(dtype) for m in maps64]
+                label = str(dtype).split(".")[1]
+                for path in self.paths:
+                    try:
+                        got, same, operand = self.launch_residual(path, maps, matrix, q, emb, td)
+                    except Exception as exc:  # noqa: BLE001 - any failure of a kernel path is a failed check
+                        self.report.add("residual", f"{name} {path} {label}", False, note=f"raised {exc!r}")
+                        continue
+                    want = expected_residuals(maps, matrix, q, emb, td, operand)
+                    tol = TOLERANCES[str(operand).split(".")[1]]
+                    err = norm_rel(got, want)
+                    note = f"seed {seed + i}" + ("" if same else "; two runs differ (race?)")
+                    self.report.add("residual", f"{name} {path} {label}", err < tol and same, err, tol, note)
+        self.local_head()
+
+    def local_head(self) -> None:
+        """LocalCRDHead on this device (eager: the fused residual op) against the float64 LocalCRDModel scores."""
+        torch = self.torch
+        from crd_fast.core.embedding import embed_patches, patch_matrix
+        from crd_fast.core.local import LocalCRDModel, local_eigenpairs_from_patches
+        from crd_fast.models.local_head import LocalCRDHead
+
+        gen = torch.Generator().manual_seed(self.args.seed + 700)
+        specs, n_train, k, lam_rel = [(32, 14, 13), (48, 7, 7)], 40, 8, 0.01
+        base = [3 * torch.randn(1, *s, generator=gen, dtype=torch.float64) for s in specs]
+        train = [b + torch.randn(n_train, *b.shape[1:], generator=gen, dtype=torch.float64) for b in base]
+        test = [b + 1.5 * torch.randn(3, *b.shape[1:], generator=gen, dtype=torch.float64) for b in base]
+        d, (h, w) = sum(s[0] for s in specs), specs[0][1:]
+        grids = patch_matrix(embed_patches(train)).reshape(n_train, h * w, d)
+        means, vals, vecs = local_eigenpairs_from_patches(grids, k)
+        xc = (grids - means).reshape(-1, d)
+        model = LocalCRDModel.build(means, xc.T @ xc / xc.shape[0], vals, vecs, 0.5)
+        want = model.scores(patch_matrix(embed_patches(test)).reshape(3, h * w, d), lam_rel).reshape(3, h, w)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+            label = str(dtype).split(".")[1]
+            try:
+                head = LocalCRDHead.from_model(
+                    model, lam_rel, layer_channels=[s[0] for s in specs], grid=(h, w), dtype=dtype
+                ).to(self.dev)
+                got = head([m.to(dtype).to(self.dev) for m in test]).cpu()
+            except Exception as exc:  # noqa: BLE001
+                self.report.add("local head", f"LocalCRDHead {label} vs LocalCRDModel", False, note=repr(exc))
+                continue
+            err = norm_rel(got, want)
+            ok = got.dtype == dtype and err < tol
+            self.report.add("local head", f"LocalCRDHead {label} vs LocalCRDModel", ok, err, tol, note=f"k={k}")
 
     def edge_cases(self) -> None:
         torch = self.torch
@@ -474,6 +606,17 @@ class GpuRun:
                 torch.equal(a, b),
                 note="" if torch.equal(a, b) else f"max diff {float((a - b).abs().max()):.2e}",
             )
+        maps64, matrix, q = self.residual_inputs(self.args.seed + 301, [(3, 40, 14, 14), (3, 72, 7, 7)], 100)
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            maps = [m.to(dtype) for m in maps64]
+            a, _, _ = self.launch_residual("native", maps, matrix, q, "concat", 1024)
+            b, _, _ = self.launch_residual("cupy", maps, matrix, q, "concat", 1024)
+            self.report.add(
+                "bits",
+                f"residual native vs CuPy {str(dtype).split('.')[1]}",
+                torch.equal(a, b),
+                note="" if torch.equal(a, b) else f"max diff {float((a - b).abs().max()):.2e}",
+            )
 
     # step 5
     def streams_and_graphs(self) -> None:
@@ -542,7 +685,7 @@ class GpuRun:
                 "--tool",
                 tool,
                 "--kernel-name",
-                "kns=crd_head",
+                "kns=crd_",  # crd_head_* and crd_residual_*
                 "--error-exitcode",
                 "9",
                 sys.executable,
@@ -622,29 +765,52 @@ class GpuRun:
 
                 rows.append((f"cuBLAS exact NN, bank {bank.shape[0]}", cuda_time(nn_search, queries, warmup=2), None))
                 del bank, bank_sq
-            for label, ms, ops in rows:
-                row = dict(
-                    batch=batch,
-                    path=label,
-                    ms=ms,
-                    patches_per_s=n / (ms / 1e3),
-                    vs_reference=t_ref / ms,
-                    gb_s=None,
-                    gb_s_frac=None,
-                    tflop_s=None,
-                    tflop_s_frac=None,
-                )
-                if ops is not None:
-                    elem = ops.maps[0].element_size()
-                    moved = sum(m.numel() for m in ops.maps) * elem + ops.matrix.numel() * elem + n * 4
-                    flops = 2.0 * n * d * r
-                    row["gb_s"] = moved / (ms / 1e3) / 1e9
-                    row["gb_s_frac"] = row["gb_s"] / peaks["copy_gb_s"]
-                    row["tflop_s"] = flops / (ms / 1e3) / 1e12
-                    peak = peaks["matmul_tflop_s"].get(str(ops.dtype).split(".")[1])
-                    row["tflop_s_frac"] = row["tflop_s"] / peak if peak else None
-                self.report.timings.append(row)
+            # the residual kernels (the local head's fused part) on the same maps: q (784, r), out (n, r)
+            q = torch.randn(28 * 28, r, generator=gen, dtype=torch.float64).to(self.dev)
+            t_res = cuda_time(
+                lambda x, m=m32, qq=q.float(): reference.crd_residual(x, m, qq, "concat", dtype=torch.float32), inputs
+            )
+            res_rows = [("residual reference float32 (unfused)", t_res, None)]
+            for path in self.paths:
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    ops = [
+                        kcuda.prepare_residual([m.to(dtype) for m in x], matrix, q, "concat", 1024, self.cap)
+                        for x in inputs
+                    ]
+                    ms = cuda_time(lambda o, p=path: kcuda.run_residual(o, p), ops)
+                    res_rows.append((f"residual fused {path} {str(ops[0].dtype).split('.')[1]}", ms, ops[0]))
+            for group, ref_ms in ((rows, t_ref), (res_rows, t_res)):
+                for label, ms, ops in group:
+                    self.report.timings.append(self.timing_row(batch, label, ms, ref_ms, ops, n, d, r, peaks))
             torch.cuda.empty_cache()
+
+    @staticmethod
+    def timing_row(batch, label, ms, ref_ms, ops, n, d, r, peaks) -> dict:
+        """One timing row; GB/s and TFLOP/s for fused rows (the residual kernels also write the (n, r) output)."""
+        row = dict(
+            batch=batch,
+            path=label,
+            ms=ms,
+            patches_per_s=n / (ms / 1e3),
+            vs_reference=ref_ms / ms,
+            gb_s=None,
+            gb_s_frac=None,
+            tflop_s=None,
+            tflop_s_frac=None,
+        )
+        if ops is not None:
+            elem = ops.maps[0].element_size()
+            moved = sum(m.numel() for m in ops.maps) * elem + ops.matrix.numel() * elem + n * 4
+            if ops.q.ndim == 2:  # residual: per-position q read, (n, r) written in the accumulation dtype
+                acc = ops.q.element_size()
+                moved += ops.q.numel() * acc + n * r * acc - n * 4
+            flops = 2.0 * n * d * r
+            row["gb_s"] = moved / (ms / 1e3) / 1e9
+            row["gb_s_frac"] = row["gb_s"] / peaks["copy_gb_s"]
+            row["tflop_s"] = flops / (ms / 1e3) / 1e12
+            peak = peaks["matmul_tflop_s"].get(str(ops.dtype).split(".")[1])
+            row["tflop_s_frac"] = row["tflop_s"] / peak if peak else None
+        return row
 
     def peaks(self) -> dict:
         """This device's achievable peaks: a 1 GiB device copy (GB/s, read + write) and an 8192^3 matmul per dtype."""
@@ -677,12 +843,13 @@ class GpuRun:
 
 
 def sanitizer_target(args: argparse.Namespace) -> int:
-    """The child a sanitizer runs: small launches of every path and dtype (no comparisons: the tool judges)."""
+    """The child a sanitizer runs: small head and residual launches of every path and dtype (the tool judges)."""
     import torch
 
     report = Report()
     run = GpuRun(args, report)
     maps64, matrix, offset = run.inputs(args.seed, [(2, 5, 7, 9), (2, 6, 4, 5)], 70)
+    _, _, q = run.residual_inputs(args.seed, [(2, 5, 7, 9), (2, 6, 4, 5)], 70)
     for path in run.paths:
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             ops = run.kcuda.prepare(
@@ -694,6 +861,15 @@ def sanitizer_target(args: argparse.Namespace) -> int:
                 run.cap,
             )
             run.kcuda.run(ops, path)
+            res = run.kcuda.prepare_residual(
+                [m.to(dtype).to(run.dev) for m in maps64],
+                matrix.to(run.dev),
+                q.to(run.dev),
+                "concat",
+                1024,
+                run.cap,
+            )
+            run.kcuda.run_residual(res, path)
     torch.cuda.synchronize()
     print(f"sanitizer target: ok ({run.paths})")
     return 0 if run.paths else 1
@@ -752,6 +928,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     steps: list[Callable[[], Any]] = [
         run.dispatch_and_resources,
         run.correctness,
+        run.residual,
         run.native_vs_cupy,
         run.streams_and_graphs,
     ]

@@ -134,12 +134,17 @@ def test_bit_comparison_and_sanitizer_steps(monkeypatch, tmp_path):
     run.kcuda, run.paths = kcuda, ["native"]
     monkeypatch.setattr(kcuda, "run", _emulated_kernel())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(kcuda, "run_residual", _emulated_residual_kernel())
     run.native_vs_cupy()
     assert [c.ok for c in report.checks] == [None]  # one path only: said, not passed
     run.paths = ["native", "cupy"]
     run.native_vs_cupy()
-    assert [c.ok for c in report.checks[1:]] == [True] * 4
-    # sanitizers: absent -> four skips; present -> each tool run on the target, filtered to the head kernels
+    assert [c.ok for c in report.checks[1:]] == [True] * 8  # head and residual, four dtypes each
+    assert [c.name for c in report.checks[5:9]] == [
+        f"residual native vs CuPy {t}" for t in ("float32", "float64", "float16", "bfloat16")
+    ]
+    report.checks[:] = report.checks[:5]
+    # sanitizers: absent -> four skips; present -> each tool run on the target, filtered to the crd_ kernels
     monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: None)
     run.sanitizers()
     assert [(c.name, c.ok) for c in report.checks[5:]] == [(t, None) for t in gpu_check.SANITIZER_TOOLS]
@@ -150,8 +155,66 @@ def test_bit_comparison_and_sanitizer_steps(monkeypatch, tmp_path):
     run.sanitizers()
     assert [c.ok for c in report.checks[9:]] == [True] * 4
     args = (tmp_path / "compute-sanitizer.racecheck").read_text().split()
-    assert args[:6] == ["--tool", "racecheck", "--kernel-name", "kns=crd_head", "--error-exitcode", "9"]
+    assert args[:6] == ["--tool", "racecheck", "--kernel-name", "kns=crd_", "--error-exitcode", "9"]
     assert args[-3:] == ["--sanitizer-target", "--seed", "3"]
+
+
+# ---- the residual step against emulated residual kernels ----------------------------------------------------
+def _emulated_residual_kernel(broken: str = ""):
+    """A CPU stand-in for ``cuda.run_residual``: P' e_p - q[p mod (h0 w0)] from the prepared operands."""
+    from crd_fast.core.embedding import embed_patches, patch_matrix
+
+    def run(ops, path, out=None):
+        emb = patch_matrix(embed_patches([m.double() for m in ops.maps], "concat"))
+        if ops.dtype in (torch.float16, torch.bfloat16) and broken != "embedding not rounded":
+            emb = emb.to(ops.dtype).double()
+        b, h, w, r = ops.residual_shape
+        q = ops.q.double()
+        rows = (emb @ ops.matrix.double().T).reshape(b, h * w, r)
+        rows = rows - (
+            q if broken != "position order transposed" else q.reshape(h, w, r).transpose(0, 1).reshape(-1, r)
+        )
+        if broken == "last row unwritten":
+            rows[:, :, -1] = float("nan")
+        out = ops.new_residual_out() if out is None else out
+        return out.copy_(rows.reshape(b, h, w, r))
+
+    return run
+
+
+def _cpu_residual_run(monkeypatch, broken: str):
+    from crd_fast.ops import cuda as kcuda
+
+    report = gpu_check.Report()
+    run = object.__new__(gpu_check.GpuRun)
+    run.torch, run.args, run.report = torch, gpu_check.parse_args(["--quick", "--seed", "13"]), report
+    run.dev, run.cap, run.paths = torch.device("cpu"), (8, 0), ["native"]
+    run.kcuda = kcuda
+    monkeypatch.setattr(kcuda, "run_residual", _emulated_residual_kernel(broken))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    run.residual()
+    return report
+
+
+def test_residual_step_passes_a_right_kernel_and_checks_the_local_head(monkeypatch):
+    report = _cpu_residual_run(monkeypatch, "")
+    assert not [c for c in report.checks if c.ok is False], report.checks
+    kernel_checks = [c for c in report.checks if c.step == "residual"]
+    assert len(kernel_checks) == 5 * 4 and all(c.error is not None and c.error < c.tol for c in kernel_checks)
+    local = [c for c in report.checks if c.step == "local head"]  # the CPU head here; CUDA's fused path on a GPU
+    assert [c.name for c in local] == ["LocalCRDHead float32 vs LocalCRDModel", "LocalCRDHead float64 vs LocalCRDModel"]
+    assert all(c.ok for c in local)
+
+
+@pytest.mark.parametrize("broken", ["position order transposed", "last row unwritten", "embedding not rounded"])
+def test_residual_step_fails_a_broken_kernel(monkeypatch, broken):
+    report = _cpu_residual_run(monkeypatch, broken)
+    failed = [c for c in report.checks if c.step == "residual" and c.ok is False]
+    assert failed and report.status() == 1
+    if broken == "embedding not rounded":
+        assert {c.name.rsplit(" ", 1)[1] for c in failed} == {"float16", "bfloat16"}
+    if broken == "position order transposed":  # every case but the single pixel, where the order cannot matter
+        assert len(failed) == 4 * 4 and not any("single pixel" in c.name for c in failed)
 
 
 def test_build_log_checks():
