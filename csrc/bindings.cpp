@@ -107,7 +107,9 @@ PYBIND11_MODULE(_C, m) {
                                       " feature maps, got " + std::to_string(maps.size()));
         }
         HeadArgs a{};
-        for (std::size_t l = 0; l < static_cast<std::size_t>(kHeadMaxLayers); ++l) a.maps[l] = maps[l < maps.size() ? l : 0];
+        for (std::size_t l = 0; l < static_cast<std::size_t>(kHeadMaxLayers); ++l) {
+          a.maps[l] = maps[l < maps.size() ? l : 0];  // unused slots repeat layer 0: never read
+        }
         a.num_layers = static_cast<int>(maps.size());
         a.plan = plan;
         a.weights = weights;
