@@ -38,7 +38,8 @@ class Operands:
     """Everything one fused-head launch reads, on one CUDA device: built once by ``cuda.prepare``.
 
     ``maps`` are contiguous (B, C_l, H_l, W_l) maps in the operand dtype; ``matrix`` the folded (r, sum C_l)
-    P' in the same dtype; ``q`` = P mu, ``plan`` (int32) and ``weights`` the tables of crd_fast/ops/plan.py,
+    P' in the same dtype; ``q`` = P mu (r,) for the head kernels, or the (h0 w0, r) per-position offsets for the
+    residual kernels; ``plan`` (int32) and ``weights`` the tables of crd_fast/ops/plan.py, ``q`` and ``weights``
     in the accumulation dtype (float64 for float64 maps, else float32).
     """
 
