@@ -98,6 +98,23 @@ def test_fused_path_takes_the_compiled_residual_pass(monkeypatch):
     assert calls, "the eager CPU path did not call the fused residual pass"
 
 
+def test_eager_cuda_maps_take_the_fused_residual_op(monkeypatch):
+    """On CUDA (faked: only the device is read before the path is chosen) eager calls take the fused op, whose CUDA
+    kernel is crd_residual_tile_* (tests/test_native.py runs it on a GPU); use_fused=False and other devices don't."""
+    train = _maps(31, N_TRAIN, SPECS[2])
+    model, _ = _fit(train, "concat", 2, 0.5)
+    with FakeTensorMode():
+        on_cuda = [torch.empty(2, c, h, w, device="cuda") for c, h, w in SPECS[2]]
+    on_meta = [torch.empty(2, c, h, w, device="meta") for c, h, w in SPECS[2]]
+    for fused, maps, want in ((True, on_cuda, "fused"), (False, on_cuda, "torch"), (True, on_meta, "torch")):
+        head = _head(model, "concat", 2, fused, dtype=torch.float32)
+        calls = []
+        monkeypatch.setattr(head, "fused_forward", lambda maps: calls.append("fused") or torch.ones(2, 6, 5))
+        monkeypatch.setattr(head, "torch_forward", lambda maps: calls.append("torch") or torch.ones(2, 6, 5))
+        head(maps)
+        assert calls == [want], (fused, maps[0].device, calls)
+
+
 def test_concat_head_without_layer_channels_and_state_dict_round_trip():
     train, test = _maps(21, N_TRAIN, SPECS[2]), _maps(22, 2, SPECS[2])
     model, _ = _fit(train, "concat", 3, 0.5)
