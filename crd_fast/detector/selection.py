@@ -266,7 +266,12 @@ def evaluate_candidates(
     started = time.perf_counter()
     cand, rec = candidates[spatial], records[spatial]
     window = rec["window"]
-    both = cand.concat(clean_rotated.pop(spatial), cand.rotate(held.pseudo))
+    if isinstance(cand, LocalCandidate):  # float32 maps: they only rank images (candidates.py)
+        both = cand.concat(
+            cand.as_dtype(clean_rotated.pop(spatial), torch.float32), cand.rotate(held.pseudo, torch.float32)
+        )
+    else:
+        both = cand.concat(clean_rotated.pop(spatial), cand.rotate(held.pseudo))
     clean_rotated.clear()
     maps = {lam: cand.maps(both, lam).reshape(-1, h, w) for lam in window}
     del both
