@@ -76,23 +76,30 @@ def main() -> None:
     s_glob = s_glob.clamp_min(0)
     mean_eig = float(s_glob.mean())
 
-    def local_scores(x: np.ndarray, lam: float) -> np.ndarray:
-        return model.scores(torch.from_numpy(x), lam).numpy()
+    def local_scores(z: torch.Tensor, lam: float) -> np.ndarray:
+        return model.scores_rotated(z, model.factors(model.lam(lam))).numpy()
 
-    def global_scores(x: np.ndarray, lam: float) -> np.ndarray:
-        z = (torch.from_numpy(x).double() - mu) @ u
+    def global_scores(z: torch.Tensor, lam: float) -> np.ndarray:
         return torch.linalg.vector_norm(z * (lam * mean_eig / (s_glob + lam * mean_eig)), dim=-1).numpy()
+
+    rotations = {
+        "local": lambda x: model.rotate(torch.from_numpy(x)),
+        "global": lambda x: (torch.from_numpy(x).double() - mu) @ u,
+    }
 
     print(f"{args.backbone}: fit on {n} cells, {held_n} clean held-out, draws {args.seeds}")
     print(f"{'family':6} {'lam_rel':>7} {'test':>6} | " + " ".join(f"x{s:g}".rjust(6) for s in args.strengths))
     chance = np.r_[np.zeros(held_n), np.ones(held_n)]
     for family, score in (("local", local_scores), ("global", global_scores)):
+        rotate = rotations[family]  # once per set: every lam is then a reweighting
+        z_clean, z_test = rotate(clean), rotate(test)
+        z_pseudo = {key: rotate(x) for key, x in pseudo.items()}
         for lam in LAMS:
-            clean_max = score(clean, lam).max(1)
-            test_auc = image_auroc(labels, score(test, lam).max(1))
+            clean_max = score(z_clean, lam).max(1)
+            test_auc = image_auroc(labels, score(z_test, lam).max(1))
             cells = []
             for s in args.strengths:
-                draws = [score(pseudo[(s, seed)], lam).max(1) for seed in args.seeds]
+                draws = [score(z_pseudo[(s, seed)], lam).max(1) for seed in args.seeds]
                 aucs = [roc_auc_score(chance, np.r_[clean_max, d]) for d in draws]
                 cells.append(f"{np.mean(aucs):6.3f}")
             print(f"{family:6} {lam:7.0e} {test_auc:6.3f} | " + " ".join(cells), flush=True)
