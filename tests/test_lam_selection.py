@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from crd_fast.core.lam_selection import SpectralForm, grid_masks, select_lam
+from crd_fast.core.lam_selection import SpectralForm, grid_masks, paired_auroc_difference, select_lam
 from crd_fast.synthetic.pseudo import PSEUDO_DEFECTS, make_pseudo_defects
 
 
@@ -119,3 +119,37 @@ def test_pseudo_defect_strength_multiplies_the_painted_change():
     for bad in (0.0, -1.0, float("nan"), float("inf"), "4"):
         with pytest.raises(ValueError, match="strength must be a positive finite number"):
             make_pseudo_defects(np.random.default_rng(4), [base], donors, strength=bad)
+
+
+def test_paired_auroc_difference_matches_sklearn_and_a_bootstrap():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(8)
+    labels = np.r_[np.zeros(30), np.ones(25)].astype(int)
+    base = rng.normal(size=55) + labels
+    a = base + 0.3 * rng.normal(size=55)
+    b = base + 0.3 * rng.normal(size=55) + 0.4 * labels
+    got = paired_auroc_difference(a, b, labels)
+    assert got["auroc_a"] == pytest.approx(roc_auc_score(labels, a), abs=1e-12)
+    assert got["auroc_b"] == pytest.approx(roc_auc_score(labels, b), abs=1e-12)
+    assert got["difference"] == pytest.approx(got["auroc_a"] - got["auroc_b"], abs=1e-15)
+    assert got["z"] == pytest.approx(got["difference"] / got["standard_error"])
+    # the DeLong standard error against a seeded stratified bootstrap of the same paired difference
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    diffs = []
+    for _ in range(2000):
+        idx = np.r_[rng.choice(neg, neg.size), rng.choice(pos, pos.size)]
+        diffs.append(roc_auc_score(labels[idx], a[idx]) - roc_auc_score(labels[idx], b[idx]))
+    assert got["standard_error"] == pytest.approx(np.std(diffs), rel=0.15)
+    # the same scoring twice: no difference, no error; a strictly better one with no spread: +inf
+    same = paired_auroc_difference(a, a, labels)
+    assert same["difference"] == 0 and same["standard_error"] == 0 and same["z"] == 0
+    perfect = paired_auroc_difference(labels + 0.0, -(labels + 0.0), labels)
+    assert perfect["difference"] == 1.0 and perfect["z"] == np.inf
+
+
+def test_paired_auroc_difference_refuses_bad_input():
+    with pytest.raises(ValueError, match="one per image"):
+        paired_auroc_difference(np.zeros(3), np.zeros(4), np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="both classes"):
+        paired_auroc_difference(np.zeros(3), np.zeros(3), np.ones(3))

@@ -14,7 +14,7 @@ import torch
 from crd_fast import CRDDetector
 from crd_fast.choices import DEFAULT_LAM_GRID, DEFAULT_LAM_REL
 from crd_fast.core.embedding import patch_grids
-from crd_fast.core.lam_selection import SpectralForm, grid_masks, select_lam
+from crd_fast.core.lam_selection import SpectralForm, grid_masks, paired_auroc_difference, select_lam
 from crd_fast.core.stats import PatchStatistics
 from crd_fast.detector import selection as sel
 from crd_fast.io.model_file import ModelFileError, read_model_file, write_model_file
@@ -115,7 +115,7 @@ def test_global_choice_is_select_lams_choice_on_the_rest_fit(parts):
         sigma = cov + lam_rel * torch.trace(cov) / det.dim * torch.eye(det.dim, dtype=torch.float64)
         quad = (clean * torch.linalg.solve(sigma, clean.T).T).sum(1).mean()
         assert got == pytest.approx(float(0.5 * (quad + torch.linalg.slogdet(sigma)[1]) / det.dim), rel=1e-9)
-    # lam0 minimises it; lam_rel is select_lam's choice at or above lam0, or without evidence the default (>= lam0)
+    # lam0 minimises it; lam_rel is the default (0.01, >= lam0) unless select_lam's choice at or above lam0 beats it
     lam0 = DEFAULT_LAM_GRID[int(np.argmin(family["nll"]))]
     window = [g for g in DEFAULT_LAM_GRID if g >= lam0]
     assert family["lam0"] == lam0 and family["window"] == window
@@ -125,10 +125,19 @@ def test_global_choice_is_select_lams_choice_on_the_rest_fit(parts):
     assert all(v is None for i, v in enumerate(family["image_auroc"]) if i not in inside)
     np.testing.assert_allclose([family["image_auroc"][i] for i in inside], in_window.image_auroc, atol=1e-12)
     np.testing.assert_allclose([family["aupro"][i] for i in inside], in_window.aupro, rtol=1e-6)
-    evidence = max(in_window.image_auroc) >= record["evidence_level"]
-    lam = in_window.choice if evidence else max(DEFAULT_LAM_REL, lam0)
+    # ... in image AUROC by more than one standard error, paired over the held-out images (DeLong)
+    default = max(DEFAULT_LAM_REL, lam0)
+
+    def image_scores(lam):
+        return form.scores(z, lam).reshape(z.shape[0], -1).amax(1).numpy()
+
+    evidence = paired_auroc_difference(image_scores(in_window.choice), image_scores(default), labels)
+    assert record["evidence"]["best"] == in_window.choice and record["evidence"]["default"] == default
+    for key in ("auroc_a", "auroc_b", "difference", "standard_error", "z"):
+        assert record["evidence"][key] == pytest.approx(evidence[key], rel=1e-9, abs=1e-12), key
+    lam = in_window.choice if evidence["z"] > 1 else default
     assert record["choice"] == {"spatial": "global", "lam_rel": lam}
-    assert ("by the pseudo-defects" if evidence else "the default 0.01, not below lam0") in record["reason"]
+    assert ("the pseudo-defects' best" if evidence["z"] > 1 else f"the default {default:g}") in record["reason"]
     # then the model is fitted on every image with that lam_rel
     full = PatchStatistics(det.dim).update(grids.reshape(-1, det.dim))
     torch.testing.assert_close(det.scorer.statistics.scatter.cpu(), full.scatter, rtol=1e-9, atol=1e-9)
@@ -163,15 +172,16 @@ def test_an_unknown_number_of_images_holds_out_every_eighth(parts):
 
 
 def test_without_evidence_lam_rel_is_the_default_not_below_lam0():
-    """Pure noise: no lam tells pseudo-defects from clean held-out images: the default 0.01, or lam0 above it."""
+    """Pure noise: no lam ranks the pseudo-defects clearly better than the default: 0.01, or lam0 above it."""
     rng = np.random.default_rng(5)
     noise = [(rng.random((PX, PX, 3)) * 255).astype(np.uint8) for _ in range(30)]
     det = CRDDetector(**BASE).fit(noise, progress=False)
     record = det.selection
-    assert record["evidence_level"] == pytest.approx(0.5 + np.sqrt(13 / 432))
     chosen = record["families"][record["choice"]["spatial"]]
-    assert chosen["window_best_auroc"] < record["evidence_level"]
-    assert "the default 0.01, not below lam0" in record["reason"]
+    evidence = record["evidence"]
+    assert evidence["z"] <= 1 and evidence["default"] == record["choice"]["lam_rel"]
+    assert evidence["auroc_a"] == chosen["window_best_auroc"] == max(v for v in chosen["image_auroc"] if v is not None)
+    assert "the default" in record["reason"] and "did not beat it" in record["reason"]
     lam0 = chosen["lam0"]
     assert lam0 == DEFAULT_LAM_GRID[int(np.argmin(chosen["nll"]))] and len(record["families"]) == 2
     assert record["choice"]["lam_rel"] == max(DEFAULT_LAM_REL, lam0) == det.lam_rel

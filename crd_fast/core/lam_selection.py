@@ -24,7 +24,7 @@ import torch
 
 from ..choices import DEFAULT_LAM_GRID  # candidate lam_rel values (relative to trace(C)/d)
 
-__all__ = ["DEFAULT_LAM_GRID", "LamSelection", "SpectralForm", "grid_masks", "select_lam"]
+__all__ = ["DEFAULT_LAM_GRID", "LamSelection", "SpectralForm", "grid_masks", "paired_auroc_difference", "select_lam"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +140,32 @@ def select_lam(
     best = max(aurocs)
     choice = min(g for g, a in zip(grid, aurocs) if a >= best - 1e-9)
     return LamSelection(grid, tuple(aurocs), tuple(apros), choice)
+
+
+def paired_auroc_difference(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Image AUROC of two scorings of the same images, their difference a - b and its standard error (DeLong,
+    DeLong and Clarke-Pearson 1988: the variance from each image's structural components, paired because both
+    scorings rank the same images), and z = difference / standard error (+-inf for a nonzero difference with a
+    zero standard error, 0 for none)."""
+    labels = np.asarray(labels).astype(bool)
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    if a.shape != labels.shape or b.shape != labels.shape or a.ndim != 1:
+        raise ValueError(f"scores {a.shape} and {b.shape} must both match the labels {labels.shape}, one per image")
+    if labels.all() or not labels.any():
+        raise ValueError("the labels must hold both classes (1 = pseudo-defect, 0 = clean)")
+
+    def components(s: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        pos, neg = s[labels], s[~labels]
+        psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+        return float(psi.mean()), psi.mean(axis=1), psi.mean(axis=0)
+
+    auc_a, pos_a, neg_a = components(a)
+    auc_b, pos_b, neg_b = components(b)
+    variance = 0.0
+    for x, y in ((pos_a, pos_b), (neg_a, neg_b)):
+        if x.size > 1:
+            variance += float(np.var(x - y, ddof=1)) / x.size  # var(x) + var(y) - 2 cov(x, y), per component
+    difference = auc_a - auc_b
+    se = float(np.sqrt(max(variance, 0.0)))
+    z = difference / se if se > 0 else (float(np.sign(difference)) * np.inf if difference else 0.0)
+    return {"auroc_a": auc_a, "auroc_b": auc_b, "difference": difference, "standard_error": se, "z": float(z)}

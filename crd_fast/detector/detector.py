@@ -502,7 +502,7 @@ class CRDDetector:
                 "pseudo_defects": sorted(set(held_set.kinds)),
                 "criterion": sel.CRITERION,
                 "pseudo_strength": sel.PSEUDO_STRENGTH,
-                "evidence_level": about["evidence_level"],
+                "evidence": about["evidence"],
                 "paired_likelihood": about["paired_likelihood"],
                 "reason": about["reason"],
                 "pseudo_defect_seconds": round(pseudo_seconds, 4),

@@ -6,7 +6,8 @@ evaluates it on the held-out images two ways (:func:`evaluate_candidates`):
 * how well it describes their clean patches: the Gaussian negative log-likelihood under N(mu, S + lam I),
   which chooses the spatial family and lam0, the lam that regularises the covariance best;
 * how well it ranks pseudo-defects (crd_fast/synthetic/pseudo.py at PSEUDO_STRENGTH, one painted on each
-  held-out image) above the clean images (``select_lam``'s criterion), which chooses lam_rel at or above lam0.
+  held-out image) above the clean images (``select_lam``'s criterion), which moves lam_rel from its default to a
+  value at or above lam0 when it does so clearly better there.
 
 Why at or above lam0, and why strong pseudo-defects: docs/DESIGN.md "Label-free lam". Every lam of
 one family costs a diagonal reweighting of patches rotated once (crd_fast/core/lam_selection.py,
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from ..choices import DEFAULT_LAM_REL
-from ..core.lam_selection import LamSelection, grid_masks, select_lam
+from ..core.lam_selection import LamSelection, grid_masks, paired_auroc_difference, select_lam
 from ..core.stats import PatchStatistics
 from ..synthetic.pseudo import make_pseudo_defects
 from .candidates import GlobalCandidate, LocalCandidate
@@ -44,8 +45,10 @@ PSEUDO_STRENGTH = 4.0
 #: Standard errors by which the local model's held-out likelihood must beat global's (paired over the held-out
 #: images, ``paired_comparison``) for local to be chosen: the global model is the simpler one.
 LOCAL_STANDARD_ERRORS = 2.0
-#: Standard deviations above chance the pseudo-defect image AUROC must reach in the window (``evidence_level``)
-#: for the pseudo-defects to choose there; below it ``no_evidence_lam`` applies.
+#: Standard errors by which the pseudo-defects' best lam_rel in the window must beat the default
+#: (``no_evidence_lam``) in image AUROC, paired over the held-out images (``paired_auroc_difference``), to replace
+#: it: with few held-out images the curve is noisy, and the default is the better bet (docs/DESIGN.md "Label-free
+#: lam").
 EVIDENCE_DEVIATIONS = 1.0
 #: What the record's curves hold, as it states them.
 CRITERION = (
@@ -182,11 +185,9 @@ def lam_window(lam_grid: Sequence[float], lam0: float) -> list[float]:
 
 
 def no_evidence_lam(lam_grid: Sequence[float], lam0: float) -> float:
-    """lam_rel when the pseudo-defects tell nothing: DEFAULT_LAM_REL, but not below lam0 (a fixed lam_rel: itself).
-
-    Without evidence of how strong defects are, the window cannot be searched: 0.01 is where the generated
-    categories' defects are found best (docs/DESIGN.md "lam_rel"), and below lam0 the model fits normal patches
-    worse."""
+    """The default lam_rel, kept unless the pseudo-defects beat it clearly: DEFAULT_LAM_REL, but not below lam0
+    (a fixed lam_rel: itself). 0.01 is where the generated categories' defects are found best (docs/DESIGN.md
+    "lam_rel"), and below lam0 the model fits normal patches worse."""
     if len(lam_grid) == 1:
         return float(lam_grid[0])
     return max(DEFAULT_LAM_REL, lam0)
@@ -216,13 +217,13 @@ def evaluate_candidates(
     1. Each family's held-out likelihood curve over the grid (clean held-out patches only), minimised at its
        lam0. Local is chosen if, paired over the clean held-out images, its likelihood at its lam0 beats global's
        at its lam0 by more than LOCAL_STANDARD_ERRORS standard errors (``paired_comparison``); otherwise global.
-    2. lam_rel is chosen in the chosen family's window, the grid at or above lam0 (``lam_window``), by
-       ``select_lam``'s pseudo-defect criterion, if its best image AUROC there reaches ``evidence_level``;
-       otherwise ``no_evidence_lam``. Pseudo-defects are scored in the window only (the record's pseudo-defect
+    2. lam_rel: the default ``no_evidence_lam``, unless ``select_lam``'s choice in the chosen family's window
+       (the grid at or above lam0, ``lam_window``) beats it in pseudo-defect image AUROC by more than
+       EVIDENCE_DEVIATIONS standard errors, paired over the held-out images (``paired_auroc_difference``); then
+       that choice. Pseudo-defects are scored in the window (and at the default) only (the record's pseudo-defect
        curves are None elsewhere).
     """
     lam_grid = tuple(float(g) for g in lam_grid)
-    n_clean = held.clean.shape[0]
     h, w = held.masks.shape[1:]
     assert held.clean.shape[1] == h * w, "patch grids and masks disagree"
     candidates: dict[str, Any] = {}
@@ -273,23 +274,32 @@ def evaluate_candidates(
     else:
         both = cand.concat(clean_rotated.pop(spatial), cand.rotate(held.pseudo))
     clean_rotated.clear()
-    maps = {lam: cand.maps(both, lam).reshape(-1, h, w) for lam in window}
+    default = no_evidence_lam(lam_grid, rec["lam0"])
+    maps = {lam: cand.maps(both, lam).reshape(-1, h, w) for lam in sorted(set(window) | {default})}
     del both
     in_window = select_lam(maps.__getitem__, held.labels, held.all_masks, window)
-    level = evidence_level(n_clean, held.pseudo.shape[0])
     window_best = max(in_window.image_auroc)
-    if window_best >= level:
-        lam = in_window.choice
+    best = in_window.choice
+
+    def image_scores(lam: float) -> np.ndarray:
+        return maps[lam].reshape(maps[lam].shape[0], -1).max(axis=1)
+
+    evidence = paired_auroc_difference(image_scores(best), image_scores(default), held.labels)
+    evidence = {"best": best, "default": default, **evidence}
+    if evidence["z"] > EVIDENCE_DEVIATIONS:
+        lam = best
         how = (
-            f"from the window [{window[0]:g}, {window[-1]:g}] by the pseudo-defects (best image AUROC "
-            f"{window_best:.3f} >= {level:.3f}, chance + 1 standard deviation)"
+            f"{best:g}, the pseudo-defects' best in the window [{window[0]:g}, {window[-1]:g}] (image AUROC "
+            f"{evidence['auroc_a']:.3f} against {evidence['auroc_b']:.3f} at the default {default:g}: "
+            f"{evidence['z']:+.1f} standard errors, paired; it needs > {EVIDENCE_DEVIATIONS:g})"
         )
     else:
-        lam = no_evidence_lam(lam_grid, rec["lam0"])
+        lam = default
         how = (
-            f"the default {DEFAULT_LAM_REL:g}, not below lam0: no lam_rel in the window [{window[0]:g}, "
-            f"{window[-1]:g}] told the pseudo-defects from the clean held-out images (best image AUROC "
-            f"{window_best:.3f} < {level:.3f}, chance + 1 standard deviation)"
+            f"the default {default:g} ({DEFAULT_LAM_REL:g}, not below lam0): the pseudo-defects' best in the "
+            f"window [{window[0]:g}, {window[-1]:g}], {best:g}, did not beat it by more than "
+            f"{EVIDENCE_DEVIATIONS:g} standard error (image AUROC {evidence['auroc_a']:.3f} against "
+            f"{evidence['auroc_b']:.3f}, {evidence['z']:+.1f} standard errors, paired)"
         )
 
     def over_grid(values: Sequence[float]) -> list[Optional[float]]:
@@ -305,7 +315,7 @@ def evaluate_candidates(
     rec["window_best_auroc"] = window_best
     rec["seconds"] = round(rec["seconds"] + time.perf_counter() - started, 4)
     about = {
-        "evidence_level": level,
+        "evidence": evidence,
         "paired_likelihood": paired,
         "reason": (
             f"label-free selection: spatial {spatial!r} ({why}), lam0 {rec['lam0']:g} (its likelihood's minimiser), "
@@ -313,15 +323,6 @@ def evaluate_candidates(
         ),
     }
     return spatial, lam, records, about
-
-
-def evidence_level(n_clean: int, n_pseudo: int) -> float:
-    """The image AUROC the pseudo-defect criterion must reach in the lam window to choose there: chance (0.5)
-    plus one standard deviation of the AUROC of n_clean vs n_pseudo images that do not differ (Mann-Whitney:
-    sqrt((n1 + n2 + 1) / (12 n1 n2))); 0.67 for 6 + 6 images, 0.58 for 24 + 24. Below it the pseudo-defects
-    were not told apart and ``no_evidence_lam`` applies."""
-    n1, n2 = max(1, n_clean), max(1, n_pseudo)
-    return 0.5 + EVIDENCE_DEVIATIONS * math.sqrt((n1 + n2 + 1) / (12.0 * n1 * n2))
 
 
 class Stopwatch:
