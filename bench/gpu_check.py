@@ -432,7 +432,6 @@ class GpuRun:
 
     # step 3
     def correctness(self) -> None:
-        torch = self.torch
         seed = self.args.seed
         cases = [
             ("2 layers, odd sizes, r=70", [(2, 5, 7, 9), (2, 6, 4, 5)], "concat", 1024, 70),
@@ -448,48 +447,38 @@ class GpuRun:
             ("N=3*13*11 (not a multiple of 64), d=50", [(3, 20, 13, 11), (3, 30, 7, 6)], "concat", 1024, 33),
             ("wide_resnet50_2 b4, r=1536", [(4, 512, 28, 28), (4, 1024, 14, 14)], "concat", 1024, 1536),
         ]
-        if self.args.quick:
-            cases = cases[:5]
-        dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-        for i, (name, shapes, emb, td, r) in enumerate(cases):
-            maps64, matrix, offset = self.inputs(seed + i, shapes, r, emb, td)
-            for dtype in dtypes:
-                maps = [m.to(dtype) for m in maps64]
-                label = str(dtype).split(".")[1]
-                for path in self.paths:
-                    try:
-                        got, same, operand = self.launch(path, maps, matrix, offset, emb, td)
-                    except Exception as exc:  # noqa: BLE001 - any failure of a kernel path is a failed check
-                        self.report.add("correctness", f"{name} {path} {label}", False, note=f"raised {exc!r}")
-                        continue
-                    want = expected_scores(maps, matrix, offset, emb, td, operand)
-                    tol = TOLERANCES[str(operand).split(".")[1]]
-                    err = norm_rel(got, want)
-                    note = f"seed {seed + i}" + ("" if same else "; two runs differ (race?)")
-                    self.report.add("correctness", f"{name} {path} {label}", err < tol and same, err, tol, note)
+        self.check_cases(
+            "correctness", cases[:5] if self.args.quick else cases, seed, self.inputs, self.launch, expected_scores
+        )
         self.edge_cases()
 
-    # step 3, residual mode
-    def residual(self) -> None:
+    def check_cases(self, step: str, cases, seed: int, inputs, launch, expected) -> None:
+        """Every case x dtype x kernel path: ``launch`` (result, two runs identical, operand dtype) against
+        ``expected`` in the norm-relative sense at the operand dtype's tolerance; a raise is a failed check."""
         torch = self.torch
-        seed = self.args.seed + 600
-        cases = RESIDUAL_CASES[:5] if self.args.quick else RESIDUAL_CASES
         for i, (name, shapes, emb, td, r) in enumerate(cases):
-            maps64, matrix, q = self.residual_inputs(seed + i, shapes, r, emb, td)
+            maps64, matrix, second = inputs(seed + i, shapes, r, emb, td)
             for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
                 maps = [m.to(dtype) for m in maps64]
                 label = str(dtype).split(".")[1]
                 for path in self.paths:
                     try:
-                        got, same, operand = self.launch_residual(path, maps, matrix, q, emb, td)
+                        got, same, operand = launch(path, maps, matrix, second, emb, td)
                     except Exception as exc:  # noqa: BLE001 - any failure of a kernel path is a failed check
-                        self.report.add("residual", f"{name} {path} {label}", False, note=f"raised {exc!r}")
+                        self.report.add(step, f"{name} {path} {label}", False, note=f"raised {exc!r}")
                         continue
-                    want = expected_residuals(maps, matrix, q, emb, td, operand)
+                    want = expected(maps, matrix, second, emb, td, operand)
                     tol = TOLERANCES[str(operand).split(".")[1]]
                     err = norm_rel(got, want)
                     note = f"seed {seed + i}" + ("" if same else "; two runs differ (race?)")
-                    self.report.add("residual", f"{name} {path} {label}", err < tol and same, err, tol, note)
+                    self.report.add(step, f"{name} {path} {label}", err < tol and same, err, tol, note)
+
+    # step 3, residual mode
+    def residual(self) -> None:
+        cases = RESIDUAL_CASES[:5] if self.args.quick else RESIDUAL_CASES
+        self.check_cases(
+            "residual", cases, self.args.seed + 600, self.residual_inputs, self.launch_residual, expected_residuals
+        )
         self.local_head()
 
     def local_head(self) -> None:

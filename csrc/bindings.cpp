@@ -12,6 +12,34 @@
 namespace py = pybind11;
 using namespace crd_fast;
 
+#ifdef CRD_FAST_WITH_CUDA
+// The kernels' arguments from the bindings' flat ones (1 to kHeadMaxLayers maps; unused slots repeat layer 0 and
+// are never read). ``name`` names the entry point in the error.
+static HeadArgs head_args(const char* name, const std::vector<std::uintptr_t>& maps, std::uintptr_t plan,
+                          std::uintptr_t weights, std::uintptr_t matrix, std::uintptr_t q, std::uintptr_t partial,
+                          std::uintptr_t out, int batch, int h0, int w0, int c_total, int r) {
+  if (maps.empty() || maps.size() > static_cast<std::size_t>(kHeadMaxLayers)) {
+    throw std::invalid_argument(std::string(name) + ": 1 to " + std::to_string(kHeadMaxLayers) +
+                                " feature maps, got " + std::to_string(maps.size()));
+  }
+  HeadArgs a{};
+  for (std::size_t l = 0; l < static_cast<std::size_t>(kHeadMaxLayers); ++l) a.maps[l] = maps[l < maps.size() ? l : 0];
+  a.num_layers = static_cast<int>(maps.size());
+  a.plan = plan;
+  a.weights = weights;
+  a.matrix = matrix;
+  a.q = q;
+  a.partial = partial;
+  a.out = out;
+  a.batch = batch;
+  a.h0 = h0;
+  a.w0 = w0;
+  a.c_total = c_total;
+  a.r = r;
+  return a;
+}
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "crd_fast native kernels (pointer-based, torch-free)";
 
@@ -70,24 +98,8 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t weights, std::uintptr_t matrix, std::uintptr_t q, std::uintptr_t partial, std::uintptr_t out,
          int batch, int h0, int w0, int c_total, int r, std::uintptr_t stream) {
         const DType dt = dtype_from_name(dtype);
-        if (maps.empty() || maps.size() > static_cast<std::size_t>(kHeadMaxLayers)) {
-          throw std::invalid_argument("crd_head_cuda: 1 to " + std::to_string(kHeadMaxLayers) + " feature maps, got " +
-                                      std::to_string(maps.size()));
-        }
-        HeadArgs a{};
-        for (std::size_t l = 0; l < static_cast<std::size_t>(kHeadMaxLayers); ++l) a.maps[l] = maps[l < maps.size() ? l : 0];
-        a.num_layers = static_cast<int>(maps.size());
-        a.plan = plan;
-        a.weights = weights;
-        a.matrix = matrix;
-        a.q = q;
-        a.partial = partial;
-        a.out = out;
-        a.batch = batch;
-        a.h0 = h0;
-        a.w0 = w0;
-        a.c_total = c_total;
-        a.r = r;
+        const HeadArgs a =
+            head_args("crd_head_cuda", maps, plan, weights, matrix, q, partial, out, batch, h0, w0, c_total, r);
         py::gil_scoped_release release;
         cuda::crd_head(dt, a, stream);
       },
@@ -102,26 +114,9 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t weights, std::uintptr_t matrix, std::uintptr_t q, std::uintptr_t out,
          int batch, int h0, int w0, int c_total, int r, std::uintptr_t stream) {
         const DType dt = dtype_from_name(dtype);
-        if (maps.empty() || maps.size() > static_cast<std::size_t>(kHeadMaxLayers)) {
-          throw std::invalid_argument("crd_residual_cuda: 1 to " + std::to_string(kHeadMaxLayers) +
-                                      " feature maps, got " + std::to_string(maps.size()));
-        }
-        HeadArgs a{};
-        for (std::size_t l = 0; l < static_cast<std::size_t>(kHeadMaxLayers); ++l) {
-          a.maps[l] = maps[l < maps.size() ? l : 0];  // unused slots repeat layer 0: never read
-        }
-        a.num_layers = static_cast<int>(maps.size());
-        a.plan = plan;
-        a.weights = weights;
-        a.matrix = matrix;
-        a.q = q;
-        a.partial = 0;  // no scratch: the tile kernel writes out directly
-        a.out = out;
-        a.batch = batch;
-        a.h0 = h0;
-        a.w0 = w0;
-        a.c_total = c_total;
-        a.r = r;
+        // no scratch (partial 0): the residual tile kernel writes out directly
+        const HeadArgs a =
+            head_args("crd_residual_cuda", maps, plan, weights, matrix, q, 0, out, batch, h0, w0, c_total, r);
         py::gil_scoped_release release;
         cuda::crd_residual(dt, a, stream);
       },

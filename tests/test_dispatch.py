@@ -331,7 +331,9 @@ def test_cuda_kernel_hands_one_operand_object_to_the_launcher(monkeypatch, dtype
         seen["ops"], seen["backend"] = operands, backend
         return operands.new_out().zero_()
 
-    monkeypatch.setattr(dispatch, "decide", lambda device: dispatch.Choice("cupy", "test", capability=cap))
+    monkeypatch.setattr(
+        dispatch, "decide", lambda device, op=dispatch.HEAD: dispatch.Choice("cupy", "test", capability=cap)
+    )
     monkeypatch.setattr(kcuda, "run", fake_run)
     got = head_op._crd_head_cuda(maps, matrix, offset, "patchcore", 9)
     o = seen["ops"]
@@ -354,10 +356,12 @@ def test_cuda_kernel_takes_the_reference_when_decided_or_too_many_layers(monkeyp
     matrix = torch.randn(5, 3 * layers, generator=gen, dtype=torch.float64)
     offset = torch.zeros(3 * layers, dtype=torch.float64)
     monkeypatch.setattr(kcuda, "run", lambda *a, **k: pytest.fail("no kernel may run"))
-    monkeypatch.setattr(dispatch, "decide", lambda device: dispatch.Choice("native", "test", capability=(8, 0)))
+    monkeypatch.setattr(
+        dispatch, "decide", lambda device, op=dispatch.HEAD: dispatch.Choice("native", "test", capability=(8, 0))
+    )
     want = reference.crd_head(maps, matrix, offset)
     torch.testing.assert_close(head_op._crd_head_cuda(maps, matrix, offset, "concat", 1), want, rtol=1e-12, atol=0)
-    monkeypatch.setattr(dispatch, "decide", lambda device: dispatch.Choice("reference", "test"))
+    monkeypatch.setattr(dispatch, "decide", lambda device, op=dispatch.HEAD: dispatch.Choice("reference", "test"))
     torch.testing.assert_close(
         head_op._crd_head_cuda(maps[:2], matrix[:, :6], offset[:6], "concat", 1),
         reference.crd_head(maps[:2], matrix[:, :6], offset[:6]),
@@ -464,7 +468,9 @@ def test_first_call_inside_capture_records_the_reference_once(monkeypatch):
     gen = torch.Generator().manual_seed(47)
     maps = [torch.randn(2, 3, 5, 5, generator=gen), torch.randn(2, 2, 3, 3, generator=gen)]
     matrix, offset = torch.randn(4, 5, generator=gen), torch.randn(5, generator=gen)
-    monkeypatch.setattr(dispatch, "decide", lambda device: dispatch.Choice("native", "test", capability=(8, 0)))
+    monkeypatch.setattr(
+        dispatch, "decide", lambda device, op=dispatch.HEAD: dispatch.Choice("native", "test", capability=(8, 0))
+    )
     monkeypatch.setattr(kcuda, "run", lambda *a, **k: pytest.fail("nothing is prepared: no kernel may run"))
     monkeypatch.setattr(streams, "capturing", lambda device: True)
     monkeypatch.setattr(head_op, "_WARNED", set())

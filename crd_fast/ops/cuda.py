@@ -41,6 +41,16 @@ def operand_dtype(dtype: torch.dtype, capability: Optional[tuple[int, int]] = No
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
 
 
+def _operand_maps(feature_maps: Sequence[torch.Tensor], capability: Optional[tuple[int, int]]) -> tuple:
+    """(maps in the operand dtype, contiguous; their geometry; operand dtype; accumulation dtype; device): what the
+    head's and the residual kernels' operands share. ``capability`` defaults to the maps' device's."""
+    if capability is None and feature_maps[0].device.type == "cuda":
+        capability = torch.cuda.get_device_capability(feature_maps[0].device)
+    dtype = operand_dtype(feature_maps[0].dtype, capability)
+    maps = tuple(f.to(dtype).contiguous() for f in feature_maps)
+    return maps, geometry_of(maps), dtype, compute_dtype(dtype), maps[0].device
+
+
 def prepare(
     feature_maps: Sequence[torch.Tensor],
     matrix: torch.Tensor,
@@ -55,13 +65,7 @@ def prepare(
     :class:`crd_fast.ops.streams.NotPrepared` when a cached table or folded matrix would have to be
     made inside CUDA-graph capture.
     """
-    if capability is None and feature_maps[0].device.type == "cuda":
-        capability = torch.cuda.get_device_capability(feature_maps[0].device)
-    dtype = operand_dtype(feature_maps[0].dtype, capability)
-    maps = tuple(f.to(dtype).contiguous() for f in feature_maps)
-    geom = geometry_of(maps)
-    acc = compute_dtype(dtype)
-    device = maps[0].device
+    maps, geom, dtype, acc, device = _operand_maps(feature_maps, capability)
     p, q = folded_operands(matrix, offset, geom.channels, embedding, target_dim, dtype, acc, device=device)
     plan, weights = tables(geom, acc, device)
     return Operands(maps, plan, weights, p, q)
@@ -91,13 +95,7 @@ def prepare_residual(
     matrix and q are cached per (matrix, q) tensor pair like the head's. Raises
     :class:`crd_fast.ops.streams.NotPrepared` inside CUDA-graph capture when something would have to be made.
     """
-    if capability is None and feature_maps[0].device.type == "cuda":
-        capability = torch.cuda.get_device_capability(feature_maps[0].device)
-    dtype = operand_dtype(feature_maps[0].dtype, capability)
-    maps = tuple(f.to(dtype).contiguous() for f in feature_maps)
-    geom = geometry_of(maps)
-    acc = compute_dtype(dtype)
-    device = maps[0].device
+    maps, geom, dtype, acc, device = _operand_maps(feature_maps, capability)
 
     def fold() -> tuple[torch.Tensor, torch.Tensor]:
         zero = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)

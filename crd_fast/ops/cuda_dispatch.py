@@ -27,7 +27,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -133,32 +133,42 @@ def cupy_problem(index: int) -> Optional[tuple[str, bool]]:
 
 
 # ---- the probe ---------------------------------------------------------------------------------------------
+def _probe_case(run: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Optional[str]:
+    """``run()`` -> (kernel result, reference); the problem (a failed launch or a wrong result) or None."""
+    try:
+        got, want = run()
+        got = got.double().cpu()  # asynchronous launch errors surface here, inside the try
+    except Exception as exc:  # no kernel image, launch failure, compile failure: the path is unusable
+        return f"probe launch failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
+    return _compare(got, want)
+
+
 def probe(path: str, device: torch.device) -> Optional[str]:
     """Runs a tiny head through ``path`` on ``device`` and compares it with the reference; the problem or None."""
-    try:
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(0)
         maps = [torch.randn(1, 3, 5, 4, generator=gen), torch.randn(1, 2, 3, 3, generator=gen)]
         matrix, offset = torch.randn(3, 5, generator=gen), torch.randn(5, generator=gen)
         want = reference.crd_head(maps, matrix, offset)
         ops = kernels.prepare([m.to(device) for m in maps], matrix.to(device), offset.to(device), "concat", 1)
-        got = kernels.run(ops, path).double().cpu()
-    except Exception as exc:  # no kernel image, launch failure, compile failure: the path is unusable
-        return f"probe launch failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
-    return _compare(got, want)
+        return kernels.run(ops, path), want
+
+    return _probe_case(run)
 
 
 def probe_residual(path: str, device: torch.device) -> Optional[str]:
     """:func:`probe` for the residual kernels: a tiny crd_residual (odd grid, two layers) against the reference."""
-    try:
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(1)
         maps = [torch.randn(2, 3, 5, 4, generator=gen), torch.randn(2, 2, 3, 3, generator=gen)]
         matrix, q = torch.randn(3, 5, generator=gen), torch.randn(20, 3, generator=gen)
         want = reference.crd_residual(maps, matrix, q)
         ops = kernels.prepare_residual([m.to(device) for m in maps], matrix.to(device), q.to(device), "concat", 1)
-        got = kernels.run_residual(ops, path).double().cpu()
-    except Exception as exc:  # no kernel image, launch failure, compile failure: the path is unusable
-        return f"probe launch failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
-    return _compare(got, want)
+        return kernels.run_residual(ops, path), want
+
+    return _probe_case(run)
 
 
 def _compare(got: torch.Tensor, want: torch.Tensor) -> Optional[str]:

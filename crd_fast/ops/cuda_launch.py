@@ -227,18 +227,19 @@ def _require_native_cuda() -> None:
         raise RuntimeError("crd_fast.ops._C was built without CUDA kernels")
 
 
-def _launch_compiled(ops: Operands, partial: torch.Tensor, out: torch.Tensor, dtype: str) -> None:
+def _call_compiled(entry: str, ops: Operands, buffers: tuple[torch.Tensor, ...], dtype: str) -> None:
+    """Calls the compiled ``entry`` (crd_head_cuda or crd_residual_cuda): the operands, then ``buffers``' pointers
+    (partial and out, or out alone), then the sizes and the current stream."""
     batch, h0, w0, c_total, r = ops.sizes
     with torch.cuda.device(ops.device):
-        native.compiled().crd_head_cuda(
+        getattr(native.compiled(), entry)(
             dtype,
             [f.data_ptr() for f in ops.maps],
             ops.plan.data_ptr(),
             ops.weights.data_ptr(),
             ops.matrix.data_ptr(),
             ops.q.data_ptr(),
-            partial.data_ptr(),
-            out.data_ptr(),
+            *(b.data_ptr() for b in buffers),
             batch,
             h0,
             w0,
@@ -246,6 +247,10 @@ def _launch_compiled(ops: Operands, partial: torch.Tensor, out: torch.Tensor, dt
             r,
             ops.stream(),
         )
+
+
+def _launch_compiled(ops: Operands, partial: torch.Tensor, out: torch.Tensor, dtype: str) -> None:
+    _call_compiled("crd_head_cuda", ops, (partial, out), dtype)
 
 
 crd_head_cuda = head_launcher(
@@ -272,23 +277,7 @@ def _require_native_residual() -> None:
 
 
 def _launch_compiled_residual(ops: Operands, out: torch.Tensor, dtype: str) -> None:
-    batch, h0, w0, c_total, r = ops.sizes
-    with torch.cuda.device(ops.device):
-        native.compiled().crd_residual_cuda(
-            dtype,
-            [f.data_ptr() for f in ops.maps],
-            ops.plan.data_ptr(),
-            ops.weights.data_ptr(),
-            ops.matrix.data_ptr(),
-            ops.q.data_ptr(),
-            out.data_ptr(),
-            batch,
-            h0,
-            w0,
-            c_total,
-            r,
-            ops.stream(),
-        )
+    _call_compiled("crd_residual_cuda", ops, (out,), dtype)
 
 
 crd_residual_cuda = residual_launcher(

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -161,18 +161,38 @@ def _crd_head_cuda(
     feature_maps: list[Tensor], matrix: Tensor, offset: Tensor, embedding: str, target_dim: int
 ) -> Tensor:
     check_head_inputs(feature_maps, matrix, offset, embedding, target_dim)
+    return _on_cuda(
+        cuda_dispatch.HEAD, _reference, _cuda.prepare, _cuda.run, feature_maps, matrix, offset, embedding, target_dim
+    )
+
+
+def _on_cuda(
+    op: str,
+    reference_fn: Callable[..., Tensor],
+    prepare: Callable[..., Any],
+    run: Callable[[Any, str], Tensor],
+    feature_maps: list[Tensor],
+    matrix: Tensor,
+    second: Tensor,
+    embedding: str,
+    target_dim: int,
+) -> Tensor:
+    """A checked op call on CUDA tensors: the kernel path the dispatch decided for ``op`` on this device, or the
+    reference (more maps than the kernels take, a reference decision, or tables to make inside CUDA-graph capture).
+    ``second`` is the op's offset (crd_head) or per-position q (crd_residual)."""
+    args = (feature_maps, matrix, second, embedding, target_dim)
     if CONFIG is None or len(feature_maps) > CONFIG.max_layers:
-        return _reference(feature_maps, matrix, offset, embedding, target_dim)
-    choice = cuda_dispatch.decide(feature_maps[0].device)
+        return reference_fn(*args)
+    choice = cuda_dispatch.decide(feature_maps[0].device, op)
     if choice.path == "reference":
-        return _reference(feature_maps, matrix, offset, embedding, target_dim)
+        return reference_fn(*args)
     maps = [f.detach() for f in feature_maps]
     try:
-        operands = _cuda.prepare(maps, matrix, offset, embedding, target_dim, choice.capability)
+        operands = prepare(maps, matrix, second, embedding, target_dim, choice.capability)
     except streams.NotPrepared as exc:
-        _warn_once("capture", f"{exc}; this capture records the reference path")
-        return _reference(feature_maps, matrix, offset, embedding, target_dim)
-    return _cuda.run(operands, choice.path)
+        _warn_once(f"capture-{op}", f"{exc}; this capture records the reference path")
+        return reference_fn(*args)
+    return run(operands, choice.path)
 
 
 _WARNED: set[str] = set()
@@ -267,18 +287,17 @@ def _crd_residual_cuda(
     feature_maps: list[Tensor], matrix: Tensor, q: Tensor, embedding: str, target_dim: int
 ) -> Tensor:
     check_residual_inputs(feature_maps, matrix, q, embedding, target_dim)
-    if CONFIG is None or len(feature_maps) > CONFIG.max_layers:
-        return _residual_reference(feature_maps, matrix, q, embedding, target_dim)
-    choice = cuda_dispatch.decide(feature_maps[0].device, cuda_dispatch.RESIDUAL)
-    if choice.path == "reference":
-        return _residual_reference(feature_maps, matrix, q, embedding, target_dim)
-    maps = [f.detach() for f in feature_maps]
-    try:
-        operands = _cuda.prepare_residual(maps, matrix, q, embedding, target_dim, choice.capability)
-    except streams.NotPrepared as exc:
-        _warn_once("capture-residual", f"{exc}; this capture records the reference path")
-        return _residual_reference(feature_maps, matrix, q, embedding, target_dim)
-    return _cuda.run_residual(operands, choice.path)
+    return _on_cuda(
+        cuda_dispatch.RESIDUAL,
+        _residual_reference,
+        _cuda.prepare_residual,
+        _cuda.run_residual,
+        feature_maps,
+        matrix,
+        q,
+        embedding,
+        target_dim,
+    )
 
 
 @_crd_residual_op.register_fake
