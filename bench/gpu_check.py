@@ -584,28 +584,22 @@ class GpuRun:
         if self.paths != ["native", "cupy"]:
             self.report.add("bits", "native vs CuPy", None, note=f"needs both paths, have {self.paths}")
             return
-        maps64, matrix, offset = self.inputs(self.args.seed + 300, [(3, 40, 14, 14), (3, 72, 7, 7)], 100)
-        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            maps = [m.to(dtype) for m in maps64]
-            a, _, _ = self.launch("native", maps, matrix, offset, "concat", 1024)
-            b, _, _ = self.launch("cupy", maps, matrix, offset, "concat", 1024)
-            self.report.add(
-                "bits",
-                f"native vs CuPy {str(dtype).split('.')[1]}",
-                torch.equal(a, b),
-                note="" if torch.equal(a, b) else f"max diff {float((a - b).abs().max()):.2e}",
-            )
-        maps64, matrix, q = self.residual_inputs(self.args.seed + 301, [(3, 40, 14, 14), (3, 72, 7, 7)], 100)
-        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            maps = [m.to(dtype) for m in maps64]
-            a, _, _ = self.launch_residual("native", maps, matrix, q, "concat", 1024)
-            b, _, _ = self.launch_residual("cupy", maps, matrix, q, "concat", 1024)
-            self.report.add(
-                "bits",
-                f"residual native vs CuPy {str(dtype).split('.')[1]}",
-                torch.equal(a, b),
-                note="" if torch.equal(a, b) else f"max diff {float((a - b).abs().max()):.2e}",
-            )
+        shapes = [(3, 40, 14, 14), (3, 72, 7, 7)]
+        for prefix, inputs, launch, seed in (
+            ("", self.inputs, self.launch, self.args.seed + 300),
+            ("residual ", self.residual_inputs, self.launch_residual, self.args.seed + 301),
+        ):
+            maps64, matrix, second = inputs(seed, shapes, 100)
+            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                maps = [m.to(dtype) for m in maps64]
+                a, _, _ = launch("native", maps, matrix, second, "concat", 1024)
+                b, _, _ = launch("cupy", maps, matrix, second, "concat", 1024)
+                self.report.add(
+                    "bits",
+                    f"{prefix}native vs CuPy {str(dtype).split('.')[1]}",
+                    torch.equal(a, b),
+                    note="" if torch.equal(a, b) else f"max diff {float((a - b).abs().max()):.2e}",
+                )
 
     # step 5
     def streams_and_graphs(self) -> None:
