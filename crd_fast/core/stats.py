@@ -12,6 +12,29 @@ from typing import Optional
 
 import torch
 
+#: Below this many columns the BLAS call's fixed cost outweighs what the symmetric product saves.
+SYRK_MIN_DIM = 64
+
+
+def scatter_of(centred: torch.Tensor) -> torch.Tensor:
+    """``centred.T @ centred`` for an (N, d) float64 matrix, as a symmetric (d, d) tensor.
+
+    On the CPU this is BLAS's symmetric rank-k update (dsyrk), which forms only one triangle: half the
+    multiply-adds of the general product, and it is the fit's largest cost after the backbone
+    (docs/DESIGN.md "Statistics and merging"). It runs with as many BLAS threads as torch uses. Elsewhere (CUDA, small d)
+    it is the plain product.
+    """
+    if centred.device.type != "cpu" or centred.dtype != torch.float64 or centred.shape[1] < SYRK_MIN_DIM:
+        return centred.T @ centred
+    from scipy.linalg.blas import dsyrk
+    from threadpoolctl import threadpool_limits
+
+    rows = centred.detach().contiguous().numpy()
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        # rows.T is a Fortran-ordered (d, N) view: dsyrk reads it without a copy and fills the upper triangle
+        upper = torch.from_numpy(dsyrk(1.0, rows.T, trans=0, lower=0))
+    return upper.triu() + upper.triu(1).T
+
 
 class PatchStatistics:
     """Sufficient statistics (n, mean, scatter) of a stream of d-dimensional patches, in float64.
@@ -61,8 +84,7 @@ class PatchStatistics:
         n_b = x.shape[0]
         mean_b = x.mean(dim=0)
         centred = x - mean_b
-        scatter_b = centred.T @ centred
-        return self._merge(n_b, mean_b, scatter_b)
+        return self._merge(n_b, mean_b, scatter_of(centred))
 
     def merge(self, other: "PatchStatistics") -> "PatchStatistics":
         """Add another statistics object (same d) into this one, as if its patches had been seen here."""
