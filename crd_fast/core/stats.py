@@ -21,8 +21,8 @@ def scatter_of(centred: torch.Tensor) -> torch.Tensor:
 
     On the CPU this is BLAS's symmetric rank-k update (dsyrk), which forms only one triangle: half the
     multiply-adds of the general product, and it is the fit's largest cost after the backbone
-    (docs/DESIGN.md "Statistics and merging"). It runs with as many BLAS threads as torch uses. Elsewhere (CUDA, small d)
-    it is the plain product.
+    (docs/DESIGN.md "Statistics and merging"). It runs with as many BLAS threads as torch uses. Elsewhere
+    (CUDA, small d) it is the plain product.
     """
     if centred.device.type != "cpu" or centred.dtype != torch.float64 or centred.shape[1] < SYRK_MIN_DIM:
         return centred.T @ centred
