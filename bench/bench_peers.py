@@ -17,7 +17,9 @@ and then
 
 Every model uses the same seeded random torchvision wide_resnet50_2 (the state dict is written once and
 loaded into anomalib's timm feature extractor, strictly apart from the classifier). Configurations:
-crd-fast layer2+layer3 concat, per precision (fp32, bf16 where the processor has it), and the fitted fp32
+crd-fast layer2+layer3 concat, lam_rel 0.01 and spatial "global" given (so its fit is the statistics and the
+projection), per precision (fp32, bf16 where the processor has it); in --fit-only runs also bf16 with the
+defaults (lam_rel and spatial chosen by the label-free selection, from 20 images); and the fitted fp32
 detector exported to float32 ONNX and to int8 ONNX (``crd_fast.deploy.quantize``, calibrated on the first
 32 training images; their "fit" is the export, after the fp32 fit, and is not compared with anyone's fit);
 PaDiM layer1-3, n_features PADIM_FEATURES (100; see there);
@@ -35,13 +37,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 BATCH, CROP = 8, 224
 #: Batches the backbone-only time is measured on (then scaled to the training set).
 BACKBONE_BATCHES = 2
+#: k-center-greedy steps left out of the per-step mean of a capped coreset selection (first-touch effects).
+WARMUP_STEPS = 10
 #: PaDiM's kept channels. anomalib's default for wide_resnet50_2 is 550, whose 56 x 56 per-position
 #: covariances and inverses (2 x 3136 x 550^2 float32 = 7.6 GB, plus temporaries) do not fit this machine's
 #: shared 23 GB; 100 (its resnet18 default) makes PaDiM's fit and predict cheaper, so ratios against it are
@@ -60,8 +64,11 @@ def _worker_models(kind: str, weights: str, layers_crd: tuple[str, ...]) -> dict
         models = {}
         paths = ["crd-fp32"]
         if resolve_precision("auto", "cpu").precision == "bf16":
-            paths.append("crd-bf16")
+            paths += ["crd-bf16", "crd-bf16-defaults"]
         for name in paths:
+            # explicit lam_rel and spatial: the fit is the statistics and the projection, nothing chosen;
+            # "-defaults" leaves both to the label-free selection (fitted in --fit-only runs only)
+            chosen = {} if name.endswith("-defaults") else {"lam_rel": 0.01, "spatial": "global"}
             det = CRDDetector(
                 backbone="wide_resnet50_2",
                 weights=weights,
@@ -70,6 +77,7 @@ def _worker_models(kind: str, weights: str, layers_crd: tuple[str, ...]) -> dict
                 crop=CROP,
                 batch_size=BATCH,
                 seed=0,
+                **chosen,
             )
             det.extractor.set_precision(resolve_precision(name.split("-")[1], "cpu"))
             models[name] = det
@@ -111,49 +119,97 @@ def _batches(x: np.ndarray):
 
 def _export(name: str, det: Any, train: np.ndarray, folder: str) -> Any:
     """crd-fp32 (fitted) exported to float32 or int8 ONNX; int8 calibrated on the first training images."""
-    import torch
 
     from crd_fast.deploy import OnnxDetector, export_onnx
     from crd_fast.deploy.quantize import DEFAULT_CALIBRATION_IMAGES, export_onnx_int8
 
     path = os.path.join(folder, f"{name}.onnx")
     if name.endswith("int8"):
-        # the calibration takes images in [0, 1]: undo the driver's normalisation (crop already applied)
-        mean = torch.tensor(det.preprocess.mean).view(1, 3, 1, 1)
-        std = torch.tensor(det.preprocess.std).view(1, 3, 1, 1)
-        unit = (torch.from_numpy(train[:DEFAULT_CALIBRATION_IMAGES]) * std + mean).clamp(0, 1)
-        export_onnx_int8(det, path, unit)
+        export_onnx_int8(det, path, _unit_images(det, train[:DEFAULT_CALIBRATION_IMAGES]))
     else:
         export_onnx(det, path)
     return OnnxDetector(path)
 
 
-def _fit(name: str, model: Any, train: np.ndarray) -> None:
+def _fit(name: str, model: Any, train: np.ndarray, coreset_steps: int = 0) -> Optional[dict[str, Any]]:
     import torch
 
     if name.startswith("crd"):
         _crd_fit(model, train)
-        return
+        return None
     model.train()
     with torch.no_grad():
         for xb in _batches(train):
             model(xb)
     if name.endswith("padim"):
         model.fit()
+    elif coreset_steps:
+        model.eval()
+        return _capped_coreset(model, coreset_steps)
     else:
         model.subsample_embedding(0.1)
     model.eval()
+    return None
+
+
+class _CoresetCapped(Exception):
+    pass
+
+
+def _capped_coreset(model: Any, steps: int) -> dict[str, Any]:
+    """PatchCore's own 10% coreset selection, stopped after ``steps`` k-center-greedy steps.
+
+    Every step costs the same (the distance of all N projected patches to the new centre, then the running
+    minimum and its arg-max), so the whole selection's time is extrapolated from the steps taken: their mean
+    after the first WARMUP_STEPS, times the steps left. The time until the first step (feature concatenation,
+    the random projection's fit and transform) is measured whole.
+    """
+    from anomalib.models.components.sampling import k_center_greedy as kcg
+
+    original = kcg.KCenterGreedy.update_distances
+    stamps: list[float] = []
+    total: dict[str, int] = {}
+
+    def timed(self: Any, cluster_center: Any) -> None:
+        stamps.append(time.perf_counter())
+        total["steps"] = self.coreset_size - 1
+        if len(stamps) > steps:
+            raise _CoresetCapped
+        original(self, cluster_center)
+
+    start = time.perf_counter()
+    kcg.KCenterGreedy.update_distances = timed
+    try:
+        model.subsample_embedding(0.1)
+        raise RuntimeError(f"the coreset selection ended before {steps} steps: run it uncapped")
+    except _CoresetCapped:
+        pass
+    finally:
+        kcg.KCenterGreedy.update_distances = original
+    per_step = float(np.mean(np.diff(stamps[WARMUP_STEPS:])))
+    before_steps = stamps[0] - start
+    return {
+        "seconds_before_first_step": before_steps,
+        "steps_timed": len(stamps) - 1,
+        "steps_total": total["steps"],
+        "seconds_per_step": per_step,
+        "extrapolated_selection_s": before_steps + per_step * total["steps"],
+    }
+
+
+def _unit_images(det: Any, normalised: np.ndarray) -> Any:
+    """The driver's normalised images back in [0, 1], what crd-fast's fit and calibration take (the crop is
+    already applied, so the detector's preprocessing only normalises them again)."""
+    import torch
+
+    mean = torch.tensor(det.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(det.preprocess.std).view(1, 3, 1, 1)
+    return (torch.from_numpy(normalised) * std + mean).clamp(0, 1)
 
 
 def _crd_fit(det: Any, train: np.ndarray) -> None:
-    # The detector's fit on already-normalised tensors: its features into its scorer, batch by batch (the
-    # public pieces of CRDDetector.partial_fit, without the image preprocessing every side skips here).
-    from crd_fast.core.embedding import patch_matrix
-
-    det.reset()
-    for xb in _batches(train):
-        det.scorer.partial_fit(patch_matrix(det.embed(xb)))
-        det.n_images += xb.shape[0]
+    # the detector's own public fit, as a user calls it
+    det.fit(_unit_images(det, train), progress=False)
     det.inference_model()  # the projection (eigendecomposition) is part of the fit
 
 
@@ -208,7 +264,7 @@ def worker(kind: str, data_dir: str, weights: str) -> None:
         if cmd == "fit" and name.startswith("crd-onnx"):
             models[name] = model = _export(name, models["crd-fp32"], train, data_dir)
         elif cmd == "fit":
-            _fit(name, model, train)
+            out = _fit(name, model, train, int(args[1]) if len(args) > 1 else 0)
         elif cmd == "backbone":
             out = _backbone(name, model, train)
         elif cmd == "predict":
@@ -287,10 +343,17 @@ def _fit_only(args: argparse.Namespace, argv: Any, owner: dict[str, "Worker"], l
 
     names = [n for n in owner if (n.startswith("crd") and not n.startswith("crd-onnx")) or n.endswith("patchcore")]
     fit_s, backbone_s, clock = {}, {}, {}
+    capped = {}
     for name in names:
         load[f"before_fit {name}"] = os.getloadavg()
         clock[name] = time.strftime("%H:%M:%S", time.gmtime())
-        fit_s[name] = owner[name].ask("fit", name)["s"]
+        steps = args.coreset_steps if name.endswith("patchcore") else 0
+        answer = owner[name].ask("fit", name, steps)
+        fit_s[name] = answer["s"]
+        if steps:  # the capped fit's measured time plus the steps it did not take
+            capped = answer["out"]
+            capped["measured_s"] = answer["s"]
+            fit_s[name] = answer["s"] + capped["seconds_per_step"] * (capped["steps_total"] - capped["steps_timed"])
     load["after_fits"] = os.getloadavg()
     for name in names:
         backbone_s[name] = owner[name].ask("backbone", name)["out"]
@@ -301,6 +364,7 @@ def _fit_only(args: argparse.Namespace, argv: Any, owner: dict[str, "Worker"], l
         "machine": machine_info(),
         "sizes": {"train": args.train, "batch": BATCH, "crop": CROP},
         "fit_s": fit_s,
+        "patchcore_coreset_capped": capped or None,
         "fit_started_utc": clock,
         "backbone_on_train_s": backbone_s,
         "fit_minus_backbone_s": {n: fit_s[n] - backbone_s[n] for n in names},
@@ -327,6 +391,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="only the fit comparison: crd-fast's torch paths and PatchCore fitted (and their backbones timed), "
         "no PaDiM, no ONNX, no predict (for the 200-image fit target when the whole run does not fit the time)",
     )
+    ap.add_argument(
+        "--coreset-steps",
+        type=int,
+        default=0,
+        help="with --fit-only: stop PatchCore's k-center-greedy selection after this many steps and extrapolate "
+        "its time from their mean (every step costs the same); 0: run it whole",
+    )
     ap.add_argument("--worker", choices=("crd", "anomalib"))
     ap.add_argument("--data")
     ap.add_argument("--weights")
@@ -349,6 +420,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         try:
             owner = {name: w for w in workers.values() for name in w.info["ready"]}
+            if not args.fit_only:  # below 20 images the defaults fit is crd-bf16's; its predict is the same
+                owner = {name: w for name, w in owner.items() if not name.endswith("-defaults")}
             if args.fit_only:
                 return _fit_only(args, argv, owner, load)
             load["start"] = os.getloadavg()
