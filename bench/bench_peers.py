@@ -58,8 +58,11 @@ def _worker_models(kind: str, weights: str, layers_crd: tuple[str, ...]) -> dict
     import torch
 
     if kind == "crd":
+        from crd_fast.benchmark.machine import require_fused_cpu_pass
         from crd_fast.core.precision import resolve_precision
         from crd_fast.detector.detector import CRDDetector
+
+        require_fused_cpu_pass()
 
         models = {}
         paths = ["crd-fp32"]
@@ -243,6 +246,20 @@ def _backbone(name: str, model: Any, train: np.ndarray) -> Any:
     return (time.perf_counter() - t0) * len(batches) / len(timed)
 
 
+def _worker_facts(kind: str) -> dict[str, Any]:
+    """What the worker's timings depend on: torch and its threads; for crd-fast, which kernels are built."""
+    import torch
+
+    facts: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    if kind == "crd":
+        import crd_fast
+        from crd_fast.benchmark.machine import machine_info
+
+        facts["crd_fast"] = crd_fast.__file__
+        facts["machine"] = machine_info()
+    return facts
+
+
 def worker(kind: str, data_dir: str, weights: str) -> None:
     """Line protocol on stdin/stdout: 'fit NAME', 'backbone NAME', 'predict NAME I', 'score NAME', 'quit'."""
     import torch
@@ -250,9 +267,7 @@ def worker(kind: str, data_dir: str, weights: str) -> None:
     train = np.load(os.path.join(data_dir, "train.npy"))
     test = np.load(os.path.join(data_dir, "test.npy"))
     models = _worker_models(kind, weights, ("layer2", "layer3"))
-    print(
-        json.dumps({"ready": list(models), "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True
-    )
+    print(json.dumps({"ready": list(models), **_worker_facts(kind)}), flush=True)
     for line in sys.stdin:
         cmd, *args = line.split()
         if cmd == "quit":
@@ -280,8 +295,11 @@ class Worker:
     def __init__(self, python: str, kind: str, data_dir: str, weights: str) -> None:
         self.kind = kind
         env = dict(os.environ)
-        if kind == "crd":
-            env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+        if kind == "crd":  # the worker imports the crd_fast this driver imported (installed and compiled)
+            import crd_fast
+
+            package_root = str(Path(crd_fast.__file__).resolve().parents[1])
+            env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
         else:
             env.pop("PYTHONPATH", None)  # the anomalib environment never sees crd-fast
         self.proc = subprocess.Popen(

@@ -21,7 +21,7 @@ import pytest
 from targets import format_targets  # bench/targets.py: the targets are the suites', not the package's
 
 from crd_fast.benchmark.config import BenchConfig
-from crd_fast.benchmark.machine import machine_info
+from crd_fast.benchmark.machine import machine_info, require_fused_cpu_pass
 from crd_fast.benchmark.table import format_table
 from crd_fast.benchmark.timing import RoundRobin, Timing
 
@@ -54,6 +54,7 @@ _CONFIG = BenchConfig.from_env()
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    require_fused_cpu_pass()  # never time the fallback by accident (a source tree shadowing the build)
     config.stash[_RECORDER] = Recorder(extra={"config": _CONFIG.describe(), "head_sizes": {}, "errors": {}, "fit": []})
 
 

@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_data import elpv_images, synthetic_images  # noqa: E402
 
-from crd_fast.benchmark.machine import machine_info  # noqa: E402
+from crd_fast.benchmark.machine import machine_info, require_fused_cpu_pass  # noqa: E402
 from crd_fast.benchmark.timing import time_interleaved  # noqa: E402
 from crd_fast.core.precision import cpu_flags, resolve_precision  # noqa: E402
 from crd_fast.deploy import OnnxDetector, export_onnx  # noqa: E402
@@ -271,6 +271,7 @@ def _table(results: dict[str, Any]) -> str:
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    require_fused_cpu_pass()
     results: dict[str, Any] = {
         "command": "python bench/precision_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),

@@ -262,3 +262,17 @@ def test_fit_child_reports_its_own_peak_memory() -> None:
     assert out["n_patches"] == 2 * 784 and out["dim"] == 16
     assert out["peak_rss_mb"] + 256 < peak_rss_mb()
     del big
+
+
+def test_benchmarks_refuse_to_time_the_fallback_unless_asked(monkeypatch) -> None:
+    from crd_fast.benchmark import machine
+    from crd_fast.ops import cpu as cpu_kernels
+
+    monkeypatch.delenv(machine.ALLOW_REFERENCE_ENV, raising=False)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: True)
+    machine.require_fused_cpu_pass()  # built: nothing to say
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    with pytest.raises(RuntimeError, match=f"no compiled fused CPU pass.*{machine.ALLOW_REFERENCE_ENV}=1"):
+        machine.require_fused_cpu_pass()
+    monkeypatch.setenv(machine.ALLOW_REFERENCE_ENV, "1")
+    machine.require_fused_cpu_pass()

@@ -46,6 +46,30 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+#: Set to 1 to time a crd_fast without its compiled fused CPU pass (the pure-torch fallback) on purpose.
+ALLOW_REFERENCE_ENV = "CRD_BENCH_ALLOW_REFERENCE"
+
+
+def require_fused_cpu_pass() -> None:
+    """Refuse to time a crd_fast whose compiled fused CPU pass is missing, unless ALLOW_REFERENCE_ENV is 1.
+
+    A source checkout on ``sys.path`` (``python -m pytest bench/...`` from the repository root puts it first)
+    shadows the installed, compiled package: its head then runs the pure-torch fallback, several times slower,
+    and every figure would misstate crd-fast's speed without anything failing.
+    """
+    import crd_fast
+
+    from ..ops import cpu as cpu_kernels
+
+    if cpu_kernels.available() or os.environ.get(ALLOW_REFERENCE_ENV) == "1":
+        return
+    raise RuntimeError(
+        f"crd_fast imported from {os.path.dirname(crd_fast.__file__)} has no compiled fused CPU pass, so a benchmark "
+        "would time the pure-torch fallback: install the package (pip install .) and run from a directory where "
+        f"the source tree does not shadow it (e.g. cd bench), or set {ALLOW_REFERENCE_ENV}=1 to time the fallback"
+    )
+
+
 def describe_machine(info: dict[str, Any]) -> str:
     gpu = info["cuda"] or "none"
     return (
