@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -63,18 +64,29 @@ def calibration_batches(source: Any, images: Any, limit: int, batch_size: int = 
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over the batches (one input named "images")."""
+    """onnxruntime's CalibrationDataReader protocol over the batches (one input named "images").
+
+    It holds the batches (normalised images: a few MB) and supports ``set_range``, so that ``quantize_static``
+    (``CalibStridedMinMax=1``) hands them to the calibrator one batch per ``collect_data`` call: the histogram
+    calibrators stack every batch of a call with ``np.asarray`` (a smaller last batch made the list
+    "inhomogeneous" and failed) and keep all intermediate tensors of a call in memory. MinMax merges the
+    ranges of the calls by min and max: the same ranges as one call.
+    """
 
     def __init__(self, batches: Iterator[np.ndarray]) -> None:
-        self.batches = batches
-        self.count = 0
+        self.batches = list(batches)
+        self.count = sum(b.shape[0] for b in self.batches)
+        self._range = iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._range = iter(self.batches[start_index:end_index])
 
     def get_next(self) -> Optional[dict[str, np.ndarray]]:
-        batch = next(self.batches, None)
-        if batch is None:
-            return None
-        self.count += batch.shape[0]
-        return {"images": batch}
+        batch = next(self._range, None)
+        return None if batch is None else {"images": batch}
 
 
 def stem_convolution(model: Any) -> str:
@@ -85,23 +97,49 @@ def stem_convolution(model: Any) -> str:
     raise DeployError(f"no backbone convolution (named {BACKBONE_SCOPE}...) in the exported graph")
 
 
+#: Calibration methods (onnxruntime's CalibrationMethod names): MinMax, or the histogram ones.
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """How the backbone is quantized (see ``export_onnx_int8`` for each field)."""
+
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+    reduce_range: bool = False
+    float_stem: bool = True
+    calibration_method: str = "minmax"
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    float_nodes: tuple[str, ...] = ()
+    opset: int = 17
+
+    def check(self) -> None:
+        """Raise ValueError/TypeError naming the first bad field."""
+        n = self.calibration_images
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"calibration_images must be a positive integer, got {n!r}")
+        for name in ("reduce_range", "float_stem", "per_channel", "symmetric_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ValueError(
+                f"calibration_method must be one of {sorted(CALIBRATION_METHODS)}, got {self.calibration_method!r}"
+            )
+        if not all(isinstance(n, str) and n for n in self.float_nodes):
+            raise TypeError(f"float_nodes must be node names (non-empty strings), got {list(self.float_nodes)!r}")
+
+
 def _quantized(
-    detector: Any,
-    tmp: Path,
-    tag: str,
-    calibration: Any,
-    limit: int,
-    reduce_range: bool,
-    opset: int,
-    float_stem: bool,
+    detector: Any, tmp: Path, tag: str, calibration: Any, settings: QuantizeSettings
 ) -> tuple[ExportResult, Any, set[str], list[str], int]:
-    """Export ``detector`` to float32 ONNX and quantize its backbone (QDQ, MinMax ranges on up to ``limit`` of
-    ``calibration``): (the float32 export, the quantized onnx ModelProto, the names of the nodes outside the
-    backbone, the backbone nodes kept float, the number of calibration images read)."""
+    """Export ``detector`` to float32 ONNX and quantize its backbone (QDQ, ranges calibrated on up to
+    ``settings.calibration_images`` of ``calibration``): (the float32 export, the quantized onnx ModelProto, the
+    names of the nodes outside the backbone, the backbone nodes kept float, the number of calibration images)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-    fp32 = export_onnx(detector, tmp / f"{tag}_fp32.onnx", opset=opset)
+    fp32 = export_onnx(detector, tmp / f"{tag}_fp32.onnx", opset=settings.opset)
     prepared = tmp / f"{tag}_prepared.onnx"
     # onnxruntime's recommended preparation: shape inference and graph folding (biases become initializers)
     quant_pre_process(str(fp32.onnx_path), str(prepared), skip_symbolic_shape=True)
@@ -109,23 +147,31 @@ def _quantized(
     exclude = [n.name for n in graph.graph.node if not n.name.startswith(BACKBONE_SCOPE)]
     if len(exclude) == len(graph.graph.node):
         raise DeployError(f"no backbone nodes (named {BACKBONE_SCOPE}...) in the exported graph: nothing to quantize")
-    kept = [stem_convolution(graph)] if float_stem else []
-    reader = _Reader(calibration_batches(detector, calibration, limit))
+    backbone = {n.name for n in graph.graph.node} - set(exclude)
+    unknown = [n for n in settings.float_nodes if n not in backbone]
+    if unknown:
+        raise DeployError(f"float_nodes names no backbone node of the exported graph: {unknown[:4]}")
+    kept = ([stem_convolution(graph)] if settings.float_stem else []) + [
+        n for n in settings.float_nodes if not (settings.float_stem and n == stem_convolution(graph))
+    ]
+    reader = _Reader(calibration_batches(detector, calibration, settings.calibration_images))
+    if reader.count == 0:
+        raise ValueError("no calibration images were found")
     quantized = tmp / f"{tag}_int8.onnx"
     quantize_static(
         str(prepared),
         str(quantized),
         reader,
         quant_format=QuantFormat.QDQ,
-        per_channel=True,
+        per_channel=settings.per_channel,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        reduce_range=reduce_range,
-        calibrate_method=CalibrationMethod.MinMax,
+        reduce_range=settings.reduce_range,
+        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[settings.calibration_method]),
         nodes_to_exclude=exclude + kept,
+        # one batch per collect_data call (see _Reader); symmetric activation ranges around 0 if asked
+        extra_options={"CalibStridedMinMax": 1, "ActivationSymmetric": settings.symmetric_activations},
     )
-    if reader.count == 0:
-        raise ValueError("no calibration images were found")
     return fp32, onnx.load(str(quantized)), set(exclude), kept, reader.count
 
 
@@ -139,6 +185,10 @@ def export_onnx_int8(
     metadata_path: Optional[PathLike] = None,
     refit_head: bool = True,
     float_stem: bool = True,
+    calibration_method: str = "minmax",
+    per_channel: bool = True,
+    symmetric_activations: bool = False,
+    float_nodes: Sequence[str] = (),
 ) -> ExportResult:
     """Export a fitted detector (object or model file) to ONNX with an int8 backbone calibrated on ``calibration``.
 
@@ -155,15 +205,32 @@ def export_onnx_int8(
             (see the module docstring); False keeps the source's head, fitted on float32 features.
         float_stem: keep the backbone's first convolution (the one reading the images) in float32 (see the
             module docstring); False quantizes it too.
+        calibration_method: how activation ranges are set from the calibration images: "minmax" (their
+            extremes), "percentile" (the 99.999th percentile of |activation|) or "entropy" (onnxruntime's
+            KL-divergence threshold).
+        per_channel: one weight scale per output channel (True) or per tensor (False).
+        symmetric_activations: activation ranges symmetric around 0 (zero point 128) instead of [min, max].
+        float_nodes: names of further backbone nodes of the exported graph kept float32 (DeployError if one
+            is not a backbone node).
     """
     from ..detector.detector import CRDDetector
     from .quantized_refit import backbone_signature, graph_score_statistics, refit_on_graph
 
-    if not isinstance(calibration_images, int) or isinstance(calibration_images, bool) or calibration_images < 1:
-        raise ValueError(f"calibration_images must be a positive integer, got {calibration_images!r}")
-    for name, flag in (("refit_head", refit_head), ("float_stem", float_stem)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if isinstance(float_nodes, str):
+        raise TypeError(f"float_nodes must be a sequence of node names, got the string {float_nodes!r}")
+    settings = QuantizeSettings(
+        calibration_images=calibration_images,
+        reduce_range=reduce_range,
+        float_stem=float_stem,
+        calibration_method=calibration_method,
+        per_channel=per_channel,
+        symmetric_activations=symmetric_activations,
+        float_nodes=tuple(float_nodes),
+        opset=opset,
+    )
+    settings.check()
+    if not isinstance(refit_head, bool):
+        raise TypeError(f"refit_head must be True or False, got {refit_head!r}")
     out = Path(path)
     provenance: dict[str, Any] = {}
     if isinstance(source, CRDDetector):
@@ -176,18 +243,14 @@ def export_onnx_int8(
         raise RuntimeError("the detector is not fitted yet: nothing to export")
     head_note = "the model's own, fitted on float32 backbone features"
     with tempfile.TemporaryDirectory(prefix="crd_int8_") as tmp:
-        fp32, model, head_nodes, kept, count = _quantized(
-            detector, Path(tmp), "source", calibration, calibration_images, reduce_range, opset, float_stem
-        )
+        fp32, model, head_nodes, kept, count = _quantized(detector, Path(tmp), "source", calibration, settings)
         if refit_head:
             refitted, reservoir, n_refit = refit_on_graph(detector, model, head_nodes, calibration)
             # the training score statistics are computed below on the int8 graph itself, not in torch
             refitted.set_train_score_stats(None)
             first = backbone_signature(model, head_nodes)
-            fp32, model, refit_nodes, _, count = _quantized(
-                refitted, Path(tmp), "refit", calibration, calibration_images, reduce_range, opset, float_stem
-            )
-            # MinMax ranges and weights of the backbone do not depend on the head: the same int8 backbone
+            fp32, model, refit_nodes, _, count = _quantized(refitted, Path(tmp), "refit", calibration, settings)
+            # calibrated ranges and weights of the backbone do not depend on the head: the same int8 backbone
             if backbone_signature(model, refit_nodes) != first:
                 raise DeployError("the refitted export quantized the backbone differently from the first one")
             data = model.SerializeToString()
@@ -204,13 +267,14 @@ def export_onnx_int8(
             "precision": "int8",
             "quantization": {
                 "format": "QDQ",
-                "weights": "int8 per channel",
-                "activations": "uint8",
-                "method": "MinMax",
+                "weights": "int8 per " + ("channel" if per_channel else "tensor"),
+                "activations": "uint8" + (" symmetric" if symmetric_activations else ""),
+                "method": CALIBRATION_METHODS[calibration_method],
                 "calibration_images": count,
                 "reduce_range": bool(reduce_range),
                 "quantized": "backbone convolutions"
-                + (" but the first" if kept else "")
+                + (" but the first" if float_stem else "")
+                + (f" and {len(kept) - int(float_stem)} other kept nodes" if len(kept) > int(float_stem) else "")
                 + "; head and anomaly map float32",
                 "float_backbone_nodes": kept,
                 "head": head_note,
