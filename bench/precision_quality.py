@@ -47,7 +47,12 @@ from crd_fast.benchmark.machine import machine_info, require_fused_cpu_pass  # n
 from crd_fast.benchmark.timing import time_interleaved  # noqa: E402
 from crd_fast.core.precision import cpu_flags, resolve_precision  # noqa: E402
 from crd_fast.deploy import OnnxDetector, export_onnx  # noqa: E402
-from crd_fast.deploy.quantize import DEFAULT_CALIBRATION_IMAGES, export_onnx_int8  # noqa: E402
+from crd_fast.deploy.quantize import (  # noqa: E402
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_CALIBRATION_METHOD,
+    export_onnx_int8,
+)
 from crd_fast.detector.config import DetectorConfig  # noqa: E402
 from crd_fast.detector.detector import CRDDetector  # noqa: E402
 from crd_fast.evaluation.metrics import image_auroc  # noqa: E402
@@ -69,6 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic-good", type=int, default=20)
     p.add_argument("--synthetic-defect", type=int, default=20)
     p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
+    p.add_argument(
+        "--calibration-method",
+        choices=sorted(CALIBRATION_METHODS),
+        default=DEFAULT_CALIBRATION_METHOD,
+        help="activation ranges of the int8 exports (default: the export's)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument(
@@ -166,7 +177,11 @@ def run_dataset(name: str, train: torch.Tensor, test: torch.Tensor, labels: np.n
             export_s["onnx-fp32"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             int8 = export_onnx_int8(
-                dets["fp32"], Path(tmp) / "int8.onnx", train, calibration_images=args.calibration_images
+                dets["fp32"],
+                Path(tmp) / "int8.onnx",
+                train,
+                calibration_images=args.calibration_images,
+                calibration_method=args.calibration_method,
             )
             onnx["onnx-int8"] = OnnxDetector(int8.onnx_path)
             export_s["onnx-int8"] = time.perf_counter() - t0
@@ -177,6 +192,7 @@ def run_dataset(name: str, train: torch.Tensor, test: torch.Tensor, labels: np.n
                     Path(tmp) / "int8_float_head.onnx",
                     train,
                     calibration_images=args.calibration_images,
+                    calibration_method=args.calibration_method,
                     refit_head=False,
                 )
                 onnx["onnx-int8-float-head"] = OnnxDetector(int8_float_head.onnx_path)

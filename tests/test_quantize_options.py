@@ -55,8 +55,8 @@ def exports(tmp_path_factory):
     train = demo_images(N_CALIBRATION)
     kw = {"calibration_images": N_CALIBRATION, "refit_head": False}
     out = {
-        "minmax": export_onnx_int8(det, d / "mm.onnx", train, **kw),
-        "percentile": export_onnx_int8(det, d / "pc.onnx", train, calibration_method="percentile", **kw),
+        "minmax": export_onnx_int8(det, d / "mm.onnx", train, calibration_method="minmax", **kw),
+        "percentile": export_onnx_int8(det, d / "pc.onnx", train, **kw),  # the default
         "entropy": export_onnx_int8(det, d / "en.onnx", train, calibration_method="entropy", **kw),
     }
     return det, train, out
