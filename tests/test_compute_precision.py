@@ -139,6 +139,31 @@ def test_fused_head_gemm_precision_against_float64(gemm):
         assert err < 1e-5
 
 
+@pytest.mark.skipif(not cpu_ops.bf16_pass_available(), reason="the bf16 pass is not built")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_bf16_head_keeps_bf16_projections_and_agrees_with_float64(layout):
+    """The bf16 head's fast path: the GEMM's bf16 result goes to the bf16 pass as it is (no float32 copy); the
+    norm and the residual (local head) ops stay within bf16's tolerance of the float64 reference."""
+    from crd_fast.ops import crd_residual
+    from crd_fast.ops.plan import geometry_of
+
+    maps, matrix, offset = _head_case(7)
+    maps = [m.contiguous(memory_format=layout) for m in maps]
+    matrix_t, q = folded_operands(matrix, offset, (48, 80), "concat", 1024, torch.float32, transposed=True)
+    with prec.head_gemm_dtype(torch.bfloat16):
+        projected = cpu_ops._project_layers(maps, matrix_t, geometry_of(maps))
+        got = cpu_ops.fused_head_cpu(maps, matrix_t, q)
+        q_grid = torch.randn(12 * 12, 128, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+        got_residual = crd_residual(maps, matrix.float(), q_grid.float())
+    assert [z.dtype for z in projected] == [torch.bfloat16, torch.bfloat16]
+    want = reference.crd_head([m.double() for m in maps], matrix, offset)
+    want_residual = reference.crd_residual([m.double() for m in maps], matrix, q_grid)
+    bound = prec.TOLERANCE["bf16"]["scores"]
+    for g, w in ((got, want), (got_residual, want_residual)):
+        err = float((g.double() - w).abs().max() / w.abs().max())
+        assert g.dtype == torch.float32 and 1e-5 < err < bound  # bf16 really ran, within its bound
+
+
 @pytest.mark.skipif(not cpu_ops.available(), reason="the fused CPU pass is not built")
 def test_float64_head_ignores_the_gemm_context():
     maps, matrix, offset = _head_case(6)

@@ -145,6 +145,80 @@ def test_fused_pass_refuses_bad_arguments():
         kcpu._crd_head_cpu.fused_pass("float32", [0], 0, 0, 0, 0, 1, 1, 1, 1, 1, 0)
 
 
+needs_bf16_pass = pytest.mark.skipif(not kcpu.bf16_pass_available(), reason="the bf16 pass is not built")
+
+
+def _runnable_isas() -> list[str]:
+    """The bf16 pass's compiled variants this processor runs (all up to the best one)."""
+    if not kcpu.bf16_pass_available():
+        return []
+    isas = list(kcpu._crd_head_cpu.BF16_ISAS)
+    return isas[: isas.index(kcpu.bf16_isa()) + 1]
+
+
+def _bf16_pass(zs, plan, weights, q, out, batch, h0, w0, r, max_w, threads, residual, isa):
+    kcpu._crd_head_cpu.fused_pass_bf16(
+        [z.data_ptr() for z in zs],
+        plan.data_ptr(),
+        weights.data_ptr(),
+        q.data_ptr(),
+        out.data_ptr(),
+        batch,
+        h0,
+        w0,
+        r,
+        max_w,
+        threads,
+        residual,
+        isa,
+    )
+
+
+@needs_bf16_pass
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("r", [37, 300])  # one channel block with a tail; three blocks, the last partial
+def test_bf16_pass_matches_dense_formula(isa, r):
+    """bfloat16 projections, float32 arithmetic: against the float64 formula on the same (widened) bf16 values,
+    so float32 rounding is the only difference; every compiled variant this processor runs, 1 and 2 threads."""
+    if isa not in _runnable_isas():
+        pytest.skip(f"this processor does not run the {isa} variant (best: {kcpu.bf16_isa()})")
+    gen = torch.Generator().manual_seed(19 + r)
+    sizes = [(9, 7), (4, 5), (12, 15), (1, 1)]
+    batch = 3
+    zs = [torch.randn(batch, h, w, r, generator=gen).bfloat16() for h, w in sizes]
+    q = torch.randn(r, generator=gen)
+    q_grid = torch.randn(9, 7, r, generator=gen)
+    geom = Geometry(channels=(1,) * len(sizes), sizes=tuple(sizes), batch=batch)
+    plan, weights = build_tables(geom)
+    weights = weights.float()
+    want = dense_pass(zs, sizes, q)
+    # the residual pass's offsets are per position: dense_pass with q_grid broadcast, before the norm
+    total = sum(
+        torch.einsum("yi,xj,bijk->byxk", axis_matrix(h, 9), axis_matrix(w, 7), z.double())
+        for z, (h, w) in zip(zs, sizes)
+    )
+    want_residual = total - q_grid.double()
+    outs = []
+    for threads in (1, 2):
+        out = torch.full((batch, 9, 7), float("nan"))
+        _bf16_pass(zs, plan, weights, q, out, batch, 9, 7, r, 15, threads, False, isa)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
+        res = torch.full((batch, 9, 7, r), float("nan"))
+        _bf16_pass(zs, plan, weights, q_grid, res, batch, 9, 7, r, 15, threads, True, isa)
+        torch.testing.assert_close(res.double(), want_residual, rtol=1e-5, atol=1e-5)
+        outs.append((out, res))
+    # one thread per output row: the thread count never changes a bit
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@needs_bf16_pass
+def test_bf16_pass_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="isa must be 'auto' or one of"):
+        kcpu._crd_head_cpu.fused_pass_bf16([0], 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, False, "sse9")
+    with pytest.raises(ValueError, match="num_threads"):
+        kcpu._crd_head_cpu.fused_pass_bf16([0], 0, 0, 0, 0, 1, 1, 1, 1, 1, 0)
+
+
 @needs_fused_cpu
 def test_fused_head_cpu_checks_and_fills_out():
     gen = torch.Generator().manual_seed(3)

@@ -9,7 +9,7 @@ For the default wide_resnet50_2 embedding this halves the multiply-adds of "embe
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -83,40 +83,63 @@ def _check(maps: Sequence[torch.Tensor], matrix_t: torch.Tensor, q: torch.Tensor
             )
 
 
-def _project_layers(maps: Sequence[torch.Tensor], matrix_t: torch.Tensor, geom: Geometry) -> list[torch.Tensor]:
-    """Z_l = F_l^T P'_l^T per layer, (B H_l W_l, r) rows: one BLAS call each, at the layer's own resolution."""
+def bf16_pass_available() -> bool:
+    """True when the compiled module has the pass over bfloat16 projections (a module built before it lacks it)."""
+    return _crd_head_cpu is not None and hasattr(_crd_head_cpu, "fused_pass_bf16")
+
+
+def bf16_isa() -> Optional[str]:
+    """Instruction set the bf16 pass runs here ("avx512", "avx2" or "baseline"); None when it is not built."""
+    return str(_crd_head_cpu.bf16_isa()) if bf16_pass_available() else None
+
+
+def _project_layers(
+    maps: Sequence[torch.Tensor], matrix_t: torch.Tensor, geom: Geometry, gemm_matrix_t: Optional[torch.Tensor] = None
+) -> list[torch.Tensor]:
+    """Z_l = F_l^T P'_l^T per layer, (B H_l W_l, r) rows: one BLAS call each, at the layer's own resolution.
+
+    Under crd_fast.core.precision.head_gemm_dtype (float32 maps only) the GEMM runs in bf16/fp16 with float32
+    accumulation (oneDNN). A bf16 result stays bf16 when the compiled bf16 pass reads it (no float32 copy of the
+    projections, docs/DESIGN.md "Compute precision"); an fp16 one is taken to float32 for the float32 pass.
+    ``gemm_matrix_t`` is ``matrix_t`` already in the GEMM dtype (the op caches it); else it is cast here.
+    """
     dtype = maps[0].dtype
-    projected = []
-    # bf16/fp16 GEMM under crd_fast.core.precision.head_gemm_dtype (float32 maps only); the fused pass stays float32
     gemm = current_head_gemm_dtype() if dtype == torch.float32 else None
+    weight = matrix_t
+    if gemm is not None:
+        usable = gemm_matrix_t is not None and gemm_matrix_t.dtype == gemm and gemm_matrix_t.shape == matrix_t.shape
+        weight = gemm_matrix_t if usable else matrix_t.to(gemm)
+    keep = gemm == torch.bfloat16 and bf16_pass_available()
+    projected = []
     for f, off, c in zip(maps, geom.offsets, geom.channels):
-        # one BLAS call per layer: (B H_l W_l, C_l) channels-last rows times the (C_l, r) block of P'^T.
-        # The permute is free for channels_last maps and one copy for NCHW ones.
+        # one BLAS call per layer: (B H_l W_l, C_l) channels-last rows times the (C_l, r) block of P'^T. The
+        # permute is free for channels_last maps; an NCHW map (or the cast to the GEMM dtype) costs one copy.
+        if gemm is not None:
+            f = f.to(dtype=gemm, memory_format=torch.channels_last)
         rows = f.permute(0, 2, 3, 1).reshape(-1, c)
-        if gemm is None:
-            projected.append(torch.mm(rows, matrix_t[off : off + c]))
-        else:
-            projected.append(torch.mm(rows.to(gemm), matrix_t[off : off + c].to(gemm)).float())
+        z = torch.mm(rows, weight[off : off + c])
+        projected.append(z if gemm is None or keep else z.float())
     return projected
 
 
 def _run_pass(
-    compiled_pass: Any,
     maps: Sequence[torch.Tensor],
     matrix_t: torch.Tensor,
     q: torch.Tensor,
     out: torch.Tensor,
     geom: Geometry,
     num_threads: Optional[int],
+    residual: bool,
+    gemm_matrix_t: Optional[torch.Tensor],
 ) -> None:
     """Project each layer (BLAS), then run one compiled pass (norm or residual) over the output grid into ``out``."""
+    assert _crd_head_cpu is not None
     dtype = maps[0].dtype
     h0, w0 = geom.out_size
     plan, weights = tables(geom, dtype, torch.device("cpu"))
-    projected = _project_layers(maps, matrix_t, geom)
+    projected = _project_layers(maps, matrix_t, geom, gemm_matrix_t)
     threads = torch.get_num_threads() if num_threads is None else int(num_threads)
-    compiled_pass(
-        _REAL[dtype],
+    args = (
         [z.data_ptr() for z in projected],
         plan.data_ptr(),
         weights.data_ptr(),
@@ -129,6 +152,12 @@ def _run_pass(
         max(s[1] for s in geom.sizes),
         threads,
     )
+    if projected[0].dtype == torch.bfloat16:  # float32 arithmetic on bf16 projections, widened on load
+        _crd_head_cpu.fused_pass_bf16(*args, residual)
+    elif residual:
+        _crd_head_cpu.fused_residual_pass(_REAL[dtype], *args)
+    else:
+        _crd_head_cpu.fused_pass(_REAL[dtype], *args)
 
 
 def fused_head_cpu(
@@ -137,12 +166,15 @@ def fused_head_cpu(
     q: torch.Tensor,
     out: Optional[torch.Tensor] = None,
     num_threads: Optional[int] = None,
+    gemm_matrix_t: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(B, H_0, W_0) scores ||P' e - q|| of the concat-space embeddings e of ``maps``.
 
     ``matrix_t`` is the folded P' transposed, a contiguous (sum C_l, r) tensor, and ``q`` = P mu
     (crd_fast.ops.plan.folded_operands(..., transposed=True)), both in the maps' dtype; ``out``
     (optional) is filled in place. Maps may be NCHW or channels_last: channels_last skips one copy.
+    ``gemm_matrix_t`` (optional) is ``matrix_t`` cast to the dtype of crd_fast.core.precision.head_gemm_dtype,
+    when the caller caches it; else a bf16/fp16 GEMM casts ``matrix_t`` per call.
     ``crd_fast.ops.crd_head`` is the checked, converting entry point.
     """
     if _crd_head_cpu is None:
@@ -156,7 +188,7 @@ def fused_head_cpu(
         out = torch.empty((batch, h0, w0), dtype=dtype)
     if batch == 0 or r == 0:
         return out.zero_()  # an empty batch, or a rank-0 matrix: every score is ||0|| = 0
-    _run_pass(_crd_head_cpu.fused_pass, maps, matrix_t, q, out, geom, num_threads)
+    _run_pass(maps, matrix_t, q, out, geom, num_threads, False, gemm_matrix_t)
     return out
 
 
@@ -170,6 +202,7 @@ def fused_residual_cpu(
     matrix_t: torch.Tensor,
     q: torch.Tensor,
     num_threads: Optional[int] = None,
+    gemm_matrix_t: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(B, H_0, W_0, r) residual vectors P' e_(y, x) - q[y, x] of the concat-space embeddings of ``maps``.
 
@@ -194,5 +227,5 @@ def fused_residual_cpu(
     out = torch.empty((batch, h0, w0, r), dtype=dtype)
     if batch == 0 or r == 0:
         return out
-    _run_pass(_crd_head_cpu.fused_residual_pass, maps, matrix_t, q, out, geom, num_threads)
+    _run_pass(maps, matrix_t, q, out, geom, num_threads, True, gemm_matrix_t)
     return out

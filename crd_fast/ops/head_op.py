@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..core.dtypes import compute_dtype
 from ..core.embedding import check_embedding, embedding_dim
+from ..core.precision import current_head_gemm_dtype
 from . import cpu as _cpu
 from . import cuda as _cuda
 from . import cuda_dispatch, reference, streams
@@ -153,7 +154,17 @@ def _crd_head_cpu(
     maps = [f.detach().to(dtype) for f in feature_maps]
     channels = tuple(int(f.shape[1]) for f in maps)
     matrix_t, q = folded_operands(matrix, offset, channels, embedding, target_dim, dtype, transposed=True)
-    return _cpu.fused_head_cpu(maps, matrix_t, q)
+    gemm = _cpu_gemm_dtype(dtype)
+    gemm_t = None
+    if gemm is not None:  # the GEMM operand in its reduced dtype, cast once per matrix (cached like the fold)
+        gemm_t, _ = folded_operands(matrix, offset, channels, embedding, target_dim, gemm, dtype, transposed=True)
+    return _cpu.fused_head_cpu(maps, matrix_t, q, gemm_matrix_t=gemm_t)
+
+
+def _cpu_gemm_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The CPU head's projection GEMM dtype for maps scored in ``dtype`` (float32 maps only; docs/DESIGN.md
+    "Compute precision")."""
+    return current_head_gemm_dtype() if dtype == torch.float32 else None
 
 
 @_crd_head_op.register_kernel("cuda")
@@ -279,7 +290,15 @@ def _crd_residual_cpu(feature_maps: list[Tensor], matrix: Tensor, q: Tensor, emb
 
     params = ("residual", channels, embedding, int(target_dim), dtype, (h, w))
     matrix_t, q_grid = FOLDS.get(matrix, q, params, fold, torch.device("cpu"))
-    return _cpu.fused_residual_cpu(maps, matrix_t, q_grid)
+    gemm = _cpu_gemm_dtype(dtype)
+    gemm_t = None
+    if gemm is not None:  # the GEMM operand, cast once per matrix as for crd_head
+
+        def cast() -> tuple[Tensor, Tensor]:
+            return matrix_t.to(gemm).contiguous(), q_grid
+
+        gemm_t, _ = FOLDS.get(matrix, q, (*params, gemm), cast, torch.device("cpu"))
+    return _cpu.fused_residual_cpu(maps, matrix_t, q_grid, gemm_matrix_t=gemm_t)
 
 
 @_crd_residual_op.register_kernel("cuda")

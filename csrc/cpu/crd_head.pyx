@@ -231,6 +231,100 @@ cdef _dispatch(str dtype, list z_ptrs, uintptr_t plan, uintptr_t weights, uintpt
         raise TypeError(f"crd_head_cpu: dtype must be 'float32' or 'float64', got {dtype!r}")
 
 
+# ---- bfloat16 projections (csrc/cpu/crd_head_bf16.h): the bf16 head's pass, float32 arithmetic -----------------
+
+cdef extern from "crd_head_bf16.h" namespace "crd_bf16" nogil:
+    cdef struct Pass:
+        const unsigned short* const* z
+        Py_ssize_t num_layers
+        const int32_t* plan
+        const float* weights
+        const float* q
+        Py_ssize_t q_step
+        float* out
+        Py_ssize_t h0
+        Py_ssize_t w0
+        Py_ssize_t r
+        bint residual
+    ctypedef void (*RowFn)(const Pass*, Py_ssize_t, float*) noexcept nogil
+    RowFn select_row(int isa)
+    Py_ssize_t scratch_floats(Py_ssize_t w0, Py_ssize_t max_w)
+    int best_isa()
+
+#: Instruction sets of the bf16 pass's row functions, by the index ``select_row`` takes.
+BF16_ISAS = ("baseline", "avx2", "avx512")
+
+
+cdef int _bf16_rows(const Pass* p, RowFn fn, Py_ssize_t rows, Py_ssize_t max_w, int num_threads) noexcept nogil:
+    """Runs every output row; returns the number of rows whose scratch allocation failed (0 = success)."""
+    cdef Py_ssize_t row
+    cdef int failed = 0
+    cdef float* scratch
+    with parallel(num_threads=num_threads):
+        scratch = <float*>malloc(scratch_floats(p.w0, max_w) * sizeof(float))
+        for row in prange(rows, schedule="static"):
+            if scratch == NULL:
+                failed += 1
+            else:
+                fn(p, row, scratch)
+        free(scratch)
+    return failed
+
+
+def bf16_isa():
+    """Name of the instruction set the bf16 pass runs on this processor ("avx512", "avx2" or "baseline")."""
+    return BF16_ISAS[best_isa()]
+
+
+def fused_pass_bf16(list z_ptrs, uintptr_t plan, uintptr_t weights, uintptr_t q, uintptr_t out,
+                    Py_ssize_t batch, Py_ssize_t h0, Py_ssize_t w0, Py_ssize_t r, Py_ssize_t max_w,
+                    int num_threads, bint residual=False, str isa="auto"):
+    """The fused pass (norms) or, with ``residual``, the residual pass over bfloat16 projections Z_l.
+
+    As :func:`fused_pass` / :func:`fused_residual_pass` with dtype "float32", except that the Z_l are
+    (B, H_l, W_l, r) bfloat16 (widened to float32 on load); plan/weights/q/out are float32 as there.
+    ``isa`` ("auto" = the best this processor runs, or one of ``BF16_ISAS``) picks the compiled variant.
+    """
+    cdef Pass p
+    cdef RowFn fn
+    cdef Py_ssize_t num_layers = len(z_ptrs)
+    cdef Py_ssize_t l
+    cdef int failed
+    cdef const unsigned short** z
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if isa != "auto" and isa not in BF16_ISAS:
+        raise ValueError(f"isa must be 'auto' or one of {BF16_ISAS}, got {isa!r}")
+    fn = select_row(-1 if isa == "auto" else BF16_ISAS.index(isa))
+    if fn == NULL:
+        raise RuntimeError(f"this processor cannot run the {isa} variant (best: {bf16_isa()})")
+    if batch == 0 or h0 == 0 or w0 == 0 or r == 0:
+        return
+    z = <const unsigned short**>malloc(num_layers * sizeof(unsigned short*))
+    if z == NULL:
+        raise MemoryError("crd_head_cpu: cannot allocate the layer pointer table")
+    try:
+        for l in range(num_layers):
+            z[l] = <const unsigned short*><uintptr_t>z_ptrs[l]
+        p.z = z
+        p.num_layers = num_layers
+        p.plan = <const int32_t*>plan
+        p.weights = <const float*>weights
+        p.q = <const float*>q
+        p.q_step = r if residual else 0
+        p.out = <float*>out
+        p.h0 = h0
+        p.w0 = w0
+        p.r = r
+        p.residual = residual
+        with nogil:
+            failed = _bf16_rows(&p, fn, batch * h0, max_w, num_threads)
+    finally:
+        free(z)
+    if failed:
+        raise MemoryError(f"crd_head_cpu: scratch allocation failed in {failed} rows (r={r}, width={max_w})")
+
+
 cdef extern from *:
     """
     #ifdef _OPENMP
