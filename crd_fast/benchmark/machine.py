@@ -41,6 +41,7 @@ def machine_info() -> dict[str, Any]:
         "faiss_threads": faiss_threads,
         "fused_cpu_pass": cpu_kernels.available(),
         "fused_cpu_openmp": cpu_kernels.openmp(),
+        "fused_cpu_bf16_isa": cpu_kernels.bf16_isa(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
     }

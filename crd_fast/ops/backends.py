@@ -20,7 +20,8 @@ def _importable(name: str) -> bool:
 def backends() -> dict[str, Any]:
     """What this installation can run: native CPU kernels, compiled CUDA kernels, GPUs, CuPy, faiss.
 
-    ``cuda_devices`` lists, per visible GPU, the path ``crd_fast.ops.crd_head`` takes there and why (the
+    ``fused_cpu_bf16_isa`` names the instruction set the CPU pass over bf16 projections runs here (None: not
+    built). ``cuda_devices`` lists, per visible GPU, the path ``crd_fast.ops.crd_head`` takes there and why (the
     first call decides it: kernels are probed once per device; docs/GPU.md).
     """
     info = native.build_info()
@@ -38,4 +39,5 @@ def backends() -> dict[str, Any]:
         "faiss": _importable("faiss"),
         "fused_cpu": cpu.available(),
         "fused_cpu_openmp": cpu.openmp(),
+        "fused_cpu_bf16_isa": cpu.bf16_isa(),
     }

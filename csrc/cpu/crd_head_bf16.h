@@ -107,10 +107,13 @@ CRD_BF16_INLINE void add_taps(float* CRD_BF16_RESTRICT acc, const float* CRD_BF1
 // Channels per block: one block's accumulator and pooled-row scratch (W x kBlock floats each) stay in L1.
 constexpr std::ptrdiff_t kBlock = 128;
 
-// Scratch floats one thread needs: the norm's 4 double partial sums per output column, the accumulator
+// Double partial sums per output column in the norm (a multiple of kBlock's divisors, a power of two).
+constexpr std::ptrdiff_t kLanes = 16;
+
+// Scratch floats one thread needs: the norm's kLanes double partial sums per output column, the accumulator
 // (w0 x kBlock) and one pooled source row (max_w x kBlock).
 inline std::ptrdiff_t scratch_floats(std::ptrdiff_t w0, std::ptrdiff_t max_w) {
-  return 8 * w0 + (w0 + max_w) * kBlock;
+  return 2 * kLanes * w0 + (w0 + max_w) * kBlock;
 }
 
 // For channels [k0, k0 + kb) of output row (b, y): acc[x * acc_step + k] = sum_l pool/resize(Z_l)[b, y, x, k0 + k]
@@ -151,41 +154,36 @@ CRD_BF16_INLINE void accumulate_block(const Pass& p, std::ptrdiff_t b, std::ptrd
 CRD_BF16_INLINE void run_row(const Pass& p, std::ptrdiff_t row, float* scratch) {
   const std::ptrdiff_t h0 = p.h0, w0 = p.w0, r = p.r;
   const std::ptrdiff_t b = row / h0, y = row % h0;
-  double* CRD_BF16_RESTRICT sums = reinterpret_cast<double*>(scratch);  // 4 per column
-  float* CRD_BF16_RESTRICT acc = scratch + 8 * w0;
+  double* CRD_BF16_RESTRICT sums = reinterpret_cast<double*>(scratch);  // kLanes per column
+  float* CRD_BF16_RESTRICT acc = scratch + 2 * kLanes * w0;
   float* CRD_BF16_RESTRICT tmp = acc + w0 * kBlock;
   if (p.residual) {
     for (std::ptrdiff_t k0 = 0; k0 < r; k0 += kBlock)
       accumulate_block(p, b, y, k0, r - k0 < kBlock ? r - k0 : kBlock, p.out + row * w0 * r + k0, r, tmp);
     return;
   }
-  for (std::ptrdiff_t i = 0; i < 4 * w0; ++i) sums[i] = 0.0;
+  for (std::ptrdiff_t i = 0; i < kLanes * w0; ++i) sums[i] = 0.0;
   for (std::ptrdiff_t k0 = 0; k0 < r; k0 += kBlock) {
     const std::ptrdiff_t kb = r - k0 < kBlock ? r - k0 : kBlock;
     accumulate_block(p, b, y, k0, kb, acc, kBlock, tmp);
     for (std::ptrdiff_t x = 0; x < w0; ++x) {
       const float* CRD_BF16_RESTRICT v = acc + x * kBlock;
-      // four independent double accumulators per column, as the float32 pass: a d = 1536 sum of squares
-      // keeps full float32 precision without reassociation flags.
-      double s0 = sums[4 * x], s1 = sums[4 * x + 1], s2 = sums[4 * x + 2], s3 = sums[4 * x + 3];
+      // kLanes independent double accumulators (channel k goes to lane k % kLanes): vectorised without
+      // reassociation flags, and a d = 1536 sum of squares keeps full float32 precision.
+      double s[kLanes];
+      for (std::ptrdiff_t i = 0; i < kLanes; ++i) s[i] = sums[kLanes * x + i];
       std::ptrdiff_t k = 0;
-      for (; k + 4 <= kb; k += 4) {
-        const double v0 = v[k], v1 = v[k + 1], v2 = v[k + 2], v3 = v[k + 3];
-        s0 += v0 * v0;
-        s1 += v1 * v1;
-        s2 += v2 * v2;
-        s3 += v3 * v3;
-      }
-      for (; k < kb; ++k) s0 += static_cast<double>(v[k]) * v[k];
-      sums[4 * x] = s0;
-      sums[4 * x + 1] = s1;
-      sums[4 * x + 2] = s2;
-      sums[4 * x + 3] = s3;
+      for (; k + kLanes <= kb; k += kLanes)
+        for (std::ptrdiff_t i = 0; i < kLanes; ++i) s[i] += static_cast<double>(v[k + i]) * v[k + i];
+      for (; k < kb; ++k) s[k % kLanes] += static_cast<double>(v[k]) * v[k];
+      for (std::ptrdiff_t i = 0; i < kLanes; ++i) sums[kLanes * x + i] = s[i];
     }
   }
   for (std::ptrdiff_t x = 0; x < w0; ++x) {
-    const double* s = sums + 4 * x;
-    p.out[row * w0 + x] = static_cast<float>(std::sqrt((s[0] + s[1]) + (s[2] + s[3])));
+    double* s = sums + kLanes * x;
+    for (std::ptrdiff_t width = kLanes / 2; width > 0; width /= 2)  // pairwise: a fixed order
+      for (std::ptrdiff_t i = 0; i < width; ++i) s[i] += s[i + width];
+    p.out[row * w0 + x] = static_cast<float>(std::sqrt(s[0]));
   }
 }
 
@@ -198,8 +196,12 @@ __attribute__((target("avx2,fma"))) static void row_avx2(const Pass* p, std::ptr
   run_row(*p, row, scratch);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"))) static void
-row_avx512(const Pass* p, std::ptrdiff_t row, float* scratch) {
+#if defined(__clang__)  // clang's target attribute takes no tuning options
+#define CRD_BF16_AVX512 "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"
+#else  // GCC: full-width vectors (its generic tuning may prefer 256-bit ones)
+#define CRD_BF16_AVX512 "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"
+#endif
+__attribute__((target(CRD_BF16_AVX512))) static void row_avx512(const Pass* p, std::ptrdiff_t row, float* scratch) {
   run_row(*p, row, scratch);
 }
 #endif
