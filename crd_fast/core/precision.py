@@ -7,8 +7,8 @@
 
 * "fp32": float32 everywhere (the exact path);
 * "bf16": the backbone under ``torch.autocast`` in bfloat16 (oneDNN / cuDNN accumulate in float32) and,
-  on the CPU, the head's per-layer projection GEMM in bfloat16 with its result taken to float32 before
-  the fused (float32) pass; the fit's statistics stay float64 either way;
+  on the CPU, the head's per-layer projection GEMM in bfloat16 (float32 accumulation), whose bf16 result
+  the fused pass reads directly with float32 arithmetic; the fit's statistics stay float64 either way;
 * "fp16": the same with float16 (meant for CUDA devices without bf16);
 * "auto": bf16 where the hardware runs it natively (AVX512_BF16 or AMX_BF16 on the CPU, a CUDA device
   with bf16), fp32 elsewhere; ``PrecisionChoice.reason`` says what was chosen and why.
@@ -176,8 +176,8 @@ _HEAD_GEMM_DTYPE: contextvars.ContextVar[Optional[torch.dtype]] = contextvars.Co
 def head_gemm_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
     """Within this context the CPU fused head runs its per-layer projection GEMM in ``dtype`` (bf16/fp16).
 
-    The GEMM's result is taken back to float32 before the fused pass, which stays float32. A context
-    variable, so threads and tasks that did not enter the context keep float32.
+    The fused pass computes in float32: it reads a bf16 result as it is (crd_fast/ops/cpu.py) and an fp16 one
+    taken to float32. A context variable, so threads and tasks that did not enter the context keep float32.
     """
     if dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"the head GEMM dtype must be None, bfloat16 or float16, got {dtype}")

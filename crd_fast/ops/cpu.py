@@ -5,6 +5,8 @@
 
 For the default wide_resnet50_2 embedding this halves the multiply-adds of "embed, then project"
 (layer3 is projected on 14x14 instead of 28x28) and never builds the (B, d, 28, 28) embedding.
+With a bf16 head GEMM (crd_fast.core.precision.head_gemm_dtype) the bf16 projections go to the pass over bf16
+projections (csrc/cpu/crd_head_bf16.h) without a float32 copy.
 """
 
 from __future__ import annotations
