@@ -148,37 +148,49 @@ CRD_BF16_INLINE void accumulate_block(const Pass& p, std::ptrdiff_t b, std::ptrd
   }
 }
 
-// One output row (row = b * h0 + y), block of channels by block: the norms ||sum - q|| into out[b, y, :], or
-// with p.residual the residual vectors into out[b, y, :, :] (accumulated in place there). ``scratch`` is
-// scratch_floats(w0, max_w) floats: the norm's double partial sums, then the accumulator, then tmp.
-CRD_BF16_INLINE void run_row(const Pass& p, std::ptrdiff_t row, float* scratch) {
-  const std::ptrdiff_t h0 = p.h0, w0 = p.w0, r = p.r;
-  const std::ptrdiff_t b = row / h0, y = row % h0;
-  double* CRD_BF16_RESTRICT sums = reinterpret_cast<double*>(scratch);  // kLanes per column
-  float* CRD_BF16_RESTRICT acc = scratch + 2 * kLanes * w0;
-  float* CRD_BF16_RESTRICT tmp = acc + w0 * kBlock;
-  if (p.residual) {
-    for (std::ptrdiff_t k0 = 0; k0 < r; k0 += kBlock)
-      accumulate_block(p, b, y, k0, r - k0 < kBlock ? r - k0 : kBlock, p.out + row * w0 * r + k0, r, tmp);
+// sums[x * kLanes + i] += the squares of acc's columns x (kb channels each, ``step`` floats apart), channel k
+// into lane k % kLanes: kLanes independent double accumulators vectorise without reassociation flags, and a
+// d = 1536 sum of squares keeps full float32 precision.
+CRD_BF16_INLINE void add_squares(double* CRD_BF16_RESTRICT sums, const float* CRD_BF16_RESTRICT acc,
+                                 std::ptrdiff_t step, std::ptrdiff_t w0, std::ptrdiff_t kb) {
+  for (std::ptrdiff_t x = 0; x < w0; ++x) {
+    const float* CRD_BF16_RESTRICT v = acc + x * step;
+    double s[kLanes];
+    for (std::ptrdiff_t i = 0; i < kLanes; ++i) s[i] = sums[kLanes * x + i];
+    std::ptrdiff_t k = 0;
+    for (; k + kLanes <= kb; k += kLanes)
+      for (std::ptrdiff_t i = 0; i < kLanes; ++i) s[i] += static_cast<double>(v[k + i]) * v[k + i];
+    for (; k < kb; ++k) s[k % kLanes] += static_cast<double>(v[k]) * v[k];
+    for (std::ptrdiff_t i = 0; i < kLanes; ++i) sums[kLanes * x + i] = s[i];
+  }
+}
+
+// One block of channels [k0, k0 + kb) of an output row: accumulate, then (norm pass) add its squares.
+CRD_BF16_INLINE void run_block(const Pass& p, std::ptrdiff_t row, std::ptrdiff_t k0, std::ptrdiff_t kb, float* acc,
+                               float* tmp, double* sums) {
+  const std::ptrdiff_t b = row / p.h0, y = row % p.h0;
+  if (p.residual) {  // accumulated in place in the output row
+    accumulate_block(p, b, y, k0, kb, p.out + row * p.w0 * p.r + k0, p.r, tmp);
     return;
   }
+  accumulate_block(p, b, y, k0, kb, acc, kBlock, tmp);
+  add_squares(sums, acc, kBlock, p.w0, kb);
+}
+
+// One output row (row = b * h0 + y), block of channels by block: the norms ||sum - q|| into out[b, y, :], or
+// with p.residual the residual vectors into out[b, y, :, :]. ``scratch`` is scratch_floats(w0, max_w) floats:
+// the norm's double partial sums, then the accumulator, then tmp.
+CRD_BF16_INLINE void run_row(const Pass& p, std::ptrdiff_t row, float* scratch) {
+  const std::ptrdiff_t w0 = p.w0, r = p.r;
+  double* sums = reinterpret_cast<double*>(scratch);  // kLanes per column
+  float* acc = scratch + 2 * kLanes * w0;
+  float* tmp = acc + w0 * kBlock;
   for (std::ptrdiff_t i = 0; i < kLanes * w0; ++i) sums[i] = 0.0;
-  for (std::ptrdiff_t k0 = 0; k0 < r; k0 += kBlock) {
-    const std::ptrdiff_t kb = r - k0 < kBlock ? r - k0 : kBlock;
-    accumulate_block(p, b, y, k0, kb, acc, kBlock, tmp);
-    for (std::ptrdiff_t x = 0; x < w0; ++x) {
-      const float* CRD_BF16_RESTRICT v = acc + x * kBlock;
-      // kLanes independent double accumulators (channel k goes to lane k % kLanes): vectorised without
-      // reassociation flags, and a d = 1536 sum of squares keeps full float32 precision.
-      double s[kLanes];
-      for (std::ptrdiff_t i = 0; i < kLanes; ++i) s[i] = sums[kLanes * x + i];
-      std::ptrdiff_t k = 0;
-      for (; k + kLanes <= kb; k += kLanes)
-        for (std::ptrdiff_t i = 0; i < kLanes; ++i) s[i] += static_cast<double>(v[k + i]) * v[k + i];
-      for (; k < kb; ++k) s[k % kLanes] += static_cast<double>(v[k]) * v[k];
-      for (std::ptrdiff_t i = 0; i < kLanes; ++i) sums[kLanes * x + i] = s[i];
-    }
-  }
+  std::ptrdiff_t k0 = 0;
+  for (; k0 + kBlock <= r; k0 += kBlock)  // full blocks: a constant trip count for the compiler
+    run_block(p, row, k0, kBlock, acc, tmp, sums);
+  if (k0 < r) run_block(p, row, k0, r - k0, acc, tmp, sums);
+  if (p.residual) return;
   for (std::ptrdiff_t x = 0; x < w0; ++x) {
     double* s = sums + kLanes * x;
     for (std::ptrdiff_t width = kLanes / 2; width > 0; width /= 2)  // pairwise: a fixed order
