@@ -154,17 +154,25 @@ def _crd_head_cpu(
     maps = [f.detach().to(dtype) for f in feature_maps]
     channels = tuple(int(f.shape[1]) for f in maps)
     matrix_t, q = folded_operands(matrix, offset, channels, embedding, target_dim, dtype, transposed=True)
-    gemm = _cpu_gemm_dtype(dtype)
-    gemm_t = None
-    if gemm is not None:  # the GEMM operand in its reduced dtype, cast once per matrix (cached like the fold)
-        gemm_t, _ = folded_operands(matrix, offset, channels, embedding, target_dim, gemm, dtype, transposed=True)
+    params = ("head", channels, embedding, int(target_dim), dtype)
+    gemm_t = _cpu_gemm_operand(matrix, offset, params, matrix_t, dtype)
     return _cpu.fused_head_cpu(maps, matrix_t, q, gemm_matrix_t=gemm_t)
 
 
-def _cpu_gemm_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
-    """The CPU head's projection GEMM dtype for maps scored in ``dtype`` (float32 maps only; docs/DESIGN.md
-    "Compute precision")."""
-    return current_head_gemm_dtype() if dtype == torch.float32 else None
+def _cpu_gemm_operand(
+    matrix: Tensor, second: Tensor, params: tuple, matrix_t: Tensor, dtype: torch.dtype
+) -> Optional[Tensor]:
+    """``matrix_t`` in the CPU head's reduced GEMM dtype (crd_fast.core.precision.head_gemm_dtype, float32 maps
+    only; docs/DESIGN.md "Compute precision"), cast once per (matrix, offset or q) pair and cached with the folds;
+    None when the GEMM runs in ``dtype`` itself."""
+    gemm = current_head_gemm_dtype() if dtype == torch.float32 else None
+    if gemm is None:
+        return None
+
+    def cast() -> tuple[Tensor, Tensor]:
+        return matrix_t.to(gemm).contiguous(), matrix_t.new_empty(0)
+
+    return FOLDS.get(matrix, second, (*params, "gemm operand", gemm), cast, torch.device("cpu"))[0]
 
 
 @_crd_head_op.register_kernel("cuda")
@@ -290,14 +298,7 @@ def _crd_residual_cpu(feature_maps: list[Tensor], matrix: Tensor, q: Tensor, emb
 
     params = ("residual", channels, embedding, int(target_dim), dtype, (h, w))
     matrix_t, q_grid = FOLDS.get(matrix, q, params, fold, torch.device("cpu"))
-    gemm = _cpu_gemm_dtype(dtype)
-    gemm_t = None
-    if gemm is not None:  # the GEMM operand, cast once per matrix as for crd_head
-
-        def cast() -> tuple[Tensor, Tensor]:
-            return matrix_t.to(gemm).contiguous(), q_grid
-
-        gemm_t, _ = FOLDS.get(matrix, q, (*params, gemm), cast, torch.device("cpu"))
+    gemm_t = _cpu_gemm_operand(matrix, q, params, matrix_t, dtype)
     return _cpu.fused_residual_cpu(maps, matrix_t, q_grid, gemm_matrix_t=gemm_t)
 
 
