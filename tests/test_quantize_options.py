@@ -150,3 +150,10 @@ def test_option_errors(exports, tmp_path):
     with pytest.raises(DeployError, match="float_nodes names no backbone node"):
         export_onnx_int8(det, target, train[:2], calibration_images=2, float_nodes=["/head/Conv"])
     assert not target.exists()
+
+
+def test_histogram_calibration_writes_nothing_to_stdout(exports, tmp_path, capsys):
+    det, train, _ = exports
+    capsys.readouterr()
+    export_onnx_int8(det, tmp_path / "quiet.onnx", train, calibration_images=N_CALIBRATION, refit_head=False)
+    assert capsys.readouterr().out == ""  # onnxruntime's progress prints go to the debug log

@@ -46,7 +46,10 @@ against float32".
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +60,8 @@ import numpy as np
 from ..io.atomic import atomic_write
 from .export import ExportResult, export_onnx
 from .metadata import DeployError, PathLike, metadata_path_for, sha256_bytes
+
+logger = logging.getLogger(__name__)
 
 #: Calibration images used at most (the first ones; all 200 elpv training images did worse: module docstring).
 DEFAULT_CALIBRATION_IMAGES = 32
@@ -155,7 +160,7 @@ def _quantized(
     ``settings.calibration_images`` of ``calibration``): (the float32 export, the quantized onnx ModelProto, the
     names of the nodes outside the backbone, the backbone nodes kept float, the number of calibration images)."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+    from onnxruntime.quantization import quant_pre_process
 
     fp32 = export_onnx(detector, tmp / f"{tag}_fp32.onnx", opset=settings.opset)
     prepared = tmp / f"{tag}_prepared.onnx"
@@ -176,6 +181,19 @@ def _quantized(
     if reader.count == 0:
         raise ValueError("no calibration images were found")
     quantized = tmp / f"{tag}_int8.onnx"
+    # onnxruntime's histogram calibrators print() their progress; a library must not write to the caller's
+    # stdout (the CLI's --json output, a worker's line protocol), so it goes to this module's debug log
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):
+        _quantize_static(prepared, quantized, reader, settings, exclude + kept)
+    if chatter.getvalue():
+        logger.debug("onnxruntime calibration: %s", chatter.getvalue().strip())
+    return fp32, onnx.load(str(quantized)), set(exclude), kept, reader.count
+
+
+def _quantize_static(prepared: Path, quantized: Path, reader: Any, settings: QuantizeSettings, exclude: list) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     quantize_static(
         str(prepared),
         str(quantized),
@@ -186,11 +204,10 @@ def _quantized(
         weight_type=QuantType.QInt8,
         reduce_range=settings.reduce_range,
         calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[settings.calibration_method]),
-        nodes_to_exclude=exclude + kept,
+        nodes_to_exclude=exclude,
         # one batch per collect_data call (see _Reader); symmetric activation ranges around 0 if asked
         extra_options={"CalibStridedMinMax": 1, "ActivationSymmetric": settings.symmetric_activations},
     )
-    return fp32, onnx.load(str(quantized)), set(exclude), kept, reader.count
 
 
 def export_onnx_int8(
