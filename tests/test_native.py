@@ -51,6 +51,7 @@ def test_expected_builds_are_present():
         pytest.skip("CRD_FAST_EXPECT_NATIVE and CRD_FAST_EXPECT_CUDA_KERNELS are unset: no expected build to check")
     if os.environ.get("CRD_FAST_EXPECT_NATIVE"):
         assert kcpu.available(), kcpu.import_error()
+        assert kcpu.bf16_pass_available(), "the fused pass was built without its bf16 pass"
     expect_cuda = os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS")
     if expect_cuda == "1":
         assert _native.has_native_cuda() and hasattr(_native._C, "crd_head_cuda")
@@ -102,6 +103,11 @@ def dense_pass(zs: list[torch.Tensor], sizes: list[tuple[int, int]], q: torch.Te
     return torch.linalg.vector_norm(total - q.double(), dim=-1)
 
 
+def _pointers(zs, plan, weights, q, out) -> tuple:
+    """The fused passes' leading arguments: the projections' and tables' addresses, then q's and the output's."""
+    return [z.data_ptr() for z in zs], plan.data_ptr(), weights.data_ptr(), q.data_ptr(), out.data_ptr()
+
+
 @needs_fused_cpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_fused_pass_matches_dense_formula(dtype, tol):
@@ -118,18 +124,7 @@ def test_fused_pass_matches_dense_formula(dtype, tol):
     for threads in (1, 2):
         out = torch.full((batch, 9, 7), float("nan"), dtype=dtype)
         kcpu._crd_head_cpu.fused_pass(
-            str(dtype).split(".")[1],
-            [z.data_ptr() for z in zs],
-            plan.data_ptr(),
-            weights.data_ptr(),
-            q.data_ptr(),
-            out.data_ptr(),
-            batch,
-            9,
-            7,
-            r,
-            15,
-            threads,
+            str(dtype).split(".")[1], *_pointers(zs, plan, weights, q, out), batch, 9, 7, r, 15, threads
         )
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.double(), want, rtol=tol, atol=0)
@@ -158,19 +153,7 @@ def _runnable_isas() -> list[str]:
 
 def _bf16_pass(zs, plan, weights, q, out, batch, h0, w0, r, max_w, threads, residual, isa):
     kcpu._crd_head_cpu.fused_pass_bf16(
-        [z.data_ptr() for z in zs],
-        plan.data_ptr(),
-        weights.data_ptr(),
-        q.data_ptr(),
-        out.data_ptr(),
-        batch,
-        h0,
-        w0,
-        r,
-        max_w,
-        threads,
-        residual,
-        isa,
+        *_pointers(zs, plan, weights, q, out), batch, h0, w0, r, max_w, threads, residual, isa
     )
 
 
