@@ -1,9 +1,13 @@
 """Model files written before a change load after it and give the very same scores and maps.
 
 tests/data/compat_*.crd were written by tests/data/make_compat_fixture.py with the code of that time,
-beside the scores and maps it gave (compat_*.npz). The comparison is exact (rtol=0, atol=0): on the
-CPU the whole pipeline (seeded random backbone, float32 convolutions, the CRD head) is deterministic,
-so any difference means a changed file format or changed arithmetic -- which must be deliberate.
+beside the scores and maps it gave (compat_*.npz) on the machine of that time. On one processor the whole
+CPU pipeline (seeded random backbone, float32 convolutions, the CRD head) is deterministic, and there the
+outputs match bit for bit. oneDNN's float32 convolutions block their sums by the processor's caches and
+instruction set, though, so on another processor the same code and file give outputs that differ in the
+last bits (an Intel Xeon with AVX10.1: 22% of the map values, at most 7e-7 relative). The comparison
+therefore allows ``ULPS`` float32 units of the largest value and nothing more: any change of file format or
+arithmetic in crd-fast moves outputs far more than that, and must be deliberate.
 """
 
 from __future__ import annotations
@@ -18,10 +22,16 @@ from crd_fast import CRDDetector
 
 DATA = Path(__file__).resolve().parent / "data"
 CASES = ("concat", "patchcore")
+#: float32 units in the last place (of the largest expected value) a processor change may move an output by.
+ULPS = 16
 
 
-def _exact(actual: np.ndarray, expected: np.ndarray) -> None:
-    torch.testing.assert_close(torch.from_numpy(np.asarray(actual)), torch.from_numpy(expected), rtol=0, atol=0)
+def _same(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal up to float32 rounding of the summation order (``ULPS``); see the module docstring."""
+    expected_t = torch.from_numpy(expected)
+    scale = float(expected_t.abs().max()) if expected_t.numel() else 0.0
+    atol = ULPS * float(np.spacing(np.float32(scale))) if scale else 0.0
+    torch.testing.assert_close(torch.from_numpy(np.asarray(actual)), expected_t, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -29,11 +39,11 @@ def test_old_model_file_loads_with_identical_scores(name):
     expected = np.load(DATA / f"compat_{name}.npz")
     det = CRDDetector.load(DATA / f"compat_{name}.crd")
     result = det.predict(list(expected["inputs"]), progress=False)
-    _exact(result.image_scores, expected["image_scores"])
-    _exact(result.anomaly_maps, expected["anomaly_maps"])
-    _exact(result.patch_maps, expected["patch_maps"])
+    _same(result.image_scores, expected["image_scores"])
+    _same(result.anomaly_maps, expected["anomaly_maps"])
+    _same(result.patch_maps, expected["patch_maps"])
     if "labels" in expected:
-        _exact(result.normalized_scores, expected["normalized_scores"])
+        _same(result.normalized_scores, expected["normalized_scores"])
         np.testing.assert_array_equal(result.labels, expected["labels"])
     else:
         assert result.labels is None and det.threshold is None
