@@ -31,7 +31,8 @@ RESNET_LAYERS: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
 VGG_LAYERS: tuple[str, ...] = ("block1", "block2", "block3", "block4", "block5")
 LAYERS: tuple[str, ...] = RESNET_LAYERS + VGG_LAYERS
 
-#: Compute precisions of the backbone and head (crd_fast/core/precision.py); "auto": bf16 where native, else fp32.
+#: Compute precisions of the backbone and head (crd_fast/core/precision.py); "auto": bf16 where native and
+#: faster, else fp32.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 #: The detector's default precision: exact float32 (scores identical to earlier versions'); "auto" is opt-in.
 DEFAULT_PRECISION = "fp32"

@@ -31,11 +31,42 @@ def test_auto_falls_back_to_fp32_without_native_bf16(monkeypatch):
     assert not choice.channels_last  # fp32 keeps the contiguous layout (scores identical to earlier versions)
 
 
-def test_auto_takes_bf16_with_native_bf16(monkeypatch):
+def test_auto_takes_bf16_with_native_bf16_that_pays(monkeypatch):
     monkeypatch.setattr(prec, "native_bf16", lambda device: (True, "forced on by the test"))
+    monkeypatch.setattr(prec, "cpu_bf16_speedup", lambda: 2.0)
     choice = prec.resolve_precision("auto", torch.device("cpu"))
     assert (choice.precision, choice.autocast_dtype, choice.head_gemm_dtype) == ("bf16", torch.bfloat16, torch.bfloat16)
-    assert choice.reason == "forced on by the test"
+    assert choice.reason.startswith("forced on by the test") and "2.00x" in choice.reason
+
+
+@pytest.mark.parametrize("speedup", [0.79, 1.1])
+def test_auto_keeps_fp32_where_native_bf16_is_not_faster(monkeypatch, speedup):
+    # e.g. Intel cores with AVX512_BF16 but no AMX: one bf16 dot product per cycle against two float32 FMAs
+    monkeypatch.setattr(prec, "native_bf16", lambda device: (True, "forced on by the test"))
+    monkeypatch.setattr(prec, "cpu_bf16_speedup", lambda: speedup)
+    choice = prec.resolve_precision("auto", "cpu")
+    assert choice.precision == "fp32" and choice.autocast_dtype is None and not choice.channels_last
+    assert f"{speedup:.2f}x" in choice.reason and "needs 1.15x" in choice.reason
+    # an explicit request is still honoured
+    assert prec.resolve_precision("bf16", "cpu").precision == "bf16"
+
+
+def test_auto_does_not_time_without_native_bf16(monkeypatch):
+    def no_probe():
+        raise AssertionError("the bf16 probe ran although the processor has no native bf16")
+
+    monkeypatch.setattr(prec, "native_bf16", lambda device: (False, "forced off by the test"))
+    monkeypatch.setattr(prec, "cpu_bf16_speedup", no_probe)
+    assert prec.resolve_precision("auto", "cpu").precision == "fp32"
+
+
+def test_the_bf16_probe_measures_and_leaves_the_random_stream_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    speedup = prec.cpu_bf16_speedup.__wrapped__(batch=1, rounds=1)  # uncached: a fresh measurement
+    assert np.isfinite(speedup) and speedup > 0
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_cpu_detection_reads_the_flags(monkeypatch):
@@ -223,6 +254,7 @@ def test_detector_auto_falls_back_and_is_saved(monkeypatch, tmp_path, images):
     again = CRDDetector.load(tmp_path / "m.crd")
     assert again.config["precision"] == "auto" and again.precision_choice.precision == "fp32"
     monkeypatch.setattr(prec, "native_bf16", lambda device: (True, "forced on by the test"))
+    monkeypatch.setattr(prec, "cpu_bf16_speedup", lambda: 2.0)
     assert CRDDetector.load(tmp_path / "m.crd").precision_choice.precision == "bf16"  # chosen where it runs
     assert CRDDetector.load(tmp_path / "m.crd", precision="fp32").precision_choice.precision == "fp32"
 

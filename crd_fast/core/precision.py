@@ -11,7 +11,11 @@
   the fused pass reads directly with float32 arithmetic; the fit's statistics stay float64 either way;
 * "fp16": the same with float16 (meant for CUDA devices without bf16);
 * "auto": bf16 where the hardware runs it natively (AVX512_BF16 or AMX_BF16 on the CPU, a CUDA device
-  with bf16), fp32 elsewhere; ``PrecisionChoice.reason`` says what was chosen and why.
+  with bf16) and, on the CPU, where it also pays: a native bf16 instruction set is not always faster than
+  float32 (Intel cores without AMX issue one bf16 dot product per cycle against two float32 FMAs), so "auto"
+  times one wide_resnet bottleneck block both ways, once per process, and keeps bf16 only if it is at least
+  ``AUTO_BF16_MIN_SPEEDUP`` times faster; fp32 elsewhere. ``PrecisionChoice.reason`` says what was chosen
+  and why, with the measured ratio.
 
 With bf16/fp16 the backbone runs channels_last (oneDNN's convolutions are faster in that layout, and the
 fused head reads channels_last maps without a copy). fp32 keeps the contiguous layout: its scores stay
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -44,6 +49,9 @@ TOLERANCE: dict[str, dict[str, float]] = {
     "fp16": {"features": 5e-3, "scores": 5e-3},
 }
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+#: "auto" keeps bf16 on the CPU only when the probe block runs at least this much faster than in float32
+#: (a margin over timing noise: below it the ~1% bf16 feature error buys too little).
+AUTO_BF16_MIN_SPEEDUP = 1.15
 
 
 def check_precision_name(precision: str) -> str:
@@ -83,6 +91,65 @@ def cpu_native_bf16() -> tuple[bool, str]:
     if not onednn:
         return False, f"processor has {'/'.join(flags)} but this torch build's oneDNN does not use bf16"
     return True, f"processor has native bf16 ({'/'.join(flags)}, torch CPU capability {capability})"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup(batch: int = 4, rounds: int = 3) -> float:
+    """How many times faster one wide_resnet50_2 layer3 bottleneck block runs under bf16 autocast than in
+    float32 on this processor (both channels_last, as the detector runs them); measured once per process.
+
+    The block (1x1 512->256, 3x3 256->256, 1x1 256->1024 with batch norm and ReLU, on a (4, 512, 14, 14)
+    input: ~0.8 GMAC) has the backbone's mix of convolutions; the two precisions alternate ``rounds`` times
+    after a warm-up and the best time of each counts, so load on a shared machine hits both alike. It takes
+    about 0.1 s on two cores.
+    """
+    nn = torch.nn
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        block = (
+            nn.Sequential(
+                nn.Conv2d(512, 256, 1, bias=False),
+                nn.BatchNorm2d(256),
+                nn.ReLU(),
+                nn.Conv2d(256, 256, 3, padding=1, bias=False),
+                nn.BatchNorm2d(256),
+                nn.ReLU(),
+                nn.Conv2d(256, 1024, 1, bias=False),
+                nn.BatchNorm2d(1024),
+            )
+            .eval()
+            .to(memory_format=torch.channels_last)
+        )
+        x = torch.randn(batch, 512, 14, 14).contiguous(memory_format=torch.channels_last)
+    finally:
+        torch.random.set_rng_state(generator_state)  # the probe leaves the caller's random stream alone
+
+    def seconds(bf16: bool) -> float:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            start = time.perf_counter()
+            block(x)
+            return time.perf_counter() - start
+
+    seconds(False), seconds(True)  # first calls: oneDNN primitive creation and weight reorders
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(rounds):
+        for bf16 in (False, True):
+            best[bf16] = min(best[bf16], seconds(bf16))
+    return best[False] / best[True]
+
+
+def bf16_pays(device: torch.device) -> tuple[bool, str]:
+    """Whether "auto" should run bf16 on ``device``, and why: native bf16 and, on the CPU, a measured speedup
+    of at least ``AUTO_BF16_MIN_SPEEDUP`` (``cpu_bf16_speedup``). Tests monkeypatch this or its parts."""
+    native, why = native_bf16(device)
+    if not native or device.type != "cpu":
+        return native, why
+    speedup = cpu_bf16_speedup()
+    measured = f"a bf16 bottleneck block measured {speedup:.2f}x its float32 speed here"
+    if speedup >= AUTO_BF16_MIN_SPEEDUP:
+        return True, f"{why}; {measured}"
+    return False, f"{why}, but {measured} (auto needs {AUTO_BF16_MIN_SPEEDUP:.2f}x)"
 
 
 def cuda_native_bf16(device: torch.device) -> tuple[bool, str]:
@@ -146,7 +213,8 @@ class PrecisionChoice:
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> PrecisionChoice:
     """The concrete precision for ``precision`` on ``device``.
 
-    "auto" takes bf16 where ``native_bf16`` says yes and fp32 elsewhere. An explicit "bf16" or "fp16" is
+    "auto" takes bf16 where ``bf16_pays`` says yes (native bf16 that measured faster than float32 on the
+    CPU) and fp32 elsewhere. An explicit "bf16" or "fp16" is
     honoured even without native support (torch emulates it: the results keep bf16's tolerance, but it
     is usually slower than fp32); the reason says so.
     """
@@ -158,9 +226,10 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> Pre
         raise ValueError(f"precision {precision!r} is supported on cpu and cuda devices, not {dev.type}")
     if precision == "fp32":
         return PrecisionChoice(precision, "fp32", dev.type, "requested")
-    native, why = native_bf16(dev)
     if precision == "auto":
-        return PrecisionChoice(precision, "bf16" if native else "fp32", dev.type, why)
+        pays, why = bf16_pays(dev)
+        return PrecisionChoice(precision, "bf16" if pays else "fp32", dev.type, why)
+    native, why = native_bf16(dev)
     if precision == "bf16":
         return PrecisionChoice(precision, "bf16", dev.type, "requested" + ("" if native else f" (emulated: {why})"))
     note = "" if dev.type == "cuda" else " (CPU float16 is emulated)"

@@ -135,7 +135,8 @@ class DetectorConfig:
         seed: seed of random weights and of the training score sample.
         blur_sigma: Gaussian blur of the anomaly maps, in pixels (0: none).
         target_dim: d of the "patchcore" embedding.
-        precision: "fp32", "bf16", "fp16" or "auto" (bf16 where the hardware has it natively, else fp32): how
+        precision: "fp32", "bf16", "fp16" or "auto" (bf16 where the hardware has it natively and, on a CPU, it
+            measured faster than float32; else fp32): how
             the backbone and the CPU head's projection GEMM compute, in fit and predict alike; the statistics
             stay float64 (run-time option; docs/DESIGN.md "Compute precision").
         spatial: "global" (one mean and covariance for every patch position: the paper's CRD, for textures),
@@ -183,7 +184,7 @@ class DetectorConfig:
     precision: str = _option(
         DEFAULT_PRECISION,
         "compute precision of the backbone and head: auto (bf16 where the "
-        "processor or GPU has it natively, else fp32), fp32, bf16 or fp16",
+        "processor or GPU has it natively and it measured faster, else fp32), fp32, bf16 or fp16",
         _precision,
         runtime=True,
     )
