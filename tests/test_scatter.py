@@ -57,3 +57,34 @@ def test_statistics_update_equals_a_dense_float64_scatter_for_any_chunking():
     c32 = x32 - x32.mean(dim=0)
     assert torch.allclose(parts.scatter, c32.T @ c32, rtol=0, atol=1e-11 * scale)
     assert torch.equal(whole.scatter, whole.scatter.T)
+
+
+def test_update_and_merge_leave_their_inputs_and_earlier_tensors_alone():
+    # update() centres a float64 copy in place and merge() sums into fresh tensors: the caller's batch (even
+    # one already float64), the other statistics, and the tensors held before the call (the scorer keeps them
+    # to roll back an overflow) must come out unchanged
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 2 * SYRK_MIN_DIM, generator=gen, dtype=torch.float64) + 3.0
+    x_before = x.clone()
+    stats = PatchStatistics(x.shape[1]).update(x[:100])
+    held = (stats.mean, stats.scatter, stats.mean.clone(), stats.scatter.clone())
+    stats.update(x[100:])
+    assert torch.equal(x, x_before)
+    assert torch.equal(held[0], held[2]) and torch.equal(held[1], held[3])
+    other = PatchStatistics(x.shape[1]).update(x[:50])
+    other_scatter = other.scatter.clone()
+    merged = PatchStatistics(x.shape[1]).update(x[50:]).merge(other)
+    assert torch.equal(other.scatter, other_scatter)
+    whole = PatchStatistics(x.shape[1]).update(x)
+    scale = float(whole.scatter.abs().max())
+    assert torch.allclose(merged.scatter, whole.scatter, rtol=0, atol=1e-12 * scale)
+    assert torch.equal(merged.scatter, merged.scatter.T) and torch.equal(stats.scatter, stats.scatter.T)
+    assert torch.equal(_scatter_in_chunks(x), _scatter_in_chunks(x).T)
+
+
+def _scatter_in_chunks(x: torch.Tensor) -> torch.Tensor:
+    """The scatter of ``x`` added in uneven float32 chunks (every merge after the first has a mean shift)."""
+    stats = PatchStatistics(x.shape[1])
+    for chunk in torch.split(x, 37):
+        stats.update(chunk.float())
+    return stats.scatter

@@ -43,6 +43,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .dtypes import NumericOverflowError
+from .finite import all_finite
 from .sketch import FrequentDirections
 from .stats import PatchStatistics
 
@@ -108,10 +109,10 @@ class LocalStatistics:
         b = g.shape[0]
         if b == 0:
             return self
-        if not bool(torch.isfinite(g).all()):
+        if not all_finite(g):
             raise ValueError("grids contain NaN or Inf")
         pooled = PatchStatistics(self.dim, device=self.device).update(g.reshape(-1, self.dim))
-        if not bool(torch.isfinite(pooled.scatter).all()):
+        if not all_finite(pooled.scatter):
             raise NumericOverflowError(
                 f"grids: the patch statistics overflowed float64 (largest |value| {float(g.abs().max()):.3g}): "
                 "scale the features down"
@@ -149,7 +150,7 @@ class LocalStatistics:
         n = n_a + n_b
         pooled = PatchStatistics.from_tensors(self.pooled.count, self.pooled.mean, self.pooled.scatter)
         pooled.merge(pooled_b)
-        if not bool(torch.isfinite(pooled.scatter).all()):
+        if not all_finite(pooled.scatter):
             raise NumericOverflowError("the pooled patch statistics overflowed float64: scale the features down")
         delta = means_b.to(device=self.device, dtype=torch.float64) - self.means
         if sketch is not None:

@@ -8,8 +8,10 @@ updates and distributed fitting rely on.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import numpy as np
 import torch
 
 #: Below this many columns the BLAS call's fixed cost outweighs what the symmetric product saves.
@@ -30,10 +32,18 @@ def scatter_of(centred: torch.Tensor) -> torch.Tensor:
     from threadpoolctl import threadpool_limits
 
     rows = centred.detach().contiguous().numpy()
+    d = rows.shape[1]
+    # dsyrk fills the upper triangle of a zeroed (lazily, by calloc) Fortran-ordered output in place
+    out = np.zeros((d, d), dtype=np.float64, order="F")
     with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-        # rows.T is a Fortran-ordered (d, N) view: dsyrk reads it without a copy and fills the upper triangle
-        upper = torch.from_numpy(dsyrk(1.0, rows.T, trans=0, lower=0))
-    return upper.triu() + upper.triu(1).T
+        # rows.T is a Fortran-ordered (d, N) view: dsyrk reads it without a copy
+        out = dsyrk(1.0, rows.T, beta=0.0, c=out, trans=0, lower=0, overwrite_c=1)
+    upper = torch.from_numpy(out)
+    # the strictly lower triangle is zero, so upper + upper.T is the full matrix with the diagonal twice:
+    # one temporary instead of triu/triu/transpose/add's three (d x d is 19 MB at d = 1536)
+    full = upper + upper.T
+    full.diagonal().sub_(upper.diagonal())
+    return full
 
 
 class PatchStatistics:
@@ -80,11 +90,11 @@ class PatchStatistics:
             raise ValueError(f"expected a (N, {self.dim}) batch, got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             return self
-        x = x.to(device=self.device, dtype=torch.float64)
-        n_b = x.shape[0]
-        mean_b = x.mean(dim=0)
-        centred = x - mean_b
-        return self._merge(n_b, mean_b, scatter_of(centred))
+        # one float64 copy, centred in place (never the caller's tensor: copy=True even if it is float64 already)
+        centred = x.to(device=self.device, dtype=torch.float64, copy=True)
+        mean_b = centred.mean(dim=0)
+        centred.sub_(mean_b)
+        return self._merge(centred.shape[0], mean_b, scatter_of(centred), owned=True)
 
     def merge(self, other: "PatchStatistics") -> "PatchStatistics":
         """Add another statistics object (same d) into this one, as if its patches had been seen here."""
@@ -94,12 +104,20 @@ class PatchStatistics:
             return self
         return self._merge(other.count, other.mean.to(self.device), other.scatter.to(self.device))
 
-    def _merge(self, n_b: int, mean_b: torch.Tensor, scatter_b: torch.Tensor) -> "PatchStatistics":
+    def _merge(self, n_b: int, mean_b: torch.Tensor, scatter_b: torch.Tensor, owned: bool = False) -> "PatchStatistics":
+        """Chan's pairwise update: exact for any split of the data. ``owned``: ``scatter_b`` is a fresh
+        temporary that may be summed into in place. The statistics' tensors are replaced, never mutated, so
+        a caller holding the old ones (to roll back an overflow) keeps them intact."""
         n_a = self.count
         n = n_a + n_b
         delta = mean_b - self.mean
-        # Chan's pairwise update: exact for any split of the data.
-        self.scatter = self.scatter + scatter_b + torch.outer(delta, delta) * (n_a * n_b / n)
+        total = scatter_b if owned else scatter_b.clone()
+        # the weight goes into both vectors (sqrt): r_i * r_j == r_j * r_i keeps the sum exactly symmetric,
+        # where alpha * x_i * y_j would round (i, j) and (j, i) differently
+        root = delta * math.sqrt(n_a * n_b / n)
+        total.addr_(root, root)
+        total.add_(self.scatter)
+        self.scatter = total
         self.mean = self.mean + delta * (n_b / n)
         self.count = n
         return self

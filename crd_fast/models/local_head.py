@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ..core.dtypes import compute_dtype
 from ..core.embedding import check_embedding
+from ..core.finite import all_finite
 from ..core.local import LocalCRDModel
 from ..ops.head_op import crd_residual as fused_crd_residual
 from .head import _exporting, folded_matrix, project_feature_maps
@@ -207,7 +208,7 @@ class LocalCRDHead(nn.Module):
             scores = self.fused_forward(maps)
         else:
             scores = self.torch_forward(maps)
-        if not _exporting() and not bool(torch.isfinite(scores).all()):
+        if not _exporting() and not all_finite(scores):
             raise ValueError("the local head produced NaN or infinite scores: the feature maps hold NaN or infinity")
         return scores
 

@@ -16,6 +16,7 @@ import torch
 
 # Defined in core (its statistics raise it too); re-exported here, where the scorers import it from.
 from ..core.dtypes import NumericOverflowError  # noqa: F401
+from ..core.finite import all_finite
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -62,7 +63,7 @@ def as_tensor(x: Any, name: str = "input") -> tuple[torch.Tensor, ArrayKind]:
 
 def check_finite(t: torch.Tensor, name: str) -> None:
     """Raise ValueError if ``t`` holds NaN or Inf (one reduction; cheap next to any matmul)."""
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         n_nan = int(torch.isnan(t).sum())
         n_inf = int(torch.isinf(t).sum())
         raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")

@@ -15,6 +15,7 @@ import torch
 
 from ..choices import DEFAULT_LAM_REL
 from ..core.dtypes import compute_dtype
+from ..core.finite import all_finite
 from ..core.projection import CRDProjection, crd_lambda
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
@@ -120,7 +121,7 @@ class CRDScorer:
             self._stats = PatchStatistics(x.shape[1])
         before = (self._stats.count, self._stats.mean, self._stats.scatter)  # update() replaces, never mutates
         self._stats.update(x)
-        if not bool(torch.isfinite(self._stats.scatter).all() and torch.isfinite(self._stats.mean).all()):
+        if not (all_finite(self._stats.scatter) and all_finite(self._stats.mean)):
             self._stats.count, self._stats.mean, self._stats.scatter = before
             if before[0] == 0:
                 self._stats = None
