@@ -28,7 +28,8 @@ def test_auto_falls_back_to_fp32_without_native_bf16(monkeypatch):
     choice = prec.resolve_precision("auto", "cpu")
     assert choice.precision == "fp32" and choice.autocast_dtype is None and choice.head_gemm_dtype is None
     assert "forced off by the test" in choice.reason and "fp32 (auto)" in choice.describe()
-    assert not choice.channels_last  # fp32 keeps the contiguous layout (scores identical to earlier versions)
+    assert choice.channels_last  # auto's fp32 takes the faster layout; only an explicit fp32 stays contiguous
+    assert not prec.resolve_precision("fp32", "cpu").channels_last  # scores identical to earlier versions
 
 
 def test_auto_takes_bf16_with_native_bf16_that_pays(monkeypatch):
@@ -45,7 +46,7 @@ def test_auto_keeps_fp32_where_native_bf16_is_not_faster(monkeypatch, speedup):
     monkeypatch.setattr(prec, "native_bf16", lambda device: (True, "forced on by the test"))
     monkeypatch.setattr(prec, "cpu_bf16_speedup", lambda: speedup)
     choice = prec.resolve_precision("auto", "cpu")
-    assert choice.precision == "fp32" and choice.autocast_dtype is None and not choice.channels_last
+    assert choice.precision == "fp32" and choice.autocast_dtype is None and choice.channels_last
     assert f"{speedup:.2f}x" in choice.reason and "needs 1.15x" in choice.reason
     # an explicit request is still honoured
     assert prec.resolve_precision("bf16", "cpu").precision == "bf16"
@@ -257,6 +258,35 @@ def test_detector_auto_falls_back_and_is_saved(monkeypatch, tmp_path, images):
     monkeypatch.setattr(prec, "cpu_bf16_speedup", lambda: 2.0)
     assert CRDDetector.load(tmp_path / "m.crd").precision_choice.precision == "bf16"  # chosen where it runs
     assert CRDDetector.load(tmp_path / "m.crd", precision="fp32").precision_choice.precision == "fp32"
+
+
+def _conv_weights_layout(det) -> set:
+    convs = [m.weight for m in det.extractor.modules() if isinstance(m, torch.nn.Conv2d)]
+    return {
+        "channels_last" if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() else "nchw"
+        for w in convs
+        if w.shape[-1] > 1  # 1x1 kernels are contiguous in both layouts
+    }
+
+
+def test_auto_fp32_runs_channels_last_and_scores_like_explicit_fp32(monkeypatch, tmp_path, images):
+    """auto's fp32 takes the faster channels_last layout; explicit fp32 stays contiguous (bit-identical to old
+    files); the two differ only by float32 rounding of the convolutions' summation order."""
+    from crd_fast.detector.detector import CRDDetector
+
+    train, test = images
+    monkeypatch.setattr(prec, "native_bf16", lambda device: (False, "forced off by the test"))
+    auto = _detector("auto").fit(train, progress=False)
+    exact = _detector("fp32").fit(train, progress=False)
+    assert auto.precision_choice.channels_last and _conv_weights_layout(auto) == {"channels_last"}
+    assert not exact.precision_choice.channels_last and _conv_weights_layout(exact) == {"nchw"}
+    got = auto.predict(test, progress=False).patch_maps
+    want = exact.predict(test, progress=False).patch_maps
+    assert float(np.abs(got - want).max() / np.abs(want).max()) < prec.TOLERANCE["fp32"]["scores"]
+    # the layout follows the precision a file is loaded with
+    auto.save(tmp_path / "auto.crd")
+    assert _conv_weights_layout(CRDDetector.load(tmp_path / "auto.crd")) == {"channels_last"}
+    assert _conv_weights_layout(CRDDetector.load(tmp_path / "auto.crd", precision="fp32")) == {"nchw"}
 
 
 def test_model_file_without_precision_loads_as_fp32(tmp_path, images):
