@@ -22,8 +22,9 @@ and then
 Every model uses the same seeded random torchvision wide_resnet50_2 (the state dict is written once and
 loaded into anomalib's timm feature extractor, strictly apart from the classifier). Configurations:
 crd-fast layer2+layer3 concat, lam_rel 0.01 and spatial "global" given (so its fit is the statistics and the
-projection), per precision (fp32, bf16 where the processor has it); in --fit-only runs also bf16 with the
-defaults (lam_rel and spatial chosen by the label-free selection, from 20 images); and the fitted fp32
+projection), per precision (fp32 contiguous; bf16 where the processor has it; "crd-auto" where "auto" chooses
+fp32, which then runs channels_last; where it chooses bf16, the bf16 row is auto's); in --fit-only runs also
+bf16 with the defaults (lam_rel and spatial chosen by the label-free selection, from 20 images); and the fitted fp32
 detector exported to float32 ONNX and to int8 ONNX (``crd_fast.deploy.quantize``, calibrated on the first
 32 training images; their "fit" is the export, after the fp32 fit, and is not compared with anyone's fit);
 PaDiM layer1-3, n_features PADIM_FEATURES (100; see there);
@@ -73,6 +74,8 @@ def _worker_models(kind: str, weights: str, layers_crd: tuple[str, ...]) -> dict
         # timed wherever the processor has native bf16, also where "auto" measured it no faster and keeps fp32
         if cpu_native_bf16()[0]:
             paths += ["crd-bf16", "crd-bf16-defaults"]
+        if resolve_precision("auto", "cpu").precision == "fp32":
+            paths.append("crd-auto")  # auto's fp32 runs channels_last: not the contiguous crd-fp32 row
         for name in paths:
             # explicit lam_rel and spatial: the fit is the statistics and the projection, nothing chosen;
             # "-defaults" leaves both to the label-free selection (fitted in --fit-only runs only)
