@@ -36,3 +36,14 @@ def test_empty_integer_bool_and_complex():
     assert all_finite(z)
     z[2] = complex(0.0, float("inf"))
     assert not all_finite(z)
+
+
+def test_falls_back_to_the_plain_test_where_aminmax_is_missing(monkeypatch):
+    def missing(*args, **kwargs):
+        raise NotImplementedError("aminmax is not implemented for this backend")
+
+    monkeypatch.setattr(torch, "aminmax", missing)
+    x = torch.randn(50, 7)
+    assert all_finite(x)
+    x[3, 4] = float("nan")
+    assert not all_finite(x)

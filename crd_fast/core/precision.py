@@ -20,7 +20,7 @@
 With bf16/fp16, and with the fp32 that "auto" chose, the backbone runs channels_last (oneDNN's convolutions
 are faster in that layout, and the fused head reads channels_last maps without a copy). An explicit "fp32"
 keeps the contiguous layout: its scores stay bit-identical to earlier versions' (channels_last makes fp32
-1.10-1.27x faster, at ~1e-7 differences).
+~1.10x faster end to end on both processors measured, at ~1e-7 differences).
 
 Tolerances (docs/DESIGN.md "Compute precision"): fp32 scores agree to
 ~1e-5 relative; bf16 rounds every activation to 8 significant bits, so feature maps differ by ~1%
@@ -191,9 +191,10 @@ class PrecisionChoice:
     @property
     def channels_last(self) -> bool:
         """Whether the backbone runs channels_last: with reduced precision, and with float32 that "auto" chose
-        (it promises speed: channels_last float32 measured 1.10x the contiguous path on the Intel Xeon, 1.27x
-        on Zen 4). An explicit "fp32" keeps the contiguous layout, so its scores stay bit-identical to those
-        of model files written before compute precisions (channels_last convolutions round differently, ~1e-7)."""
+        (it promises speed: channels_last float32 measured 1.10x the contiguous path end to end on the Intel
+        Xeon and on Zen 4, bench_precision.py). An explicit "fp32" keeps the contiguous layout, so its scores
+        stay bit-identical to those of model files written before compute precisions (channels_last
+        convolutions round differently, ~1e-7)."""
         return self.precision != "fp32" or self.requested == "auto"
 
     @property
