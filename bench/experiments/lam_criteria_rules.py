@@ -1,0 +1,200 @@
+"""The label-free criteria bench/experiments/lam_criteria.py compares, as functions of one measured record.
+
+A record (lam_criteria_measure.py) holds, for one (backbone, set): the test patch maps of both spatial families
+at every lam_rel of the grid (fitted on all training images), PaDiM's test image scores, and for each held-out
+fold the clean held-out images' likelihoods and patch maps and the pseudo-defect designs' image scores (both
+families fitted on the rest). A criterion sees everything but the test labels and returns, for one family,
+either a lam_rel of the grid (the test score is then that lam_rel's) or test image scores of its own (a score
+that needs no choice). Image score = the largest patch score, as the detector's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from crd_fast.choices import DEFAULT_LAM_REL
+from crd_fast.core.lam_selection import paired_auroc_difference
+from crd_fast.detector.selection import LOCAL_STANDARD_ERRORS, paired_comparison
+from crd_fast.evaluation.metrics import image_auroc
+
+FAMILIES = ("global", "local")
+#: Kind subsets of the defect-like designs (crd_fast/synthetic/pseudo.py DEFECT_LIKE).
+SUBSETS: dict[str, Optional[tuple[str, ...]]] = {
+    "all": None,
+    "lowfreq": ("dark_region", "shading", "blended_patch"),
+    "highfreq": ("dark_crack", "finger_breaks"),
+}
+
+
+@dataclass
+class Record:
+    """One (backbone, set): see the module docstring."""
+
+    backbone: str
+    name: str
+    grid: tuple[float, ...]
+    labels: np.ndarray  # (M,)
+    test_maps: dict[str, np.ndarray]  # family -> (M, P, L)
+    padim: np.ndarray  # (M,)
+    folds: list[dict]  # per fold: nll_F (H, L), clean_F (H, P, L), pseudo_<design>_F (H, L), kinds_<design> (H,)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def test_scores(self, family: str) -> np.ndarray:
+        """(M, L) test image scores."""
+        key = ("test", family)
+        if key not in self._cache:
+            self._cache[key] = self.test_maps[family].max(axis=1)
+        return self._cache[key]
+
+    def test_curve(self, family: str) -> np.ndarray:
+        """(L,) test image AUROC of every lam_rel (the oracle's curve)."""
+        key = ("curve", family)
+        if key not in self._cache:
+            s = self.test_scores(family)
+            self._cache[key] = np.array([image_auroc(self.labels, s[:, j]) for j in range(len(self.grid))])
+        return self._cache[key]
+
+    def auroc(self, scores: np.ndarray) -> float:
+        return float(image_auroc(self.labels, scores))
+
+    def index(self, lam: float) -> int:
+        return int(np.argmin(np.abs(np.log(np.asarray(self.grid)) - math.log(lam))))
+
+
+@dataclass
+class Choice:
+    lam: Optional[float]  # None: a score of its own (``scores``)
+    scores: Optional[np.ndarray] = None
+    note: str = ""
+
+
+Criterion = Callable[[Record, str], Choice]
+
+
+# -- the spatial model and lam0: the held-out likelihood ------------------------------------------------------
+def lam0_index(rec: Record, family: str, folds: Sequence[int] = (0,)) -> int:
+    nll = np.concatenate([rec.folds[f][f"nll_{family}"] for f in folds])  # (H', L)
+    return int(np.nanargmin(nll.mean(axis=0)))
+
+
+def spatial_choice(rec: Record) -> tuple[str, float]:
+    """The detector's choice of family (fold 0: local if its likelihood at its lam0 beats global's at its lam0 by
+    more than LOCAL_STANDARD_ERRORS paired standard errors) and the t of that comparison."""
+    at = {f: rec.folds[0][f"nll_{f}"][:, lam0_index(rec, f)] for f in FAMILIES}
+    t = paired_comparison(at["local"], at["global"])["t"]
+    return ("local" if t < -LOCAL_STANDARD_ERRORS else "global"), float(t)
+
+
+def window(rec: Record, family: str, folds: Sequence[int]) -> list[int]:
+    """Grid indices at or above lam0 (the detector's ``lam_window``)."""
+    return list(range(lam0_index(rec, family, folds), len(rec.grid)))
+
+
+def no_evidence_index(rec: Record, family: str, folds: Sequence[int]) -> int:
+    """The detector's default: DEFAULT_LAM_REL, or lam0 if larger (``no_evidence_lam``)."""
+    return max(rec.index(DEFAULT_LAM_REL), lam0_index(rec, family, folds))
+
+
+# -- pseudo-defect evidence -----------------------------------------------------------------------------------
+def _fold_scores(rec: Record, fold: int, design: str, family: str, kinds: Optional[tuple[str, ...]], j: int):
+    clean = rec.folds[fold][f"clean_{family}"].max(axis=1)[:, j]
+    pseudo = rec.folds[fold][f"pseudo_{design}_{family}"][:, j]
+    if kinds is not None:
+        pseudo = pseudo[np.isin(rec.folds[fold][f"kinds_{design}"], kinds)]
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(pseudo))]
+    return np.r_[clean, pseudo], labels
+
+
+def pseudo_curve(rec: Record, family: str, design: str, folds: Sequence[int], kinds=None) -> np.ndarray:
+    """(L,) pseudo-defect image AUROC, the mean over the folds (each fold's rest model ranks its own images)."""
+    out = np.zeros(len(rec.grid))
+    for j in range(len(rec.grid)):
+        for f in folds:
+            scores, labels = _fold_scores(rec, f, design, family, kinds, j)
+            out[j] += image_auroc(labels, scores) / len(folds)
+    return out
+
+
+def pseudo_evidence(rec: Record, family: str, design: str, folds: Sequence[int], a: int, b: int, kinds=None):
+    """Pooled over folds: mean AUROC difference (a - b), its standard error (DeLong per fold, folds independent)
+    and z."""
+    diffs, variances = [], []
+    for f in folds:
+        sa, labels = _fold_scores(rec, f, design, family, kinds, a)
+        sb, _ = _fold_scores(rec, f, design, family, kinds, b)
+        d = paired_auroc_difference(sa, sb, labels)
+        diffs.append(d["difference"])
+        variances.append(d["standard_error"] ** 2)
+    diff = float(np.mean(diffs))
+    se = math.sqrt(sum(variances)) / len(folds)
+    z = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else 0.0)
+    return diff, se, z
+
+
+def pseudo_rule(
+    design: str, folds: Optional[int] = 1, z_needed: float = 1.0, kinds=None, in_window: bool = True
+) -> Criterion:
+    """The pseudo-defects' best lam_rel (mean image AUROC over ``folds`` held-out folds; None: every fold; ties to
+    the smaller lam_rel) in the window at or above lam0 (or the whole grid), taken when it beats the default
+    (DEFAULT_LAM_REL, not below lam0) by more than ``z_needed`` pooled standard errors. design "x4", folds 1,
+    z 1, window: the detector's rule."""
+
+    def rule(rec: Record, family: str) -> Choice:
+        use = list(range(len(rec.folds) if folds is None else min(folds, len(rec.folds))))
+        cand = window(rec, family, use) if in_window else list(range(len(rec.grid)))
+        curve = pseudo_curve(rec, family, design, use, kinds)
+        best = min(j for j in cand if curve[j] >= curve[cand].max() - 1e-9)  # ties to the smaller lam_rel
+        default = no_evidence_index(rec, family, use)
+        if best == default:
+            return Choice(rec.grid[best], note=f"best = default, curve {np.round(curve, 3).tolist()}")
+        diff, se, z = pseudo_evidence(rec, family, design, use, best, default, kinds)
+        j = best if z > z_needed else default
+        return Choice(rec.grid[j], note=f"best {rec.grid[best]:g} z {z:+.2f}, curve {np.round(curve, 3).tolist()}")
+
+    return rule
+
+
+# -- fixed rules -----------------------------------------------------------------------------------------------
+def fixed(lam: float) -> Criterion:
+    return lambda rec, family: Choice(lam)
+
+
+def lam0_rule(folds: Optional[int] = 1, decades: float = 0.0) -> Criterion:
+    """lam0 (the held-out likelihood's minimiser, over ``folds`` folds) times 10**decades, within the grid."""
+
+    def rule(rec: Record, family: str) -> Choice:
+        use = list(range(len(rec.folds) if folds is None else min(folds, len(rec.folds))))
+        j0 = lam0_index(rec, family, use)
+        target = math.log10(rec.grid[j0]) + decades
+        j = min(range(len(rec.grid)), key=lambda i: (abs(math.log10(rec.grid[i]) - target), i))
+        return Choice(rec.grid[j], note=f"lam0 {rec.grid[j0]:g}")
+
+    return rule
+
+
+# -- scores that need no choice ----------------------------------------------------------------------------
+def mean_standardised(level: str = "image", span: str = "grid", log: bool = False) -> Criterion:
+    """The mean over lam_rel of standardised scores: each lam_rel's scores minus the clean held-out images' mean,
+    over their standard deviation (pooled over every fold), averaged over the grid (span "grid") or over the
+    window at or above lam0 ("window"). level "image": image scores (largest patch score) are standardised and
+    averaged; "patch": patch scores, standardised by the clean held-out patches, averaged, then the largest
+    patch. ``log``: of log scores."""
+
+    def rule(rec: Record, family: str) -> Choice:
+        use = list(range(len(rec.folds)))
+        js = window(rec, family, use) if span == "window" else list(range(len(rec.grid)))
+        f = np.log if log else (lambda a: a)
+        clean = np.concatenate([rec.folds[i][f"clean_{family}"] for i in use])  # (H', P, L)
+        test = rec.test_maps[family]
+        if level == "image":
+            c, t = f(clean.max(axis=1)[:, js]), f(test.max(axis=1)[:, js])
+            return Choice(None, ((t - c.mean(0)) / c.std(0)).mean(axis=1))
+        c = f(np.maximum(clean[:, :, js], 1e-30)).reshape(-1, len(js))
+        t = f(np.maximum(test[:, :, js], 1e-30))
+        return Choice(None, ((t - c.mean(0)) / c.std(0)).mean(axis=2).max(axis=1))
+
+    return rule
