@@ -42,10 +42,21 @@ import lam_criteria_rules as lr  # noqa: E402
 import lam_criteria_sets as ls  # noqa: E402
 
 from crd_fast.choices import DEFAULT_LAM_GRID, DEFAULT_LAM_REL  # noqa: E402
+from crd_fast.core.lam_selection import paired_auroc_difference  # noqa: E402
 from crd_fast.io.atomic import atomic_write  # noqa: E402
 
 ALL_SETS = ("poly", "poly-weak", "poly-dark", "poly-bright", "poly-first", "poly-last") + ls.SYNTHETIC
 TOLERANCE = 0.005  # the oracle gap a criterion must stay within
+#: The criteria shown per run in the markdown table (every criterion is in the JSON and the summary).
+SHOWN = (
+    "default 0.01",
+    "lam0",
+    "detector: x4, 1 fold, 1 SE",
+    "x4+like2 pooled, 1 fold, 1 SE, settle 1 SE toward lam0",
+    "x4, all folds, 1 SE",
+    "like2, all folds, 1 SE",
+    "mean standardised image score, window",
+)
 
 
 def criteria() -> dict[str, lr.Criterion]:
@@ -71,6 +82,26 @@ def criteria() -> dict[str, lr.Criterion]:
         for subset in ("lowfreq", "highfreq"):
             out[f"{design} {subset}, all folds, 1 SE"] = lr.pseudo_rule(design, None, 1.0, lr.SUBSETS[subset])
             out[f"{design} {subset}, all folds, best"] = lr.pseudo_rule(design, None, -np.inf, lr.SUBSETS[subset])
+    for design, label in (("x4", "x4"), ("like2", "like2"), (("x4", "like2"), "x4+like2 pooled")):
+        for folds, fl in ((1, "1 fold"), (None, "all folds")):
+            if label.endswith("pooled"):
+                out[f"{label}, {fl}, 1 SE"] = lr.pseudo_rule(design, folds, 1.0)
+            out[f"{label}, {fl}, 1 SE, settle 1 SE toward lam0"] = lr.pseudo_rule(design, folds, 1.0, settle=1.0)
+            out[f"{label}, {fl}, 1 SE, default 0.01 even below lam0"] = lr.pseudo_rule(
+                design, folds, 1.0, default="fixed"
+            )
+            out[f"{label}, {fl}, 1 SE, whole grid, default 0.01, settle 1 SE"] = lr.pseudo_rule(
+                design, folds, 1.0, in_window=False, settle=1.0, default="fixed"
+            )
+            out[f"{label}, {fl}, 1 SE, default lam0"] = lr.pseudo_rule(design, folds, 1.0, default="lam0")
+            out[f"{label}, {fl}, 2 SE, default lam0"] = lr.pseudo_rule(design, folds, 2.0, default="lam0")
+    likes = ("like0.5", "like1", "like2")
+    out["like0.5+1+2 pooled, all folds, 1 SE"] = lr.pseudo_rule(likes, None, 1.0)
+    out["like0.5+1+2 pooled, all folds, best"] = lr.pseudo_rule(likes, None, -np.inf)
+    out["x4+like1 pooled, all folds, 1 SE"] = lr.pseudo_rule(("x4", "like1"), None, 1.0)
+    for target in (0.8, 0.85, 0.9):
+        out[f"like strength at AUROC {target:g}, all folds, 1 SE"] = lr.adaptive_rule(likes, target)
+        out[f"like strength at AUROC {target:g}, all folds, best"] = lr.adaptive_rule(likes, target, None, -np.inf)
     for level in ("image", "patch"):
         for span in ("grid", "window"):
             for log in (False, True):
@@ -157,36 +188,86 @@ def judge(rec: lr.Record, rules: dict[str, lr.Criterion]) -> dict:
             "test_curve": curve.tolist(),
             "oracle": {"lam": rec.grid[best], "auroc": float(curve[best])},
             "criteria": {},
+            "notes": {},
         }
+        # how each pseudo-defect design's curve (every fold) tracks the test curve: Pearson over the grid
+        fam["pseudo_curves"] = {}
+        use = list(range(len(rec.folds)))
+        for design in ls.DESIGNS:
+            pc = lr.pseudo_curve(rec, family, design, use)
+            track = float(np.corrcoef(pc, curve)[0, 1]) if np.nanstd(pc) > 0 and curve.std() > 0 else float("nan")
+            fam["pseudo_curves"][design] = {"curve": pc.tolist(), "tracking": track, "kinds": {}}
+            for kind in ls.DESIGNS[design][0]:  # each kind's own curve against the same clean images
+                kc = lr.pseudo_curve(rec, family, design, use, (kind,))
+                fam["pseudo_curves"][design]["kinds"][kind] = kc.tolist()
+        oracle_scores = rec.test_scores(family)[:, best]
         for name, rule in rules.items():
             choice = rule(rec, family)
-            auc = float(curve[rec.index(choice.lam)]) if choice.lam is not None else rec.auroc(choice.scores)
-            fam["criteria"][name] = {"lam": choice.lam, "auroc": auc, "note": choice.note}
+            scores = choice.scores if choice.lam is None else rec.test_scores(family)[:, rec.index(choice.lam)]
+            # the gap's paired standard error on the test images (DeLong): how much of it the test set can tell
+            gap = paired_auroc_difference(oracle_scores, scores, rec.labels)
+            # [lam_rel (None: a score of its own), test image AUROC, the gap's paired standard error]
+            fam["criteria"][name] = [choice.lam, gap["auroc_b"], gap["standard_error"]]
+            if name in SHOWN:  # what the rule saw (its pseudo-defect curve, the evidence), for the table's rows
+                fam["notes"][name] = choice.note
         out["families"][family] = fam
     return out
+
+
+def oracle_margins(judged: list[dict]) -> dict:
+    """How far the oracle itself (best lam_rel on the test labels, chosen family) is above PaDiM's rule: where it
+    is below, no choice of lam_rel reaches PaDiM's rule."""
+    margins = {
+        f"{r['backbone']} / {r['set']}": r["families"][r["spatial"]]["oracle"]["auroc"] - r["padim"] for r in judged
+    }
+    return {"below_padim": {k: v for k, v in margins.items() if v < 0}, "worst": min(margins.values())}
 
 
 def summarise(judged: list[dict], names) -> dict:
     """Per criterion: worst and mean oracle gap and worst margin over PaDiM's rule, on the chosen family."""
     out = {}
     for name in names:
-        gaps, margins, worst_at = [], [], None
+        gaps, margins, worst_at, worst_se = [], [], None, None
         for r in judged:
             fam = r["families"][r["spatial"]]
-            auc = fam["criteria"][name]["auroc"]
+            auc = fam["criteria"][name][1]
             gap = fam["oracle"]["auroc"] - auc
             if not gaps or gap > max(gaps):
                 worst_at = f"{r['backbone']} / {r['set']}"
+                worst_se = fam["criteria"][name][2]
             gaps.append(gap)
             margins.append(auc - r["padim"])
         out[name] = {
             "worst_gap": max(gaps),
             "worst_at": worst_at,
+            "worst_gap_se": worst_se,
             "mean_gap": float(np.mean(gaps)),
             "within_tolerance": int(sum(g <= TOLERANCE for g in gaps)),
             "worst_margin_over_padim": min(margins),
             "below_padim": int(sum(m < 0 for m in margins)),
             "runs": len(gaps),
+        }
+    return out
+
+
+def _gap(r: dict, name: str) -> float:
+    fam = r["families"][r["spatial"]]
+    return fam["oracle"]["auroc"] - fam["criteria"][name][1]
+
+
+def held_out_selection(judged: list[dict], names, group) -> dict:
+    """How choosing the criterion by its worst case generalises: for each group of runs (``group(run)``), the
+    criterion with the smallest worst gap on the OTHER groups (ties: the smaller mean gap), and its worst gap on
+    the group left out."""
+    out = {}
+    for g in sorted({group(r) for r in judged}):
+        rest = [r for r in judged if group(r) != g]
+        held = [r for r in judged if group(r) == g]
+        pick = min(names, key=lambda n: (max(_gap(r, n) for r in rest), np.mean([_gap(r, n) for r in rest])))
+        out[g] = {
+            "chosen": pick,
+            "worst_gap_elsewhere": max(_gap(r, pick) for r in rest),
+            "worst_gap_here": max(_gap(r, pick) for r in held),
         }
     return out
 
@@ -202,6 +283,13 @@ def main(argv=None) -> None:
         "grid": list(DEFAULT_LAM_GRID),
         "folds": args.folds,
         "tolerance": TOLERANCE,
+        "about": (
+            "runs[i].families[global|local]: test_curve (test image AUROC per grid lam_rel), oracle, pseudo_curves "
+            "(per design: mean held-out AUROC per lam_rel over every fold, Pearson tracking of the test curve, per "
+            "kind), criteria[name] = [lam_rel or null for a score of its own, test image AUROC, paired DeLong "
+            "standard error of the gap to the oracle], notes (the shown criteria's evidence). spatial: the "
+            "detector's held-out likelihood choice (fold 0), judged family. summary: over runs, on that family."
+        ),
     }
     for key in args.backbones:
         for name in args.sets:
@@ -212,6 +300,15 @@ def main(argv=None) -> None:
             results["runs"] = judged
             results["summary"] = summarise(judged, rules)
             write_json(args.out, results)
+    if judged:
+        results["oracle_against_padim"] = oracle_margins(judged)
+        results["held_out_selection"] = {
+            "by backbone": held_out_selection(judged, list(rules), lambda r: r["backbone"]),
+            "by set (poly cells or generated)": held_out_selection(
+                judged, list(rules), lambda r: "generated" if r["set"] in ls.SYNTHETIC else "poly"
+            ),
+        }
+        write_json(args.out, results)
     if args.measure_only:
         return
     text = tables(results)
@@ -220,10 +317,20 @@ def main(argv=None) -> None:
         args.markdown.write_text(text)
 
 
+def _rounded(x):
+    if isinstance(x, float):
+        return round(x, 5)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v) for v in x]
+    return x
+
+
 def write_json(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(results, indent=1, default=float))
+        tmp.write_text(json.dumps(_rounded(json.loads(json.dumps(results, default=float))), separators=(",", ":")))
 
 
 def tables(results: dict, shown=None) -> str:
@@ -238,16 +345,15 @@ def tables(results: dict, shown=None) -> str:
             f"| {name} | {s['worst_gap']:.3f} ({s['worst_at']}) | {s['mean_gap']:.3f} | "
             f"{s['within_tolerance']}/{s['runs']} | {s['worst_margin_over_padim']:+.3f} | {s['below_padim']} |"
         )
-    shown = shown or ["default 0.01", "lam0", "detector: x4, 1 fold, 1 SE", "x4, all folds, 1 SE"]
+    shown = shown or SHOWN
     lines += ["", "| backbone / set (family) | oracle | PaDiM | " + " | ".join(shown) + " |"]
     lines.append("|---|---:|---:|" + "---:|" * len(shown))
     for r in results["runs"]:
         fam = r["families"][r["spatial"]]
         cells = []
         for name in shown:
-            c = fam["criteria"][name]
-            lam = "score" if c["lam"] is None else f"{c['lam']:g}"
-            cells.append(f"{c['auroc']:.3f} ({lam})")
+            lam, auc, _ = fam["criteria"][name]
+            cells.append(f"{auc:.3f} ({'score' if lam is None else f'{lam:g}'})")
         lines.append(
             f"| {r['backbone']} / {r['set']} ({r['spatial']}) | {fam['oracle']['auroc']:.3f} "
             f"({fam['oracle']['lam']:g}) | {r['padim']:.3f} | " + " | ".join(cells) + " |"

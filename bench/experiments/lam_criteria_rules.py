@@ -100,60 +100,123 @@ def no_evidence_index(rec: Record, family: str, folds: Sequence[int]) -> int:
 
 
 # -- pseudo-defect evidence -----------------------------------------------------------------------------------
-def _fold_scores(rec: Record, fold: int, design: str, family: str, kinds: Optional[tuple[str, ...]], j: int):
+def _fold_scores(rec: Record, fold: int, design, family: str, kinds: Optional[tuple[str, ...]], j: int):
+    """Image scores of one fold's clean held-out images and pseudo-defect images (``design``: a design, or a
+    tuple of designs pooled), with labels (1 = pseudo-defect)."""
     clean = rec.folds[fold][f"clean_{family}"].max(axis=1)[:, j]
-    pseudo = rec.folds[fold][f"pseudo_{design}_{family}"][:, j]
-    if kinds is not None:
-        pseudo = pseudo[np.isin(rec.folds[fold][f"kinds_{design}"], kinds)]
+    pseudo = []
+    for d in (design,) if isinstance(design, str) else design:
+        p = rec.folds[fold][f"pseudo_{d}_{family}"][:, j]
+        pseudo.append(p if kinds is None else p[np.isin(rec.folds[fold][f"kinds_{d}"], kinds)])
+    pseudo = np.concatenate(pseudo)
     labels = np.r_[np.zeros(len(clean)), np.ones(len(pseudo))]
     return np.r_[clean, pseudo], labels
 
 
 def pseudo_curve(rec: Record, family: str, design: str, folds: Sequence[int], kinds=None) -> np.ndarray:
     """(L,) pseudo-defect image AUROC, the mean over the folds (each fold's rest model ranks its own images)."""
+    key = ("pseudo_curve", family, design, tuple(folds), kinds)
+    if key not in rec._cache:
+        rec._cache[key] = _pseudo_curve(rec, family, design, folds, kinds)
+    return rec._cache[key]
+
+
+def _pseudo_curve(rec: Record, family: str, design, folds: Sequence[int], kinds) -> np.ndarray:
     out = np.zeros(len(rec.grid))
     for j in range(len(rec.grid)):
+        values = []
         for f in folds:
             scores, labels = _fold_scores(rec, f, design, family, kinds, j)
-            out[j] += image_auroc(labels, scores) / len(folds)
+            if labels.any():  # a fold of a few images may lack a kind
+                values.append(image_auroc(labels, scores))
+        out[j] = np.mean(values) if values else np.nan
     return out
 
 
 def pseudo_evidence(rec: Record, family: str, design: str, folds: Sequence[int], a: int, b: int, kinds=None):
     """Pooled over folds: mean AUROC difference (a - b), its standard error (DeLong per fold, folds independent)
     and z."""
+    key = ("evidence", family, design, tuple(folds), a, b, kinds)
+    if key not in rec._cache:
+        rec._cache[key] = _pseudo_evidence(rec, family, design, folds, a, b, kinds)
+    return rec._cache[key]
+
+
+def _pseudo_evidence(rec: Record, family: str, design, folds: Sequence[int], a: int, b: int, kinds):
     diffs, variances = [], []
     for f in folds:
         sa, labels = _fold_scores(rec, f, design, family, kinds, a)
         sb, _ = _fold_scores(rec, f, design, family, kinds, b)
+        if not labels.any():
+            continue
         d = paired_auroc_difference(sa, sb, labels)
         diffs.append(d["difference"])
         variances.append(d["standard_error"] ** 2)
     diff = float(np.mean(diffs))
-    se = math.sqrt(sum(variances)) / len(folds)
+    se = math.sqrt(sum(variances)) / len(diffs)
     z = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else 0.0)
     return diff, se, z
 
 
 def pseudo_rule(
-    design: str, folds: Optional[int] = 1, z_needed: float = 1.0, kinds=None, in_window: bool = True
+    design,
+    folds: Optional[int] = 1,
+    z_needed: float = 1.0,
+    kinds=None,
+    in_window: bool = True,
+    settle: Optional[float] = None,
+    default: str = "detector",
 ) -> Criterion:
     """The pseudo-defects' best lam_rel (mean image AUROC over ``folds`` held-out folds; None: every fold; ties to
     the smaller lam_rel) in the window at or above lam0 (or the whole grid), taken when it beats the default
-    (DEFAULT_LAM_REL, not below lam0) by more than ``z_needed`` pooled standard errors. design "x4", folds 1,
-    z 1, window: the detector's rule."""
+    by more than ``z_needed`` pooled standard errors. ``default``: "detector" (DEFAULT_LAM_REL, not below lam0,
+    ``no_evidence_lam``), "fixed" (DEFAULT_LAM_REL) or "lam0". design "x4", folds 1, z 1, window, default
+    "detector": the detector's rule.
+
+    ``settle``: once the default is left, take the smallest lam_rel of the window (the nearest lam0, the better
+    model of normal patches) whose pseudo-defect AUROC is within ``settle`` standard errors of the best's (the
+    one-standard-error rule of model selection), not the best itself."""
 
     def rule(rec: Record, family: str) -> Choice:
         use = list(range(len(rec.folds) if folds is None else min(folds, len(rec.folds))))
         cand = window(rec, family, use) if in_window else list(range(len(rec.grid)))
         curve = pseudo_curve(rec, family, design, use, kinds)
         best = min(j for j in cand if curve[j] >= curve[cand].max() - 1e-9)  # ties to the smaller lam_rel
-        default = no_evidence_index(rec, family, use)
-        if best == default:
-            return Choice(rec.grid[best], note=f"best = default, curve {np.round(curve, 3).tolist()}")
-        diff, se, z = pseudo_evidence(rec, family, design, use, best, default, kinds)
-        j = best if z > z_needed else default
-        return Choice(rec.grid[j], note=f"best {rec.grid[best]:g} z {z:+.2f}, curve {np.round(curve, 3).tolist()}")
+        start = {
+            "detector": lambda: no_evidence_index(rec, family, use),
+            "fixed": lambda: rec.index(DEFAULT_LAM_REL),
+            "lam0": lambda: lam0_index(rec, family, use),
+        }[default]()
+        note = f"curve {np.round(curve, 3).tolist()}"
+        if best == start:
+            return Choice(rec.grid[best], note=f"best = default, {note}")
+        diff, se, z = pseudo_evidence(rec, family, design, use, best, start, kinds)
+        if z <= z_needed:
+            return Choice(rec.grid[start], note=f"best {rec.grid[best]:g} z {z:+.2f}, {note}")
+        j = best
+        if settle is not None:
+            for i in (i for i in cand if i < best):
+                d, e, _ = pseudo_evidence(rec, family, design, use, best, i, kinds)
+                if d <= settle * e:
+                    j = i
+                    break
+        return Choice(rec.grid[j], note=f"best {rec.grid[best]:g} z {z:+.2f}, settled {rec.grid[j]:g}, {note}")
+
+    return rule
+
+
+def adaptive_rule(designs: Sequence[str], target: float, folds: Optional[int] = None, z_needed: float = 1.0):
+    """Pseudo-defects calibrated to a difficulty: of ``designs`` (one kind set at several strengths), the one whose
+    image AUROC at the default lam_rel is nearest ``target`` (neither found by every lam nor by none), then
+    :func:`pseudo_rule` with it."""
+
+    def rule(rec: Record, family: str) -> Choice:
+        use = list(range(len(rec.folds) if folds is None else min(folds, len(rec.folds))))
+        j = no_evidence_index(rec, family, use)
+        level = {d: pseudo_curve(rec, family, d, use)[j] for d in designs}
+        design = min(designs, key=lambda d: abs(level[d] - target))
+        choice = pseudo_rule(design, folds, z_needed)(rec, family)
+        return Choice(choice.lam, note=f"{design} (AUROC {level[design]:.3f} at the default); {choice.note}")
 
     return rule
 
