@@ -169,7 +169,7 @@ def test_table_gives_ratios_to_the_fused_head_and_shares_of_the_whole() -> None:
     assert "CRD head, concat embedding, d=1536, 8 query images, NN bank of 156,800 patches" in table
     assert "patchcore" not in table  # only what was measured
     assert "max relative difference 3.00e-07" in table
-    assert "target" not in table.lower()  # the project's targets live in bench/targets.py, not in the package
+    assert "target" not in table.lower()  # the project's targets live in bench/suites/targets.py, not in the package
 
 
 def test_config_rounds_and_parts() -> None:

@@ -54,7 +54,7 @@ ALLOW_REFERENCE_ENV = "CRD_BENCH_ALLOW_REFERENCE"
 def require_fused_cpu_pass() -> None:
     """Refuse to time a crd_fast whose compiled fused CPU pass is missing, unless ALLOW_REFERENCE_ENV is 1.
 
-    A source checkout on ``sys.path`` (``python -m pytest bench/...`` from the repository root puts it first)
+    A source checkout on ``sys.path`` (``python -m pytest bench/suites`` from the repository root puts it first)
     shadows the installed, compiled package: its head then runs the pure-torch fallback, several times slower,
     and every figure would misstate crd-fast's speed without anything failing.
     """
@@ -67,7 +67,8 @@ def require_fused_cpu_pass() -> None:
     raise RuntimeError(
         f"crd_fast imported from {os.path.dirname(crd_fast.__file__)} has no compiled fused CPU pass, so a benchmark "
         "would time the pure-torch fallback: install the package (pip install .) and run from a directory where "
-        f"the source tree does not shadow it (e.g. cd bench), or set {ALLOW_REFERENCE_ENV}=1 to time the fallback"
+        f"the source tree does not shadow it (e.g. cd bench/suites), or set {ALLOW_REFERENCE_ENV}=1 to time the "
+        "fallback"
     )
 
 

@@ -1,21 +1,22 @@
 """How strong pseudo-defects must be to choose lam_rel: their image AUROC over lam beside the test set's.
 
-On bench/quality.py's cached features of the elpv poly cells (run `python bench/quality.py --features-only`
-first): the model is fitted on the first N - 40 training cells (local CRD a 0.5, k 32, Frequent Directions sketch
-64, and the global CRD); the last 40 are the clean held-out cells, and pseudo-defect versions of them
-(crd_fast/synthetic/pseudo.py, the kinds in turn, other training cells as cut-and-paste donors) are painted at
-each strength with two seeded draws and embedded by the same backbone. Each row: one family and lam_rel; test
-image AUROC (max patch score) and the pseudo-defects' image AUROC against the clean held-out cells, per strength
-(mean of the draws). The detector uses strength crd_fast/detector/selection.py PSEUDO_STRENGTH
-(docs/DESIGN.md "Label-free lam").
+On bench/experiments/quality.py's cached features of the elpv poly cells
+(run `python bench/experiments/quality.py --features-only` first): the model is fitted on the first N - 40 training
+cells (local CRD a 0.5, k 32, Frequent Directions sketch 64, and the global CRD); the last 40 are the clean held-out
+cells, and pseudo-defect versions of them (crd_fast/synthetic/pseudo.py, the kinds in turn, other training cells
+as cut-and-paste donors) are painted at each strength with two seeded draws and embedded by the same backbone.
+Each row: one family and lam_rel; test image AUROC (max patch score) and the pseudo-defects' image AUROC against
+the clean held-out cells, per strength (mean of the draws). The detector uses strength
+crd_fast/detector/selection.py PSEUDO_STRENGTH (docs/DESIGN.md "Label-free lam").
 
-    python bench/pseudo_strength.py --backbone wrn50_random
-    python bench/pseudo_strength.py --backbone vgg16_hed --strengths 1 2 4
+    python bench/experiments/pseudo_strength.py --backbone wrn50_random
+    python bench/experiments/pseudo_strength.py --backbone vgg16_hed --strengths 1 2 4
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,16 @@ def main() -> None:
     p.add_argument("--backbone", choices=sorted(BACKBONES), default="wrn50_random")
     p.add_argument("--strengths", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[11, 12], help="pseudo-defect draws per strength")
-    p.add_argument("--cache", type=Path, default=Path("/tmp/crd_quality_cache"))
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "crd_quality_cache")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     split = argparse.Namespace(seed=0, n_train=200, n_held_out=40, n_test_good=100, n_test_bad=100)
     cache = args.cache / f"{args.backbone}_elpv_s0_n200_100_100_px160-160_h40.npz"
     if not cache.is_file():
-        raise SystemExit(f"no cached features at {cache}: run `python bench/quality.py --features-only` first")
+        raise SystemExit(
+            f"no cached features at {cache}: run `python bench/experiments/quality.py --features-only` first"
+        )
     train_imgs, _, _ = elpv_images(split)
     backbone, layers, weights = BACKBONES[args.backbone]
     mean, std = input_normalisation(weights)

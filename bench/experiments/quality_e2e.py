@@ -1,9 +1,9 @@
-"""bench/quality.py's end-to-end rows: methods that run on the images, not on the cached features.
+"""quality.py's end-to-end rows: methods that run on the images, not on the cached features.
 
 - ``detector_rows``: crd-fast's own CRDDetector, fitted on the training images and predicting the test
   images (its preprocessing, backbone, label-free selection, head and anomaly maps), with lam_rel="auto" and
   spatial="auto";
-- ``anomalib_rows``: anomalib 2.7's Padim and Patchcore, run by bench/quality_anomalib.py in anomalib's own
+- ``anomalib_rows``: anomalib 2.7's Padim and Patchcore, run by quality_anomalib.py here in anomalib's own
   environment (a subprocess with ``--anomalib-python``; anomalib is never imported here), on the same
   normalised tensors the cached features were extracted from and the same seeded random wide_resnet50_2.
 

@@ -1,7 +1,7 @@
 """The fit's batch scatter: BLAS's symmetric rank-k update (``scatter_of``) against the plain float64 product,
 and the batch's NaN/Inf check (``all_finite``) against ``isfinite().all()``.
 
-    pytest bench/bench_scatter.py -s --benchmark-columns=min,median,rounds
+    python -m pytest bench/suites/bench_scatter.py -s --benchmark-columns=min,median,rounds
 
 One batch of 8 wide_resnet50_2 images at 224 px as the fit sees it: 6272 centred patches of d = 1536, float64;
 both paths timed round-robin, 5 rounds. Prints the ratio (docs/DESIGN.md "Statistics and merging").

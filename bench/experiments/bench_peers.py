@@ -1,7 +1,7 @@
 """crd-fast against anomalib 2.7 PaDiM and PatchCore: predict images/s and fit seconds, one run, round-robin.
 
-    python bench/bench_peers.py --anomalib-python /work/venv-anomalib/bin/python [--train 64 --test 32]
-    python bench/bench_peers.py --train 200 --test 16 --anomalib-python ...   # the users' case, ~35 min on 2 cores
+    python bench/experiments/bench_peers.py --anomalib-python ANOMALIB_VENV/bin/python [--train 64 --test 32]
+    python bench/experiments/bench_peers.py --train 200 --test 16 --anomalib-python ...   # the users' case, ~35 min
 
 The training set size matters to the predict comparison: PatchCore searches a bank of 10% of the training
 patches (1,254 with 16 images, 15,680 with 200), so its predict slows as users add images and CRD's does not.
@@ -390,7 +390,7 @@ def _fit_only(args: argparse.Namespace, argv: Any, owner: dict[str, "Worker"], l
     crd = [n for n in names if n.startswith("crd")]
     best = min(crd, key=fit_s.get)
     result = {
-        "command": "python bench/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/experiments/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(),
         "sizes": {"train": args.train, "batch": BATCH, "crop": CROP},
         "fit_s": fit_s,
@@ -410,11 +410,14 @@ def _fit_only(args: argparse.Namespace, argv: Any, owner: dict[str, "Worker"], l
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--anomalib-python", default="/work/venv-anomalib/bin/python")
+    ap.add_argument(
+        "--anomalib-python",
+        help="the interpreter of an environment with anomalib 2.7 (e.g. ANOMALIB_VENV/bin/python); required",
+    )
     ap.add_argument("--train", type=int, default=64)
     ap.add_argument("--test", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default="/tmp/crd_bench_peers.json")
+    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "crd_bench_peers.json"))
     ap.add_argument(
         "--fit-only",
         action="store_true",
@@ -435,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         worker(args.worker, args.data, args.weights)
         return {}
+    if not args.anomalib_python:
+        ap.error("--anomalib-python is required: the interpreter of an environment with anomalib 2.7")
     from crd_fast.benchmark.machine import machine_info
     from crd_fast.core.precision import cpu_flags, resolve_precision
     from crd_fast.evaluation.metrics import image_auroc
@@ -477,7 +482,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     best_crd = max(crd, key=ips.get)
     best_fit = min(crd_torch, key=fit_s.get)
     result = {
-        "command": "python bench/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/experiments/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(),
         "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))),
         "auto": resolve_precision("auto", "cpu").describe(),

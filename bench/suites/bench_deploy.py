@@ -1,9 +1,9 @@
 """Deployment benchmark: onnxruntime (CPU) vs eager torch, model file sizes, and head-variant score errors.
 
     # full run (wide_resnet50_2, 224 px, batch 8):
-    python -m pytest bench/bench_deploy.py -s --benchmark-columns=mean,stddev,rounds
+    python -m pytest bench/suites/bench_deploy.py -s --benchmark-columns=mean,stddev,rounds
     # short check run (resnet18, 112 px):
-    CRD_BENCH_QUICK=1 python -m pytest bench/bench_deploy.py -s --benchmark-columns=mean,rounds
+    CRD_BENCH_QUICK=1 python -m pytest bench/suites/bench_deploy.py -s --benchmark-columns=mean,rounds
 
 Backbone weights are seeded random (no network here): throughput and sizes do not depend on them, and
 the score errors are measured on the features they give. Compare ratios, not absolute times.

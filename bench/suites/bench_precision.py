@@ -1,6 +1,6 @@
 """Detector end to end per compute precision, its AUROC cost, and the head's FLOP rate against the backbone's.
 
-    python -m pytest bench/bench_precision.py -s --benchmark-columns=min,median,rounds
+    python -m pytest bench/suites/bench_precision.py -s --benchmark-columns=min,median,rounds
 
 One run, on generated demo data (crd_fast.synthetic, category ``fabric``): a wide_resnet50_2 detector with
 seeded random weights (layer2 + layer3, 224 px, batch 8) per path:
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ N_DEFECT = int(os.environ.get("CRD_PREC_TEST_DEFECT", "16"))
 ROUNDS = int(os.environ.get("CRD_PREC_ROUNDS", "3"))
 BATCH, CROP, BACKBONE = 8, 224, "wide_resnet50_2"
 PATHS = ("fp32-contig", "fp32", "bf16")
-RESULTS_JSON = Path(os.environ.get("CRD_PREC_JSON", "/tmp/crd_bench_precision.json"))
+RESULTS_JSON = Path(os.environ.get("CRD_PREC_JSON", Path(tempfile.gettempdir()) / "crd_bench_precision.json"))
 
 
 def conv_flops(extractor: nn.Module, x: torch.Tensor) -> float:

@@ -1,7 +1,7 @@
 """Distributed fit throughput with 1 and 2 processes (torchrun, gloo, this machine), and the bytes each
 rank sends when the statistics are combined.
 
-    cd bench && ../.venv/bin/python -m pytest bench_distributed.py --benchmark-only -s
+    cd bench/suites && python -m pytest bench_distributed.py --benchmark-only -s
     CRD_BENCH_DIST_SCALE=4 ...   # more data (default 1: a short run)
 
 Each case launches ``torchrun --nproc-per-node W`` running this file as the worker. The workers time

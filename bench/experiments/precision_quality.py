@@ -1,13 +1,13 @@
 """bf16 and int8 ONNX against float32 on the development set and the generated categories: AUROC, maps, speed.
 
     pip install elpv-dataset        # the development set (or: pip install crd-fast[quality])
-    python bench/precision_quality.py --out /tmp/precision_quality.json
+    python bench/experiments/precision_quality.py --out precision_quality.json
 
 What the precisions cost in detection quality, on real parts and on more generated test images than
-bench/precision.py's 24. Data (bench/quality_data.py): the elpv polycrystalline cells, the seeded split
-(200 training, 100 good + 100 defective test cells, 160 px, no crop), and the generated categories
+bench/suites/bench_precision.py's 24. Data (quality_data.py here): the elpv polycrystalline cells, the seeded
+split (200 training, 100 good + 100 defective test cells, 160 px, no crop), and the generated categories
 (crd_fast.synthetic: 30 training, --synthetic-good good + --synthetic-defect defective test images each,
-resize 183, crop 160 as bench/quality.py). One detector configuration: wide_resnet50_2 with seeded random
+resize 183, crop 160 as quality.py here). One detector configuration: wide_resnet50_2 with seeded random
 weights, layer2 + layer3, lam_rel 0.01 given explicitly (and spatial="global" where the detector has that
 option), so only the precision differs. Per data set:
 
@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="skip the int8 export that keeps the float32-fitted head (refit_head=False; scored, not timed)",
     )
-    p.add_argument("--out", type=Path, default=Path("/tmp/crd_precision_quality.json"))
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "crd_precision_quality.json")
     return p.parse_args(argv)
 
 
@@ -289,7 +289,7 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     require_fused_cpu_pass()
     results: dict[str, Any] = {
-        "command": "python bench/precision_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python bench/experiments/precision_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "machine": machine_info(),
         "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))),

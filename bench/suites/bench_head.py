@@ -1,6 +1,6 @@
 """Head benchmark: fused CRD head vs the unfused float32 reference vs exact nearest-neighbour search.
 
-    cd bench && python -m pytest bench_head.py -s --benchmark-columns=min,median,rounds
+    cd bench/suites && python -m pytest bench_head.py -s --benchmark-columns=min,median,rounds
 
 All paths score the SAME 8 query images (random wide_resnet50_2-shaped feature maps, layer2 512 x 28 x 28
 and layer3 1024 x 14 x 14): the CRD paths from the feature maps with the scorer's float32 M_pre; the NN

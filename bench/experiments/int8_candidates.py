@@ -1,6 +1,6 @@
 """int8 export candidates side by side: image AUROC against float32 ONNX, pairs flipped, speed ratio.
 
-    OMP_NUM_THREADS=1 python bench/int8_candidates.py --sets cap fabric stone elpv \
+    OMP_NUM_THREADS=1 python bench/experiments/int8_candidates.py --sets cap fabric stone elpv \
         --candidates minmax percentile entropy symmetric per_tensor all_minmax all_percentile percentile_last_blocks
 
 Per data set, the fp32 detector (wide_resnet50_2 with seeded random weights, layer2 + layer3, lam_rel 0.01,
@@ -136,11 +136,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sets", nargs="+", default=["cap"], help="elpv and/or generated categories (fabric, stone, cap)")
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
-    p.add_argument("--out", type=Path, default=Path("/tmp/crd_int8_candidates.json"))
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "crd_int8_candidates.json")
     args = p.parse_args(argv)
     require_fused_cpu_pass()
     results: dict[str, Any] = {
-        "command": "python bench/int8_candidates.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python bench/experiments/int8_candidates.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine_info(),
         "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))),
     }

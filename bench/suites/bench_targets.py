@@ -1,6 +1,6 @@
 """The targets' arithmetic on made-up timings (no timing here): ratios, verdicts and the caveats of quick runs.
 
-cd bench && python -m pytest bench_targets.py
+cd bench/suites && python -m pytest bench_targets.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """int8 ONNX against float32 ONNX: images/s (onnxruntime, CPU) and the AUROC cost, one run.
 
-    python -m pytest bench/bench_int8.py -s --benchmark-columns=min,median,rounds
+    python -m pytest bench/suites/bench_int8.py -s --benchmark-columns=min,median,rounds
 
 A wide_resnet50_2 detector (seeded random weights, layer2 + layer3, 224 px) is fitted on generated demo
 images (crd_fast.synthetic, ``fabric``), exported to float32 ONNX and to int8 ONNX (backbone statically
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ N_GOOD = int(os.environ.get("CRD_INT8_TEST_GOOD", "8"))
 N_DEFECT = int(os.environ.get("CRD_INT8_TEST_DEFECT", "16"))
 ROUNDS = int(os.environ.get("CRD_INT8_ROUNDS", "3"))
 BATCH, CROP = 8, 224
-RESULTS_JSON = Path(os.environ.get("CRD_INT8_JSON", "/tmp/crd_bench_int8.json"))
+RESULTS_JSON = Path(os.environ.get("CRD_INT8_JSON", Path(tempfile.gettempdir()) / "crd_bench_int8.json"))
 
 
 @pytest.fixture(scope="module")

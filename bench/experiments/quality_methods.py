@@ -1,4 +1,4 @@
-"""The methods bench/quality.py compares, all on the same (N, P, d) patch grids; image score = max patch score.
+"""The methods quality.py compares, all on the same (N, P, d) patch grids; image score = max patch score.
 
 - CRD global: the paper's CRD (global mean and covariance), at a fixed lam_rel or the label-free choice;
 - CRD local: per-position means, per-position covariance shrunk toward the pooled one at rank k (Woodbury,

@@ -7,9 +7,9 @@ targets checked on those ratios (``targets.py`` here).
 Paths whose ratio is a target and that are cheap enough (fused vs reference; backbone vs head vs full)
 are timed round-robin inside one benchmark, so a change in the shared machine's load hits them alike.
 
-    python -m pytest bench/bench_head.py bench/bench_e2e.py bench/bench_fit.py -s \
+    python -m pytest bench/suites/bench_head.py bench/suites/bench_e2e.py bench/suites/bench_fit.py -s \
         --benchmark-columns=min,median,rounds
-    CRD_BENCH_QUICK=1 python -m pytest bench/ ...     # smaller sizes (see BenchConfig.quick)
+    CRD_BENCH_QUICK=1 python -m pytest bench/suites ...     # smaller sizes (see BenchConfig.quick)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import pytest
-from targets import format_targets  # bench/targets.py: the targets are the suites', not the package's
+from targets import format_targets  # targets.py here: the targets are the suites', not the package's
 
 from crd_fast.benchmark.config import BenchConfig
 from crd_fast.benchmark.machine import machine_info, require_fused_cpu_pass

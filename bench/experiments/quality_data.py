@@ -1,4 +1,4 @@
-"""Features for bench/quality.py: the elpv polycrystalline cells, a seeded split, pseudo-defects, cached embeddings.
+"""Features for quality.py: the elpv polycrystalline cells, a seeded split, pseudo-defects, cached embeddings.
 
 Development data: the registry package ``elpv-dataset`` (real electroluminescence images of solar cells,
 300 x 300 grayscale, each with a defect probability). Only the polycrystalline cells (type "poly") are

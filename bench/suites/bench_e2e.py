@@ -1,6 +1,6 @@
 """End to end: images/s of the whole detector vs the backbone alone, so the CRD head's share shows.
 
-    cd bench && python -m pytest bench_e2e.py -s --benchmark-columns=min,median,rounds
+    cd bench/suites && python -m pytest bench_e2e.py -s --benchmark-columns=min,median,rounds
 
 A CRDDetector (wide_resnet50_2 with seeded random weights: throughput does not depend on the values;
 224 px, batch 8) is fitted on a few random images; its ``inference_model()`` (backbone + CRD head +

@@ -5,7 +5,7 @@ position-dependent low-rank part with decaying strengths, isotropic noise), then
 largest and mean relative error of patch and image scores (``measure_local_error``, float32 compute as
 deployed) and the bytes the head file stores:
 
-    python bench/local_head_error.py --positions 49 --dim 256 --rank 32
+    python bench/experiments/local_head_error.py --positions 49 --dim 256 --rank 32
 
 The rank rows are a different model (the top-r per-position directions only), not a rounding: their error is
 what dropping directions does to these data, which have ``--true-rank`` real directions per position.

@@ -1,8 +1,8 @@
-"""anomalib 2.7 Padim and Patchcore on bench/quality.py's images, in anomalib's own environment.
+"""anomalib 2.7 Padim and Patchcore on bench/experiments/quality.py's images, in anomalib's own environment.
 
-    /work/venv-anomalib/bin/python bench/quality_anomalib.py --data DIR --out scores.json
+    ANOMALIB_VENV/bin/python bench/experiments/quality_anomalib.py --data DIR --out scores.json
 
-Run by bench/quality.py (option --anomalib-python), never imported by it: this script imports anomalib and
+Run by quality.py here (option --anomalib-python), never imported by it: this script imports anomalib and
 torch only (no crd_fast), so it runs with the anomalib environment's interpreter. DIR holds what the driver
 wrote: train.npy and test.npy, the images already resized, cropped and normalised as (N, 3, H, W) float32
 (the same tensors crd-fast's extractor sees), and backbone.safetensors, the state dict of the seeded random

@@ -5,7 +5,7 @@ explicit options (lam_rel=0.01, spatial="global": no choice) and once with the o
 selection's own seconds (pseudo-defects, their forward passes, the candidates, the merge), the whole fit's seconds
 and the choice. Example:
 
-    python bench/selection_cost.py --backbone resnet18 --images 100 --category cap
+    python bench/experiments/selection_cost.py --backbone resnet18 --images 100 --category cap
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Local CRD on cached features: image AUROC over shrinkage a, rank k and lam_rel, exact and one-pass fits.
 
-    python bench/quality.py --features-only                      # writes the feature caches (once)
-    python bench/local_sweep.py /tmp/crd_quality_cache/wrn50_random_elpv_s0_n200_100_100_px160-160_h40.npz \
+    python bench/experiments/quality.py --features-only      # writes the feature caches (once; see its --cache)
+    python bench/experiments/local_sweep.py CACHE/wrn50_random_elpv_s0_n200_100_100_px160-160_h40.npz \
         --shrinkage 0.5 0.25 --rank 32 64
 
 For each (a, k) the per-position eigenpairs come from the exact Gram fit (``local_eigenpairs_from_patches``)
@@ -24,7 +24,7 @@ CHUNK = 20
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("cache", help="a feature cache written by bench/quality.py (train, test, labels)")
+    p.add_argument("cache", help="a feature cache written by bench/experiments/quality.py (train, test, labels)")
     p.add_argument("--shrinkage", type=float, nargs="+", default=[0.5])
     p.add_argument("--rank", type=int, nargs="+", default=[32])
     p.add_argument("--lam", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2])

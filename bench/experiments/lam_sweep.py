@@ -5,7 +5,7 @@ rescores the same embeddings for every (lam_rel, center) pair: only the d x d pr
 sweep costs one backbone pass. Prints a table of image AUROC, pixel AUROC and AUPRO per setting, and
 writes it as JSON.
 
-    python bench/lam_sweep.py --backbone resnet18 --out bench/lam_sweep_resnet18.json
+    python bench/experiments/lam_sweep.py --backbone resnet18 --out bench/experiments/lam_sweep_resnet18.json
 
 The backbone is randomly initialised here (no weights can be downloaded on the development machines),
 so the figures say how the settings rank on these data, not what accuracy real ImageNet features reach.
