@@ -234,14 +234,16 @@ def test_detector_precision_against_float64(images, name):
 
     with torch.inference_mode():
         x_train = ref.preprocess.batch(train).double()
-        scorer = CRDScorer(det.scorer.lam_rel, det.scorer.center).fit(patch_matrix(embed_patches(ref64(x_train))))
+        scorer = CRDScorer(det.model.scorer.lam_rel, det.model.scorer.center).fit(
+            patch_matrix(embed_patches(ref64(x_train)))
+        )
         want = reference.crd_head(
             ref64(ref.preprocess.batch(test).double()), scorer.projection.matrix, scorer.projection.offset
         )
     got = det.predict(test, progress=False).patch_maps
     err = float(np.abs(got - want.numpy()).max() / want.abs().max())
     assert err < prec.TOLERANCE[name]["scores"]
-    assert det.scorer.statistics.mean.dtype == torch.float64  # statistics stay float64 in every precision
+    assert det.model.scorer.statistics.mean.dtype == torch.float64  # statistics stay float64 in every precision
     assert det.precision_choice.precision == name and det.config["precision"] == name
 
 

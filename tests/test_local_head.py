@@ -265,13 +265,13 @@ def test_onnx_export_of_backbone_and_local_head_matches_torch():
     import onnxruntime as ort
 
     from crd_fast.deploy import check_default_domain
-    from crd_fast.deploy.export import HeadOnlyModel, _WholeModel
+    from crd_fast.deploy.export import HeadOnlyModel, WholeModel
     from crd_fast.features import FeatureExtractor
     from crd_fast.models.anomaly_map import AnomalyMapper
 
     ext = FeatureExtractor("resnet18", ("layer2", "layer3"), "random", seed=6).eval()
     _, head = _backbone_model_and_head(ext, fused=False)
-    whole = _WholeModel(ext, head, AnomalyMapper(64)).eval()
+    whole = WholeModel(ext, head, AnomalyMapper(64)).eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():

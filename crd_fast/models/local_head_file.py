@@ -1,6 +1,6 @@
 """Head files of the position-aware ("local") CRD: what scoring needs, matrices in a storage precision.
 
-The global head file (crd_fast/deploy/precision.py, kind ``"crd_head"``) holds one projection matrix. The local
+The global head file (crd_fast/models/head_file.py, kind ``"crd_head"``) holds one projection matrix. The local
 model (crd_fast/core/local.py) scores a patch y at grid position p, in the eigenbasis of the pooled covariance
 C = U diag(s) U^T (docs/DESIGN.md "Position-aware CRD"), as
 
@@ -25,8 +25,9 @@ for them: exactly the local model fitted at rank r. The shared d x d matrix stay
 rank-r truncation of that matrix has no local counterpart and is refused.
 
 Scoring (:meth:`LocalDeployHead.score`) computes in float32 by default, the way the exported head does;
-float16 is a storage format only. :func:`measure_local_error` reports what a variant costs against the exact
-float64 model. crd_fast/deploy/head_files.py picks the kind of head file that fits a source and reads either.
+float16 is a storage format only. ``crd_fast.deploy.measure_local_error`` (crd_fast/deploy/head_errors.py) reports
+what a variant costs against the exact float64 model; crd_fast/deploy/head_files.py makes and reads head files of
+any scoring model.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ import torch
 
 from ..core.local import MAX_DIM, MAX_IMAGES, MAX_POSITIONS, LocalCRDModel
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
-from ..models.local_head import LocalCRDHead
 from ..scorers.local import LocalCRDScorer
-from .precision import PRECISIONS, check_precision, detector_info, relative_errors
+from .head_file import PRECISIONS, check_precision
+from .local_head import LocalCRDHead
 
 LOCAL_HEAD_KIND = "local_crd_head"
 _TENSORS = ("matrix", "means", "inv_b", "vectors", "inner")
@@ -173,15 +174,6 @@ class LocalDeployHead:
             raise TypeError(f"expected a fitted LocalCRDScorer, got {type(scorer).__name__}")
         return cls.from_model(scorer.model(), scorer.lam_rel, precision, rank, grid, detector, scorer.n_images)
 
-    @classmethod
-    def from_detector(cls, detector: Any, precision: str = "fp64", rank: Optional[int] = None) -> "LocalDeployHead":
-        """The head of a fitted detector that scores with the local model (``spatial_choice == "local"``)."""
-        if getattr(detector, "spatial_choice", "global") != "local" or getattr(detector, "local_scorer", None) is None:
-            raise ValueError("this detector does not score with the local (position-aware) model: use DeployHead")
-        scorer = detector.local_scorer
-        info = {**detector_info(detector), "lam_rel": scorer.lam_rel, "spatial": "local"}
-        return cls.from_scorer(scorer, precision, rank, detector=info, grid=tuple(detector.patch_grid))
-
     # ---- properties -----------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
@@ -254,6 +246,22 @@ class LocalDeployHead:
             dtype,
             self.lam,
         )
+
+    def export_head(
+        self, embedding: str, target_dim: int, layer_channels: Sequence[int], rank: Optional[int] = None
+    ) -> tuple[LocalCRDHead, dict[str, Any]]:
+        """The LocalCRDHead an ONNX export traces (pure-torch path) with exactly the stored values, and what the
+        export metadata records about it. ``rank`` has no local form: this file's own per-position rank is kept."""
+        if rank is not None:
+            raise ValueError(
+                f"rank={rank} makes the global head's rank-r W; a local head file has no such form (its own rank "
+                "keeps per-position directions: make a local head file with rank= instead)"
+            )
+        info = self.detector or {}
+        grid = tuple(info["patch_grid"]) if info.get("patch_grid") else None  # None: the file's own grid
+        head = self.head(embedding, target_dim, layer_channels, grid=grid, use_fused=False).eval()
+        facts = {"lam": self.lam, "rank": None, "error_bound": None, "spatial": "local", "local_rank": head.rank}
+        return head, {**facts, "head_matrix_precision": self.precision}
 
     # ---- files ------------------------------------------------------------------------------------------
     def save(self, path: PathLike) -> None:
@@ -404,49 +412,8 @@ class LocalDeployHead:
         )
 
 
-def measure_local_error(
-    source: Union[LocalCRDScorer, LocalCRDModel],
-    grids: torch.Tensor,
-    precision: str = "fp16",
-    rank: Optional[int] = None,
-    compute_dtype: torch.dtype = torch.float32,
-    lam_rel: Optional[float] = None,
-) -> dict[str, Any]:
-    """Score error of a local head variant (storage ``precision``, per-position ``rank``) against the exact
-    float64 local model at full rank. ``grids`` (N, P, d): an image's score is its largest patch score.
-
-    ``source``: a fitted LocalCRDScorer (its lam_rel unless ``lam_rel`` is given) or a LocalCRDModel (then
-    ``lam_rel`` is required). Returns max/mean relative errors of patch and image scores and the stored bytes.
-    """
-    if isinstance(source, LocalCRDScorer):
-        model, lam_rel = source.model(), source.lam_rel if lam_rel is None else lam_rel
-    elif isinstance(source, LocalCRDModel):
-        if lam_rel is None:
-            raise ValueError("lam_rel is required with a LocalCRDModel")
-        model = source
-    else:
-        raise TypeError(f"source must be a LocalCRDScorer or a LocalCRDModel, got {type(source).__name__}")
-    exact = model.scores(grids, lam_rel)
-    head = LocalDeployHead.from_model(model, lam_rel, precision, rank)
-    approx = head.score(grids, compute_dtype)
-    patch = relative_errors(approx, exact)
-    image = relative_errors(approx.amax(dim=1), exact.amax(dim=1))
-    return {
-        "precision": precision,
-        "rank": head.rank,
-        "model_rank": model.rank,
-        "compute": str(compute_dtype).replace("torch.", ""),
-        "patch_max_rel": patch["max_rel"],
-        "patch_mean_rel": patch["mean_rel"],
-        "image_max_rel": image["max_rel"],
-        "image_mean_rel": image["mean_rel"],
-        "stored_bytes": head.stored_bytes(),
-    }
-
-
 __all__ = [
     "LOCAL_HEAD_KIND",
     "LocalDeployHead",
-    "measure_local_error",
     "truncated_model",
 ]

@@ -1,4 +1,4 @@
-"""Reduced head variants for deployment: the projection matrix stored in float16, and rank-r W.
+"""The global CRD's head file: the projection matrix in a storage precision (float16 for small files) or rank-r W.
 
 The exact model keeps float64 statistics and scores with the full-rank M_pre; that stays the default.
 For small edge files a *head file* (model-file kind ``"crd_head"``) holds only what scoring needs:
@@ -14,24 +14,27 @@ it): keep the full model file for that.
 
 Scoring always computes in float32 (or float64); float16 is a storage format here, so its error is
 the rounding of the matrix entries (|entries| <= 1: eigenvalues of M_pre lie in (0, 1]).
-``measure_error`` reports what each variant costs against the exact float64 score.
+``crd_fast.deploy.measure_error`` (crd_fast/deploy/head_errors.py) reports what each variant costs against the
+exact float64 score.
 
 The position-aware (local) model has its own head file, kind ``"local_crd_head"``
-(crd_fast/deploy/local_head_file.py); ``crd_fast.deploy.head_from`` / ``make_head_file`` (crd_fast/deploy/head_files.py)
-pick the kind that fits a source, the functions of the same names here make global head files only.
+(crd_fast/models/local_head_file.py). Each scoring model makes its own head file (``ScoringModel.deploy_head``);
+``crd_fast.deploy.head_from`` / ``make_head_file`` / ``load_head_file`` (crd_fast/deploy/head_files.py) are the
+public entry points.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ..core.projection import CRDProjection, eigen_form
+from ..core.projection import CRDProjection
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
 from ..scorers.crd import CRDScorer
+from .head import CRDHead
 
 #: Storage precisions of the head matrix, by name.
 PRECISIONS: dict[str, torch.dtype] = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16}
@@ -68,23 +71,6 @@ def variant_projection(scorer: CRDScorer, precision: str = "fp64", rank: Optiona
     return CRDProjection(
         round_matrix(proj.matrix, precision), proj.offset.clone(), proj.lam, proj.rank, proj.error_bound
     )
-
-
-def rank_for_error_bound(scorer: CRDScorer, bound: float) -> Optional[int]:
-    """The smallest rank r whose error bound (largest dropped shrink factor c_r) is <= ``bound``.
-
-    Returns None when only the full rank meets it (then rank-r saves nothing). At rank r, for every y,
-    0 <= score(y) - score_r(y) <= c_r ||y - mu||, so ``bound`` caps the relative error of the score
-    against ||y - mu|| (the plain distance to the mean).
-    """
-    if not (isinstance(bound, (int, float)) and 0 < bound < 1):
-        raise ValueError(f"bound must be in (0, 1), got {bound!r}")
-    form = eigen_form(scorer.covariance, scorer.lam)
-    dropped_ok = (form.shrink <= bound).nonzero()  # shrink descends: rows from the first index that qualifies may go
-    if dropped_ok.numel() == 0:
-        return None
-    r = int(dropped_ok[0])
-    return None if r >= scorer.dim else max(1, r)
 
 
 @dataclass
@@ -149,6 +135,17 @@ class DeployHead:
     def score(self, Y: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Scores of (N, d) patches as deployed: ||matrix y - q||, q = matrix mu, computed in ``dtype``."""
         return deployed_scores(Y, self.matrix, self.offset, dtype)
+
+    def export_head(
+        self, embedding: str, target_dim: int, layer_channels: Sequence[int], rank: Optional[int] = None
+    ) -> tuple[CRDHead, dict[str, Any]]:
+        """The CRDHead an ONNX export traces (pure-torch path) with exactly the stored values, and what the export
+        metadata records about it. ``rank``: must be this file's own (a head file has one rank)."""
+        if rank is not None and rank != (self.rank or self.dim):
+            raise ValueError(f"the head file has rank={self.rank}; make a head file of rank {rank} instead")
+        head = CRDHead(self.matrix, self.offset, embedding, target_dim, list(layer_channels), use_fused=False).eval()
+        facts = {"lam": self.lam, "rank": self.rank, "error_bound": self.error_bound, "spatial": "global"}
+        return head, {**facts, "head_matrix_precision": self.precision}
 
     # ---- files ------------------------------------------------------------------------------------
     def save(self, path: PathLike) -> None:
@@ -230,110 +227,3 @@ def deployed_scores(
     q = (matrix.to(torch.float64) @ offset.to(torch.float64)).to(dtype)  # folded in float64, then cast
     z = Y.to(dtype) @ matrix.to(dtype).T - q
     return torch.linalg.vector_norm(z, dim=1)
-
-
-def relative_errors(approx: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
-    """max and mean of |approx - exact| / |exact| (exact scores are positive CRD distances)."""
-    rel = (approx.to(torch.float64) - exact.to(torch.float64)).abs() / exact.to(torch.float64).abs().clamp_min(1e-300)
-    return {"max_rel": float(rel.max()), "mean_rel": float(rel.mean())}
-
-
-def measure_error(
-    scorer: CRDScorer,
-    patches: torch.Tensor,
-    patches_per_image: int,
-    precision: str = "fp16",
-    rank: Optional[int] = None,
-    compute_dtype: torch.dtype = torch.float32,
-) -> dict[str, Any]:
-    """Score error of a head variant against the exact model (full-rank M_pre, float64, unfolded).
-
-    ``patches`` is (n_images * patches_per_image, d), image by image; an image's score is its largest patch
-    score. Returns max/mean relative errors of patch and image scores and the rank-r error bound.
-    """
-    if patches.ndim != 2 or patches.shape[0] % patches_per_image:
-        raise ValueError(f"patches must be (n_images * {patches_per_image}, d), got shape {tuple(patches.shape)}")
-    exact_proj = scorer.projection if scorer.rank is None else variant_projection(scorer, "fp64", None)
-    y = patches.to(torch.float64)
-    exact = torch.linalg.vector_norm((y - exact_proj.offset) @ exact_proj.matrix.T, dim=1)
-    proj = variant_projection(scorer, precision, rank)
-    approx = deployed_scores(patches, proj.matrix, proj.offset, compute_dtype)
-    patch = relative_errors(approx, exact)
-    image = relative_errors(approx.reshape(-1, patches_per_image).amax(1), exact.reshape(-1, patches_per_image).amax(1))
-    return {
-        "precision": precision,
-        "rank": proj.rank,
-        "compute": str(compute_dtype).replace("torch.", ""),
-        "patch_max_rel": patch["max_rel"],
-        "patch_mean_rel": patch["mean_rel"],
-        "image_max_rel": image["max_rel"],
-        "image_mean_rel": image["mean_rel"],
-        "error_bound": proj.error_bound,
-        "matrix_bytes": int(proj.matrix.shape[0] * proj.matrix.shape[1] * PRECISIONS[precision].itemsize),
-    }
-
-
-def make_head_file(
-    source: Union[CRDScorer, Any, PathLike], path: PathLike, precision: str = "fp16", rank: Optional[int] = None
-) -> DeployHead:
-    """Write a head file from a fitted CRDScorer, a CRDDetector, or a detector/scorer model file; return the head."""
-    head = head_from(source, precision, rank)
-    head.save(path)
-    return head
-
-
-def head_from(
-    source: Union[CRDScorer, Any, PathLike], precision: str = "fp64", rank: Optional[int] = None
-) -> DeployHead:
-    """A DeployHead from a fitted CRDScorer, a CRDDetector, or a detector or scorer model file."""
-    if isinstance(source, CRDScorer):
-        return DeployHead.from_scorer(source, precision, rank)
-    if hasattr(source, "scorer") and hasattr(source, "config"):  # a CRDDetector (imported lazily: optional here)
-        return DeployHead.from_scorer(_global(source).scorer, precision, rank, detector=detector_info(source))
-    from ..io.model_file import ModelFileError
-
-    try:
-        return DeployHead.from_scorer(CRDScorer.load(source), precision, rank)
-    except ModelFileError as exc:
-        if "holds a 'crd_detector' model" not in str(exc):
-            raise
-    from ..detector.detector import CRDDetector
-
-    detector = _global(CRDDetector.load(source))
-    return DeployHead.from_scorer(detector.scorer, precision, rank, detector=detector_info(detector))
-
-
-def _global(detector: Any) -> Any:
-    """``detector``, if it scores with the global CRD (a head file holds the global projection)."""
-    if getattr(detector, "spatial_choice", "global") == "local":
-        raise ValueError(
-            "this detector uses the local (position-aware) CRD model; these head files hold the global CRD projection "
-            "only: crd_fast.deploy.make_head_file writes a local head file for it"
-        )
-    return detector
-
-
-def detector_info(detector: Any) -> dict[str, Any]:
-    """Everything about a fitted detector that a head file and the export metadata record (JSON-serialisable)."""
-    shapes = [list(s) for s in detector.extractor.feature_shapes(detector.preprocess.crop)]
-    return {
-        "config": detector.config,
-        "weights_identity": detector.weights_identity,
-        "layers": list(detector.layers),
-        "layer_channels": list(detector.layer_channels),
-        "feature_shapes": shapes,
-        "patch_grid": list(detector.patch_grid),
-        "resize": detector.preprocess.resize,
-        "crop": detector.preprocess.crop,
-        "mean": list(detector.preprocess.mean),
-        "std": list(detector.preprocess.std),
-        "embedding": detector.embedding,
-        "target_dim": detector.target_dim,
-        "d": detector.dim,
-        "lam_rel": getattr(detector, "lam_rel", None) or detector.scorer.lam_rel,
-        "n_images": detector.n_images,
-        "n_patches": detector.scorer.n_samples,
-        "threshold": detector.threshold,
-        "pixel_threshold": detector.pixel_threshold,
-        "train_score_stats": detector.train_score_stats,
-    }
