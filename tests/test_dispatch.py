@@ -481,11 +481,6 @@ def test_first_call_inside_capture_records_the_reference_once(monkeypatch, op):
         registry.cuda_kernel(op, maps, matrix, second, "concat", 1)  # warned once only
 
 
-def test_an_op_is_registered_once():
-    with pytest.raises(ValueError, match="crd_fast::crd_head is already registered"):
-        registry.register(HEAD)
-
-
 # ---- stream rules of the device caches -------------------------------------------------------------------
 class FakeStreams:
     """A CUDA device faked on CPU tensors: a current stream id, synchronizations and record_stream calls."""
