@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.embedding import check_embedding, patchcore_reduce, pool_feature_map, resize_to
-from ..ops.head_op import crd_head as fused_crd_head
+from ..ops import crd_head as fused_crd_head
 from ..scorers.crd import CRDScorer
 
 

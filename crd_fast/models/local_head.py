@@ -30,7 +30,7 @@ from ..core.dtypes import compute_dtype
 from ..core.embedding import check_embedding
 from ..core.finite import all_finite
 from ..core.local import LocalCRDModel
-from ..ops.head_op import crd_residual as fused_crd_residual
+from ..ops import crd_residual as fused_crd_residual
 from .head import _exporting, folded_blocks, folded_matrix, project_feature_maps
 
 
