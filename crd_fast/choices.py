@@ -60,3 +60,10 @@ DEFAULT_SPATIAL = "auto"
 #: The local model's defaults: rank k of each position's own covariance part, shrinkage toward the pooled one.
 DEFAULT_LOCAL_RANK = 32
 DEFAULT_LOCAL_SHRINKAGE = 0.5
+
+#: Ranges of the options a model file may hold: the loaders refuse values outside them, so the constructors and
+#: the command line refuse them up front too (nothing unloadable is ever fitted or written).
+MAX_DIM = 1 << 16  # feature dimension d, rank, target_dim, local_rank
+MAX_BATCH_SIZE = 1 << 16
+MAX_SEED = (1 << 63) - 1  # torch's generators take a signed 64-bit seed
+MAX_IMAGE_SIDE = 4096  # resize and crop

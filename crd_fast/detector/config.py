@@ -12,8 +12,11 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Optional
+
+import numpy as np
 
 from ..choices import (
     DEFAULT_LOCAL_RANK,
@@ -22,6 +25,10 @@ from ..choices import (
     DEFAULT_SPATIAL,
     EMBEDDINGS,
     LAM_AUTO,
+    MAX_BATCH_SIZE,
+    MAX_DIM,
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
     PRECISIONS,
     WEIGHT_SOURCES,
 )
@@ -30,19 +37,33 @@ from ..scoring.registry import check_spatial
 Check = Callable[[str, Any], Any]
 
 
-def _int_at_least(minimum: int) -> Check:
+def _int_in(minimum: int, maximum: int, shown_max: str = "") -> Check:
+    """An integer in [minimum, maximum]: the range the model-file loader accepts (crd_fast.choices)."""
+
     def check(name: str, value: Any) -> int:
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not minimum <= value <= maximum:
+            raise ValueError(f"{name} must be an integer in [{minimum}, {shown_max or maximum}], got {value!r}")
         return int(value)
 
     return check
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+def _flag(name: str, value: Any) -> bool:
+    """Only True or False (numpy's too): ``center="no"`` would be truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+#: Device names the detector runs on ("cuda:N" for the N-th GPU).
+_DEVICE = re.compile(r"(cpu|cuda|auto|cuda:\d+)")
+
+
+def _device(name: str, value: Any) -> str:
+    text = str(value)  # a torch.device prints as its name
+    if not _DEVICE.fullmatch(text):
+        raise ValueError(f"{name} must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {value!r}")
+    return text
 
 
 def _non_negative_finite(name: str, value: Any) -> float:
@@ -65,9 +86,11 @@ def _fraction(name: str, value: Any) -> float:
     return float(value)
 
 
-def _optional_positive_int(name: str, value: Any) -> Optional[int]:
-    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+def _optional_rank(name: str, value: Any) -> Optional[int]:
+    if value is not None and (
+        not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= MAX_DIM
+    ):
+        raise ValueError(f"{name} must be an integer in [1, {MAX_DIM}] or None, got {value!r}")
     return None if value is None else int(value)
 
 
@@ -88,10 +111,6 @@ def _weights(name: str, value: Any) -> Optional[str]:
     if not isinstance(value, (str, os.PathLike)):
         raise ValueError(f"{name} must be 'imagenet', 'random' or a path to a state-dict file, got {value!r}")
     return value if value in WEIGHT_SOURCES else os.fspath(value)
-
-
-def _device(name: str, value: Any) -> str:
-    return str(value)  # "cpu", "cuda:1", "auto" or a torch.device; resolved (and checked) by the detector
 
 
 def _precision(name: str, value: Any) -> str:
@@ -163,19 +182,19 @@ class DetectorConfig:
         "training images with pseudo-defects)",
         _lam_rel,
     )
-    center: bool = _option(True, "subtract the mean patch before projecting", lambda name, value: bool(value))
+    center: bool = _option(True, "subtract the mean patch before projecting", _flag)
     rank: Optional[int] = _option(
         None,
         "keep only the R strongest directions of the CRD projection (unset: exact, full rank)",
-        _optional_positive_int,
+        _optional_rank,
     )
-    resize: int = _option(256, "shorter image side after resizing", _positive_int)
-    crop: int = _option(224, "center crop the model sees; anomaly maps have this size", _positive_int)
+    resize: int = _option(256, "shorter image side after resizing", _int_in(1, MAX_IMAGE_SIDE))
+    crop: int = _option(224, "center crop the model sees; anomaly maps have this size", _int_in(1, MAX_IMAGE_SIDE))
     device: str = _option("cpu", "cpu, cuda, cuda:N or auto", _device, runtime=True)
-    batch_size: int = _option(8, "images per forward pass", _int_at_least(1), runtime=True)
-    seed: int = _option(0, "seed of random weights and of the training score sample", _int_at_least(0))
+    batch_size: int = _option(8, "images per forward pass", _int_in(1, MAX_BATCH_SIZE), runtime=True)
+    seed: int = _option(0, "seed of random weights and of the training score sample", _int_in(0, MAX_SEED, "2**63 - 1"))
     blur_sigma: float = _option(4.0, "Gaussian blur of the anomaly maps, in pixels (0: none)", _non_negative_finite)
-    target_dim: int = _option(1024, "patch dimension d of the patchcore embedding", _int_at_least(1))
+    target_dim: int = _option(1024, "patch dimension d of the patchcore embedding", _int_in(1, MAX_DIM))
     precision: str = _option(
         DEFAULT_PRECISION,
         "compute precision of the backbone and head: auto (bf16 where the "
@@ -191,7 +210,7 @@ class DetectorConfig:
         check_spatial,
     )
     local_rank: int = _option(
-        DEFAULT_LOCAL_RANK, "rank k of each position's own covariance part (spatial local)", _positive_int
+        DEFAULT_LOCAL_RANK, "rank k of each position's own covariance part (spatial local)", _int_in(1, MAX_DIM)
     )
     local_shrinkage: float = _option(
         DEFAULT_LOCAL_SHRINKAGE,

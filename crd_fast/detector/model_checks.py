@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from ..choices import LAM_AUTO
+from ..choices import LAM_AUTO, MAX_BATCH_SIZE, MAX_SEED
 from ..features.preprocess import MAX_IMAGE_SIDE
 from ..io.model_file import PathLike, require
 from ..scorers._model_checks import MAX_COUNT, MAX_DIM
@@ -60,8 +60,8 @@ def check_detector_metadata(meta: Mapping[str, Any], path: PathLike) -> None:
         ("resize", _int_in(config["resize"], 1, MAX_IMAGE_SIDE), f"an integer in [1, {MAX_IMAGE_SIDE}]"),
         ("crop", _int_in(config["crop"], 1, MAX_IMAGE_SIDE), f"an integer in [1, {MAX_IMAGE_SIDE}]"),
         ("device", isinstance(config["device"], str), "a string"),
-        ("batch_size", _int_in(config["batch_size"], 1, 1 << 16), "an integer in [1, 65536]"),
-        ("seed", _int_in(config["seed"], 0, (1 << 63) - 1), "an integer in [0, 2**63)"),
+        ("batch_size", _int_in(config["batch_size"], 1, MAX_BATCH_SIZE), f"an integer in [1, {MAX_BATCH_SIZE}]"),
+        ("seed", _int_in(config["seed"], 0, MAX_SEED), "an integer in [0, 2**63)"),
         ("blur_sigma", _finite(config["blur_sigma"]) and config["blur_sigma"] >= 0, "a number >= 0"),
         ("target_dim", _int_in(config["target_dim"], 1, MAX_DIM), f"an integer in [1, {MAX_DIM}]"),
         ("spatial", config["spatial"] in spatial_modes(), f"one of {spatial_modes()}"),

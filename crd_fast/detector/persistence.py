@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..choices import WEIGHT_SOURCES
 from ..features.backbone import BackboneWeightsError, module_state_sha256, weights_identity
 from ..io.model_file import ModelFileError, PathLike, read_model_file, require, write_model_file
 from ..scoring.registry import model_class, model_names
@@ -93,7 +94,39 @@ def save_detector(det: "CRDDetector", path: PathLike) -> None:
     if det.selection is not None or model.name != LEGACY_MODEL:  # a global fit with explicit options keeps the
         fields["spatial_choice"] = model.name  # earlier content exactly
         fields["selection"] = None if det.selection is None else det.selection.to_dict()
-    write_model_file(path, MODEL_KIND, tensors, fields)
+    weights = det.config.get("weights")
+    weights_file = [weights] if isinstance(weights, str) and weights not in WEIGHT_SOURCES else []
+    write_model_file(path, MODEL_KIND, tensors, fields, check=check_detector_state, inputs=weights_file)
+
+
+class OptionMismatchError(ModelFileError):
+    """``load`` was asked for an option that differs from the model's own (the model would change)."""
+
+
+class _UserModule:
+    """Stands in for a user backbone module when a stored config is checked without building the detector."""
+
+
+def check_detector_state(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: PathLike
+) -> tuple[dict[str, Any], dict[str, Any], Any, Optional[SelectionRecord]]:
+    """``load``'s checks that need no backbone, on a file's tensors and metadata: the complete, valid config (as
+    ``DetectorConfig`` accepts it), every field's range, the scoring model (its own ``from_state``) and the
+    selection record. Returns (stored config, metadata with it, scoring model, record); ModelFileError naming
+    ``path`` otherwise. ``save`` runs it on what it would write, so an unloadable model is never written."""
+    stored = meta.get("config")
+    if isinstance(stored, dict):  # files from before compute precisions / before the spatial option
+        stored = {"precision": LEGACY_PRECISION, **LEGACY_SPATIAL, **stored}
+    require(isinstance(stored, dict) and set(OPTIONS) <= set(stored), path, "metadata has no complete 'config'")
+    meta = {**meta, "config": stored}
+    check_detector_metadata(meta, path)
+    custom = str(stored["backbone"]).startswith("custom:")
+    try:
+        DetectorConfig(**{**stored, "backbone": _UserModule() if custom else stored["backbone"]})
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: cannot rebuild the detector from its stored config: {exc}") from exc
+    model, record = _scoring_model(meta, tensors, path)
+    return stored, meta, model, record
 
 
 def load_detector(
@@ -101,12 +134,7 @@ def load_detector(
 ) -> "CRDDetector":
     """``CRDDetector.load``: read, check and rebuild a detector from ``path`` (see its docstring)."""
     tensors, meta = read_model_file(path, MODEL_KIND)
-    stored = meta.get("config")
-    if isinstance(stored, dict):  # files from before compute precisions / before the spatial option
-        stored = {"precision": LEGACY_PRECISION, **LEGACY_SPATIAL, **stored}
-    require(isinstance(stored, dict) and set(OPTIONS) <= set(stored), path, "metadata has no complete 'config'")
-    meta = {**meta, "config": stored}
-    check_detector_metadata(meta, path)
+    stored, meta, model, record = check_detector_state(tensors, meta, path)
     unknown = sorted(set(expected) - set(OPTIONS))
     if unknown:
         raise TypeError(f"unknown detector option(s) {unknown}; known: {', '.join(OPTIONS)}")
@@ -152,7 +180,13 @@ def load_detector(
         path,
         f"the backbone gives layer channels {det.layer_channels}, the file says {meta.get('layer_channels')}",
     )
-    model, record = _scoring_model(meta, tensors, det, path)
+    positions = det.patch_grid[0] * det.patch_grid[1]
+    require(
+        model.dim == det.dim and model.positions in (None, positions),
+        path,
+        f"the {model.name} model has d={model.dim} and {model.positions} positions; the features give d={det.dim} "
+        f"and {positions} positions ({det.patch_grid[0]}x{det.patch_grid[1]})",
+    )
     det.install_loaded(model, record, int(meta.get("n_images", 0)), meta.get("train_score_stats"))
     threshold = meta.get("threshold")
     require(threshold is None or isinstance(threshold, (int, float)), path, f"threshold {threshold!r} is not a number")
@@ -162,21 +196,15 @@ def load_detector(
 
 
 def _scoring_model(
-    meta: dict[str, Any], tensors: dict[str, torch.Tensor], det: "CRDDetector", path: PathLike
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: PathLike
 ) -> tuple[Any, Optional[SelectionRecord]]:
-    """The file's scoring model (checked against the detector's features) and its selection record."""
+    """The file's scoring model (checked by its own ``from_state``) and its selection record."""
     name = meta.get("spatial_choice", LEGACY_MODEL)  # absent: a global fit with explicit options, or older
     asked = meta["config"].get("spatial", LEGACY_MODEL)
     require(name in model_names(), path, f"spatial_choice {name!r} is not a known scoring model {model_names()}")
     require(asked in ("auto", name), path, f"the file's spatial model is {name!r} but its config asks {asked!r}")
     model = model_class(name).from_state(tensors, meta, path)
-    positions = det.patch_grid[0] * det.patch_grid[1]
-    require(
-        model.dim == det.dim and model.positions in (None, positions),
-        path,
-        f"the {name} model has d={model.dim} and {model.positions} positions; the features give d={det.dim} and "
-        f"{positions} positions ({det.patch_grid[0]}x{det.patch_grid[1]})",
-    )
+    require(model.dim == meta.get("d"), path, f"the {name} model has d={model.dim}, the file says d={meta.get('d')}")
     raw = meta.get("selection")
     try:
         record = None if raw is None else SelectionRecord.from_dict(raw)
@@ -196,12 +224,12 @@ def _requested_option(path: PathLike, key: str, want: Any, stored: dict[str, Any
         return want
     if key == "backbone" and isinstance(want, nn.Module):
         if f"custom:{type(want).__name__}" != stored[key]:
-            raise ModelFileError(
+            raise OptionMismatchError(
                 f"{path}: the model was made with backbone {stored[key]!r}, not a {type(want).__name__} module"
             )
         want_hash, stored_hash = module_state_sha256(want), ident.get("state_sha256")
         if stored_hash is not None and want_hash != stored_hash:  # files before this check have no hash
-            raise ModelFileError(
+            raise OptionMismatchError(
                 f"{path}: the {type(want).__name__} module passed has other weights than "
                 f"the one the model was fitted with (state-dict SHA-256 {want_hash[:12]}... != "
                 f"{stored_hash[:12]}...); scores would change"
@@ -210,12 +238,14 @@ def _requested_option(path: PathLike, key: str, want: Any, stored: dict[str, Any
     if key == "weights":
         asked = weights_identity(DetectorConfig.check(key, want), stored["seed"], stored["backbone"])
         if _without_file(asked) != _without_file(ident):
-            raise ModelFileError(
+            raise OptionMismatchError(
                 f"{path}: the model was made with weights {ident}, but weights={want!r} ({asked}) was requested"
             )
         return want
     if _jsonable(DetectorConfig.check(key, want)) != _jsonable(DetectorConfig.check(key, stored[key])):
-        raise ModelFileError(f"{path}: the model was made with {key}={stored[key]!r}, but {key}={want!r} was requested")
+        raise OptionMismatchError(
+            f"{path}: the model was made with {key}={stored[key]!r}, but {key}={want!r} was requested"
+        )
     return want
 
 
@@ -228,4 +258,12 @@ def _without_file(identity: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in identity.items() if k != "file"}
 
 
-__all__ = ["LEGACY_MODEL", "MODEL_KIND", "detector_metadata", "load_detector", "save_detector"]
+__all__ = [
+    "LEGACY_MODEL",
+    "MODEL_KIND",
+    "OptionMismatchError",
+    "check_detector_state",
+    "detector_metadata",
+    "load_detector",
+    "save_detector",
+]

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from ..choices import WEIGHT_SOURCES
 from ..core.projection import CRDProjection
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
 from ..scorers.crd import CRDScorer
@@ -72,6 +73,12 @@ def variant_projection(scorer: CRDScorer, precision: str = "fp64", rank: Optiona
     return CRDProjection(
         round_matrix(proj.matrix, precision), proj.offset.clone(), proj.lam, proj.rank, proj.error_bound
     )
+
+
+def weights_file_of(detector: Optional[Mapping[str, Any]]) -> list[str]:
+    """The backbone weights file a head file's detector metadata names (an input its ``save`` must not replace)."""
+    weights = ((detector or {}).get("config") or {}).get("weights")
+    return [weights] if isinstance(weights, str) and weights not in WEIGHT_SOURCES else []
 
 
 @dataclass
@@ -162,7 +169,9 @@ class DeployHead:
             "error_bound": self.error_bound,
             "detector": self.detector,
         }
-        write_model_file(path, HEAD_KIND, tensors, fields)
+        write_model_file(
+            path, HEAD_KIND, tensors, fields, check=type(self).from_file_state, inputs=weights_file_of(self.detector)
+        )
 
     @classmethod
     def load(cls, path: PathLike, precision: Optional[str] = None, rank: Union[int, None, str] = "any") -> "DeployHead":
@@ -172,6 +181,18 @@ class DeployHead:
         rank ("any": accept any; None: require full rank).
         """
         tensors, meta = read_model_file(path, HEAD_KIND)
+        return cls.from_file_state(tensors, meta, path, precision, rank)
+
+    @classmethod
+    def from_file_state(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any],
+        path: PathLike = "<memory>",
+        precision: Optional[str] = None,
+        rank: Union[int, None, str] = "any",
+    ) -> "DeployHead":
+        """``load``'s checks and rebuild on a file's tensors and metadata (``save`` runs them before writing)."""
         require("matrix" in tensors and "offset" in tensors, path, "tensors 'matrix' and 'offset' are required")
         matrix, offset = tensors["matrix"], tensors["offset"]
         stored = meta.get("precision")

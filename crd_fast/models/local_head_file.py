@@ -35,14 +35,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ..core.local import MAX_DIM, MAX_IMAGES, MAX_POSITIONS, LocalCRDModel
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
 from ..scorers.local import LocalCRDScorer
-from .head_file import PRECISIONS, check_precision
+from .head_file import PRECISIONS, check_precision, weights_file_of
 from .local_head import LocalCRDHead
 
 LOCAL_HEAD_KIND = "local_crd_head"
@@ -287,7 +287,14 @@ class LocalDeployHead:
             "n_images": self.n_images,
             "detector": self.detector,
         }
-        write_model_file(path, LOCAL_HEAD_KIND, tensors, fields)
+        write_model_file(
+            path,
+            LOCAL_HEAD_KIND,
+            tensors,
+            fields,
+            check=type(self).from_file_state,
+            inputs=weights_file_of(self.detector),
+        )
 
     @classmethod
     def load(
@@ -299,6 +306,18 @@ class LocalDeployHead:
         number of per-position directions ("any": any; None: require the source model's full k).
         """
         tensors, meta = read_model_file(path, LOCAL_HEAD_KIND)
+        return cls.from_file_state(tensors, meta, path, precision, rank)
+
+    @classmethod
+    def from_file_state(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any],
+        path: PathLike = "<memory>",
+        precision: Optional[str] = None,
+        rank: Union[int, str, None] = "any",
+    ) -> "LocalDeployHead":
+        """``load``'s checks and rebuild on a file's tensors and metadata (``save`` runs them before writing)."""
         missing = [n for n in _TENSORS if n not in tensors]
         require(not missing, path, f"tensors {missing} are missing")
         extra = sorted(set(tensors) - set(_TENSORS))

@@ -21,7 +21,7 @@ from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
 from ..ops import native
 from ._model_checks import check_state_fields, projection_mismatch
-from ._validation import ArrayLike, NumericOverflowError, as_patch_matrix, check_integer, check_real
+from ._validation import ArrayLike, NumericOverflowError, as_patch_matrix, check_bool, check_integer, check_real
 
 #: Smallest accepted lam_rel. The eigen-solver resolves eigenvalues of C only to about d * eps64 * trace(C) / d
 #: (eps64 = 2.2e-16); below lam_rel ~ d * eps64 the ridge lam drowns in that rounding and the shrink factors
@@ -51,7 +51,7 @@ class CRDScorer:
     def __init__(self, lam_rel: float = DEFAULT_LAM_REL, center: bool = True, rank: Optional[int] = None) -> None:
         lam_rel, rank = self._check_params(lam_rel, rank)
         self._lam_rel = lam_rel
-        self._center = bool(center)
+        self._center = check_bool("center", center)
         self._rank = rank
         self._stats: Optional[PatchStatistics] = None
         self._projection: Optional[CRDProjection] = None
@@ -90,7 +90,7 @@ class CRDScorer:
 
     @center.setter
     def center(self, value: bool) -> None:
-        self._center = bool(value)
+        self._center = check_bool("center", value)
         self._invalidate()
 
     @property
@@ -318,7 +318,7 @@ class CRDScorer:
     def save(self, path: PathLike) -> None:
         """Write the fitted scorer to ``path`` (safetensors + JSON metadata), atomically."""
         tensors, fields = self.state()
-        write_model_file(path, "crd_scorer", tensors, fields)
+        write_model_file(path, "crd_scorer", tensors, fields, check=type(self).from_state)
 
     @classmethod
     def load(cls, path: PathLike) -> "CRDScorer":
