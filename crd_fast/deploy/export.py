@@ -18,7 +18,8 @@ detector exports its scoring model's head (``ScoringModel.export_head``, ``head_
 LocalCRDHead adds batched MatMul / Einsum for the rank-k correction; a head file exports its own head with exactly
 its stored values. Next to the ONNX file, ``<file>.json`` holds the metadata (config, sizes, threshold, training
 score statistics, crd_fast version, input and output names and shapes, SHA-256 of the ONNX bytes), which
-``OnnxDetector`` checks. Both files are written atomically.
+``OnnxDetector`` checks; the metadata's own digest is stamped into the graph (``seal_export``). Both files are written
+as one commit (a kill at any point leaves the old pair or the new one), after the output-safety check.
 
 An export runs four steps, each its own function, so another format reuses the first three: ``resolve_export``
 (what is exported: the module, its dummy inputs and names, the facts), ``trace_onnx`` (the graph's bytes),
@@ -43,16 +44,19 @@ from .._version import __version__
 from ..detector.detector import CRDDetector
 from ..detector.persistence import MODEL_KIND as DETECTOR_KIND
 from ..detector.persistence import detector_metadata
-from ..io.atomic import atomic_write
+from ..io.atomic import atomic_write_many
+from ..io.safety import check_outputs
 from ..models.head_file import check_precision
 from .head_files import HEAD_FILE_KINDS, AnyHead, file_kind
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .metadata import (
+    DIGEST_FIELD,
     FORMAT_NAME,
     FORMAT_VERSION,
     ONNX_PROPS_KEY,
     DeployError,
     PathLike,
+    metadata_digest,
     metadata_path_for,
     sha256_bytes,
 )
@@ -354,16 +358,41 @@ def export_metadata(plan: ExportPlan, data: bytes, opset: int, precision: str, o
 
 
 # ---- step 4: write --------------------------------------------------------------------------------------
+def stamp_onnx(data: bytes, digest: str) -> bytes:
+    """The ONNX bytes with the metadata digest added to their ``crd_fast`` property (crd_fast/deploy/metadata.py)."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    props = {p.key: p.value for p in model.metadata_props}
+    mine = json.loads(props.get(ONNX_PROPS_KEY) or "{}")
+    mine[DIGEST_FIELD] = digest
+    del model.metadata_props[:]
+    for key, value in {**props, ONNX_PROPS_KEY: json.dumps(mine, sort_keys=True)}.items():
+        model.metadata_props.add(key=key, value=value)
+    return model.SerializeToString()
+
+
+def seal_export(data: bytes, meta: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """(graph, metadata) bound together: the metadata's digest stamped into the graph, the stamped graph's SHA-256
+    in the metadata (crd_fast/deploy/metadata.py)."""
+    meta = {k: v for k, v in meta.items() if k not in (DIGEST_FIELD, "onnx_sha256")}
+    digest = metadata_digest(meta)
+    data = stamp_onnx(data, digest)
+    return data, {**meta, DIGEST_FIELD: digest, "onnx_sha256": sha256_bytes(data)}
+
+
 def write_export(
     data: bytes, meta: dict[str, Any], path: PathLike, metadata_path: Optional[PathLike] = None
 ) -> ExportResult:
-    """Write the graph and its metadata (default: ``path`` + ".json"), each atomically."""
+    """Seal the graph and its metadata (:func:`seal_export`) and write both (metadata default: ``path`` + ".json") as
+    one commit: a kill at any point leaves the old pair or the new one (crd_fast/io/commit.py)."""
     onnx_path = Path(path)
     meta_path = Path(metadata_path) if metadata_path is not None else metadata_path_for(onnx_path)
-    with atomic_write(onnx_path) as tmp:
-        tmp.write_bytes(data)
-    with atomic_write(meta_path) as tmp:
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+    check_outputs(files=[onnx_path, meta_path])
+    data, meta = seal_export(data, meta)
+    with atomic_write_many([onnx_path, meta_path]) as (onnx_tmp, meta_tmp):
+        onnx_tmp.write_bytes(data)
+        meta_tmp.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
     return ExportResult(onnx_path, meta_path, meta)
 
 
@@ -401,6 +430,12 @@ def export_onnx(
         raise ValueError(f"opset must be in {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset!r}")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
+    for name, flag in (("head_only", head_only), ("verify", verify)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    meta_path = Path(metadata_path) if metadata_path is not None else metadata_path_for(path)
+    # before any work: the graph and its sidecar may replace no input, device or folder (crd_fast.io.safety)
+    check_outputs(files=[path, meta_path], inputs=[source] if isinstance(source, (str, os.PathLike)) else [])
     plan = resolve_export(source, head_only, rank, layer_names)
     data, op_types = trace_onnx(plan, opset, precision)
     if verify:

@@ -13,6 +13,7 @@ no form for is refused by that model (docs/DESIGN.md "Local head files").
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -22,6 +23,7 @@ from ..detector.detector import CRDDetector
 from ..detector.persistence import MODEL_KIND as DETECTOR_KIND
 from ..detector.persistence import detector_metadata
 from ..io.model_file import METADATA_KEY, PathLike
+from ..io.safety import check_outputs
 from ..models.head_file import HEAD_KIND, DeployHead
 from ..models.local_head_file import LOCAL_HEAD_KIND, LocalDeployHead
 from ..scorers.crd import CRDScorer
@@ -55,6 +57,7 @@ def make_head_file(
     local_rank: Optional[int] = None,
 ) -> AnyHead:
     """Write the head file of ``source`` (see :func:`head_from`) to ``path``, atomically; return the head."""
+    check_outputs(files=[path], inputs=[source] if isinstance(source, (str, os.PathLike)) else [])
     head = head_from(source, precision, rank, local_rank)
     head.save(path)
     return head

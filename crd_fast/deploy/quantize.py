@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +58,8 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from ..detector.detector import CRDDetector
-from ..io.atomic import atomic_write
-from .export import ExportResult, export_onnx
+from ..io.safety import check_outputs
+from .export import ExportResult, export_onnx, write_export
 from .metadata import DeployError, PathLike, metadata_path_for, sha256_bytes
 from .quantized_refit import backbone_signature, graph_score_statistics, refit_on_graph
 
@@ -264,6 +264,11 @@ def export_onnx_int8(
     if not isinstance(refit_head, bool):
         raise TypeError(f"refit_head must be True or False, got {refit_head!r}")
     out = Path(path)
+    meta_path = Path(metadata_path) if metadata_path is not None else metadata_path_for(out)
+    given = [source, *(calibration if isinstance(calibration, (list, tuple)) else [calibration])]
+    paths = [x for x in given if isinstance(x, (str, os.PathLike))]
+    # before any work: the graph and its sidecar may replace neither the model nor a calibration image
+    check_outputs(files=[out, meta_path], inputs=paths)
     provenance: dict[str, Any] = {}
     if isinstance(source, CRDDetector):
         detector = source
@@ -315,12 +320,7 @@ def export_onnx_int8(
             "onnx_sha256": sha256_bytes(data),
         }
     )
-    meta_path = Path(metadata_path) if metadata_path is not None else metadata_path_for(out)
-    with atomic_write(out) as t:
-        t.write_bytes(data)
-    with atomic_write(meta_path) as t:
-        t.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
-    return ExportResult(out, meta_path, meta)
+    return write_export(data, meta, out, meta_path)  # sealed and written as one commit
 
 
 __all__ = [
