@@ -34,6 +34,11 @@ def load_config(path: str) -> dict[str, Any]:
         raise CLIError(f"config file {path}: unknown format (use a .toml, .yaml or .yml file)")
     try:
         text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CLIError(
+            f"config file {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from exc
     except OSError as exc:
         raise CLIError(f"config file {path}: cannot read it ({exc.strerror or exc})") from exc
     if kind == "toml":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..choices import WEIGHT_SOURCES
 from .options import add_detector_options, command, echo, make_detector, positive_int, progress_enabled, warn
 
 DEMO_BACKBONE = "resnet18"
@@ -131,8 +132,10 @@ def run_demo(args: argparse.Namespace) -> DemoRun:
     from tqdm.auto import tqdm
 
     from ..evaluation.mvtec import evaluate_mvtec
+    from ..io.safety import check_outputs
     from ..synthetic import CATEGORIES, generate_dataset
-    from .evaluate import run_report
+    from ..synthetic.dataset import check_generated_folders
+    from .evaluate import report_files, run_report
 
     preset = QUICK if args.quick else FULL
     categories = args.categories or preset["categories"]
@@ -149,6 +152,14 @@ def run_demo(args: argparse.Namespace) -> DemoRun:
     out = Path(args.out)
     data_root = out / "data"
     t_start = time.perf_counter()
+    weights = [args.weights] if args.weights not in WEIGHT_SOURCES else []
+    # before any work: the generated categories and the report may replace nothing the demo reads
+    check_outputs(
+        files=report_files(str(out)),
+        folders=[data_root / c for c in categories],
+        inputs=[*weights, getattr(args, "config", None)],
+    )
+    check_generated_folders(data_root, categories)  # existing category folders must be the generator's own
     detector = make_detector(args)  # built first: a bad option fails before any image is written
     total = len(categories) * sum(counts.values())
     with tqdm(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..choices import WEIGHT_SOURCES
 from .options import CLIError, add_detector_options, command, echo, fraction, make_detector, progress_enabled, warn
 
 EPILOG = """\
@@ -85,6 +87,11 @@ def resolve_root(root: str, categories: Optional[Sequence[str]]) -> tuple[Path, 
     return path, found
 
 
+def report_files(out_dir: str) -> list[str]:
+    """The files ``--report DIR`` writes."""
+    return [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.html")]
+
+
 def run_report(
     out_dir: str, evals: Sequence[Any], detector: Any, argv: Sequence[str], title: str, notes: Sequence[str] = ()
 ) -> Any:
@@ -106,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.mvtec import evaluate_mvtec, format_table
 
     root, categories = resolve_root(args.root, args.category)
+    if args.report:
+        from ..io.safety import check_outputs
+
+        weights = [args.weights] if args.weights not in WEIGHT_SOURCES else []
+        # before the evaluation, not after it (crd_fast.io.safety)
+        check_outputs(files=report_files(args.report), inputs=[args.root, *weights, args.config])
     detector = make_detector(args)
     echo(
         f"crd-fast eval: {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} under {root}: "

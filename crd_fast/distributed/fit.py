@@ -14,6 +14,7 @@ replacing it: the result equals a fit on the old and new inputs together.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence, Union
 
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from ..core.stats import PatchStatistics
 from ..detector.detector import CRDDetector
 from ..io.model_file import PathLike
+from ..io.safety import check_outputs
 from ..scorers._validation import as_patch_matrix
 from ..scorers.crd import CRDScorer
 from .detector import fit_detector_distributed
@@ -73,6 +75,8 @@ def fit_distributed(
     single-process fit. If any rank fails, every rank raises (the failing one its own error, the others
     DistributedError) and nothing is written.
     """
+    if save_path is not None:  # before any work, on every rank: the model may overwrite none of its inputs
+        check_outputs(files=[save_path], inputs=[i for i in items if isinstance(i, (str, os.PathLike))])
     if isinstance(model, CRDDetector):
         items = check_items(as_item_list(items))
         return fit_detector_distributed(

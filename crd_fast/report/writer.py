@@ -17,7 +17,8 @@ import numpy as np
 
 from .._version import __version__
 from ..evaluation.results import CategoryResult, example_indices
-from ..io.atomic import atomic_write
+from ..io.atomic import atomic_write_many
+from ..io.safety import check_outputs
 from ..metrics import scores as M
 from ..metrics.pixels import pixel_f1
 from ..selection.record import SelectionRecord, record_rows
@@ -166,6 +167,7 @@ def write_report(
         raise ValueError(f"n_examples must be >= 0, got {n_examples}")
     run = run or RunInfo()
     out = Path(out_dir)
+    check_outputs(files=[out / "report.json", out / "report.html"])  # before any work (crd_fast.io.safety)
     out.mkdir(parents=True, exist_ok=True)
 
     categories, sections = [], []
@@ -193,10 +195,9 @@ def write_report(
     )
     html_text = _page(run, data, sections)
     json_path, html_path = out / "report.json", out / "report.html"
-    with atomic_write(json_path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    with atomic_write(html_path) as tmp:
-        tmp.write_text(html_text, encoding="utf-8")
+    with atomic_write_many([json_path, html_path]) as (json_tmp, html_tmp):  # one commit: never a mixed pair
+        json_tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        html_tmp.write_text(html_text, encoding="utf-8")
     logger.info("wrote report %s (%d categories)", html_path, len(categories))
     return Report(html_path=html_path, json_path=json_path, data=data)
 
