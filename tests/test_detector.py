@@ -330,16 +330,16 @@ def test_detector_options_are_the_config_fields(fitted):
     "change, match",
     [
         (dict(embedding="sum"), r"embedding must be one of \('concat', 'patchcore'\), got 'sum'"),
-        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
-        (dict(seed=-1), "seed must be an integer >= 0, got -1"),
-        (dict(target_dim=2.5), "target_dim must be an integer >= 1, got 2.5"),
+        (dict(batch_size=0), r"batch_size must be an integer in \[1, 65536\], got 0"),
+        (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*63 - 1\], got -1"),
+        (dict(target_dim=2.5), r"target_dim must be an integer in \[1, 65536\], got 2.5"),
         (dict(lam_rel=float("nan")), "lam_rel must be a positive finite number or 'auto', got nan"),
         (dict(lam_rel="Auto"), "lam_rel must be a positive finite number or 'auto', got 'Auto'"),
         (dict(spatial="position"), r"spatial must be one of \('global', 'local', 'auto'\), got 'position'"),
-        (dict(local_rank=0), "local_rank must be a positive integer, got 0"),
+        (dict(local_rank=0), r"local_rank must be an integer in \[1, 65536\], got 0"),
         (dict(local_shrinkage=1.5), r"local_shrinkage must be a number in \[0, 1\], got 1.5"),
-        (dict(rank=0), "rank must be a positive integer or None, got 0"),
-        (dict(crop="64"), "crop must be a positive integer, got '64'"),
+        (dict(rank=0), r"rank must be an integer in \[1, 65536\] or None, got 0"),
+        (dict(crop="64"), r"crop must be an integer in \[1, 4096\], got '64'"),
         (dict(blur_sigma=-1.0), r"blur_sigma must be a finite number >= 0, got -1.0"),
         (dict(weights=3), "weights must be 'imagenet', 'random' or a path to a state-dict file, got 3"),
     ],
@@ -367,7 +367,7 @@ def test_load_compares_options_by_their_validated_value(fitted, tmp_path):
     assert CRDDetector.load(path, layers=("layer2", "layer3"), lam_rel=fitted.model.scorer.lam_rel).is_fitted
     with pytest.raises(ModelFileError, match="layers="):
         CRDDetector.load(path, layers="layer2")
-    with pytest.raises(ValueError, match="crop must be a positive integer"):
+    with pytest.raises(ValueError, match="crop must be an integer in"):
         CRDDetector.load(path, crop=-64)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import cli_detector_args, random_bank
+from helpers import cli_detector_args, random_bank, run_unprivileged
 from PIL import Image
 
 from crd_fast import CRDDetector, CRDScorer, ModelFileError
@@ -364,34 +364,9 @@ def test_fit_onto_an_existing_directory_fails_before_fitting(data, tmp_path, mon
     assert "model.crd" in err and "is a directory" in err and ".tmp" not in err
 
 
-def _drop_permission_override() -> None:
-    """In the child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so that
-    root's exec'd program is bound by file permissions like any user (prctl PR_CAPBSET_DROP)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
 def _unprivileged(script: str, folder: Path) -> subprocess.CompletedProcess:
     """Run ``python -c script`` bound by file permissions (root ignores them: its override is dropped first)."""
-    kwargs = {"preexec_fn": _drop_permission_override} if os.geteuid() == 0 else {}
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", script],
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=folder,
-            **kwargs,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the process bound by file permissions did not finish: {exc}")
-    except subprocess.SubprocessError as exc:  # the permission drop itself is impossible here (no CAP_SETPCAP)
-        pytest.skip(f"cannot run a process bound by file permissions here: {exc}")
+    return run_unprivileged(script, folder, _env())
 
 
 @pytest.fixture
@@ -480,11 +455,12 @@ def test_written_files_get_the_permissions_of_the_umask(data, tmp_path):
 
 # ---- model-file ranges -----------------------------------------------------------------------------------------
 def _rewrite(path: Path, edit_meta=None, edit_tensors=None) -> None:
-    """Rewrite a model file with edited metadata and/or tensors, and a recomputed (valid) checksum."""
+    """Rewrite a model file with edited metadata and/or tensors, and recomputed (valid) checksums: the tensors' and
+    the header's (a hostile editor can recompute both; the field checks must still hold)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from crd_fast.io.model_file import METADATA_KEY, tensor_checksum
+    from crd_fast.io.model_file import DIGEST_KEY, METADATA_KEY, header_digest, tensor_checksum
 
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads(fh.metadata()[METADATA_KEY])
@@ -494,7 +470,8 @@ def _rewrite(path: Path, edit_meta=None, edit_tensors=None) -> None:
     if edit_meta:
         edit_meta(meta)
     meta["checksum"] = tensor_checksum(tensors)
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    text = json.dumps(meta)
+    save_file(tensors, str(path), metadata={METADATA_KEY: text, DIGEST_KEY: header_digest(text)})
 
 
 def test_model_with_n_1e30_is_refused_naming_the_field(model, tmp_path):

@@ -173,7 +173,7 @@ def _tamper(path, out, tensors=None, fields=None, drop=()):
     meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "crd_fast_version", "kind")}
     meta.pop("checksum")
     meta.update(fields or {})
-    write_model_file(out, LOCAL_HEAD_KIND, t, meta)
+    write_model_file(out, LOCAL_HEAD_KIND, t, meta, check=None)  # corrupt on purpose: no load-time check
     return out
 
 
