@@ -343,6 +343,40 @@ def test_distributed_predict_never_reuses_a_killed_runs_staging_folder(model, da
     assert not stale.exists()  # the killed run's leftovers are cleaned up
 
 
+@pytest.mark.slow
+def test_two_rank_predict_shares_one_fresh_staging_folder(model, data, tmp_path):
+    """(The same under torchrun: rank 0 makes the run's own staging folder and rank 1 joins it; every heatmap of
+    both shards, and nothing of a killed run's, ends in OUT.)"""
+    import signal
+    import subprocess
+
+    from helpers import torchrun_command
+
+    images = _copy_images(data, tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    stale = tmp_path / ".crd-stage-killed"
+    (stale / "heatmaps").mkdir(parents=True)
+    shutil.copy(images[0], stale / "heatmaps" / "stale.png")
+    _age(stale)
+    cmd = [*torchrun_command(2), "-m", "crd_fast", "predict", str(model), str(tmp_path / "in"), "-o", str(out)]
+    env = {**_env(), "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*cmd, "--distributed", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True, text=True,
+    )  # fmt: skip
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"torchrun job overran and was killed:\n{log[-4000:]}")
+    assert proc.returncode == 0, log[-4000:]
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == sorted(f"{p.stem}.png" for p in images)
+    with open(out / "scores.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
 def test_update_through_a_symlink_updates_the_target(model, data, tmp_path):
     """`fit --update -o link.crd` where the link points at the real model: the link is replaced by a regular file and
     the real model is never updated."""
@@ -842,3 +876,67 @@ def test_model_is_validated_before_it_is_written(model, tmp_path):
     with pytest.raises(ModelFileError, match="not written.*projection"):
         scorer.save(tmp_path / "s.crd")
     assert not (tmp_path / "s.crd").exists()
+
+
+# ---- found beyond the listed cases: the same kinds of misuse on the other commands and options ---------------------
+def test_model_or_config_that_is_a_fifo_is_refused_instead_of_waiting(tmp_path):
+    """(A FIFO given as the model or the config file made `predict` wait forever for a writer.)"""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "m.crd"
+    os.mkfifo(fifo)
+    config = tmp_path / "c.toml"
+    os.mkfifo(config)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    for argv in (
+        ["predict", str(fifo), str(image), "-o", str(tmp_path / "out")],
+        ["fit", str(tmp_path), "-o", str(tmp_path / "n.crd"), "--config", str(config)],
+    ):
+        try:
+            run = subprocess.run(
+                [sys.executable, "-m", "crd_fast", *argv], env=_env(), capture_output=True, text=True, timeout=120
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"crd-fast {argv[0]} waits on a FIFO instead of refusing it")
+        assert run.returncode == 2 and "not a regular file" in run.stderr, run.stderr
+    with pytest.raises(ModelFileError, match="not a regular file"):
+        CRDDetector.load(fifo)
+
+
+def test_read_only_output_file_is_not_replaced(model, data, tmp_path, monkeypatch, capsys):
+    """(`fit -o m.crd` replaced a read-only `m.crd`: rename ignores the file's own mode, and root ignores all.)"""
+    path = Path(shutil.copy(model, tmp_path / "m.crd"))
+    path.chmod(0o444)
+    before = path.read_bytes()
+    _refuse_work(monkeypatch)
+    assert main(["fit", str(data), "-o", str(path), *O]) == 2
+    err = _err(capsys)
+    assert str(path) in err and "read-only" in err
+    assert path.read_bytes() == before
+
+
+def test_symlink_loop_and_empty_outputs_are_bad_input(data, tmp_path, monkeypatch, capsys):
+    """(`fit -o loop` with a link to itself exited 1 with an OSError; `-o ''` said nothing useful.)"""
+    loop = tmp_path / "loop.crd"
+    loop.symlink_to(loop)
+    _refuse_work(monkeypatch)
+    assert main(["fit", str(data), "-o", str(loop), *O]) == 2
+    assert "loop.crd" in _err(capsys)
+    assert main(["fit", str(data), "-o", "", *O]) == 2
+    assert "empty" in _err(capsys)
+
+
+def test_eval_refuses_a_file_name_that_is_not_utf8_before_evaluating(data, tmp_path, monkeypatch, capsys):
+    """(`eval` with such a name in the data set ran the whole evaluation, then failed writing the HTML report.)"""
+    import crd_fast.evaluation.mvtec as mvtec
+
+    root = tmp_path / "set"
+    shutil.copytree(data, root / "fabric")
+    good = os.fsencode(root / "fabric" / "test" / "good")
+    shutil.copy(os.path.join(good, os.listdir(good)[0]), os.path.join(good, b"odd\xfe.png"))
+    monkeypatch.setattr(mvtec, "evaluate_mvtec", lambda *a, **k: pytest.fail("evaluated before checking names"))
+    assert main(["eval", str(root), "--report", str(tmp_path / "rep"), *O]) == 2
+    err = _err(capsys)
+    assert "odd\\xfe.png" in err and "UTF-8" in err

@@ -32,6 +32,8 @@ def load_config(path: str) -> dict[str, Any]:
     kind = SUFFIXES.get(p.suffix.lower())
     if kind is None:
         raise CLIError(f"config file {path}: unknown format (use a .toml, .yaml or .yml file)")
+    if p.exists() and not p.is_file():
+        raise CLIError(f"config file {path}: not a regular file (a folder, device or FIFO)")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -87,6 +87,17 @@ def resolve_root(root: str, categories: Optional[Sequence[str]]) -> tuple[Path, 
     return path, found
 
 
+def check_names(root: Path, categories: Sequence[str]) -> None:
+    """Refuse (naming it) a data set file whose name is not UTF-8: it could not be written to the report."""
+    from ..data import MVTecAD
+    from ..io.safety import check_image_names
+
+    for category in categories:
+        for split in ("train", "test"):
+            if (root / category / split).is_dir():
+                check_image_names([s.image_path for s in MVTecAD(root, category, split).samples], "data set file")
+
+
 def report_files(out_dir: str) -> list[str]:
     """The files ``--report DIR`` writes."""
     return [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.html")]
@@ -113,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.mvtec import evaluate_mvtec, format_table
 
     root, categories = resolve_root(args.root, args.category)
+    check_names(root, categories)  # before any work: names go into the UTF-8 report
     if args.report:
         from ..io.safety import check_outputs
 

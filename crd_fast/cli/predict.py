@@ -325,6 +325,8 @@ def run(args: argparse.Namespace) -> int:
     check_readable_file(args.model, "model file")
     files = collect_images(args.images, args.recursive)
     check_image_names(files)  # before any work: names go into the UTF-8 score tables
+    check_image_names([args.output], "output folder")
+    check_image_names([args.model], "model file")
     # Everything is written to a staging folder and put into OUT as one commit at the end (crd_fast.io.outputs);
     # OUT may not be, contain or lie inside anything this run reads (crd_fast.io.safety).
     results = ResultFolder(

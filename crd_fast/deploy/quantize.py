@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from ..detector.detector import CRDDetector
-from ..io.safety import check_outputs
+from ..io.safety import check_outputs, path_inputs
 from .export import ExportResult, export_onnx, write_export
 from .metadata import DeployError, PathLike, metadata_path_for, sha256_bytes
 from .quantized_refit import backbone_signature, graph_score_statistics, refit_on_graph
@@ -265,8 +264,7 @@ def export_onnx_int8(
         raise TypeError(f"refit_head must be True or False, got {refit_head!r}")
     out = Path(path)
     meta_path = Path(metadata_path) if metadata_path is not None else metadata_path_for(out)
-    given = [source, *(calibration if isinstance(calibration, (list, tuple)) else [calibration])]
-    paths = [x for x in given if isinstance(x, (str, os.PathLike))]
+    paths = path_inputs([source]) + path_inputs(calibration)
     # before any work: the graph and its sidecar may replace neither the model nor a calibration image
     check_outputs(files=[out, meta_path], inputs=paths)
     provenance: dict[str, Any] = {}

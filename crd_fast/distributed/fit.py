@@ -14,7 +14,6 @@ replacing it: the result equals a fit on the old and new inputs together.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Sequence, Union
 
 import torch.distributed as dist
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 from ..core.stats import PatchStatistics
 from ..detector.detector import CRDDetector
 from ..io.model_file import PathLike
-from ..io.safety import check_outputs
+from ..io.safety import check_outputs, path_inputs
 from ..scorers._validation import as_patch_matrix
 from ..scorers.crd import CRDScorer
 from .detector import fit_detector_distributed
@@ -76,7 +75,7 @@ def fit_distributed(
     DistributedError) and nothing is written.
     """
     if save_path is not None:  # before any work, on every rank: the model may overwrite none of its inputs
-        check_outputs(files=[save_path], inputs=[i for i in items if isinstance(i, (str, os.PathLike))])
+        check_outputs(files=[save_path], inputs=path_inputs(items))
     if isinstance(model, CRDDetector):
         items = check_items(as_item_list(items))
         return fit_detector_distributed(

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ..detector.detector import CRDDetector
 from ..io.atomic import atomic_write
 from ..io.model_file import PathLike
-from ..io.safety import check_outputs
+from ..io.safety import check_outputs, path_inputs
 from ..scorers.crd import CRDScorer
 from .items import as_item_list, check_items
 from .reduce import DistributedError, all_gather_objects, raise_if_any_failed, rank_and_world
@@ -112,14 +112,14 @@ def merge_records(per_rank: Sequence[Sequence[dict]], n_items: int) -> list[dict
     return merged
 
 
-def _check_output(output: Optional[PathLike], inputs: Sequence[Any] = ()) -> Optional[Path]:
+def _check_output(output: Optional[PathLike], inputs: Any = ()) -> Optional[Path]:
     """The table's path, checked before any work: a .csv or .json name that replaces no input (crd_fast.io.safety)."""
     if output is None:
         return None
     path = Path(output)
     if path.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"output {path} must end in .csv or .json, got suffix {path.suffix!r}")
-    check_outputs(files=[path], inputs=[i for i in inputs if isinstance(i, (str, os.PathLike))])
+    check_outputs(files=[path], inputs=path_inputs(inputs))
     return path
 
 

@@ -213,20 +213,46 @@ def _journals(folder: Path) -> list[Path]:
     return sorted(folder / n for n in names if n.startswith(JOURNAL_PREFIX) and n.endswith(".json"))
 
 
+def _temporary_child(path: str, folder: str, prefix: str = TEMP_PREFIX) -> bool:
+    """True if ``path`` is an entry of ``folder`` named like crd_fast's temporary files (``prefix``)."""
+    return os.path.dirname(path) == folder and os.path.basename(path).startswith(prefix)
+
+
+def _safe_move(src: Optional[str], dst: str, folder: str) -> bool:
+    """A move a journal of ``folder`` may make: a staged file beside its target, or an entry of a staging folder in
+    ``folder`` onto (or the removal of) an entry of ``folder``. Nothing else, whatever a journal says."""
+    if src is None:
+        return os.path.dirname(dst) == folder
+    beside = os.path.dirname(src) == os.path.dirname(dst) and os.path.basename(src).startswith(TEMP_PREFIX)
+    staged = _temporary_child(os.path.dirname(src), folder) and os.path.dirname(dst) == folder
+    return beside or staged
+
+
 def _read_journal(journal: Path) -> Optional[dict]:
+    """The journal's moves if it is one of this user's own, complete and within bounds (else None: left alone)."""
     try:
+        if hasattr(os, "geteuid") and os.stat(journal).st_uid != os.geteuid():
+            return None  # another user's: never act on it (in a shared folder it could name anything)
         doc = json.loads(journal.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    folder = os.fspath(journal.parent)
     ok = (
         isinstance(doc, dict)
         and doc.get("format") == JOURNAL_FORMAT
         and isinstance(doc.get("aside"), str)
+        and _temporary_child(doc["aside"], folder, ASIDE_PREFIX)
         and isinstance(doc.get("moves"), list)
         and all(
-            isinstance(m, list) and len(m) == 2 and (m[0] is None or isinstance(m[0], str)) and isinstance(m[1], str)
+            isinstance(m, list)
+            and len(m) == 2
+            and (m[0] is None or isinstance(m[0], str))
+            and isinstance(m[1], str)
+            and _safe_move(m[0], m[1], folder)
             for m in doc["moves"]
         )
+        and isinstance(doc.get("cleanup", []), list)
+        and all(isinstance(c, str) and _temporary_child(c, folder) for c in doc.get("cleanup", []))
     )
     return doc if ok else None
 

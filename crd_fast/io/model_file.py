@@ -122,6 +122,8 @@ def read_model_file(path: PathLike, kind: str) -> tuple[dict[str, torch.Tensor],
         raise ModelFileError(f"{p}: permission denied: cannot read the model file") from None
     except IsADirectoryError:
         raise ModelFileError(f"{p}: is a directory, not a model file") from None
+    except ValueError as exc:  # a device, FIFO or socket
+        raise ModelFileError(f"{p}: not a model file: {exc}") from None
     try:
         with safe_open(str(p), framework="pt") as fh:
             raw_meta = fh.metadata() or {}

@@ -19,6 +19,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -53,7 +54,7 @@ def check_readable_file(path: PathLike, what: str = "file") -> Path:
     p = Path(path)
     shown = quoted(path)
     try:
-        p.stat()
+        st = p.stat()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {shown} does not exist") from None
     except PermissionError:
@@ -64,6 +65,8 @@ def check_readable_file(path: PathLike, what: str = "file") -> Path:
         raise write_error(exc, path, "read") from None
     if p.is_dir():
         raise IsADirectoryError(f"{what} {shown} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):  # reading a FIFO would wait forever, a device would never end
+        raise OutputError(f"{what} {shown} is not a regular file (a device, FIFO or socket)")
     try:
         with open(p, "rb"):
             pass

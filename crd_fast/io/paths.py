@@ -53,7 +53,7 @@ def write_error(exc: OSError, target: PathLike, action: str = "write") -> OSErro
         errno.ENAMETOOLONG: "file name too long",
         errno.ELOOP: "too many levels of symbolic links",
     }.get(exc.errno or 0, exc.strerror or str(exc))
-    if exc.errno == errno.ENAMETOOLONG:
+    if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):  # the path itself is wrong: bad input (exit 2)
         return OutputError(f"cannot {action} {quoted(target)}: {cause}")
     made = type(exc)(f"cannot {action} {quoted(target)}: {cause}")  # the message names the path
     made.errno = exc.errno

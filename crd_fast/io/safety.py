@@ -41,6 +41,7 @@ __all__ = [
     "PathLike",
     "check_image_names",
     "check_outputs",
+    "path_inputs",
     "display_path",
     "probe_folder",
     "quoted",
@@ -102,7 +103,9 @@ def resolve_output_file(path: PathLike, probe: bool = True) -> Path:
     file system can hold, not a directory, not a device / FIFO / socket, a folder that is (or can be made) a
     folder and, with ``probe``, is writable. Errors name ``path`` as the user gave it."""
     shown = path
-    if os.fspath(path) in ("", ".", ".."):
+    if os.fspath(path) in ("", b""):
+        raise OutputError("cannot write '': the output path is empty")
+    if os.fspath(path) in (".", ".."):
         raise IsADirectoryError(f"cannot write {quoted(shown)}: it is a directory")
     _check_name(path, shown)
     real = Path(os.path.realpath(path))
@@ -117,6 +120,11 @@ def resolve_output_file(path: PathLike, probe: bool = True) -> Path:
                 f"cannot write {quoted(shown)}: it is {kind}, not a regular file (crd-fast replaces its outputs, "
                 "which would replace the device itself); choose a regular file"
             )
+        if not st.st_mode & 0o222:  # rename would replace it whatever its mode (and root may write anything)
+            raise OutputError(
+                f"cannot write {quoted(shown)}: the file is read-only (no write permission for anyone); make it "
+                "writable (chmod u+w) to let crd-fast replace it"
+            )
     folder = _existing_ancestor(real.parent)
     if not folder.is_dir():
         raise NotADirectoryError(f"cannot write {quoted(shown)}: {quoted(folder)} is a file, not a folder")
@@ -129,6 +137,8 @@ def resolve_output_folder(path: PathLike, probe: bool = True) -> Path:
     """The real folder results go to (symbolic links followed): it must be a folder or not exist yet, and it (or
     the nearest existing folder above it) must be writable."""
     shown = path
+    if os.fspath(path) in ("", b""):
+        raise OutputError("cannot write '': the output folder is empty")
     _check_name(path, shown)
     real = Path(os.path.realpath(path))
     st = _stat(real, shown)
@@ -283,9 +293,18 @@ def check_outputs(
     return OutputPlan(tuple(plan_files), tuple(plan_folders))
 
 
+def path_inputs(items: object) -> list[PathLike]:
+    """The paths among a writer's ``items`` (a folder or file path, or a list / tuple holding paths): its inputs."""
+    if isinstance(items, (str, os.PathLike)):
+        return [items]
+    if isinstance(items, (list, tuple)):
+        return [i for i in items if isinstance(i, (str, os.PathLike))]
+    return []
+
+
 def check_image_names(paths: Sequence[PathLike], what: str = "image file") -> None:
-    """Refuse, naming the file, paths whose names are not valid UTF-8: their results could not be written to the
-    UTF-8 score tables (CSV, JSON) after the work was done."""
+    """Refuse, naming the file, paths whose names are not valid UTF-8: they could not be written to the UTF-8 score
+    tables and reports (CSV, JSON, HTML) after the work was done."""
     for p in paths:
         text = os.fspath(p)
         if isinstance(text, bytes):
