@@ -550,13 +550,10 @@ def test_disk_full_names_the_path(data, tmp_path, monkeypatch, capsys):
     assert info.value.errno == errno.ENOSPC
     assert [p.name for p in tmp_path.iterdir()] == []
 
-    import safetensors.torch
+    def full_disk(self, data):  # the model file's bytes hit a full disk
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    def full_disk(*args, **kwargs):  # what safetensors (Rust) raises: no errno, the cause in the text
-        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
-                                          'message: "No space left on device" })')  # fmt: skip
-
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     assert main(["fit", str(data), "-o", str(tmp_path / "m.crd"), *O, "--lam-rel", "0.01", "--spatial", "global"]) == 1
     err = _err(capsys)
     assert "m.crd" in err and "no space left on device" in err and ".tmp" not in err
@@ -940,3 +937,36 @@ def test_eval_refuses_a_file_name_that_is_not_utf8_before_evaluating(data, tmp_p
     assert main(["eval", str(root), "--report", str(tmp_path / "rep"), *O]) == 2
     err = _err(capsys)
     assert "odd\\xfe.png" in err and "UTF-8" in err
+
+
+def test_a_planted_journal_is_never_acted_on(tmp_path):
+    """(Recovery rolls journals forward: one planted in a shared folder must not make a run move or delete anything
+    but staged entries, nor act at all when another user wrote it.)"""
+    from crd_fast.io.commit import JOURNAL_FORMAT, tidy_folder
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("mine")
+    (shared / "results.csv").write_text("mine too")
+    (shared / ".crd-stage-x").mkdir()
+    (shared / ".crd-stage-x" / "results.csv").write_text("planted")
+    aside = str(shared / ".crd-old-x")
+    planted = {
+        "outside": {"moves": [[None, str(victim / "precious.txt")]], "cleanup": []},
+        "cleanup outside": {"moves": [], "cleanup": [str(victim)]},
+        "aside outside": {"moves": [[None, str(shared / "results.csv")]], "cleanup": [], "aside": str(victim)},
+        "another user's": {"moves": [[str(shared / ".crd-stage-x" / "results.csv"), str(shared / "results.csv")]]},
+    }
+    for i, (name, doc) in enumerate(planted.items()):
+        journal = shared / f".crd-journal-{i}.json"
+        journal.write_text(json.dumps({"format": JOURNAL_FORMAT, "version": 1, "aside": aside, **doc}))
+        if name == "another user's":
+            if os.geteuid() != 0:
+                journal.unlink()  # only root can give a file to another user here
+                continue
+            os.chown(journal, 12345, 12345)
+    tidy_folder(shared)
+    assert (victim / "precious.txt").read_text() == "mine"
+    assert (shared / "results.csv").read_text() == "mine too"

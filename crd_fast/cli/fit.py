@@ -180,9 +180,11 @@ def run(args: argparse.Namespace) -> int:
         check_readable_file(args.output, "--update: model file")
     weights = [args.weights] if args.weights not in WEIGHT_SOURCES else []
     # before the fit, not after it: the model may overwrite none of what the fit reads (crd_fast.io.safety)
+    model = [args.output] if args.update else []  # --update reads the model and writes it back: nothing else
     check_outputs(
         files=[args.output],
-        inputs=[args.data, folder, *files, args.calibrate, *calibration, *weights, args.config],
+        inputs=[args.data, folder, *files, args.calibrate, *calibration, *weights, args.config, *model],
+        updates=model,
     )
     main = _rank() == 0
     if main:

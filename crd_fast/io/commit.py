@@ -290,6 +290,9 @@ def commit_moves(
     one. ``check()`` runs under the lock first (and may refuse); ``cleanup``: staging paths removed once the
     commit is complete."""
     p = Path(folder)
+    unsafe = [(s, d) for s, d in moves if not _safe_move(None if s is None else os.fspath(s), os.fspath(d), str(p))]
+    if unsafe:  # recovery would refuse to act on such a journal: refuse to write it
+        raise ValueError(f"moves outside the staged entries of {str(p)!r}: {unsafe}")
     with folder_lock(p):
         _recover_locked(p)
         if check is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -58,6 +59,21 @@ def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors file of ``tensors`` and ``metadata``, byte for byte the same for the same content: the library
+    writes its metadata map in hash order, so its header is written again with the metadata keys sorted (the tensor
+    entries, and so the data offsets, are kept as they are)."""
+    from safetensors.torch import save
+
+    raw = save(dict(tensors), metadata=dict(metadata))
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data section to 8 bytes
+    return struct.pack("<Q", len(text)) + text + raw[8 + n :]
+
+
 def header_digest(text: str) -> str:
     """SHA-256 of the model file's JSON header text (which holds the tensors' checksum)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -85,8 +101,6 @@ def write_model_file(
     (tests that write corrupt files). ``inputs``: files the model was made from (a backbone weights file)
     that ``path`` must not overwrite.
     """
-    from safetensors.torch import save_file
-
     check_outputs(files=[path], inputs=inputs)
     clean = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = {
@@ -105,7 +119,7 @@ def write_model_file(
     except ModelFileError as exc:
         raise ModelFileError(f"not written, it would not load back: {exc}") from exc
     with exclusive_write(path), atomic_write(path) as tmp:  # one writer at a time (crd_fast.io.locking)
-        save_file(clean, str(tmp), metadata={METADATA_KEY: text, DIGEST_KEY: header_digest(text)})
+        tmp.write_bytes(safetensors_bytes(clean, {METADATA_KEY: text, DIGEST_KEY: header_digest(text)}))
     return Path(path)
 
 

@@ -149,9 +149,7 @@ def resolve_output_folder(path: PathLike, probe: bool = True) -> Path:
     if not folder.is_dir():
         raise NotADirectoryError(f"cannot write {quoted(shown)}: {quoted(folder)} is a file, not a folder")
     if probe:
-        probe_folder(folder, shown)
-        if st is not None and folder != real.parent and real.parent.is_dir():
-            probe_folder(real.parent, shown)  # the folder itself is replaced by rename when it is empty
+        probe_folder(folder, shown)  # an existing folder receives the results inside it, a new one beside it
     return real
 
 
