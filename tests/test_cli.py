@@ -364,7 +364,7 @@ def test_bad_lam_rel(value, data, tmp_path, capsys):
     [
         (["--layers", "layer9"], "layer9"),
         (["--weights", "/no/such/weights.pth"], "weights.pth"),
-        (["--backbone", "vgg16"], "vgg16"),
+        (["--backbone", "vgg16", "--layers", "layer2,layer3"], "unknown layer(s) ['layer2', 'layer3'] for vgg16"),
         (["--batch-size", "0"], "--batch-size"),
         (["--crop", "128"], "crop (128) must not exceed resize (64)"),
         (["--device", "tpu"], "tpu"),

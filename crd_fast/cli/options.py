@@ -11,7 +11,16 @@ import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
-from ..choices import BACKBONES, EMBEDDINGS, LAM_AUTO, LAYERS, PRECISIONS, SPATIAL_MODES, WEIGHT_SOURCES
+from ..choices import (
+    BACKBONES,
+    DEFAULT_LAYERS_NOTE,
+    EMBEDDINGS,
+    LAM_AUTO,
+    LAYERS,
+    PRECISIONS,
+    SPATIAL_MODES,
+    WEIGHT_SOURCES,
+)
 from ..detector.config import DEFAULTS, OPTIONS, RUNTIME_OPTIONS, DetectorConfig
 
 
@@ -192,9 +201,11 @@ def add_detector_options(parser: argparse.ArgumentParser, size_note: str = "", *
     if unknown:
         raise TypeError(f"not detector options on the command line: {sorted(unknown)}")
     group = parser.add_argument_group("detector options")
+    # Unset defaults are filled in later; the note says how (sizes: by the command; layers: by the backbone).
+    notes = {"resize": size_note, "crop": size_note, "layers": DEFAULT_LAYERS_NOTE}
     for name in OPTIONS:
         if name in _FLAGS and name not in RUNTIME_OPTIONS:
-            _add_flag(group, name, defaults.get(name, DEFAULTS[name]), size_note if name in ("resize", "crop") else "")
+            _add_flag(group, name, defaults.get(name, DEFAULTS[name]), notes.get(name, ""))
     add_runtime_options(group, defaults.get("batch_size", DEFAULTS["batch_size"]))
 
 

@@ -33,7 +33,13 @@ from ..core.embedding import embed_patches, embedding_dim, patch_grids, patch_ma
 from ..core.precision import PrecisionChoice, resolve_precision
 from ..core.stats import PatchStatistics
 from ..data.images import Images, count_images, iter_images
-from ..features.backbone import BackboneWeightsError, FeatureExtractor, module_state_sha256, weights_identity
+from ..features.backbone import (
+    BackboneWeightsError,
+    FeatureExtractor,
+    module_state_sha256,
+    same_weights,
+    weights_identity,
+)
 from ..features.preprocess import Preprocess, load_image
 from ..features.timm_backbone import TimmFeatures, is_timm
 from ..io.images import decode_reservation
@@ -118,6 +124,8 @@ class CRDDetector:
         backbone = config.backbone
         if is_timm(backbone):
             backbone = TimmFeatures(backbone, config.layers, config.weights, config.seed)
+            if config.layers is None:  # its default stages, read from the model: the options record them
+                config = self._options = config.replace(layers=backbone.layers)
         self.extractor = FeatureExtractor(backbone, config.layers, config.weights, config.seed).to(self.device)
         self.extractor.set_precision(self.precision_choice)  # fit and predict alike
         # The backbone's own normalisation: ImageNet's for torchvision, the model's for timm or a user module.
@@ -290,6 +298,8 @@ class CRDDetector:
             )
         if ident["kind"] == "file":
             return f"{self.backbone_name} with weights from {ident['file']} (sha256 {ident['sha256'][:12]}...)"
+        if ident["kind"] == "imagenet" and "package" in ident:
+            return f"{self.backbone_name} with ImageNet weights from the {ident['package']} {ident['version']} package"
         if ident["kind"] == "imagenet":
             return f"{self.backbone_name} with torchvision ImageNet weights ({ident['name']})"
         return f"{self.backbone_name} (user module)"
@@ -805,6 +815,11 @@ class CRDDetector:
             raise
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: cannot rebuild the detector from its stored config: {exc}") from exc
+        require(  # weights known by their bytes (a file, HED's, a package's) must still be those bytes
+            "sha256" not in ident or same_weights(det.weights_identity, ident),
+            path,
+            f"the backbone weights changed since the model was saved: {ident} then, {det.weights_identity} now",
+        )
         require(
             list(det.patch_grid) == meta.get("patch_grid"),
             path,
@@ -913,7 +928,7 @@ def _requested_option(path: PathLike, key: str, want: Any, stored: dict[str, Any
         return want
     if key == "weights":
         asked = weights_identity(DetectorConfig.check(key, want), stored["seed"], stored["backbone"])
-        if _without_file(asked) != _without_file(ident):
+        if not same_weights(asked, ident):
             raise ModelFileError(
                 f"{path}: the model was made with weights {ident}, but weights={want!r} ({asked}) was requested"
             )
@@ -938,7 +953,3 @@ def score_statistics(scores: np.ndarray) -> dict[str, float]:
         "q95": float(q[2]),
         "q99": float(q[3]),
     }
-
-
-def _without_file(identity: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in identity.items() if k != "file"}
