@@ -90,9 +90,8 @@ LAM_AUTO = "auto"
 #: The candidate lam_rel values of the label-free choice: half-decades from 1e-5 to 1e-1.
 DEFAULT_LAM_GRID: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
-#: Spatial models: "global" (one mean and covariance for every patch: the paper's CRD), "local" (a mean and a
-#: low-rank covariance part per patch position, for aligned parts), "auto" (chosen like lam_rel="auto").
-SPATIAL_MODES: tuple[str, ...] = ("global", "local", "auto")
+#: The detector's scoring model (its ``spatial`` option): "auto" chooses among the registered models without labels
+#: like lam_rel="auto"; the names are the registry's (crd_fast/scoring/registry.py: "global", "local", ...).
 DEFAULT_SPATIAL = "auto"
 #: The local model's defaults: rank k of each position's own covariance part, shrinkage toward the pooled one.
 DEFAULT_LOCAL_RANK = 32

@@ -34,7 +34,7 @@ ONE = ["--batch-size", "1"]
 
 
 def assert_same_statistics(a: CRDDetector, b: CRDDetector) -> None:
-    sa, sb = a.scorer.statistics, b.scorer.statistics
+    sa, sb = a.model.scorer.statistics, b.model.scorer.statistics
     assert sa.count == sb.count
     torch.testing.assert_close(sa.mean, sb.mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sa.scatter, sb.scatter, rtol=1e-10, atol=1e-10)

@@ -249,7 +249,7 @@ def test_fused_cpu_head_is_used_and_matches_the_float64_reference(fitted_global,
     assert calls, "the CPU head did not take the fused pass"
     with torch.inference_mode():
         maps = [m.double() for m in det.extractor(det.preprocess.batch(x))]
-    proj = det.scorer.projection
+    proj = det.model.scorer.projection
     want = reference.crd_head(maps, proj.matrix, proj.offset, det.embedding, det.target_dim).numpy()
     assert float(np.abs(got - want).max() / np.abs(want).max()) < 1e-4
 

@@ -323,7 +323,7 @@ def test_fuzz_image_loaders(tmp_path_factory, which, edits, cut, head):
 # ---- local head files --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_head_file(tmp_path_factory):
-    from crd_fast.deploy.local_head_file import LocalDeployHead
+    from crd_fast.models.local_head_file import LocalDeployHead
     from crd_fast.scorers.local import LocalCRDScorer
 
     gen = torch.Generator().manual_seed(9)
@@ -339,7 +339,7 @@ def local_head_file(tmp_path_factory):
 @settings(max_examples=800, **FUZZ)
 @given(data=st.data())
 def test_fuzz_local_head_metadata(local_head_file, tmp_path_factory, data):
-    from crd_fast.deploy.local_head_file import LocalDeployHead
+    from crd_fast.models.local_head_file import LocalDeployHead
 
     path, probe, want = local_head_file
     meta = _meta(path)

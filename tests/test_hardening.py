@@ -290,7 +290,7 @@ def test_predict_decodes_each_image_once(model, data, tmp_path, monkeypatch):
 
 def test_parallel_decoding_is_bounded_by_memory(model, data, tmp_path, monkeypatch):
     """... up to 8 are decoded at once in threads (bounded by count, not by memory)."""
-    import crd_fast.detector.detector as detector_module
+    import crd_fast.detector.batches as detector_module
     from crd_fast.io.limits import image_limits, set_image_limits
 
     active, peak = [0], [0]
@@ -527,12 +527,12 @@ def test_model_files_saved_before_load_with_identical_scores(model, data):
     det = CRDDetector.load(model)
     files = [str(f) for f in sorted((data / "test").rglob("*.png"))]
     a = det.predict(files, progress=False).image_scores
-    det.scorer.rank = 5
-    tensors, fields = det.scorer.state()
+    det.model.scorer.rank = 5
+    tensors, fields = det.model.scorer.state()
     again = CRDScorer.from_state(tensors, fields)
     y = torch.randn(7, det.dim, dtype=torch.float64)
-    assert torch.equal(again.score(y), det.scorer.score(y))
-    det.scorer.rank = None
+    assert torch.equal(again.score(y), det.model.scorer.score(y))
+    det.model.scorer.rank = None
     np.testing.assert_array_equal(det.predict(files, progress=False).image_scores, a)
 
 
@@ -576,7 +576,7 @@ def test_numpy_scalar_parameters_are_accepted(rng):
         lam_rel=np.float64(0.05),
         seed=np.int32(2),
     )
-    assert det.batch_size == 3 and det.seed == 2 and det.scorer.lam_rel == 0.05
+    assert det.batch_size == 3 and det.seed == 2 and det.options.lam_rel == 0.05
 
 
 def test_overflow_in_fit_is_reported_as_overflow(rng):

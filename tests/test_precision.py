@@ -8,8 +8,9 @@ from helpers import random_bank
 
 from crd_fast import CRDScorer, ModelFileError
 from crd_fast.deploy import DeployHead, make_head_file, measure_error, variant_projection
-from crd_fast.deploy.precision import deployed_scores, head_from, round_matrix
+from crd_fast.deploy.head_files import head_from
 from crd_fast.io.model_file import write_model_file
+from crd_fast.models.head_file import deployed_scores, round_matrix
 
 
 @pytest.fixture

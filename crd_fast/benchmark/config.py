@@ -1,4 +1,4 @@
-"""The sizes of one benchmark run (``crd-fast bench`` and the suites in bench/). Torch-free: the CLI reads
+"""The sizes of one benchmark run (``crd-fast bench`` and the suites in bench/suites/). Torch-free: the CLI reads
 ``PARTS`` for ``--help``.
 """
 
@@ -26,7 +26,7 @@ def _all_embeddings() -> tuple[str, ...]:
 
 @dataclass
 class BenchConfig:
-    """Sizes of one run (the CLI's and bench/'s); ``quick()`` gives a run of two minutes or so on 2 cores.
+    """Sizes of one run (the CLI's and bench/suites/'); ``quick()`` gives a run of two minutes or so on 2 cores.
 
     ``nn_rounds`` holds the rounds per bank fraction: exact NN over the 100% bank takes about a minute
     per call on 2 cores, so it gets fewer.

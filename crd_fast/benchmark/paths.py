@@ -92,10 +92,10 @@ def make_head_case(
 
 def fused_path(case: HeadCase) -> Callable[[], Tensor]:
     """The fused op: feature maps -> (B, 28, 28) float32 scores, never building the embedding."""
-    from ..ops import head_op as ops
+    from ..ops import crd_head
 
     maps, matrix, offset = case.maps, case.matrix, case.offset
-    return lambda: ops.crd_head(maps, matrix, offset, case.embedding, case.target_dim)
+    return lambda: crd_head(maps, matrix, offset, case.embedding, case.target_dim)
 
 
 def reference_path(case: HeadCase) -> Callable[[], Tensor]:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..selection.record import SelectionRecord, selection_table
 from .options import (
     CLIError,
     add_detector_options,
@@ -188,8 +189,8 @@ def _summary(det: Any, path: str, seconds: float, threshold_note: str) -> None:
         f"patch grid {det.patch_grid[0]}x{det.patch_grid[1]}"
     )
     echo(
-        f"  fitted:     {det.n_images} images, {det.scorer.n_samples} patches, spatial {det.spatial_choice}, "
-        f"lam_rel = {det.lam_rel:g}, in {seconds:.1f} s"
+        f"  fitted:     {det.n_images} images, {det.model.n_patches} patches, spatial {det.spatial_choice}, "
+        f"lam_rel = {'-' if det.lam_rel is None else format(det.lam_rel, 'g')}, in {seconds:.1f} s"
     )
     _selection_summary(det.selection)
     if stats:
@@ -200,24 +201,22 @@ def _summary(det: Any, path: str, seconds: float, threshold_note: str) -> None:
         warn("the backbone has RANDOM weights: fine for trying things out, not for real inspection")
 
 
-def _selection_summary(record: Optional[dict]) -> None:
+def _selection_summary(record: Optional[SelectionRecord]) -> None:
     """What the label-free choice (lam_rel and/or spatial "auto") chose, with its validation curve."""
-    if not record:
+    if record is None:
         return
-    from ..detector.record import selection_table
-
-    choice = record["choice"]
-    asked = ", ".join(f"{k} {v}" for k, v in record.get("asked", {}).items())
-    echo(f"  selection:  spatial {choice['spatial']}, lam_rel {choice['lam_rel']:g} (asked: {asked})")
-    if not record.get("grid"):
-        echo(f"              {record.get('reason', 'no selection')}")
+    lam = "-" if record.lam_rel is None else format(record.lam_rel, "g")
+    asked = ", ".join(f"{k} {v}" for k, v in record.asked.items())
+    echo(f"  selection:  spatial {record.spatial}, lam_rel {lam} (asked: {asked})")
+    if not record.made:
+        echo(f"              {record.reason()}")
         return
-    fit_seconds = record.get("fit_seconds") or 0.0
-    share = f", {100 * record['seconds'] / fit_seconds:.0f}% of the fit" if fit_seconds > 0 else ""
+    fit_seconds = record.fit_seconds or 0.0
+    share = f", {100 * record.seconds / fit_seconds:.0f}% of the fit" if fit_seconds > 0 else ""
     echo(
-        f"              {record['held_out']} of {record['n_images']} images held out with pseudo-defects; "
-        f"{record['seconds']:.1f} s{share}"
+        f"              {record.held_out} of {record.n_images} images held out with pseudo-defects; "
+        f"{record.seconds:.1f} s{share}"
     )
-    echo(f"              {record.get('criterion', 'criterion')} (* = chosen):")
+    echo(f"              {record.criterion or 'criterion'} (* = chosen):")
     for line in selection_table(record):
         echo("          " + line)

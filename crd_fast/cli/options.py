@@ -18,10 +18,10 @@ from ..choices import (
     LAM_AUTO,
     LAYERS,
     PRECISIONS,
-    SPATIAL_MODES,
     WEIGHT_SOURCES,
 )
 from ..detector.config import DEFAULTS, OPTIONS, RUNTIME_OPTIONS, DetectorConfig
+from ..scoring.registry import spatial_modes
 
 
 def wrap(text: str, width: int = 100) -> str:
@@ -171,7 +171,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "batch_size": dict(type=positive_int, metavar="N"),
     "seed": dict(type=non_negative_int, metavar="S"),
     "precision": dict(choices=PRECISIONS),
-    "spatial": dict(choices=SPATIAL_MODES),
+    "spatial": dict(choices=spatial_modes()),
     "local_rank": dict(type=positive_int, metavar="K"),
     "local_shrinkage": dict(type=probability, metavar="A"),
 }

@@ -57,9 +57,11 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..detector.detector import CRDDetector
 from ..io.atomic import atomic_write
 from .export import ExportResult, export_onnx
 from .metadata import DeployError, PathLike, metadata_path_for, sha256_bytes
+from .quantized_refit import backbone_signature, graph_score_statistics, refit_on_graph
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +73,6 @@ BACKBONE_SCOPE = "/extractor/"
 
 def calibration_batches(source: Any, images: Any, limit: int, batch_size: int = 8) -> Iterator[np.ndarray]:
     """Normalised (B, 3, crop, crop) float32 batches of up to ``limit`` ``images`` (the detector's preprocessing)."""
-    from ..detector.detector import CRDDetector
-
     det = source if isinstance(source, CRDDetector) else CRDDetector.load(source)
     seen = 0
     for _, x in det.iter_batches(images):
@@ -248,9 +248,6 @@ def export_onnx_int8(
         float_nodes: names of further backbone nodes of the exported graph kept float32 (DeployError if one
             is not a backbone node).
     """
-    from ..detector.detector import CRDDetector
-    from .quantized_refit import backbone_signature, graph_score_statistics, refit_on_graph
-
     if isinstance(float_nodes, str):
         raise TypeError(f"float_nodes must be a sequence of node names, got the string {float_nodes!r}")
     settings = QuantizeSettings(

@@ -23,10 +23,10 @@ from ..choices import (
     EMBEDDINGS,
     LAM_AUTO,
     PRECISIONS,
-    SPATIAL_MODES,
     WEIGHT_SOURCES,
     default_layers,
 )
+from ..scoring.registry import check_spatial
 
 Check = Callable[[str, Any], Any]
 
@@ -58,12 +58,6 @@ def _lam_rel(name: str, value: Any) -> Any:
     if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number or {LAM_AUTO!r}, got {value!r}")
     return float(value)
-
-
-def _spatial(name: str, value: Any) -> str:
-    if not isinstance(value, str) or value not in SPATIAL_MODES:
-        raise ValueError(f"{name} must be one of {SPATIAL_MODES}, got {value!r}")
-    return value
 
 
 def _fraction(name: str, value: Any) -> float:
@@ -147,9 +141,10 @@ class DetectorConfig:
             measured faster than float32; else fp32): how
             the backbone and the CPU head's projection GEMM compute, in fit and predict alike; the statistics
             stay float64 (run-time option; docs/DESIGN.md "Compute precision").
-        spatial: "global" (one mean and covariance for every patch position: the paper's CRD, for textures),
-            "local" (a mean per position and a per-position covariance part, for aligned parts) or "auto" (the
-            default: chosen with lam_rel by the same label-free validation).
+        spatial: the scoring model (crd_fast/scoring): "global" (one mean and covariance for every patch position:
+            the paper's CRD, for textures), "local" (a mean per position and a per-position covariance part, for
+            aligned parts), any registered model's name, or "auto" (the default: chosen with lam_rel by the same
+            label-free validation).
         local_rank: k, the rank of each position's own covariance part in the local model.
         local_shrinkage: a in [0, 1], how far each position's covariance is shrunk toward the pooled one.
 
@@ -204,7 +199,7 @@ class DetectorConfig:
         DEFAULT_SPATIAL,
         "global: one covariance for every patch (textures); local: per-position means and covariances (aligned "
         "parts); auto: chosen with lam_rel without labels",
-        _spatial,
+        check_spatial,
     )
     local_rank: int = _option(
         DEFAULT_LOCAL_RANK, "rank k of each position's own covariance part (spatial local)", _positive_int

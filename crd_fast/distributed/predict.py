@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..detector.detector import CRDDetector
 from ..io.atomic import atomic_write
 from ..io.model_file import PathLike
 from ..scorers.crd import CRDScorer
@@ -57,7 +58,9 @@ def _score_scorer(scorer: CRDScorer, items: Sequence[Any], indices: list[int]) -
     return records, per_item
 
 
-def _score_detector(detector: Any, items: Sequence[Any], indices: list[int], progress: bool) -> tuple[list[dict], Any]:
+def _score_detector(
+    detector: CRDDetector, items: Sequence[Any], indices: list[int], progress: bool
+) -> tuple[list[dict], Any]:
     if not items:
         return [], None
     result = detector.predict(list(items), progress=progress)
@@ -159,7 +162,7 @@ def predict_sharded(
     own shard's full result (e.g. to save anomaly maps). ``output`` (.csv or .json) is written by rank 0,
     atomically. A collective: every rank calls it with the same ``items``.
     """
-    if hasattr(model, "predict") and hasattr(model, "scorer"):
+    if isinstance(model, CRDDetector):
         items = as_item_list(items)
     items = check_items(items)
     out_path = _check_output(output)
@@ -170,7 +173,7 @@ def predict_sharded(
         indices, mine = shard(items, rank, world, shard_mode)
         if isinstance(model, CRDScorer):
             records, result = _score_scorer(model, mine, indices)
-        elif hasattr(model, "predict") and hasattr(model, "scorer"):
+        elif isinstance(model, CRDDetector):
             records, result = _score_detector(model, mine, indices, progress and rank == 0)
         elif callable(model):
             records, result = _score_callable(model, mine, indices)

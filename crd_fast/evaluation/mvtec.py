@@ -242,7 +242,7 @@ def evaluate_dataset(
         ms_per_image=ms_per_image,
         extra=extra,
         pixel_threshold=getattr(detector, "pixel_threshold", None),
-        selection=getattr(detector, "selection", None),
+        selection=None if detector.selection is None else detector.selection.to_dict(),
     )
     return CategoryEvaluation(name, result, metrics, notes)
 

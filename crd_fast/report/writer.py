@@ -16,10 +16,10 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .._version import __version__
-from ..detector.record import record_rows
 from ..evaluation import metrics as M
 from ..io.atomic import atomic_write
 from ..postprocess.pixels import pixel_f1
+from ..selection.record import SelectionRecord, record_rows
 from .figures import curves_png, map_range, overlay_tile, selection_png
 from .results import CategoryResult, RunInfo, example_indices
 
@@ -382,7 +382,7 @@ def _selection_section(name: str, record: dict[str, Any]) -> str:
     parts.append(_img(selection_png(name, record), f"{name} label-free choice"))
     head = "".join(f"<th>{html.escape(f)} nll</th><th>{html.escape(f)} pseudo-defects</th>" for f in families)
     rows = [f'<tr><th class="l">lam_rel</th>{head}</tr>']
-    for g, cells_by_family in record_rows(record):
+    for g, cells_by_family in record_rows(SelectionRecord.from_dict(record)):
         cells = []
         for fam, (nll, crit) in cells_by_family.items():
             mark = " *" if fam == choice.get("spatial") and g == lam else ""

@@ -19,7 +19,7 @@ from ..core.finite import all_finite
 from ..core.projection import CRDProjection, crd_lambda
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
-from ..ops import native as _native
+from ..ops import native
 from ._model_checks import check_state_fields, projection_mismatch
 from ._validation import ArrayLike, NumericOverflowError, as_patch_matrix, check_integer, check_real
 
@@ -235,11 +235,11 @@ class CRDScorer:
         matrix, q = self._operands(y.device, dtype)
         out = torch.empty(y.shape[0], dtype=dtype, device=y.device)
         chunk = max(1, _CHUNK_ELEMENTS // max(1, matrix.shape[0]))
-        use_native = _native.has_native() and (y.device.type == "cpu" or _native.has_native_cuda())
+        use_native = native.has_native() and (y.device.type == "cpu" or native.has_native_cuda())
         for start in range(0, y.shape[0], chunk):
             z = y[start : start + chunk] @ matrix.T
             if use_native:
-                out[start : start + chunk] = _native.residual_norm(z, q)
+                out[start : start + chunk] = native.residual_norm(z, q)
             else:
                 out[start : start + chunk] = torch.linalg.vector_norm(z - q, dim=1)
         if not bool(torch.isfinite(out).all()):  # Y was checked finite: only overflow gets here
