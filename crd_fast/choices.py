@@ -85,7 +85,7 @@ WEIGHT_SOURCES: tuple[str, ...] = ("imagenet", "random", "hed")
 DEFAULT_LAM_REL = 0.01
 
 #: lam_rel="auto" (the detector's default): chosen without labels from LAM_GRID on held-out images with
-#: pseudo-defects (crd_fast/detector/selection.py); a number fixes it.
+#: pseudo-defects (crd_fast/selection); a number fixes it.
 LAM_AUTO = "auto"
 #: The candidate lam_rel values of the label-free choice: half-decades from 1e-5 to 1e-1.
 DEFAULT_LAM_GRID: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)

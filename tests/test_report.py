@@ -11,7 +11,7 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
-from crd_fast.evaluation import metrics as M
+from crd_fast.metrics import scores as M
 from crd_fast.report import RANDOM_WEIGHTS_WARNING, CategoryResult, RunInfo, example_indices, write_report
 from crd_fast.report.overlay import heatmap_overlay, normalize_map, save_png
 from crd_fast.synthetic import render_sample

@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--anomalib-python is required: the interpreter of an environment with anomalib 2.7")
     from crd_fast.benchmark.machine import machine_info
     from crd_fast.core.precision import cpu_flags, resolve_precision
-    from crd_fast.evaluation.metrics import image_auroc
+    from crd_fast.metrics.scores import image_auroc
 
     load: dict[str, tuple[float, ...]] = {}  # os.getloadavg(): the shared machine's load during the run
     with tempfile.TemporaryDirectory(prefix="crd_peers_") as tmp:

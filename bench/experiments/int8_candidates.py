@@ -31,7 +31,7 @@ from quality_data import elpv_images, synthetic_images  # noqa: E402
 from crd_fast.benchmark.machine import machine_info, require_fused_cpu_pass  # noqa: E402
 from crd_fast.benchmark.timing import time_interleaved  # noqa: E402
 from crd_fast.core.precision import cpu_flags  # noqa: E402
-from crd_fast.evaluation.metrics import image_auroc  # noqa: E402
+from crd_fast.metrics.scores import image_auroc  # noqa: E402
 
 #: Enough to take every training image of every set as calibration images.
 ALL_IMAGES = 100_000

@@ -25,7 +25,7 @@ import torch
 from crd_fast import CRDDetector
 from crd_fast.core.embedding import patch_matrix
 from crd_fast.data import MVTecAD
-from crd_fast.evaluation import metrics
+from crd_fast.metrics import scores as metrics
 from crd_fast.synthetic import generate_dataset
 from crd_fast.synthetic.dataset import CATEGORIES
 

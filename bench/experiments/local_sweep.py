@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from crd_fast.core.local import LocalCRDModel, LocalStatistics, local_eigenpairs_from_patches
-from crd_fast.evaluation.metrics import image_auroc
+from crd_fast.metrics.scores import image_auroc
 
 CHUNK = 20
 

@@ -55,7 +55,7 @@ from crd_fast.deploy.quantize import (  # noqa: E402
 )
 from crd_fast.detector.config import DetectorConfig  # noqa: E402
 from crd_fast.detector.detector import CRDDetector  # noqa: E402
-from crd_fast.evaluation.metrics import image_auroc  # noqa: E402
+from crd_fast.metrics.scores import image_auroc  # noqa: E402
 
 BATCH = 8
 LAM_REL = 0.01

@@ -7,7 +7,7 @@ cells, and pseudo-defect versions of them (crd_fast/synthetic/pseudo.py, the kin
 as cut-and-paste donors) are painted at each strength with two seeded draws and embedded by the same backbone.
 Each row: one family and lam_rel; test image AUROC (max patch score) and the pseudo-defects' image AUROC against
 the clean held-out cells, per strength (mean of the draws). The detector uses strength
-crd_fast/detector/selection.py PSEUDO_STRENGTH (docs/DESIGN.md "Label-free lam").
+crd_fast/selection/held_out.py PSEUDO_STRENGTH (docs/DESIGN.md "Label-free lam").
 
     python bench/experiments/pseudo_strength.py --backbone wrn50_random
     python bench/experiments/pseudo_strength.py --backbone vgg16_hed --strengths 1 2 4
@@ -25,9 +25,9 @@ from quality_data import BACKBONES, _embed, _unit, elpv_images
 from sklearn.metrics import roc_auc_score
 
 from crd_fast.core.local import LocalCRDModel, LocalStatistics
-from crd_fast.evaluation.metrics import image_auroc
 from crd_fast.features.backbone import FeatureExtractor, input_normalisation
 from crd_fast.features.preprocess import Preprocess
+from crd_fast.metrics.scores import image_auroc
 from crd_fast.synthetic.pseudo import make_pseudo_defects
 
 LAMS = (1e-7, 1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)

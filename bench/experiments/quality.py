@@ -34,8 +34,8 @@ import quality_methods as qm  # noqa: E402
 from quality_data import BACKBONES, build_features, elpv_images, synthetic_images  # noqa: E402
 
 from crd_fast.core.lam_selection import DEFAULT_LAM_GRID  # noqa: E402
-from crd_fast.evaluation.metrics import image_auroc  # noqa: E402
 from crd_fast.io.atomic import atomic_write  # noqa: E402
+from crd_fast.metrics.scores import image_auroc  # noqa: E402
 
 FIXED_LAM = 0.01  # the detector's lam_rel default before this bench
 
@@ -168,7 +168,7 @@ def run_methods(data: dict, args, with_nn: bool = True) -> list[dict]:
         "CRD spatial auto + lam auto (the detector's rule, cached features)",
         auc(chosen),
         t_sel,
-        f"chose {spatial}, lam_rel {lam:g} ({about['reason']})",
+        f"chose {spatial}, lam_rel {lam:g} ({about})",
     )
     rows.append({"selection": families, "oracle_curves": {"global": g_oracle, "local": l_oracle}})
     return rows

@@ -23,9 +23,9 @@ import torch
 
 from crd_fast.core.embedding import embed_patches
 from crd_fast.core.lam_selection import grid_masks
-from crd_fast.detector.selection import PSEUDO_STRENGTH
 from crd_fast.features.backbone import FeatureExtractor, input_normalisation
 from crd_fast.features.preprocess import Preprocess
+from crd_fast.selection.held_out import PSEUDO_STRENGTH
 from crd_fast.synthetic.pseudo import make_pseudo_defects
 
 BACKBONES = {
@@ -104,7 +104,7 @@ def synthetic_images(category: str, seed: int, n_train: int = 30, n_good: int = 
 
 def _pseudo_features(extractor, pre: Preprocess, train_unit: torch.Tensor, n_held_out: int, grid, args) -> dict:
     """Pseudo-defect versions of the last ``n_held_out`` training images (the other training images are the
-    cut-and-paste donors), at the detector's strength (crd_fast/detector/selection.py PSEUDO_STRENGTH)."""
+    cut-and-paste donors), at the detector's strength (crd_fast/selection/held_out.py PSEUDO_STRENGTH)."""
     n_fit = len(train_unit) - n_held_out
     donors = [t.permute(1, 2, 0).numpy() for t in train_unit[:n_fit]]
     held = [t.permute(1, 2, 0).numpy() for t in train_unit[n_fit:]]

@@ -7,7 +7,7 @@
   environment (a subprocess with ``--anomalib-python``; anomalib is never imported here), on the same
   normalised tensors the cached features were extracted from and the same seeded random wide_resnet50_2.
 
-Both score with this project's image AUROC (crd_fast.evaluation.metrics) on the methods' own image scores.
+Both score with this project's image AUROC (crd_fast.metrics.scores) on the methods' own image scores.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from quality_data import BACKBONES, _unit
 
-from crd_fast.evaluation.metrics import image_auroc
 from crd_fast.features.backbone import build_backbone, input_normalisation
 from crd_fast.features.preprocess import Preprocess
+from crd_fast.metrics.scores import image_auroc
 
 RUNNER = Path(__file__).resolve().parent / "quality_anomalib.py"
 ANOMALIB_LABELS = {

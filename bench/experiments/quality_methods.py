@@ -20,6 +20,10 @@ import torch
 from crd_fast.core.lam_selection import DEFAULT_LAM_GRID, SpectralForm
 from crd_fast.core.local import LocalCRDModel, LocalStatistics, local_eigenpairs_from_patches, within_covariance
 from crd_fast.core.stats import PatchStatistics
+from crd_fast.scoring.candidates import GlobalCandidate, LocalCandidate
+from crd_fast.selection.choice import choose
+from crd_fast.selection.held_out import HeldOutSet
+from crd_fast.selection.record import SelectionRecord
 
 CHUNK = 16  # images per scoring chunk (bounds the float64 working set)
 
@@ -86,16 +90,21 @@ def local_maps(model: LocalCRDModel, x: np.ndarray, lam_rels) -> dict[float, np.
 
 # -- label-free choice: the detector's rule on cached features -----------------------------------------
 def label_free_choice(fit: np.ndarray, clean: np.ndarray, pseudo: np.ndarray, pseudo_masks: np.ndarray, local_fit):
-    """``crd_fast.detector.selection.evaluate_candidates`` (what CRDDetector(lam_rel="auto", spatial="auto") runs)
-    on cached features: the global statistics and ``local_fit`` (a LocalCRDModel) of ``fit``, judged on the clean
-    held-out grids and their pseudo-defect grids. Returns (spatial, lam_rel, family records, about)."""
-    from crd_fast.detector.selection import HeldOutSet, evaluate_candidates
-
+    """``crd_fast.selection.choice.choose`` (what CRDDetector(lam_rel="auto", spatial="auto") runs) on cached
+    features: the global statistics and ``local_fit`` (a LocalCRDModel) of ``fit``, judged on the clean held-out
+    grids and their pseudo-defect grids. Returns (spatial, lam_rel, family records, the reason in words)."""
     stats = PatchStatistics(fit.shape[2])
     for i in range(0, len(fit), CHUNK):
         stats.update(torch.from_numpy(fit[i : i + CHUNK]).reshape(-1, fit.shape[2]))
     held = HeldOutSet(torch.from_numpy(clean), torch.from_numpy(pseudo), np.asarray(pseudo_masks, bool), [])
-    return evaluate_candidates(held, tuple(DEFAULT_LAM_GRID), stats, True, local_fit)
+    candidates = {"global": GlobalCandidate(stats, True), "local": LocalCandidate(local_fit)}
+    decision = choose(held, tuple(DEFAULT_LAM_GRID), candidates)
+    record = SelectionRecord(
+        {}, decision.spatial, decision.lam_rel, len(fit) + len(clean), len(clean), list(DEFAULT_LAM_GRID),
+        decision.families, decision.paired_likelihood, decision.evidence,
+    )  # fmt: skip
+    families = {name: curves.to_dict() for name, curves in decision.families.items()}
+    return decision.spatial, decision.lam_rel, families, record.reason()
 
 
 # -- PaDiM's rule -------------------------------------------------------------------------------

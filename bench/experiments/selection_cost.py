@@ -17,7 +17,7 @@ import time
 import torch
 
 from crd_fast import CRDDetector
-from crd_fast.detector.record import selection_table
+from crd_fast.selection.record import selection_table
 from crd_fast.synthetic import render_sample
 
 
@@ -36,7 +36,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     images = [render_sample(args.category, args.size, 0, None, i, "train")[0] for i in range(args.images)]
     base = dict(backbone=args.backbone, weights="random", batch_size=8, device=args.device)
-    from crd_fast.evaluation import metrics  # noqa: F401  (its one-off import is not the selection's cost)
+    from crd_fast.metrics import scores as metrics  # noqa: F401  (its one-off import is not the selection's cost)
 
     lam = args.lam_rel if args.lam_rel == "auto" else float(args.lam_rel)
     t0 = time.perf_counter()
@@ -45,7 +45,8 @@ def main() -> None:
     t0 = time.perf_counter()
     det = CRDDetector(**base, lam_rel=lam, spatial=args.spatial).fit(images, progress=False)
     auto = time.perf_counter() - t0
-    rec = det.selection or {}
+    record = det.selection
+    rec = record.to_dict() if record is not None else {}
     out = {
         "backbone": args.backbone,
         "images": args.images,
@@ -65,7 +66,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(out, indent=1))
-    print("\n".join(selection_table(rec)))
+    if record is not None:
+        print("\n".join(selection_table(record)))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from crd_fast.core.precision import cpu_flags
 from crd_fast.deploy import OnnxDetector, export_onnx
 from crd_fast.deploy.quantize import export_onnx_int8
 from crd_fast.detector.detector import CRDDetector
-from crd_fast.evaluation.metrics import image_auroc, pixel_auroc
 from crd_fast.features.preprocess import load_image
+from crd_fast.metrics.scores import image_auroc, pixel_auroc
 from crd_fast.synthetic import generate_dataset
 
 N_TRAIN = int(os.environ.get("CRD_INT8_TRAIN", "32"))

@@ -37,8 +37,8 @@ from crd_fast.benchmark.machine import machine_info
 from crd_fast.benchmark.timing import RoundRobin
 from crd_fast.core.precision import cpu_flags, head_gemm_dtype, resolve_precision
 from crd_fast.detector.detector import CRDDetector
-from crd_fast.evaluation.metrics import image_auroc, pixel_auroc
 from crd_fast.features.preprocess import load_image
+from crd_fast.metrics.scores import image_auroc, pixel_auroc
 from crd_fast.synthetic import generate_dataset
 
 N_TRAIN = int(os.environ.get("CRD_PREC_TRAIN", "32"))

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..choices import EMBEDDINGS
+
 #: The parts of a run, in the order they run.
 PARTS: tuple[str, ...] = ("head", "e2e", "fit")
 #: wide_resnet50_2 layer2 and layer3 maps at 224 px: (channels, height, width).
@@ -19,8 +21,6 @@ SCORE_RTOL = 1e-4
 
 
 def _all_embeddings() -> tuple[str, ...]:
-    from ..core.embedding import EMBEDDINGS  # imported when a config is made, not for --help
-
     return tuple(EMBEDDINGS)
 
 

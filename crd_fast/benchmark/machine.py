@@ -58,14 +58,13 @@ def require_fused_cpu_pass() -> None:
     shadows the installed, compiled package: its head then runs the pure-torch fallback, several times slower,
     and every figure would misstate crd-fast's speed without anything failing.
     """
-    import crd_fast
-
     from ..ops import cpu
 
     if cpu.available() or os.environ.get(ALLOW_REFERENCE_ENV) == "1":
         return
+    package = os.path.dirname(os.path.dirname(cpu.__file__))
     raise RuntimeError(
-        f"crd_fast imported from {os.path.dirname(crd_fast.__file__)} has no compiled fused CPU pass, so a benchmark "
+        f"crd_fast imported from {package} has no compiled fused CPU pass, so a benchmark "
         "would time the pure-torch fallback: install the package (pip install .) and run from a directory where "
         f"the source tree does not shadow it (e.g. cd bench/suites), or set {ALLOW_REFERENCE_ENV}=1 to time the "
         "fallback"

@@ -18,8 +18,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ..metrics.thresholds import check_threshold
 from ..postprocess.results import DetectionResult
-from ..postprocess.thresholds import check_threshold
 from .imaging import NumpyPreprocess, iter_images
 from .metadata import DeployError, PathLike, check_expected, read_onnx_and_metadata
 

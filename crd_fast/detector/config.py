@@ -129,7 +129,7 @@ class DetectorConfig:
         embedding: "concat" (d = sum of channels) or "patchcore" (d = ``target_dim``).
         lam_rel: the CRD ridge strength relative to the mean eigenvalue of the covariance (see ``CRDScorer``), or
             "auto" (the default): chosen from ``DEFAULT_LAM_GRID`` without labels, on held-out training images
-            with pseudo-defects (crd_fast/detector/selection.py; docs/DESIGN.md "Position-aware CRD").
+            with pseudo-defects (crd_fast/selection; docs/DESIGN.md "Position-aware CRD").
         center, rank: the global CRD scorer's options (see ``CRDScorer``).
         resize, crop: preprocessing (shorter side resized to ``resize``, center crop ``crop``).
         device: "cpu", "cuda", "cuda:N" or "auto" (run-time option).

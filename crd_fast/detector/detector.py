@@ -33,11 +33,11 @@ from ..features.backbone import FeatureExtractor, module_state_sha256, weights_i
 from ..features.preprocess import Preprocess
 from ..features.timm_backbone import TimmFeatures, is_timm
 from ..io.model_file import PathLike
+from ..metrics.pixels import pixel_f1_threshold, pixel_quantile_threshold
+from ..metrics.thresholds import check_threshold, f1_threshold, quantile_threshold
 from ..models.anomaly_map import AnomalyMapper
 from ..models.inference import InferenceModel
-from ..postprocess.pixels import pixel_f1_threshold, pixel_quantile_threshold
 from ..postprocess.results import DetectionResult
-from ..postprocess.thresholds import check_threshold, f1_threshold, quantile_threshold
 from ..scoring.base import FeatureLayout, ScoringModel
 from ..scoring.registry import AUTO, model_class, selectable_names
 from ..selection.plan import MIN_IMAGES

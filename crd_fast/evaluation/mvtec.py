@@ -29,10 +29,13 @@ from tqdm.auto import tqdm
 
 from ..core.embedding import embed_patches, patch_matrix
 from ..data.datasets import MVTecAD
+from ..data.images import Images, iter_images
+from ..detector.detector import CRDDetector
 from ..features.preprocess import load_image
-from ..postprocess.pixels import pixel_f1
-from ..report.results import CategoryResult, example_indices
-from . import metrics as M
+from ..metrics import scores as M
+from ..metrics.pixels import pixel_f1
+from ..scorers.nn import NNScorer
+from .results import CategoryResult, example_indices
 
 #: Columns of :func:`format_table` (key in the metrics dict, header, format).
 TABLE_COLUMNS = (
@@ -99,7 +102,7 @@ def _sync(device: torch.device) -> None:
 
 
 def compare_nn(
-    detector: Any,
+    detector: CRDDetector,
     train_images: Sequence[Any],
     test_images: Sequence[Any],
     labels: Any,
@@ -114,8 +117,6 @@ def compare_nn(
     detector's CRD head, and embedding + nearest-neighbour search. Returns the NN figures (image/pixel
     AUROC, AUPRO, head ms per image, bank size) and the CRD head's ms per image on the same features.
     """
-    from ..scorers.nn import NNScorer
-
     nn_scorer = NNScorer(subsample=subsample, seed=detector.seed)
     with tqdm(
         total=len(train_images), desc="NN memory bank", unit="img", disable=not progress, dynamic_ncols=True
@@ -164,14 +165,12 @@ def compare_nn(
     }
 
 
-def _listed(images: Any) -> list[Any]:
-    from ..data.images import iter_images
-
+def _listed(images: Images) -> list[Any]:
     return [img if path is None else path for path, img in iter_images(images)]
 
 
 def evaluate_dataset(
-    detector: Any,
+    detector: CRDDetector,
     train: Any,
     test: Any,
     name: str,
@@ -216,8 +215,6 @@ def evaluate_dataset(
     if compare_nn_baseline:
         train_items = train.image_paths if hasattr(train, "image_paths") else train
         if isinstance(train_items, str) or not hasattr(train_items, "__len__"):
-            from ..data.images import iter_images
-
             train_items = [img for _, img in iter_images(train_items)]
         extra = compare_nn(detector, train_items, paths, labels, masks, nn_subsample, progress)
         metrics["nn"] = dict(extra["nn"])
@@ -248,7 +245,7 @@ def evaluate_dataset(
 
 
 def evaluate_mvtec(
-    detector: Any, root: Any, categories: Optional[Sequence[str]] = None, **kwargs: Any
+    detector: CRDDetector, root: Any, categories: Optional[Sequence[str]] = None, **kwargs: Any
 ) -> list[CategoryEvaluation]:
     """:func:`evaluate_dataset` for each MVTec AD category under ``root`` (all found when ``categories`` is None).
 

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .atomic import TEMP_PREFIX, PathLike, write_error
+from .atomic import TEMP_PREFIX, PathLike, current_umask, write_error
 
 #: File-name limit of common file systems, in bytes.
 NAME_MAX = 255
@@ -185,6 +185,4 @@ class ResultFolder:
 
 
 def _umask() -> int:
-    from .atomic import current_umask
-
     return current_umask()

@@ -34,6 +34,7 @@ import torch
 from ..core.projection import CRDProjection
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
 from ..scorers.crd import CRDScorer
+from ..scorers.local import LocalCRDScorer
 from .head import CRDHead
 
 #: Storage precisions of the head matrix, by name.
@@ -101,10 +102,8 @@ class DeployHead:
     ) -> "DeployHead":
         """The head of a fitted scorer at ``rank`` with its matrix stored in ``precision``."""
         if not isinstance(scorer, CRDScorer):
-            from ..scorers.local import LocalCRDScorer
-
             hint = (
-                ": use LocalDeployHead (crd_fast.deploy.local_head_file)" if isinstance(scorer, LocalCRDScorer) else ""
+                ": use LocalDeployHead (crd_fast.models.local_head_file)" if isinstance(scorer, LocalCRDScorer) else ""
             )
             raise TypeError(
                 f"DeployHead holds the global CRD projection of a CRDScorer, got a {type(scorer).__name__}{hint}"

@@ -16,12 +16,13 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .._version import __version__
-from ..evaluation import metrics as M
+from ..evaluation.results import CategoryResult, example_indices
 from ..io.atomic import atomic_write
-from ..postprocess.pixels import pixel_f1
+from ..metrics import scores as M
+from ..metrics.pixels import pixel_f1
 from ..selection.record import SelectionRecord, record_rows
 from .figures import curves_png, map_range, overlay_tile, selection_png
-from .results import CategoryResult, RunInfo, example_indices
+from .run_info import RunInfo
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Report:
 def category_figures(
     result: CategoryResult, fpr_limit: float = 0.3, n_examples: int = 4, max_points: int = 512
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The JSON figures of one category and its curves (for plotting), via :mod:`crd_fast.evaluation.metrics`."""
+    """The JSON figures of one category and its curves (for plotting), via :mod:`crd_fast.metrics.scores`."""
     y, s = result.labels, result.image_scores
     notes: list[str] = []
     metrics: dict[str, Any] = {

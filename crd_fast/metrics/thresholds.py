@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from ..io.tensors import numpy_if_tensor
+from .scores import f1_max
 
 
 def _scores(x: Any, name: str) -> np.ndarray:
@@ -36,10 +37,9 @@ def quantile_threshold(normal_scores: Any, q: float = 0.99) -> float:
 def f1_threshold(scores: Any, labels: Any) -> float:
     """The threshold t maximising F1 of the rule "score >= t is defective" (labels: 1/True = defective).
 
-    The threshold of :func:`crd_fast.evaluation.metrics.f1_max`, which checks the inputs.
+    The threshold of :func:`crd_fast.metrics.scores.f1_max`, which checks the inputs.
     """
     # Imported here: scipy and scikit-learn load only when a labelled threshold is chosen.
-    from ..evaluation.metrics import f1_max
 
     return f1_max(labels, scores)[1]
 

@@ -1,4 +1,4 @@
-"""The report's input: what an evaluation produced per category, and how the run was set up."""
+"""What an evaluation produced per category (the report's input), and which of its images are worth a look."""
 
 from __future__ import annotations
 
@@ -8,29 +8,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..io.tensors import numpy_if_tensor
-from ..postprocess.pixels import check_pixel_threshold, predict_masks
+from ..metrics.pixels import check_pixel_threshold, predict_masks
 
 ImagesInput = Union[np.ndarray, Sequence[Optional[np.ndarray]], Mapping[int, np.ndarray], None]
-
-
-@dataclass
-class RunInfo:
-    """How the run was made: every setting (shown and stored as given) and the backbone weights.
-
-    ``random_weights`` marks a backbone with random (untrained) weights; the report then carries a banner
-    saying the scores say nothing about real accuracy. It is also set when ``weights`` starts with "random".
-    """
-
-    settings: dict[str, Any] = field(default_factory=dict)
-    weights: str = "unknown"
-    random_weights: bool = False
-    title: str = "crd-fast evaluation report"
-    command: Optional[str] = None
-    notes: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if str(self.weights).strip().lower().startswith("random"):
-            self.random_weights = True
 
 
 @dataclass
@@ -41,7 +21,7 @@ class CategoryResult:
     masks / anomaly_maps: (N, H, W) ground truth (non-zero = defect) and maps at the same resolution, or None.
     images: the images the model saw (uint8 (H, W, 3), at the maps' resolution), for overlays: an (N, H, W, 3)
         array, a length-N sequence with None for images not kept, a dict {index: image} (e.g. only those
-        :func:`crd_fast.report.example_indices` picks), or None.
+        :func:`example_indices` picks), or None.
     paths, defect_types: per image (defaults: "image_<i>", and "good"/"defect" from the labels).
     fit_seconds, ms_per_image: timings shown in the table.
     extra: further figures shown next to the metrics, e.g. {"nn": {"image_auroc": 0.97, "ms_per_image": 40}}.
