@@ -28,6 +28,8 @@ VGG16 = "vgg16"
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 #: Every backbone accepted by name (a timm model is "timm:<name>", any nn.Module is accepted as is).
 BACKBONES: tuple[str, ...] = RESNETS + (VGG16, EFFICIENTNET_LITE0)
+#: The detector's default backbone (with weights "imagenet": its packaged ImageNet weights, nothing downloaded).
+DEFAULT_BACKBONE = EFFICIENTNET_LITE0
 
 #: The stages whose feature maps can be used, shallow to deep: ResNet stages, VGG16 blocks (strides 1 to 16),
 #: EfficientNet-Lite0's seven MBConv stages (channels 16, 24, 40, 80, 112, 192, 320 at strides 2, 4, 8, 16, 16,

@@ -80,7 +80,8 @@ def test_layers_default_to_the_backbones_own_pair():
         assert len(pair) == 2 and set(pair) <= set(BACKBONE_LAYERS[name])
         assert DetectorConfig(backbone=name).layers == pair
         assert DetectorConfig(backbone=name, layers=BACKBONE_LAYERS[name][:1]).layers == BACKBONE_LAYERS[name][:1]
-    assert DetectorConfig().layers == ("layer2", "layer3")  # wide_resnet50_2, as before
+    assert DetectorConfig().layers == ("stage3", "stage5")  # the default backbone, efficientnet_lite0
+    assert DetectorConfig(backbone="wide_resnet50_2").layers == ("layer2", "layer3")
     assert DetectorConfig(backbone="vgg16").layers == ("block4", "block5")
     assert DetectorConfig(backbone="efficientnet_lite0").layers == ("stage3", "stage5")
     assert DetectorConfig(backbone=TinyNet(0)).layers == MODULE_LAYERS  # labels of a user module's maps

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Optional
 
 from ..choices import (
+    DEFAULT_BACKBONE,
     DEFAULT_LOCAL_RANK,
     DEFAULT_LOCAL_SHRINKAGE,
     DEFAULT_PRECISION,
@@ -152,7 +153,9 @@ class DetectorConfig:
     extractor; everything else here. Each field's ``help`` metadata is its one-line form (command line).
     """
 
-    backbone: Any = _option("wide_resnet50_2", "feature extractor network")
+    # EfficientNet-Lite0 with its packaged ImageNet weights: the learned backbone that works offline, and the best
+    # of those measured on real parts (bench/RESULTS.md "EfficientNet-Lite0 with ImageNet weights from the registry")
+    backbone: Any = _option(DEFAULT_BACKBONE, "feature extractor network")
     weights: Optional[str] = _option(
         "imagenet",
         "backbone weights: 'imagenet' (torchvision's: needs its cache or a network; efficientnet_lite0's: from the "

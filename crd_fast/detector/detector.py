@@ -1,7 +1,7 @@
 """CRDDetector: fit on defect-free images, then score new images and locate their defects.
 
     from crd_fast import CRDDetector
-    det = CRDDetector(backbone="wide_resnet50_2", weights="imagenet").fit("train/good")
+    det = CRDDetector().fit("train/good")   # EfficientNet-Lite0 with its packaged ImageNet weights
     result = det.predict("test/")        # image_scores (N,), anomaly_maps (N, crop, crop), ...
     det.save("model.crd"); det = CRDDetector.load("model.crd")
 
