@@ -37,13 +37,13 @@ from ..models.anomaly_map import AnomalyMapper
 from ..models.inference import InferenceModel
 from ..postprocess.results import DetectionResult
 from ..scoring.base import FeatureLayout, ScoringModel
-from ..scoring.registry import AUTO, model_class, selectable_names
+from ..scoring.registry import AUTO, model_class
 from ..selection.plan import MIN_IMAGES
 from ..selection.record import SelectionRecord
-from ..selection.selector import LabelFreeSelector, default_choice
 from . import batches
 from .calibration import ThresholdCalibration
 from .config import OPTIONS, RUNTIME_OPTIONS, DetectorConfig
+from .open_models import check_open_models, label_free_selector, open_models, settled_model
 from .persistence import MODEL_KIND, load_detector, save_detector
 from .reservoir import Reservoir
 from .score_sample import SCORE_SAMPLE, TrainingScores, score_statistics
@@ -101,11 +101,7 @@ class CRDDetector(ThresholdCalibration):
         self.dim = embedding_dim(self.layer_channels, config.embedding, config.target_dim)
         self.layout = FeatureLayout(config.embedding, config.target_dim, tuple(self.layer_channels), self.patch_grid)
         self.model: Optional[ScoringModel] = None
-        for name in self._open_models():  # a model option the model cannot take (e.g. local_rank) fails here
-            cls = model_class(name)
-            if not cls.has_lam_rel and config.lam_rel != LAM_AUTO:
-                raise ValueError(f"the {name!r} scoring model has no lam_rel: leave lam_rel {LAM_AUTO!r}")
-            cls.create(self._model_options(DEFAULT_LAM_REL))
+        check_open_models(self.options.to_dict())  # a model option the model cannot take (e.g. local_rank) fails here
         self.threshold: Optional[float] = None
         self.pixel_threshold: Optional[float] = None
         self.reset()
@@ -127,7 +123,7 @@ class CRDDetector(ThresholdCalibration):
 
     def _open_models(self) -> tuple[str, ...]:
         """The scoring models a fit may end with: the one asked, or every selectable one for spatial "auto"."""
-        return selectable_names() if self._options.spatial == AUTO else (self._options.spatial,)
+        return open_models(self._options.spatial)
 
     def _model_options(self, lam_rel: float) -> dict[str, Any]:
         """The options a scoring model is created with: the detector's, at a numeric ``lam_rel``."""
@@ -329,13 +325,7 @@ class CRDDetector(ThresholdCalibration):
                 raise
             self.selection.fit_seconds = round(time.perf_counter() - started, 4)
             return self
-        lam_grid = self._lam_grid()
-        templates = {
-            name: self.model.fresh() if self.model is not None else model_class(name).create(self._model_options(lam))
-            for name, lam in ((n, lam_grid[0]) for n in self._open_models())
-        }
-        asked = {"lam_rel": self._options.lam_rel, "spatial": self._options.spatial}
-        selector = LabelFreeSelector(templates, lam_grid, count, asked, self.seed)
+        selector = label_free_selector(self.options.to_dict(), self._lam_grid(), count, self.seed, self.model)
         with batches.progress_bar(images, "fit", progress) as bar:
             for _, x in self.iter_batches(images):
                 selector.add(x, patch_grids(self.embed(x)))
@@ -363,17 +353,8 @@ class CRDDetector(ThresholdCalibration):
         and returns the record. For an unfitted detector (e.g. before a distributed fit of few images)."""
         if self.is_fitted:
             raise RuntimeError("the detector is fitted: its scoring model and lam_rel are already chosen")
-        lam_grid = self._lam_grid()
-        spatial, lam = default_choice(self._open_models(), lam_grid)
-        if self.model is None or self.model.name != spatial:
-            self.model = model_class(spatial).create(self._model_options(lam))
-        if self.model.has_lam_rel:
-            self.model.set_lam_rel(lam)
-        else:
-            lam = None
+        self.model, self.selection = settled_model(self.options.to_dict(), self._lam_grid(), n_images, self.model)
         self._lam_resolved = True
-        asked = {"lam_rel": self._options.lam_rel, "spatial": self._options.spatial}
-        self.selection = SelectionRecord.without_selection(asked, spatial, lam, n_images)
         return self.selection
 
     def _lam_grid(self) -> tuple[float, ...]:
