@@ -102,7 +102,8 @@ def test_detector_options_come_from_the_detector_config():
     assert set(kwargs) == set(DEFAULTS) - {"blur_sigma", "target_dim"}
     assert {k: v for k, v in kwargs.items()} == {k: DEFAULTS[k] for k in kwargs}
     demo = detector_kwargs(build_parser().parse_args(["demo"]))
-    assert demo["weights"] == "random" and demo["resize"] is None and demo["lam_rel"] == DEFAULTS["lam_rel"]
+    assert demo["weights"] == DEFAULTS["weights"] and demo["backbone"] == DEFAULTS["backbone"]
+    assert demo["resize"] is None and demo["lam_rel"] == DEFAULTS["lam_rel"]
 
 
 # ---- fit ------------------------------------------------------------------------------------------------

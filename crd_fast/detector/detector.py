@@ -267,8 +267,12 @@ class CRDDetector(ThresholdCalibration):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embeddings (B, d, h, w) of a normalised batch (the scorer's input, as in ``reference``)."""
+        return self.embed_maps(self.extract_features(x))
+
+    def embed_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """Patch embeddings (B, d, h, w) of the backbone's feature maps (pooled, resized, concatenated or reduced)."""
         with torch.inference_mode():
-            return embed_patches(self.extract_features(x), self.embedding, self.target_dim)
+            return embed_patches(feature_maps, self.embedding, self.target_dim)
 
     def _cpu_grids(self, x: torch.Tensor) -> torch.Tensor:
         """(n, P, d) float32 CPU patch grids of normalised CPU inputs, ``batch_size`` at a time."""

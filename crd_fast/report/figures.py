@@ -45,7 +45,12 @@ def curves_png(name: str, curves: dict[str, Any], metrics: dict[str, Any]) -> by
             ax.set_xlim(0, min(1.0, 2 * limit))
             ax.set_ylabel("per-region overlap")
         else:
-            ax.plot(curve["fpr"], curve["tpr"], color="tab:blue", lw=1.8)
+            peers = curves.get("image_roc_peers") or {} if key == "image_roc" else {}
+            ax.plot(curve["fpr"], curve["tpr"], color="tab:blue", lw=1.8, label=f"CRD ({curve['auc']:.3f})")
+            for (peer, points), color in zip(peers.items(), ("tab:orange", "tab:purple", "tab:brown")):
+                ax.plot(points["fpr"], points["tpr"], color=color, lw=1.2, label=f"{peer} ({points['auc']:.3f})")
+            if peers:
+                ax.legend(fontsize=7, loc="lower right")
             ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
             ax.set_xlim(0, 1)
             ax.set_ylabel("true positive rate")

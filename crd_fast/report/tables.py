@@ -22,7 +22,7 @@ import numpy as np
 from ..selection.record import SelectionRecord, record_rows
 
 #: Readable names of the scoring rules in ``extra`` (unknown ones are shown by their key).
-PEER_LABELS = {"nn": "exact 1-NN", "crd": "CRD"}
+PEER_LABELS = {"nn": "exact 1-NN", "padim": "PaDiM's rule", "crd": "CRD"}
 #: Readable names, with units, of the figures in ``extra`` (unknown keys are spelled out by ``label``).
 METRIC_LABELS = {
     "image_auroc": "image AUROC",

@@ -22,7 +22,7 @@ from ..metrics import scores as M
 from ..metrics.pixels import pixel_f1
 from .figures import curves_png, map_range, overlay_tile, selection_png
 from .run_info import RunInfo
-from .tables import comparison_table, fmt, metrics_table, peer_names, selection_table, settings_table
+from .tables import PEER_LABELS, comparison_table, fmt, metrics_table, peer_names, selection_table, settings_table
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -75,6 +75,10 @@ def category_figures(
         )
         curves = out.pop("curves")
         metrics.update(out)
+        curves["image_roc_peers"] = {
+            PEER_LABELS.get(peer, peer): M.roc_points(y, scores, max_points)
+            for peer, scores in (result.peer_scores or {}).items()
+        }
         if not have_pixels:
             notes.append(
                 "no pixel metrics: " + ("no anomaly maps" if result.anomaly_maps is None else "no ground-truth masks")
