@@ -189,6 +189,27 @@ def test_stage_maps_are_the_blocks_run_in_order():
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_it_runs_channels_last_in_float32_too_and_agrees_with_the_contiguous_network():
+    """Its depthwise convolutions run much faster channels_last (bench/RESULTS.md), so it always does; the maps
+    agree with the same network run contiguously to float32 rounding."""
+    from crd_fast.core.precision import resolve_precision
+
+    fast = FeatureExtractor("efficientnet_lite0", None, "random", seed=2).set_precision(
+        resolve_precision("fp32", "cpu")
+    )
+    plain = FeatureExtractor("efficientnet_lite0", None, "random", seed=2)  # no precision set: as built
+    plain.always_channels_last = False
+    plain.set_precision(None)
+    assert fast.channels_last and not plain.channels_last
+    conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = (_unit_batch(2) - 0.5) / 0.5
+    with torch.inference_mode():
+        for a, b in zip(fast(x), plain(x)):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a.contiguous(), b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
 def test_weights_from_a_file(tmp_path):
     from safetensors.torch import save_file
 
