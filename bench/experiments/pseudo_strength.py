@@ -50,7 +50,7 @@ def main() -> None:
         )
     train_imgs, _, _ = elpv_images(split)
     backbone, layers, weights = BACKBONES[args.backbone]
-    mean, std = input_normalisation(weights)
+    mean, std = input_normalisation(weights, backbone)
     pre = Preprocess(160, 160, mean, std)
     extractor = FeatureExtractor(backbone, layers, weights, seed=0)
     unit = _unit(train_imgs, pre)

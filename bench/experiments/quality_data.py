@@ -29,9 +29,11 @@ from crd_fast.selection.held_out import PSEUDO_STRENGTH
 from crd_fast.synthetic.pseudo import make_pseudo_defects
 
 BACKBONES = {
-    # name: (torchvision backbone, layers, weights)
+    # name: (backbone, layers, weights)
     "vgg16_hed": ("vgg16", ("block4", "block5"), "hed"),
     "wrn50_random": ("wide_resnet50_2", ("layer2", "layer3"), "random"),
+    # ImageNet weights from the registry (packaged: crd-fast depends on them), no download; input scaled to [-1, 1]
+    "lite0_imagenet": ("efficientnet_lite0", ("stage3", "stage5"), "imagenet"),
 }
 
 
@@ -142,7 +144,7 @@ def build_features(
     if data is None or pseudo is None:
         train_imgs, test_imgs, labels = images_fn()
         backbone, layers, weights = BACKBONES[key]
-        mean, std = input_normalisation(weights)
+        mean, std = input_normalisation(weights, backbone)
         pre = Preprocess(resize, crop, mean, std)
         extractor = FeatureExtractor(backbone, layers, weights, seed=args.seed)
         t0 = time.time()

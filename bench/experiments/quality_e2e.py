@@ -96,7 +96,7 @@ def anomalib_rows(key: str, images_fn: ImagesFn, resize: int, crop: int, args) -
     if (backbone, weights) != ("wide_resnet50_2", "random"):
         raise ValueError(f"the anomalib rows use the seeded random wide_resnet50_2, not {key}")
     train, test, labels = images_fn()
-    pre = Preprocess(resize, crop, *input_normalisation(weights))
+    pre = Preprocess(resize, crop, *input_normalisation(weights, backbone))
     with tempfile.TemporaryDirectory(prefix="crd_quality_anomalib_") as tmp:
         data = Path(tmp)
         for split, imgs in (("train", train), ("test", test)):

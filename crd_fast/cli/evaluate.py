@@ -55,6 +55,11 @@ def register(sub: Any) -> None:
             help="also score with exact nearest-neighbour search on the same features, side by side",
         )
         p.add_argument(
+            "--compare-padim",
+            action="store_true",
+            help="also score with PaDiM's rule (a Gaussian per patch position) on the same features, side by side",
+        )
+        p.add_argument(
             "--nn-subsample",
             type=fraction,
             default=None,
@@ -142,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         root,
         categories,
         compare_nn_baseline=args.compare_nn,
+        baselines=("padim",) if args.compare_padim else (),
         nn_subsample=args.nn_subsample,
         progress=progress_enabled(args),
     )

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from ..choices import (
     BACKBONES,
+    DEFAULT_LAYERS_NOTE,
     EMBEDDINGS,
     LAM_AUTO,
     LAYERS,
@@ -241,9 +242,11 @@ def add_detector_options(parser: argparse.ArgumentParser, size_note: str = "", *
     if unknown:
         raise TypeError(f"not detector options on the command line: {sorted(unknown)}")
     group = parser.add_argument_group("detector options")
+    # Unset defaults are filled in later; the note says how (sizes: by the command; layers: by the backbone).
+    notes = {"resize": size_note, "crop": size_note, "layers": DEFAULT_LAYERS_NOTE}
     for name in OPTIONS:
         if name in _FLAGS and name not in RUNTIME_OPTIONS:
-            _add_flag(group, name, defaults.get(name, DEFAULTS[name]), size_note if name in ("resize", "crop") else "")
+            _add_flag(group, name, defaults.get(name, DEFAULTS[name]), notes.get(name, ""))
     add_runtime_options(group, defaults.get("batch_size", DEFAULTS["batch_size"]))
 
 

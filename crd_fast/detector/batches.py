@@ -1,5 +1,7 @@
 """The detector's image pipeline: any accepted images -> normalised (B, 3, crop, crop) batches on its device.
 
+``resolve_device`` turns the detector's ``device`` option into that device.
+
 Files are decoded (crd_fast/io/images.py, with the decode-memory budget) and preprocessed in a small thread pool,
 one batch ahead of the consumer; in-memory tensor batches are sliced directly. ``progress_bar`` is the tqdm bar
 the detector's long loops show.
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +24,19 @@ from ..io.images import decode_reservation
 MAX_WORKERS = 8
 
 Batch = tuple[list[Optional[str]], torch.Tensor]
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """The torch device of a detector's ``device`` option ("cpu", "cuda", "cuda:N" or "auto")."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid device {device!r} (use 'cpu', 'cuda', 'cuda:N' or 'auto')") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return dev
 
 
 def _prepare(preprocess: Preprocess, index: int, path: Optional[str], image: Any) -> torch.Tensor:
@@ -85,4 +100,4 @@ def progress_bar(images: Images, desc: str, progress: bool) -> tqdm:
     return tqdm(total=known_count(images), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
 
 
-__all__ = ["Batch", "MAX_WORKERS", "iter_batches", "known_count", "progress_bar"]
+__all__ = ["Batch", "MAX_WORKERS", "iter_batches", "known_count", "progress_bar", "resolve_device"]

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..choices import (
+    DEFAULT_BACKBONE,
     DEFAULT_LOCAL_RANK,
     DEFAULT_LOCAL_SHRINKAGE,
     DEFAULT_PRECISION,
@@ -31,6 +32,7 @@ from ..choices import (
     MAX_SEED,
     PRECISIONS,
     WEIGHT_SOURCES,
+    default_layers,
 )
 from ..scoring.registry import check_spatial
 
@@ -100,8 +102,11 @@ def _embedding(name: str, value: Any) -> str:
     return value
 
 
-def _layers(name: str, value: Any) -> tuple:
-    # The names are checked against the backbone by the feature extractor (a user module labels them freely).
+def _layers(name: str, value: Any) -> Optional[tuple]:
+    # The names are checked against the backbone by the feature extractor (a user module labels them freely);
+    # None is the backbone's own pair, filled in by __post_init__.
+    if value is None:
+        return None
     return (value,) if isinstance(value, str) else tuple(value)
 
 
@@ -132,11 +137,15 @@ class DetectorConfig:
     """The options of a CRDDetector; validated when made (``ValueError`` names the bad option).
 
     Args:
-        backbone: torchvision ResNet name ("wide_resnet50_2", "resnet18", ...) or an ``nn.Module`` returning a
-            list of (B, C, H, W) feature maps (``weights`` is then None and ``layers`` only labels its maps).
-        weights: "imagenet" (torchvision's, from the hub cache or a download; no fallback), a path to a
-            state-dict file (safetensors or .pth), or "random" (seeded by ``seed``; not real accuracy).
-        layers: backbone stages whose maps are used; the first sets the patch grid.
+        backbone: a name of ``BACKBONES`` (torchvision ResNets such as "wide_resnet50_2" or "resnet18", "vgg16",
+            "efficientnet_lite0"), "timm:<name>", or an ``nn.Module`` returning a list of (B, C, H, W) feature maps
+            (``weights`` is then None and ``layers`` only labels its maps).
+        weights: "imagenet" (torchvision's, from the hub cache or a download, no fallback; efficientnet_lite0's
+            packaged with crd-fast's dependencies, no download), a path to a state-dict file (safetensors or .pth),
+            "hed" (vgg16 only) or "random" (seeded by ``seed``; not real accuracy).
+        layers: backbone stages whose maps are used; the first sets the patch grid. Unset (None): the backbone's own
+            pair (``DEFAULT_LAYERS`` in crd_fast/choices.py; a timm model's two middle stages, filled in when the
+            detector builds it). An explicit value always wins.
         embedding: "concat" (d = sum of channels) or "patchcore" (d = ``target_dim``).
         lam_rel: the CRD ridge strength relative to the mean eigenvalue of the covariance (see ``CRDScorer``), or
             "auto" (the default): chosen from ``DEFAULT_LAM_GRID`` without labels, on held-out training images
@@ -163,15 +172,20 @@ class DetectorConfig:
     extractor; everything else here. Each field's ``help`` metadata is its one-line form (command line).
     """
 
-    backbone: Any = _option("wide_resnet50_2", "torchvision ResNet feature extractor")
+    # EfficientNet-Lite0 with its packaged ImageNet weights: the learned backbone that works offline, and the best
+    # of those measured on real parts (bench/RESULTS.md "EfficientNet-Lite0 with ImageNet weights from the registry")
+    backbone: Any = _option(DEFAULT_BACKBONE, "feature extractor network")
     weights: Optional[str] = _option(
         "imagenet",
-        "backbone weights: 'imagenet' (torchvision's; needs its cache or a network), 'random' "
+        "backbone weights: 'imagenet' (torchvision's: needs its cache or a network; efficientnet_lite0's: from the "
+        "packages crd-fast depends on), 'random' "
         "(seeded, for tests: not real accuracy) or the path of a state-dict file (safetensors or .pth)",
         _weights,
     )
-    layers: tuple[str, ...] = _option(
-        ("layer2", "layer3"), "backbone layers whose features are used; the first sets the patch grid", _layers
+    layers: Optional[tuple[str, ...]] = _option(
+        None,
+        "backbone layers whose features are used; the first sets the patch grid",
+        _layers,
     )
     embedding: str = _option(
         "concat", "concat: all channels of the layers; patchcore: reduced to target_dim", _embedding
@@ -226,6 +240,8 @@ class DetectorConfig:
             object.__setattr__(self, "weights", None)
         elif self.weights is None:
             raise ValueError("weights must be 'imagenet', 'random' or a path to a state-dict file, got None")
+        if self.layers is None:  # the backbone's own pair (still None for a timm model: its stages decide)
+            object.__setattr__(self, "layers", default_layers(self.backbone))
 
     @property
     def backbone_name(self) -> str:
@@ -240,7 +256,7 @@ class DetectorConfig:
         """The options as JSON values, in field order (the ``config`` a model file stores)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["backbone"] = self.backbone_name
-        out["layers"] = list(self.layers)
+        out["layers"] = None if self.layers is None else list(self.layers)
         return out
 
     @staticmethod

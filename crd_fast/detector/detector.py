@@ -1,7 +1,7 @@
 """CRDDetector: fit on defect-free images, then score new images and locate their defects.
 
     from crd_fast import CRDDetector
-    det = CRDDetector(backbone="wide_resnet50_2", weights="imagenet").fit("train/good")
+    det = CRDDetector().fit("train/good")   # EfficientNet-Lite0 with its packaged ImageNet weights
     result = det.predict("test/")        # image_scores (N,), anomaly_maps (N, crop, crop), ...
     det.save("model.crd"); det = CRDDetector.load("model.crd")
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -33,40 +33,27 @@ from ..features.backbone import FeatureExtractor, module_state_sha256, weights_i
 from ..features.preprocess import Preprocess
 from ..features.timm_backbone import TimmFeatures, is_timm
 from ..io.model_file import PathLike
-from ..metrics.pixels import pixel_f1_threshold, pixel_quantile_threshold
-from ..metrics.thresholds import check_threshold, f1_threshold, quantile_threshold
 from ..models.anomaly_map import AnomalyMapper
 from ..models.inference import InferenceModel
 from ..postprocess.results import DetectionResult
 from ..scoring.base import FeatureLayout, ScoringModel
-from ..scoring.registry import AUTO, model_class, selectable_names
+from ..scoring.registry import AUTO, model_class
 from ..selection.plan import MIN_IMAGES
 from ..selection.record import SelectionRecord
-from ..selection.selector import LabelFreeSelector, default_choice
 from . import batches
+from .calibration import ThresholdCalibration
 from .config import OPTIONS, RUNTIME_OPTIONS, DetectorConfig
+from .open_models import check_open_models, label_free_selector, open_models, settled_model
 from .persistence import MODEL_KIND, load_detector, save_detector
 from .reservoir import Reservoir
-from .score_sample import SCORE_SAMPLE, score_statistics
+from .score_sample import SCORE_SAMPLE, TrainingScores, score_statistics
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CRDDetector", "MODEL_KIND", "OPTIONS", "RUNTIME_OPTIONS", "SCORE_SAMPLE", "score_statistics"]
 
 
-def _resolve_device(device: Union[str, torch.device]) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"invalid device {device!r} (use 'cpu', 'cuda', 'cuda:N' or 'auto')") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine")
-    return dev
-
-
-class CRDDetector:
+class CRDDetector(ThresholdCalibration):
     """Anomaly detector: backbone features + a scoring model's patch scores + anomaly maps.
 
     Takes the options of :class:`~crd_fast.detector.config.DetectorConfig`, which describes each (by keyword,
@@ -92,13 +79,15 @@ class CRDDetector:
 
     def _init(self, config: DetectorConfig) -> None:
         self._options = config
-        self.device = _resolve_device(config.device)
+        self.device = batches.resolve_device(config.device)
         self.precision_choice: PrecisionChoice = resolve_precision(config.precision, self.device)
         self.mapper = AnomalyMapper((config.crop, config.crop), config.blur_sigma)  # checks blur_sigma against crop
         # "timm:<name>" is built here (crd_fast.features.timm_backbone) and used as a module; its name stays.
         backbone = config.backbone
         if is_timm(backbone):
             backbone = TimmFeatures(backbone, config.layers, config.weights, config.seed)
+            if config.layers is None:  # its default stages, read from the model: the options record them
+                config = self._options = config.replace(layers=backbone.layers)
         self.extractor = FeatureExtractor(backbone, config.layers, config.weights, config.seed).to(self.device)
         self.extractor.set_precision(self.precision_choice)  # fit and predict alike
         # The backbone's own normalisation: ImageNet's for torchvision, the model's for timm or a user module.
@@ -112,11 +101,7 @@ class CRDDetector:
         self.dim = embedding_dim(self.layer_channels, config.embedding, config.target_dim)
         self.layout = FeatureLayout(config.embedding, config.target_dim, tuple(self.layer_channels), self.patch_grid)
         self.model: Optional[ScoringModel] = None
-        for name in self._open_models():  # a model option the model cannot take (e.g. local_rank) fails here
-            cls = model_class(name)
-            if not cls.has_lam_rel and config.lam_rel != LAM_AUTO:
-                raise ValueError(f"the {name!r} scoring model has no lam_rel: leave lam_rel {LAM_AUTO!r}")
-            cls.create(self._model_options(DEFAULT_LAM_REL))
+        check_open_models(self.options.to_dict())  # a model option the model cannot take (e.g. local_rank) fails here
         self.threshold: Optional[float] = None
         self.pixel_threshold: Optional[float] = None
         self.reset()
@@ -138,7 +123,7 @@ class CRDDetector:
 
     def _open_models(self) -> tuple[str, ...]:
         """The scoring models a fit may end with: the one asked, or every selectable one for spatial "auto"."""
-        return selectable_names() if self._options.spatial == AUTO else (self._options.spatial,)
+        return open_models(self._options.spatial)
 
     def _model_options(self, lam_rel: float) -> dict[str, Any]:
         """The options a scoring model is created with: the detector's, at a numeric ``lam_rel``."""
@@ -202,9 +187,7 @@ class CRDDetector:
         #: The label-free choice's record (crd_fast/selection/record.py); None when nothing was chosen.
         self.selection: Optional[SelectionRecord] = None
         self.n_images = 0
-        self._reservoir: Reservoir[torch.Tensor] = Reservoir(SCORE_SAMPLE, self.seed)
-        self._train_stats: Optional[dict[str, float]] = None
-        self._stats_stale = False
+        self._scores = TrainingScores(self.seed)
         self._inference: Optional[InferenceModel] = None
         self._inference_for: Optional[tuple[Any, Any]] = None
         return self
@@ -212,7 +195,7 @@ class CRDDetector:
     @property
     def reservoir(self) -> Reservoir[torch.Tensor]:
         """The random sample (at most SCORE_SAMPLE) of normalised training inputs, on the CPU."""
-        return self._reservoir
+        return self._scores.reservoir
 
     def install_fit(self, model: ScoringModel, n_images: int, reservoir: Reservoir[torch.Tensor]) -> "CRDDetector":
         """Take over a fit computed elsewhere (e.g. combined over processes by ``fit_distributed``, or refitted on an
@@ -230,12 +213,9 @@ class CRDDetector:
         positions = self.patch_grid[0] * self.patch_grid[1]
         if not model.is_fitted or model.dim != self.dim or model.positions not in (None, positions):
             raise ValueError(f"the model must be fitted on ({positions}, d={self.dim}) patch grids, got {model!r}")
-        if reservoir.capacity != SCORE_SAMPLE:
-            raise ValueError(f"the reservoir must hold up to {SCORE_SAMPLE} inputs, not {reservoir.capacity}")
+        self._scores.take(reservoir)
         self.model = model
         self.n_images = int(n_images)
-        self._reservoir = reservoir
-        self._stats_stale = True
         return self
 
     def install_loaded(
@@ -248,8 +228,7 @@ class CRDDetector:
         """Take over a model file's scoring model, record, image count and training score statistics (``load``)."""
         self.model, self._lam_resolved, self.selection = model, True, selection
         self.n_images = n_images
-        self._train_stats = train_stats
-        self._stats_stale = False
+        self._scores.set(train_stats)
 
     @property
     def uses_random_weights(self) -> bool:
@@ -266,6 +245,8 @@ class CRDDetector:
             )
         if ident["kind"] == "file":
             return f"{self.backbone_name} with weights from {ident['file']} (sha256 {ident['sha256'][:12]}...)"
+        if ident["kind"] == "imagenet" and "package" in ident:
+            return f"{self.backbone_name} with ImageNet weights from the {ident['package']} {ident['version']} package"
         if ident["kind"] == "imagenet":
             return f"{self.backbone_name} with torchvision ImageNet weights ({ident['name']})"
         return f"{self.backbone_name} (user module)"
@@ -286,8 +267,12 @@ class CRDDetector:
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embeddings (B, d, h, w) of a normalised batch (the scorer's input, as in ``reference``)."""
+        return self.embed_maps(self.extract_features(x))
+
+    def embed_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """Patch embeddings (B, d, h, w) of the backbone's feature maps (pooled, resized, concatenated or reduced)."""
         with torch.inference_mode():
-            return embed_patches(self.extract_features(x), self.embedding, self.target_dim)
+            return embed_patches(feature_maps, self.embedding, self.target_dim)
 
     def _cpu_grids(self, x: torch.Tensor) -> torch.Tensor:
         """(n, P, d) float32 CPU patch grids of normalised CPU inputs, ``batch_size`` at a time."""
@@ -321,13 +306,13 @@ class CRDDetector:
         with batches.progress_bar(images, "fit", progress) as bar:
             for _, x in self.iter_batches(images):
                 self.model.partial_fit(patch_grids(self.embed(x)))
-                self._remember(x)
+                self._scores.remember(x)
                 added += x.shape[0]
                 bar.update(x.shape[0])
         if added == 0:
             raise ValueError("no images to fit on")
         self.n_images += added
-        self._stats_stale = True
+        self._scores.model_changed()
         logger.info("added %d images to the fit (%d in all, d=%d)", added, self.n_images, self.dim)
         return self
 
@@ -344,23 +329,17 @@ class CRDDetector:
                 raise
             self.selection.fit_seconds = round(time.perf_counter() - started, 4)
             return self
-        lam_grid = self._lam_grid()
-        templates = {
-            name: self.model.fresh() if self.model is not None else model_class(name).create(self._model_options(lam))
-            for name, lam in ((n, lam_grid[0]) for n in self._open_models())
-        }
-        asked = {"lam_rel": self._options.lam_rel, "spatial": self._options.spatial}
-        selector = LabelFreeSelector(templates, lam_grid, count, asked, self.seed)
+        selector = label_free_selector(self.options.to_dict(), self._lam_grid(), count, self.seed, self.model)
         with batches.progress_bar(images, "fit", progress) as bar:
             for _, x in self.iter_batches(images):
                 selector.add(x, patch_grids(self.embed(x)))
-                self._remember(x)
+                self._scores.remember(x)
                 bar.update(x.shape[0])
         model, record = selector.finish(self._cpu_grids, self.preprocess.mean, self.preprocess.std, self.patch_grid)
         record.fit_seconds = round(time.perf_counter() - started, 4)
         self.model, self._lam_resolved, self.selection = model, True, record
         self.n_images += selector.seen
-        self._stats_stale = True
+        self._scores.model_changed()
         logger.info(
             "fitted on %d images; spatial %s, lam_rel %g (%s; %.2f s of %.2f s)",
             selector.seen,
@@ -378,17 +357,8 @@ class CRDDetector:
         and returns the record. For an unfitted detector (e.g. before a distributed fit of few images)."""
         if self.is_fitted:
             raise RuntimeError("the detector is fitted: its scoring model and lam_rel are already chosen")
-        lam_grid = self._lam_grid()
-        spatial, lam = default_choice(self._open_models(), lam_grid)
-        if self.model is None or self.model.name != spatial:
-            self.model = model_class(spatial).create(self._model_options(lam))
-        if self.model.has_lam_rel:
-            self.model.set_lam_rel(lam)
-        else:
-            lam = None
+        self.model, self.selection = settled_model(self.options.to_dict(), self._lam_grid(), n_images, self.model)
         self._lam_resolved = True
-        asked = {"lam_rel": self._options.lam_rel, "spatial": self._options.spatial}
-        self.selection = SelectionRecord.without_selection(asked, spatial, lam, n_images)
         return self.selection
 
     def _lam_grid(self) -> tuple[float, ...]:
@@ -397,28 +367,16 @@ class CRDDetector:
             return tuple(DEFAULT_LAM_GRID)
         return (float(self.model.lam_rel if self.model is not None else self._options.lam_rel),)
 
-    def _remember(self, x: torch.Tensor) -> None:
-        """Offer a batch to the training-score sample; only the inputs it keeps are copied to the CPU."""
-        self._reservoir.extend_lazily(x.shape[0], lambda kept: {p: x[p].detach().to("cpu", copy=True) for p in kept})
-
     @property
     def train_score_stats(self) -> Optional[dict[str, float]]:
         """Statistics of training image scores (n, mean, std, min, max, q50, q90, q95, q99), from a
         random sample of up to SCORE_SAMPLE training images; None before fitting."""
-        if self._stats_stale and len(self._reservoir):
-            self._train_stats = score_statistics(self._image_scores(torch.stack(self._reservoir.items)))
-            self._stats_stale = False
-        return self._train_stats
+        return self._scores.statistics(self._image_scores)
 
     def set_train_score_stats(self, stats: Optional[dict[str, float]]) -> None:
         """Use ``stats`` as the training score statistics until the next fit (e.g. those of a quantized export's
         own scores, crd_fast.deploy.quantize); None: none (exports then record none)."""
-        if stats is not None and (
-            not isinstance(stats, dict) or not all(isinstance(v, (int, float)) for v in stats.values())
-        ):
-            raise ValueError(f"training score statistics must be a dict of numbers or None, got {stats!r}")
-        self._train_stats = None if stats is None else dict(stats)
-        self._stats_stale = False
+        self._scores.set(stats)
 
     def _image_scores(self, x: torch.Tensor) -> np.ndarray:
         model = self.inference_model()
@@ -461,52 +419,6 @@ class CRDDetector:
         result = DetectionResult.from_batches(scores, amaps, pmaps, paths)
         result.apply_threshold(self.threshold, self.train_score_stats)
         return result.apply_pixel_threshold(self.pixel_threshold)
-
-    # ---- thresholds -------------------------------------------------------------------------------
-    def set_threshold(self, value: Optional[float]) -> None:
-        """Set the image-score threshold (score >= threshold is defective); None removes it."""
-        self.threshold = check_threshold(value)
-
-    def calibrate(self, normal_images: Images, q: float = 0.99, progress: bool = True) -> float:
-        """Set the threshold to the ``q`` quantile of held-out defect-free images' scores; returns it."""
-        threshold = quantile_threshold(self.predict(normal_images, progress).image_scores, q)
-        self.set_threshold(threshold)
-        logger.info("image threshold %.6g (quantile %g of held-out normal image scores)", threshold, q)
-        return threshold
-
-    def calibrate_labelled(self, images: Images, labels: Any, progress: bool = True) -> float:
-        """Set the F1-optimal threshold on labelled validation images (1 = defective); returns it."""
-        threshold = f1_threshold(self.predict(images, progress).image_scores, labels)
-        self.set_threshold(threshold)
-        logger.info("image threshold %.6g (F1-optimal on labelled images)", threshold)
-        return threshold
-
-    def set_pixel_threshold(self, value: Optional[float]) -> None:
-        """Set the anomaly-map threshold of ``pred_masks`` (value >= threshold is a defect pixel); None removes it."""
-        self.pixel_threshold = check_threshold(value)
-
-    def calibrate_pixels(self, normal_images: Images, q: float = 0.999, progress: bool = True) -> float:
-        """Set the pixel threshold to the ``q`` quantile of the anomaly-map values of held-out defect-free
-        images; returns it."""
-        threshold = pixel_quantile_threshold(self.predict(normal_images, progress).anomaly_maps, q)
-        self.set_pixel_threshold(threshold)
-        logger.info("pixel threshold %.6g (quantile %g of held-out normal anomaly-map values)", threshold, q)
-        return threshold
-
-    def calibrate_pixels_labelled(self, images: Images, masks: Sequence[Any], progress: bool = True) -> float:
-        """Set the pixel-F1-optimal pixel threshold on images with ground-truth masks; returns it.
-
-        ``masks``: one per image, as the image was given (PIL image or (H, W) array, nonzero = defect);
-        they are resized and cropped like the images (``preprocess.mask``).
-        """
-        maps = self.predict(images, progress).anomaly_maps
-        if len(masks) != maps.shape[0]:
-            raise ValueError(f"{len(masks)} masks for {maps.shape[0]} images")
-        truth = np.stack([self.preprocess.mask(m) for m in masks])
-        threshold = pixel_f1_threshold(maps, truth)
-        self.set_pixel_threshold(threshold)
-        logger.info("pixel threshold %.6g (pixel-F1-optimal on labelled masks)", threshold)
-        return threshold
 
     # ---- persistence ------------------------------------------------------------------------------
     def save(self, path: PathLike) -> None:

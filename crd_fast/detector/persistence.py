@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..choices import WEIGHT_SOURCES
-from ..features.backbone import BackboneWeightsError, module_state_sha256, weights_identity
+from ..features.backbone import BackboneWeightsError, module_state_sha256, same_weights, weights_identity
 from ..io.model_file import ModelFileError, PathLike, read_model_file, require, write_model_file
 from ..scoring.registry import model_class, model_names
 from ..selection.record import SelectionRecord
@@ -170,6 +170,11 @@ def load_detector(
         raise
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: cannot rebuild the detector from its stored config: {exc}") from exc
+    require(  # weights known by their bytes (a file, HED's, a package's) must still be those bytes
+        "sha256" not in ident or same_weights(det.weights_identity, ident),
+        path,
+        f"the backbone weights changed since the model was saved: {ident} then, {det.weights_identity} now",
+    )
     require(
         list(det.patch_grid) == meta.get("patch_grid"),
         path,
@@ -237,7 +242,7 @@ def _requested_option(path: PathLike, key: str, want: Any, stored: dict[str, Any
         return want
     if key == "weights":
         asked = weights_identity(DetectorConfig.check(key, want), stored["seed"], stored["backbone"])
-        if _without_file(asked) != _without_file(ident):
+        if not same_weights(asked, ident):
             raise OptionMismatchError(
                 f"{path}: the model was made with weights {ident}, but weights={want!r} ({asked}) was requested"
             )
@@ -252,10 +257,6 @@ def _requested_option(path: PathLike, key: str, want: Any, stored: dict[str, Any
 def _jsonable(value: Any) -> Any:
     """Tuples to lists etc., so requested and stored option values compare as JSON does."""
     return json.loads(json.dumps(value))
-
-
-def _without_file(identity: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in identity.items() if k != "file"}
 
 
 __all__ = [

@@ -29,6 +29,8 @@ class CategoryResult:
         (anomaly_maps >= pixel_threshold) are outlined in the overlays and scored by pixel F1.
     selection: the detector's label-free choice record (``CRDDetector.selection``), or None; shown as the
         chosen spatial model and lam_rel with the validation curve.
+    peer_scores: other scoring rules' image scores of the same images, ``{rule: (N,)}`` (e.g. "nn", "padim", as in
+        ``extra``), or None; their ROC curves are drawn beside the detector's.
     """
 
     name: str
@@ -44,6 +46,7 @@ class CategoryResult:
     extra: dict[str, Any] = field(default_factory=dict)
     pixel_threshold: Optional[float] = None
     selection: Optional[dict[str, Any]] = None
+    peer_scores: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         labels = _numpy(self.labels)
@@ -86,6 +89,12 @@ class CategoryResult:
         self.defect_types = [str(t) for t in self.defect_types]
         if len(self.defect_types) != n:
             raise ValueError(f"category {self.name!r}: {len(self.defect_types)} defect types for {n} images")
+        if self.peer_scores is not None:
+            peers = {str(k): _numpy(v).astype(np.float64) for k, v in self.peer_scores.items()}
+            bad = [k for k, v in peers.items() if v.shape != (n,) or not np.isfinite(v).all()]
+            if bad:
+                raise ValueError(f"category {self.name!r}: peer_scores {bad} must be {n} finite scores each")
+            self.peer_scores = peers
 
     @property
     def pred_masks(self) -> Optional[np.ndarray]:

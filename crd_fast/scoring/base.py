@@ -191,4 +191,46 @@ class ScoringModel(ABC):
         raise ValueError(f"the {self.name!r} scoring model does not take part in the label-free choice")
 
 
-__all__ = ["DeployableHead", "FeatureLayout", "ScoreHead", "ScoringModel", "UnsupportedOption"]
+class ScorerBackedModel(ScoringModel):
+    """A scoring model whose fit and lam_rel live in one scorer object (``self.scorer``: a CRDScorer or a
+    LocalCRDScorer, with ``merge``, ``is_fitted`` and a settable ``lam_rel``), as both built-in models' do."""
+
+    has_lam_rel = True
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+        self._seen: Any = None
+        self._version = 0
+
+    def _version_of(self, derived: Any) -> int:
+        """A counter that moves whenever ``derived`` (an object the scorer rebuilds on every change of data or
+        options, e.g. its projection) is a new one: a ``cache_key``. Holding the last one keeps its id unique."""
+        if derived is not self._seen:
+            self._seen = derived
+            self._version += 1
+        return self._version
+
+    def merge(self, other: ScoringModel) -> "ScorerBackedModel":
+        if type(other) is not type(self):
+            raise TypeError(
+                f"can only merge a {type(self).__name__} into a {type(self).__name__}, got {type(other).__name__}"
+            )
+        self.scorer.merge(other.scorer)
+        return self
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.scorer.is_fitted
+
+    @property
+    def lam_rel(self) -> float:
+        return self.scorer.lam_rel
+
+    def set_lam_rel(self, value: float) -> None:
+        self.scorer.lam_rel = value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.scorer!r})"
+
+
+__all__ = ["DeployableHead", "FeatureLayout", "ScoreHead", "ScorerBackedModel", "ScoringModel", "UnsupportedOption"]

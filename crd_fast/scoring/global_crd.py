@@ -18,7 +18,7 @@ from ..io.model_file import PathLike, require
 from ..models.head import CRDHead
 from ..models.head_file import DeployHead, variant_projection
 from ..scorers.crd import CRDScorer
-from .base import FeatureLayout, ScoringModel, UnsupportedOption
+from .base import FeatureLayout, ScorerBackedModel, UnsupportedOption
 from .candidates import GlobalCandidate
 
 #: The model file's tensor prefix and metadata field of this model.
@@ -26,17 +26,11 @@ PREFIX = "crd."
 FIELD = "crd"
 
 
-class GlobalCRD(ScoringModel):
+class GlobalCRD(ScorerBackedModel):
     """The global CRD: score ||M_pre (y - mu)|| with one M_pre for every position (docs/DESIGN.md "Method")."""
 
     name = "global"
-    has_lam_rel = True
     selectable = True
-
-    def __init__(self, scorer: CRDScorer) -> None:
-        self.scorer = scorer
-        self._seen_projection: Any = None
-        self._version = 0
 
     @classmethod
     def create(cls, options: Mapping[str, Any]) -> "GlobalCRD":
@@ -67,16 +61,6 @@ class GlobalCRD(ScoringModel):
         if patches.shape[0]:
             self.scorer.partial_fit(patches)
 
-    def merge(self, other: ScoringModel) -> "GlobalCRD":
-        if not isinstance(other, GlobalCRD):
-            raise TypeError(f"can only merge a GlobalCRD into a GlobalCRD, got {type(other).__name__}")
-        self.scorer.merge(other.scorer)
-        return self
-
-    @property
-    def is_fitted(self) -> bool:
-        return self.scorer.is_fitted
-
     @property
     def n_patches(self) -> int:
         return self.scorer.n_samples if self.scorer.is_fitted else 0
@@ -94,13 +78,6 @@ class GlobalCRD(ScoringModel):
         self.scorer.replace_statistics(stats)
 
     # ---- options ----------------------------------------------------------------------------------
-    @property
-    def lam_rel(self) -> float:
-        return self.scorer.lam_rel
-
-    def set_lam_rel(self, value: float) -> None:
-        self.scorer.lam_rel = value
-
     def options(self) -> dict[str, Any]:
         return {"lam_rel": self.scorer.lam_rel, "center": self.scorer.center, "rank": self.scorer.rank}
 
@@ -111,13 +88,7 @@ class GlobalCRD(ScoringModel):
         )
 
     def cache_key(self) -> Hashable:
-        # The scorer recomputes its projection whenever data, lam_rel, center or rank change; holding the last one
-        # seen keeps its identity from being reused.
-        projection = self.scorer.projection
-        if projection is not self._seen_projection:
-            self._seen_projection = projection
-            self._version += 1
-        return self._version
+        return self._version_of(self.scorer.projection)  # recomputed on any change of data, lam_rel, center, rank
 
     def export_head(self, layout: FeatureLayout, rank: Optional[int] = None) -> tuple[nn.Module, dict[str, Any]]:
         want_rank = rank if rank is not None else self.scorer.rank
@@ -160,9 +131,6 @@ class GlobalCRD(ScoringModel):
     # ---- the label-free choice ----------------------------------------------------------------------
     def candidate(self) -> GlobalCandidate:
         return GlobalCandidate(self.scorer.statistics, self.scorer.center)
-
-    def __repr__(self) -> str:
-        return f"GlobalCRD({self.scorer!r})"
 
 
 __all__ = ["GlobalCRD"]

@@ -19,7 +19,7 @@ from ..models.local_head import LocalCRDHead
 from ..models.local_head_file import LocalDeployHead
 from ..scorers.crd import CRDScorer
 from ..scorers.local import LocalCRDScorer
-from .base import FeatureLayout, ScoringModel, UnsupportedOption
+from .base import FeatureLayout, ScorerBackedModel, ScoringModel, UnsupportedOption
 from .candidates import LocalCandidate
 from .global_crd import FIELD as GLOBAL_FIELD
 from .global_crd import PREFIX as GLOBAL_PREFIX
@@ -29,21 +29,18 @@ PREFIX = "local."
 FIELD = "local"
 
 
-class LocalCRD(ScoringModel):
+class LocalCRD(ScorerBackedModel):
     """The local CRD (docs/DESIGN.md "Local model"). ``center`` and ``rank`` are the options of the pooled global
     CRD stored beside it (and given by ``derive("global")``)."""
 
     name = "local"
-    has_lam_rel = True
     selectable = True
     derives = ("global",)
 
     def __init__(self, scorer: LocalCRDScorer, center: bool = True, rank: Optional[int] = None) -> None:
-        self.scorer = scorer
+        super().__init__(scorer)
         self.center = bool(center)
         self.rank = rank
-        self._seen_model: Any = None
-        self._version = 0
 
     @classmethod
     def create(cls, options: Mapping[str, Any]) -> "LocalCRD":
@@ -57,16 +54,6 @@ class LocalCRD(ScoringModel):
     # ---- fitting ----------------------------------------------------------------------------------
     def partial_fit(self, grids: torch.Tensor) -> None:
         self.scorer.partial_fit(grids)
-
-    def merge(self, other: ScoringModel) -> "LocalCRD":
-        if not isinstance(other, LocalCRD):
-            raise TypeError(f"can only merge a LocalCRD into a LocalCRD, got {type(other).__name__}")
-        self.scorer.merge(other.scorer)
-        return self
-
-    @property
-    def is_fitted(self) -> bool:
-        return self.scorer.is_fitted
 
     @property
     def n_patches(self) -> int:
@@ -86,13 +73,6 @@ class LocalCRD(ScoringModel):
         return GlobalCRD(CRDScorer.from_statistics(self.scorer.pooled_statistics, self.lam_rel, self.center, self.rank))
 
     # ---- options ----------------------------------------------------------------------------------
-    @property
-    def lam_rel(self) -> float:
-        return self.scorer.lam_rel
-
-    def set_lam_rel(self, value: float) -> None:
-        self.scorer.lam_rel = value
-
     def options(self) -> dict[str, Any]:
         s = self.scorer
         return {"lam_rel": s.lam_rel, "local_rank": s.rank, "local_shrinkage": s.shrinkage}
@@ -110,11 +90,8 @@ class LocalCRD(ScoringModel):
         )
 
     def cache_key(self) -> Hashable:
-        model = self.scorer.model()  # rebuilt by the scorer whenever its data, shrinkage or rank change
-        if model is not self._seen_model:
-            self._seen_model = model
-            self._version += 1
-        return (self._version, self.scorer.lam_rel)
+        # the model is rebuilt by the scorer whenever its data, shrinkage or rank change; lam_rel only rescales it
+        return (self._version_of(self.scorer.model()), self.scorer.lam_rel)
 
     def export_head(self, layout: FeatureLayout, rank: Optional[int] = None) -> tuple[nn.Module, dict[str, Any]]:
         if rank is not None:
@@ -176,9 +153,6 @@ class LocalCRD(ScoringModel):
     # ---- the label-free choice ----------------------------------------------------------------------
     def candidate(self) -> LocalCandidate:
         return LocalCandidate(self.scorer.model())
-
-    def __repr__(self) -> str:
-        return f"LocalCRD({self.scorer!r})"
 
 
 __all__ = ["LocalCRD"]
