@@ -259,7 +259,7 @@ def test_comparison_table_puts_crd_beside_each_peer(tmp_path):
     rep = write_report(tmp_path, [a, b], RunInfo(weights="random"), n_examples=0)
     text = rep.html_path.read_text(encoding="utf-8")
     assert "nn.image_auroc" not in text and "head_ms_per_image" not in text and "crd_bank_mb" not in text
-    assert "CRD beside exact 1-NN, padim on the same features" in text
+    assert "CRD beside exact 1-NN, PaDiM&#x27;s rule on the same features" in text
 
     metrics, comparison = _tables(rep.html_path)[:2]
     # the metrics table: groups over two header rows, one row per category and the mean
@@ -280,7 +280,7 @@ def test_comparison_table_puts_crd_beside_each_peer(tmp_path):
         "warmup, s",
     ]
     assert [span for _, span in comparison[0]] == [1, 3, 2, 2, 1]
-    assert _texts(comparison[1]) == ["CRD", "exact 1-NN", "padim", "CRD", "exact 1-NN", "CRD", "padim"]
+    assert _texts(comparison[1]) == ["CRD", "exact 1-NN", "PaDiM's rule", "CRD", "exact 1-NN", "CRD", "PaDiM's rule"]
     ma, mb = (c["metrics"] for c in rep.data["categories"])
     auroc_a, auroc_b = f"{ma['image_auroc']:.3f}", f"{mb['image_auroc']:.3f}"
     mean_auroc = f"{(ma['image_auroc'] + mb['image_auroc']) / 2:.3f}"
