@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from ..io.safety import check_outputs
 
-        check_outputs(files=[args.json], inputs=[args.config])  # before the benchmark, not after it
+        check_outputs(files=[args.json], inputs=[getattr(args, "config", None)])  # before the benchmark, not after
     parts = tuple(dict.fromkeys(args.only)) if args.only else PARTS
     config = BenchConfig.quick(parts=parts) if args.quick else BenchConfig(parts=parts)
     info = machine_info()
