@@ -1,148 +1,66 @@
-"""The one GPU check of the fused CRD head: correctness of every kernel path, sanitizers, then timings.
+"""The GPU check of crd-fast's kernels: the GPU tests (tests/gpu), then timings, written as one table.
 
     python bench/gpu_check.py [--build] [--quick] [--seed N] [--out DIR] [--no-sanitizer] [--no-timing]
-    python bench/gpu_check.py --self-test        # on any machine, no GPU: arguments, tolerances, report
+    python bench/gpu_check.py --self-test        # on any machine, no GPU: arguments, test results, report
 
-Run from the repository root on a machine with a GPU (docs/GPU.md "Running bench/gpu_check.py"); it is
-built to finish in under 10 minutes on one data-centre GPU. Steps, each recorded as a check:
+Run from the repository root on a machine with a GPU (docs/GPU.md "Running bench/gpu_check.py"); it is built to
+finish in under 10 minutes on one data-centre GPU. Steps, each recorded as checks:
 
 1. (--build) builds and installs crd-fast from this tree; fails on any ptxas spill in the build log.
-2. dispatch: the op's decision for this device must be a kernel path (a silent reference run fails);
-   kernel resources: no local-memory (spill) bytes in any compiled kernel.
-3. correctness on inputs from fixed, printed seeds, for every kernel path (native, cupy) and dtype,
-   outputs and scratch poisoned with NaN first: float32/float64 against the float64 reference with a
-   norm-relative tolerance (max |error| / max |score|); float16/bfloat16 against a model that makes the
-   kernel's own roundings (embedding rounded once to the operand type, folded matrix cast to it, float32
-   q) at ~1e-5. Shapes: 1-4 layers, 5 layers (reference fallback through the op), d % 32 != 0, r = 65,
-   N not a multiple of 64, a rank-1 case, B = 0, r = 0, channels_last, strided and offset views, and a
-   feature map of more than 2^31 elements. Every kernel runs twice: identical bits (no races).
-   The residual kernels (crd_fast::crd_residual, the local head's fused part: out = P' e_p - q[pos(p)], no norm)
-   get the same treatment on their own cases (1-4 layers, odd grids, r = 1, 65, 70, 130, patchcore folding):
-   float32/float64 against the float64 reference.crd_residual, float16/bfloat16 against the same-roundings model,
-   outputs poisoned first, two runs identical; then LocalCRDHead on CUDA (fused) against the float64
-   LocalCRDModel scores.
-4. native vs CuPy: identical bits (same source, same code-generation flags), head and residual kernels.
-5. streams: a launch on a side stream behind ``torch.cuda._sleep`` with only stream-level waits; CUDA-graph
-   capture and replay; ``torch.compile(mode="reduce-overhead")``.
-6. compute-sanitizer memcheck, racecheck, synccheck and initcheck on small shapes, every dtype and path.
-7. timings (CUDA events, median): fused paths vs the unfused float32 reference vs exact nearest-neighbour
-   search by cuBLAS, with GB/s and TFLOP/s against this device's measured copy bandwidth and matmul peak;
-   the residual kernels vs the unfused float32 reference.crd_residual on the same shapes.
+2. ``pytest tests/gpu`` (tests/gpu/kernel_checks.py says what they check): every op runs a kernel on this device,
+   no compiled kernel spills; every op's kernels through every backend (native, cupy) and dtype against the float64
+   reference or the same-roundings model, outputs poisoned first, two runs identical, native vs CuPy bit for bit;
+   views, B = 0, r = 0, 5 layers, a map of more than 2^31 elements; LocalCRDHead on the device; side streams,
+   CUDA-graph capture and ``torch.compile(mode="reduce-overhead")``; compute-sanitizer's four tools. Each test is
+   one check (a skipped test: a check that could not run here). ``--seed`` reaches them as $CRD_FAST_GPU_SEED;
+   ``--quick`` leaves out the tests marked ``large``, ``--no-sanitizer`` those marked ``sanitizer``.
+3. timings (CUDA events, median): fused paths vs the unfused float32 reference vs exact nearest-neighbour search by
+   cuBLAS, with GB/s and TFLOP/s against this device's measured copy bandwidth and matmul peak; the residual
+   kernels vs the unfused float32 reference.crd_residual on the same shapes.
 
-Writes gpu_check.json and gpu_check.md (a table for bench/RESULTS.md) to --out (default $OUT or .).
-Exit status: 0 every check passed; 1 a check failed; 2 no GPU or the build failed; 3 passed, but some
-steps could not run (e.g. no compute-sanitizer or no CuPy): the JSON says which.
+Writes gpu_check.json and gpu_check.md (a table for bench/RESULTS.md) to --out (default $OUT or .), and the tests'
+JUnit XML as gpu_tests.xml. Exit status: 0 every check passed; 1 a check failed; 2 no GPU or the build failed;
+3 passed, but some checks could not run (e.g. no compute-sanitizer or no CuPy): the JSON says which.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SEED = 20261201
-SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
-#: Norm-relative tolerances (max |got - want| / max |want|): float32/float64 against the float64 reference,
-#: half precision against the same-roundings model (the kernel's remaining error is float32 accumulation).
-TOLERANCES = {"float64": 1e-12, "float32": 2e-5, "float16": 2e-5, "bfloat16": 2e-5}
+GPU_TESTS = ROOT / "tests" / "gpu"
+DEFAULT_SEED = 20261201  # the default of tests/gpu/kernel_checks.py (tests/test_gpu_check.py holds them equal)
+SEED_ENV = "CRD_FAST_GPU_SEED"
 
 
-# ---- arguments, tolerances, report: pure Python, self-tested on the CPU ----------------------------------
+# ---- arguments and report: pure Python, self-tested on the CPU ------------------------------------------------
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", action="store_true", help="pip-install this tree first (needs nvcc)")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--quick", action="store_true", help="leave out the large test inputs; fewer timing repeats")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"base seed of all inputs ({DEFAULT_SEED})")
     parser.add_argument("--out", default=os.environ.get("OUT") or ".", help="folder for gpu_check.json/.md")
     parser.add_argument("--no-sanitizer", action="store_true", help="skip the compute-sanitizer runs")
     parser.add_argument("--no-timing", action="store_true", help="skip the timings")
     parser.add_argument("--self-test", action="store_true", help="check this script's own logic on the CPU")
-    parser.add_argument("--sanitizer-target", action="store_true", help=argparse.SUPPRESS)  # the sanitized child
     parser.add_argument("--after-build", action="store_true", help=argparse.SUPPRESS)  # re-run after --build
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be non-negative, got {args.seed}")
     return args
-
-
-def norm_rel(got, want) -> float:
-    """max |got - want| / max |want| over the whole map (inf when anything is not finite; 0 for empty maps)."""
-    import torch
-
-    got, want = got.double().cpu(), want.double().cpu()
-    if got.shape != want.shape:
-        return math.inf
-    if got.numel() == 0:
-        return 0.0
-    if not bool(torch.isfinite(got).all()):
-        return math.inf
-    scale = float(want.abs().max())
-    err = float((got - want).abs().max())
-    return err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-
-
-def expected_scores(maps, matrix, offset, embedding: str, target_dim: int, operand):
-    """What a kernel with ``operand`` dtype should return, in float64: the reference for float32/float64
-    operands, else the same-roundings model (embedding and folded matrix rounded once to ``operand``)."""
-    import torch
-
-    from crd_fast.core.embedding import embed_patches, patch_matrix
-    from crd_fast.ops import reference
-    from crd_fast.ops.plan import fold_matrix
-
-    if operand in (torch.float32, torch.float64):
-        return reference.crd_head(maps, matrix, offset, embedding, target_dim)
-    b, _, h, w = maps[0].shape
-    channels = [int(m.shape[1]) for m in maps]
-    device = maps[0].device
-    p, q = fold_matrix(matrix.double().to(device), offset.double().to(device), channels, embedding, target_dim)
-    emb = patch_matrix(embed_patches([m.double() for m in maps], "concat")).to(operand).double()
-    z = emb @ p.to(operand).double().T - q.float().double()
-    return torch.linalg.vector_norm(z, dim=1).reshape(b, h, w)
-
-
-def expected_residuals(maps, matrix, q, embedding: str, target_dim: int, operand):
-    """What a residual kernel with ``operand`` dtype should return, (B, h, w, r) in float64: the reference for
-    float32/float64 operands, else the same-roundings model (embedding and folded matrix rounded once to
-    ``operand``, q in float32)."""
-    import torch
-
-    from crd_fast.core.embedding import embed_patches, patch_matrix
-    from crd_fast.ops import reference
-    from crd_fast.ops.plan import fold_matrix
-
-    if operand in (torch.float32, torch.float64):
-        return reference.crd_residual(maps, matrix, q, embedding, target_dim)
-    b, _, h, w = maps[0].shape
-    channels = [int(m.shape[1]) for m in maps]
-    device = maps[0].device
-    zero = torch.zeros(matrix.shape[1], dtype=torch.float64, device=device)
-    p, _ = fold_matrix(matrix.double().to(device), zero, channels, embedding, target_dim)
-    emb = patch_matrix(embed_patches([m.double() for m in maps], "concat")).to(operand).double()
-    rows = (emb @ p.to(operand).double().T).reshape(b, h * w, -1)
-    return (rows - q.to(device).float().double()).reshape(b, h, w, -1)
-
-
-#: Residual-kernel cases: (name, map shapes, embedding, target_dim, r); q is (h0 w0, r).
-RESIDUAL_CASES = [
-    ("residual 1 layer, grid 7x9, r=70", [(2, 5, 7, 9)], "concat", 1024, 70),
-    ("residual 2 layers, grid 9x7, r=130", [(2, 6, 9, 7), (2, 10, 4, 5)], "concat", 1024, 130),
-    ("residual 3 layers patchcore, r=9", [(3, 6, 6, 6), (3, 10, 3, 3), (3, 4, 11, 13)], "patchcore", 9, 9),
-    ("residual 4 layers, d=45, r=65", [(2, 9, 9, 9), (2, 12, 5, 5), (2, 16, 3, 3), (2, 8, 2, 2)], "concat", 1024, 65),
-    ("residual rank 1, single pixel", [(2, 3, 1, 1)], "concat", 1024, 1),
-    ("residual wide_resnet50_2 b2, r=1024", [(2, 512, 28, 28), (2, 1024, 14, 14)], "concat", 1024, 1024),
-]
 
 
 @dataclass
@@ -205,7 +123,9 @@ class Report:
         bad = [c for c in self.checks if c.ok is not True]
         if bad:
             lines += ["| step | check | result | note |", "|---|---|---|---|"]
-            lines += [f"| {c.step} | {c.name} | {'FAIL' if c.ok is False else 'not run'} | {c.note} |" for c in bad]
+            lines += [
+                f"| {c.step} | {c.name} | {'FAIL' if c.ok is False else 'not run'} | {_cell(c.note)} |" for c in bad
+            ]
             lines.append("")
         if self.timings:
             lines += [
@@ -222,40 +142,118 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-def self_test() -> int:
-    """This script's logic on the CPU: argument parsing, the tolerance model, the report files."""
-    import torch
+def _cell(text: str) -> str:
+    """``text`` on one line of a Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
 
+
+# ---- the GPU tests: run by pytest, read back from its JUnit XML --------------------------------------------------
+def pytest_command(args: argparse.Namespace, junit: Path) -> list[str]:
+    """``python -m pytest tests/gpu`` with the markers --quick and --no-sanitizer leave out, writing ``junit``."""
+    markers = ["cuda"] + (["not large"] if args.quick else []) + (["not sanitizer"] if args.no_sanitizer else [])
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(GPU_TESTS),
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rfEs",
+        "-m",
+        " and ".join(markers),
+        f"--junitxml={junit}",
+        "-o",
+        "junit_family=xunit1",  # keeps the per-test properties (error, tol) in the XML
+    ]
+
+
+def _first_line(text: Optional[str], limit: int = 400) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:limit]
+
+
+def checks_from_junit(xml_text: str) -> list[Check]:
+    """One check per test case of pytest's JUnit XML: step = the test file (test_gpu_<step>.py), name = the test with
+    its parameters; ok = passed (True), failed or errored (False), skipped (None, the reason as note). Properties
+    ``error`` and ``tol`` (record_property) become the check's numbers."""
+    checks = []
+    for case in ET.fromstring(xml_text).iter("testcase"):
+        module = case.get("classname", "").rsplit(".", 1)[-1]
+        step = module.removeprefix("test_gpu_").removeprefix("test_") or "tests"
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        numbers = {k: float(props[k]) for k in ("error", "tol") if props.get(k) not in (None, "")}
+        failure = case.find("failure")
+        error = case.find("error")
+        skipped = case.find("skipped")
+        if failure is not None or error is not None:
+            bad = failure if failure is not None else error
+            ok, note = False, _first_line(bad.get("message") or bad.text)
+        elif skipped is not None:
+            ok, note = None, _first_line(skipped.get("message") or skipped.text)
+        else:
+            ok, note = True, ""
+        checks.append(Check(step, case.get("name", "?"), ok, numbers.get("error"), numbers.get("tol"), note))
+    return checks
+
+
+def run_gpu_tests(args: argparse.Namespace, out_dir: Path, report: Report, source_tree: bool = False) -> None:
+    """Runs tests/gpu in a child pytest (a crash there does not take the timings down) and records its tests.
+
+    The child runs in tests/, so it imports the installed crd-fast; ``source_tree``: none is installed, and it
+    imports this source tree instead (the CuPy path and the reference)."""
+    junit = out_dir / "gpu_tests.xml"
+    junit.unlink(missing_ok=True)
+    env = dict(os.environ, **{SEED_ENV: str(args.seed)})
+    if source_tree:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    cmd = pytest_command(args, junit)
+    print("running:", " ".join(cmd), flush=True)
+    start = time.time()
+    result = subprocess.run(cmd, cwd=GPU_TESTS.parent, env=env, check=False)
+    report.info["gpu_tests"] = {"returncode": result.returncode, "seconds": round(time.time() - start, 1)}
+    if not junit.is_file():
+        report.add("tests", "pytest tests/gpu", False, note=f"no results (exit status {result.returncode})")
+        return
+    for check in checks_from_junit(junit.read_text()):
+        report.add(check.step, check.name, check.ok, check.error, check.tol, check.note)
+    if result.returncode not in (0, 1):  # 1: tests failed (recorded above); anything else: pytest itself failed
+        report.add("tests", "pytest tests/gpu", False, note=f"exit status {result.returncode}")
+
+
+SELF_TEST_XML = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" tests="4">
+<testcase classname="gpu.test_gpu_kernels" name="test_kernels_match_the_reference[crd_head-a-float32-native]">
+<properties><property name="error" value="3e-08"/><property name="tol" value="2e-05"/></properties></testcase>
+<testcase classname="gpu.test_gpu_kernels" name="test_kernels_match_the_reference[crd_head-a-float16-cupy]">
+<properties><property name="error" value="0.5"/><property name="tol" value="2e-05"/></properties>
+<failure message="AssertionError: norm-relative error 5.00e-01 (tol 2e-05), seed 7&#10;assert False">tb</failure>
+</testcase>
+<testcase classname="gpu.test_gpu_sanitizers" name="test_compute_sanitizer[memcheck]">
+<skipped type="pytest.skip" message="compute-sanitizer not found">skip</skipped></testcase>
+<testcase classname="gpu.test_gpu_streams" name="test_a_side_stream_behind_a_sleep[crd_head]">
+<error message="failed on setup with RuntimeError: CUDA error">tb</error></testcase>
+</testsuite></testsuites>
+"""
+
+
+def self_test() -> int:
+    """This script's logic on the CPU: argument parsing, the pytest command, reading its results, the report."""
     args = parse_args(["--quick", "--seed", "7", "--out", "x", "--no-sanitizer"])
     assert (args.quick, args.seed, args.out, args.no_sanitizer, args.build) == (True, 7, "x", True, False)
     assert parse_args([]).seed == DEFAULT_SEED
-    gen = torch.Generator().manual_seed(DEFAULT_SEED)
-    maps = [torch.randn(2, 5, 6, 7, generator=gen), torch.randn(2, 6, 3, 4, generator=gen)]
-    matrix, offset = torch.randn(65, 11, generator=gen) / 11**0.5, torch.randn(11, generator=gen)
-    for dtype in (torch.float16, torch.bfloat16):
-        half = [m.to(dtype) for m in maps]
-        model = expected_scores(half, matrix, offset, "concat", 1, dtype)
-        ref = expected_scores(half, matrix, offset, "concat", 1, torch.float32)  # the float64 reference
-        # the model makes the kernel's own roundings: skipping one of them is caught, which the old
-        # 3e-2 max-relative tolerance could not tell apart from a wrong kernel
-        assert norm_rel(model, ref) > 2 * TOLERANCES[str(dtype).split(".")[1]], norm_rel(model, ref)
-        assert norm_rel(model * (1 + 1e-6), model) < TOLERANCES["float16"]
-        assert norm_rel(model * (1 + 1e-3), model) > TOLERANCES["float16"]
-    q = torch.randn(42, 65, generator=gen)  # one offset per position of the 6x7 grid
-    for dtype in (torch.float16, torch.bfloat16):
-        half = [m.to(dtype) for m in maps]
-        model = expected_residuals(half, matrix, q, "concat", 1, dtype)
-        ref = expected_residuals(half, matrix, q, "concat", 1, torch.float32)
-        assert model.shape == ref.shape == (2, 6, 7, 65)
-        assert norm_rel(model, ref) > 2 * TOLERANCES[str(dtype).split(".")[1]], norm_rel(model, ref)
-        assert norm_rel(model + 1e-6 * model.abs().max(), model) < TOLERANCES["float16"]
-    assert norm_rel(torch.zeros(0, 3, 3), torch.zeros(0, 3, 3)) == 0.0
-    assert norm_rel(torch.full((1, 2, 2), math.nan), torch.ones(1, 2, 2)) == math.inf
-    assert norm_rel(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)) == 0.0  # a rank-0 map: no division by zero
-    report = Report(info={"device": "self-test", "capability": "0.0", "torch": torch.__version__, "seed": 7})
-    report.add("correctness", "a", True, 1e-7, 2e-5)
+    cmd = pytest_command(args, Path("r.xml"))
+    assert cmd[cmd.index("-m", 3) + 1] == "cuda and not large and not sanitizer" and "--junitxml=r.xml" in cmd
+    assert pytest_command(parse_args([]), Path("r.xml"))[cmd.index("-m", 3) + 1] == "cuda"
+    checks = checks_from_junit(SELF_TEST_XML)
+    assert [(c.step, c.ok) for c in checks] == [("kernels", True), ("kernels", False), ("sanitizers", None),
+                                                ("streams", False)]  # fmt: skip
+    assert (checks[0].error, checks[0].tol) == (3e-08, 2e-05) and checks[1].note.startswith("AssertionError: norm")
+    assert checks[2].note == "compute-sanitizer not found" and "CUDA error" in checks[3].note
+    report = Report(info={"device": "self-test", "capability": "0.0", "torch": "-", "seed": 7})
+    report.checks += checks[:1]
     assert report.status() == 0
-    report.add("sanitizer", "b", None, note="compute-sanitizer not found")
+    report.checks.append(checks[2])
     assert report.status() == 3
     report.timings.append(
         dict(
@@ -275,14 +273,15 @@ def self_test() -> int:
         data = json.loads(json_path.read_text())
         assert data["status"] == 3 and len(data["checks"]) == 2 and data["timings"][0]["ms"] == 1.0
         md = md_path.read_text()
-        assert "| sanitizer | b | not run | compute-sanitizer not found |" in md and "100 (5%)" in md
-    report.add("correctness", "c", False)
+        assert "| sanitizers | test_compute_sanitizer[memcheck] | not run | compute-sanitizer not found |" in md
+        assert "100 (5%)" in md
+    report.checks.append(checks[1])
     assert report.status() == 1
     print("gpu_check self-test: ok")
     return 0
 
 
-# ---- on the GPU ---------------------------------------------------------------------------------------------
+# ---- the build ---------------------------------------------------------------------------------------------
 def build(out_dir: Path) -> int:
     """pip-installs this tree (editable, CUDA ON); the log goes to build.log. Returns pip's exit status."""
     cmd = [
@@ -317,560 +316,168 @@ def check_build_log(log: str, returncode: int, report: Report) -> None:
     )
 
 
-def find_sanitizer() -> Optional[str]:
-    found = shutil.which("compute-sanitizer")
-    if found:
-        return found
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and (Path(root) / "bin" / "compute-sanitizer").is_file():
-            return str(Path(root) / "bin" / "compute-sanitizer")
-    return None
+# ---- timings ------------------------------------------------------------------------------------------------
+def kernel_paths(spec, device) -> list[str]:
+    """The backends that can run ``spec``'s kernels on ``device`` (their static checks and compile; no probe)."""
+    from crd_fast.ops import cuda_dispatch
+
+    index = cuda_dispatch.device_index(device)
+    cap = cuda_dispatch.capability(index)
+    return [b.name for b in cuda_dispatch.BACKENDS if b.problem(spec.kernels, index, cap) is None]
 
 
-class GpuRun:
-    """The GPU steps, sharing one report, device and seed."""
-
-    def __init__(self, args: argparse.Namespace, report: Report) -> None:
-        import torch
-
-        from crd_fast.ops import cuda as kcuda
-        from crd_fast.ops import cuda_dispatch, cupy_jit, native
-
-        self.torch, self.kcuda, self.args, self.report = torch, kcuda, args, report
-        self.dev = torch.device("cuda")
-        self.cap = torch.cuda.get_device_capability()
-        self.paths = []
-        if native.has_native_cuda():
-            self.paths.append("native")
-        cupy_error = cupy_jit.compile_error(torch.cuda.current_device())
-        if cupy_error is None:
-            self.paths.append("cupy")
-        self.cupy_error = cupy_error
-        self.dispatch = cuda_dispatch
-
-    def inputs(self, seed: int, shapes, rank: int, embedding="concat", target_dim=1024):
-        torch = self.torch
-        from crd_fast.core.embedding import embedding_dim
-
-        gen = torch.Generator().manual_seed(seed)
-        maps = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-        d = embedding_dim([s[1] for s in shapes], embedding, target_dim)
-        matrix = torch.randn(rank, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
-        offset = torch.randn(d, generator=gen, dtype=torch.float64)
-        return maps, matrix, offset
-
-    def launch(self, path, maps, matrix, offset, embedding, target_dim):
-        """Scores through one kernel path, outputs poisoned first; runs twice, returns (scores, same_bits)."""
-        torch, kcuda = self.torch, self.kcuda
-        ops = kcuda.prepare(
-            [m.to(self.dev) for m in maps], matrix.to(self.dev), offset.to(self.dev), embedding, target_dim, self.cap
-        )
-        runs = []
-        for _ in range(2):
-            out = ops.new_out().fill_(math.nan)
-            partial = ops.new_partial().fill_(math.nan)
-            kcuda.run(ops, path, out=out, partial=partial)
-            torch.cuda.synchronize()
-            runs.append(out.cpu())
-        return runs[0], torch.equal(runs[0], runs[1]), ops.dtype
-
-    def residual_inputs(self, seed: int, shapes, rank: int, embedding="concat", target_dim=1024):
-        """Maps and matrix as :meth:`inputs`, with q (h0 w0, r): one offset per grid position."""
-        torch = self.torch
-        maps, matrix, _ = self.inputs(seed, shapes, rank, embedding, target_dim)
-        gen = torch.Generator().manual_seed(seed + 10_000)
-        h0, w0 = shapes[0][2], shapes[0][3]
-        return maps, matrix, torch.randn(h0 * w0, rank, generator=gen, dtype=torch.float64)
-
-    def launch_residual(self, path, maps, matrix, q, embedding, target_dim):
-        """Residuals through one kernel path, output poisoned first; runs twice, returns (out, same_bits, operand)."""
-        torch, kcuda = self.torch, self.kcuda
-        ops = kcuda.prepare_residual(
-            [m.to(self.dev) for m in maps], matrix.to(self.dev), q.to(self.dev), embedding, target_dim, self.cap
-        )
-        runs = []
-        for _ in range(2):
-            out = ops.new_residual_out().fill_(math.nan)
-            kcuda.run_residual(ops, path, out=out)
-            torch.cuda.synchronize()
-            runs.append(out.cpu())
-        return runs[0], torch.equal(runs[0], runs[1]), ops.dtype
-
-    # step 2
-    def dispatch_and_resources(self) -> None:
-        from crd_fast.ops import cuda_launch, native
-
-        choice = self.dispatch.decide(self.dev)
-        self.report.info["dispatch"] = choice.as_dict()
-        self.report.add(
-            "dispatch",
-            "the op runs a kernel on this device",
-            choice.path != "reference",
-            note=f"path {choice.path}: {choice.reason}; skipped {choice.skipped}",
-        )
-        residual = self.dispatch.decide(self.dev, self.dispatch.RESIDUAL)
-        self.report.info["dispatch_residual"] = residual.as_dict()
-        self.report.add(
-            "dispatch",
-            "the residual op runs a kernel on this device",
-            residual.path != "reference",
-            note=f"path {residual.path}: {residual.reason}; skipped {residual.skipped}",
-        )
-        self.report.add(
-            "dispatch",
-            "at least one kernel path",
-            bool(self.paths),
-            note=f"paths {self.paths}; cupy: {self.cupy_error or 'ok'}",
-        )
-        if "cupy" not in self.paths:
-            self.report.add("dispatch", "CuPy path present", None, note=self.cupy_error or "")
-        if native.has_native_cuda():
-            attrs = cuda_launch.crd_head_cuda_attributes()
-            self.report.info["kernel_attributes"] = attrs
-            spills = [a["name"] for a in attrs if a["local_bytes"]]
-            self.report.add("resources", "no local memory (spills) in compiled kernels", not spills, note=str(spills))
-
-    # step 3
-    def correctness(self) -> None:
-        seed = self.args.seed
-        cases = [
-            ("2 layers, odd sizes, r=70", [(2, 5, 7, 9), (2, 6, 4, 5)], "concat", 1024, 70),
-            ("3 layers patchcore, downsampling", [(3, 6, 6, 6), (3, 10, 3, 3), (3, 4, 11, 13)], "patchcore", 9, 9),
-            (
-                "4 layers, d=45 (d%32!=0), r=65",
-                [(2, 9, 9, 9), (2, 12, 5, 5), (2, 16, 3, 3), (2, 8, 2, 2)],
-                "concat",
-                1024,
-                65,
-            ),
-            ("rank 1, single pixel", [(2, 3, 1, 1)], "concat", 1024, 1),
-            ("N=3*13*11 (not a multiple of 64), d=50", [(3, 20, 13, 11), (3, 30, 7, 6)], "concat", 1024, 33),
-            ("wide_resnet50_2 b4, r=1536", [(4, 512, 28, 28), (4, 1024, 14, 14)], "concat", 1024, 1536),
-        ]
-        self.check_cases(
-            "correctness", cases[:5] if self.args.quick else cases, seed, self.inputs, self.launch, expected_scores
-        )
-        self.edge_cases()
-
-    def check_cases(self, step: str, cases, seed: int, inputs, launch, expected) -> None:
-        """Every case x dtype x kernel path: ``launch`` (result, two runs identical, operand dtype) against
-        ``expected`` in the norm-relative sense at the operand dtype's tolerance; a raise is a failed check."""
-        torch = self.torch
-        for i, (name, shapes, emb, td, r) in enumerate(cases):
-            maps64, matrix, second = inputs(seed + i, shapes, r, emb, td)
-            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-                maps = [m.to(dtype) for m in maps64]
-                label = str(dtype).split(".")[1]
-                for path in self.paths:
-                    try:
-                        got, same, operand = launch(path, maps, matrix, second, emb, td)
-                    except Exception as exc:  # noqa: BLE001 - any failure of a kernel path is a failed check
-                        self.report.add(step, f"{name} {path} {label}", False, note=f"raised {exc!r}")
-                        continue
-                    want = expected(maps, matrix, second, emb, td, operand)
-                    tol = TOLERANCES[str(operand).split(".")[1]]
-                    err = norm_rel(got, want)
-                    note = f"seed {seed + i}" + ("" if same else "; two runs differ (race?)")
-                    self.report.add(step, f"{name} {path} {label}", err < tol and same, err, tol, note)
-
-    # step 3, residual mode
-    def residual(self) -> None:
-        cases = RESIDUAL_CASES[:5] if self.args.quick else RESIDUAL_CASES
-        self.check_cases(
-            "residual", cases, self.args.seed + 600, self.residual_inputs, self.launch_residual, expected_residuals
-        )
-        self.local_head()
-
-    def local_head(self) -> None:
-        """LocalCRDHead on this device (eager: the fused residual op) against the float64 LocalCRDModel scores."""
-        torch = self.torch
-        from crd_fast.core.embedding import embed_patches, patch_matrix
-        from crd_fast.core.local import LocalCRDModel, local_eigenpairs_from_patches
-        from crd_fast.models.local_head import LocalCRDHead
-
-        gen = torch.Generator().manual_seed(self.args.seed + 700)
-        specs, n_train, k, lam_rel = [(32, 14, 13), (48, 7, 7)], 40, 8, 0.01
-        base = [3 * torch.randn(1, *s, generator=gen, dtype=torch.float64) for s in specs]
-        train = [b + torch.randn(n_train, *b.shape[1:], generator=gen, dtype=torch.float64) for b in base]
-        test = [b + 1.5 * torch.randn(3, *b.shape[1:], generator=gen, dtype=torch.float64) for b in base]
-        d, (h, w) = sum(s[0] for s in specs), specs[0][1:]
-        grids = patch_matrix(embed_patches(train)).reshape(n_train, h * w, d)
-        means, vals, vecs = local_eigenpairs_from_patches(grids, k)
-        xc = (grids - means).reshape(-1, d)
-        model = LocalCRDModel.build(means, xc.T @ xc / xc.shape[0], vals, vecs, 0.5)
-        want = model.scores(patch_matrix(embed_patches(test)).reshape(3, h * w, d), lam_rel).reshape(3, h, w)
-        for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
-            label = str(dtype).split(".")[1]
-            try:
-                head = LocalCRDHead.from_model(
-                    model, lam_rel, layer_channels=[s[0] for s in specs], grid=(h, w), dtype=dtype
-                ).to(self.dev)
-                got = head([m.to(dtype).to(self.dev) for m in test]).cpu()
-            except Exception as exc:  # noqa: BLE001
-                self.report.add("local head", f"LocalCRDHead {label} vs LocalCRDModel", False, note=repr(exc))
-                continue
-            err = norm_rel(got, want)
-            ok = got.dtype == dtype and err < tol
-            self.report.add("local head", f"LocalCRDHead {label} vs LocalCRDModel", ok, err, tol, note=f"k={k}")
-
-    def edge_cases(self) -> None:
-        torch = self.torch
-        from crd_fast.ops import head_op, reference
-
-        seed = self.args.seed + 100
-        maps, matrix, offset = self.inputs(seed, [(3, 8, 9, 10), (3, 12, 5, 5)], 20)
-        dev = [m.float().to(self.dev) for m in maps]
-        m32, o32 = matrix.float().to(self.dev), offset.float().to(self.dev)
-        want = reference.crd_head([m.float() for m in maps], matrix, offset)
-        tol = TOLERANCES["float32"]
-
-        def op(ms, m=m32, o=o32):
-            return head_op.crd_head(ms, m, o)
-
-        views = {
-            "channels_last": [m.to(memory_format=torch.channels_last) for m in dev],
-            "strided batch view": [torch.stack([m, m], dim=1).flatten(0, 1)[::2] for m in dev],  # not contiguous
-            "storage offset view": [torch.cat([m[:1], m])[1:] for m in dev],
-        }
-        for name, ms in views.items():
-            self.report.add("edge", name, norm_rel(op(ms).cpu(), want) < tol, norm_rel(op(ms).cpu(), want), tol)
-        empty = op([m[:0] for m in dev])
-        self.report.add("edge", "B = 0", tuple(empty.shape) == (0, 9, 10))
-        zero = op(dev, m32[:0])
-        self.report.add("edge", "r = 0 scores 0", bool((zero == 0).all()) and tuple(zero.shape) == (3, 9, 10))
-        five, m5, o5 = self.inputs(seed + 1, [(2, 4, 6, 6), (2, 3, 3, 3), (2, 5, 4, 4), (2, 2, 2, 2), (2, 3, 5, 5)], 7)
-        got5 = head_op.crd_head(
-            [m.float().to(self.dev) for m in five], m5.float().to(self.dev), o5.float().to(self.dev)
-        )
-        err5 = norm_rel(got5.cpu(), reference.crd_head([m.float() for m in five], m5, o5))
-        self.report.add("edge", "5 layers (reference fallback through the op)", err5 < tol, err5, tol)
-        self.big_input()
-
-    def big_input(self) -> None:
-        """One feature map of more than 2^31 elements (4.3 GB in float16): 64-bit offsets in the gather."""
-        torch = self.torch
-        shape = (4, 8200, 256, 256)
-        if math.prod(shape) * 2 * 1.5 > torch.cuda.get_device_properties(self.dev).total_memory:
-            self.report.add("edge", "input over 2^31 elements", None, note="not enough device memory")
-            return
-        gen = torch.Generator(device=self.dev).manual_seed(self.args.seed + 200)
-        big = torch.randn(shape, generator=gen, device=self.dev, dtype=torch.float16)
-        cpu_gen = torch.Generator().manual_seed(self.args.seed + 201)
-        matrix = torch.randn(8, shape[1], generator=cpu_gen, dtype=torch.float64) / math.sqrt(shape[1])
-        offset = torch.randn(shape[1], generator=cpu_gen, dtype=torch.float64)
-        for path in self.paths:
-            try:
-                ops = self.kcuda.prepare([big], matrix.to(self.dev), offset.to(self.dev), "concat", 1024, self.cap)
-                got = self.kcuda.run(ops, path)[-1:].cpu()  # the last image: every offset past 2^31
-            except Exception as exc:  # noqa: BLE001
-                self.report.add("edge", f"input over 2^31 elements ({path})", False, note=repr(exc))
-                continue
-            want = expected_scores([big[-1:]], matrix, offset, "concat", 1024, torch.float16)  # on the GPU
-            err = norm_rel(got, want)
-            self.report.add(
-                "edge",
-                f"input over 2^31 elements ({path})",
-                err < TOLERANCES["float16"],
-                err,
-                TOLERANCES["float16"],
-                note=f"{math.prod(shape)} elements",
-            )
-        del big
-        torch.cuda.empty_cache()
-
-    # step 4
-    def native_vs_cupy(self) -> None:
-        torch = self.torch
-        if self.paths != ["native", "cupy"]:
-            self.report.add("bits", "native vs CuPy", None, note=f"needs both paths, have {self.paths}")
-            return
-        shapes = [(3, 40, 14, 14), (3, 72, 7, 7)]
-        for prefix, inputs, launch, seed in (
-            ("", self.inputs, self.launch, self.args.seed + 300),
-            ("residual ", self.residual_inputs, self.launch_residual, self.args.seed + 301),
-        ):
-            maps64, matrix, second = inputs(seed, shapes, 100)
-            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-                maps = [m.to(dtype) for m in maps64]
-                a, _, _ = launch("native", maps, matrix, second, "concat", 1024)
-                b, _, _ = launch("cupy", maps, matrix, second, "concat", 1024)
-                self.report.add(
-                    "bits",
-                    f"{prefix}native vs CuPy {str(dtype).split('.')[1]}",
-                    torch.equal(a, b),
-                    note="" if torch.equal(a, b) else f"max diff {float((a - b).abs().max()):.2e}",
-                )
-
-    # step 5
-    def streams_and_graphs(self) -> None:
-        torch = self.torch
-        from crd_fast.ops import head_op, reference
-
-        maps64, matrix, offset = self.inputs(self.args.seed + 400, [(4, 32, 20, 20), (4, 48, 10, 10)], 40)
-        maps = [m.float().to(self.dev) for m in maps64]
-        m32, o32 = matrix.float().to(self.dev), offset.float().to(self.dev)
-        want = reference.crd_head([m.cpu() for m in maps], matrix, offset)
-        tol = TOLERANCES["float32"]
-        head_op.crd_head(maps, m32, o32)  # prepared (tables, folds) on the default stream
-        torch.cuda.synchronize()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            torch.cuda._sleep(50_000_000)  # keeps the side stream busy while the host moves on
-            fresh = [m * 1.0 for m in maps]  # made on the side stream, after the sleep
-            got = head_op.crd_head(fresh, m32, o32)
-        torch.cuda.current_stream().wait_stream(side)  # stream-level wait only, no device synchronize
-        got = got.cpu()
-        self.report.add("streams", "side stream behind _sleep", norm_rel(got, want) < tol, norm_rel(got, want), tol)
-
-        static = [m.clone() for m in maps]
-        try:
-            capture_stream = torch.cuda.Stream()
-            capture_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(capture_stream):
-                head_op.crd_head(static, m32, o32)  # warm-up on the capture stream
-            torch.cuda.current_stream().wait_stream(capture_stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = head_op.crd_head(static, m32, o32)
-            new64, _, _ = self.inputs(self.args.seed + 401, [(4, 32, 20, 20), (4, 48, 10, 10)], 40)
-            for s, n in zip(static, new64):
-                s.copy_(n.float())
-            graph.replay()
-            torch.cuda.synchronize()
-            want_new = reference.crd_head([n.float() for n in new64], matrix, offset)
-            err = norm_rel(static_out.cpu(), want_new)
-            self.report.add("graphs", "CUDA-graph capture + replay on new inputs", err < tol, err, tol)
-        except Exception as exc:  # noqa: BLE001
-            self.report.add("graphs", "CUDA-graph capture + replay on new inputs", False, note=repr(exc))
-        try:
-            compiled = torch.compile(
-                lambda a, b: head_op.crd_head([a, b], m32, o32).amax(dim=(1, 2)), mode="reduce-overhead"
-            )
-            for _ in range(3):  # cudagraph trees record on the later calls
-                out = compiled(*maps)
-            torch.cuda.synchronize()
-            err = norm_rel(out.cpu(), want.amax(dim=(1, 2)))
-            self.report.add("graphs", "torch.compile(mode='reduce-overhead')", err < tol, err, tol)
-        except Exception as exc:  # noqa: BLE001
-            self.report.add("graphs", "torch.compile(mode='reduce-overhead')", False, note=repr(exc))
-
-    # step 6
-    def sanitizers(self) -> None:
-        sanitizer = find_sanitizer()
-        if sanitizer is None:
-            for tool in SANITIZER_TOOLS:
-                self.report.add("sanitizer", tool, None, note="compute-sanitizer not found")
-            return
-        for tool in SANITIZER_TOOLS:
-            cmd = [
-                sanitizer,
-                "--tool",
-                tool,
-                "--kernel-name",
-                "kns=crd_",  # crd_head_* and crd_residual_*
-                "--error-exitcode",
-                "9",
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--sanitizer-target",
-                "--seed",
-                str(self.args.seed),
-            ]
-            start = time.time()
-            try:
-                result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-                text = (result.stdout + result.stderr).strip().splitlines()
-                ok = result.returncode == 0 and any("sanitizer target: ok" in line for line in text)
-                note = f"rc={result.returncode} in {time.time() - start:.0f} s; " + " | ".join(text[-3:])
-            except subprocess.TimeoutExpired:
-                ok, note = False, "timed out after 120 s"
-            self.report.add("sanitizer", tool, ok, note=note[:400])
-
-    # step 7
-    def timings(self) -> None:
-        torch, kcuda = self.torch, self.kcuda
-        from crd_fast.ops import reference
-
-        reps = 10 if self.args.quick else 30
-        peaks = self.peaks()
-        self.report.info["peaks"] = peaks
-
-        def cuda_time(fn, inputs, warmup=3):
-            for i in range(warmup):
-                fn(inputs[i % len(inputs)])
-            torch.cuda.synchronize()
-            times = []
-            for i in range(reps):
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn(inputs[i % len(inputs)])
-                stop.record()
-                stop.synchronize()
-                times.append(start.elapsed_time(stop))
-            return statistics.median(times)
-
-        gen = torch.Generator().manual_seed(self.args.seed + 500)
-        d = r = 1536
-        matrix = (torch.randn(r, d, generator=gen, dtype=torch.float64) / math.sqrt(d)).to(self.dev)
-        offset = torch.randn(d, generator=gen, dtype=torch.float64).to(self.dev)
-        for batch in (8, 32):
-            inputs = [
-                [torch.randn(batch, 512, 28, 28, device=self.dev), torch.randn(batch, 1024, 14, 14, device=self.dev)]
-                for _ in range(3)
-            ]
-            n = batch * 28 * 28
-            m32, o32 = matrix.float(), offset.float()
-            t_ref = cuda_time(
-                lambda x, m=m32, o=o32: reference.crd_head(x, m, o, "concat", dtype=torch.float32), inputs
-            )
-            rows = [("reference float32 (unfused)", t_ref, None)]
-            for path in self.paths:
-                for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                    ops = [
-                        kcuda.prepare([m.to(dtype) for m in x], matrix, offset, "concat", 1024, self.cap)
-                        for x in inputs
-                    ]
-                    ms = cuda_time(lambda o, p=path: kcuda.run(o, p), ops)
-                    rows.append((f"fused {path} {str(ops[0].dtype).split('.')[1]}", ms, ops[0]))
-            queries = [torch.randn(n, d, device=self.dev) for _ in range(2)]
-            for frac in (0.01, 0.1, 1.0):
-                bank = torch.randn(int(200 * 784 * frac), d, device=self.dev)
-                bank_sq = (bank * bank).sum(1)
-
-                def nn_search(y, bank=bank, bank_sq=bank_sq):
-                    best = torch.full((y.shape[0],), math.inf, device=self.dev)
-                    y_sq = (y * y).sum(1, keepdim=True)
-                    for s in range(0, bank.shape[0], 32768):
-                        dist = y_sq + bank_sq[None, s : s + 32768] - 2.0 * (y @ bank[s : s + 32768].T)
-                        best = torch.minimum(best, dist.min(dim=1).values)
-                    return best.clamp_min_(0).sqrt_()
-
-                rows.append((f"cuBLAS exact NN, bank {bank.shape[0]}", cuda_time(nn_search, queries, warmup=2), None))
-                del bank, bank_sq
-            # the residual kernels (the local head's fused part) on the same maps: q (784, r), out (n, r)
-            q = torch.randn(28 * 28, r, generator=gen, dtype=torch.float64).to(self.dev)
-            t_res = cuda_time(
-                lambda x, m=m32, qq=q.float(): reference.crd_residual(x, m, qq, "concat", dtype=torch.float32), inputs
-            )
-            res_rows = [("residual reference float32 (unfused)", t_res, None)]
-            for path in self.paths:
-                for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                    ops = [
-                        kcuda.prepare_residual([m.to(dtype) for m in x], matrix, q, "concat", 1024, self.cap)
-                        for x in inputs
-                    ]
-                    ms = cuda_time(lambda o, p=path: kcuda.run_residual(o, p), ops)
-                    res_rows.append((f"residual fused {path} {str(ops[0].dtype).split('.')[1]}", ms, ops[0]))
-            for group, ref_ms in ((rows, t_ref), (res_rows, t_res)):
-                for label, ms, ops in group:
-                    self.report.timings.append(self.timing_row(batch, label, ms, ref_ms, ops, n, d, r, peaks))
-            torch.cuda.empty_cache()
-
-    @staticmethod
-    def timing_row(batch, label, ms, ref_ms, ops, n, d, r, peaks) -> dict:
-        """One timing row; GB/s and TFLOP/s for fused rows (the residual kernels also write the (n, r) output)."""
-        row = dict(
-            batch=batch,
-            path=label,
-            ms=ms,
-            patches_per_s=n / (ms / 1e3),
-            vs_reference=ref_ms / ms,
-            gb_s=None,
-            gb_s_frac=None,
-            tflop_s=None,
-            tflop_s_frac=None,
-        )
-        if ops is not None:
-            elem = ops.maps[0].element_size()
-            moved = sum(m.numel() for m in ops.maps) * elem + ops.matrix.numel() * elem + n * 4
-            if ops.q.ndim == 2:  # residual: per-position q read, (n, r) written in the accumulation dtype
-                acc = ops.q.element_size()
-                moved += ops.q.numel() * acc + n * r * acc - n * 4
-            flops = 2.0 * n * d * r
-            row["gb_s"] = moved / (ms / 1e3) / 1e9
-            row["gb_s_frac"] = row["gb_s"] / peaks["copy_gb_s"]
-            row["tflop_s"] = flops / (ms / 1e3) / 1e12
-            peak = peaks["matmul_tflop_s"].get(str(ops.dtype).split(".")[1])
-            row["tflop_s_frac"] = row["tflop_s"] / peak if peak else None
-        return row
-
-    def peaks(self) -> dict:
-        """This device's achievable peaks: a 1 GiB device copy (GB/s, read + write) and an 8192^3 matmul per dtype."""
-        torch = self.torch
-
-        def best_ms(fn, reps=10):
-            fn()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(reps):
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                stop.record()
-                stop.synchronize()
-                times.append(start.elapsed_time(stop))
-            return min(times)
-
-        src = torch.empty(1 << 28, device=self.dev)
-        dst = torch.empty_like(src)
-        copy = 2 * src.numel() * 4 / (best_ms(lambda s=src, d=dst: d.copy_(s)) / 1e3) / 1e9
-        del src, dst
-        matmul = {}
-        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            a = torch.randn(8192, 8192, device=self.dev).to(dtype)
-            matmul[str(dtype).split(".")[1]] = 2 * 8192**3 / (best_ms(lambda a=a: a @ a, reps=3) / 1e3) / 1e12
-            del a
-        torch.cuda.empty_cache()
-        return {"copy_gb_s": copy, "matmul_tflop_s": matmul, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
-
-
-def sanitizer_target(args: argparse.Namespace) -> int:
-    """The child a sanitizer runs: small head and residual launches of every path and dtype (the tool judges)."""
+def timings(args: argparse.Namespace, report: Report) -> None:
+    """Fused paths vs the unfused float32 reference vs cuBLAS exact NN search, then the residual kernels vs the
+    unfused float32 reference.crd_residual, at batch 8 and 32 of wide_resnet50_2-sized maps (r = d = 1536)."""
     import torch
 
-    report = Report()
-    run = GpuRun(args, report)
-    maps64, matrix, offset = run.inputs(args.seed, [(2, 5, 7, 9), (2, 6, 4, 5)], 70)
-    _, _, q = run.residual_inputs(args.seed, [(2, 5, 7, 9), (2, 6, 4, 5)], 70)
-    for path in run.paths:
-        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            ops = run.kcuda.prepare(
-                [m.to(dtype).to(run.dev) for m in maps64],
-                matrix.to(run.dev),
-                offset.to(run.dev),
-                "concat",
-                1024,
-                run.cap,
-            )
-            run.kcuda.run(ops, path)
-            res = run.kcuda.prepare_residual(
-                [m.to(dtype).to(run.dev) for m in maps64],
-                matrix.to(run.dev),
-                q.to(run.dev),
-                "concat",
-                1024,
-                run.cap,
-            )
-            run.kcuda.run_residual(res, path)
-    torch.cuda.synchronize()
-    print(f"sanitizer target: ok ({run.paths})")
-    return 0 if run.paths else 1
+    from crd_fast.ops import head_op, reference, residual_op
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cap = torch.cuda.get_device_capability(dev)
+    reps = 10 if args.quick else 30
+    peaks = device_peaks()
+    report.info["peaks"] = peaks
+
+    def cuda_time(fn, inputs, warmup=3):
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)])
+        torch.cuda.synchronize()
+        times = []
+        for i in range(reps):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(inputs[i % len(inputs)])
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        return statistics.median(times)
+
+    def fused_rows(spec, label, xs, matrix, second):
+        rows = []
+        for path in kernel_paths(spec, dev):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                ops = [spec.cuda_operands([m.to(dtype) for m in x], matrix, second, "concat", 1024, cap) for x in xs]
+                ms = cuda_time(lambda o, launch=spec.launchers[path]: launch(o), ops)
+                rows.append((f"{label}{path} {str(ops[0].dtype).split('.')[1]}", ms, ops[0]))
+        return rows
+
+    gen = torch.Generator().manual_seed(args.seed + 500)
+    d = r = 1536
+    matrix = (torch.randn(r, d, generator=gen, dtype=torch.float64) / math.sqrt(d)).to(dev)
+    offset = torch.randn(d, generator=gen, dtype=torch.float64).to(dev)
+    for batch in (8, 32):
+        inputs = [
+            [torch.randn(batch, 512, 28, 28, device=dev), torch.randn(batch, 1024, 14, 14, device=dev)]
+            for _ in range(3)
+        ]
+        n = batch * 28 * 28
+        m32, o32 = matrix.float(), offset.float()
+        t_ref = cuda_time(lambda x, m=m32, o=o32: reference.crd_head(x, m, o, "concat", dtype=torch.float32), inputs)
+        rows = [("reference float32 (unfused)", t_ref, None)]
+        rows += fused_rows(head_op.SPEC, "fused ", inputs, matrix, offset)
+        queries = [torch.randn(n, d, device=dev) for _ in range(2)]
+        for frac in (0.01, 0.1, 1.0):
+            bank = torch.randn(int(200 * 784 * frac), d, device=dev)
+            bank_sq = (bank * bank).sum(1)
+
+            def nn_search(y, bank=bank, bank_sq=bank_sq):
+                best = torch.full((y.shape[0],), math.inf, device=dev)
+                y_sq = (y * y).sum(1, keepdim=True)
+                for s in range(0, bank.shape[0], 32768):
+                    dist = y_sq + bank_sq[None, s : s + 32768] - 2.0 * (y @ bank[s : s + 32768].T)
+                    best = torch.minimum(best, dist.min(dim=1).values)
+                return best.clamp_min_(0).sqrt_()
+
+            rows.append((f"cuBLAS exact NN, bank {bank.shape[0]}", cuda_time(nn_search, queries, warmup=2), None))
+            del bank, bank_sq
+        # the residual kernels (the local head's fused part) on the same maps: q (784, r), out (n, r)
+        q = torch.randn(28 * 28, r, generator=gen, dtype=torch.float64).to(dev)
+        t_res = cuda_time(
+            lambda x, m=m32, qq=q.float(): reference.crd_residual(x, m, qq, "concat", dtype=torch.float32), inputs
+        )
+        res_rows = [("residual reference float32 (unfused)", t_res, None)]
+        res_rows += fused_rows(residual_op.SPEC, "residual fused ", inputs, matrix, q)
+        for group, ref_ms in ((rows, t_ref), (res_rows, t_res)):
+            for label, ms, ops in group:
+                report.timings.append(timing_row(batch, label, ms, ref_ms, ops, n, d, r, peaks))
+        torch.cuda.empty_cache()
 
 
-def _find_package() -> None:
-    """Use the installed crd-fast, else this source tree (CuPy path and reference without a build)."""
-    try:
-        import crd_fast  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
+def timing_row(batch, label, ms, ref_ms, ops, n, d, r, peaks) -> dict:
+    """One timing row; GB/s and TFLOP/s for fused rows (the residual kernels also write the (n, r) output)."""
+    row = dict(
+        batch=batch,
+        path=label,
+        ms=ms,
+        patches_per_s=n / (ms / 1e3),
+        vs_reference=ref_ms / ms,
+        gb_s=None,
+        gb_s_frac=None,
+        tflop_s=None,
+        tflop_s_frac=None,
+    )
+    if ops is not None:
+        elem = ops.maps[0].element_size()
+        moved = sum(m.numel() for m in ops.maps) * elem + ops.matrix.numel() * elem + n * 4
+        if ops.q.ndim == 2:  # residual: per-position q read, (n, r) written in the accumulation dtype
+            acc = ops.q.element_size()
+            moved += ops.q.numel() * acc + n * r * acc - n * 4
+        flops = 2.0 * n * d * r
+        row["gb_s"] = moved / (ms / 1e3) / 1e9
+        row["gb_s_frac"] = row["gb_s"] / peaks["copy_gb_s"]
+        row["tflop_s"] = flops / (ms / 1e3) / 1e12
+        peak = peaks["matmul_tflop_s"].get(str(ops.dtype).split(".")[1])
+        row["tflop_s_frac"] = row["tflop_s"] / peak if peak else None
+    return row
+
+
+def device_peaks() -> dict:
+    """This device's achievable peaks: a 1 GiB device copy (GB/s, read + write) and an 8192^3 matmul per dtype."""
+    import torch
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+
+    def best_ms(fn, reps=10):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        return min(times)
+
+    src = torch.empty(1 << 28, device=dev)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() * 4 / (best_ms(lambda s=src, d=dst: d.copy_(s)) / 1e3) / 1e9
+    del src, dst
+    matmul = {}
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        a = torch.randn(8192, 8192, device=dev).to(dtype)
+        matmul[str(dtype).split(".")[1]] = 2 * 8192**3 / (best_ms(lambda a=a: a @ a, reps=3) / 1e3) / 1e12
+        del a
+    torch.cuda.empty_cache()
+    return {"copy_gb_s": copy, "matmul_tflop_s": matmul, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+def _find_package() -> bool:
+    """Use the installed crd-fast, else this source tree (CuPy path and reference without a build); True for the
+    source tree."""
+    if importlib.util.find_spec("crd_fast") is not None:
+        return False
+    sys.path.insert(0, str(ROOT))
+    return True
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.self_test:
-        _find_package()
         return self_test()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -886,15 +493,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), "--after-build", *rest])
     if args.after_build:
         check_build_log((out_dir / "build.log").read_text(), 0, report)
-    _find_package()
+    source_tree = _find_package()
     import torch
 
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 2
-    if args.sanitizer_target:
-        return sanitizer_target(args)
     import crd_fast
+    from crd_fast.ops import cuda_launch, native
 
     props = torch.cuda.get_device_properties(0)
     report.info.update(
@@ -904,28 +510,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         memory_gib=round(props.total_memory / 2**30, 1),
         torch=torch.__version__,
         seed=args.seed,
+        crd_fast=str(Path(crd_fast.__file__).parent),
         backends=crd_fast.backends(),
     )
+    if native.has_native_cuda():
+        try:  # the registers and spills of every compiled kernel (tests/gpu checks the spills)
+            report.info["kernel_attributes"] = cuda_launch.crd_head_cuda_attributes()
+        except Exception as exc:  # noqa: BLE001 - e.g. no image for this device: the tests say so
+            report.info["kernel_attributes"] = repr(exc)[:400]
     print(f"seed {args.seed}; {props.name} sm_{props.major}{props.minor}", flush=True)
-    run = GpuRun(args, report)
-    steps: list[Callable[[], Any]] = [
-        run.dispatch_and_resources,
-        run.correctness,
-        run.residual,
-        run.native_vs_cupy,
-        run.streams_and_graphs,
-    ]
-    if not args.no_sanitizer:
-        steps.append(run.sanitizers)
+    steps = [("tests", lambda: run_gpu_tests(args, out_dir, report, source_tree))]
     if not args.no_timing:
-        steps.append(run.timings)
-    for step in steps:
+        steps.append(("timings", lambda: timings(args, report)))
+    for name, step in steps:
         start = time.time()
         try:
             step()
         except Exception as exc:  # noqa: BLE001 - a crashed step is a failed check, the rest still runs
-            report.add(step.__name__, "step raised", False, note=repr(exc)[:400])
-        print(f"  ({step.__name__}: {time.time() - start:.0f} s)", flush=True)
+            report.add(name, "step raised", False, note=repr(exc)[:400])
+        print(f"  ({name}: {time.time() - start:.0f} s)", flush=True)
         report.write(out_dir)  # after every step: a timeout still leaves what was measured
     json_path, md_path = report.write(out_dir)
     print("\n" + md_path.read_text())

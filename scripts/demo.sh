@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install crd-fast into .venv (see setup.sh) and run the built-in demo. Extra arguments go to `crd-fast demo`.
+# Install crd-fast with what the demo needs (crd-fast[demo], see setup.sh) into .venv and run the built-in demo.
+# Extra arguments go to `crd-fast demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 exec "${CRD_FAST_VENV:-.venv}"/bin/crd-fast demo "$@"

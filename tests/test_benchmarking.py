@@ -169,7 +169,7 @@ def test_table_gives_ratios_to_the_fused_head_and_shares_of_the_whole() -> None:
     assert "CRD head, concat embedding, d=1536, 8 query images, NN bank of 156,800 patches" in table
     assert "patchcore" not in table  # only what was measured
     assert "max relative difference 3.00e-07" in table
-    assert "target" not in table.lower()  # the project's targets live in bench/targets.py, not in the package
+    assert "target" not in table.lower()  # the project's targets live in bench/suites/targets.py, not in the package
 
 
 def test_config_rounds_and_parts() -> None:
@@ -266,12 +266,12 @@ def test_fit_child_reports_its_own_peak_memory() -> None:
 
 def test_benchmarks_refuse_to_time_the_fallback_unless_asked(monkeypatch) -> None:
     from crd_fast.benchmark import machine
-    from crd_fast.ops import cpu as cpu_kernels
+    from crd_fast.ops import cpu
 
     monkeypatch.delenv(machine.ALLOW_REFERENCE_ENV, raising=False)
-    monkeypatch.setattr(cpu_kernels, "available", lambda: True)
+    monkeypatch.setattr(cpu, "available", lambda: True)
     machine.require_fused_cpu_pass()  # built: nothing to say
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    monkeypatch.setattr(cpu, "available", lambda: False)
     with pytest.raises(RuntimeError, match=f"no compiled fused CPU pass.*{machine.ALLOW_REFERENCE_ENV}=1"):
         machine.require_fused_cpu_pass()
     monkeypatch.setenv(machine.ALLOW_REFERENCE_ENV, "1")

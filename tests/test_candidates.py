@@ -1,11 +1,11 @@
-"""The selection's candidate families (crd_fast/detector/candidates.py) against float64 direct computations."""
+"""The scoring models' candidates (crd_fast/scoring/candidates.py) against float64 direct computations."""
 
 import numpy as np
 import pytest
 import torch
 
 from crd_fast.core.local import LocalCRDModel
-from crd_fast.detector.candidates import LocalCandidate
+from crd_fast.scoring.candidates import LocalCandidate, LocalRotated
 
 
 def _local_model(seed: int, positions: int = 6, dim: int = 20, rank: int = 3) -> LocalCRDModel:
@@ -46,7 +46,8 @@ def test_float32_rotation_joins_a_float64_one_for_maps():
     g = torch.Generator().manual_seed(6)
     a = torch.randn(3, model.positions, model.dim, generator=g, dtype=torch.float64)
     b = torch.randn(2, model.positions, model.dim, generator=g, dtype=torch.float64)
-    both = cand.concat(cand.as_dtype(cand.rotate(a), torch.float32), cand.rotate(b, torch.float32))
+    both = cand.maps_input(cand.rotate(a), b)  # clean rotated in float64, pseudo-defects rotated in float32
     assert both.squares is None and both.by_position.shape == (model.positions, 5, model.dim)
-    exact = cand.maps(cand.concat(cand.rotate(a), cand.rotate(b)), 0.01)
+    assert both.by_position.dtype == torch.float32
+    exact = cand.maps(LocalRotated(None, torch.cat([cand.rotate(a).by_position, cand.rotate(b).by_position], 1)), 0.01)
     np.testing.assert_allclose(cand.maps(both, 0.01), exact, rtol=2e-5)

@@ -34,7 +34,7 @@ ONE = ["--batch-size", "1"]
 
 
 def assert_same_statistics(a: CRDDetector, b: CRDDetector) -> None:
-    sa, sb = a.scorer.statistics, b.scorer.statistics
+    sa, sb = a.model.scorer.statistics, b.model.scorer.statistics
     assert sa.count == sb.count
     torch.testing.assert_close(sa.mean, sb.mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sa.scatter, sb.scatter, rtol=1e-10, atol=1e-10)
@@ -102,7 +102,8 @@ def test_detector_options_come_from_the_detector_config():
     assert set(kwargs) == set(DEFAULTS) - {"blur_sigma", "target_dim"}
     assert {k: v for k, v in kwargs.items()} == {k: DEFAULTS[k] for k in kwargs}
     demo = detector_kwargs(build_parser().parse_args(["demo"]))
-    assert demo["weights"] == "random" and demo["resize"] is None and demo["lam_rel"] == DEFAULTS["lam_rel"]
+    assert demo["weights"] == DEFAULTS["weights"] and demo["backbone"] == DEFAULTS["backbone"]
+    assert demo["resize"] is None and demo["lam_rel"] == DEFAULTS["lam_rel"]
 
 
 # ---- fit ------------------------------------------------------------------------------------------------
@@ -364,7 +365,7 @@ def test_bad_lam_rel(value, data, tmp_path, capsys):
     [
         (["--layers", "layer9"], "layer9"),
         (["--weights", "/no/such/weights.pth"], "weights.pth"),
-        (["--backbone", "vgg16"], "vgg16"),
+        (["--backbone", "vgg16", "--layers", "layer2,layer3"], "unknown layer(s) ['layer2', 'layer3'] for vgg16"),
         (["--batch-size", "0"], "--batch-size"),
         (["--crop", "128"], "crop (128) must not exceed resize (64)"),
         (["--device", "tpu"], "tpu"),

@@ -21,7 +21,11 @@ import torch
 from crd_fast import CRDDetector
 
 DATA = Path(__file__).resolve().parent / "data"
-CASES = ("concat", "patchcore")
+#: concat and patchcore: global CRD models from before the spatial option; local and auto: the position-aware model
+#: (explicit options, and chosen without labels, with its selection record) from before the scoring-model interface.
+CASES = ("concat", "patchcore", "local", "auto")
+#: Files whose re-save must keep every field (written before the spatial option, which added fields since).
+RESAVE_CASES = ("concat", "patchcore")
 #: float32 units in the last place (of the largest expected value) a processor change may move an output by.
 ULPS = 16
 
@@ -49,10 +53,13 @@ def test_old_model_file_loads_with_identical_scores(name):
         assert result.labels is None and det.threshold is None
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", RESAVE_CASES)
 def test_old_model_file_resaves_to_the_same_content(name, tmp_path):
-    """Loading and saving again keeps every tensor and metadata field (the format did not change)."""
-    from crd_fast.io.model_file import read_model_file
+    """Loading and saving again keeps every tensor and metadata field (the format did not change) but the deliberate
+    additions since, listed below; the re-saved file's header is covered by its digest, the old file's is not."""
+    from safetensors import safe_open
+
+    from crd_fast.io.model_file import DIGEST_KEY, digest_kind, header_digest, read_model_file
 
     det = CRDDetector.load(DATA / f"compat_{name}.crd")
     det.save(tmp_path / "again.crd")
@@ -64,6 +71,14 @@ def test_old_model_file_resaves_to_the_same_content(name, tmp_path):
     added = {name: new_meta["config"].pop(name) for name in ("spatial", "local_rank", "local_shrinkage")}
     assert added == {"spatial": "global", "local_rank": 32, "local_shrinkage": 0.5}
     assert not {"spatial", "spatial_choice", "selection", "local"} & (set(old_meta) | set(old_meta["config"]))
+    # signed headers: the old file is of the older digest kind (its tensors only), the re-saved one covers its header
+    assert digest_kind(old_meta) == "tensors" and "digest" not in old_meta
+    assert digest_kind(new_meta) == "header+tensors" and new_meta.pop("digest") == "header+tensors"
+    with safe_open(str(tmp_path / "again.crd"), framework="pt") as fh:
+        raw = fh.metadata()
+    assert raw[DIGEST_KEY] == header_digest(raw["crd_fast"])
+    with safe_open(str(DATA / f"compat_{name}.crd"), framework="pt") as fh:
+        assert DIGEST_KEY not in fh.metadata()
     assert new_meta == old_meta
     assert sorted(new_tensors) == sorted(old_tensors)
     for key, tensor in old_tensors.items():

@@ -13,8 +13,7 @@ import torch
 
 from crd_fast.core import precision as prec
 from crd_fast.features.backbone import FeatureExtractor
-from crd_fast.ops import cpu as cpu_ops
-from crd_fast.ops import reference
+from crd_fast.ops import cpu, reference
 from crd_fast.ops.plan import folded_operands
 
 
@@ -154,14 +153,14 @@ def _head_case(seed: int):
     return maps, matrix, offset
 
 
-@pytest.mark.skipif(not cpu_ops.available(), reason="the fused CPU pass is not built")
+@pytest.mark.skipif(not cpu.available(), reason="the fused CPU pass is not built")
 @pytest.mark.parametrize("gemm", [None, torch.bfloat16, torch.float16])
 def test_fused_head_gemm_precision_against_float64(gemm):
     maps, matrix, offset = _head_case(5)
     want = reference.crd_head([m.double() for m in maps], matrix, offset)
     matrix_t, q = folded_operands(matrix, offset, (48, 80), "concat", 1024, torch.float32, transposed=True)
     with prec.head_gemm_dtype(gemm):
-        got = cpu_ops.fused_head_cpu([m.contiguous(memory_format=torch.channels_last) for m in maps], matrix_t, q)
+        got = cpu.fused_head_cpu([m.contiguous(memory_format=torch.channels_last) for m in maps], matrix_t, q)
     name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[gemm]
     err = float((got.double() - want).abs().max() / want.abs().max())
     assert got.dtype == torch.float32 and err < prec.TOLERANCE[name]["scores"]
@@ -171,7 +170,7 @@ def test_fused_head_gemm_precision_against_float64(gemm):
         assert err < 1e-5
 
 
-@pytest.mark.skipif(not cpu_ops.bf16_pass_available(), reason="the bf16 pass is not built")
+@pytest.mark.skipif(not cpu.bf16_pass_available(), reason="the bf16 pass is not built")
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_bf16_head_keeps_bf16_projections_and_agrees_with_float64(layout):
     """The bf16 head's fast path: the GEMM's bf16 result goes to the bf16 pass as it is (no float32 copy); the
@@ -183,8 +182,8 @@ def test_bf16_head_keeps_bf16_projections_and_agrees_with_float64(layout):
     maps = [m.contiguous(memory_format=layout) for m in maps]
     matrix_t, q = folded_operands(matrix, offset, (48, 80), "concat", 1024, torch.float32, transposed=True)
     with prec.head_gemm_dtype(torch.bfloat16):
-        projected = cpu_ops._project_layers(maps, matrix_t, geometry_of(maps))
-        got = cpu_ops.fused_head_cpu(maps, matrix_t, q)
+        projected = cpu._project_layers(maps, matrix_t, geometry_of(maps))
+        got = cpu.fused_head_cpu(maps, matrix_t, q)
         q_grid = torch.randn(12 * 12, 128, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
         got_residual = crd_residual(maps, matrix.float(), q_grid.float())
     assert [z.dtype for z in projected] == [torch.bfloat16, torch.bfloat16]
@@ -196,13 +195,13 @@ def test_bf16_head_keeps_bf16_projections_and_agrees_with_float64(layout):
         assert g.dtype == torch.float32 and 1e-5 < err < bound  # bf16 really ran, within its bound
 
 
-@pytest.mark.skipif(not cpu_ops.available(), reason="the fused CPU pass is not built")
+@pytest.mark.skipif(not cpu.available(), reason="the fused CPU pass is not built")
 def test_float64_head_ignores_the_gemm_context():
     maps, matrix, offset = _head_case(6)
     want = reference.crd_head([m.double() for m in maps], matrix, offset)
     matrix_t, q = folded_operands(matrix, offset, (48, 80), "concat", 1024, torch.float64, transposed=True)
     with prec.head_gemm_dtype(torch.bfloat16):
-        got = cpu_ops.fused_head_cpu([m.double() for m in maps], matrix_t, q)
+        got = cpu.fused_head_cpu([m.double() for m in maps], matrix_t, q)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -234,14 +233,16 @@ def test_detector_precision_against_float64(images, name):
 
     with torch.inference_mode():
         x_train = ref.preprocess.batch(train).double()
-        scorer = CRDScorer(det.scorer.lam_rel, det.scorer.center).fit(patch_matrix(embed_patches(ref64(x_train))))
+        scorer = CRDScorer(det.model.scorer.lam_rel, det.model.scorer.center).fit(
+            patch_matrix(embed_patches(ref64(x_train)))
+        )
         want = reference.crd_head(
             ref64(ref.preprocess.batch(test).double()), scorer.projection.matrix, scorer.projection.offset
         )
     got = det.predict(test, progress=False).patch_maps
     err = float(np.abs(got - want.numpy()).max() / want.abs().max())
     assert err < prec.TOLERANCE[name]["scores"]
-    assert det.scorer.statistics.mean.dtype == torch.float64  # statistics stay float64 in every precision
+    assert det.model.scorer.statistics.mean.dtype == torch.float64  # statistics stay float64 in every precision
     assert det.precision_choice.precision == name and det.config["precision"] == name
 
 
@@ -297,7 +298,7 @@ def test_model_file_without_precision_loads_as_fp32(tmp_path, images):
     det.save(tmp_path / "new.crd")
     tensors, meta = read_model_file(tmp_path / "new.crd", MODEL_KIND)
     del meta["config"]["precision"]  # as written before compute precisions existed
-    write_model_file(tmp_path / "old.crd", MODEL_KIND, tensors, meta)
+    write_model_file(tmp_path / "old.crd", MODEL_KIND, tensors, meta, check=None)  # as an earlier crd_fast wrote it
     old = CRDDetector.load(tmp_path / "old.crd")
     assert old.precision_choice.precision == "fp32"
     np.testing.assert_array_equal(

@@ -14,6 +14,7 @@ from crd_fast.core.embedding import patch_matrix
 from crd_fast.detector import OPTIONS, DetectorConfig, Reservoir
 from crd_fast.detector.detector import SCORE_SAMPLE
 from crd_fast.features import BackboneWeightsError, ImageReadError
+from crd_fast.scoring import GlobalCRD, LocalCRD
 
 # explicit lam_rel and spatial: these tests are not about the label-free choice (tests/test_selection.py is)
 SMALL = dict(backbone="resnet18", weights="random", resize=80, crop=64, batch_size=4, lam_rel=0.01, spatial="global")
@@ -67,7 +68,7 @@ def test_fit_predict_shapes_and_paths(fitted, data):
     assert [Path(p).name for p in res.paths] == ["00.png", "01.png", "02.png"]
     np.testing.assert_array_equal(res.image_scores, res.patch_maps.reshape(3, -1).max(axis=1).astype(np.float64))
     assert res.labels is None and res.normalized_scores is None and res.threshold is None
-    assert fitted.n_images == 12 and fitted.scorer.n_samples == 12 * 64
+    assert fitted.n_images == 12 and fitted.model.scorer.n_samples == 12 * 64
     assert fitted.dim == 384 and fitted.layer_channels == [128, 256] and fitted.patch_grid == (8, 8)
 
 
@@ -99,7 +100,7 @@ def test_patch_maps_equal_scorer_scores_on_embeddings(fitted, data):
     x = next(fitted.iter_batches(as_batch(data["defective"])))[1]
     emb = fitted.embed(x)
     assert emb.shape == (3, 384, 8, 8)
-    want = fitted.scorer.score(patch_matrix(emb).double()).reshape(3, 8, 8)
+    want = fitted.model.scorer.score(patch_matrix(emb).double()).reshape(3, 8, 8)
     got = fitted.predict(as_batch(data["defective"]), progress=False).patch_maps
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4 * float(want.max()))
 
@@ -117,13 +118,13 @@ def test_fit_streams_batches_into_partial_fit(data, monkeypatch):
     # 12 images in batches of 4: never more than one batch of patches at a time, and all of them in the end.
     assert max(rows) <= 4 * 64 and sum(rows) == 12 * 64
     # What the detector holds does not depend on the number of images: d x d sums and a bounded sample.
-    assert len(det.reservoir) <= SCORE_SAMPLE and det.scorer.statistics.scatter.shape == (384, 384)
+    assert len(det.reservoir) <= SCORE_SAMPLE and det.model.scorer.statistics.scatter.shape == (384, 384)
 
 
 def test_partial_fit_in_halves_equals_fit(fitted, data):
     paths = sorted(str(p) for p in (data["root"] / "train").iterdir())
     det = CRDDetector(**SMALL).partial_fit(paths[:4], progress=False).partial_fit(paths[4:], progress=False)
-    a, b = det.scorer.statistics, fitted.scorer.statistics
+    a, b = det.model.scorer.statistics, fitted.model.scorer.statistics
     assert a.count == b.count and det.n_images == fitted.n_images
     torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=1e-13)
     torch.testing.assert_close(a.scatter, b.scatter, rtol=1e-12, atol=1e-10)
@@ -165,7 +166,7 @@ def test_refit_resets_threshold_and_lam_change_rebuilds_model(data):
     det.set_threshold(1.0)
     x = as_batch(data["defective"])
     before = det.predict(x, progress=False).image_scores
-    det.scorer.lam_rel = 1.0
+    det.model.scorer.lam_rel = 1.0
     after = det.predict(x, progress=False).image_scores
     assert not np.allclose(before, after)
     assert det.config["lam_rel"] == 1.0
@@ -236,7 +237,7 @@ def test_load_refuses_corrupt_files(fitted, tmp_path):
     with pytest.raises(ModelFileError, match="flipped.crd"):
         CRDDetector.load(flipped)
     scorer_only = tmp_path / "scorer.crd"
-    fitted.scorer.save(scorer_only)
+    fitted.model.scorer.save(scorer_only)
     with pytest.raises(ModelFileError, match="expected 'crd_detector'"):
         CRDDetector.load(scorer_only)
     with pytest.raises(TypeError, match="unknown detector option"):
@@ -329,16 +330,16 @@ def test_detector_options_are_the_config_fields(fitted):
     "change, match",
     [
         (dict(embedding="sum"), r"embedding must be one of \('concat', 'patchcore'\), got 'sum'"),
-        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
-        (dict(seed=-1), "seed must be an integer >= 0, got -1"),
-        (dict(target_dim=2.5), "target_dim must be an integer >= 1, got 2.5"),
+        (dict(batch_size=0), r"batch_size must be an integer in \[1, 65536\], got 0"),
+        (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*63 - 1\], got -1"),
+        (dict(target_dim=2.5), r"target_dim must be an integer in \[1, 65536\], got 2.5"),
         (dict(lam_rel=float("nan")), "lam_rel must be a positive finite number or 'auto', got nan"),
         (dict(lam_rel="Auto"), "lam_rel must be a positive finite number or 'auto', got 'Auto'"),
-        (dict(spatial="position"), r"spatial must be one of \('global', 'local', 'auto'\), got 'position'"),
-        (dict(local_rank=0), "local_rank must be a positive integer, got 0"),
+        (dict(spatial="position"), r"spatial must be one of \('global', 'local'.*'auto'\), got 'position'"),
+        (dict(local_rank=0), r"local_rank must be an integer in \[1, 65536\], got 0"),
         (dict(local_shrinkage=1.5), r"local_shrinkage must be a number in \[0, 1\], got 1.5"),
-        (dict(rank=0), "rank must be a positive integer or None, got 0"),
-        (dict(crop="64"), "crop must be a positive integer, got '64'"),
+        (dict(rank=0), r"rank must be an integer in \[1, 65536\] or None, got 0"),
+        (dict(crop="64"), r"crop must be an integer in \[1, 4096\], got '64'"),
         (dict(blur_sigma=-1.0), r"blur_sigma must be a finite number >= 0, got -1.0"),
         (dict(weights=3), "weights must be 'imagenet', 'random' or a path to a state-dict file, got 3"),
     ],
@@ -363,10 +364,10 @@ def test_config_normalises_what_means_the_same(tmp_path):
 def test_load_compares_options_by_their_validated_value(fitted, tmp_path):
     path = tmp_path / "model.crd"
     fitted.save(path)
-    assert CRDDetector.load(path, layers=("layer2", "layer3"), lam_rel=fitted.scorer.lam_rel).is_fitted
+    assert CRDDetector.load(path, layers=("layer2", "layer3"), lam_rel=fitted.model.scorer.lam_rel).is_fitted
     with pytest.raises(ModelFileError, match="layers="):
         CRDDetector.load(path, layers="layer2")
-    with pytest.raises(ValueError, match="crop must be a positive integer"):
+    with pytest.raises(ValueError, match="crop must be an integer in"):
         CRDDetector.load(path, crop=-64)
 
 
@@ -374,7 +375,7 @@ def test_load_compares_options_by_their_validated_value(fitted, tmp_path):
 def test_reset_forgets_the_fit_but_keeps_options_and_threshold(data):
     det = CRDDetector(**SMALL).fit(as_batch(data["train"][:3]), progress=False)
     det.set_threshold(0.7)
-    det.scorer.lam_rel = 0.2
+    det.model.scorer.lam_rel = 0.2
     det.reset()
     assert not det.is_fitted and det.n_images == 0 and len(det.reservoir) == 0
     assert det.threshold == 0.7 and det.config["lam_rel"] == 0.2 and det.train_score_stats is None
@@ -382,16 +383,19 @@ def test_reset_forgets_the_fit_but_keeps_options_and_threshold(data):
 
 def test_install_fit_takes_over_a_fit_made_elsewhere(fitted, data):
     det = CRDDetector(**SMALL)
-    det.install_fit(CRDScorer.from_statistics(fitted.scorer.statistics), fitted.n_images, fitted.reservoir.copy())
+    model = GlobalCRD(CRDScorer.from_statistics(fitted.model.scorer.statistics))
+    det.install_fit(model, fitted.n_images, fitted.reservoir.copy())
     x = as_batch(data["defective"])
     np.testing.assert_array_equal(
         det.predict(x, progress=False).image_scores, fitted.predict(x, progress=False).image_scores
     )
     assert det.train_score_stats == fitted.train_score_stats and det.n_images == 12
     with pytest.raises(ValueError, match="d=384"):
-        det.install_fit(CRDScorer().fit(torch.randn(10, 5)), 1, det.reservoir)
+        det.install_fit(GlobalCRD(CRDScorer().fit(torch.randn(10, 5))), 1, det.reservoir)
     with pytest.raises(ValueError, match=f"up to {SCORE_SAMPLE} inputs"):
-        det.install_fit(fitted.scorer, 1, Reservoir(3))
+        det.install_fit(fitted.model, 1, Reservoir(3))
+    with pytest.raises(ValueError, match="a 'local' model"):
+        det.install_fit(LocalCRD.create(dict(lam_rel=0.01, local_rank=2, local_shrinkage=0.5)), 1, det.reservoir)
 
 
 def _algorithm_r(stream: list, capacity: int, seed: int) -> list:

@@ -1,8 +1,8 @@
 """CUDA dispatch without a GPU: device properties, compile failures, probes and streams are faked.
 
 Covers the fallback order native -> CuPy -> reference (one warning, never raising), the capability rules
-(sm_75, PTX), the per-device cache of decisions, ``backends()``, the operands handed to the launchers and
-the stream rules of the device caches (crd_fast/ops/streams.py).
+(sm_75, PTX), the per-(op, device) cache of decisions, ``backends()``, the one CUDA path of the registry (operands
+handed to the launchers, reference fallbacks) and the stream rules of the device caches (crd_fast/ops/streams.py).
 """
 
 from __future__ import annotations
@@ -17,22 +17,33 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import crd_fast
 from crd_fast.core.embedding import embed_patches, patch_matrix
-from crd_fast.ops import cuda as kcuda
-from crd_fast.ops import cuda_dispatch as dispatch
-from crd_fast.ops import cuda_launch, cupy_jit, head_op, kernel_config, plan, reference, streams
+from crd_fast.ops import (
+    cuda_dispatch,
+    cuda_launch,
+    cupy_jit,
+    head_op,
+    kernel_config,
+    plan,
+    reference,
+    registry,
+    residual_op,
+    streams,
+)
+from crd_fast.ops.operands import Operands
 from crd_fast.ops.plan import FOLDS, Geometry, fold_matrix, folded_operands
 
 ROOT = Path(__file__).resolve().parents[1]
+HEAD, RESIDUAL = head_op.SPEC, residual_op.SPEC
 
 
 @pytest.fixture(autouse=True)
 def fresh_decisions(monkeypatch):
-    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
-    dispatch.reset()
+    monkeypatch.delenv(cuda_dispatch.BACKEND_ENV, raising=False)
+    cuda_dispatch.reset()
     FOLDS.clear()
     plan._TABLES.clear()
     yield
-    dispatch.reset()
+    cuda_dispatch.reset()
     FOLDS.clear()
     plan._TABLES.clear()
 
@@ -40,34 +51,35 @@ def fresh_decisions(monkeypatch):
 def fake_device(monkeypatch, cap=(8, 0), native=None, cupy=None, probe=None, capturing=False, native_residual=None):
     """A fake CUDA device 0 of capability ``cap``; ``native`` / ``cupy`` / ``probe``: problems (None = fine).
 
-    Residual probes are recorded as "residual:<path>" and read their problems from ``probe`` under that key.
+    ``native_residual`` is the native problem of the residual kernels alone (a build from before them). Probes are
+    recorded as "<path>" for crd_head and "residual:<path>" for crd_residual, and read their problems from
+    ``probe`` under that key.
     """
     probes = []
-    monkeypatch.setattr(dispatch, "device_index", lambda device: 0)
-    monkeypatch.setattr(dispatch, "capability", lambda index: cap)
-    monkeypatch.setattr(dispatch, "device_name", lambda index: "Fake GPU")
-    monkeypatch.setattr(dispatch.streams, "capturing", lambda device: capturing)
-    monkeypatch.setattr(dispatch, "native_problem", lambda c: native)
-    monkeypatch.setattr(dispatch, "cupy_problem", lambda index: cupy)
+    monkeypatch.setattr(cuda_dispatch, "device_index", lambda device: 0)
+    monkeypatch.setattr(cuda_dispatch, "capability", lambda index: cap)
+    monkeypatch.setattr(cuda_dispatch, "device_name", lambda index: "Fake GPU")
+    monkeypatch.setattr(cuda_dispatch.streams, "capturing", lambda device: capturing)
 
-    def fake_probe(path, device):
-        probes.append(path)
-        return (probe or {}).get(path)
+    def native_problem(kernels, c):
+        return native if native is not None or kernels is not residual_op.KERNELS else native_residual
 
-    def fake_probe_residual(path, device):
-        probes.append(f"residual:{path}")
-        return (probe or {}).get(f"residual:{path}")
+    monkeypatch.setattr(cuda_dispatch, "native_problem", native_problem)
+    monkeypatch.setattr(cuda_dispatch, "cupy_problem", lambda index: cupy)
 
-    monkeypatch.setattr(dispatch, "probe", fake_probe)
-    monkeypatch.setattr(dispatch, "probe_residual", fake_probe_residual)
-    monkeypatch.setattr(dispatch, "native_residual_problem", lambda: native_residual)
+    def fake_probe(spec, path, device):
+        key = path if spec is HEAD else f"residual:{path}"
+        probes.append(key)
+        return (probe or {}).get(key)
+
+    monkeypatch.setattr(cuda_dispatch, "probe", fake_probe)
     return probes
 
 
-def decide_recording(op=dispatch.HEAD):
+def decide_recording(op=HEAD):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        choice = dispatch.decide(torch.device("cuda", 0), op)
+        choice = cuda_dispatch.decide(op, torch.device("cuda", 0))
     return choice, [w for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
@@ -90,7 +102,7 @@ def test_failed_paths_fall_back_to_the_reference_with_one_warning(monkeypatch):
     assert set(choice.skipped) == {"native", "cupy"}
     assert len(warned) == 1
     message = str(warned[0].message)
-    assert "uses the reference path" in message and "no kernel image" in message and "crt/mma.h" in message
+    assert "uses the reference path of crd_head" in message and "no kernel image" in message and "crt/mma.h" in message
     # decided once per device: no second probe, no second warning
     again, warned_again = decide_recording()
     assert again is choice and warned_again == [] and probes == ["native"]
@@ -108,7 +120,7 @@ def test_absent_paths_fall_through_quietly(monkeypatch):
     fake_device(monkeypatch, native=("crd_fast.ops._C has no CUDA kernels", True))
     choice, warned = decide_recording()
     assert choice.path == "cupy" and warned == []
-    dispatch.reset()
+    cuda_dispatch.reset()
     fake_device(monkeypatch, native=("no kernels", True), cupy=("cupy is not installed", True))
     choice, warned = decide_recording()
     assert choice.path == "reference" and len(warned) == 1  # ending on the reference is always said
@@ -119,6 +131,7 @@ def test_devices_below_sm75_take_the_reference(monkeypatch):
     choice, warned = decide_recording()
     assert choice.path == "reference" and probes == []
     assert "below the oldest supported sm_75" in choice.skipped["native"]
+    assert set(choice.skipped) == {b.name for b in cuda_dispatch.BACKENDS}
     assert len(warned) == 1
 
 
@@ -126,44 +139,56 @@ def test_inside_capture_the_choice_is_static_and_not_cached(monkeypatch):
     probes = fake_device(monkeypatch, capturing=True)
     choice, _ = decide_recording()
     assert choice.path == "native" and probes == [] and "capture" in choice.reason
-    assert dispatch.CHOICES.get(0) is None
+    assert cuda_dispatch.CHOICES.get("crd_head", 0) is None
     # no NVRTC compile while capturing either: CuPy is judged by being installed
     fake_device(monkeypatch, capturing=True, native=("no kernels", True))
-    monkeypatch.setattr(dispatch, "cupy_problem", lambda index: pytest.fail("no compile inside capture"))
-    monkeypatch.setattr(dispatch.cupy_jit, "available", lambda: True)
+    monkeypatch.setattr(cuda_dispatch, "cupy_problem", lambda index: pytest.fail("no compile inside capture"))
+    monkeypatch.setattr(cuda_dispatch.cupy_jit, "available", lambda: True)
     choice, _ = decide_recording()
-    assert choice.path == "cupy" and dispatch.CHOICES.get(0) is None
-    monkeypatch.setattr(dispatch.cupy_jit, "available", lambda: False)
+    assert choice.path == "cupy" and cuda_dispatch.CHOICES.get("crd_head", 0) is None
+    monkeypatch.setattr(cuda_dispatch.cupy_jit, "available", lambda: False)
     choice, _ = decide_recording()
-    assert choice.path == "reference" and dispatch.CHOICES.get(0) is None
+    assert choice.path == "reference" and cuda_dispatch.CHOICES.get("crd_head", 0) is None
 
 
 def test_forced_path(monkeypatch):
     fake_device(monkeypatch)
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "cupy")
-    assert dispatch.decide(torch.device("cuda", 0)).path == "cupy"
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv(cuda_dispatch.BACKEND_ENV, "cupy")
+    assert cuda_dispatch.decide(HEAD, torch.device("cuda", 0)).path == "cupy"
+    assert cuda_dispatch.decide(RESIDUAL, torch.device("cuda", 0)).path == "cupy"
+    monkeypatch.setenv(cuda_dispatch.BACKEND_ENV, "triton")
     with pytest.raises(ValueError, match="CRD_FAST_CUDA_BACKEND must be one of"):
-        dispatch.decide(torch.device("cuda", 0))
+        cuda_dispatch.decide(HEAD, torch.device("cuda", 0))
 
 
-# ---- the residual op decides on its own -------------------------------------------------------------------
+def test_every_backend_is_a_launcher_of_every_op_and_a_path():
+    """The registry and the backends agree: each op has one launcher per backend, each a path of the env var."""
+    names = [b.name for b in cuda_dispatch.BACKENDS]
+    assert names == ["native", "cupy"] and cuda_dispatch.PATHS == ("native", "cupy", "reference")
+    assert list(registry.OPS) == ["crd_head", "crd_residual"]
+    for spec in registry.OPS.values():
+        assert list(spec.launchers) == names
+        assert [f.__name__ for f in spec.launchers.values()] == [f"{spec.name}_{n}" for n in names]
+
+
+# ---- each op decides on its own -----------------------------------------------------------------------------
 def test_residual_op_has_its_own_probe_cache_and_warning(monkeypatch):
     probes = fake_device(monkeypatch, probe={"residual:native": "probe result differs from the reference (1e-01)"})
     head, warned = decide_recording()
     assert head.path == "native" and warned == [] and probes == ["native"]
-    residual, warned = decide_recording(dispatch.RESIDUAL)
+    residual, warned = decide_recording(RESIDUAL)
     assert residual.path == "cupy" and probes == ["native", "residual:native", "residual:cupy"]
     assert "differs from the reference" in residual.skipped["native"]
     assert len(warned) == 1 and "uses the cupy path of crd_residual" in str(warned[0].message)
-    assert dispatch.CHOICES.get(0) is head and dispatch.CHOICES.get(0, dispatch.RESIDUAL) is residual
-    again, warned = decide_recording(dispatch.RESIDUAL)  # cached per (op, device): no probe, no warning
+    assert cuda_dispatch.CHOICES.get("crd_head", 0) is head
+    assert cuda_dispatch.CHOICES.get("crd_residual", 0) is residual
+    again, warned = decide_recording(RESIDUAL)  # cached per (op, device): no probe, no warning
     assert again is residual and warned == [] and len(probes) == 3
 
 
 def test_residual_op_falls_back_to_the_reference_alone(monkeypatch):
     fake_device(monkeypatch, probe={"residual:native": "probe launch failed", "residual:cupy": "probe launch failed"})
-    residual, warned = decide_recording(dispatch.RESIDUAL)
+    residual, warned = decide_recording(RESIDUAL)
     assert residual.path == "reference" and set(residual.skipped) == {"native", "cupy"}
     assert len(warned) == 1 and "uses the reference path of crd_residual" in str(warned[0].message)
     assert decide_recording()[0].path == "native"  # the head keeps its kernels
@@ -171,55 +196,62 @@ def test_residual_op_falls_back_to_the_reference_alone(monkeypatch):
 
 def test_a_build_without_residual_kernels_is_absent_for_the_residual_op_only(monkeypatch):
     probes = fake_device(monkeypatch, native_residual=("_C was built before the crd_residual kernels", True))
-    residual, warned = decide_recording(dispatch.RESIDUAL)
+    residual, warned = decide_recording(RESIDUAL)
     assert residual.path == "cupy" and warned == [] and probes == ["residual:cupy"]  # absent: quiet, no probe
     assert "before the crd_residual kernels" in residual.skipped["native"]
     assert decide_recording()[0].path == "native"
 
 
-def test_native_residual_problem_reads_the_build(monkeypatch):
-    monkeypatch.setattr(dispatch.native, "has_native_cuda", lambda: True)
-    monkeypatch.setattr(dispatch.native, "compiled", lambda: object())  # a CUDA build from before the kernels
-    assert dispatch.native_residual_problem() == (
+def test_native_problem_reads_the_ops_kernels_in_the_build(monkeypatch):
+    """A CUDA build from before an op's kernels lacks its entry point: absent for that op only."""
+    monkeypatch.setattr(cuda_dispatch.native, "has_native_cuda", lambda: True)
+    monkeypatch.setattr(cuda_dispatch.native, "cuda_archs", lambda: None)
+    monkeypatch.setattr(cuda_dispatch.native, "compiled", lambda: type("C", (), {"crd_head_cuda": None})())
+    assert cuda_dispatch.native_problem(residual_op.KERNELS, (8, 0)) == (
         "crd_fast.ops._C was built before the crd_residual kernels (rebuild it)",
         True,
     )
-    monkeypatch.setattr(dispatch.native, "compiled", lambda: type("C", (), {"crd_residual_cuda": None})())
-    assert dispatch.native_residual_problem() is None
-    monkeypatch.setattr(dispatch.native, "has_native_cuda", lambda: False)  # no CUDA at all: native_problem says so
-    assert dispatch.native_residual_problem() is None
+    assert cuda_dispatch.native_problem(head_op.KERNELS, (8, 0)) is None
+    assert not cuda_launch.has_compiled(residual_op.KERNELS) and cuda_launch.has_compiled(head_op.KERNELS)
+    with pytest.raises(RuntimeError, match="built before the CUDA crd_residual kernels"):
+        RESIDUAL.launchers["native"](None)  # refused before the operands are even looked at
+    monkeypatch.setattr(cuda_dispatch.native, "compiled", lambda: type("C", (), {"crd_residual_cuda": None})())
+    assert cuda_dispatch.native_problem(residual_op.KERNELS, (8, 0)) is None
+    monkeypatch.setattr(cuda_dispatch.native, "has_native_cuda", lambda: False)  # no CUDA at all: said so first
+    assert cuda_dispatch.native_problem(residual_op.KERNELS, (8, 0))[1] is True
+    assert "no CUDA kernels" in cuda_dispatch.native_problem(residual_op.KERNELS, (8, 0))[0]
 
 
-def test_residual_decision_inside_capture_and_unknown_op(monkeypatch):
+def test_residual_decision_inside_capture(monkeypatch):
     probes = fake_device(monkeypatch, capturing=True, native_residual=("old build", True))
-    monkeypatch.setattr(dispatch.cupy_jit, "available", lambda: True)
-    choice, _ = decide_recording(dispatch.RESIDUAL)
-    assert choice.path == "cupy" and probes == [] and dispatch.CHOICES.get(0, dispatch.RESIDUAL) is None
-    with pytest.raises(ValueError, match="op must be one of"):
-        dispatch.decide(torch.device("cuda", 0), "crd_heads")
+    monkeypatch.setattr(cuda_dispatch.cupy_jit, "available", lambda: True)
+    choice, _ = decide_recording(RESIDUAL)
+    assert choice.path == "cupy" and probes == [] and cuda_dispatch.CHOICES.get("crd_residual", 0) is None
+
+
+def _exact_residual(ops, out=None, partial=None):
+    """What the residual kernels compute from their operands, in float64."""
+    emb = patch_matrix(embed_patches([m.double() for m in ops.maps]))
+    b, h, w, r = residual_op.KERNELS.out_shape_of(ops)
+    rows = (emb @ ops.matrix.double().T).reshape(b, h * w, r) - ops.q.double()
+    return rows.reshape(b, h, w, r)
 
 
 def test_residual_probe_reports_wrong_results_and_launch_errors(monkeypatch):
-    """The residual probe runs the real prepare_residual() on CPU tensors with the launch faked."""
+    """The residual probe runs the real cuda_operands() on CPU tensors with the launch faked."""
+    launchers = RESIDUAL.launchers
+    monkeypatch.setitem(launchers, "native", _exact_residual)
+    assert cuda_dispatch.probe(RESIDUAL, "native", torch.device("cpu")) is None
+    monkeypatch.setitem(launchers, "native", lambda ops: _exact_residual(ops) + 0.01)
+    assert "differs from the reference" in cuda_dispatch.probe(RESIDUAL, "native", torch.device("cpu"))
+    monkeypatch.setitem(launchers, "native", lambda ops: _exact_residual(ops)[:, :, :, :2])
+    assert "has shape" in cuda_dispatch.probe(RESIDUAL, "native", torch.device("cpu"))
 
-    def exact(ops, path):
-        emb = patch_matrix(embed_patches([m.double() for m in ops.maps]))
-        b, h, w, r = ops.residual_shape
-        rows = (emb @ ops.matrix.double().T).reshape(b, h * w, r) - ops.q.double()
-        return rows.reshape(b, h, w, r)
-
-    monkeypatch.setattr(kcuda, "run_residual", exact)
-    assert dispatch.probe_residual("native", torch.device("cpu")) is None
-    monkeypatch.setattr(kcuda, "run_residual", lambda ops, path: exact(ops, path) + 0.01)
-    assert "differs from the reference" in dispatch.probe_residual("native", torch.device("cpu"))
-    monkeypatch.setattr(kcuda, "run_residual", lambda ops, path: exact(ops, path)[:, :, :, :2])
-    assert "has shape" in dispatch.probe_residual("native", torch.device("cpu"))
-
-    def no_image(ops, path):
+    def no_image(ops):
         raise RuntimeError("crd_fast CUDA error in crd_residual tile launch: no kernel image is available")
 
-    monkeypatch.setattr(kcuda, "run_residual", no_image)
-    assert "no kernel image" in dispatch.probe_residual("cupy", torch.device("cpu"))
+    monkeypatch.setitem(launchers, "cupy", no_image)
+    assert "no kernel image" in cuda_dispatch.probe(RESIDUAL, "cupy", torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -237,16 +269,17 @@ def test_residual_probe_reports_wrong_results_and_launch_errors(monkeypatch):
     ],
 )
 def test_kernel_image_rules(archs, cap, want):
-    assert dispatch.image_for(archs, cap) is want
+    assert cuda_dispatch.image_for(archs, cap) is want
 
 
 def test_native_problem_reads_the_build(monkeypatch):
-    monkeypatch.setattr(dispatch.native, "has_native_cuda", lambda: True)
-    monkeypatch.setattr(dispatch.native, "cuda_archs", lambda: ("80-real", "90"))
-    assert "none runs on sm_75" in dispatch.native_problem((7, 5))[0]
-    assert dispatch.native_problem((8, 9)) is None
-    monkeypatch.setattr(dispatch.native, "has_native_cuda", lambda: False)
-    assert dispatch.native_problem((8, 0))[1] is True  # absent, not failed
+    monkeypatch.setattr(cuda_dispatch.native, "has_native_cuda", lambda: True)
+    monkeypatch.setattr(cuda_dispatch.native, "cuda_archs", lambda: ("80-real", "90"))
+    monkeypatch.setattr(cuda_dispatch.native, "compiled", lambda: type("C", (), {"crd_head_cuda": None})())
+    assert "none runs on sm_75" in cuda_dispatch.native_problem(head_op.KERNELS, (7, 5))[0]
+    assert cuda_dispatch.native_problem(head_op.KERNELS, (8, 9)) is None
+    monkeypatch.setattr(cuda_dispatch.native, "has_native_cuda", lambda: False)
+    assert cuda_dispatch.native_problem(head_op.KERNELS, (8, 0))[1] is True  # absent, not failed
 
 
 # ---- CuPy: available means "compiles" -------------------------------------------------------------------
@@ -261,41 +294,44 @@ def test_cupy_compile_failure_makes_the_path_unavailable(monkeypatch):
     monkeypatch.setattr(cupy_jit, "build_module", broken)
     assert "crt/mma.h" in cupy_jit.compile_error(0)
     assert "crt/mma.h" in cupy_jit.compile_error(0) and calls == [0]  # compiled (and failed) once
-    problem = dispatch.cupy_problem(0)
+    problem = cuda_dispatch.cupy_problem(0)
     assert problem[1] is False and "NVRTC build failed" in problem[0]
-    with pytest.raises(RuntimeError, match="CuPy build of the head kernels failed"):
+    with pytest.raises(RuntimeError, match="CuPy build of the kernels failed"):
         cupy_jit._module(0)
     monkeypatch.setattr(cupy_jit, "cupy_importable", lambda: False)
-    assert dispatch.cupy_problem(0) == ("cupy is not installed (pip install crd-fast[cupy])", True)
+    assert cuda_dispatch.cupy_problem(0) == ("cupy is not installed (pip install crd-fast[cupy])", True)
 
 
 # ---- the probe --------------------------------------------------------------------------------------------
+def _exact_head(ops, out=None, partial=None):
+    """What the head kernels compute from their operands, in float64."""
+    emb = patch_matrix(embed_patches([m.double() for m in ops.maps]))
+    scores = torch.linalg.vector_norm(emb @ ops.matrix.double().T - ops.q.double(), dim=1)
+    return scores.reshape(head_op.KERNELS.out_shape_of(ops))
+
+
 def test_probe_reports_wrong_results_and_launch_errors(monkeypatch):
-    """The probe runs the real prepare() on CPU tensors with the launch faked: right, wrong, raising."""
+    """The probe runs the real cuda_operands() on CPU tensors with the launch faked: right, wrong, raising."""
+    launchers = HEAD.launchers
+    monkeypatch.setitem(launchers, "native", _exact_head)
+    assert cuda_dispatch.probe(HEAD, "native", torch.device("cpu")) is None
+    monkeypatch.setitem(launchers, "native", lambda ops: _exact_head(ops) * 1.01)
+    assert "differs from the reference" in cuda_dispatch.probe(HEAD, "native", torch.device("cpu"))
+    monkeypatch.setitem(launchers, "native", lambda ops: _exact_head(ops) * float("nan"))
+    assert "differs from the reference" in cuda_dispatch.probe(HEAD, "native", torch.device("cpu"))
 
-    def exact(ops, path):
-        emb = patch_matrix(embed_patches([m.double() for m in ops.maps]))
-        return torch.linalg.vector_norm(emb @ ops.matrix.double().T - ops.q.double(), dim=1).reshape(ops.out_shape)
-
-    monkeypatch.setattr(kcuda, "run", exact)
-    assert dispatch.probe("native", torch.device("cpu")) is None
-    monkeypatch.setattr(kcuda, "run", lambda ops, path: exact(ops, path) * 1.01)
-    assert "differs from the reference" in dispatch.probe("native", torch.device("cpu"))
-    monkeypatch.setattr(kcuda, "run", lambda ops, path: exact(ops, path) * float("nan"))
-    assert "differs from the reference" in dispatch.probe("native", torch.device("cpu"))
-
-    def no_image(ops, path):
+    def no_image(ops):
         raise RuntimeError("crd_fast CUDA error in crd_head tile launch: no kernel image is available")
 
-    monkeypatch.setattr(kcuda, "run", no_image)
-    assert "no kernel image" in dispatch.probe("cupy", torch.device("cpu"))
+    monkeypatch.setitem(launchers, "cupy", no_image)
+    assert "no kernel image" in cuda_dispatch.probe(HEAD, "cupy", torch.device("cpu"))
 
 
 # ---- backends() -------------------------------------------------------------------------------------------
 def test_backends_reports_each_device(monkeypatch):
     fake_device(monkeypatch, probe={"native": "probe launch failed: no kernel image"})
-    monkeypatch.setattr(dispatch, "device_index", lambda device: torch.device(device).index)
-    monkeypatch.setattr(dispatch, "capability", lambda index: [(8, 0), (6, 0)][index])
+    monkeypatch.setattr(cuda_dispatch, "device_index", lambda device: torch.device(device).index)
+    monkeypatch.setattr(cuda_dispatch, "capability", lambda index: [(8, 0), (6, 0)][index])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with warnings.catch_warnings():
@@ -307,7 +343,17 @@ def test_backends_reports_each_device(monkeypatch):
     assert report[1]["capability"] == "6.0" and "sm_60" in report[1]["skipped"]["cupy"]
 
 
-# ---- the op's CUDA kernel, run on CPU tensors with the decision and launch faked ----------------------------
+# ---- the registry's one CUDA path, run on CPU tensors with the decision and launch faked --------------------
+def _decided(path, op, cap=(8, 0)):
+    """A fake cuda_dispatch.decide that insists on being asked for ``op``."""
+
+    def decide(spec, device):
+        assert spec is op, f"{spec.name} decides under its own name, not {op.name}'s"
+        return cuda_dispatch.Choice(path, "test", capability=cap)
+
+    return decide
+
+
 @pytest.mark.parametrize(
     "dtype,cap,operand,acc",
     [
@@ -327,21 +373,20 @@ def test_cuda_kernel_hands_one_operand_object_to_the_launcher(monkeypatch, dtype
     offset = torch.randn(9, generator=gen, dtype=torch.float64)
     seen = {}
 
-    def fake_run(operands, backend, out=None, partial=None):
-        seen["ops"], seen["backend"] = operands, backend
-        return operands.new_out().zero_()
+    def fake_run(operands, out=None, partial=None):
+        seen["ops"] = operands
+        return head_op.KERNELS.new_out(operands).zero_()
 
-    monkeypatch.setattr(
-        dispatch, "decide", lambda device, op=dispatch.HEAD: dispatch.Choice("cupy", "test", capability=cap)
-    )
-    monkeypatch.setattr(kcuda, "run", fake_run)
-    got = head_op._crd_head_cuda(maps, matrix, offset, "patchcore", 9)
+    monkeypatch.setattr(cuda_dispatch, "decide", _decided("cupy", HEAD, cap))
+    monkeypatch.setitem(HEAD.launchers, "cupy", fake_run)
+    monkeypatch.setitem(HEAD.launchers, "native", lambda *a, **k: pytest.fail("the decided path runs, no other"))
+    got = registry.cuda_kernel(HEAD, maps, matrix, offset, "patchcore", 9)
     o = seen["ops"]
-    assert seen["backend"] == "cupy" and got.dtype == acc and got.shape == (2, 6, 6)
+    assert got.dtype == acc and got.shape == (2, 6, 6)
     assert all(m.dtype == operand and m.is_contiguous() for m in o.maps)
     assert o.matrix.dtype == operand and o.matrix.shape == (9, 20) and o.q.dtype == acc and o.weights.dtype == acc
     assert o.plan.dtype == torch.int32 and o.plan.shape == (3 * 4 + 3 * (6 + 6) * 2,)
-    assert o.new_partial().shape == (1, 2 * 36) and o.sizes == (2, 6, 6, 20, 9)
+    assert head_op.KERNELS.new_partial(o).shape == (1, 2 * 36) and o.sizes == (2, 6, 6, 20, 9)
     if dtype == torch.float64:  # the folded operands reproduce the reference scores
         p, q = fold_matrix(matrix, offset, (6, 10, 4), "patchcore", 9)
         emb = patch_matrix(embed_patches(maps, "concat"))
@@ -349,33 +394,29 @@ def test_cuda_kernel_hands_one_operand_object_to_the_launcher(monkeypatch, dtype
         torch.testing.assert_close(torch.linalg.vector_norm(emb @ p.T - q, dim=1), want, rtol=1e-10, atol=0)
 
 
-def test_cuda_kernel_takes_the_reference_when_decided_or_too_many_layers(monkeypatch):
+@pytest.mark.parametrize("op", [HEAD, RESIDUAL], ids=lambda s: s.name)
+def test_cuda_kernel_takes_the_reference_when_decided_or_too_many_layers(monkeypatch, op):
     gen = torch.Generator().manual_seed(43)
     layers = kernel_config.CONFIG.max_layers + 1
     maps = [torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(layers)]
     matrix = torch.randn(5, 3 * layers, generator=gen, dtype=torch.float64)
-    offset = torch.zeros(3 * layers, dtype=torch.float64)
-    monkeypatch.setattr(kcuda, "run", lambda *a, **k: pytest.fail("no kernel may run"))
-    monkeypatch.setattr(
-        dispatch, "decide", lambda device, op=dispatch.HEAD: dispatch.Choice("native", "test", capability=(8, 0))
-    )
-    want = reference.crd_head(maps, matrix, offset)
-    torch.testing.assert_close(head_op._crd_head_cuda(maps, matrix, offset, "concat", 1), want, rtol=1e-12, atol=0)
-    monkeypatch.setattr(dispatch, "decide", lambda device, op=dispatch.HEAD: dispatch.Choice("reference", "test"))
+    second = torch.zeros(3 * layers, dtype=torch.float64) if op is HEAD else torch.randn(16, 5, generator=gen)
+    for path in op.launchers:
+        monkeypatch.setitem(op.launchers, path, lambda *a, **k: pytest.fail("no kernel may run"))
+    monkeypatch.setattr(cuda_dispatch, "decide", _decided("native", op))
+    want = op.reference(maps, matrix, second, "concat", 1)
+    torch.testing.assert_close(registry.cuda_kernel(op, maps, matrix, second, "concat", 1), want, rtol=1e-12, atol=0)
+    monkeypatch.setattr(cuda_dispatch, "decide", _decided("reference", op))
+    second2 = second[:6] if op is HEAD else second
     torch.testing.assert_close(
-        head_op._crd_head_cuda(maps[:2], matrix[:, :6], offset[:6], "concat", 1),
-        reference.crd_head(maps[:2], matrix[:, :6], offset[:6]),
+        registry.cuda_kernel(op, maps[:2], matrix[:, :6], second2, "concat", 1),
+        op.reference(maps[:2], matrix[:, :6], second2, "concat", 1),
         rtol=1e-12,
         atol=0,
     )
-
-
-def _decide_residual(path, cap=(8, 0)):
-    def decide(device, op=dispatch.HEAD):
-        assert op == dispatch.RESIDUAL, "the residual op decides under its own name"
-        return dispatch.Choice(path, "test", capability=cap)
-
-    return decide
+    bad = second[:5] if op is HEAD else second[:15]
+    with pytest.raises(ValueError, match=r"offset must have shape|q must be \(P, r\)"):  # the op's checks run first
+        registry.cuda_kernel(op, maps[:2], matrix[:, :6], bad, "concat", 1)
 
 
 @pytest.mark.parametrize(
@@ -397,89 +438,47 @@ def test_residual_cuda_kernel_hands_its_operands_to_the_launcher(monkeypatch, dt
     q = torch.randn(35, 9, generator=gen, dtype=torch.float64)
     seen = {}
 
-    def fake_run(operands, backend, out=None):
-        seen["ops"], seen["backend"] = operands, backend
-        emb = patch_matrix(embed_patches([m.double() for m in operands.maps]))
-        rows = (emb @ operands.matrix.double().T).reshape(2, 35, 9) - operands.q.double()
-        return rows.reshape(operands.residual_shape).to(operands.acc_dtype)
+    def fake_run(operands, out=None, partial=None):
+        seen["ops"] = operands
+        return _exact_residual(operands).to(operands.acc_dtype)
 
-    monkeypatch.setattr(dispatch, "decide", _decide_residual("native", cap))
-    monkeypatch.setattr(kcuda, "run_residual", fake_run)
-    got = head_op._crd_residual_cuda(maps, matrix, q, "patchcore", 9)
+    monkeypatch.setattr(cuda_dispatch, "decide", _decided("native", RESIDUAL, cap))
+    monkeypatch.setitem(RESIDUAL.launchers, "native", fake_run)
+    got = registry.cuda_kernel(RESIDUAL, maps, matrix, q, "patchcore", 9)
     o = seen["ops"]
-    assert seen["backend"] == "native" and got.dtype == acc and got.shape == (2, 7, 5, 9)
+    assert got.dtype == acc and got.shape == (2, 7, 5, 9)
     assert all(m.dtype == operand and m.is_contiguous() for m in o.maps)
     assert o.matrix.dtype == operand and o.matrix.shape == (9, 16) and o.q.dtype == acc and o.q.shape == (35, 9)
-    assert o.weights.dtype == acc and o.plan.dtype == torch.int32 and o.residual_shape == (2, 7, 5, 9)
-    assert o.new_residual_out().shape == (2, 7, 5, 9) and o.new_residual_out().dtype == acc
+    assert o.weights.dtype == acc and o.plan.dtype == torch.int32
+    assert residual_op.KERNELS.out_shape_of(o) == (2, 7, 5, 9) and residual_op.KERNELS.new_partial(o) is None
+    assert residual_op.KERNELS.new_out(o).shape == (2, 7, 5, 9) and residual_op.KERNELS.new_out(o).dtype == acc
     if dtype == torch.float64:  # the folded operands reproduce the reference residuals
         want = reference.crd_residual(maps, matrix, q, "patchcore", 9)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
         p, _ = fold_matrix(matrix, torch.zeros(9, dtype=torch.float64), (6, 10), "patchcore", 9)
         torch.testing.assert_close(o.matrix, p, rtol=0, atol=0)
     # the folded matrix and q are cached per (matrix, q) pair: a second call reuses them
-    head_op._crd_residual_cuda(maps, matrix, q, "patchcore", 9)
+    registry.cuda_kernel(RESIDUAL, maps, matrix, q, "patchcore", 9)
     assert seen["ops"].matrix is o.matrix and seen["ops"].q is o.q
 
 
-def test_residual_cuda_kernel_takes_the_reference_when_decided_or_too_many_layers(monkeypatch):
-    gen = torch.Generator().manual_seed(59)
-    layers = kernel_config.CONFIG.max_layers + 1
-    maps = [torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(layers)]
-    matrix = torch.randn(5, 3 * layers, generator=gen, dtype=torch.float64)
-    q = torch.randn(16, 5, generator=gen, dtype=torch.float64)
-    monkeypatch.setattr(kcuda, "run_residual", lambda *a, **k: pytest.fail("no kernel may run"))
-    monkeypatch.setattr(dispatch, "decide", _decide_residual("native"))
-    want = reference.crd_residual(maps, matrix, q)
-    torch.testing.assert_close(head_op._crd_residual_cuda(maps, matrix, q, "concat", 1), want, rtol=1e-12, atol=0)
-    monkeypatch.setattr(dispatch, "decide", _decide_residual("reference"))
-    torch.testing.assert_close(
-        head_op._crd_residual_cuda(maps[:2], matrix[:, :6], q, "concat", 1),
-        reference.crd_residual(maps[:2], matrix[:, :6], q),
-        rtol=1e-12,
-        atol=0,
-    )
-    with pytest.raises(ValueError, match=r"q must be \(P, r\)"):  # the op's checks run first
-        head_op._crd_residual_cuda(maps[:2], matrix[:, :6], q[:15], "concat", 1)
-
-
-def test_first_residual_call_inside_capture_records_the_reference_once(monkeypatch):
-    gen = torch.Generator().manual_seed(61)
-    maps = [torch.randn(2, 3, 5, 5, generator=gen), torch.randn(2, 2, 3, 3, generator=gen)]
-    matrix, q = torch.randn(4, 5, generator=gen), torch.randn(25, 4, generator=gen)
-    monkeypatch.setattr(dispatch, "decide", _decide_residual("native"))
-    monkeypatch.setattr(kcuda, "run_residual", lambda *a, **k: pytest.fail("nothing is prepared: no kernel may run"))
-    monkeypatch.setattr(streams, "capturing", lambda device: True)
-    monkeypatch.setattr(head_op, "_WARNED", set())
-    with pytest.warns(RuntimeWarning, match="inside CUDA-graph capture"):
-        got = head_op._crd_residual_cuda(maps, matrix, q, "concat", 1)
-    torch.testing.assert_close(got.double(), reference.crd_residual(maps, matrix, q), rtol=1e-5, atol=1e-5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        head_op._crd_residual_cuda(maps, matrix, q, "concat", 1)  # warned once only
-
-
-def test_residual_run_refuses_unknown_backends():
-    with pytest.raises(ValueError, match="no CUDA kernel backend 'triton'"):
-        kcuda.run_residual(None, "triton")
-
-
-def test_first_call_inside_capture_records_the_reference_once(monkeypatch):
+@pytest.mark.parametrize("op", [HEAD, RESIDUAL], ids=lambda s: s.name)
+def test_first_call_inside_capture_records_the_reference_once(monkeypatch, op):
     gen = torch.Generator().manual_seed(47)
     maps = [torch.randn(2, 3, 5, 5, generator=gen), torch.randn(2, 2, 3, 3, generator=gen)]
-    matrix, offset = torch.randn(4, 5, generator=gen), torch.randn(5, generator=gen)
-    monkeypatch.setattr(
-        dispatch, "decide", lambda device, op=dispatch.HEAD: dispatch.Choice("native", "test", capability=(8, 0))
-    )
-    monkeypatch.setattr(kcuda, "run", lambda *a, **k: pytest.fail("nothing is prepared: no kernel may run"))
+    matrix = torch.randn(4, 5, generator=gen)
+    second = torch.randn(5, generator=gen) if op is HEAD else torch.randn(25, 4, generator=gen)
+    monkeypatch.setattr(cuda_dispatch, "decide", _decided("native", op))
+    monkeypatch.setitem(op.launchers, "native", lambda *a, **k: pytest.fail("nothing is prepared: no kernel may run"))
     monkeypatch.setattr(streams, "capturing", lambda device: True)
-    monkeypatch.setattr(head_op, "_WARNED", set())
+    monkeypatch.setattr(registry, "WARNED", set())
     with pytest.warns(RuntimeWarning, match="inside CUDA-graph capture"):
-        got = head_op._crd_head_cuda(maps, matrix, offset, "concat", 1)
-    torch.testing.assert_close(got.double(), reference.crd_head(maps, matrix, offset), rtol=1e-5, atol=0)
+        got = registry.cuda_kernel(op, maps, matrix, second, "concat", 1)
+    want = op.reference(maps, matrix, second, "concat", 1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        head_op._crd_head_cuda(maps, matrix, offset, "concat", 1)  # warned once only
+        registry.cuda_kernel(op, maps, matrix, second, "concat", 1)  # warned once only
 
 
 # ---- stream rules of the device caches -------------------------------------------------------------------
@@ -560,8 +559,8 @@ def test_codegen_flags_and_architectures_agree_between_nvcc_and_nvrtc():
     assert "-ftz=true" in cupy_jit.CODEGEN_FLAGS  # CuPy always adds it: nvcc must match
     assert set(cupy_jit.CODEGEN_FLAGS) <= set(cupy_jit.nvrtc_options())
     archs = re.search(r'set\(CMAKE_CUDA_ARCHITECTURES "([^"]+)"\)', cmake).group(1).split(";")
-    cap = dispatch.MIN_CAPABILITY
-    assert dispatch.image_for(tuple(archs), cap) is True  # the oldest supported device has an image
+    cap = cuda_dispatch.MIN_CAPABILITY
+    assert cuda_dispatch.image_for(tuple(archs), cap) is True  # the oldest supported device has an image
 
 
 def test_launch_check_refuses_bf16_operands_below_sm80(monkeypatch):
@@ -572,8 +571,9 @@ def test_launch_check_refuses_bf16_operands_below_sm80(monkeypatch):
         maps = (torch.empty(1, 3, 4, 4, device="cuda", dtype=torch.bfloat16),)
         plan_t, weights = torch.empty(4 + 16, device="cuda", dtype=torch.int32), torch.empty(32, device="cuda")
         matrix = torch.empty(2, 3, device="cuda", dtype=torch.bfloat16)
-        ops = cuda_launch.Operands(maps, plan_t, weights, matrix, torch.empty(2, device="cuda"))
+        ops = Operands(maps, plan_t, weights, matrix, torch.empty(2, device="cuda"))
+        kernels = head_op.KERNELS
         with pytest.raises(ValueError, match="bfloat16 kernels need sm_80"):
-            cuda_launch.check_launch(ops, ops.new_partial(), ops.new_out())
+            cuda_launch.check_launch(kernels, ops, kernels.new_out(ops), kernels.new_partial(ops))
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-        assert cuda_launch.check_launch(ops, ops.new_partial(), ops.new_out()) == "bfloat16"
+        assert cuda_launch.check_launch(kernels, ops, kernels.new_out(ops), kernels.new_partial(ops)) == "bfloat16"

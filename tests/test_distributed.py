@@ -290,9 +290,14 @@ def assert_same_features_model(a: CRDScorer, b: CRDScorer) -> None:
     assert a.lam == pytest.approx(b.lam, rel=1e-5)
 
 
+def pooled_scorer(detector):
+    """The global CRD of a detector's training patches: its model's own, or derived from the local model's."""
+    return detector.model.derive("global").scorer if detector.spatial_choice == "local" else detector.model.scorer
+
+
 def assert_same_detector(a, b) -> None:
     assert a.n_images == b.n_images
-    assert_same_features_model(a.scorer, b.scorer)
+    assert_same_features_model(pooled_scorer(a), pooled_scorer(b))
     sa, sb = a.train_score_stats, b.train_score_stats
     assert sa.keys() == sb.keys() and sa["n"] == sb["n"]
     for key in sa:
@@ -306,13 +311,13 @@ def test_detector_fit_without_group_equals_detector_fit():
 
 def assert_same_local_detector(a, b) -> None:
     assert a.spatial_choice == b.spatial_choice == "local" and a.n_images == b.n_images
-    la, lb = a.local_scorer, b.local_scorer
+    la, lb = a.model.scorer, b.model.scorer
     assert la.n_images == lb.n_images and (la.lam_rel, la.shrinkage, la.rank) == (lb.lam_rel, lb.shrinkage, lb.rank)
     # fewer images than the sketch size: the sketches are exact, so any sharding gives the same model
     ma, mb = la.model(), lb.model()
     torch.testing.assert_close(ma.means, mb.means, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ma.eigenvalues, mb.eigenvalues, rtol=1e-7, atol=1e-9)
-    assert_same_features_model(a.scorer, b.scorer)
+    assert_same_features_model(pooled_scorer(a), pooled_scorer(b))
     sa, sb = a.train_score_stats, b.train_score_stats
     for key in sa:
         assert sa[key] == pytest.approx(sb[key], rel=1e-4), key
@@ -329,7 +334,7 @@ def test_distributed_fit_of_few_images_settles_the_auto_options_as_a_fit_does():
     auto = dict(DETECTOR_OPTIONS, lam_rel="auto", spatial="auto")
     expected = make_detector(**auto).fit(images, progress=False)
     got = fit_distributed(make_detector(**auto), images)
-    assert got.selection["reason"] == expected.selection["reason"] and got.lam_rel == expected.lam_rel == 0.01
+    assert got.selection.reason() == expected.selection.reason() and got.lam_rel == expected.lam_rel == 0.01
     assert_same_detector(got, expected)
     with pytest.raises(ValueError, match="the label-free choice"):
         fit_distributed(make_detector(**auto), tiny_images(45, 20))
@@ -343,7 +348,7 @@ def test_detector_online_update_equals_fit_on_everything(tmp_path):
     everything = make_detector().fit(old + new, progress=False)
     updated = CRDDetector.load(tmp_path / "det.crd").partial_fit(new, progress=False)
     assert updated.n_images == everything.n_images == 16
-    assert_same_features_model(updated.scorer, everything.scorer)
+    assert_same_features_model(updated.model.scorer, everything.model.scorer)
     # the distributed entry point with update=True gives what partial_fit gives, sample included
     again = fit_distributed(CRDDetector.load(tmp_path / "det.crd"), new, update=True)
     assert_same_detector(again, updated)

@@ -70,7 +70,7 @@ def test_head_only_matches_float64_reference(detector, head_only, rng):
     shapes = head_only.metadata["feature_shapes"]
     maps = [rng.standard_normal((3, *s)).astype(np.float32) for s in shapes]
     scores, patch_maps = session(head_only).run(None, dict(zip(detector.layers, maps)))
-    proj = detector.scorer.projection
+    proj = detector.model.scorer.projection
     want = reference.crd_head(
         [torch.from_numpy(m) for m in maps], proj.matrix, proj.offset, detector.embedding, detector.target_dim
     ).numpy()
@@ -119,13 +119,13 @@ def test_fp16_and_rank_variants(detector, tmp_path, rng):
     tmaps = [torch.from_numpy(m) for m in maps]
     exact = reference.crd_head(
         tmaps,
-        detector.scorer.projection.matrix,
-        detector.scorer.projection.offset,
+        detector.model.scorer.projection.matrix,
+        detector.model.scorer.projection.offset,
         detector.embedding,
         detector.target_dim,
     ).numpy()
     assert 0 < rel_err(session(half).run(None, feeds)[1], exact) < FP16_RTOL
-    proj = variant_projection(detector.scorer, "fp64", rank)
+    proj = variant_projection(detector.model.scorer, "fp64", rank)
     want = reference.crd_head(tmaps, proj.matrix, proj.offset, detector.embedding, detector.target_dim).numpy()
     assert rel_err(session(low).run(None, feeds)[1], want) < FP32_RTOL
     assert low.metadata["rank"] == rank and low.metadata["error_bound"] == pytest.approx(proj.error_bound)

@@ -5,8 +5,11 @@ own error type (ModelFileError, DeployError, ImageReadError / ImageInputError): 
 another exception type. Hypothesis runs derandomised (the same examples in every run, so CI is
 reproducible) with fixed example counts that keep the whole module well under a minute.
 
-Edits that a model file cannot tell from a deliberate change (a threshold, the blur of the maps, a
-run-time option) are listed in ``FREE_EDITS``: a file with such an edit may load and score differently.
+Model files and ONNX metadata written now carry a digest of their header (docs/DESIGN.md "Model file format",
+"ONNX export"): on them every edit is refused or scores identically (``test_fuzz_signed_*``, the ONNX metadata). The
+field checks behind the digest are fuzzed on files of the older digest kind (no header digest, as files written
+before it), where edits that a file cannot tell from a deliberate change (a threshold, the blur of the maps, a
+run-time option) are listed in ``FREE_EDITS``: such a file may load and score differently.
 """
 
 from __future__ import annotations
@@ -104,15 +107,23 @@ def _mutate(meta: dict, data, times: int) -> list[str]:
 _DELETE = object()
 
 
-def _write_with_meta(src: Path, dst: Path, meta: dict) -> None:
-    """``src``'s tensors with metadata ``meta`` (its checksum kept as is: only the tensors are checksummed)."""
+def _write_with_meta(src: Path, dst: Path, meta: dict, signed: bool = False) -> None:
+    """``src``'s tensors with metadata ``meta`` (its tensor checksum kept as is). ``signed=False``: a file of the older
+    digest kind (no header digest, as written before it), so the field checks behind the digest are what is fuzzed;
+    ``signed=True``: the header digest stored in ``src`` is kept, as an editor that changes only the JSON leaves it."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from crd_fast.io.model_file import METADATA_KEY
+    from crd_fast.io.model_file import DIGEST_KEY, METADATA_KEY
 
     with safe_open(str(src), framework="pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        raw = fh.metadata()
+    if signed:
+        text = json.dumps(meta, sort_keys=True, allow_nan=True)  # as written: an edit that changes nothing is no edit
+        save_file(tensors, str(dst), metadata={METADATA_KEY: text, DIGEST_KEY: raw[DIGEST_KEY]})
+        return
+    meta = {k: v for k, v in meta.items() if k != "digest"}
     save_file(tensors, str(dst), metadata={METADATA_KEY: json.dumps(meta, allow_nan=True)})
 
 
@@ -174,6 +185,18 @@ def test_fuzz_scorer_metadata(scorer_file, tmp_path_factory, data):
     _check_scorer(out, probe, want)
 
 
+@settings(max_examples=500, **FUZZ)
+@given(data=st.data())
+def test_fuzz_signed_scorer_header(scorer_file, tmp_path_factory, data):
+    """Header-JSON edits of a signed file: every one is refused, or changes nothing (then it scores identically)."""
+    path, probe, want = scorer_file
+    meta = _meta(path)
+    _mutate(meta, data, data.draw(st.integers(1, 3)))
+    out = tmp_path_factory.getbasetemp() / "fuzz_scorer_signed.crd"
+    _write_with_meta(path, out, meta, signed=True)
+    _check_scorer(out, probe, want)
+
+
 # ---- detector files ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def detector_file(tmp_path_factory):
@@ -206,6 +229,24 @@ def test_fuzz_detector_metadata(detector_file, tmp_path_factory, data):
     assert np.isfinite(got).all()
 
 
+@settings(max_examples=300, **FUZZ)
+@given(data=st.data())
+def test_fuzz_signed_detector_header(detector_file, tmp_path_factory, data):
+    """Header-JSON edits of a signed detector file (config.backbone, seed, resize, threshold, blur, ...): every one is
+    refused, or changes nothing; no edit is free any more."""
+    path, probe, want = detector_file
+    meta = _meta(path)
+    _mutate(meta, data, data.draw(st.integers(1, 3)))
+    out = tmp_path_factory.getbasetemp() / "fuzz_detector_signed.crd"
+    _write_with_meta(path, out, meta, signed=True)
+    try:
+        det = CRDDetector.load(out, backbone=TinyNet())
+    except ModelFileError:
+        return
+    np.testing.assert_array_equal(det.predict(probe, progress=False).image_scores, want)
+    assert det.threshold == 1.0
+
+
 # ---- ONNX metadata ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def onnx_export(detector_file, tmp_path_factory):
@@ -227,8 +268,9 @@ def test_fuzz_onnx_metadata(onnx_export, tmp_path_factory, data, monkeypatch_ses
     from crd_fast.deploy.imaging import ImageInputError
 
     onnx_path, images, want = onnx_export
-    meta = json.loads(Path(str(onnx_path) + ".json").read_text())
-    edited = _mutate(meta, data, data.draw(st.integers(1, 2)))
+    original = json.loads(Path(str(onnx_path) + ".json").read_text())
+    meta = json.loads(json.dumps(original))
+    _mutate(meta, data, data.draw(st.integers(1, 2)))
     out = tmp_path_factory.getbasetemp() / "fuzz_meta.onnx.json"
     out.write_text(json.dumps(meta, allow_nan=True))
     try:
@@ -236,11 +278,9 @@ def test_fuzz_onnx_metadata(onnx_export, tmp_path_factory, data, monkeypatch_ses
         got = det.predict(images).image_scores
     except (DeployError, ImageInputError):
         return
-    if not any(
-        k.split(".")[0] in ("threshold", "train_score_stats", "config", "crd_fast_version", "preprocess")
-        for k in edited
-    ):
-        np.testing.assert_array_equal(got, want)
+    # the metadata is covered by its digest (stamped into the graph too): only an edit that changes nothing loads
+    assert det.metadata == original
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +363,7 @@ def test_fuzz_image_loaders(tmp_path_factory, which, edits, cut, head):
 # ---- local head files --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_head_file(tmp_path_factory):
-    from crd_fast.deploy.local_head_file import LocalDeployHead
+    from crd_fast.models.local_head_file import LocalDeployHead
     from crd_fast.scorers.local import LocalCRDScorer
 
     gen = torch.Generator().manual_seed(9)
@@ -339,7 +379,7 @@ def local_head_file(tmp_path_factory):
 @settings(max_examples=800, **FUZZ)
 @given(data=st.data())
 def test_fuzz_local_head_metadata(local_head_file, tmp_path_factory, data):
-    from crd_fast.deploy.local_head_file import LocalDeployHead
+    from crd_fast.models.local_head_file import LocalDeployHead
 
     path, probe, want = local_head_file
     meta = _meta(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import cli_detector_args, random_bank
+from helpers import cli_detector_args, random_bank, run_unprivileged
 from PIL import Image
 
 from crd_fast import CRDDetector, CRDScorer, ModelFileError
@@ -290,7 +290,7 @@ def test_predict_decodes_each_image_once(model, data, tmp_path, monkeypatch):
 
 def test_parallel_decoding_is_bounded_by_memory(model, data, tmp_path, monkeypatch):
     """... up to 8 are decoded at once in threads (bounded by count, not by memory)."""
-    import crd_fast.detector.detector as detector_module
+    import crd_fast.detector.batches as detector_module
     from crd_fast.io.limits import image_limits, set_image_limits
 
     active, peak = [0], [0]
@@ -364,34 +364,9 @@ def test_fit_onto_an_existing_directory_fails_before_fitting(data, tmp_path, mon
     assert "model.crd" in err and "is a directory" in err and ".tmp" not in err
 
 
-def _drop_permission_override() -> None:
-    """In the child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so that
-    root's exec'd program is bound by file permissions like any user (prctl PR_CAPBSET_DROP)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
 def _unprivileged(script: str, folder: Path) -> subprocess.CompletedProcess:
     """Run ``python -c script`` bound by file permissions (root ignores them: its override is dropped first)."""
-    kwargs = {"preexec_fn": _drop_permission_override} if os.geteuid() == 0 else {}
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", script],
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=folder,
-            **kwargs,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the process bound by file permissions did not finish: {exc}")
-    except subprocess.SubprocessError as exc:  # the permission drop itself is impossible here (no CAP_SETPCAP)
-        pytest.skip(f"cannot run a process bound by file permissions here: {exc}")
+    return run_unprivileged(script, folder, _env())
 
 
 @pytest.fixture
@@ -480,11 +455,12 @@ def test_written_files_get_the_permissions_of_the_umask(data, tmp_path):
 
 # ---- model-file ranges -----------------------------------------------------------------------------------------
 def _rewrite(path: Path, edit_meta=None, edit_tensors=None) -> None:
-    """Rewrite a model file with edited metadata and/or tensors, and a recomputed (valid) checksum."""
+    """Rewrite a model file with edited metadata and/or tensors, and recomputed (valid) checksums: the tensors' and
+    the header's (a hostile editor can recompute both; the field checks must still hold)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from crd_fast.io.model_file import METADATA_KEY, tensor_checksum
+    from crd_fast.io.model_file import DIGEST_KEY, METADATA_KEY, header_digest, tensor_checksum
 
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads(fh.metadata()[METADATA_KEY])
@@ -494,7 +470,8 @@ def _rewrite(path: Path, edit_meta=None, edit_tensors=None) -> None:
     if edit_meta:
         edit_meta(meta)
     meta["checksum"] = tensor_checksum(tensors)
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    text = json.dumps(meta)
+    save_file(tensors, str(path), metadata={METADATA_KEY: text, DIGEST_KEY: header_digest(text)})
 
 
 def test_model_with_n_1e30_is_refused_naming_the_field(model, tmp_path):
@@ -527,12 +504,12 @@ def test_model_files_saved_before_load_with_identical_scores(model, data):
     det = CRDDetector.load(model)
     files = [str(f) for f in sorted((data / "test").rglob("*.png"))]
     a = det.predict(files, progress=False).image_scores
-    det.scorer.rank = 5
-    tensors, fields = det.scorer.state()
+    det.model.scorer.rank = 5
+    tensors, fields = det.model.scorer.state()
     again = CRDScorer.from_state(tensors, fields)
     y = torch.randn(7, det.dim, dtype=torch.float64)
-    assert torch.equal(again.score(y), det.scorer.score(y))
-    det.scorer.rank = None
+    assert torch.equal(again.score(y), det.model.scorer.score(y))
+    det.model.scorer.rank = None
     np.testing.assert_array_equal(det.predict(files, progress=False).image_scores, a)
 
 
@@ -576,7 +553,7 @@ def test_numpy_scalar_parameters_are_accepted(rng):
         lam_rel=np.float64(0.05),
         seed=np.int32(2),
     )
-    assert det.batch_size == 3 and det.seed == 2 and det.scorer.lam_rel == 0.05
+    assert det.batch_size == 3 and det.seed == 2 and det.options.lam_rel == 0.05
 
 
 def test_overflow_in_fit_is_reported_as_overflow(rng):

@@ -19,8 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from crd_fast.core.embedding import embed_patches, patch_matrix
 from crd_fast.core.local import LocalCRDModel, local_eigenpairs_from_patches
 from crd_fast.models.local_head import LocalCRDHead
-from crd_fast.ops import cpu as ops_cpu
-from crd_fast.ops import crd_residual, reference
+from crd_fast.ops import cpu, crd_residual, reference
 
 SPECS = {1: ((6, 6, 5),), 2: ((6, 6, 5), (5, 3, 3))}  # (C, H, W) per layer; the 6x5 grid is not square
 TARGET_DIM = 8
@@ -88,10 +87,10 @@ def test_float64_head_equals_direct_computation(embedding, layers, k, a):
 
 
 def test_fused_path_takes_the_compiled_residual_pass(monkeypatch):
-    assert ops_cpu.residual_available(), f"the compiled residual pass is missing: {ops_cpu.import_error()}"
+    assert cpu.residual_available(), f"the compiled residual pass is missing: {cpu.import_error()}"
     calls = []
-    real = ops_cpu.fused_residual_cpu
-    monkeypatch.setattr(ops_cpu, "fused_residual_cpu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = cpu.fused_residual_cpu
+    monkeypatch.setattr(cpu, "fused_residual_cpu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     train, test = _maps(7, N_TRAIN, SPECS[2]), _maps(8, 2, SPECS[2])
     model, _ = _fit(train, "concat", 3, 0.5)
     torch.testing.assert_close(_head(model, "concat", 2, True)(test), _head(model, "concat", 2, False)(test))
@@ -265,13 +264,13 @@ def test_onnx_export_of_backbone_and_local_head_matches_torch():
     import onnxruntime as ort
 
     from crd_fast.deploy import check_default_domain
-    from crd_fast.deploy.export import HeadOnlyModel, _WholeModel
+    from crd_fast.deploy.export import HeadOnlyModel, WholeModel
     from crd_fast.features import FeatureExtractor
     from crd_fast.models.anomaly_map import AnomalyMapper
 
     ext = FeatureExtractor("resnet18", ("layer2", "layer3"), "random", seed=6).eval()
     _, head = _backbone_model_and_head(ext, fused=False)
-    whole = _WholeModel(ext, head, AnomalyMapper(64)).eval()
+    whole = WholeModel(ext, head, AnomalyMapper(64)).eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():

@@ -16,8 +16,9 @@ from helpers import dense_local_scores
 
 from crd_fast.core.embedding import embed_patches, patch_matrix
 from crd_fast.deploy import DeployHead, export_onnx, head_from, load_head_file, make_head_file
-from crd_fast.deploy.local_head_file import LOCAL_HEAD_KIND, LocalDeployHead, measure_local_error
+from crd_fast.deploy.head_errors import measure_local_error
 from crd_fast.io.model_file import ModelFileError, read_model_file, write_model_file
+from crd_fast.models.local_head_file import LOCAL_HEAD_KIND, LocalDeployHead
 from crd_fast.scorers import CRDScorer
 from crd_fast.scorers.local import LocalCRDScorer
 
@@ -172,7 +173,7 @@ def _tamper(path, out, tensors=None, fields=None, drop=()):
     meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "crd_fast_version", "kind")}
     meta.pop("checksum")
     meta.update(fields or {})
-    write_model_file(out, LOCAL_HEAD_KIND, t, meta)
+    write_model_file(out, LOCAL_HEAD_KIND, t, meta, check=None)  # corrupt on purpose: no load-time check
     return out
 
 
@@ -329,13 +330,9 @@ def local_detector_file(tmp_path_factory):
 def test_head_file_of_a_local_detector_exports_like_the_detector(local_detector_file, tmp_path):
     from deploy_fixtures import demo_images
 
-    from crd_fast.deploy import precision as global_heads
-
     detector, path = local_detector_file
     with pytest.raises(ValueError, match="no such form: pass local_rank="):
         make_head_file(path, tmp_path / "x.crdh", rank=8)
-    with pytest.raises(ValueError, match="make_head_file writes a local head file for it"):
-        global_heads.head_from(detector)
     full = make_head_file(path, tmp_path / "local.crdh", precision="fp64")  # from the detector file
     assert isinstance(full, LocalDeployHead) and full.grid == tuple(detector.patch_grid) and full.rank == 4
     assert full.detector["lam_rel"] == detector.lam_rel == full.lam_rel and full.detector["threshold"] == 1.0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from crd_fast.evaluation import metrics as M
+from crd_fast.metrics import scores as M
 
 # ---------------------------------------------------------------- image level
 

@@ -1,5 +1,5 @@
 """The fused-head kernels below the op: plan tables, the Cython pass, CUDA argument checks, the shipped
-CUDA source (NVRTC and nvcc builds, no spills), and the GPU kernels against the reference where a GPU is."""
+CUDA source (NVRTC and nvcc builds, no spills). The CUDA kernels on a GPU are tested in tests/gpu/."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from crd_fast.core.dtypes import compute_dtype
@@ -23,14 +22,11 @@ from crd_fast.core.embedding import (
     pool_feature_map,
     resize_to,
 )
-from crd_fast.ops import cpu as kcpu
-from crd_fast.ops import cuda as kcuda
-from crd_fast.ops import cuda_launch, kernel_config, reference
-from crd_fast.ops import cupy_jit as cupy_module
-from crd_fast.ops import native as _native
+from crd_fast.ops import cpu, cuda_launch, cupy_jit, head_op, kernel_config, native, residual_op
+from crd_fast.ops.operands import DTYPE_NAMES, Operands
 from crd_fast.ops.plan import MAX_TAPS, Geometry, axis_matrix, axis_taps, build_tables
 
-needs_fused_cpu = pytest.mark.skipif(not kcpu.available(), reason=f"CPU fused pass not built: {kcpu.import_error()}")
+needs_fused_cpu = pytest.mark.skipif(not cpu.available(), reason=f"CPU fused pass not built: {cpu.import_error()}")
 ENTRIES = [
     "crd_head_tile_f32",
     "crd_head_tile_f64",
@@ -50,15 +46,15 @@ def test_expected_builds_are_present():
     if not os.environ.get("CRD_FAST_EXPECT_NATIVE") and not os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS"):
         pytest.skip("CRD_FAST_EXPECT_NATIVE and CRD_FAST_EXPECT_CUDA_KERNELS are unset: no expected build to check")
     if os.environ.get("CRD_FAST_EXPECT_NATIVE"):
-        assert kcpu.available(), kcpu.import_error()
-        assert kcpu.bf16_pass_available(), "the fused pass was built without its bf16 pass"
+        assert cpu.available(), cpu.import_error()
+        assert cpu.bf16_pass_available(), "the fused pass was built without its bf16 pass"
     expect_cuda = os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS")
     if expect_cuda == "1":
-        assert _native.has_native_cuda() and hasattr(_native._C, "crd_head_cuda")
-        assert hasattr(_native._C, "crd_residual_cuda") and cuda_launch.has_residual_kernels()
+        assert native.has_native_cuda() and hasattr(native._C, "crd_head_cuda")
+        assert all(cuda_launch.has_compiled(spec.kernels) for spec in (head_op.SPEC, residual_op.SPEC))
     elif expect_cuda == "0":  # the CPU-only build (CRD_FAST_CUDA=OFF)
-        assert not _native.has_native_cuda() and not hasattr(_native._C, "crd_head_cuda")
-        assert not hasattr(_native._C, "crd_residual_cuda") and not cuda_launch.has_residual_kernels()
+        assert not native.has_native_cuda() and not hasattr(native._C, "crd_head_cuda")
+        assert not any(cuda_launch.has_compiled(spec.kernels) for spec in (head_op.SPEC, residual_op.SPEC))
 
 
 # ---- plan tables ---------------------------------------------------------------------------------
@@ -123,7 +119,7 @@ def test_fused_pass_matches_dense_formula(dtype, tol):
     outs = []
     for threads in (1, 2):
         out = torch.full((batch, 9, 7), float("nan"), dtype=dtype)
-        kcpu._crd_head_cpu.fused_pass(
+        cpu._crd_head_cpu.fused_pass(
             str(dtype).split(".")[1], *_pointers(zs, plan, weights, q, out), batch, 9, 7, r, 15, threads
         )
         assert torch.isfinite(out).all()
@@ -135,24 +131,24 @@ def test_fused_pass_matches_dense_formula(dtype, tol):
 @needs_fused_cpu
 def test_fused_pass_refuses_bad_arguments():
     with pytest.raises(TypeError, match="'float32' or 'float64'"):
-        kcpu._crd_head_cpu.fused_pass("float16", [0], 0, 0, 0, 0, 1, 1, 1, 1, 1, 1)
+        cpu._crd_head_cpu.fused_pass("float16", [0], 0, 0, 0, 0, 1, 1, 1, 1, 1, 1)
     with pytest.raises(ValueError, match="num_threads"):
-        kcpu._crd_head_cpu.fused_pass("float32", [0], 0, 0, 0, 0, 1, 1, 1, 1, 1, 0)
+        cpu._crd_head_cpu.fused_pass("float32", [0], 0, 0, 0, 0, 1, 1, 1, 1, 1, 0)
 
 
-needs_bf16_pass = pytest.mark.skipif(not kcpu.bf16_pass_available(), reason="the bf16 pass is not built")
+needs_bf16_pass = pytest.mark.skipif(not cpu.bf16_pass_available(), reason="the bf16 pass is not built")
 
 
 def _runnable_isas() -> list[str]:
     """The bf16 pass's compiled variants this processor runs (all up to the best one)."""
-    if not kcpu.bf16_pass_available():
+    if not cpu.bf16_pass_available():
         return []
-    isas = list(kcpu._crd_head_cpu.BF16_ISAS)
-    return isas[: isas.index(kcpu.bf16_isa()) + 1]
+    isas = list(cpu._crd_head_cpu.BF16_ISAS)
+    return isas[: isas.index(cpu.bf16_isa()) + 1]
 
 
 def _bf16_pass(zs, plan, weights, q, out, batch, h0, w0, r, max_w, threads, residual, isa):
-    kcpu._crd_head_cpu.fused_pass_bf16(
+    cpu._crd_head_cpu.fused_pass_bf16(
         *_pointers(zs, plan, weights, q, out), batch, h0, w0, r, max_w, threads, residual, isa
     )
 
@@ -164,7 +160,7 @@ def test_bf16_pass_matches_dense_formula(isa, r):
     """bfloat16 projections, float32 arithmetic: against the float64 formula on the same (widened) bf16 values,
     so float32 rounding is the only difference; every compiled variant this processor runs, 1 and 2 threads."""
     if isa not in _runnable_isas():
-        pytest.skip(f"this processor does not run the {isa} variant (best: {kcpu.bf16_isa()})")
+        pytest.skip(f"this processor does not run the {isa} variant (best: {cpu.bf16_isa()})")
     gen = torch.Generator().manual_seed(19 + r)
     sizes = [(9, 7), (4, 5), (12, 15), (1, 1)]
     batch = 3
@@ -197,9 +193,9 @@ def test_bf16_pass_matches_dense_formula(isa, r):
 @needs_bf16_pass
 def test_bf16_pass_refuses_bad_arguments():
     with pytest.raises(ValueError, match="isa must be 'auto' or one of"):
-        kcpu._crd_head_cpu.fused_pass_bf16([0], 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, False, "sse9")
+        cpu._crd_head_cpu.fused_pass_bf16([0], 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, False, "sse9")
     with pytest.raises(ValueError, match="num_threads"):
-        kcpu._crd_head_cpu.fused_pass_bf16([0], 0, 0, 0, 0, 1, 1, 1, 1, 1, 0)
+        cpu._crd_head_cpu.fused_pass_bf16([0], 0, 0, 0, 0, 1, 1, 1, 1, 1, 0)
 
 
 @needs_fused_cpu
@@ -209,22 +205,22 @@ def test_fused_head_cpu_checks_and_fills_out():
     matrix_t = torch.randn(7, 5, generator=gen)
     q = torch.randn(5, generator=gen)
     out = torch.full((2, 5, 6), float("nan"))
-    assert kcpu.fused_head_cpu(maps, matrix_t, q, out=out) is out and torch.isfinite(out).all()
+    assert cpu.fused_head_cpu(maps, matrix_t, q, out=out) is out and torch.isfinite(out).all()
     embed = patch_matrix(embed_patches([m.double() for m in maps]))
     want = torch.linalg.vector_norm(embed @ matrix_t.double() - q.double(), dim=1).reshape(2, 5, 6)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
     with pytest.raises(TypeError, match="float32 or float64"):
-        kcpu.fused_head_cpu([m.half() for m in maps], matrix_t, q)
+        cpu.fused_head_cpu([m.half() for m in maps], matrix_t, q)
     with pytest.raises(ValueError, match="matrix_t must be a contiguous"):
-        kcpu.fused_head_cpu(maps, torch.randn(5, 7).T, q)
+        cpu.fused_head_cpu(maps, torch.randn(5, 7).T, q)
     with pytest.raises(ValueError, match=r"matrix_t must be .* \(7, r\)"):
-        kcpu.fused_head_cpu(maps, matrix_t[:6], q)
+        cpu.fused_head_cpu(maps, matrix_t[:6], q)
     with pytest.raises(ValueError, match="q must be"):
-        kcpu.fused_head_cpu(maps, matrix_t, q.double())
+        cpu.fused_head_cpu(maps, matrix_t, q.double())
     with pytest.raises(ValueError, match="out must be"):
-        kcpu.fused_head_cpu(maps, matrix_t, q, out=torch.empty(2, 6, 5))
+        cpu.fused_head_cpu(maps, matrix_t, q, out=torch.empty(2, 6, 5))
     with pytest.raises(ValueError, match="feature map 1"):
-        kcpu.fused_head_cpu([maps[0], maps[1].double()], matrix_t, q)
+        cpu.fused_head_cpu([maps[0], maps[1].double()], matrix_t, q)
 
 
 def test_reference_fallback_without_compiled_kernels():
@@ -255,7 +251,7 @@ def _launch_args(dtype=torch.float32, batch=2, r=70, device="cuda"):
     )
     acc = compute_dtype(dtype)
     rows = 6 + 5
-    ops = cuda_launch.Operands(
+    ops = Operands(
         maps=maps,
         plan=torch.zeros(2 * 4 + 2 * rows * 2, device=device, dtype=torch.int32),
         weights=torch.zeros(2 * rows * 4, device=device, dtype=acc),
@@ -267,9 +263,10 @@ def _launch_args(dtype=torch.float32, batch=2, r=70, device="cuda"):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_argument_checks(dtype):
+    head = head_op.KERNELS
     with FakeTensorMode():
         ops, partial, out = _launch_args(dtype)
-        assert cuda_launch.check_launch(ops, partial, out) == cuda_launch.HEAD_DTYPES[dtype]
+        assert cuda_launch.check_launch(head, ops, out, partial) == DTYPE_NAMES[dtype]
         acc = compute_dtype(dtype)
         bad_ops = {
             "q": torch.empty(69, device="cuda", dtype=acc),
@@ -279,65 +276,70 @@ def test_cuda_argument_checks(dtype):
         }
         for name, value in bad_ops.items():
             with pytest.raises(ValueError, match=f"^{name}"):
-                cuda_launch.check_launch(dataclasses.replace(ops, **{name: value}), partial, out)
+                cuda_launch.check_launch(head, dataclasses.replace(ops, **{name: value}), out, partial)
         with pytest.raises(ValueError, match="^partial"):
-            cuda_launch.check_launch(ops, torch.empty(1, 60, device="cuda", dtype=acc), out)
+            cuda_launch.check_launch(head, ops, out, torch.empty(1, 60, device="cuda", dtype=acc))
+        with pytest.raises(ValueError, match="^partial: expected"):
+            cuda_launch.check_launch(head, ops, out)  # the head kernels need their scratch
         with pytest.raises(ValueError, match="^out"):
-            cuda_launch.check_launch(ops, partial, torch.empty(2, 5, 6, device="cuda", dtype=acc))
+            cuda_launch.check_launch(head, ops, torch.empty(2, 5, 6, device="cuda", dtype=acc), partial)
         noncontig = torch.empty(2, 4, 5, 6, device="cuda", dtype=dtype).transpose(2, 3)
         with pytest.raises(ValueError, match="feature map 0: expected a contiguous"):
-            cuda_launch.check_launch(dataclasses.replace(ops, maps=(noncontig, ops.maps[1])), partial, out)
+            cuda_launch.check_launch(head, dataclasses.replace(ops, maps=(noncontig, ops.maps[1])), out, partial)
         with pytest.raises(ValueError, match="1 to 4 feature maps"):
-            cuda_launch.check_launch(dataclasses.replace(ops, maps=ops.maps * 3), partial, out)
+            cuda_launch.check_launch(head, dataclasses.replace(ops, maps=ops.maps * 3), out, partial)
     cpu_ops, cpu_partial, cpu_out = _launch_args(dtype, device="cpu")
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        cuda_launch.check_launch(cpu_ops, cpu_partial, cpu_out)
-    if _native.has_native_cuda():  # the compiled launcher checks before any pointer crosses
+        cuda_launch.check_launch(head, cpu_ops, cpu_out, cpu_partial)
+    if native.has_native_cuda():  # the compiled launcher checks before any pointer crosses
         with pytest.raises(ValueError, match="need CUDA tensors"):
-            cuda_launch.crd_head_cuda(cpu_ops, out=cpu_out, partial=cpu_partial)
-    if cupy_module.cupy_importable():  # and so does the CuPy one
+            head_op.SPEC.launchers["native"](cpu_ops, out=cpu_out, partial=cpu_partial)
+    if cupy_jit.cupy_importable():  # and so does the CuPy one
         with pytest.raises(ValueError, match="need CUDA tensors"):
-            cupy_module.crd_head_cupy(cpu_ops, out=cpu_out, partial=cpu_partial)
+            head_op.SPEC.launchers["cupy"](cpu_ops, out=cpu_out, partial=cpu_partial)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_residual_argument_checks(dtype):
     """The residual launch: q is (h0 w0, r), out (B, h0, w0, r) in the accumulation dtype, no scratch."""
     acc = compute_dtype(dtype)
+    residual = residual_op.KERNELS
     with FakeTensorMode():
-        head_ops, _, _ = _launch_args(dtype)
+        head_ops, head_partial, _ = _launch_args(dtype)
         ops = dataclasses.replace(head_ops, q=torch.zeros(30, 70, device="cuda", dtype=acc))
-        out = ops.new_residual_out()
-        assert out.shape == (2, 6, 5, 70) and out.dtype == acc
-        assert cuda_launch.check_residual_launch(ops, out) == cuda_launch.HEAD_DTYPES[dtype]
+        out = residual.new_out(ops)
+        assert out.shape == (2, 6, 5, 70) and out.dtype == acc and residual.new_partial(ops) is None
+        assert cuda_launch.check_launch(residual, ops, out) == DTYPE_NAMES[dtype]
         with pytest.raises(ValueError, match=r"^q: expected a contiguous .* \(30, 70\)"):
-            cuda_launch.check_residual_launch(head_ops, out)  # the head's (r,) q
+            cuda_launch.check_launch(residual, head_ops, out)  # the head's (r,) q
         with pytest.raises(ValueError, match="^q"):
-            cuda_launch.check_residual_launch(dataclasses.replace(ops, q=ops.q.to(torch.float16)), out)
+            cuda_launch.check_launch(residual, dataclasses.replace(ops, q=ops.q.to(torch.float16)), out)
         with pytest.raises(ValueError, match="^q"):
-            cuda_launch.check_residual_launch(dataclasses.replace(ops, q=ops.q.T), out)  # not contiguous
+            cuda_launch.check_launch(residual, dataclasses.replace(ops, q=ops.q.T), out)  # not contiguous
         with pytest.raises(ValueError, match=r"^out: expected a contiguous .* \(2, 6, 5, 70\)"):
-            cuda_launch.check_residual_launch(ops, torch.empty(2, 6, 5, device="cuda", dtype=acc))
+            cuda_launch.check_launch(residual, ops, torch.empty(2, 6, 5, device="cuda", dtype=acc))
         with pytest.raises(ValueError, match="^out"):
             wrong = torch.float32 if acc == torch.float64 else torch.float64
-            cuda_launch.check_residual_launch(ops, torch.empty(2, 6, 5, 70, device="cuda", dtype=wrong))
+            cuda_launch.check_launch(residual, ops, torch.empty(2, 6, 5, 70, device="cuda", dtype=wrong))
+        with pytest.raises(ValueError, match="^partial: the crd_residual kernels take no scratch"):
+            cuda_launch.check_launch(residual, ops, out, head_partial)
         with pytest.raises(ValueError, match="^matrix"):
-            cuda_launch.check_residual_launch(
-                dataclasses.replace(ops, matrix=torch.empty(70, 8, device="cuda", dtype=dtype)), out
+            cuda_launch.check_launch(
+                residual, dataclasses.replace(ops, matrix=torch.empty(70, 8, device="cuda", dtype=dtype)), out
             )
         with pytest.raises(ValueError, match="1 to 4 feature maps"):
-            cuda_launch.check_residual_launch(dataclasses.replace(ops, maps=ops.maps * 3), out)
+            cuda_launch.check_launch(residual, dataclasses.replace(ops, maps=ops.maps * 3), out)
     cpu_head_ops, _, _ = _launch_args(dtype, device="cpu")
     cpu_ops = dataclasses.replace(cpu_head_ops, q=torch.zeros(30, 70, dtype=acc))
-    cpu_out = cpu_ops.new_residual_out()
+    cpu_out = residual.new_out(cpu_ops)
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        cuda_launch.check_residual_launch(cpu_ops, cpu_out)
-    if cuda_launch.has_residual_kernels():  # the compiled launcher checks before any pointer crosses
+        cuda_launch.check_launch(residual, cpu_ops, cpu_out)
+    if cuda_launch.has_compiled(residual):  # the compiled launcher checks before any pointer crosses
         with pytest.raises(ValueError, match="need CUDA tensors"):
-            cuda_launch.crd_residual_cuda(cpu_ops, out=cpu_out)
-    if cupy_module.cupy_importable():  # and so does the CuPy one
+            residual_op.SPEC.launchers["native"](cpu_ops, out=cpu_out)
+    if cupy_jit.cupy_importable():  # and so does the CuPy one
         with pytest.raises(ValueError, match="need CUDA tensors"):
-            cupy_module.crd_residual_cupy(cpu_ops, out=cpu_out)
+            residual_op.SPEC.launchers["cupy"](cpu_ops, out=cpu_out)
 
 
 # ---- the CUDA source: shipped, and it builds with NVRTC (CuPy path) and nvcc without spills ----------------
@@ -368,7 +370,7 @@ def test_cupy_source_compiles_with_nvrtc(arch):
 
     try:
         program = _nvrtc_program()(kernel_config.source_text(), name="crd_head_kernels.cu")
-        ptx, _ = program.compile(cupy_module.nvrtc_options() + (f"-arch=compute_{arch}",))
+        ptx, _ = program.compile(cupy_jit.nvrtc_options() + (f"-arch=compute_{arch}",))
     except CompileException:
         raise  # the source does not build with NVRTC: a real failure
     except Exception as exc:  # no loadable libnvrtc: an environment gap, not a source error
@@ -400,7 +402,7 @@ def test_nvcc_build_has_no_spills(tmp_path):
         "-x",
         "cu",
         "-c",
-        *cupy_module.CODEGEN_FLAGS,
+        *cupy_jit.CODEGEN_FLAGS,
         "-Xptxas",
         "-v",
         "-o",
@@ -421,126 +423,3 @@ def test_nvcc_build_has_no_spills(tmp_path):
     assert len(props) == len(archs) * len(ENTRIES)  # every architecture
     for name, stack, stores, loads in props:
         assert (stack, stores, loads) == ("0", "0", "0"), f"{name}: stack {stack}, spills {stores}/{loads}"
-
-
-# ---- on a GPU: every backend against the float64 reference, outputs poisoned first ---------------------
-def _gpu_backends():
-    names = []
-    if _native.has_native_cuda():
-        names.append("native")
-    if cupy_module.available() and cupy_module.compile_error(torch.cuda.current_device()) is None:
-        names.append("cupy")
-    return names
-
-
-@cuda
-@pytest.mark.parametrize("backend", ["native", "cupy"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(
-    "shapes,r", [([(5, 7, 9), (6, 4, 5)], 70), ([(64, 28, 28), (128, 14, 14)], 130), ([(3, 1, 1)], 1)]
-)
-def test_gpu_kernels_match_reference(backend, dtype, shapes, r):
-    if backend not in _gpu_backends():
-        pytest.skip(f"{backend} backend not available")
-    gen = torch.Generator().manual_seed(r)
-    maps = [torch.randn((3, *s), generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
-    d = sum(s[0] for s in shapes)
-    matrix = torch.randn(r, d, generator=gen, dtype=torch.float64) / d**0.5
-    offset = torch.randn(d, generator=gen, dtype=torch.float64)
-    want = reference.crd_head(maps, matrix, offset)
-    cap = torch.cuda.get_device_capability()
-    operands = kcuda.prepare([m.cuda() for m in maps], matrix.cuda(), offset.cuda(), "concat", 1024, cap)
-    out = operands.new_out().fill_(float("nan"))
-    partial = operands.new_partial().fill_(float("nan"))
-    kcuda.run(operands, backend, out=out, partial=partial)
-    torch.cuda.synchronize()
-    got = out.cpu()
-    assert torch.isfinite(got).all(), "some scores were never written"
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 3e-2)
-    err = float(((got.double() - want).abs() / want.abs()).max())
-    assert err < tol, f"{backend} {dtype}: max relative error {err}"
-
-
-def _residual_want(maps, matrix, q, operand):
-    """The float64 reference for float32/float64 operands, else the kernel's own roundings (embedding and folded
-    matrix rounded once to the operand dtype, q in float32), in float64."""
-    if operand in (torch.float32, torch.float64):
-        return reference.crd_residual(maps, matrix, q)
-    b, _, h, w = maps[0].shape
-    emb = patch_matrix(embed_patches([m.double() for m in maps])).to(operand).double()
-    rows = emb @ matrix.to(operand).double().T - q.float().double().repeat(b, 1)
-    return rows.reshape(b, h, w, -1)
-
-
-RESIDUAL_SHAPES = {  # (C, H, W) per layer: odd grids, resized and downsampled layers, 1 to 4 layers
-    1: [(5, 7, 9)],
-    2: [(6, 9, 7), (10, 4, 5)],
-    3: [(3, 5, 11), (7, 3, 3), (4, 11, 13)],
-    4: [(9, 9, 9), (12, 5, 5), (16, 3, 3), (8, 2, 2)],
-}
-
-
-@cuda
-@pytest.mark.parametrize("backend", ["native", "cupy"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layers", [1, 2, 3, 4])
-@pytest.mark.parametrize("r", [1, 70, 130])
-def test_gpu_residual_kernels_match_reference(backend, dtype, layers, r):
-    """Every element of the (B, h0, w0, r) output written (poisoned first), equal to the float64 reference (or the
-    same-roundings model for half operands) in the norm-relative sense, and identical on a rerun."""
-    if backend not in _gpu_backends():
-        pytest.skip(f"{backend} backend not available")
-    gen = torch.Generator().manual_seed(1000 * layers + r)
-    shapes = RESIDUAL_SHAPES[layers]
-    maps = [torch.randn((3, *s), generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
-    d = sum(s[0] for s in shapes)
-    h0, w0 = shapes[0][1:]
-    matrix = torch.randn(r, d, generator=gen, dtype=torch.float64) / d**0.5
-    q = torch.randn(h0 * w0, r, generator=gen, dtype=torch.float64)
-    cap = torch.cuda.get_device_capability()
-    operands = kcuda.prepare_residual([m.cuda() for m in maps], matrix.cuda(), q.cuda(), "concat", 1024, cap)
-    runs = []
-    for _ in range(2):
-        out = operands.new_residual_out().fill_(float("nan"))
-        kcuda.run_residual(operands, backend, out=out)
-        torch.cuda.synchronize()
-        runs.append(out.cpu())
-    got = runs[0]
-    assert got.shape == (3, h0, w0, r) and torch.isfinite(got).all(), "some residuals were never written"
-    assert torch.equal(runs[0], runs[1]), "two runs differ"
-    want = _residual_want(maps, matrix, q, operands.dtype)
-    tol = {torch.float64: 1e-12}.get(operands.dtype, 2e-5)
-    err = float((got.double() - want).abs().max() / want.abs().max())
-    assert err < tol, f"{backend} {dtype}: norm-relative error {err}"
-
-
-@cuda
-def test_gpu_residual_op_and_local_head_use_the_kernels():
-    """The op's decision on this GPU is a kernel path, and LocalCRDHead on CUDA (fused) scores as on the CPU."""
-    from crd_fast.core.local import LocalCRDModel, local_eigenpairs_from_patches
-    from crd_fast.models.local_head import LocalCRDHead
-    from crd_fast.ops import cuda_dispatch
-
-    assert cuda_dispatch.decide(torch.device("cuda"), cuda_dispatch.RESIDUAL).path != "reference"
-    gen = torch.Generator().manual_seed(77)
-    specs = [(6, 7, 5), (5, 3, 3)]
-    base = [3 * torch.randn(1, c, h, w, generator=gen, dtype=torch.float64) for c, h, w in specs]
-    train = [b + torch.randn(12, *b.shape[1:], generator=gen, dtype=torch.float64) for b in base]
-    test = [b + torch.randn(2, *b.shape[1:], generator=gen, dtype=torch.float64) for b in base]
-    grids = patch_matrix(embed_patches(train)).reshape(12, 35, 11)
-    means, vals, vecs = local_eigenpairs_from_patches(grids, 3)
-    xc = grids - means
-    model = LocalCRDModel.build(means, (xc.reshape(-1, 11).T @ xc.reshape(-1, 11)) / (12 * 35), vals, vecs, 0.5)
-    want = model.scores(patch_matrix(embed_patches(test)).reshape(2, 35, 11), 0.05).reshape(2, 7, 5)
-    head = LocalCRDHead.from_model(model, 0.05, layer_channels=[6, 5], grid=(7, 5)).cuda()
-    got = head([m.float().cuda() for m in test]).cpu()
-    err = float((got.double() - want).abs().max() / want.abs().max())
-    assert got.dtype == torch.float32 and err < 1e-5, err
-
-
-@cuda
-def test_gpu_kernel_resources():
-    if not _native.has_native_cuda():
-        pytest.skip("no compiled CUDA kernels")
-    for k in cuda_launch.crd_head_cuda_attributes():
-        assert k["local_bytes"] == 0, k  # no spills to local memory on this device's binary

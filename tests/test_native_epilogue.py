@@ -13,9 +13,9 @@ from helpers import cuda, random_bank
 
 import crd_fast
 from crd_fast import CRDScorer
-from crd_fast.ops import native as _native
+from crd_fast.ops import native
 
-needs_native = pytest.mark.skipif(not _native.has_native(), reason="crd_fast.ops._C not built")
+needs_native = pytest.mark.skipif(not native.has_native(), reason="crd_fast.ops._C not built")
 
 
 @needs_native
@@ -26,11 +26,11 @@ def test_residual_norm_matches_torch(dtype, rows, cols):
     z = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     q = torch.randn(cols, generator=g, dtype=torch.float64)
     expected = torch.linalg.vector_norm(z - q, dim=1)
-    got = _native.residual_norm(z.to(dtype), q.to(dtype))
+    got = native.residual_norm(z.to(dtype), q.to(dtype))
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
     torch.testing.assert_close(
-        _native.residual_norm(z.to(dtype)).double(), torch.linalg.vector_norm(z, dim=1), rtol=1e-6, atol=0
+        native.residual_norm(z.to(dtype)).double(), torch.linalg.vector_norm(z, dim=1), rtol=1e-6, atol=0
     )
 
 
@@ -38,23 +38,23 @@ def test_residual_norm_matches_torch(dtype, rows, cols):
 def test_residual_norm_checks_before_pointers():
     z = torch.zeros(4, 3)
     with pytest.raises(ValueError, match="shape"):
-        _native.residual_norm(z, torch.zeros(4))
+        native.residual_norm(z, torch.zeros(4))
     with pytest.raises(ValueError, match="dtype"):
-        _native.residual_norm(z, torch.zeros(3, dtype=torch.float64))
+        native.residual_norm(z, torch.zeros(3, dtype=torch.float64))
     with pytest.raises(TypeError, match="float32 or float64"):
-        _native.residual_norm(z.half())
+        native.residual_norm(z.half())
     # non-contiguous input is made contiguous, not misread
     zt = torch.randn(3, 4).T
-    torch.testing.assert_close(_native.residual_norm(zt), torch.linalg.vector_norm(zt, dim=1))
+    torch.testing.assert_close(native.residual_norm(zt), torch.linalg.vector_norm(zt, dim=1))
 
 
 def test_scorer_native_and_torch_paths_agree(rng, monkeypatch):
     bank = random_bank(rng, 500, 64).astype(np.float32)
     y = torch.from_numpy(random_bank(rng, 300, 64).astype(np.float32))
     scorer = CRDScorer().fit(bank)
-    native = scorer.score(y)
-    monkeypatch.setattr(_native, "has_native", lambda: False)
-    torch.testing.assert_close(scorer.score(y), native, rtol=1e-5, atol=1e-6)
+    with_native = scorer.score(y)
+    monkeypatch.setattr(native, "has_native", lambda: False)
+    torch.testing.assert_close(scorer.score(y), with_native, rtol=1e-5, atol=1e-6)
 
 
 def test_import_and_score_without_compiled_module():
@@ -75,12 +75,12 @@ def test_build_has_the_expected_kernels():
     if not os.environ.get("CRD_FAST_EXPECT_NATIVE") and not os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS"):
         pytest.skip("CRD_FAST_EXPECT_NATIVE and CRD_FAST_EXPECT_CUDA_KERNELS are unset: no expected build to check")
     if os.environ.get("CRD_FAST_EXPECT_NATIVE"):
-        assert _native.has_native(), crd_fast.backends()["native_error"]
+        assert native.has_native(), crd_fast.backends()["native_error"]
     expect_cuda = os.environ.get("CRD_FAST_EXPECT_CUDA_KERNELS")
     if expect_cuda == "1":
-        assert _native.has_native_cuda(), "nvcc was found but the installed build has no CUDA kernels"
+        assert native.has_native_cuda(), "nvcc was found but the installed build has no CUDA kernels"
     elif expect_cuda == "0":
-        assert not _native.has_native_cuda(), "a CPU-only build (CRD_FAST_CUDA=OFF) contains CUDA kernels"
+        assert not native.has_native_cuda(), "a CPU-only build (CRD_FAST_CUDA=OFF) contains CUDA kernels"
 
 
 def test_backends_reports_build():

@@ -9,11 +9,10 @@ import torch
 from helpers import cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from crd_fast import ops
 from crd_fast.core.dtypes import compute_dtype
 from crd_fast.core.embedding import embedding_dim
-from crd_fast.ops import cpu as kcpu
-from crd_fast.ops import head_op as ops
-from crd_fast.ops import reference
+from crd_fast.ops import cpu, reference
 from crd_fast.ops.plan import FOLDS
 
 # (layer shapes without batch, embedding, target_dim, rank or None for full)
@@ -65,19 +64,19 @@ def test_cpu_float32_matches_float64_reference(case):
 def test_cpu_fused_path_is_taken(monkeypatch):
     """The op's CPU kernel really goes through the compiled pass (not a silent reference fallback)."""
     if os.environ.get("CRD_FAST_EXPECT_NATIVE"):
-        assert kcpu.available(), kcpu.import_error()
-    if not kcpu.available():
-        pytest.skip(f"CPU fused pass not built: {kcpu.import_error()}")
+        assert cpu.available(), cpu.import_error()
+    if not cpu.available():
+        pytest.skip(f"CPU fused pass not built: {cpu.import_error()}")
     gen = torch.Generator().manual_seed(3)
     maps, matrix, offset = make_inputs(gen, *CASES[0][:3], None)
     calls = []
-    original = kcpu.fused_head_cpu
+    original = cpu.fused_head_cpu
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kcpu, "fused_head_cpu", spy)
+    monkeypatch.setattr(cpu, "fused_head_cpu", spy)
     ops.crd_head(maps, matrix, offset)
     assert calls == [1]
 

@@ -8,8 +8,9 @@ from helpers import random_bank
 
 from crd_fast import CRDScorer, ModelFileError
 from crd_fast.deploy import DeployHead, make_head_file, measure_error, variant_projection
-from crd_fast.deploy.precision import deployed_scores, head_from, round_matrix
+from crd_fast.deploy.head_files import head_from
 from crd_fast.io.model_file import write_model_file
+from crd_fast.models.head_file import deployed_scores, round_matrix
 
 
 @pytest.fixture
@@ -69,11 +70,12 @@ def test_head_file_sizes_shrink(scorer, tmp_path):
 def test_inconsistent_head_files_are_refused(scorer, tmp_path):
     head = DeployHead.from_scorer(scorer, "fp16")
     fields = {"precision": "fp32", "rank": None, "d": 48, "r": 48, "lam": head.lam, "n": 3000}
-    write_model_file(tmp_path / "a.crdh", "crd_head", {"matrix": head.matrix.half(), "offset": head.offset}, fields)
+    tensors = {"matrix": head.matrix.half(), "offset": head.offset}
+    write_model_file(tmp_path / "a.crdh", "crd_head", tensors, fields, check=None)  # corrupt on purpose
     with pytest.raises(ModelFileError, match="matrix is torch.float16 but the metadata says precision=fp32"):
         DeployHead.load(tmp_path / "a.crdh")
     fields = {**fields, "precision": "fp16", "rank": 10}
-    write_model_file(tmp_path / "b.crdh", "crd_head", {"matrix": head.matrix.half(), "offset": head.offset}, fields)
+    write_model_file(tmp_path / "b.crdh", "crd_head", tensors, fields, check=None)
     with pytest.raises(ModelFileError, match=r"matrix shape \(48, 48\), expected \(10, 48\)"):
         DeployHead.load(tmp_path / "b.crdh")
     scorer.save(tmp_path / "scorer.crd")

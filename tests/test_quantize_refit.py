@@ -136,7 +136,7 @@ def test_local_head_refit_equals_dense_float64_fit(tmp_path):
     test = demo_images(2) + demo_images(1, defect=True)
     train_maps, _ = _layer_features(refit.onnx_path, det, train)
     test_maps, patch_maps = _layer_features(refit.onnx_path, det, test)
-    ls = det.local_scorer
+    ls = det.model.scorer
     expected = dense_local_scores(
         patch_grids(embed_patches(train_maps, det.embedding, det.target_dim)),
         patch_grids(embed_patches(test_maps, det.embedding, det.target_dim)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -11,9 +12,10 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
-from crd_fast.evaluation import metrics as M
+from crd_fast.metrics import scores as M
 from crd_fast.report import RANDOM_WEIGHTS_WARNING, CategoryResult, RunInfo, example_indices, write_report
 from crd_fast.report.overlay import heatmap_overlay, normalize_map, save_png
+from crd_fast.report.tables import digits, header, label
 from crd_fast.synthetic import render_sample
 
 # ------------------------------------------------------------------------------------------ viz
@@ -202,3 +204,106 @@ def test_bad_report_input(tmp_path):
         write_report(tmp_path, [ok, ok])
     with pytest.raises(ValueError, match="at least one"):
         write_report(tmp_path, [])
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+class Tables(HTMLParser):
+    """The page's tables as lists of rows of (text, colspan) cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[tuple[str, int]]]] = []
+        self._cell: list[str] | None = None
+        self._span = 1
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell, self._span = [], int(dict(attrs).get("colspan", 1))
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(("".join(self._cell).strip(), self._span))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _tables(path) -> list[list[list[tuple[str, int]]]]:
+    parser = Tables()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser.tables
+
+
+def _texts(row) -> list[str]:
+    return [text.replace("\u2011", "-").replace("\u00a0", " ") for text, _ in row]
+
+
+def test_comparison_table_puts_crd_beside_each_peer(tmp_path):
+    a, b = _category("cap_a", 0), _category("cap_b", 1)
+    a.extra = {
+        "nn": {"image_auroc": 0.91, "head_ms_per_image": 40.0},
+        "padim": {"image_auroc": 0.85, "bank_mb": 3.5},
+        "crd_head_ms_per_image": 0.5,
+        "crd_bank_mb": 1.25,
+        "warmup_seconds": 2.0,
+    }
+    b.extra = {"nn": {"image_auroc": 0.75, "head_ms_per_image": 30.0}, "crd_head_ms_per_image": 1.5}
+    rep = write_report(tmp_path, [a, b], RunInfo(weights="random"), n_examples=0)
+    text = rep.html_path.read_text(encoding="utf-8")
+    assert "nn.image_auroc" not in text and "head_ms_per_image" not in text and "crd_bank_mb" not in text
+    assert "CRD beside exact 1-NN, PaDiM&#x27;s rule on the same features" in text
+
+    metrics, comparison = _tables(rep.html_path)[:2]
+    # the metrics table: groups over two header rows, one row per category and the mean
+    assert _texts(metrics[0]) == ["category", "image", "pixel", "test images", "time"]
+    assert [span for _, span in metrics[0]] == [1, 3, 2, 2, 2]
+    second = ["AUROC", "F1-max", "F1 threshold", "AUROC", "AUPRO, FPR ≤ 0.3", "good", "defective", "fit, s"]
+    assert _texts(metrics[1]) == second + ["predict, ms / image"]
+    m = rep.data["categories"][0]["metrics"]
+    assert _texts(metrics[2])[:2] == ["cap_a", f"{m['image_auroc']:.3f}"]
+    assert _texts(metrics[4])[0] == "mean" and _texts(metrics[4])[6:8] == ["", ""]  # no mean of counts
+
+    # the comparison: per figure, CRD's own value (its metric, or extra["crd_<figure>"]) then each peer's
+    assert _texts(comparison[0]) == [
+        "category",
+        "image AUROC",
+        "scoring head, ms / image",
+        "memory bank, MB",
+        "warmup, s",
+    ]
+    assert [span for _, span in comparison[0]] == [1, 3, 2, 2, 1]
+    assert _texts(comparison[1]) == ["CRD", "exact 1-NN", "PaDiM's rule", "CRD", "exact 1-NN", "CRD", "PaDiM's rule"]
+    ma, mb = (c["metrics"] for c in rep.data["categories"])
+    auroc_a, auroc_b = f"{ma['image_auroc']:.3f}", f"{mb['image_auroc']:.3f}"
+    mean_auroc = f"{(ma['image_auroc'] + mb['image_auroc']) / 2:.3f}"
+    assert _texts(comparison[2]) == ["cap_a", auroc_a, "0.910", "0.850", "0.50", "40.00", "1.2", "3.5", "2.00"]
+    assert _texts(comparison[3]) == ["cap_b", auroc_b, "0.750", "–", "1.50", "30.00", "–", "–", "–"]
+    assert _texts(comparison[4]) == ["mean", mean_auroc, "0.830", "0.850", "1.00", "35.00", "1.2", "3.5", "2.00"]
+    # the JSON holds the same means, in the extras' nesting
+    mean = rep.data["mean"]["extra"]
+    assert mean["nn"] == {"image_auroc": pytest.approx(0.83), "head_ms_per_image": 35.0}
+    assert mean["padim"] == {"image_auroc": 0.85, "bank_mb": 3.5} and mean["crd_head_ms_per_image"] == 1.0
+
+
+def test_report_without_extras_has_no_comparison_table(tmp_path):
+    a = _category("plain", 2)
+    a.extra = {}
+    rep = write_report(tmp_path, [a], n_examples=0)
+    assert len(_tables(rep.html_path)) == 2  # metrics and settings
+    assert "beside" not in rep.html_path.read_text(encoding="utf-8") and rep.data["mean"]["extra"] == {}
+
+
+def test_column_names_are_readable():
+    assert label("nn.image_auroc") == "image AUROC" and label("head_ms_per_image") == "scoring head, ms / image"
+    assert label("warmup_seconds") == "warmup, s" and label("index_mb") == "index, MB" and label("k_value") == "k value"
+    assert digits("nn.image_auroc") == 3 and digits("warmup_seconds") == 2 and digits("bank_patches") == 0
+    assert header("fit, s") == "fit,\u00a0s" and header("predict, ms / image") == "predict, ms\u00a0/\u00a0image"
+    assert header("F1-max <b>") == "F1\u2011max &lt;b&gt;"

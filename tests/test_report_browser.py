@@ -1,17 +1,23 @@
 """The HTML report in a real headless browser (Debian's chromium): it renders, its images load, and it asks
 for nothing outside the file.
 
-Three looks at one report of the generated demo data (with predicted masks outlined):
+Three looks at one report of the generated demo data (with predicted masks outlined), and one at the widest report
+this package writes:
 - a screenshot must show the page (not blank) with heatmap colours in it; it is kept as a CI artifact at
   build/report-screenshot.png (or under $CRD_FAST_ARTIFACTS);
 - the page plus a read-only probe script reports how many of its <img> elements decoded (all must);
 - chromium's network log must hold no request made by the page (chromium's own background requests have no
   page origin); a positive control page with one external image proves the check sees such a request.
 Every src/href in the rendered DOM must be a data: URI or an in-page anchor.
+- the widest report (the nearest-neighbour comparison, long category names, the label-free choice with both
+  spatial models) must fit a 1200 px window: the document's scroll width is at most the window's width, every
+  table ends inside it, and no cell or heading holds more than it shows; its screenshot is kept beside the other
+  (report-wide-screenshot.png).
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import shutil
@@ -25,7 +31,7 @@ from PIL import Image
 
 from crd_fast import CRDDetector
 from crd_fast.evaluation.mvtec import evaluate_mvtec
-from crd_fast.report import write_report
+from crd_fast.report import RunInfo, write_report
 from crd_fast.synthetic import generate_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -52,6 +58,22 @@ PROBE = (
     'var p=document.createElement("pre");p.id="crd-probe";'
     "p.textContent=JSON.stringify({images:im.length,loaded:ok});document.body.appendChild(p);});</script>"
 )
+#: Measures, after load, how wide the page is and which elements hold more than they show.
+LAYOUT_PROBE = (
+    '<script>window.addEventListener("load",function(){var d=document.documentElement,clipped=[],tables=[];'
+    'document.querySelectorAll("th,td,h1,h2,h3,p,figcaption,code,.name").forEach(function(e){'
+    'if(e.scrollWidth>e.clientWidth+1)clipped.push(e.tagName+" "+e.textContent.slice(0,60));});'
+    'document.querySelectorAll("table").forEach(function(t){tables.push(t.getBoundingClientRect().right);});'
+    'var p=document.createElement("pre");p.id="crd-probe";p.textContent=JSON.stringify({scroll:d.scrollWidth,'
+    "window:window.innerWidth,tables:tables,clipped:clipped});document.body.appendChild(p);});</script>"
+)
+#: The page width every report must fit.
+PAGE_WIDTH = 1200
+#: Category names as long as users give them: one unbroken identifier, one phrase.
+LONG_NAMES = {
+    "fabric": "fabric_" + "woven_textile_with_a_long_unbroken_category_identifier_" * 3,
+    "cap": "bottle cap, front view, aligned under a ring light, second production line, night shift",
+}
 #: Browser-internal requests (component updates, accounts) carry this initiator; a page's requests carry its origin.
 BROWSER_INITIATOR = "not an origin"
 
@@ -99,6 +121,48 @@ def report(tmp_path_factory):
     det = CRDDetector(backbone="resnet18", weights="random", resize=128, crop=128)
     evals = evaluate_mvtec(det, tmp / "data", ["fabric"], progress=False, pixel_q=0.999)
     return write_report(tmp / "report", [e.result for e in evals]).html_path
+
+
+@pytest.fixture(scope="module")
+def wide_report(tmp_path_factory):
+    """The widest content the report shows: NN comparison, long names, the choice between both spatial models."""
+    tmp = tmp_path_factory.mktemp("wide")
+    # 25 training images: every fifth is held out for the pixel threshold, and the 20 left are enough for the
+    # label-free choice (crd_fast.selection.plan.MIN_IMAGES), which then compares the global and local models.
+    generate_dataset(tmp / "data", categories=tuple(LONG_NAMES), n_train=25, n_test_good=4, n_test_defect=4, size=64)
+    for short, long in LONG_NAMES.items():
+        (tmp / "data" / short).rename(tmp / "data" / long)
+    det = CRDDetector(backbone="resnet18", weights="random", resize=64, crop=64)
+    evals = evaluate_mvtec(
+        det, tmp / "data", list(LONG_NAMES.values()), progress=False, pixel_q=0.999, compare_nn_baseline=True
+    )
+    for e in evals:
+        assert set(e.result.selection["families"]) == {"global", "local"} and e.result.extra["nn"]
+    command = "crd-fast eval " + str(tmp / "data") + " --compare-nn --report " + str(tmp / "report")
+    run = RunInfo(settings=det.config, weights=det.weights_description, command=command)
+    return write_report(tmp / "report", [e.result for e in evals], run).html_path
+
+
+@needs_chromium
+def test_widest_report_fits_a_1200_px_page(wide_report, tmp_path):
+    text = wide_report.read_text(encoding="utf-8")
+    assert "nn.image_auroc" not in text and "head_ms_per_image" not in text  # readable names, not keys
+    probe = tmp_path / "layout.html"
+    probe.write_text(text.replace("</body>", LAYOUT_PROBE + "</body>"), encoding="utf-8")
+    size = f"--window-size={PAGE_WIDTH},1800"
+    dom = chromium(tmp_path, probe.as_uri(), size, "--virtual-time-budget=10000", "--dump-dom").stdout
+    layout = json.loads(html.unescape(dom.split('id="crd-probe">', 1)[1].split("<", 1)[0]))
+    assert layout["window"] == PAGE_WIDTH, layout
+    assert layout["scroll"] <= layout["window"], layout
+    assert len(layout["tables"]) >= 5 and max(layout["tables"]) <= layout["window"], layout
+    assert layout["clipped"] == [], layout
+
+    shot = artifact_dir() / "report-wide-screenshot.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    run = chromium(tmp_path, wide_report.as_uri(), f"--window-size={PAGE_WIDTH},2400", f"--screenshot={shot}")
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (2400, PAGE_WIDTH)
 
 
 @needs_chromium

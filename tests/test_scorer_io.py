@@ -118,13 +118,17 @@ def test_edited_tensor_bytes_fail_checksum(tmp_path, fitted):
         CRDScorer.load(path)
 
 
-def _rewrite_metadata(path: Path, edit) -> None:
-    """Rewrite the JSON metadata of a safetensors file in place (header length prefix kept valid)."""
+def _rewrite_metadata(path: Path, edit, signed: bool = False) -> None:
+    """Rewrite the JSON metadata of a safetensors file in place (header length prefix kept valid). Unless ``signed``,
+    the header digest goes too, as in a file written before header digests: then the field checks speak."""
     data = path.read_bytes()
     (hlen,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + hlen])
     meta = json.loads(header["__metadata__"]["crd_fast"])
     edit(meta)
+    if not signed:
+        meta.pop("digest", None)
+        header["__metadata__"].pop("crd_fast_sha256", None)
     header["__metadata__"]["crd_fast"] = json.dumps(meta)
     new = json.dumps(header).encode()
     new += b" " * ((8 - len(new) % 8) % 8)
@@ -149,6 +153,25 @@ def test_edited_metadata_is_refused(tmp_path, fitted, edit, match):
     fitted.save(path)
     _rewrite_metadata(path, edit)
     with pytest.raises(ModelFileError, match=match):
+        CRDScorer.load(path)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(kind="nn_scorer"),
+        lambda m: m.update(lam_rel=m["lam_rel"] * 2, lam=m["lam"] * 2),  # consistent with itself, not with the file
+        lambda m: m.update(error_bound=0.5),
+        lambda m: m.pop("digest"),
+        lambda m: m.update(digest="tensors"),
+    ],
+)
+def test_edited_header_of_a_signed_file_is_refused(tmp_path, fitted, edit):
+    """The header digest covers every field: an edit is refused even where the fields stay consistent."""
+    path = tmp_path / "m.crd"
+    fitted.save(path)
+    _rewrite_metadata(path, edit, signed=True)
+    with pytest.raises(ModelFileError, match="header|digest"):
         CRDScorer.load(path)
 
 

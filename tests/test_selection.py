@@ -16,8 +16,10 @@ from crd_fast.choices import DEFAULT_LAM_GRID, DEFAULT_LAM_REL
 from crd_fast.core.embedding import patch_grids
 from crd_fast.core.lam_selection import SpectralForm, grid_masks, paired_auroc_difference, select_lam
 from crd_fast.core.stats import PatchStatistics
-from crd_fast.detector import selection as sel
 from crd_fast.io.model_file import ModelFileError, read_model_file, write_model_file
+from crd_fast.selection import choice as sel_choice
+from crd_fast.selection import held_out as sel_held
+from crd_fast.selection import plan as sel_plan
 
 PX = 64
 BASE = dict(backbone="resnet18", weights="random", resize=PX, crop=PX, batch_size=8)
@@ -49,7 +51,7 @@ def global_auto(parts) -> CRDDetector:
 # ---- the held-out plan ----------------------------------------------------------------------------------
 def test_held_out_plan_is_evenly_spaced_when_the_count_is_known():
     for n in (20, 24, 57, 100, 1000):
-        plan = sel.HeldOutPlan(n)
+        plan = sel_plan.HeldOutPlan(n)
         held = [i for i in range(n) if plan.take(i)]
         assert len(held) == plan.held == max(4, min(24, n // 5))
         gaps = np.diff(held)
@@ -57,17 +59,17 @@ def test_held_out_plan_is_evenly_spaced_when_the_count_is_known():
 
 
 def test_held_out_plan_holds_every_eighth_image_of_an_unknown_stream():
-    plan = sel.HeldOutPlan(None)
+    plan = sel_plan.HeldOutPlan(None)
     held = [i for i in range(400) if plan.take(i)]
     assert held == list(range(7, 8 * 24, 8))  # up to 24
 
 
 def test_held_out_plan_holds_nothing_below_twenty_images():
-    plan = sel.HeldOutPlan(19)
+    plan = sel_plan.HeldOutPlan(19)
     assert not any(plan.take(i) for i in range(19))
-    assert "19 training images" in sel.fallback_reason(19, 0)
-    assert "3 images held out" in sel.fallback_reason(26, 3)
-    assert sel.fallback_reason(20, 4) is None
+    assert "19 training images" in sel_plan.fallback_reason(19, 0)
+    assert "3 images held out" in sel_plan.fallback_reason(26, 3)
+    assert sel_plan.fallback_reason(20, 4) is None
 
 
 def test_pseudo_defects_are_made_on_the_denormalised_picture_and_normalised_again():
@@ -76,14 +78,14 @@ def test_pseudo_defects_are_made_on_the_denormalised_picture_and_normalised_agai
     pictures = torch.from_numpy(rng.uniform(0.2, 0.8, (5, 3, 48, 48)).astype(np.float32))
     m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
     clean = (pictures - m) / s
-    pseudo, masks, kinds = sel.pseudo_defect_batch(clean, mean, std, seed=3)
+    pseudo, masks, kinds = sel_held.pseudo_defect_batch(clean, mean, std, seed=3)
     assert pseudo.shape == clean.shape and masks.shape == (5, 48, 48) and len(kinds) == 5
     changed = (pseudo * s + m - pictures).abs().amax(dim=1) > 1e-4  # (5, 48, 48)
     assert all(masks[i].any() for i in range(5))
     outside = changed.numpy() & ~masks
     # a pseudo-defect changes its own region (soft edges and blurs reach a few pixels further, nothing more)
     assert outside.sum() < 0.2 * changed.numpy().sum() + 5 * 48
-    again, _, _ = sel.pseudo_defect_batch(clean, mean, std, seed=3)
+    again, _, _ = sel_held.pseudo_defect_batch(clean, mean, std, seed=3)
     torch.testing.assert_close(again, pseudo, rtol=0, atol=0)  # seeded
 
 
@@ -91,9 +93,9 @@ def test_pseudo_defects_are_made_on_the_denormalised_picture_and_normalised_agai
 def test_global_choice_is_select_lams_choice_on_the_rest_fit(parts):
     """Recompute the choice independently: statistics of the non-held images, pseudo-defects, select_lam."""
     det = CRDDetector(**BASE, spatial="global").fit(parts, progress=False)
-    record = det.selection
+    record = det.selection.to_dict()
     n = len(parts)
-    plan = sel.HeldOutPlan(n)
+    plan = sel_plan.HeldOutPlan(n)
     held = [i for i in range(n) if plan.take(i)]
     assert record["held_out"] == len(held) == 6 and record["n_images"] == n
     x = torch.stack([det.preprocess(p) for p in parts])
@@ -101,7 +103,7 @@ def test_global_choice_is_select_lams_choice_on_the_rest_fit(parts):
     rest = [i for i in range(n) if i not in held]
     stats = PatchStatistics(det.dim).update(grids[rest].reshape(-1, det.dim))
     form = SpectralForm.from_covariance(stats.covariance(), stats.mean)
-    pseudo_x, pixel_masks, _ = sel.pseudo_defect_batch(x[held], det.preprocess.mean, det.preprocess.std, det.seed)
+    pseudo_x, pixel_masks, _ = sel_held.pseudo_defect_batch(x[held], det.preprocess.mean, det.preprocess.std, det.seed)
     all_grids = torch.cat([grids[held], patch_grids(det.embed(pseudo_x)).double()])
     masks = np.concatenate([np.zeros((len(held), 8, 8), bool), grid_masks(pixel_masks, (8, 8))])
     labels = np.r_[np.zeros(len(held)), np.ones(len(held))]
@@ -140,9 +142,9 @@ def test_global_choice_is_select_lams_choice_on_the_rest_fit(parts):
     assert ("the pseudo-defects' best" if evidence["z"] > 1 else f"the default {default:g}") in record["reason"]
     # then the model is fitted on every image with that lam_rel
     full = PatchStatistics(det.dim).update(grids.reshape(-1, det.dim))
-    torch.testing.assert_close(det.scorer.statistics.scatter.cpu(), full.scatter, rtol=1e-9, atol=1e-9)
-    assert det.scorer.n_samples == n * 64 and det.lam_rel == lam == det.scorer.lam_rel
-    assert det.spatial_choice == "global" and det.local_scorer is None
+    torch.testing.assert_close(det.model.scorer.statistics.scatter.cpu(), full.scatter, rtol=1e-9, atol=1e-9)
+    assert det.model.scorer.n_samples == n * 64 and det.lam_rel == lam == det.model.scorer.lam_rel
+    assert det.spatial_choice == "global"
     assert det.options.lam_rel == "auto" and det.config["lam_rel"] == "auto"
 
 
@@ -154,7 +156,7 @@ def test_a_fixed_lam_rel_with_spatial_auto_scores_one_point_per_family_and_expli
 def test_fewer_than_twenty_images_fit_the_defaults_exactly_as_explicit_options(parts):
     auto = CRDDetector(**BASE).fit(parts[:12], progress=False)
     explicit = CRDDetector(**BASE, lam_rel=DEFAULT_LAM_REL, spatial="global").fit(parts[:12], progress=False)
-    record = auto.selection
+    record = auto.selection.to_dict()
     assert record["choice"] == {"spatial": "global", "lam_rel": DEFAULT_LAM_REL} and record["held_out"] == 0
     assert "only 12 training images" in record["reason"] and record["grid"] == []
     assert auto.spatial_choice == "global" and auto.lam_rel == DEFAULT_LAM_REL
@@ -165,10 +167,10 @@ def test_fewer_than_twenty_images_fit_the_defaults_exactly_as_explicit_options(p
 
 def test_an_unknown_number_of_images_holds_out_every_eighth(parts):
     det = CRDDetector(**BASE, spatial="global").fit(iter(parts), progress=False)  # a generator: no count
-    assert det.selection["held_out"] == 3 and "3 images held out" in det.selection["reason"]
-    assert det.n_images == len(parts) and det.scorer.n_samples == len(parts) * 64
+    assert det.selection.held_out == 3 and "3 images held out" in det.selection.reason()
+    assert det.n_images == len(parts) and det.model.n_patches == len(parts) * 64
     det = CRDDetector(**BASE, spatial="global").fit(iter(parts + parts[:10]), progress=False)
-    assert det.selection["held_out"] == 5 and det.selection["grid"] == list(DEFAULT_LAM_GRID)
+    assert det.selection.held_out == 5 and det.selection.grid == list(DEFAULT_LAM_GRID)
 
 
 def test_without_evidence_lam_rel_is_the_default_not_below_lam0():
@@ -176,7 +178,7 @@ def test_without_evidence_lam_rel_is_the_default_not_below_lam0():
     rng = np.random.default_rng(5)
     noise = [(rng.random((PX, PX, 3)) * 255).astype(np.uint8) for _ in range(30)]
     det = CRDDetector(**BASE).fit(noise, progress=False)
-    record = det.selection
+    record = det.selection.to_dict()
     chosen = record["families"][record["choice"]["spatial"]]
     evidence = record["evidence"]
     assert evidence["z"] <= 1 and evidence["default"] == record["choice"]["lam_rel"]
@@ -192,27 +194,30 @@ def test_without_evidence_lam_rel_is_the_default_not_below_lam0():
 
 def test_the_lam_window_and_the_paired_comparison():
     grid = DEFAULT_LAM_GRID
-    assert sel.lam_window(grid, 1e-5) == list(grid)
-    assert sel.lam_window(grid, 3e-3) == [3e-3, 1e-2, 3e-2, 0.1]
-    assert sel.lam_window(grid, 0.1) == [0.1]
-    assert sel.lam_window((0.003, 0.01), 0.001) == [0.003, 0.01]  # lam0 itself need not be in the grid
-    assert sel.lam_window(grid, 3e-3 * (1 - 1e-12)) == [3e-3, 1e-2, 3e-2, 0.1]  # lam0 rounded a hair below
-    assert sel.no_evidence_lam(grid, 1e-5) == DEFAULT_LAM_REL == 0.01 and sel.no_evidence_lam(grid, 0.03) == 0.03
-    assert sel.no_evidence_lam((0.003,), 0.1) == 0.003  # a fixed lam_rel stays
+    assert sel_choice.lam_window(grid, 1e-5) == list(grid)
+    assert sel_choice.lam_window(grid, 3e-3) == [3e-3, 1e-2, 3e-2, 0.1]
+    assert sel_choice.lam_window(grid, 0.1) == [0.1]
+    assert sel_choice.lam_window((0.003, 0.01), 0.001) == [0.003, 0.01]  # lam0 itself need not be in the grid
+    assert sel_choice.lam_window(grid, 3e-3 * (1 - 1e-12)) == [3e-3, 1e-2, 3e-2, 0.1]  # lam0 rounded a hair below
+    assert (
+        sel_choice.no_evidence_lam(grid, 1e-5) == DEFAULT_LAM_REL == 0.01
+        and sel_choice.no_evidence_lam(grid, 0.03) == 0.03
+    )
+    assert sel_choice.no_evidence_lam((0.003,), 0.1) == 0.003  # a fixed lam_rel stays
     diff = np.array([-0.3, -0.1, -0.2, -0.2])
-    paired = sel.paired_comparison(diff + 1.0, np.ones(4))
+    paired = sel_choice.paired_comparison(diff + 1.0, np.ones(4))
     se = diff.std(ddof=1) / 2.0
     assert paired["mean_difference"] == pytest.approx(-0.2) and paired["standard_error"] == pytest.approx(se)
     assert paired["t"] == pytest.approx(-0.2 / se)
-    assert sel.paired_comparison(np.zeros(3), np.ones(3))["t"] == -np.inf  # always better by the same amount
+    assert sel_choice.paired_comparison(np.zeros(3), np.ones(3))["t"] == -np.inf  # always better by the same amount
 
 
 def test_online_update_keeps_the_choice(global_auto, parts):
     det = CRDDetector(**BASE, spatial="global").fit(parts, progress=False)
-    lam, record = det.lam_rel, dict(det.selection)
+    lam, record = det.lam_rel, det.selection.to_dict()
     det.partial_fit(parts[:5], progress=False)
-    assert det.lam_rel == lam and det.selection == record and det.n_images == len(parts) + 5
-    assert det.scorer.n_samples == (len(parts) + 5) * 64
+    assert det.lam_rel == lam and det.selection.to_dict() == record and det.n_images == len(parts) + 5
+    assert det.model.n_patches == (len(parts) + 5) * 64
 
 
 def test_global_auto_save_load_gives_identical_scores_and_the_record(global_auto, parts, tmp_path):
@@ -220,10 +225,12 @@ def test_global_auto_save_load_gives_identical_scores_and_the_record(global_auto
     global_auto.save(path)
     _, meta = read_model_file(path, "crd_detector")
     assert meta["config"]["lam_rel"] == "auto" and meta["lam_rel"] == global_auto.lam_rel
-    assert meta["spatial_choice"] == "global" and meta["selection"] == json.loads(json.dumps(global_auto.selection))
+    assert meta["spatial_choice"] == "global" and meta["selection"] == json.loads(
+        json.dumps(global_auto.selection.to_dict())
+    )
     loaded = CRDDetector.load(path)
     assert loaded.lam_rel == global_auto.lam_rel and loaded.spatial_choice == "global"
-    assert loaded.selection == meta["selection"] and not loaded.selection_pending
+    assert loaded.selection.to_dict() == meta["selection"] and not loaded.selection_pending
     a = global_auto.predict(parts[:4], progress=False)
     b = loaded.predict(parts[:4], progress=False)
     for key in ("image_scores", "anomaly_maps", "patch_maps"):
@@ -242,7 +249,7 @@ def _rewrite(path, tmp_path, name, edit_meta=None, edit_tensors=None):
     if edit_tensors:
         edit_tensors(tensors)
     out = tmp_path / name
-    write_model_file(out, "crd_detector", tensors, meta)
+    write_model_file(out, "crd_detector", tensors, meta, check=None)  # edited on purpose: no load-time check
     return out
 
 
@@ -302,7 +309,7 @@ def test_fit_command_prints_the_choice_and_the_report_shows_it(parts, tmp_path, 
     assert main(["fit", str(folder), "-o", str(tmp_path / "m.crd"), *args, "--spatial", "global"]) == 0
     out = capsys.readouterr().out
     det = CRDDetector.load(tmp_path / "m.crd")
-    lam = det.selection["choice"]["lam_rel"]
+    lam = det.selection.lam_rel
     assert f"selection:  spatial global, lam_rel {lam:g} (asked: lam_rel auto, spatial global)" in out
     assert "4 of 24 images held out with pseudo-defects" in out and f"{lam:>8g} |" in out and "*" in out
     assert main(["fit", str(folder), "-o", str(tmp_path / "x.crd"), *args, "--lam-rel", "automatic"]) == 2
@@ -310,12 +317,12 @@ def test_fit_command_prints_the_choice_and_the_report_shows_it(parts, tmp_path, 
     assert main(["fit", str(folder), "-o", str(tmp_path / "x.crd"), *args, "--spatial", "position"]) == 2
 
     labels = np.r_[np.zeros(3), np.ones(3)]
-    result = CategoryResult("part", labels, np.arange(6.0), selection=det.selection)
+    result = CategoryResult("part", labels, np.arange(6.0), selection=det.selection.to_dict())
     report = write_report(tmp_path / "report", [result])
     page = report.html_path.read_text()
     assert "Label-free choice of the model" in page and f"<b>{lam:g}</b>" in page
     assert page.count('<tr><td class="l">') >= len(DEFAULT_LAM_GRID)
-    assert report.data["categories"][0]["selection"] == json.loads(json.dumps(det.selection))
+    assert report.data["categories"][0]["selection"] == json.loads(json.dumps(det.selection.to_dict()))
 
 
 # ---- the local family ----------------------------------------------------------------------------------
@@ -343,24 +350,24 @@ def test_aligned_parts_choose_the_local_model_and_its_curve_is_the_rest_fits(tem
     from crd_fast.scorers.local import LocalCRDScorer
 
     det = CRDDetector(**S128).fit(template_parts, progress=False)
-    record = det.selection
+    record = det.selection.to_dict()
     families = record["families"]
     assert list(families) == ["global", "local"] and record["held_out"] == 8
     assert min(families["local"]["nll"]) < min(families["global"]["nll"])  # local describes held-out parts better
     assert record["paired_likelihood"]["t"] < -2  # by more than two standard errors over the 8 held-out images
     assert det.spatial_choice == "local" and record["choice"] == {"spatial": "local", "lam_rel": det.lam_rel}
-    assert det.lam_rel == families["local"]["lam_rel"] == det.local_scorer.lam_rel
+    assert det.lam_rel == families["local"]["lam_rel"] == det.model.scorer.lam_rel
     assert det.lam_rel in families["local"]["window"] or det.lam_rel == max(DEFAULT_LAM_REL, families["local"]["lam0"])
-    assert isinstance(det.local_scorer, LocalCRDScorer) and det.local_scorer.n_images == 40
-    assert det.scorer.n_samples == 40 * 256  # the pooled global CRD of the same images
+    assert isinstance(det.model.scorer, LocalCRDScorer) and det.model.scorer.n_images == 40
+    assert det.model.derive("global").scorer.n_samples == 40 * 256  # the pooled global CRD of the same images
     # the local curve, recomputed: a LocalCRDScorer on the non-held images scoring clean + pseudo-defect grids
-    plan = sel.HeldOutPlan(40)
+    plan = sel_plan.HeldOutPlan(40)
     held = [i for i in range(40) if plan.take(i)]
     rest = [i for i in range(40) if i not in held]
     x = torch.stack([det.preprocess(p) for p in template_parts])
     grids = patch_grids(det.embed(x))
     model = LocalCRDScorer(0.01, 0.5, 32).fit(grids[rest]).model()
-    pseudo_x, pixel_masks, _ = sel.pseudo_defect_batch(x[held], det.preprocess.mean, det.preprocess.std, det.seed)
+    pseudo_x, pixel_masks, _ = sel_held.pseudo_defect_batch(x[held], det.preprocess.mean, det.preprocess.std, det.seed)
     both = torch.cat([grids[held], patch_grids(det.embed(pseudo_x))]).double()
     masks = np.concatenate([np.zeros((8, 16, 16), bool), grid_masks(pixel_masks, (16, 16))])
     labels = np.r_[np.zeros(8), np.ones(8)]
@@ -387,11 +394,11 @@ def test_local_detector_predicts_the_float64_local_model_of_its_embeddings(local
     result = det.predict(parts[:5], progress=False)
     x = torch.stack([det.preprocess(p) for p in parts[:5]])
     grids = patch_grids(det.embed(x)).double()
-    expected = det.local_scorer.model().scores(grids, 0.01).reshape(5, 8, 8).numpy()
+    expected = det.model.scorer.model().scores(grids, 0.01).reshape(5, 8, 8).numpy()
     np.testing.assert_allclose(result.patch_maps, expected, rtol=2e-4, atol=2e-4 * expected.max())
     np.testing.assert_allclose(result.image_scores, expected.reshape(5, -1).max(1), rtol=2e-4)
     # and it is not the global CRD of the same images
-    global_maps = det.scorer.score(grids.reshape(-1, det.dim)).reshape(5, 8, 8).numpy()
+    global_maps = det.model.derive("global").scorer.score(grids.reshape(-1, det.dim)).reshape(5, 8, 8).numpy()
     assert not np.allclose(global_maps, expected, rtol=0.05)
 
 
@@ -402,7 +409,7 @@ def test_local_save_load_gives_identical_scores(local_fixed, template_parts, par
         det.save(tmp_path / name)
         loaded = CRDDetector.load(tmp_path / name)
         assert loaded.spatial_choice == "local" and loaded.lam_rel == det.lam_rel
-        assert loaded.selection == (None if det.selection is None else json.loads(json.dumps(det.selection)))
+        assert loaded.selection == det.selection  # the same record (its dict form round-trips through the file)
         assert loaded.options == det.options and loaded.threshold == det.threshold
         a, b = det.predict(images, progress=False), loaded.predict(images, progress=False)
         for key in ("image_scores", "anomaly_maps", "patch_maps", "normalized_scores"):
@@ -434,16 +441,16 @@ def test_a_local_file_with_broken_local_tensors_is_refused(local_fixed, tmp_path
         meta["config"]["spatial"] = "auto"
         meta["spatial_choice"] = "global"
 
-    with pytest.raises(ModelFileError, match="global model file holds local-model tensors"):
+    with pytest.raises(ModelFileError, match="global model file holds tensors of another model"):
         CRDDetector.load(_rewrite(tmp_path / "l.crd", tmp_path, "mixed.crd", now_global))
 
 
 def test_local_online_update_equals_one_fit_and_keeps_the_choice(template_parts, parts):
     det = CRDDetector(**S128).fit(template_parts[:30], progress=False)
-    spatial, lam, record = det.spatial_choice, det.lam_rel, dict(det.selection)
+    spatial, lam, record = det.spatial_choice, det.lam_rel, det.selection.to_dict()
     det.partial_fit(template_parts[30:], progress=False)
-    assert (det.spatial_choice, det.lam_rel, det.selection) == (spatial, lam, record)
-    assert det.local_scorer.n_images == det.n_images == 40 and det.scorer.n_samples == 40 * 256
+    assert (det.spatial_choice, det.lam_rel, det.selection.to_dict()) == (spatial, lam, record)
+    assert det.model.scorer.n_images == det.n_images == 40 and det.model.n_patches == 40 * 256
     # fewer images than the sketch size: the sketch is exact, so the update equals one fit of all images
     once = CRDDetector(**S128, lam_rel=lam, spatial="local").fit(template_parts, progress=False)
     a = det.predict(template_parts[:3], progress=False).patch_maps
@@ -459,12 +466,12 @@ def test_tiled_local_detector_fits_all_tiles_in_one_choice(parts):
     tiled = TiledDetector(CRDDetector(**BASE), tile=64, overlap=0).fit(big, progress=False)
     det = tiled.detector
     # the tiles are one stream of unknown length: every 8th tile is held out
-    assert det.n_images == 40 and det.selection["n_images"] == 40 and det.selection["held_out"] == 5
-    assert det.selection["grid"] == list(DEFAULT_LAM_GRID) and det.spatial_choice in ("global", "local")
+    assert det.n_images == 40 and det.selection.n_images == 40 and det.selection.held_out == 5
+    assert det.selection.grid == list(DEFAULT_LAM_GRID) and det.spatial_choice in ("global", "local")
     assert tiled.predict(big[:2], progress=False).anomaly_maps.shape == (2, 64, 128)
     fixed = TiledDetector(CRDDetector(**BASE, lam_rel=0.01, spatial="local"), tile=64, overlap=0)
     fixed.fit(big, progress=False)
-    assert fixed.detector.local_scorer.n_images == 40 and fixed.detector.selection is None
+    assert fixed.detector.model.scorer.n_images == 40 and fixed.detector.selection is None
     assert fixed.predict(big[:1], progress=False).anomaly_maps.shape == (1, 64, 128)
 
 

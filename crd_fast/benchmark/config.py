@@ -1,4 +1,4 @@
-"""The sizes of one benchmark run (``crd-fast bench`` and the suites in bench/). Torch-free: the CLI reads
+"""The sizes of one benchmark run (``crd-fast bench`` and the suites in bench/suites/). Torch-free: the CLI reads
 ``PARTS`` for ``--help``.
 """
 
@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..choices import EMBEDDINGS
 
 #: The parts of a run, in the order they run.
 PARTS: tuple[str, ...] = ("head", "e2e", "fit")
@@ -19,14 +21,12 @@ SCORE_RTOL = 1e-4
 
 
 def _all_embeddings() -> tuple[str, ...]:
-    from ..core.embedding import EMBEDDINGS  # imported when a config is made, not for --help
-
     return tuple(EMBEDDINGS)
 
 
 @dataclass
 class BenchConfig:
-    """Sizes of one run (the CLI's and bench/'s); ``quick()`` gives a run of two minutes or so on 2 cores.
+    """Sizes of one run (the CLI's and bench/suites/'); ``quick()`` gives a run of two minutes or so on 2 cores.
 
     ``nn_rounds`` holds the rounds per bank fraction: exact NN over the 100% bank takes about a minute
     per call on 2 cores, so it gets fewer.

@@ -24,7 +24,7 @@ def machine_info() -> dict[str, Any]:
     """What a timing depends on: CPU, cores, torch version and threads, the fused CPU pass, GPU, date."""
     import torch
 
-    from ..ops import cpu as cpu_kernels
+    from ..ops import cpu
 
     try:
         import faiss
@@ -39,9 +39,9 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "faiss_threads": faiss_threads,
-        "fused_cpu_pass": cpu_kernels.available(),
-        "fused_cpu_openmp": cpu_kernels.openmp(),
-        "fused_cpu_bf16_isa": cpu_kernels.bf16_isa(),
+        "fused_cpu_pass": cpu.available(),
+        "fused_cpu_openmp": cpu.openmp(),
+        "fused_cpu_bf16_isa": cpu.bf16_isa(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
@@ -54,20 +54,20 @@ ALLOW_REFERENCE_ENV = "CRD_BENCH_ALLOW_REFERENCE"
 def require_fused_cpu_pass() -> None:
     """Refuse to time a crd_fast whose compiled fused CPU pass is missing, unless ALLOW_REFERENCE_ENV is 1.
 
-    A source checkout on ``sys.path`` (``python -m pytest bench/...`` from the repository root puts it first)
+    A source checkout on ``sys.path`` (``python -m pytest bench/suites`` from the repository root puts it first)
     shadows the installed, compiled package: its head then runs the pure-torch fallback, several times slower,
     and every figure would misstate crd-fast's speed without anything failing.
     """
-    import crd_fast
+    from ..ops import cpu
 
-    from ..ops import cpu as cpu_kernels
-
-    if cpu_kernels.available() or os.environ.get(ALLOW_REFERENCE_ENV) == "1":
+    if cpu.available() or os.environ.get(ALLOW_REFERENCE_ENV) == "1":
         return
+    package = os.path.dirname(os.path.dirname(cpu.__file__))
     raise RuntimeError(
-        f"crd_fast imported from {os.path.dirname(crd_fast.__file__)} has no compiled fused CPU pass, so a benchmark "
+        f"crd_fast imported from {package} has no compiled fused CPU pass, so a benchmark "
         "would time the pure-torch fallback: install the package (pip install .) and run from a directory where "
-        f"the source tree does not shadow it (e.g. cd bench), or set {ALLOW_REFERENCE_ENV}=1 to time the fallback"
+        f"the source tree does not shadow it (e.g. cd bench/suites), or set {ALLOW_REFERENCE_ENV}=1 to time the "
+        "fallback"
     )
 
 

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from ..core.embedding import check_embedding, embedding_dim
-from ..ops import reference
+from ..detector.detector import CRDDetector
+from ..ops import crd_head, reference
 from ..scorers.crd import CRDScorer
 from ..scorers.nn import NNScorer
 from .inputs import FeatureGenerator, patch_rows
@@ -92,10 +93,8 @@ def make_head_case(
 
 def fused_path(case: HeadCase) -> Callable[[], Tensor]:
     """The fused op: feature maps -> (B, 28, 28) float32 scores, never building the embedding."""
-    from ..ops import head_op as ops
-
     maps, matrix, offset = case.maps, case.matrix, case.offset
-    return lambda: ops.crd_head(maps, matrix, offset, case.embedding, case.target_dim)
+    return lambda: crd_head(maps, matrix, offset, case.embedding, case.target_dim)
 
 
 def reference_path(case: HeadCase) -> Callable[[], Tensor]:
@@ -146,8 +145,6 @@ def make_e2e_case(
 
     Throughput does not depend on the weights' values, so random weights time the real network.
     """
-    from ..detector.detector import CRDDetector
-
     gen = torch.Generator().manual_seed(seed)
     det = CRDDetector(backbone=backbone, weights="random", resize=crop, crop=crop, batch_size=batch, seed=seed)
     det.fit(torch.rand(max(n_fit, 2), 3, crop, crop, generator=gen), progress=False)

@@ -1,7 +1,7 @@
 """The ratio table: every path measured in one run, as multiples of the fused head, shares and fit scaling.
 
 Results are keyed ``head/<embedding>/<path>`` (path "fused", "reference" or ``nn_name(backend, fraction)``)
-and ``e2e/<path>`` ("backbone", "head", "full"); the suites in bench/ and ``crd-fast bench`` key them alike.
+and ``e2e/<path>`` ("backbone", "head", "full"); the suites in bench/suites/ and ``crd-fast bench`` key them alike.
 """
 
 from __future__ import annotations

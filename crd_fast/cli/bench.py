@@ -71,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
             faiss.omp_set_num_threads(args.threads)
         except ImportError:
             pass
+    if args.json:
+        from ..io.safety import check_outputs
+
+        check_outputs(files=[args.json], inputs=[getattr(args, "config", None)])  # before the benchmark, not after
     parts = tuple(dict.fromkeys(args.only)) if args.only else PARTS
     config = BenchConfig.quick(parts=parts) if args.quick else BenchConfig(parts=parts)
     info = machine_info()

@@ -32,8 +32,15 @@ def load_config(path: str) -> dict[str, Any]:
     kind = SUFFIXES.get(p.suffix.lower())
     if kind is None:
         raise CLIError(f"config file {path}: unknown format (use a .toml, .yaml or .yml file)")
+    if p.exists() and not p.is_file():
+        raise CLIError(f"config file {path}: not a regular file (a folder, device or FIFO)")
     try:
         text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CLIError(
+            f"config file {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from exc
     except OSError as exc:
         raise CLIError(f"config file {path}: cannot read it ({exc.strerror or exc})") from exc
     if kind == "toml":

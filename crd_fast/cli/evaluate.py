@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..choices import WEIGHT_SOURCES
 from .options import CLIError, add_detector_options, command, echo, fraction, make_detector, progress_enabled, warn
 
 EPILOG = """\
@@ -53,6 +55,11 @@ def register(sub: Any) -> None:
             help="also score with exact nearest-neighbour search on the same features, side by side",
         )
         p.add_argument(
+            "--compare-padim",
+            action="store_true",
+            help="also score with PaDiM's rule (a Gaussian per patch position) on the same features, side by side",
+        )
+        p.add_argument(
             "--nn-subsample",
             type=fraction,
             default=None,
@@ -85,6 +92,22 @@ def resolve_root(root: str, categories: Optional[Sequence[str]]) -> tuple[Path, 
     return path, found
 
 
+def check_names(root: Path, categories: Sequence[str]) -> None:
+    """Refuse (naming it) a data set file whose name is not UTF-8: it could not be written to the report."""
+    from ..data import MVTecAD
+    from ..io.safety import check_image_names
+
+    for category in categories:
+        for split in ("train", "test"):
+            if (root / category / split).is_dir():
+                check_image_names([s.image_path for s in MVTecAD(root, category, split).samples], "data set file")
+
+
+def report_files(out_dir: str) -> list[str]:
+    """The files ``--report DIR`` writes."""
+    return [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.html")]
+
+
 def run_report(
     out_dir: str, evals: Sequence[Any], detector: Any, argv: Sequence[str], title: str, notes: Sequence[str] = ()
 ) -> Any:
@@ -106,6 +129,13 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.mvtec import evaluate_mvtec, format_table
 
     root, categories = resolve_root(args.root, args.category)
+    check_names(root, categories)  # before any work: names go into the UTF-8 report
+    if args.report:
+        from ..io.safety import check_outputs
+
+        weights = [args.weights] if args.weights not in WEIGHT_SOURCES else []
+        # before the evaluation, not after it (crd_fast.io.safety)
+        check_outputs(files=report_files(args.report), inputs=[args.root, *weights, args.config])
     detector = make_detector(args)
     echo(
         f"crd-fast eval: {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} under {root}: "
@@ -117,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         root,
         categories,
         compare_nn_baseline=args.compare_nn,
+        baselines=("padim",) if args.compare_padim else (),
         nn_subsample=args.nn_subsample,
         progress=progress_enabled(args),
     )

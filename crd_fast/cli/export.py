@@ -80,11 +80,23 @@ def register(sub: Any) -> None:
         )
 
 
+def outputs_of(args: argparse.Namespace) -> list[str]:
+    """Every file the export writes: the model, its weights (OpenVINO) and its metadata sidecar."""
+    from ..deploy.metadata import metadata_path_for
+
+    files = [args.output]
+    if args.format == "openvino":
+        files.append(os.path.splitext(args.output)[0] + ".bin")
+    return files + [os.fspath(metadata_path_for(args.output))]
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..io.outputs import check_output_file, check_readable_file
+    from ..io.outputs import check_readable_file
+    from ..io.safety import check_outputs
 
     check_readable_file(args.model, "model file")
-    check_output_file(args.output)  # before the export, not after it
+    if args.format == "openvino" and not args.output.endswith(".xml"):
+        raise ValueError(f"--format openvino writes OUT.xml (+ .bin): the output must end in .xml, got {args.output!r}")
     options = dict(
         head_only=args.head_only,
         opset=args.opset,
@@ -97,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
             "--int8 exports the whole detector to ONNX at full rank: it cannot be combined with "
             "--head-only, --half, --rank or --format openvino"
         )
+    calibration = []
+    if args.int8:
+        from ..data import list_image_files
+
+        calibration = [args.int8, *list_image_files(args.int8)] if os.path.isdir(args.int8) else [args.int8]
+    # before the export, not after it: no output (sidecars included) may replace an input or a non-file
+    check_outputs(files=outputs_of(args), inputs=[args.model, *calibration, args.config])
     if args.format == "openvino":
         from ..deploy.metadata import metadata_path_for
         from ..deploy.openvino import export_openvino

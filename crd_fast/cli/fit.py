@@ -9,10 +9,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..choices import WEIGHT_SOURCES
+from ..detector.config import RUNTIME_OPTIONS
+from ..selection.record import SelectionRecord, selection_table
 from .options import (
     CLIError,
     add_detector_options,
     command,
+    detector_kwargs,
     echo,
     finite_float,
     make_detector,
@@ -60,7 +64,8 @@ def register(sub: Any) -> None:
             "--update",
             action="store_true",
             help="add DATA to the existing model MODEL instead of starting afresh (its detector options are "
-            "kept; only --device and --batch-size apply)",
+            "kept: an option that would change them is refused; --device, --batch-size and --precision apply; a "
+            "symbolic link MODEL updates the file it points to)",
         )
         thr = p.add_mutually_exclusive_group()
         thr.add_argument(
@@ -111,19 +116,37 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _fit(args: argparse.Namespace, files: list[str]) -> Any:
-    from ..detector.detector import CRDDetector
-
-    progress = progress_enabled(args)
-    runtime = {"batch_size": args.batch_size}
+def _update_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``CRDDetector.load`` is asked for on --update: the run-time options, and every detector option the user
+    gave (typed or in the config file), which must then describe the stored model (``load`` compares them)."""
+    runtime: dict[str, Any] = {"batch_size": args.batch_size}
     if args.precision is not None:
         runtime["precision"] = args.precision
+    given = getattr(args, "given", frozenset())
+    defining = {k: v for k, v in detector_kwargs(args).items() if k in given and k not in RUNTIME_OPTIONS}
+    return {**defining, **runtime}
+
+
+def _load_for_update(args: argparse.Namespace, device: Any) -> Any:
+    from ..detector.detector import CRDDetector
+    from ..detector.persistence import OptionMismatchError
+
+    try:
+        return CRDDetector.load(args.output, device=device, **_update_options(args))
+    except OptionMismatchError as exc:
+        raise CLIError(
+            f"--update adds images to the model as it was defined: {exc}; drop that option (with --update only "
+            "--device, --batch-size and --precision may differ from the model's own)"
+        ) from exc
+
+
+def _fit(args: argparse.Namespace, files: list[str]) -> Any:
+    progress = progress_enabled(args)
     if args.update and not os.path.isfile(args.output):
         raise FileNotFoundError(f"--update: model file {args.output!r} does not exist (fit without --update first)")
     if not args.distributed:
         if args.update:
-            det = CRDDetector.load(args.output, device=args.device, **runtime)
-            return det.partial_fit(files, progress=progress)
+            return _load_for_update(args, args.device).partial_fit(files, progress=progress)
         return make_detector(args).fit(files, progress=progress)
 
     from ..distributed import launched_by_torchrun, run_fit
@@ -135,22 +158,34 @@ def _fit(args: argparse.Namespace, files: list[str]) -> Any:
     def build(env: Any) -> Any:
         dev = str(env.device) if env.device.type == "cuda" else args.device
         if args.update:
-            return CRDDetector.load(args.output, device=dev, **runtime)
+            return _load_for_update(args, dev)
         return make_detector(args, device=dev)
 
     return run_fit(build, files, args.output, update=args.update, device=device, progress=progress)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data import list_image_files
     from ..io.locking import model_update
-    from ..io.outputs import check_output_file, check_readable_file
+    from ..io.outputs import check_readable_file
+    from ..io.safety import check_outputs
 
     files, folder = training_images(args.data)
-    if args.calibrate is not None and not Path(args.calibrate).is_dir():
-        raise FileNotFoundError(f"--calibrate folder {args.calibrate!r} does not exist")
+    calibration: list[str] = []
+    if args.calibrate is not None:
+        if not Path(args.calibrate).is_dir():
+            raise FileNotFoundError(f"--calibrate folder {args.calibrate!r} does not exist")
+        calibration = list_image_files(args.calibrate)
     if args.update:
         check_readable_file(args.output, "--update: model file")
-    check_output_file(args.output)  # before the fit, not after it
+    weights = [args.weights] if args.weights not in WEIGHT_SOURCES else []
+    # before the fit, not after it: the model may overwrite none of what the fit reads (crd_fast.io.safety)
+    model = [args.output] if args.update else []  # --update reads the model and writes it back: nothing else
+    check_outputs(
+        files=[args.output],
+        inputs=[args.data, folder, *files, args.calibrate, *calibration, *weights, args.config, *model],
+        updates=model,
+    )
     main = _rank() == 0
     if main:
         echo(f"crd-fast fit: {len(files)} training images from {folder}")
@@ -188,8 +223,8 @@ def _summary(det: Any, path: str, seconds: float, threshold_note: str) -> None:
         f"patch grid {det.patch_grid[0]}x{det.patch_grid[1]}"
     )
     echo(
-        f"  fitted:     {det.n_images} images, {det.scorer.n_samples} patches, spatial {det.spatial_choice}, "
-        f"lam_rel = {det.lam_rel:g}, in {seconds:.1f} s"
+        f"  fitted:     {det.n_images} images, {det.model.n_patches} patches, spatial {det.spatial_choice}, "
+        f"lam_rel = {'-' if det.lam_rel is None else format(det.lam_rel, 'g')}, in {seconds:.1f} s"
     )
     _selection_summary(det.selection)
     if stats:
@@ -200,24 +235,22 @@ def _summary(det: Any, path: str, seconds: float, threshold_note: str) -> None:
         warn("the backbone has RANDOM weights: fine for trying things out, not for real inspection")
 
 
-def _selection_summary(record: Optional[dict]) -> None:
+def _selection_summary(record: Optional[SelectionRecord]) -> None:
     """What the label-free choice (lam_rel and/or spatial "auto") chose, with its validation curve."""
-    if not record:
+    if record is None:
         return
-    from ..detector.record import selection_table
-
-    choice = record["choice"]
-    asked = ", ".join(f"{k} {v}" for k, v in record.get("asked", {}).items())
-    echo(f"  selection:  spatial {choice['spatial']}, lam_rel {choice['lam_rel']:g} (asked: {asked})")
-    if not record.get("grid"):
-        echo(f"              {record.get('reason', 'no selection')}")
+    lam = "-" if record.lam_rel is None else format(record.lam_rel, "g")
+    asked = ", ".join(f"{k} {v}" for k, v in record.asked.items())
+    echo(f"  selection:  spatial {record.spatial}, lam_rel {lam} (asked: {asked})")
+    if not record.made:
+        echo(f"              {record.reason()}")
         return
-    fit_seconds = record.get("fit_seconds") or 0.0
-    share = f", {100 * record['seconds'] / fit_seconds:.0f}% of the fit" if fit_seconds > 0 else ""
+    fit_seconds = record.fit_seconds or 0.0
+    share = f", {100 * record.seconds / fit_seconds:.0f}% of the fit" if fit_seconds > 0 else ""
     echo(
-        f"              {record['held_out']} of {record['n_images']} images held out with pseudo-defects; "
-        f"{record['seconds']:.1f} s{share}"
+        f"              {record.held_out} of {record.n_images} images held out with pseudo-defects; "
+        f"{record.seconds:.1f} s{share}"
     )
-    echo(f"              {record.get('criterion', 'criterion')} (* = chosen):")
+    echo(f"              {record.criterion or 'criterion'} (* = chosen):")
     for line in selection_table(record):
         echo("          " + line)

@@ -15,7 +15,7 @@ from typing import Iterator, NoReturn, Optional, Sequence
 
 from . import bench, demo, evaluate, export, fit, predict
 from .config import expand_config
-from .options import CLIError, apply_common_flags
+from .options import CLIError, apply_common_flags, printable
 
 #: The command modules, in the order ``--help`` lists them.
 COMMANDS = (fit, predict, evaluate, demo, export, bench)
@@ -86,6 +86,31 @@ def build_parser() -> argparse.ArgumentParser:
             "(default: warning; debug with --debug)",
         )
     return parser
+
+
+class _NotGiven:
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_NOT_GIVEN = _NotGiven()
+
+
+def given_options(argv: Sequence[str]) -> frozenset[str]:
+    """The option names (dests) ``argv`` sets explicitly, whatever their values: parsed again with every default
+    replaced by a marker (argparse's own matching, abbreviations included)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # no public accessor
+    collecting = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction, argparse._ExtendAction)
+    for command in sub.choices.values():  # options that add to their default get None, the others the marker
+        command.set_defaults(
+            **{a.dest: None if isinstance(a, collecting) else _NOT_GIVEN for a in command._actions if a.option_strings}
+        )
+    try:
+        parsed = parser.parse_args(list(argv))
+    except SystemExit:  # cannot happen after a successful parse of the same argv; be safe
+        return frozenset()
+    return frozenset(k for k, v in vars(parsed).items() if v is not _NOT_GIVEN and v is not None)
 
 
 #: --log-level choices (names of the logging module's levels).
@@ -167,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         expanded, config_path = expand_config(typed, parser)
     except CLIError as exc:
-        print(f"crd-fast: error: {exc}", file=sys.stderr, flush=True)
+        print(f"crd-fast: error: {printable(str(exc))}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     try:
         args = parser.parse_args(expanded)
@@ -175,6 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     args.config = config_path
     args.argv = typed  # for reports ("command" line)
+    args.given = given_options(expanded)  # options typed or read from the config file, not defaults
     try:
         with library_logging(args):
             apply_common_flags(args)
@@ -193,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if getattr(args, "debug", False)
             else ("" if code == EXIT_USAGE else " (run with --debug for the traceback)")
         )
-        print(f"crd-fast: error: {_message(exc)}{hint}", file=sys.stderr, flush=True)
+        print(f"crd-fast: error: {printable(_message(exc))}{hint}", file=sys.stderr, flush=True)
         return code
 
 

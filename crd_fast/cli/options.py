@@ -11,8 +11,21 @@ import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
-from ..choices import BACKBONES, EMBEDDINGS, LAM_AUTO, LAYERS, PRECISIONS, SPATIAL_MODES, WEIGHT_SOURCES
+from ..choices import (
+    BACKBONES,
+    DEFAULT_LAYERS_NOTE,
+    EMBEDDINGS,
+    LAM_AUTO,
+    LAYERS,
+    MAX_BATCH_SIZE,
+    MAX_DIM,
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
+    PRECISIONS,
+    WEIGHT_SOURCES,
+)
 from ..detector.config import DEFAULTS, OPTIONS, RUNTIME_OPTIONS, DetectorConfig
+from ..scoring.registry import spatial_modes
 
 
 def wrap(text: str, width: int = 100) -> str:
@@ -47,6 +60,43 @@ def _number_type(
 
 positive_int = _number_type(int, lambda v: v >= 1, "a positive integer", "positive_int")
 non_negative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0", "non_negative_int")
+
+
+def int_in(low: int, high: int, shown_high: str = "") -> Callable[[str], int]:
+    """An integer in [low, high]: the range a model file may hold (crd_fast.choices), so nothing is fitted or
+    written that ``load`` would refuse."""
+    return _number_type(
+        int, lambda v: low <= v <= high, f"an integer in [{low}, {shown_high or high}]", f"int_in_{low}_{high}"
+    )
+
+
+def machine_threads() -> int:
+    """CPU threads this process may use (its affinity where the system tells it, else the CPU count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def thread_count(text: str) -> int:
+    """--threads: a positive integer no larger than the machine's CPU threads."""
+    value = positive_int(text)
+    most = max(machine_threads(), os.cpu_count() or 1)
+    if value > most:
+        raise argparse.ArgumentTypeError(f"expected at most {most} (the CPU threads of this machine), got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """--device: cpu, cuda, cuda:N or auto (checked against the machine when the detector is built)."""
+    from ..detector.config import DetectorConfig
+
+    try:
+        return DetectorConfig.check("device", text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto, got {text!r}") from None
+
+
 positive_float = _number_type(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number", "positive_float")
 finite_float = _number_type(float, math.isfinite, "a finite number", "finite_float")
 fraction = _number_type(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", "fraction")
@@ -132,7 +182,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in logs)")
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         metavar="N",
         help="CPU threads for PyTorch (and faiss) (default: PyTorch's choice; 1 helps on a busy shared machine)",
     )
@@ -155,15 +205,15 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "embedding": dict(choices=EMBEDDINGS),
     "lam_rel": dict(type=lam_rel_value, metavar="X|auto"),
     "center": dict(action=argparse.BooleanOptionalAction),
-    "rank": dict(type=positive_int, metavar="R"),
-    "resize": dict(type=positive_int, metavar="PX"),
-    "crop": dict(type=positive_int, metavar="PX"),
-    "device": dict(metavar="DEV"),
-    "batch_size": dict(type=positive_int, metavar="N"),
-    "seed": dict(type=non_negative_int, metavar="S"),
+    "rank": dict(type=int_in(1, MAX_DIM), metavar="R"),
+    "resize": dict(type=int_in(1, MAX_IMAGE_SIDE), metavar="PX"),
+    "crop": dict(type=int_in(1, MAX_IMAGE_SIDE), metavar="PX"),
+    "device": dict(type=device_name, metavar="DEV"),
+    "batch_size": dict(type=int_in(1, MAX_BATCH_SIZE), metavar="N"),
+    "seed": dict(type=int_in(0, MAX_SEED, "2**63 - 1"), metavar="S"),
     "precision": dict(choices=PRECISIONS),
-    "spatial": dict(choices=SPATIAL_MODES),
-    "local_rank": dict(type=positive_int, metavar="K"),
+    "spatial": dict(choices=spatial_modes()),
+    "local_rank": dict(type=int_in(1, MAX_DIM), metavar="K"),
     "local_shrinkage": dict(type=probability, metavar="A"),
 }
 
@@ -192,9 +242,11 @@ def add_detector_options(parser: argparse.ArgumentParser, size_note: str = "", *
     if unknown:
         raise TypeError(f"not detector options on the command line: {sorted(unknown)}")
     group = parser.add_argument_group("detector options")
+    # Unset defaults are filled in later; the note says how (sizes: by the command; layers: by the backbone).
+    notes = {"resize": size_note, "crop": size_note, "layers": DEFAULT_LAYERS_NOTE}
     for name in OPTIONS:
         if name in _FLAGS and name not in RUNTIME_OPTIONS:
-            _add_flag(group, name, defaults.get(name, DEFAULTS[name]), size_note if name in ("resize", "crop") else "")
+            _add_flag(group, name, defaults.get(name, DEFAULTS[name]), notes.get(name, ""))
     add_runtime_options(group, defaults.get("batch_size", DEFAULTS["batch_size"]))
 
 
@@ -227,15 +279,25 @@ def progress_enabled(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_progress", False)
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of undecodable file names (surrogate escapes) shown as ``\\xNN``: printing it
+    cannot fail, whatever the terminal's encoding."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def echo(*parts: Any) -> None:
     """Results go to stdout (progress bars and warnings go to stderr)."""
-    print(*parts, flush=True)
+    print(printable(" ".join(str(p) for p in parts)), flush=True)
 
 
 def warn(message: str) -> None:
     import sys
 
-    print(f"crd-fast: warning: {message}", file=sys.stderr, flush=True)
+    print(f"crd-fast: warning: {printable(message)}", file=sys.stderr, flush=True)
 
 
 Runner = Callable[[argparse.Namespace], int]

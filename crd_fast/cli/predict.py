@@ -222,8 +222,27 @@ def _predict_decoding_once(detector: Any, paths: list[str]) -> tuple[Any, list]:
     return result.apply_threshold(detector.threshold, detector.train_score_stats), [d[1] for d in decoded]
 
 
+def _open_shared_stage(results: Any, env: Any) -> None:
+    """Rank 0 creates the run's own, uniquely named staging folder; the other ranks join it by path (a killed
+    earlier run's staging folder is never reused)."""
+    from ..distributed import DistributedError, all_gather_objects
+
+    path: Optional[str] = None
+    error: Optional[BaseException] = None
+    if env.is_main:
+        try:
+            path = os.fspath(results.open().stage)
+        except Exception as exc:  # reported to every rank, so none waits
+            error = exc
+    paths = all_gather_objects(path)
+    if paths[0] is None:
+        raise error or DistributedError("rank 0 could not create the staging folder of the results")
+    if not env.is_main:
+        results.open(attach=paths[0])
+
+
 def _predict_distributed(
-    args: argparse.Namespace, files: list[str], heat_dir: Optional[Path], names: list[str]
+    args: argparse.Namespace, files: list[str], results: Any, names: list[str]
 ) -> tuple[list[dict], Any]:
     from ..distributed import launched_by_torchrun, run_predict
 
@@ -233,19 +252,23 @@ def _predict_distributed(
     loaded: dict[str, Any] = {}
 
     def build(env: Any) -> Any:
+        _open_shared_stage(results, env)
+        loaded["heat"] = None if args.no_images else results.stage / "heatmaps"
+        if loaded["heat"] is not None:
+            loaded["heat"].mkdir(exist_ok=True)
         dev = str(env.device) if env.device.type == "cuda" else args.device
         loaded["det"] = _load(args, dev)
         return loaded["det"]
 
     def on_result(indices: list[int], result: Any) -> None:  # on each rank, for its own shard
-        if heat_dir is not None:
+        if loaded["heat"] is not None:
             det = loaded["det"]
             save_overlays(
                 det,
                 [files[i] for i in indices],
                 result.anomaly_maps,
                 [names[i] for i in indices],
-                heat_dir,
+                loaded["heat"],
                 overlay_range(det),
             )
 
@@ -291,53 +314,52 @@ def write_scores(out: Path, records: list[dict], detector: Any, model_path: str)
     return csv_path, json_path
 
 
+#: The result set in OUT, replaced as a whole (a run without heatmaps removes earlier ones: nothing mixes).
+RESULT_ENTRIES = ("scores.csv", "scores.json", "heatmaps")
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..io.outputs import OutputError, ResultFolder, check_readable_file
+    from ..io.outputs import ResultFolder, check_readable_file
+    from ..io.safety import check_image_names
 
     check_readable_file(args.model, "model file")
     files = collect_images(args.images, args.recursive)
-    entries = ("scores.csv", "scores.json") + (() if args.no_images else ("heatmaps",))
-    if any(Path(args.model).resolve() == (Path(args.output) / e).resolve() for e in entries):
-        raise OutputError(f"output folder {args.output!r} would replace the model file {args.model!r}")
-    # Everything is written to a staging folder and moved into OUT at the end (crd_fast.io.outputs).
+    check_image_names(files)  # before any work: names go into the UTF-8 score tables
+    check_image_names([args.output], "output folder")
+    check_image_names([args.model], "model file")
+    # Everything is written to a staging folder and put into OUT as one commit at the end (crd_fast.io.outputs);
+    # OUT may not be, contain or lie inside anything this run reads (crd_fast.io.safety).
     results = ResultFolder(
         args.output,
-        entries,
-        inputs=args.images,
+        RESULT_ENTRIES,
+        inputs=[args.model, *args.images, *files, args.weights, args.config],
         overwrite=args.overwrite,
-        stage_name=_shared_stage_name(args.output) if args.distributed else None,
+        open=not args.distributed,  # a distributed run opens it once the ranks can agree on one
     )
     main = int(os.environ.get("RANK", "0")) == 0
     with results:
-        heat_dir = None if args.no_images else results.stage / "heatmaps"
-        (heat_dir or results.stage).mkdir(parents=True, exist_ok=True)
         names = heatmap_names(files)
         t0 = time.perf_counter()
         if args.distributed:
-            records, detector = _predict_distributed(args, files, heat_dir, names)
+            records, detector = _predict_distributed(args, files, results, names)
         else:
+            heat_dir = None if args.no_images else results.stage / "heatmaps"
+            if heat_dir is not None:
+                heat_dir.mkdir()
             detector = _load(args, args.device)
             records = _predict_local(detector, files, heat_dir, names, overlay_range(detector), progress_enabled(args))
         seconds = time.perf_counter() - t0
         if not main:
             return 0
         out = Path(args.output)
-        if heat_dir is not None:
+        if not args.no_images:
             for rec, name in zip(records, names):
                 rec["heatmap"] = str(out / "heatmaps" / name)
         write_scores(results.stage, records, detector, args.model)
         results.commit()
-    heat_final = None if heat_dir is None else out / "heatmaps"
+    heat_final = None if args.no_images else out / "heatmaps"
     _summary(detector, records, seconds, out / "scores.csv", out / "scores.json", heat_final)
     return 0
-
-
-def _shared_stage_name(output: str) -> str:
-    """A staging folder name every process of one torchrun job derives alike (they must share it)."""
-    import hashlib
-
-    job = "|".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
-    return ".crd-stage-" + hashlib.sha256(f"{os.path.realpath(output)}|{job}".encode()).hexdigest()[:12]
 
 
 def _summary(

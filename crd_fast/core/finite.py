@@ -2,7 +2,8 @@
 
 ``torch.isfinite(t).all()`` materialises a bool tensor as large as ``t`` and then reduces it: 40.8 ms on one
 fit batch's (6272, 1536) float32 patches on two cores, against 3.0 ms for ``torch.aminmax``, whose min and
-max propagate NaN and expose +-Inf as an extreme (``pytest bench/bench_scatter.py -s``; bench/RESULTS.md).
+max propagate NaN and expose +-Inf as an extreme (``python -m pytest bench/suites/bench_scatter.py -s``;
+bench/RESULTS.md).
 Torch-only, no other crd_fast import.
 """
 

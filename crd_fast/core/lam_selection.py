@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..choices import DEFAULT_LAM_GRID  # candidate lam_rel values (relative to trace(C)/d)
+from ..metrics.scores import aupro, image_auroc
 
 __all__ = ["DEFAULT_LAM_GRID", "LamSelection", "SpectralForm", "grid_masks", "paired_auroc_difference", "select_lam"]
 
@@ -120,8 +121,6 @@ def select_lam(
     The choice maximises the image AUROC; ties (within 1e-9) go to the smaller lam_rel. AUPRO is recorded, not
     used (see the module docstring).
     """
-    from ..evaluation.metrics import aupro, image_auroc
-
     grid = tuple(float(g) for g in grid)
     if not grid or any(not g > 0 for g in grid):
         raise ValueError(f"the lam grid must hold positive values, got {grid}")

@@ -192,8 +192,8 @@ class PrecisionChoice:
     def channels_last(self) -> bool:
         """Whether the backbone runs channels_last: with reduced precision, and with float32 that "auto" chose
         (it promises speed: channels_last float32 measured 1.10x the contiguous path end to end on the Intel
-        Xeon and on Zen 4, bench_precision.py). An explicit "fp32" keeps the contiguous layout, so its scores
-        stay bit-identical to those of model files written before compute precisions (channels_last
+        Xeon and on Zen 4, bench/suites/bench_precision.py). An explicit "fp32" keeps the contiguous layout, so
+        its scores stay bit-identical to those of model files written before compute precisions (channels_last
         convolutions round differently, ~1e-7)."""
         return self.precision != "fp32" or self.requested == "auto"
 

@@ -5,6 +5,13 @@ version, the crd_fast version, what was exported (whole detector or head only), 
 names and shapes, the detector's config, threshold and training score statistics, and the SHA-256 of
 the ONNX file's bytes. The runtime refuses an ONNX file whose bytes do not match that hash, so a model
 and the metadata of another model (or a truncated copy) are never paired silently.
+
+The document is covered by a digest too: ``metadata_sha256`` is the SHA-256 of its canonical JSON form without the
+hashes of the model files (``metadata_digest``), and the same value is stamped into the model itself (the ONNX
+file's ``crd_fast`` property, an OpenVINO IR's ``crd_fast_metadata_sha256`` runtime info) before the model's own hash
+is taken. An edited field (mean, std, resize, threshold, ...) no longer matches the digest; a digest recomputed by
+hand no longer matches the one inside the model, whose hash the document holds. Exports written before carry neither
+and are checked as before.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from ..io.commit import recover_folder
 
 FORMAT_NAME = "crd-fast-onnx"
 FORMAT_VERSION = 1
@@ -38,12 +47,45 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: The metadata digest's own field, and the fields it leaves out: hashes of model bytes that hold the digest.
+DIGEST_FIELD = "metadata_sha256"
+BYTE_HASH_FIELDS = ("onnx_sha256", "xml_sha256", "bin_sha256")
+
+
+def metadata_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of ``meta``'s canonical JSON (sorted keys, no spaces), leaving out ``metadata_sha256`` and the hashes
+    of the model bytes (the digest is stamped into those bytes before they are hashed)."""
+    body = {k: v for k, v in meta.items() if k != DIGEST_FIELD and k not in BYTE_HASH_FIELDS}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return sha256_bytes(text.encode("ascii"))
+
+
+def check_metadata_digest(meta: dict[str, Any], meta_path: PathLike, stamped: Optional[str]) -> None:
+    """Refuse a metadata document whose digest does not match its fields, or the digest ``stamped`` into the model
+    (None: the model holds none, as exports before the digest)."""
+    have = meta.get(DIGEST_FIELD)
+    if have is None:
+        if stamped is not None:
+            raise DeployError(f"{meta_path}: its digest '{DIGEST_FIELD}' was removed (the model holds one)")
+        return  # an export from before metadata digests: checked as before
+    if have != metadata_digest(meta):
+        raise DeployError(
+            f"{meta_path}: metadata digest mismatch: the metadata was edited or corrupted after export "
+            "(preprocessing, threshold or any other field)"
+        )
+    if stamped is not None and stamped != have:
+        raise DeployError(
+            f"{meta_path}: its digest does not match the one inside the model: metadata of another export"
+        )
+
+
 def read_onnx_and_metadata(
     onnx_path: PathLike, metadata_path: Optional[PathLike] = None
 ) -> tuple[bytes, dict[str, Any]]:
     """Read an exported model's bytes and its metadata, and check that they belong together."""
     onnx_p = Path(onnx_path)
     meta_p = Path(metadata_path) if metadata_path is not None else metadata_path_for(onnx_p)
+    recover_folder(onnx_p.parent)  # an export killed after its commit point is completed first
     if not onnx_p.is_file():
         raise DeployError(f"{onnx_p}: no such ONNX file")
     if not meta_p.is_file():
@@ -75,6 +117,7 @@ def read_onnx_and_metadata(
         if key not in meta:
             raise DeployError(f"{meta_p}: metadata field {key!r} is missing")
     check_metadata_fields(meta, meta_p)
+    check_metadata_digest(meta, meta_p, None)  # the model's stamp is compared once the runtime has read it
     return data, meta
 
 

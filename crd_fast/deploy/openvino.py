@@ -19,8 +19,21 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .metadata import DeployError, PathLike, check_expected, metadata_path_for, sha256_bytes
-from .runtime import OnnxDetector
+from ..io.atomic import default_file_mode
+from ..io.commit import commit_moves, hold, recover_folder, release
+from ..io.safety import TEMP_PREFIX, check_outputs
+from .metadata import (
+    DIGEST_FIELD,
+    DeployError,
+    PathLike,
+    check_expected,
+    check_metadata_digest,
+    check_metadata_fields,
+    metadata_digest,
+    metadata_path_for,
+    sha256_bytes,
+)
+from .runtime import OnnxDetector, check_threads
 
 FORMAT_NAME = "crd-fast-openvino"
 FORMAT_VERSION = 1
@@ -34,10 +47,15 @@ def _ov():
     return ov
 
 
-def export_openvino(source: Any, path: PathLike, **onnx_options: Any) -> dict[str, Any]:
-    """Write ``path`` (.xml), its .bin weights and ``path``.json metadata; returns the metadata.
+#: The IR runtime-info key holding the metadata digest (crd_fast/deploy/metadata.py).
+RT_INFO_DIGEST = "crd_fast_metadata_sha256"
 
-    ``source`` and ``onnx_options`` (head_only, precision, rank, opset, verify) are those of ``export_onnx``.
+
+def export_openvino(source: Any, path: PathLike, **onnx_options: Any) -> dict[str, Any]:
+    """Write ``path`` (.xml), its .bin weights and ``path``.json metadata as one commit; returns the metadata.
+
+    ``source`` and ``onnx_options`` (head_only, precision, rank, opset, verify) are those of ``export_onnx``. The
+    metadata's digest is stamped into the IR (runtime info ``crd_fast_metadata_sha256``) before its hash is taken.
     """
     from .export import export_onnx
 
@@ -45,28 +63,40 @@ def export_openvino(source: Any, path: PathLike, **onnx_options: Any) -> dict[st
     xml = Path(path)
     if xml.suffix != ".xml":
         raise ValueError(f"an OpenVINO model path must end in .xml, got {str(path)!r}")
-    xml.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=xml.parent, prefix=".crd_fast_ov_") as tmp:
-        onnx = export_onnx(source, Path(tmp) / "model.onnx", **onnx_options)
-        model = ov.convert_model(str(onnx.onnx_path))
-        staged = Path(tmp) / xml.name
-        ov.save_model(model, str(staged), compress_to_fp16=False)  # keep float32 weights
-        bin_staged = staged.with_suffix(".bin")
-        meta = dict(onnx.metadata)
-        meta.pop("onnx_sha256", None)
-        meta.update(
-            format=FORMAT_NAME,
-            format_version=FORMAT_VERSION,
-            openvino_version=ov.get_version(),
-            xml_sha256=sha256_bytes(staged.read_bytes()),
-            bin_sha256=sha256_bytes(bin_staged.read_bytes()),
-        )
-        meta_staged = Path(tmp) / "meta.json"
-        meta_staged.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
-        # The .bin first and the metadata last: a reader never sees new metadata with old weights.
-        os.replace(bin_staged, xml.with_suffix(".bin"))
-        os.replace(staged, xml)
-        os.replace(meta_staged, metadata_path_for(xml))
+    targets = [xml.with_suffix(".bin"), xml, metadata_path_for(xml)]  # the .bin first, the metadata last
+    # before any work: none of the three files may replace an input, a device or a folder
+    plan = check_outputs(files=targets, inputs=[source] if isinstance(source, (str, os.PathLike)) else [])
+    folder = plan.real(xml).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=TEMP_PREFIX + "ov-") as tmp:
+        held = hold(tmp)  # kept from clean-up by other runs while in use
+        try:
+            onnx = export_onnx(source, Path(tmp) / "model.onnx", **onnx_options)
+            model = ov.convert_model(str(onnx.onnx_path))
+            meta = {k: v for k, v in onnx.metadata.items() if k not in ("onnx_sha256", DIGEST_FIELD)}
+            meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, openvino_version=ov.get_version())
+            digest = metadata_digest(meta)
+            model.set_rt_info(digest, RT_INFO_DIGEST)
+            staged = Path(tmp) / xml.name
+            ov.save_model(model, str(staged), compress_to_fp16=False)  # keep float32 weights
+            bin_staged = staged.with_suffix(".bin")
+            meta.update(
+                {
+                    DIGEST_FIELD: digest,
+                    "xml_sha256": sha256_bytes(staged.read_bytes()),
+                    "bin_sha256": sha256_bytes(bin_staged.read_bytes()),
+                }
+            )
+            meta_staged = Path(tmp) / "meta.json"
+            meta_staged.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+            for staged_file in (bin_staged, staged, meta_staged):
+                with open(staged_file, "rb+") as fh:
+                    os.chmod(staged_file, default_file_mode())
+                    os.fsync(fh.fileno())
+            # one commit: a kill at any point leaves the old three files or the new three (crd_fast/io/commit.py)
+            commit_moves(folder, list(zip((bin_staged, staged, meta_staged), (plan.real(t) for t in targets))))
+        finally:
+            release(held)
     return meta
 
 
@@ -74,6 +104,7 @@ def read_openvino_metadata(xml_path: PathLike, metadata_path: Optional[PathLike]
     """The metadata of an OpenVINO export, after checking the .xml and .bin bytes against it."""
     xml = Path(xml_path)
     meta_p = Path(metadata_path) if metadata_path is not None else metadata_path_for(xml)
+    recover_folder(xml.parent)  # an export killed after its commit point is completed first
     for p, what in (
         (xml, "OpenVINO model file"),
         (xml.with_suffix(".bin"), "OpenVINO weights file"),
@@ -86,9 +117,10 @@ def read_openvino_metadata(xml_path: PathLike, metadata_path: Optional[PathLike]
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DeployError(f"{meta_p}: metadata is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+        found = meta if isinstance(meta, dict) else {}
         raise DeployError(
-            f"{meta_p}: not a crd_fast OpenVINO metadata file (format {meta.get('format')!r}, version "
-            f"{meta.get('format_version')!r}; expected {FORMAT_NAME!r} version {FORMAT_VERSION})"
+            f"{meta_p}: not a crd_fast OpenVINO metadata file (format {found.get('format')!r}, version "
+            f"{found.get('format_version')!r}; expected {FORMAT_NAME!r} version {FORMAT_VERSION})"
         )
     for p, key in ((xml, "xml_sha256"), (xml.with_suffix(".bin"), "bin_sha256")):
         if sha256_bytes(p.read_bytes()) != meta.get(key):
@@ -96,6 +128,11 @@ def read_openvino_metadata(xml_path: PathLike, metadata_path: Optional[PathLike]
                 f"{p}: does not match its metadata {meta_p.name} (SHA-256 differs): modified, truncated, "
                 "or the metadata belongs to another export"
             )
+    for key in ("inputs", "outputs", "head_only"):
+        if key not in meta:
+            raise DeployError(f"{meta_p}: metadata field {key!r} is missing")
+    check_metadata_fields(meta, meta_p)
+    check_metadata_digest(meta, meta_p, None)  # the IR's stamp is compared once the detector has read it
     return meta
 
 
@@ -160,15 +197,18 @@ class OpenVinoDetector(OnnxDetector):
         if inference_precision is not None:
             config["INFERENCE_PRECISION_HINT"] = inference_precision
         if threads is not None:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+            config["INFERENCE_NUM_THREADS"] = check_threads(threads)
         core = ov.Core()
         try:
-            compiled = core.compile_model(core.read_model(self.path), device, config)
+            graph = core.read_model(self.path)
+            stamped = graph.get_rt_info(RT_INFO_DIGEST).astype(str) if graph.has_rt_info(RT_INFO_DIGEST) else None
+            compiled = core.compile_model(graph, device, config)
         except Exception as exc:  # OpenVINO raises RuntimeError with its own messages
             raise DeployError(
                 f"{self.path}: OpenVINO cannot load this model on {device} "
                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
             ) from exc
+        check_metadata_digest(meta, metadata_path or metadata_path_for(path), stamped)
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16", "f16"
         self.inference_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self.session = _Session(compiled)

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -57,9 +56,11 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..io.atomic import atomic_write
-from .export import ExportResult, export_onnx
+from ..detector.detector import CRDDetector
+from ..io.safety import check_outputs, path_inputs
+from .export import ExportResult, export_onnx, write_export
 from .metadata import DeployError, PathLike, metadata_path_for, sha256_bytes
+from .quantized_refit import backbone_signature, graph_score_statistics, refit_on_graph
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ BACKBONE_SCOPE = "/extractor/"
 
 def calibration_batches(source: Any, images: Any, limit: int, batch_size: int = 8) -> Iterator[np.ndarray]:
     """Normalised (B, 3, crop, crop) float32 batches of up to ``limit`` ``images`` (the detector's preprocessing)."""
-    from ..detector.detector import CRDDetector
-
     det = source if isinstance(source, CRDDetector) else CRDDetector.load(source)
     seen = 0
     for _, x in det.iter_batches(images):
@@ -248,9 +247,6 @@ def export_onnx_int8(
         float_nodes: names of further backbone nodes of the exported graph kept float32 (DeployError if one
             is not a backbone node).
     """
-    from ..detector.detector import CRDDetector
-    from .quantized_refit import backbone_signature, graph_score_statistics, refit_on_graph
-
     if isinstance(float_nodes, str):
         raise TypeError(f"float_nodes must be a sequence of node names, got the string {float_nodes!r}")
     settings = QuantizeSettings(
@@ -267,6 +263,10 @@ def export_onnx_int8(
     if not isinstance(refit_head, bool):
         raise TypeError(f"refit_head must be True or False, got {refit_head!r}")
     out = Path(path)
+    meta_path = Path(metadata_path) if metadata_path is not None else metadata_path_for(out)
+    paths = path_inputs([source]) + path_inputs(calibration)
+    # before any work: the graph and its sidecar may replace neither the model nor a calibration image
+    check_outputs(files=[out, meta_path], inputs=paths)
     provenance: dict[str, Any] = {}
     if isinstance(source, CRDDetector):
         detector = source
@@ -318,12 +318,7 @@ def export_onnx_int8(
             "onnx_sha256": sha256_bytes(data),
         }
     )
-    meta_path = Path(metadata_path) if metadata_path is not None else metadata_path_for(out)
-    with atomic_write(out) as t:
-        t.write_bytes(data)
-    with atomic_write(meta_path) as t:
-        t.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
-    return ExportResult(out, meta_path, meta)
+    return write_export(data, meta, out, meta_path)  # sealed and written as one commit
 
 
 __all__ = [

@@ -16,10 +16,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..core.embedding import embed_patches, patch_grids, patch_matrix
-from ..detector.detector import SCORE_SAMPLE, score_statistics
+from ..core.embedding import embed_patches, patch_grids
+from ..detector.detector import CRDDetector
 from ..detector.reservoir import Reservoir
-from ..scorers.crd import CRDScorer
+from ..detector.score_sample import SCORE_SAMPLE, score_statistics
 from .metadata import DeployError
 
 
@@ -57,7 +57,7 @@ def with_outputs(model: Any, names: Sequence[str]) -> bytes:
     return extended.SerializeToString()
 
 
-def order_features(detector: Any, x: torch.Tensor, found: Sequence[np.ndarray]) -> list[int]:
+def order_features(detector: CRDDetector, x: torch.Tensor, found: Sequence[np.ndarray]) -> list[int]:
     """For each layer of ``detector``, the index in ``found`` (the graph's feature tensors for batch ``x``).
 
     Each graph tensor is matched to the layer of its shape whose float32 features of ``x`` it is closest to
@@ -81,24 +81,15 @@ def order_features(detector: Any, x: torch.Tensor, found: Sequence[np.ndarray]) 
     return order
 
 
-def _fresh_scorer(detector: Any) -> Any:
-    """An unfitted scorer with the options of the detector's model in use (global CRDScorer or LocalCRDScorer)."""
-    if detector.spatial_choice == "local":
-        from ..scorers.local import LocalCRDScorer
-
-        ls = detector.local_scorer
-        return LocalCRDScorer(ls.lam_rel, shrinkage=ls.shrinkage, rank=ls.rank, sketch=ls.sketch)
-    s = detector.scorer
-    return CRDScorer(s.lam_rel, s.center, s.rank)
-
-
-def refit_on_graph(detector: Any, model: Any, head_nodes: set[str], images: Any) -> tuple[Any, Reservoir, int]:
+def refit_on_graph(
+    detector: CRDDetector, model: Any, head_nodes: set[str], images: Any
+) -> tuple[CRDDetector, Reservoir, int]:
     """A copy of ``detector`` whose head statistics are fitted on ``model``'s backbone features of ``images``.
 
     ``model``: the quantized whole-detector graph (onnx ModelProto); ``head_nodes``: the names of its nodes
     outside the backbone. Every image of ``images`` is run through the graph's backbone (onnxruntime, CPU)
-    and the feature maps go through the detector's own embedding and fit (``CRDScorer.partial_fit`` on patch
-    matrices, or ``LocalCRDScorer.partial_fit`` on patch grids, as ``CRDDetector.partial_fit``). Returns the
+    and the feature maps go through the detector's own embedding into a fresh copy of its scoring model
+    (``ScoringModel.fresh``, ``partial_fit`` on patch grids, as ``CRDDetector.partial_fit``). Returns the
     copy (its options, threshold and backbone unchanged), the reservoir sample of the normalised inputs (for
     the training score statistics) and the number of images.
     """
@@ -107,8 +98,7 @@ def refit_on_graph(detector: Any, model: Any, head_nodes: set[str], images: Any)
     shapes = [tuple(s) for s in detector.extractor.feature_shapes(detector.preprocess.crop)]
     names = feature_tensors(model, head_nodes, shapes)
     session = ort.InferenceSession(with_outputs(model, names), providers=["CPUExecutionProvider"])
-    local = detector.spatial_choice == "local"
-    scorer = _fresh_scorer(detector)
+    scorer = detector.model.fresh()
     reservoir: Reservoir[torch.Tensor] = Reservoir(SCORE_SAMPLE, detector.seed)
     order: Optional[list[int]] = None
     seen = 0
@@ -119,21 +109,15 @@ def refit_on_graph(detector: Any, model: Any, head_nodes: set[str], images: Any)
         maps = [torch.from_numpy(found[i]) for i in order]
         with torch.inference_mode():
             emb = embed_patches(maps, detector.embedding, detector.target_dim)
-        if local:
-            scorer.partial_fit(patch_grids(emb))
-        else:
-            scorer.partial_fit(patch_matrix(emb))
+        scorer.partial_fit(patch_grids(emb))
         reservoir.extend_lazily(x.shape[0], lambda kept, x=x: {p: x[p].detach().to("cpu", copy=True) for p in kept})
         seen += x.shape[0]
     if seen == 0:
         raise ValueError("no calibration images were found")
-    if local and seen < 2:
-        raise ValueError("the local model's refit needs at least 2 calibration images")
+    if not scorer.is_fitted:
+        raise ValueError(f"the {scorer.name} model's refit needs more calibration images (got {seen})")
     refitted = copy.deepcopy(detector)
-    if local:
-        refitted.install_local_fit(scorer, seen, reservoir)
-    else:
-        refitted.install_fit(scorer, seen, reservoir)
+    refitted.install_fit(scorer, seen, reservoir)
     return refitted, reservoir, seen
 
 

@@ -12,16 +12,26 @@ device needs neither torch nor torchvision. Images are preprocessed exactly as t
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ..metrics.thresholds import check_threshold
 from ..postprocess.results import DetectionResult
-from ..postprocess.thresholds import check_threshold
 from .imaging import NumpyPreprocess, iter_images
-from .metadata import DeployError, PathLike, check_expected, read_onnx_and_metadata
+from .metadata import (
+    DIGEST_FIELD,
+    ONNX_PROPS_KEY,
+    DeployError,
+    PathLike,
+    check_expected,
+    check_metadata_digest,
+    metadata_path_for,
+    read_onnx_and_metadata,
+)
 
 FeatureInput = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
 
@@ -56,7 +66,7 @@ class OnnxDetector:
         self.metadata: dict[str, Any] = meta
         options = ort.SessionOptions()
         if threads is not None:
-            options.intra_op_num_threads = int(threads)
+            options.intra_op_num_threads = check_threads(threads)
         try:
             self.session = ort.InferenceSession(
                 data, sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
@@ -64,6 +74,7 @@ class OnnxDetector:
         except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
             raise DeployError(f"{self.path}: onnxruntime cannot load this model ({type(exc).__name__}: {exc})") from exc
         self._check_signature()
+        check_metadata_digest(meta, metadata_path or metadata_path_for(path), self._stamped_digest())
         self.head_only = bool(meta["head_only"])
         self.config: dict[str, Any] = dict(meta.get("config") or {})
         self.threshold: Optional[float] = meta.get("threshold")
@@ -78,6 +89,15 @@ class OnnxDetector:
         if not self.head_only:
             pre = meta.get("preprocess") or {}
             self.preprocess = NumpyPreprocess(int(pre["resize"]), int(pre["crop"]), pre["mean"], pre["std"])
+
+    def _stamped_digest(self) -> Optional[str]:
+        """The metadata digest stamped into the ONNX file at export (None in exports from before it)."""
+        try:
+            props = self.session.get_modelmeta().custom_metadata_map
+            value = json.loads(props.get(ONNX_PROPS_KEY) or "{}").get(DIGEST_FIELD)
+        except (AttributeError, ValueError):
+            return None
+        return value if isinstance(value, str) else None
 
     # ---- signature --------------------------------------------------------------------------------
     def _check_signature(self) -> None:
@@ -197,6 +217,14 @@ class OnnxDetector:
     def __repr__(self) -> str:
         what = "head only" if self.head_only else "whole detector"
         return f"OnnxDetector({self.path!r}, {what}, inputs={self.input_names})"
+
+
+def check_threads(threads: Any) -> int:
+    """A thread count: an integer in [1, the machine's CPU count] (a huge one would exhaust memory)."""
+    most = os.cpu_count() or 1
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= most:
+        raise ValueError(f"threads must be an integer in [1, {most}] (this machine's CPU count), got {threads!r}")
+    return int(threads)
 
 
 def _progress_bar(progress: bool) -> Any:

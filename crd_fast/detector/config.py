@@ -12,37 +12,60 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from ..choices import (
+    DEFAULT_BACKBONE,
     DEFAULT_LOCAL_RANK,
     DEFAULT_LOCAL_SHRINKAGE,
     DEFAULT_PRECISION,
     DEFAULT_SPATIAL,
     EMBEDDINGS,
     LAM_AUTO,
+    MAX_BATCH_SIZE,
+    MAX_DIM,
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
     PRECISIONS,
-    SPATIAL_MODES,
     WEIGHT_SOURCES,
+    default_layers,
 )
+from ..scoring.registry import check_spatial
 
 Check = Callable[[str, Any], Any]
 
 
-def _int_at_least(minimum: int) -> Check:
+def _int_in(minimum: int, maximum: int, shown_max: str = "") -> Check:
+    """An integer in [minimum, maximum]: the range the model-file loader accepts (crd_fast.choices)."""
+
     def check(name: str, value: Any) -> int:
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not minimum <= value <= maximum:
+            raise ValueError(f"{name} must be an integer in [{minimum}, {shown_max or maximum}], got {value!r}")
         return int(value)
 
     return check
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+def _flag(name: str, value: Any) -> bool:
+    """Only True or False (numpy's too): ``center="no"`` would be truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+#: Device names the detector runs on ("cuda:N" for the N-th GPU).
+_DEVICE = re.compile(r"(cpu|cuda|auto|cuda:\d+)")
+
+
+def _device(name: str, value: Any) -> str:
+    text = str(value)  # a torch.device prints as its name
+    if not _DEVICE.fullmatch(text):
+        raise ValueError(f"{name} must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {value!r}")
+    return text
 
 
 def _non_negative_finite(name: str, value: Any) -> float:
@@ -59,21 +82,17 @@ def _lam_rel(name: str, value: Any) -> Any:
     return float(value)
 
 
-def _spatial(name: str, value: Any) -> str:
-    if not isinstance(value, str) or value not in SPATIAL_MODES:
-        raise ValueError(f"{name} must be one of {SPATIAL_MODES}, got {value!r}")
-    return value
-
-
 def _fraction(name: str, value: Any) -> float:
     if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
 
 
-def _optional_positive_int(name: str, value: Any) -> Optional[int]:
-    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+def _optional_rank(name: str, value: Any) -> Optional[int]:
+    if value is not None and (
+        not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= MAX_DIM
+    ):
+        raise ValueError(f"{name} must be an integer in [1, {MAX_DIM}] or None, got {value!r}")
     return None if value is None else int(value)
 
 
@@ -83,8 +102,11 @@ def _embedding(name: str, value: Any) -> str:
     return value
 
 
-def _layers(name: str, value: Any) -> tuple:
-    # The names are checked against the backbone by the feature extractor (a user module labels them freely).
+def _layers(name: str, value: Any) -> Optional[tuple]:
+    # The names are checked against the backbone by the feature extractor (a user module labels them freely);
+    # None is the backbone's own pair, filled in by __post_init__.
+    if value is None:
+        return None
     return (value,) if isinstance(value, str) else tuple(value)
 
 
@@ -94,10 +116,6 @@ def _weights(name: str, value: Any) -> Optional[str]:
     if not isinstance(value, (str, os.PathLike)):
         raise ValueError(f"{name} must be 'imagenet', 'random' or a path to a state-dict file, got {value!r}")
     return value if value in WEIGHT_SOURCES else os.fspath(value)
-
-
-def _device(name: str, value: Any) -> str:
-    return str(value)  # "cpu", "cuda:1", "auto" or a torch.device; resolved (and checked) by the detector
 
 
 def _precision(name: str, value: Any) -> str:
@@ -119,15 +137,19 @@ class DetectorConfig:
     """The options of a CRDDetector; validated when made (``ValueError`` names the bad option).
 
     Args:
-        backbone: torchvision ResNet name ("wide_resnet50_2", "resnet18", ...) or an ``nn.Module`` returning a
-            list of (B, C, H, W) feature maps (``weights`` is then None and ``layers`` only labels its maps).
-        weights: "imagenet" (torchvision's, from the hub cache or a download; no fallback), a path to a
-            state-dict file (safetensors or .pth), or "random" (seeded by ``seed``; not real accuracy).
-        layers: backbone stages whose maps are used; the first sets the patch grid.
+        backbone: a name of ``BACKBONES`` (torchvision ResNets such as "wide_resnet50_2" or "resnet18", "vgg16",
+            "efficientnet_lite0"), "timm:<name>", or an ``nn.Module`` returning a list of (B, C, H, W) feature maps
+            (``weights`` is then None and ``layers`` only labels its maps).
+        weights: "imagenet" (torchvision's, from the hub cache or a download, no fallback; efficientnet_lite0's
+            packaged with crd-fast's dependencies, no download), a path to a state-dict file (safetensors or .pth),
+            "hed" (vgg16 only) or "random" (seeded by ``seed``; not real accuracy).
+        layers: backbone stages whose maps are used; the first sets the patch grid. Unset (None): the backbone's own
+            pair (``DEFAULT_LAYERS`` in crd_fast/choices.py; a timm model's two middle stages, filled in when the
+            detector builds it). An explicit value always wins.
         embedding: "concat" (d = sum of channels) or "patchcore" (d = ``target_dim``).
         lam_rel: the CRD ridge strength relative to the mean eigenvalue of the covariance (see ``CRDScorer``), or
             "auto" (the default): chosen from ``DEFAULT_LAM_GRID`` without labels, on held-out training images
-            with pseudo-defects (crd_fast/detector/selection.py; docs/DESIGN.md "Position-aware CRD").
+            with pseudo-defects (crd_fast/selection; docs/DESIGN.md "Position-aware CRD").
         center, rank: the global CRD scorer's options (see ``CRDScorer``).
         resize, crop: preprocessing (shorter side resized to ``resize``, center crop ``crop``).
         device: "cpu", "cuda", "cuda:N" or "auto" (run-time option).
@@ -139,9 +161,10 @@ class DetectorConfig:
             measured faster than float32; else fp32): how
             the backbone and the CPU head's projection GEMM compute, in fit and predict alike; the statistics
             stay float64 (run-time option; docs/DESIGN.md "Compute precision").
-        spatial: "global" (one mean and covariance for every patch position: the paper's CRD, for textures),
-            "local" (a mean per position and a per-position covariance part, for aligned parts) or "auto" (the
-            default: chosen with lam_rel by the same label-free validation).
+        spatial: the scoring model (crd_fast/scoring): "global" (one mean and covariance for every patch position:
+            the paper's CRD, for textures), "local" (a mean per position and a per-position covariance part, for
+            aligned parts), any registered model's name, or "auto" (the default: chosen with lam_rel by the same
+            label-free validation).
         local_rank: k, the rank of each position's own covariance part in the local model.
         local_shrinkage: a in [0, 1], how far each position's covariance is shrunk toward the pooled one.
 
@@ -149,15 +172,20 @@ class DetectorConfig:
     extractor; everything else here. Each field's ``help`` metadata is its one-line form (command line).
     """
 
-    backbone: Any = _option("wide_resnet50_2", "torchvision ResNet feature extractor")
+    # EfficientNet-Lite0 with its packaged ImageNet weights: the learned backbone that works offline, and the best
+    # of those measured on real parts (bench/RESULTS.md "EfficientNet-Lite0 with ImageNet weights from the registry")
+    backbone: Any = _option(DEFAULT_BACKBONE, "feature extractor network")
     weights: Optional[str] = _option(
         "imagenet",
-        "backbone weights: 'imagenet' (torchvision's; needs its cache or a network), 'random' "
+        "backbone weights: 'imagenet' (torchvision's: needs its cache or a network; efficientnet_lite0's: from the "
+        "packages crd-fast depends on), 'random' "
         "(seeded, for tests: not real accuracy) or the path of a state-dict file (safetensors or .pth)",
         _weights,
     )
-    layers: tuple[str, ...] = _option(
-        ("layer2", "layer3"), "backbone layers whose features are used; the first sets the patch grid", _layers
+    layers: Optional[tuple[str, ...]] = _option(
+        None,
+        "backbone layers whose features are used; the first sets the patch grid",
+        _layers,
     )
     embedding: str = _option(
         "concat", "concat: all channels of the layers; patchcore: reduced to target_dim", _embedding
@@ -168,19 +196,19 @@ class DetectorConfig:
         "training images with pseudo-defects)",
         _lam_rel,
     )
-    center: bool = _option(True, "subtract the mean patch before projecting", lambda name, value: bool(value))
+    center: bool = _option(True, "subtract the mean patch before projecting", _flag)
     rank: Optional[int] = _option(
         None,
         "keep only the R strongest directions of the CRD projection (unset: exact, full rank)",
-        _optional_positive_int,
+        _optional_rank,
     )
-    resize: int = _option(256, "shorter image side after resizing", _positive_int)
-    crop: int = _option(224, "center crop the model sees; anomaly maps have this size", _positive_int)
+    resize: int = _option(256, "shorter image side after resizing", _int_in(1, MAX_IMAGE_SIDE))
+    crop: int = _option(224, "center crop the model sees; anomaly maps have this size", _int_in(1, MAX_IMAGE_SIDE))
     device: str = _option("cpu", "cpu, cuda, cuda:N or auto", _device, runtime=True)
-    batch_size: int = _option(8, "images per forward pass", _int_at_least(1), runtime=True)
-    seed: int = _option(0, "seed of random weights and of the training score sample", _int_at_least(0))
+    batch_size: int = _option(8, "images per forward pass", _int_in(1, MAX_BATCH_SIZE), runtime=True)
+    seed: int = _option(0, "seed of random weights and of the training score sample", _int_in(0, MAX_SEED, "2**63 - 1"))
     blur_sigma: float = _option(4.0, "Gaussian blur of the anomaly maps, in pixels (0: none)", _non_negative_finite)
-    target_dim: int = _option(1024, "patch dimension d of the patchcore embedding", _int_at_least(1))
+    target_dim: int = _option(1024, "patch dimension d of the patchcore embedding", _int_in(1, MAX_DIM))
     precision: str = _option(
         DEFAULT_PRECISION,
         "compute precision of the backbone and head: auto (bf16 where the "
@@ -193,10 +221,10 @@ class DetectorConfig:
         DEFAULT_SPATIAL,
         "global: one covariance for every patch (textures); local: per-position means and covariances (aligned "
         "parts); auto: chosen with lam_rel without labels",
-        _spatial,
+        check_spatial,
     )
     local_rank: int = _option(
-        DEFAULT_LOCAL_RANK, "rank k of each position's own covariance part (spatial local)", _positive_int
+        DEFAULT_LOCAL_RANK, "rank k of each position's own covariance part (spatial local)", _int_in(1, MAX_DIM)
     )
     local_shrinkage: float = _option(
         DEFAULT_LOCAL_SHRINKAGE,
@@ -212,6 +240,8 @@ class DetectorConfig:
             object.__setattr__(self, "weights", None)
         elif self.weights is None:
             raise ValueError("weights must be 'imagenet', 'random' or a path to a state-dict file, got None")
+        if self.layers is None:  # the backbone's own pair (still None for a timm model: its stages decide)
+            object.__setattr__(self, "layers", default_layers(self.backbone))
 
     @property
     def backbone_name(self) -> str:
@@ -226,7 +256,7 @@ class DetectorConfig:
         """The options as JSON values, in field order (the ``config`` a model file stores)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["backbone"] = self.backbone_name
-        out["layers"] = list(self.layers)
+        out["layers"] = None if self.layers is None else list(self.layers)
         return out
 
     @staticmethod

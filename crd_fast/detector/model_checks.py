@@ -2,7 +2,8 @@
 
 A hand-edited or corrupted file must fail with ModelFileError naming the field, not with an internal error
 or an attempt to allocate terabytes (``crop = 1e6`` would make the backbone run on a 10^12-pixel image).
-The scorer's own fields are checked by ``crd_fast.scorers._model_checks``.
+The scoring model checks its own fields and tensors (``ScoringModel.from_state``; the CRD scorers' through
+``crd_fast.scorers._model_checks``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from ..choices import LAM_AUTO, SPATIAL_MODES
+from ..choices import LAM_AUTO, MAX_BATCH_SIZE, MAX_SEED
 from ..features.preprocess import MAX_IMAGE_SIDE
 from ..io.model_file import PathLike, require
 from ..scorers._model_checks import MAX_COUNT, MAX_DIM
+from ..scoring.registry import model_names, spatial_modes
 
 
 def _int_in(value: Any, low: int, high: int) -> bool:
@@ -58,11 +60,11 @@ def check_detector_metadata(meta: Mapping[str, Any], path: PathLike) -> None:
         ("resize", _int_in(config["resize"], 1, MAX_IMAGE_SIDE), f"an integer in [1, {MAX_IMAGE_SIDE}]"),
         ("crop", _int_in(config["crop"], 1, MAX_IMAGE_SIDE), f"an integer in [1, {MAX_IMAGE_SIDE}]"),
         ("device", isinstance(config["device"], str), "a string"),
-        ("batch_size", _int_in(config["batch_size"], 1, 1 << 16), "an integer in [1, 65536]"),
-        ("seed", _int_in(config["seed"], 0, (1 << 63) - 1), "an integer in [0, 2**63)"),
+        ("batch_size", _int_in(config["batch_size"], 1, MAX_BATCH_SIZE), f"an integer in [1, {MAX_BATCH_SIZE}]"),
+        ("seed", _int_in(config["seed"], 0, MAX_SEED), "an integer in [0, 2**63)"),
         ("blur_sigma", _finite(config["blur_sigma"]) and config["blur_sigma"] >= 0, "a number >= 0"),
         ("target_dim", _int_in(config["target_dim"], 1, MAX_DIM), f"an integer in [1, {MAX_DIM}]"),
-        ("spatial", config["spatial"] in SPATIAL_MODES, f"one of {SPATIAL_MODES}"),
+        ("spatial", config["spatial"] in spatial_modes(), f"one of {spatial_modes()}"),
         ("local_rank", _int_in(config["local_rank"], 1, MAX_DIM), f"an integer in [1, {MAX_DIM}]"),
         (
             "local_shrinkage",
@@ -98,10 +100,12 @@ def check_detector_metadata(meta: Mapping[str, Any], path: PathLike) -> None:
             and _sha256_or_none((meta.get("weights_identity") or {}).get("state_sha256")),
             "an object (with state_sha256, when present, a SHA-256 hex digest)",
         ),
-        ("crd", isinstance(meta.get("crd"), dict), "an object"),
-        ("spatial_choice", meta.get("spatial_choice", "global") in ("global", "local"), "'global' or 'local'"),
+        (
+            "spatial_choice",
+            meta.get("spatial_choice", "global") in model_names(),
+            f"a scoring model's name {model_names()}",
+        ),
         ("selection", meta.get("selection") is None or isinstance(meta["selection"], dict), "null or an object"),
-        ("local", meta.get("local") is None or isinstance(meta["local"], dict), "null or an object"),
     ]
     for key, ok, expected in top:
         require(ok, path, f"metadata field {key}={meta.get(key)!r} is not {expected}")

@@ -27,6 +27,8 @@ import torchvision.transforms.v2.functional as TF
 
 from ..data.images import Images, iter_images
 from ..features.preprocess import load_image, to_unit_tensor
+from ..metrics.pixels import pixel_quantile_threshold
+from ..metrics.thresholds import quantile_threshold
 from ..postprocess.results import DetectionResult
 
 logger = logging.getLogger(__name__)
@@ -185,7 +187,6 @@ class TiledDetector:
 
     def calibrate(self, normal_images: Images, q: float = 0.99) -> float:
         """Image threshold: the ``q`` quantile of held-out defect-free images' tiled scores; returns it."""
-        from ..postprocess.thresholds import quantile_threshold
 
         threshold = quantile_threshold(self.predict(normal_images).image_scores, q)
         self.detector.set_threshold(threshold)
@@ -193,7 +194,6 @@ class TiledDetector:
 
     def calibrate_pixels(self, normal_images: Images, q: float = 0.999) -> float:
         """Pixel threshold: the ``q`` quantile of held-out defect-free images' stitched maps; returns it."""
-        from ..postprocess.pixels import pixel_quantile_threshold
 
         threshold = pixel_quantile_threshold(self.predict(normal_images).anomaly_maps, q)
         self.detector.set_pixel_threshold(threshold)

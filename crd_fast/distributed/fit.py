@@ -14,13 +14,15 @@ replacing it: the result equals a fit on the old and new inputs together.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..core.stats import PatchStatistics
+from ..detector.detector import CRDDetector
 from ..io.model_file import PathLike
+from ..io.safety import check_outputs, path_inputs
 from ..scorers._validation import as_patch_matrix
 from ..scorers.crd import CRDScorer
 from .detector import fit_detector_distributed
@@ -55,12 +57,8 @@ def _patch_shard_statistics(
     return stats
 
 
-def _is_detector(model: Any) -> bool:
-    return hasattr(model, "scorer") and hasattr(model, "iter_batches") and isinstance(model.scorer, CRDScorer)
-
-
 def fit_distributed(
-    model: Any,
+    model: Union[CRDScorer, CRDDetector],
     items: Sequence[Any],
     *,
     update: bool = False,
@@ -68,7 +66,7 @@ def fit_distributed(
     group: Optional[dist.ProcessGroup] = None,
     shard_mode: str = "strided",
     progress: bool = False,
-) -> Any:
+) -> Union[CRDScorer, CRDDetector]:
     """Fit ``model`` (a CRDScorer or CRDDetector) on ``items`` split over the ranks of ``group``.
 
     A collective: every rank calls it with the same ``items`` and an identically configured model.
@@ -76,7 +74,9 @@ def fit_distributed(
     single-process fit. If any rank fails, every rank raises (the failing one its own error, the others
     DistributedError) and nothing is written.
     """
-    if _is_detector(model):
+    if save_path is not None:  # before any work, on every rank: the model may overwrite none of its inputs
+        check_outputs(files=[save_path], inputs=path_inputs(items))
+    if isinstance(model, CRDDetector):
         items = check_items(as_item_list(items))
         return fit_detector_distributed(
             model, items, update=update, save_path=save_path, group=group, shard_mode=shard_mode, progress=progress

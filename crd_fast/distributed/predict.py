@@ -20,8 +20,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..detector.detector import CRDDetector
 from ..io.atomic import atomic_write
 from ..io.model_file import PathLike
+from ..io.safety import check_outputs, path_inputs
 from ..scorers.crd import CRDScorer
 from .items import as_item_list, check_items
 from .reduce import DistributedError, all_gather_objects, raise_if_any_failed, rank_and_world
@@ -57,7 +59,9 @@ def _score_scorer(scorer: CRDScorer, items: Sequence[Any], indices: list[int]) -
     return records, per_item
 
 
-def _score_detector(detector: Any, items: Sequence[Any], indices: list[int], progress: bool) -> tuple[list[dict], Any]:
+def _score_detector(
+    detector: CRDDetector, items: Sequence[Any], indices: list[int], progress: bool
+) -> tuple[list[dict], Any]:
     if not items:
         return [], None
     result = detector.predict(list(items), progress=progress)
@@ -108,12 +112,14 @@ def merge_records(per_rank: Sequence[Sequence[dict]], n_items: int) -> list[dict
     return merged
 
 
-def _check_output(output: Optional[PathLike]) -> Optional[Path]:
+def _check_output(output: Optional[PathLike], inputs: Any = ()) -> Optional[Path]:
+    """The table's path, checked before any work: a .csv or .json name that replaces no input (crd_fast.io.safety)."""
     if output is None:
         return None
     path = Path(output)
     if path.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"output {path} must end in .csv or .json, got suffix {path.suffix!r}")
+    check_outputs(files=[path], inputs=path_inputs(inputs))
     return path
 
 
@@ -159,10 +165,10 @@ def predict_sharded(
     own shard's full result (e.g. to save anomaly maps). ``output`` (.csv or .json) is written by rank 0,
     atomically. A collective: every rank calls it with the same ``items``.
     """
-    if hasattr(model, "predict") and hasattr(model, "scorer"):
+    if isinstance(model, CRDDetector):
         items = as_item_list(items)
     items = check_items(items)
-    out_path = _check_output(output)
+    out_path = _check_output(output, items)
     rank, world = rank_and_world(group)
     error: Optional[BaseException] = None
     records: list[dict] = []
@@ -170,7 +176,7 @@ def predict_sharded(
         indices, mine = shard(items, rank, world, shard_mode)
         if isinstance(model, CRDScorer):
             records, result = _score_scorer(model, mine, indices)
-        elif hasattr(model, "predict") and hasattr(model, "scorer"):
+        elif isinstance(model, CRDDetector):
             records, result = _score_detector(model, mine, indices, progress and rank == 0)
         elif callable(model):
             records, result = _score_callable(model, mine, indices)

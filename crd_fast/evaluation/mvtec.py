@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from ..core.embedding import embed_patches, patch_matrix
 from ..data.datasets import MVTecAD
+from ..data.images import Images, iter_images
+from ..detector.detector import CRDDetector
 from ..features.preprocess import load_image
-from ..postprocess.pixels import pixel_f1
-from ..report.results import CategoryResult, example_indices
-from . import metrics as M
+from ..metrics import scores as M
+from ..metrics.pixels import pixel_f1
+from .baselines import compare_baselines
+from .results import CategoryResult, example_indices
 
 #: Columns of :func:`format_table` (key in the metrics dict, header, format).
 TABLE_COLUMNS = (
@@ -43,12 +43,21 @@ TABLE_COLUMNS = (
     ("fit_seconds", "fit s", "{:.1f}"),
     ("ms_per_image", "ms/img", "{:.1f}"),
 )
-NN_COLUMNS = (
-    ("nn.image_auroc", "NN img AUROC", "{:.3f}"),
-    ("nn.pixel_auroc", "NN px AUROC", "{:.3f}"),
-    ("crd_head_ms_per_image", "CRD head ms/img", "{:.2f}"),
-    ("nn.head_ms_per_image", "NN head ms/img", "{:.2f}"),
-)
+#: Columns of each other scoring rule measured on the same features (crd_fast/evaluation/baselines.py), by its key.
+PEER_COLUMNS = {
+    "nn": (
+        ("nn.image_auroc", "NN img AUROC", "{:.3f}"),
+        ("nn.pixel_auroc", "NN px AUROC", "{:.3f}"),
+        ("nn.head_ms_per_image", "NN head ms/img", "{:.2f}"),
+    ),
+    "padim": (
+        ("padim.image_auroc", "PaDiM img AUROC", "{:.3f}"),
+        ("padim.pixel_auroc", "PaDiM px AUROC", "{:.3f}"),
+        ("padim.head_ms_per_image", "PaDiM head ms/img", "{:.2f}"),
+    ),
+}
+CRD_HEAD_COLUMN = ("crd_head_ms_per_image", "CRD head ms/img", "{:.2f}")
+ALL_COLUMNS = TABLE_COLUMNS + (CRD_HEAD_COLUMN,) + tuple(c for cols in PEER_COLUMNS.values() for c in cols)
 
 
 @dataclass
@@ -93,90 +102,18 @@ def score_metrics(
     return out, notes
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def compare_nn(
-    detector: Any,
-    train_images: Sequence[Any],
-    test_images: Sequence[Any],
-    labels: Any,
-    masks: Optional[np.ndarray] = None,
-    subsample: Optional[float] = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Score ``test_images`` with exact 1-NN on the fitted ``detector``'s own patch features.
-
-    Builds an :class:`~crd_fast.scorers.nn.NNScorer` memory bank from ``train_images`` (``subsample``: fraction kept),
-    then for every test batch runs the backbone once and times both heads from the feature maps: the
-    detector's CRD head, and embedding + nearest-neighbour search. Returns the NN figures (image/pixel
-    AUROC, AUPRO, head ms per image, bank size) and the CRD head's ms per image on the same features.
-    """
-    from ..scorers.nn import NNScorer
-
-    nn_scorer = NNScorer(subsample=subsample, seed=detector.seed)
-    with tqdm(
-        total=len(train_images), desc="NN memory bank", unit="img", disable=not progress, dynamic_ncols=True
-    ) as bar:
-        for _, x in detector.iter_batches(list(train_images)):
-            nn_scorer.partial_fit(patch_matrix(detector.embed(x)))
-            bar.update(x.shape[0])
-    model = detector.inference_model()
-    device = detector.device
-    crd_s = nn_s = 0.0
-    scores: list[np.ndarray] = []
-    maps: list[np.ndarray] = []
-    n = 0
-    with tqdm(total=len(test_images), desc="NN scoring", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for _, x in detector.iter_batches(list(test_images)):
-            with torch.inference_mode():
-                feats = detector.extract_features(x)
-                _sync(device)
-                t0 = time.perf_counter()
-                model.head(feats)
-                _sync(device)
-                t1 = time.perf_counter()
-                emb = embed_patches(feats, detector.embedding, detector.target_dim)
-                dist = torch.as_tensor(nn_scorer.score(patch_matrix(emb)))
-                _sync(device)
-                t2 = time.perf_counter()
-                b, _, h, w = emb.shape
-                patch_maps = dist.reshape(b, h, w).float().to(device)
-                maps.append(detector.mapper(patch_maps).cpu().numpy())
-                scores.append(patch_maps.flatten(1).amax(dim=1).double().cpu().numpy())
-            crd_s += t1 - t0
-            nn_s += t2 - t1
-            n += b
-            bar.update(b)
-    nn_metrics, _ = score_metrics(labels, np.concatenate(scores), masks, np.concatenate(maps))
-    return {
-        "nn": {
-            "image_auroc": nn_metrics["image_auroc"],
-            "pixel_auroc": nn_metrics["pixel_auroc"],
-            "aupro": nn_metrics["aupro"],
-            "head_ms_per_image": 1e3 * nn_s / max(n, 1),
-            "bank_patches": nn_scorer.n_samples,
-            "bank_mb": nn_scorer.nbytes / 2**20,
-        },
-        "crd_head_ms_per_image": 1e3 * crd_s / max(n, 1),
-    }
-
-
-def _listed(images: Any) -> list[Any]:
-    from ..data.images import iter_images
-
+def _listed(images: Images) -> list[Any]:
     return [img if path is None else path for path, img in iter_images(images)]
 
 
 def evaluate_dataset(
-    detector: Any,
+    detector: CRDDetector,
     train: Any,
     test: Any,
     name: str,
     compare_nn_baseline: bool = False,
     nn_subsample: Optional[float] = None,
+    baselines: Sequence[str] = (),
     n_examples: int = 4,
     fpr_limit: float = 0.3,
     progress: bool = True,
@@ -187,6 +124,8 @@ def evaluate_dataset(
     ``train``: anything the detector can fit on (a folder, a list of paths, a data set). ``test``: a data
     set with ``image_paths``, ``labels``, ``defect_types`` and ``masks(preprocess)`` (``MVTecAD``,
     ``FolderDataset``). Any earlier fit of ``detector`` is discarded.
+    ``baselines``: other scoring rules to measure on the detector's own features (crd_fast/evaluation/baselines.py:
+    "nn", "padim"); ``compare_nn_baseline=True`` adds "nn".
     ``pixel_q``: also set a pixel threshold, the ``pixel_q`` quantile of the anomaly-map values of every
     fifth training image, held out of the fit; predicted masks are then scored by pixel F1 (``pixel_f1``).
     """
@@ -213,19 +152,19 @@ def evaluate_dataset(
     if pred.pred_masks is not None and masks is not None and masks.any():
         metrics["pixel_f1"] = pixel_f1(pred.pred_masks, masks)
     extra: dict[str, Any] = {}
-    if compare_nn_baseline:
+    peers = list(dict.fromkeys([*(["nn"] if compare_nn_baseline else []), *baselines]))
+    peer_scores: dict[str, np.ndarray] = {}
+    if peers:
         train_items = train.image_paths if hasattr(train, "image_paths") else train
         if isinstance(train_items, str) or not hasattr(train_items, "__len__"):
-            from ..data.images import iter_images
-
             train_items = [img for _, img in iter_images(train_items)]
-        extra = compare_nn(detector, train_items, paths, labels, masks, nn_subsample, progress)
-        metrics["nn"] = dict(extra["nn"])
-        metrics["crd_head_ms_per_image"] = extra["crd_head_ms_per_image"]
-        extra = {
-            "nn": {k: extra["nn"][k] for k in ("image_auroc", "pixel_auroc", "head_ms_per_image")},
-            "crd_head_ms_per_image": extra["crd_head_ms_per_image"],
-        }
+        run = compare_baselines(detector, train_items, paths, labels, masks, peers, nn_subsample, progress)
+        notes += run.notes
+        for peer, figures in run.figures.items():
+            metrics[peer] = dict(figures)
+            extra[peer] = {k: figures[k] for k in ("image_auroc", "pixel_auroc", "head_ms_per_image")}
+        metrics["crd_head_ms_per_image"] = extra["crd_head_ms_per_image"] = run.crd_head_ms_per_image
+        peer_scores = run.image_scores
     # Display images only for the overlays the report shows (decoding every test image is wasted work).
     picks = sorted({i for group in example_indices(labels, pred.image_scores, n_examples).values() for i in group})
     images = {i: detector.preprocess.display(load_image(paths[i])) for i in picks}
@@ -242,13 +181,14 @@ def evaluate_dataset(
         ms_per_image=ms_per_image,
         extra=extra,
         pixel_threshold=getattr(detector, "pixel_threshold", None),
-        selection=getattr(detector, "selection", None),
+        selection=None if detector.selection is None else detector.selection.to_dict(),
+        peer_scores=peer_scores or None,
     )
     return CategoryEvaluation(name, result, metrics, notes)
 
 
 def evaluate_mvtec(
-    detector: Any, root: Any, categories: Optional[Sequence[str]] = None, **kwargs: Any
+    detector: CRDDetector, root: Any, categories: Optional[Sequence[str]] = None, **kwargs: Any
 ) -> list[CategoryEvaluation]:
     """:func:`evaluate_dataset` for each MVTec AD category under ``root`` (all found when ``categories`` is None).
 
@@ -278,7 +218,7 @@ def _lookup(metrics: dict[str, Any], key: str) -> Any:
 def mean_metrics(evals: Sequence[CategoryEvaluation]) -> dict[str, Any]:
     """The mean of every table column over the categories that have it (nested keys flattened with '.')."""
     out: dict[str, Any] = {}
-    for key, _, _ in TABLE_COLUMNS + NN_COLUMNS:
+    for key, _, _ in ALL_COLUMNS:
         values = [v for v in (_lookup(e.metrics, key) for e in evals) if v is not None]
         out[key] = float(np.mean(values)) if values else None
     return out
@@ -287,8 +227,11 @@ def mean_metrics(evals: Sequence[CategoryEvaluation]) -> dict[str, Any]:
 def format_table(evals: Sequence[CategoryEvaluation]) -> str:
     """A plain-text table, one row per category (and the mean when there are several)."""
     columns = list(TABLE_COLUMNS)
-    if any("nn" in e.metrics for e in evals):
-        columns += list(NN_COLUMNS)
+    peers = [p for p in PEER_COLUMNS if any(p in e.metrics for e in evals)]
+    if peers:
+        columns.append(CRD_HEAD_COLUMN)
+    for peer in peers:
+        columns += list(PEER_COLUMNS[peer])
     head = ["category"] + [h for _, h, _ in columns]
 
     def row(name: str, metrics: dict[str, Any], flat: bool = False) -> list[str]:

@@ -18,11 +18,12 @@ from PIL import Image
 
 # Decoding and the ImageNet constants are torch-free and shared with the ONNX runtime; re-exported here,
 # where the pipeline imports them.
+from ..choices import MAX_IMAGE_SIDE as CHOICES_MAX_IMAGE_SIDE
 from ..io.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_image, to_rgb  # noqa: F401
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 #: Largest accepted ``resize`` / ``crop``: the backbone runs on crop x crop inputs (4096^2 already needs GBs).
-MAX_IMAGE_SIDE = 4096
+MAX_IMAGE_SIDE = CHOICES_MAX_IMAGE_SIDE
 
 
 def _from_uint8(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@
 The model is built with ``timm.create_model(name, features_only=True)``. ``layers`` are timm's feature
 module names (``model.feature_info.module_name()``: "layer2" for ResNets, "stages.1" for ConvNeXt, ...) or
 feature indices as strings ("1", "2"). Images are normalised with the model's own mean and std (its
-``pretrained_cfg``), not ImageNet's. ``weights``: "imagenet" (timm's default pretrained weights, from the
+``pretrained_cfg``), not ImageNet's. Without ``layers``, the two middle feature stages are used
+(of timm's n feature stages, indices (n - 1) // 2 and the next: layer2 + layer3 of a ResNet's five, stride 8 and
+16; stages.1 + stages.2 of a ConvNeXt's four). ``weights``: "imagenet" (timm's default pretrained weights, from the
 Hugging Face cache or a download; offline it fails), "random" (timm's initialisation, seeded) or a
 state-dict file of the full model (or of the features-only model).
 """
@@ -14,7 +16,7 @@ state-dict file of the full model (or of the features-only model).
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -38,9 +40,12 @@ def _timm():
 
 
 class TimmFeatures(nn.Module):
-    """A features-only timm model returning the maps of ``layers``, with the model's mean and std."""
+    """A features-only timm model returning the maps of ``layers`` (None: its two middle feature stages), with the
+    model's mean and std; ``self.layers`` names the maps."""
 
-    def __init__(self, backbone: str, layers: Sequence[str], weights: WeightsSpec = "imagenet", seed: int = 0) -> None:
+    def __init__(
+        self, backbone: str, layers: Optional[Sequence[str]] = None, weights: WeightsSpec = "imagenet", seed: int = 0
+    ) -> None:
         super().__init__()
         timm = _timm()
         name = backbone[len(PREFIX) :]
@@ -51,6 +56,10 @@ class TimmFeatures(nn.Module):
         except RuntimeError as exc:  # timm's "Unknown model" / "features_only not implemented"
             raise ValueError(f"timm cannot build {name!r} as a feature extractor: {exc}") from exc
         modules = list(probe.feature_info.module_name())
+        if layers is None:
+            middle = max(0, (len(modules) - 1) // 2)
+            layers = tuple(modules[middle : middle + 2])
+        self.layers = tuple(layers)
         indices = []
         for layer in layers:
             if layer in modules:

@@ -30,7 +30,8 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from .limits import BYTES_PER_PIXEL, decode_budget, size_problem
+from .limits import BYTES_PER_PIXEL, decode_budget, image_limits, size_problem
+from .safety import TEMP_PREFIX
 from .tensors import is_tensor_like
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,6 +72,7 @@ def load_image(path: Union[str, os.PathLike], error: type[Exception] = ImageRead
     :class:`ImageReadError`) naming the file if it cannot be read or decoded, or if its header gives a size
     beyond the limits of :mod:`crd_fast.io.limits` (checked before any pixel is decoded). The ONNX runtime
     passes its own ValueError subclass."""
+    _defer_pillow_limit()
     try:
         with Image.open(path) as img:
             problem = size_problem(*img.size)
@@ -82,6 +84,16 @@ def load_image(path: Union[str, os.PathLike], error: type[Exception] = ImageRead
         raise
     except Exception as exc:  # Pillow's decoders raise many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise error(f"cannot read image {os.fspath(path)!r}: {_read_failure(exc)}") from exc
+
+
+def _defer_pillow_limit() -> None:
+    """Let crd_fast's own pixel limit decide (crd_fast.io.limits, checked from the header before decoding): Pillow
+    refuses images above 2 x ``Image.MAX_IMAGE_PIXELS`` (179 MP by default) while opening them, so a larger limit
+    set by the user would otherwise have no effect. Pillow's limit is raised only as far as ours."""
+    ours = image_limits().max_pixels
+    pillow = Image.MAX_IMAGE_PIXELS
+    if pillow is not None and ours > pillow:
+        Image.MAX_IMAGE_PIXELS = ours  # Pillow errors at twice this and warns above it: ours speaks first
 
 
 def _read_failure(exc: BaseException) -> str:
@@ -114,12 +126,19 @@ def decode_reservation(path: Union[str, os.PathLike]) -> Iterator[None]:
 
 
 def list_image_files(folder: Union[str, os.PathLike], recursive: bool = False) -> list[str]:
-    """Image files in ``folder`` (by extension, case-insensitive), sorted; FileNotFoundError if it is not a folder."""
+    """Image files in ``folder`` (by extension, case-insensitive), sorted; FileNotFoundError if it is not a folder.
+    crd_fast's own temporary files and staging folders (``.crd-*``, e.g. left by a killed run) are never listed."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     pattern = root.rglob("*") if recursive else root.iterdir()
-    return sorted(str(p) for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        str(p)
+        for p in pattern
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(TEMP_PREFIX) for part in p.relative_to(root).parts)  # crd_fast's staging
+        and p.is_file()
+    )
 
 
 def image_item(obj: Any, where: str) -> ImageItem:

@@ -1,89 +1,85 @@
-"""Output safety (torch-free): check output paths before any work, and put result folders in place atomically.
+"""Output paths (torch-free): readable inputs, writable outputs, and result folders put in place atomically.
 
 - :func:`check_readable_file` / :func:`check_output_file`: called before a command starts its work, so a
   mistake costs nothing and is reported with the user's path and the real cause (not found, permission
-  denied, is a directory, read-only file system), not an internal temporary name after an hour of fitting.
-- :class:`ResultFolder`: ``predict -o OUT`` writes everything into a staging folder beside OUT and moves the
-  results into OUT only when the whole run succeeded, so a failed run leaves OUT exactly as it was. OUT must
-  be empty or new unless ``overwrite`` is given (then only crd_fast's own results in it are replaced, as a
-  set); OUT may neither be nor lie inside nor contain an input, so inputs are never overwritten and a later
-  ``-r`` run over the inputs never scores earlier heatmaps.
+  denied, is a directory, a device, read-only file system), not an internal temporary name after an hour of
+  fitting. The full rule (outputs never overlap inputs) is :func:`crd_fast.io.safety.check_outputs`.
+- :class:`ResultFolder`: ``predict -o OUT`` writes everything into a staging folder and puts the results into OUT
+  only when the whole run succeeded, as one commit (:mod:`crd_fast.io.commit`): a new OUT appears by one rename of
+  the complete staging folder; in an existing OUT the set of results is replaced through a journal. A failed or
+  killed run leaves OUT as it was (or, killed after the commit point, as the new complete set once recovered). OUT
+  must be empty or new unless ``overwrite`` is given (then only crd_fast's own results in it are replaced, as a
+  set), checked again under a lock at the commit, so two runs never silently replace each other; OUT may neither
+  be nor lie inside nor contain an input.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .atomic import TEMP_PREFIX, PathLike, write_error
+from .atomic import current_umask
+from .commit import STAGE_PREFIX, Held, commit_moves, hold, is_temporary_name, release
+from .safety import (
+    NAME_MAX,
+    TEMP_PREFIX,
+    OutputError,
+    PathLike,
+    check_outputs,
+    quoted,
+    resolve_output_file,
+    write_error,
+)
 
-#: File-name limit of common file systems, in bytes.
-NAME_MAX = 255
-
-
-class OutputError(ValueError):
-    """An output path cannot be used (exists and is not empty, overlaps an input, ...); exit code 2."""
+__all__ = [
+    "NAME_MAX",
+    "TEMP_PREFIX",
+    "OutputError",
+    "ResultFolder",
+    "check_output_file",
+    "check_readable_file",
+    "short_file_name",
+]
 
 
 def check_readable_file(path: PathLike, what: str = "file") -> Path:
     """``path`` as a Path if it is a readable regular file; else FileNotFoundError / PermissionError /
     IsADirectoryError naming ``path`` and the real cause."""
     p = Path(path)
-    shown = os.fspath(path)
+    shown = quoted(path)
     try:
         st = p.stat()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {shown!r} does not exist") from None
+        raise FileNotFoundError(f"{what} {shown} does not exist") from None
     except PermissionError:
-        raise PermissionError(f"{what} {shown!r}: permission denied (cannot reach it)") from None
+        raise PermissionError(f"{what} {shown}: permission denied (cannot reach it)") from None
     except NotADirectoryError:
-        raise FileNotFoundError(f"{what} {shown!r} does not exist (a part of its path is a file)") from None
+        raise FileNotFoundError(f"{what} {shown} does not exist (a part of its path is a file)") from None
+    except OSError as exc:
+        raise write_error(exc, path, "read") from None
     if p.is_dir():
-        raise IsADirectoryError(f"{what} {shown!r} is a directory, not a file")
-    del st
+        raise IsADirectoryError(f"{what} {shown} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):  # reading a FIFO would wait forever, a device would never end
+        raise OutputError(f"{what} {shown} is not a regular file (a device, FIFO or socket)")
     try:
         with open(p, "rb"):
             pass
     except PermissionError:
-        raise PermissionError(f"{what} {shown!r}: permission denied (cannot read it)") from None
-    return p
-
-
-def _probe_folder(folder: Path, target: PathLike) -> None:
-    """Create and remove a temporary file in ``folder``: the only check of writability that is always right."""
-    try:
-        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".probe", dir=folder)
-    except OSError as exc:
-        raise write_error(exc, target) from exc
-    os.close(fd)
-    os.unlink(name)
-
-
-def _existing_ancestor(p: Path) -> Path:
-    while not p.exists() and p != p.parent:
-        p = p.parent
+        raise PermissionError(f"{what} {shown}: permission denied (cannot read it)") from None
     return p
 
 
 def check_output_file(path: PathLike) -> Path:
-    """Fail now, naming ``path``, if a file could not be written there: it is a directory, its name is too
-    long, a part of its folder is a file, or the folder is not writable."""
-    p = Path(path)
-    shown = os.fspath(path)
-    if p.is_dir():
-        raise IsADirectoryError(f"cannot write {shown!r}: it is a directory")
-    if len(os.fsencode(p.name)) > NAME_MAX:
-        raise OSError(f"cannot write {shown!r}: file name longer than {NAME_MAX} bytes")
-    folder = _existing_ancestor(p.parent.absolute())
-    if not folder.is_dir():
-        raise NotADirectoryError(f"cannot write {shown!r}: {str(folder)!r} is a file, not a folder")
-    _probe_folder(folder, path)
-    return p
+    """Fail now, naming ``path``, if a file could not be written there: it is a directory, a device, FIFO or
+    socket, its name is too long, a part of its folder is a file, or the folder is not writable."""
+    resolve_output_file(path)
+    return Path(path)
 
 
 def short_file_name(name: str, index: int, limit: int = NAME_MAX) -> str:
@@ -97,21 +93,27 @@ def short_file_name(name: str, index: int, limit: int = NAME_MAX) -> str:
     return f"{tag}{head}{suffix}"
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
+def _occupied(folder: Path) -> list[str]:
+    """The entries of ``folder`` other than crd_fast's temporary ones."""
+    try:
+        return sorted(n for n in os.listdir(folder) if not is_temporary_name(n))
+    except FileNotFoundError:
+        return []
 
 
 class ResultFolder:
-    """A staged results folder. ``stage`` is where the run writes; :meth:`commit` moves its entries into the
-    final folder; :meth:`discard` (or leaving the ``with`` block by an exception) removes the stage.
+    """A staged results folder. ``stage`` is where the run writes; :meth:`commit` puts its entries into the final
+    folder as one commit; :meth:`discard` (or leaving the ``with`` block by an exception) removes the stage.
 
     Args:
-        final: the output folder the user named.
-        entries: the names this command writes there (e.g. scores.csv, scores.json, heatmaps).
+        final: the output folder the user named (a symbolic link to a folder is followed).
+        entries: the names this command writes there (e.g. scores.csv, scores.json, heatmaps): the result set. At
+            the commit every one of them is replaced by the staged one, or removed if the run did not make it, so
+            an earlier run's results never mix with this one's.
         inputs: the input files and folders; the output may not overlap any of them.
         overwrite: allow a non-empty ``final``; the named ``entries`` in it are replaced, nothing else is touched.
-        stage_name: a fixed staging folder name (all processes of a distributed run must agree on it);
-            default: a fresh random one.
+        open: create the staging folder now; ``open=False``: call :meth:`open` later (a distributed run creates
+            it on rank 0 and the other ranks attach to it by path).
     """
 
     def __init__(
@@ -120,40 +122,46 @@ class ResultFolder:
         entries: Sequence[str],
         inputs: Iterable[PathLike] = (),
         overwrite: bool = False,
-        stage_name: Optional[str] = None,
+        open: bool = True,
     ) -> None:
         self.final = Path(final)
         self.entries = tuple(entries)
-        shown = os.fspath(final)
-        out = self.final.resolve()
-        for item in inputs:
-            src = Path(item).resolve()
-            if _inside(out, src) or _inside(src, out):
-                where = "is inside" if _inside(src, out) and src != out else "contains" if src != out else "is"
-                raise OutputError(
-                    f"output folder {shown!r} {where} the input {os.fspath(item)!r}: results would "
-                    "overwrite or mix with the inputs; choose a folder outside the inputs"
-                )
-        if self.final.exists() and not self.final.is_dir():
-            raise OutputError(f"output {shown!r} exists and is not a folder")
-        if self.final.is_dir() and any(self.final.iterdir()) and not overwrite:
+        self.overwrite = overwrite
+        plan = check_outputs(folders=[final], inputs=inputs)
+        self.real = plan.real(final)
+        if self.real.is_dir() and _occupied(self.real) and not overwrite:
             raise OutputError(
-                f"output folder {shown!r} is not empty; choose a new or empty folder, or pass "
+                f"output folder {quoted(final)} is not empty; choose a new or empty folder, or pass "
                 "--overwrite to replace the results in it (scores and heatmaps, all at once at the end)"
             )
-        parent = _existing_ancestor(self.final.parent.absolute())
-        if not parent.is_dir():
-            raise NotADirectoryError(f"cannot write {shown!r}: {str(parent)!r} is a file")
-        try:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            if stage_name is None:
-                self.stage = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + "stage-", dir=self.final.parent))
-            else:
-                self.stage = self.final.parent / stage_name
-                self.stage.mkdir(exist_ok=True)
-            os.chmod(self.stage, 0o777 & ~_umask())
-        except OSError as exc:
-            raise write_error(exc, final, "create the output folder") from exc
+        self._stage: Optional[Path] = None
+        self._lock: Optional[Held] = None
+        if open:
+            self.open()
+
+    @property
+    def stage(self) -> Path:
+        if self._stage is None:
+            raise RuntimeError("the result folder's staging folder is not open yet (call open())")
+        return self._stage
+
+    def open(self, attach: Optional[PathLike] = None) -> "ResultFolder":
+        """Create the staging folder (inside OUT if it exists, else beside it) or, with ``attach``, join the one
+        another process of the same run created. It is held (locked shared) against clean-up until the end."""
+        if attach is not None:
+            self._stage = Path(attach)
+        else:
+            existing = self.real.is_dir()
+            parent = self.real if existing else self.real.parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+                self._stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=parent))
+                if not existing:
+                    os.chmod(self._stage, 0o777 & ~current_umask())
+            except OSError as exc:
+                raise write_error(exc, self.final, "create the output folder") from exc
+        self._lock = hold(self._stage)
+        return self
 
     def __enter__(self) -> "ResultFolder":
         return self
@@ -163,28 +171,43 @@ class ResultFolder:
             self.discard()
 
     def discard(self) -> None:
-        shutil.rmtree(self.stage, ignore_errors=True)
+        release(self._lock)
+        self._lock = None
+        if self._stage is not None:
+            shutil.rmtree(self._stage, ignore_errors=True)
+
+    def _check_still_free(self) -> None:
+        """The new-or-empty check again, at the commit (under the folder's lock)."""
+        if not self.overwrite and _occupied(self.real):
+            raise OutputError(
+                f"output folder {quoted(self.final)} was filled by another run while this one worked "
+                f"({', '.join(_occupied(self.real)[:3])}); nothing was replaced: choose a new folder or --overwrite"
+            )
 
     def commit(self) -> Path:
-        """Move the staged results into the final folder (replacing earlier results of the same names)."""
-        if not self.final.exists():
-            os.rename(self.stage, self.final)  # the whole folder appears at once
+        """Put the staged results into the final folder (replacing earlier results of the same names) as one
+        commit; the new-or-empty check is repeated at this point."""
+        stage = self.stage
+        if stage.parent != self.real:  # OUT did not exist: it appears by one rename, complete
+            try:
+                os.rename(stage, self.real)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.real.is_dir():
+                    raise write_error(exc, self.final, "create the output folder") from exc
+                self._check_still_free()  # another run made OUT meanwhile: refused, or joined with --overwrite
+                inner = self.real / stage.name
+                os.rename(stage, inner)
+                release(self._lock)
+                self._stage, self._lock = inner, hold(inner)
+                return self.commit()
+            release(self._lock)
+            self._lock, self._stage = None, None
             return self.final
-        old = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + "old-", dir=self.final))
+        moves = [(stage / name if os.path.lexists(stage / name) else None, self.real / name) for name in self.entries]
         try:
-            for name in self.entries:  # set the previous results aside first: no mix of old and new
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(self.final / name, old / name)
-            for name in self.entries:
-                if (self.stage / name).exists():
-                    shutil.move(os.fspath(self.stage / name), os.fspath(self.final / name))
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-            self.discard()
+            commit_moves(self.real, moves, cleanup=[stage], check=self._check_still_free)
+        except OSError as exc:
+            raise write_error(exc, self.final, "write results into") from exc
+        release(self._lock)
+        self._lock, self._stage = None, None
         return self.final
-
-
-def _umask() -> int:
-    from .atomic import current_umask
-
-    return current_umask()

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.embedding import check_embedding, patchcore_reduce, pool_feature_map, resize_to
-from ..ops.head_op import crd_head as fused_crd_head
+from ..ops import crd_head as fused_crd_head
 from ..scorers.crd import CRDScorer
 
 
@@ -52,6 +52,13 @@ def folded_matrix(
     eye = torch.eye(total, dtype=torch.float64, device=m64.device)
     reduction = patchcore_reduce(eye, list(layer_channels), target_dim).T  # (target_dim, total)
     return m64 @ reduction
+
+
+def folded_blocks(folded: torch.Tensor, layer_channels: Optional[Sequence[int]]) -> list[torch.Tensor]:
+    """``folded`` (r, sum C_l) split into each layer's (r, C_l) column block (one block without layer channels)."""
+    if layer_channels is None:
+        return [folded]
+    return list(torch.split(folded, [int(c) for c in layer_channels], dim=1))
 
 
 def project_feature_maps(
@@ -167,6 +174,11 @@ class CRDHead(nn.Module):
         total = project_feature_maps(feature_maps, self.folded, self.layer_channels)
         diff = total - self.q.to(total.dtype)[None, :, None, None]
         return diff.square().sum(dim=1).sqrt()
+
+    def half_weights(self) -> list[torch.Tensor]:
+        """The weights an fp16 ONNX export stores in float16: the folded matrix's column block of each layer (the
+        1 x 1 convolution weights of ``torch_forward``)."""
+        return folded_blocks(self.folded, self.layer_channels)
 
     def extra_repr(self) -> str:
         return (

@@ -5,26 +5,22 @@ This is what gets exported (ONNX, TorchScript): backbone features, the CRD head 
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 import torch.nn as nn
 
 from ..core.precision import head_gemm_dtype
 from ..features.backbone import FeatureExtractor
 from .anomaly_map import AnomalyMapper
-from .head import CRDHead
-from .local_head import LocalCRDHead
 
 
 class InferenceModel(nn.Module):
-    """extractor + head (the global CRDHead or the position-aware LocalCRDHead) + mapper.
+    """extractor + head (any scoring model's head: crd_fast/scoring/base.py ``ScoreHead``) + mapper.
 
     forward(x: (B, 3, H, W) normalised images) -> (image_scores (B,), anomaly_maps (B, H, W), patch_maps (B, h, w));
     the image score is the largest patch score (before upsampling and blur).
     """
 
-    def __init__(self, extractor: FeatureExtractor, head: Union[CRDHead, LocalCRDHead], mapper: AnomalyMapper) -> None:
+    def __init__(self, extractor: FeatureExtractor, head: nn.Module, mapper: AnomalyMapper) -> None:
         super().__init__()
         self.extractor = extractor
         self.head = head

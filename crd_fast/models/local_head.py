@@ -30,8 +30,8 @@ from ..core.dtypes import compute_dtype
 from ..core.embedding import check_embedding
 from ..core.finite import all_finite
 from ..core.local import LocalCRDModel
-from ..ops.head_op import crd_residual as fused_crd_residual
-from .head import _exporting, folded_matrix, project_feature_maps
+from ..ops import crd_residual as fused_crd_residual
+from .head import _exporting, folded_blocks, folded_matrix, project_feature_maps
 
 
 def _square_grid(positions: int) -> tuple[int, int]:
@@ -243,6 +243,11 @@ class LocalCRDHead(nn.Module):
         # einsum rather than a matmul with S_p^T: an exported graph then holds S once, not also a transposed copy
         corrected = main - torch.einsum("pbk,pdk->pbd", c, vectors) * inv_b
         return corrected.square().sum(dim=-1).sqrt()
+
+    def half_weights(self) -> list[torch.Tensor]:
+        """The weights an fp16 ONNX export stores in float16: the folded matrix's layer blocks, S and K (q_p and
+        inv_b stay float32: q_p is subtracted from M y, a cancellation, and both are small next to S)."""
+        return folded_blocks(self.folded, self.layer_channels) + [self.vectors, self.inner]
 
     def extra_repr(self) -> str:
         return (

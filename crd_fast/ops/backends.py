@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from . import cpu, cuda_dispatch, cupy_jit, native
+from . import cpu, cuda_dispatch, cupy_jit, native, registry
 
 
 def _importable(name: str) -> bool:
@@ -21,8 +21,9 @@ def backends() -> dict[str, Any]:
     """What this installation can run: native CPU kernels, compiled CUDA kernels, GPUs, CuPy, faiss.
 
     ``fused_cpu_bf16_isa`` names the instruction set the CPU pass over bf16 projections runs here (None: not
-    built). ``cuda_devices`` lists, per visible GPU, the path ``crd_fast.ops.crd_head`` takes there and why (the
-    first call decides it: kernels are probed once per device; docs/GPU.md).
+    built). ``cuda_devices`` lists, per visible GPU, the path ``crd_fast.ops.crd_head`` takes there and why, with
+    each other op's under its name (e.g. "crd_residual"); the first call decides it: kernels are probed once per
+    op and device (docs/GPU.md).
     """
     info = native.build_info()
     return {
@@ -33,7 +34,7 @@ def backends() -> dict[str, Any]:
         "cuda_kernels_version": info.get("cuda_version"),
         "cuda_kernels_archs": info.get("cuda_archs"),
         "cuda_device": torch.cuda.is_available(),
-        "cuda_devices": cuda_dispatch.device_report(),
+        "cuda_devices": cuda_dispatch.device_report([s for s in registry.OPS.values() if s.kernels is not None]),
         "torch": torch.__version__,
         "cupy": cupy_jit.cupy_importable(),
         "faiss": _importable("faiss"),

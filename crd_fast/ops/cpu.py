@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..core.precision import current_head_gemm_dtype
-from .plan import Geometry, geometry_of, tables
+from .plan import FOLDS, Geometry, geometry_of, tables
 
 try:  # compiled from csrc/cpu/crd_head.pyx; absent in a pure-Python checkout
     from . import _crd_head_cpu  # type: ignore[attr-defined]
@@ -83,6 +83,22 @@ def _check(maps: Sequence[torch.Tensor], matrix_t: torch.Tensor, q: torch.Tensor
             raise ValueError(
                 f"out must be a contiguous CPU {dtype} {(batch, h0, w0)} tensor, got {out.dtype} {tuple(out.shape)}"
             )
+
+
+def gemm_operand(
+    matrix: torch.Tensor, second: torch.Tensor, params: tuple, matrix_t: torch.Tensor, dtype: torch.dtype
+) -> Optional[torch.Tensor]:
+    """``matrix_t`` in the reduced GEMM dtype (crd_fast.core.precision.head_gemm_dtype, float32 maps only;
+    docs/DESIGN.md "Compute precision"), cast once per (matrix, offset or q) pair and cached with the folds under
+    the op's fold ``params``; None when the GEMM runs in ``dtype`` itself."""
+    gemm = current_head_gemm_dtype() if dtype == torch.float32 else None
+    if gemm is None:
+        return None
+
+    def cast() -> tuple[torch.Tensor, torch.Tensor]:
+        return matrix_t.to(gemm).contiguous(), matrix_t.new_empty(0)
+
+    return FOLDS.get(matrix, second, (*params, "gemm operand", gemm), cast, torch.device("cpu"))[0]
 
 
 def bf16_pass_available() -> bool:

@@ -1,24 +1,26 @@
-"""Which path CUDA tensors take, per device: native -> CuPy -> reference, checked once and never raising.
+"""Which path an op takes on each CUDA device: native -> CuPy -> reference, checked once and never raising.
 
-For each CUDA device, the first path that passes its checks is used (docs/GPU.md "Which path a GPU gets"):
+For each (op, CUDA device), the first backend of :data:`BACKENDS` that passes its checks is used
+(docs/GPU.md "Which path a GPU gets"):
 
-1. "native", the kernels compiled into ``_C``: the build has CUDA kernels, it carries code for the device
-   (a real architecture of the same major version at or below it, or PTX at or below it), and a probe (a
-   tiny head launched and compared with the reference) passes;
+1. "native", the kernels compiled into ``_C``: the build has CUDA kernels, it has the op's kernels (a build from
+   before them lacks them: absent, not failed), it carries code for the device (a real architecture of the same
+   major version at or below it, or PTX at or below it), and the op's probe (a tiny call launched and compared
+   with the reference) passes;
 2. "cupy", the same source compiled by NVRTC: CuPy imports, the source compiles for this device, and the
    probe passes;
-3. "reference", the pure-torch head (always works).
+3. "reference", the pure-torch op (always works).
 
-Devices below :data:`MIN_CAPABILITY` go straight to the reference. The decision is made at the first
-call on a device, cached per device, and when a path that is installed could not be used, or the
-reference is what remains, one ``RuntimeWarning`` says so and why. ``crd_fast.backends()`` reports the
-decision of every device. ``CRD_FAST_CUDA_BACKEND`` forces a path (benchmarks and checks): no probe, no
-fallback.
+Devices below :data:`MIN_CAPABILITY` go straight to the reference. The decision is made at the first call of an
+op on a device and cached per (op, device); when a backend that is installed could not be used, or the reference
+is what remains, one ``RuntimeWarning`` names the op, the path and why. Each op decides on its own, so a kernel
+that fails its probe sends only its own op to the reference. ``crd_fast.backends()`` reports the decisions of
+every device (:func:`device_report`). ``CRD_FAST_CUDA_BACKEND`` forces a path (benchmarks and checks): no probe,
+no fallback.
 
-Each op decides on its own (:data:`OPS`): ``crd_fast::crd_head`` and ``crd_fast::crd_residual`` (the local
-head's fused part) take the same steps with their own probe, cache entry and warning, so a residual kernel
-that fails its probe sends only the residual op to the reference. The native path of the residual op also
-needs a ``_C`` built with the residual kernels (an older CUDA build lacks them: absent, not failed).
+A backend is one :class:`Backend` record: its launcher factory (an op's :class:`~crd_fast.ops.operands.Kernels`
+-> launcher), its full check (which may compile) and its static check (inside CUDA-graph capture). An op's
+launchers are :func:`launchers` of its kernels (crd_fast/ops/registry.py ``OpSpec``).
 """
 
 from __future__ import annotations
@@ -26,28 +28,30 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from . import cuda as kernels
-from . import cupy_jit, native, reference, streams
+from . import cuda_launch, cupy_jit, native, streams
 from .kernel_config import CONFIG
+from .operands import Kernels
 
-PATHS = ("native", "cupy", "reference")
-#: The ops that decide a path per device; the first is the default of :func:`decide`.
-HEAD, RESIDUAL = "crd_head", "crd_residual"
-OPS = (HEAD, RESIDUAL)
+if TYPE_CHECKING:  # the registry uses this module; an op spec is only passed in
+    from .registry import OpSpec
+
 #: Environment override of the CUDA path (for benchmarks and checks): native, cupy or reference.
 BACKEND_ENV = "CRD_FAST_CUDA_BACKEND"
 #: Oldest device the kernels are built for (Turing, sm_75: the oldest CUDA 13 supports).
 MIN_CAPABILITY = (7, 5)
+#: A backend's problem with a device: (why, whether it is plain absence) or None when it can serve.
+Problem = Optional[tuple[str, bool]]
 
 
 @dataclass(frozen=True)
 class Choice:
-    """The path of one device and why: ``skipped`` maps each path passed over to the reason."""
+    """The path of one op on one device and why: ``skipped`` maps each path passed over to the reason."""
 
     path: str
     reason: str
@@ -102,8 +106,8 @@ def image_for(archs: Optional[tuple[str, ...]], cap: tuple[int, int]) -> Optiona
     return False
 
 
-def native_problem(cap: tuple[int, int]) -> Optional[tuple[str, bool]]:
-    """Why the compiled kernels cannot serve a device of ``cap``, and whether it is plain absence; else None."""
+def native_problem(kernels: Kernels, cap: tuple[int, int]) -> Problem:
+    """Why the compiled kernels cannot serve ``kernels`` on a device of ``cap``, and whether it is plain absence."""
     if CONFIG is None:
         return "crd_head_kernels.cuh is missing from this install", True
     if not native.has_native_cuda():
@@ -114,22 +118,63 @@ def native_problem(cap: tuple[int, int]) -> Optional[tuple[str, bool]]:
     archs = native.cuda_archs()
     if image_for(archs, cap) is False:
         return f"_C carries code for {','.join(archs or ())}, none runs on sm_{cap[0]}{cap[1]}", False
+    if not cuda_launch.has_compiled(kernels):
+        return f"crd_fast.ops._C was built before the {kernels.name} kernels (rebuild it)", True
     return None
 
 
-def native_residual_problem() -> Optional[tuple[str, bool]]:
-    """Why the compiled module lacks the residual kernels (absent: a build from before them), else None."""
-    if native.has_native_cuda() and not hasattr(native.compiled(), "crd_residual_cuda"):
-        return "crd_fast.ops._C was built before the crd_residual kernels (rebuild it)", True
-    return None
-
-
-def cupy_problem(index: int) -> Optional[tuple[str, bool]]:
+def cupy_problem(index: int) -> Problem:
     """Why the CuPy build cannot serve device ``index`` (compiling it once if needed), and whether absent."""
     if not cupy_jit.available():
         return "cupy is not installed (pip install crd-fast[cupy])", True
     error = cupy_jit.compile_error(index)
     return (f"NVRTC build failed: {error}", False) if error else None
+
+
+# ---- the backends, in the order they are tried ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Backend:
+    """One way of running the kernels on a GPU.
+
+    ``launcher(kernels)`` makes an op's launcher; ``problem(kernels, index, cap)`` says why it cannot serve that
+    op on device ``index`` (may compile; None: it can, pending the probe); ``installed(kernels, cap)`` is the
+    static part of that check, all that may run inside CUDA-graph capture.
+    """
+
+    name: str
+    launcher: Callable[[Kernels], cuda_launch.Launcher]
+    problem: Callable[[Kernels, int, tuple[int, int]], Problem]
+    installed: Callable[[Kernels, tuple[int, int]], bool]
+
+
+# module functions looked up at call time, so tests can fake either check
+def _native_problem(kernels: Kernels, index: int, cap: tuple[int, int]) -> Problem:
+    return native_problem(kernels, cap)
+
+
+def _native_installed(kernels: Kernels, cap: tuple[int, int]) -> bool:
+    return native_problem(kernels, cap) is None
+
+
+def _cupy_problem(kernels: Kernels, index: int, cap: tuple[int, int]) -> Problem:
+    return cupy_problem(index)
+
+
+def _cupy_installed(kernels: Kernels, cap: tuple[int, int]) -> bool:
+    return cupy_jit.available()
+
+
+BACKENDS = (
+    Backend("native", cuda_launch.compiled_launcher, _native_problem, _native_installed),
+    Backend("cupy", cupy_jit.launcher, _cupy_problem, _cupy_installed),
+)
+#: Every path a device can take: the kernel backends in order, then the pure-torch reference.
+PATHS = (*(b.name for b in BACKENDS), "reference")
+
+
+def launchers(kernels: Kernels) -> dict[str, cuda_launch.Launcher]:
+    """An op's launchers by backend name (what ``OpSpec.launchers`` holds)."""
+    return {b.name: b.launcher(kernels) for b in BACKENDS}
 
 
 # ---- the probe ---------------------------------------------------------------------------------------------
@@ -143,30 +188,16 @@ def _probe_case(run: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Optiona
     return _compare(got, want)
 
 
-def probe(path: str, device: torch.device) -> Optional[str]:
-    """Runs a tiny head through ``path`` on ``device`` and compares it with the reference; the problem or None."""
+def probe(spec: OpSpec, path: str, device: torch.device) -> Optional[str]:
+    """Runs the op's tiny probe case through ``path`` on ``device`` and compares it with the float64 reference;
+    the problem (a failed launch or a wrong result) or None."""
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        maps = [torch.randn(1, 3, 5, 4, generator=gen), torch.randn(1, 2, 3, 3, generator=gen)]
-        matrix, offset = torch.randn(3, 5, generator=gen), torch.randn(5, generator=gen)
-        want = reference.crd_head(maps, matrix, offset)
-        ops = kernels.prepare([m.to(device) for m in maps], matrix.to(device), offset.to(device), "concat", 1)
-        return kernels.run(ops, path), want
-
-    return _probe_case(run)
-
-
-def probe_residual(path: str, device: torch.device) -> Optional[str]:
-    """:func:`probe` for the residual kernels: a tiny crd_residual (odd grid, two layers) against the reference."""
-
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(1)
-        maps = [torch.randn(2, 3, 5, 4, generator=gen), torch.randn(2, 2, 3, 3, generator=gen)]
-        matrix, q = torch.randn(3, 5, generator=gen), torch.randn(20, 3, generator=gen)
-        want = reference.crd_residual(maps, matrix, q)
-        ops = kernels.prepare_residual([m.to(device) for m in maps], matrix.to(device), q.to(device), "concat", 1)
-        return kernels.run_residual(ops, path), want
+        maps, *rest = spec.probe_case()
+        want = spec.reference(maps, *rest)
+        moved = [t.to(device) if isinstance(t, torch.Tensor) else t for t in rest]
+        ops = spec.cuda_operands([m.to(device) for m in maps], *moved)
+        return spec.launchers[path](ops), want
 
     return _probe_case(run)
 
@@ -180,31 +211,19 @@ def _compare(got: torch.Tensor, want: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _probe(op: str, path: str, device: torch.device) -> Optional[str]:
-    # looked up at call time, so tests can fake either probe
-    return probe(path, device) if op == HEAD else probe_residual(path, device)
-
-
-def _native_problem(op: str, cap: tuple[int, int]) -> Optional[tuple[str, bool]]:
-    problem = native_problem(cap)
-    if problem is None and op == RESIDUAL:
-        problem = native_residual_problem()
-    return problem
-
-
 # ---- the decision ------------------------------------------------------------------------------------------
 class _Choices:
-    """Decisions per (op, device index)."""
+    """Decisions per (op name, device index)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_index: dict[tuple[str, int], Choice] = {}
 
-    def get(self, index: int, op: str = HEAD) -> Optional[Choice]:
+    def get(self, op: str, index: int) -> Optional[Choice]:
         with self._lock:
             return self._by_index.get((op, index))
 
-    def put(self, index: int, choice: Choice, op: str = HEAD) -> None:
+    def put(self, op: str, index: int, choice: Choice) -> None:
         with self._lock:
             self._by_index[(op, index)] = choice
 
@@ -226,18 +245,16 @@ def forced() -> Optional[str]:
     return value
 
 
-def decide(device: torch.device, op: str = HEAD) -> Choice:
-    """The path of ``op`` (one of :data:`OPS`) on CUDA ``device``, cached per (op, device) after the first decision.
+def decide(spec: OpSpec, device: torch.device) -> Choice:
+    """The path of the op ``spec`` on CUDA ``device``, cached per (op, device) after the first decision.
 
-    See the module docstring for the steps; ValueError for an unknown op.
+    See the module docstring for the steps.
     """
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     path = forced()
     index = device_index(device)
     if path is not None:
         return Choice(path, f"forced by {BACKEND_ENV}", device=f"cuda:{index}", capability=capability(index))
-    hit = CHOICES.get(index, op)
+    hit = CHOICES.get(spec.name, index)
     if hit is not None:
         return hit
     cap = capability(index)
@@ -247,23 +264,23 @@ def decide(device: torch.device, op: str = HEAD) -> Choice:
     capture = streams.capturing(torch.device("cuda", index))
     choice: Optional[Choice] = None
     if cap < MIN_CAPABILITY:
-        skipped = {p: f"sm_{cap[0]}{cap[1]} is below the oldest supported sm_75" for p in ("native", "cupy")}
+        skipped = {b.name: f"sm_{cap[0]}{cap[1]} is below the oldest supported sm_75" for b in BACKENDS}
         failed = True
     else:
-        for path in ("native", "cupy"):
+        for backend in BACKENDS:
             if capture:  # no compile, no probe (nor caching) while capturing: static checks only
-                ready = _native_problem(op, cap) is None if path == "native" else cupy_jit.available()
-                if ready:
-                    return Choice(path, "static checks only (first use inside CUDA-graph capture)", skipped, name, cap)
+                if backend.installed(spec.kernels, cap):
+                    reason = "static checks only (first use inside CUDA-graph capture)"
+                    return Choice(backend.name, reason, skipped, name, cap)
                 continue
-            problem = _native_problem(op, cap) if path == "native" else cupy_problem(index)
+            problem = backend.problem(spec.kernels, index, cap)
             if problem is None:
-                why = _probe(op, path, torch.device("cuda", index))
+                why = probe(spec, backend.name, torch.device("cuda", index))
                 problem = None if why is None else (why, False)
             if problem is None:
-                choice = Choice(path, "checks and probe passed", skipped, name, cap)
+                choice = Choice(backend.name, "checks and probe passed", skipped, name, cap)
                 break
-            skipped[path] = problem[0]
+            skipped[backend.name] = problem[0]
             failed = failed or not problem[1]
     if choice is None and capture:  # nothing installed that could run: decided again after the capture
         return Choice("reference", "no kernel path installed (inside CUDA-graph capture)", skipped, name, cap)
@@ -272,24 +289,29 @@ def decide(device: torch.device, op: str = HEAD) -> Choice:
     if failed or choice.path == "reference":
         details = "; ".join(f"{p}: {why}" for p, why in skipped.items())
         warnings.warn(
-            f"crd_fast: CUDA device {name} uses the {choice.path} path of {op} ({details}); see docs/GPU.md",
+            f"crd_fast: CUDA device {name} uses the {choice.path} path of {spec.name} ({details}); see docs/GPU.md",
             RuntimeWarning,
             stacklevel=3,
         )
-    CHOICES.put(index, choice, op)
+    CHOICES.put(spec.name, index, choice)
     return choice
 
 
-def device_report() -> list[dict]:
-    """The crd_head decision for every visible CUDA device (probing each once), with the crd_residual one
-    under the key "crd_residual"; [] without CUDA."""
-    if not torch.cuda.is_available():
+def device_report(specs: Sequence[OpSpec]) -> list[dict]:
+    """The decisions for every visible CUDA device (probing each once); [] without CUDA.
+
+    One entry per device: the first op's decision (``Choice.as_dict``), and each other op's path, reason and skipped
+    paths under its name (e.g. "crd_residual").
+    """
+    if not torch.cuda.is_available() or not specs:
         return []
     report = []
     for i in range(torch.cuda.device_count()):
-        entry = decide(torch.device("cuda", i)).as_dict()
-        residual = decide(torch.device("cuda", i), RESIDUAL)
-        entry[RESIDUAL] = {"path": residual.path, "reason": residual.reason, "skipped": dict(residual.skipped)}
+        first, *others = specs
+        entry = decide(first, torch.device("cuda", i)).as_dict()
+        for spec in others:
+            choice = decide(spec, torch.device("cuda", i))
+            entry[spec.name] = {"path": choice.path, "reason": choice.reason, "skipped": dict(choice.skipped)}
         report.append(entry)
     return report
 

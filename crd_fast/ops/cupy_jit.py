@@ -1,9 +1,9 @@
-"""The fused head and residual kernels compiled at run time by CuPy (NVRTC), for installs whose ``_C`` has no CUDA.
+"""The CUDA kernels compiled at run time by CuPy (NVRTC), for installs whose ``_C`` has no CUDA kernels.
 
 The source is the very file nvcc compiles into ``_C`` (csrc/cuda/crd_head_kernels.cuh, shipped in the
 wheel; crd_fast/ops/kernel_config.py finds it), loaded as a ``cupy.RawModule`` and launched through its
-C-linkage entry points with the same :class:`~crd_fast.ops.cuda_launch.Operands` as the compiled launcher.
-Optional extra: ``pip install crd-fast[cupy]``.
+C-linkage entry points (named by :class:`~crd_fast.ops.operands.Kernels`) with the same operands and checks as
+the compiled launcher (:func:`launcher`, crd_fast/ops/cuda_launch.py). Optional extra: ``pip install crd-fast[cupy]``.
 
 "Available" means "compiles": :func:`compile_error` builds the module once per device and remembers
 the outcome, so a toolchain gap (e.g. CUDA header wheels without ``crt/mma.h``) makes this path
@@ -22,24 +22,12 @@ import numpy as np
 import torch
 
 from . import cuda_launch
-from .kernel_config import source_path, source_text
+from .kernel_config import config, source_path, source_text
+from .operands import Kernels, Operands
 
 #: Code-generation flags of both builds. CuPy always appends -ftz=true to NVRTC; the nvcc build of _C passes
 #: the same list (CMakeLists.txt; tests/test_native.py checks they agree), so both backends round alike.
 CODEGEN_FLAGS = ("-ftz=true", "-prec-div=true", "-prec-sqrt=true", "-fmad=true")
-_ENTRY = {
-    "float32": "crd_head_tile_f32",
-    "float64": "crd_head_tile_f64",
-    "float16": "crd_head_tile_f16",
-    "bfloat16": "crd_head_tile_bf16",
-}
-#: The residual mode's entry points (same tile code, the per-position epilogue; no finish kernel).
-_RESIDUAL_ENTRY = {
-    "float32": "crd_residual_tile_f32",
-    "float64": "crd_residual_tile_f64",
-    "float16": "crd_residual_tile_f16",
-    "bfloat16": "crd_residual_tile_bf16",
-}
 
 
 def cupy_importable() -> bool:
@@ -123,15 +111,15 @@ def compile_error(index: int) -> Optional[str]:
 def _module(index: int) -> Any:
     module, error = MODULES.get(index)
     if module is None:
-        raise RuntimeError(f"the CuPy build of the head kernels failed on device {index}: {error}")
+        raise RuntimeError(f"the CuPy build of the kernels failed on device {index}: {error}")
     return module
 
 
-def _tile_launch(ops: cuda_launch.Operands, entry: str, dst: torch.Tensor) -> tuple[Any, int, int, Any]:
-    """Launches tile kernel ``entry`` of the module on ``ops`` writing ``dst``; returns (module, N, tiles, ptr)."""
+def _tile_launch(ops: Operands, entry: str, dst: torch.Tensor) -> tuple[Any, int, int, Any]:
+    """Launches tile kernel ``entry`` of the module on ``ops`` writing ``dst``; returns (module, N, tiles, index)."""
     import cupy
 
-    cfg = cuda_launch.config()
+    cfg = config()
     batch, h0, w0, c_total, r = ops.sizes
     n = batch * h0 * w0
     device = ops.device
@@ -166,7 +154,7 @@ def _tile_launch(ops: cuda_launch.Operands, entry: str, dst: torch.Tensor) -> tu
     return module, n, tiles, index
 
 
-def _external_stream(ops: cuda_launch.Operands, index: int) -> Any:
+def _external_stream(ops: Operands, index: int) -> Any:
     import cupy
 
     with warnings.catch_warnings():
@@ -174,38 +162,34 @@ def _external_stream(ops: cuda_launch.Operands, index: int) -> Any:
         return cupy.cuda.ExternalStream(ops.stream(), index)
 
 
-def _launch_cupy(ops: cuda_launch.Operands, partial: torch.Tensor, out: torch.Tensor, dtype: str) -> None:
+def _launch_cupy(
+    kernels: Kernels, ops: Operands, out: torch.Tensor, partial: Optional[torch.Tensor], dtype: str
+) -> None:
+    """The tile kernel into ``partial`` and the finish kernel into ``out``, or the tile kernel straight into ``out``."""
     import cupy
 
-    cfg = cuda_launch.config()
-    module, n, tiles, index = _tile_launch(ops, _ENTRY[dtype], partial)
-    finish = "crd_head_finish_f64" if dtype == "float64" else "crd_head_finish_f32"
+    module, n, tiles, index = _tile_launch(ops, kernels.tile_entry(dtype), out if partial is None else partial)
+    if partial is None:
+        return
+    cfg = config()
     with cupy.cuda.Device(index), _external_stream(ops, index):
-        module.get_function(finish)(
+        module.get_function(kernels.finish_entry(dtype))(
             ((n + cfg.finish_threads - 1) // cfg.finish_threads,),
             (cfg.finish_threads,),
             (np.uint64(partial.data_ptr()), np.uint64(out.data_ptr()), np.int64(n), np.int32(tiles)),
         )
 
 
-def _launch_cupy_residual(ops: cuda_launch.Operands, out: torch.Tensor, dtype: str) -> None:
-    _tile_launch(ops, _RESIDUAL_ENTRY[dtype], out)
-
-
-def _import_cupy() -> None:
+def _import_cupy(kernels: Kernels) -> None:
     import cupy  # noqa: F401 - ImportError here, before any argument check, when the extra is missing
 
 
-crd_head_cupy = cuda_launch.head_launcher(
-    _launch_cupy,
-    _import_cupy,
-    "crd_head_cupy",
-    """Same contract as ``crd_fast.ops.cuda_launch.crd_head_cuda``, through CuPy; fills and returns ``out``.""",
-)
-
-crd_residual_cupy = cuda_launch.residual_launcher(
-    _launch_cupy_residual,
-    _import_cupy,
-    "crd_residual_cupy",
-    """Same contract as ``crd_fast.ops.cuda_launch.crd_residual_cuda``, through CuPy; fills and returns ``out``.""",
-)
+def launcher(kernels: Kernels) -> cuda_launch.Launcher:
+    """The launcher of ``kernels`` through CuPy: the contract of crd_fast/ops/cuda_launch.py, NVRTC-built kernels."""
+    return cuda_launch.launcher(
+        kernels,
+        _launch_cupy,
+        _import_cupy,
+        "cupy",
+        f"""{kernels.name} through the CuPy (NVRTC) build of the kernels; fills and returns ``out``.""",
+    )

@@ -80,3 +80,10 @@ def load() -> Optional[KernelConfig]:
 
 #: The configuration of the installed kernel source (None only in a broken install without the .cuh).
 CONFIG: Optional[KernelConfig] = load()
+
+
+def config() -> KernelConfig:
+    """The kernels' launch geometry; RuntimeError when the kernel source is not installed."""
+    if CONFIG is None:
+        raise RuntimeError(f"{SOURCE_NAME} is missing from this install: no CUDA kernel can run")
+    return CONFIG

@@ -1,8 +1,9 @@
-"""After scoring (torch-free, shared with the ONNX runtime): thresholds, normalisation, result objects."""
+"""After scoring (torch-free, shared with the ONNX runtime): the result object (thresholds and normalisation are
+crd_fast.metrics'; re-exported here, where users look for them)."""
 
-from .pixels import pixel_f1, pixel_f1_threshold, pixel_quantile_threshold, predict_masks
+from ..metrics.pixels import pixel_f1, pixel_f1_threshold, pixel_quantile_threshold, predict_masks
+from ..metrics.thresholds import check_threshold, f1_threshold, normalize_scores, quantile_threshold
 from .results import DetectionResult
-from .thresholds import check_threshold, f1_threshold, normalize_scores, quantile_threshold
 
 __all__ = [
     "DetectionResult",

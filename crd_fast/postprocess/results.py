@@ -7,8 +7,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from .pixels import predict_masks
-from .thresholds import normalize_scores
+from ..metrics.pixels import predict_masks
+from ..metrics.thresholds import normalize_scores
 
 
 @dataclass

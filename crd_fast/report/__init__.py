@@ -4,7 +4,8 @@ from crd_fast.report import CategoryResult, RunInfo, write_report
 write_report("out/", [CategoryResult("cap", labels, scores, masks, maps, images)], RunInfo(settings, "random"))
 """
 
-from .results import CategoryResult, RunInfo, example_indices
+from ..evaluation.results import CategoryResult, example_indices
+from .run_info import RunInfo
 from .writer import RANDOM_WEIGHTS_WARNING, Report, category_figures, write_report
 
 __all__ = [

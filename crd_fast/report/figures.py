@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Any, Optional
 
 import numpy as np
 
 from .overlay import PRED_COLOR, colorize, draw_contour, heatmap_overlay, normalize_map, png_bytes, to_rgb_uint8
+
+#: Most lines a category name takes in a plot's title (longer names end with an ellipsis).
+TITLE_LINES = 2
+
+
+def wrapped_title(text: str, width_inches: float, fontsize: float) -> str:
+    """``text`` wrapped to fit ``width_inches`` at ``fontsize`` points (long words are broken), at most
+    TITLE_LINES lines: a long category name must not run past its plot."""
+    chars = max(12, int(width_inches * 72 / (0.62 * fontsize)))  # a generous average glyph width
+    return "\n".join(textwrap.wrap(text, chars, max_lines=TITLE_LINES, placeholder=" …")) or text
 
 
 def curves_png(name: str, curves: dict[str, Any], metrics: dict[str, Any]) -> bytes:
@@ -20,8 +31,9 @@ def curves_png(name: str, curves: dict[str, Any], metrics: dict[str, Any]) -> by
         panels.append(("pixel_roc", "Pixel ROC", "pixel_auroc", "AUROC"))
     if curves.get("pro") is not None:
         panels.append(("pro", "PRO curve", "aupro", "AUPRO"))
-    fig = Figure(figsize=(3.6 * len(panels), 3.4), dpi=90)
+    fig = Figure(figsize=(3.6 * len(panels), 3.6), dpi=90, layout="constrained")
     FigureCanvasAgg(fig)
+    fig.suptitle(wrapped_title(name, 3.6 * len(panels), 10), fontsize=10)
     for k, (key, title, metric, label) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         curve = curves[key]
@@ -33,16 +45,20 @@ def curves_png(name: str, curves: dict[str, Any], metrics: dict[str, Any]) -> by
             ax.set_xlim(0, min(1.0, 2 * limit))
             ax.set_ylabel("per-region overlap")
         else:
-            ax.plot(curve["fpr"], curve["tpr"], color="tab:blue", lw=1.8)
+            peers = curves.get("image_roc_peers") or {} if key == "image_roc" else {}
+            ax.plot(curve["fpr"], curve["tpr"], color="tab:blue", lw=1.8, label=f"CRD ({curve['auc']:.3f})")
+            for (peer, points), color in zip(peers.items(), ("tab:orange", "tab:purple", "tab:brown")):
+                ax.plot(points["fpr"], points["tpr"], color=color, lw=1.2, label=f"{peer} ({points['auc']:.3f})")
+            if peers:
+                ax.legend(fontsize=7, loc="lower right")
             ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
             ax.set_xlim(0, 1)
             ax.set_ylabel("true positive rate")
         value = metrics.get(metric)
-        ax.set_title(f"{name}: {title}\n{label} {value:.3f}" if value is not None else f"{name}: {title}", fontsize=9)
+        ax.set_title(f"{title}\n{label} {value:.3f}" if value is not None else title, fontsize=9)
         ax.set_xlabel("false positive rate")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    fig.subplots_adjust(left=0.09 / len(panels) * 1.6, right=0.98, bottom=0.15, top=0.84, wspace=0.32)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -54,7 +70,7 @@ def selection_png(name: str, record: dict[str, Any]) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.6, 3.0), dpi=90)
+    fig = Figure(figsize=(7.6, 3.2), dpi=90, layout="constrained")
     FigureCanvasAgg(fig)
     choice = record["choice"]
     panels = (("nll", "held-out negative log-likelihood"), ("curve", "pseudo-defect image AUROC"))
@@ -75,8 +91,7 @@ def selection_png(name: str, record: dict[str, Any]) -> bytes:
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{name}: label-free choice (held-out images)", fontsize=9)
-    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.88, wspace=0.3)
+    fig.suptitle(wrapped_title(f"{name}: label-free choice (held-out images)", 7.6, 9), fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

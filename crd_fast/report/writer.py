@@ -16,17 +16,19 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .._version import __version__
-from ..detector.record import record_rows
-from ..evaluation import metrics as M
-from ..io.atomic import atomic_write
-from ..postprocess.pixels import pixel_f1
+from ..evaluation.results import CategoryResult, example_indices
+from ..io.atomic import atomic_write_many
+from ..io.safety import check_outputs
+from ..metrics import scores as M
+from ..metrics.pixels import pixel_f1
 from .figures import curves_png, map_range, overlay_tile, selection_png
-from .results import CategoryResult, RunInfo, example_indices
+from .run_info import RunInfo
+from .tables import PEER_LABELS, comparison_table, fmt, metrics_table, peer_names, selection_table, settings_table
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1")
 EXAMPLE_TITLES = {
     "highest_defects": "Highest-scoring defective images (found most clearly)",
     "lowest_defects": "Lowest-scoring defective images (missed first)",
@@ -50,7 +52,7 @@ class Report:
 def category_figures(
     result: CategoryResult, fpr_limit: float = 0.3, n_examples: int = 4, max_points: int = 512
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The JSON figures of one category and its curves (for plotting), via :mod:`crd_fast.evaluation.metrics`."""
+    """The JSON figures of one category and its curves (for plotting), via :mod:`crd_fast.metrics.scores`."""
     y, s = result.labels, result.image_scores
     notes: list[str] = []
     metrics: dict[str, Any] = {
@@ -74,6 +76,10 @@ def category_figures(
         )
         curves = out.pop("curves")
         metrics.update(out)
+        curves["image_roc_peers"] = {
+            PEER_LABELS.get(peer, peer): M.roc_points(y, scores, max_points)
+            for peer, scores in (result.peer_scores or {}).items()
+        }
         if not have_pixels:
             notes.append(
                 "no pixel metrics: " + ("no anomaly maps" if result.anomaly_maps is None else "no ground-truth masks")
@@ -115,11 +121,27 @@ def category_figures(
     return figures, curves
 
 
-def _mean_metrics(categories: Sequence[dict[str, Any]]) -> dict[str, Optional[float]]:
-    out: dict[str, Optional[float]] = {}
-    for key in METRIC_KEYS + ("fit_seconds", "ms_per_image"):
-        values = [c["metrics"][key] for c in categories if c["metrics"].get(key) is not None]
-        out[key] = float(np.mean(values)) if values else None
+def _mean(values: Sequence[Any]) -> Optional[float]:
+    numbers = [v for v in values if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)]
+    return float(np.mean(numbers)) if numbers else None
+
+
+def _mean_metrics(categories: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The mean over the categories of each metric and (under "extra", the same nesting) of each extra figure."""
+    out: dict[str, Any] = {
+        key: _mean([c["metrics"].get(key) for c in categories]) for key in METRIC_KEYS + ("fit_seconds", "ms_per_image")
+    }
+
+    def mean_of(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+        keys = list(dict.fromkeys(k for d in dicts for k in d))
+        return {
+            k: mean_of([d[k] for d in dicts if isinstance(d.get(k), dict)])
+            if any(isinstance(d.get(k), dict) for d in dicts)
+            else _mean([d.get(k) for d in dicts])
+            for k in keys
+        }
+
+    out["extra"] = mean_of([c["extra"] for c in categories])
     return out
 
 
@@ -165,6 +187,7 @@ def write_report(
         raise ValueError(f"n_examples must be >= 0, got {n_examples}")
     run = run or RunInfo()
     out = Path(out_dir)
+    check_outputs(files=[out / "report.json", out / "report.html"])  # before any work (crd_fast.io.safety)
     out.mkdir(parents=True, exist_ok=True)
 
     categories, sections = [], []
@@ -192,10 +215,9 @@ def write_report(
     )
     html_text = _page(run, data, sections)
     json_path, html_path = out / "report.json", out / "report.html"
-    with atomic_write(json_path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    with atomic_write(html_path) as tmp:
-        tmp.write_text(html_text, encoding="utf-8")
+    with atomic_write_many([json_path, html_path]) as (json_tmp, html_tmp):  # one commit: never a mixed pair
+        json_tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        html_tmp.write_text(html_text, encoding="utf-8")
     logger.info("wrote report %s (%d categories)", html_path, len(categories))
     return Report(html_path=html_path, json_path=json_path, data=data)
 
@@ -203,115 +225,26 @@ def write_report(
 # ------------------------------------------------------------------------------------------- HTML
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;padding:0 24px;
+color:#222;max-width:1200px;overflow-wrap:anywhere}
 h1{font-size:1.6em;margin-bottom:4px} h2{margin-top:36px;border-bottom:1px solid #ddd;padding-bottom:4px}
 h3{font-size:1.05em;margin:18px 0 6px}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:0.92em}
-th,td{border:1px solid #ccc;padding:4px 9px;text-align:right} th{background:#f2f2f2}
-td.l,th.l{text-align:left} tr.mean td{font-weight:600;background:#fafafa}
+img{max-width:100%;height:auto}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:0.92em;max-width:100%}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;vertical-align:top} th{vertical-align:bottom}
+th{background:#f2f2f2;overflow-wrap:normal;font-weight:600} th.g{text-align:center}
+td.n{white-space:nowrap} td.l,th.l{text-align:left} .name{max-width:16em} tr.mean td{font-weight:600;background:#fafafa}
 .banner{background:#b00020;color:#fff;padding:14px 18px;border-radius:6px;font-size:1.05em;margin:12px 0}
 .note{color:#666;font-size:0.9em}
 .grid{display:flex;flex-wrap:wrap;gap:14px}
-figure{margin:0;font-size:0.82em;max-width:460px} figure img{display:block;max-width:100%;border:1px solid #ddd}
+figure{margin:0;font-size:0.82em;max-width:460px} figure img{display:block;border:1px solid #ddd}
 figcaption{margin-top:3px;word-break:break-all}
 """
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, (int, np.integer)):
-        return str(v)
-    if isinstance(v, (float, np.floating)):
-        return f"{v:.{digits}f}"
-    return html.escape(str(v))
-
-
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
-    return out
-
-
-def _metrics_table(data: dict[str, Any]) -> str:
-    extra_keys: list[str] = []
-    for c in data["categories"]:
-        for k in _flatten(c["extra"]):
-            if k not in extra_keys:
-                extra_keys.append(k)
-    head = [
-        "category",
-        "image AUROC",
-        "pixel AUROC",
-        f"AUPRO@{data['fpr_limit']:g}",
-        "F1-max",
-        "F1 threshold",
-        "good",
-        "defective",
-        "fit s",
-        "ms / image",
-    ] + extra_keys
-    rows = [
-        "<tr>"
-        + "".join(f'<th class="{"l" if i == 0 else ""}">{html.escape(h)}</th>' for i, h in enumerate(head))
-        + "</tr>"
-    ]
-    for c in data["categories"]:
-        m, ex = c["metrics"], _flatten(c["extra"])
-        cells = [
-            html.escape(c["name"]),
-            _fmt(m["image_auroc"]),
-            _fmt(m["pixel_auroc"]),
-            _fmt(m["aupro"]),
-            _fmt(m["f1_max"]),
-            _fmt(m["f1_threshold"], 4),
-            str(c["n_good"]),
-            str(c["n_defect"]),
-            _fmt(m["fit_seconds"], 2),
-            _fmt(m["ms_per_image"], 1),
-        ] + [_fmt(ex.get(k)) for k in extra_keys]
-        rows.append(
-            "<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>"
-        )
-    if len(data["categories"]) > 1:
-        mean = data["mean"]
-        cells = [
-            "mean",
-            _fmt(mean["image_auroc"]),
-            _fmt(mean["pixel_auroc"]),
-            _fmt(mean["aupro"]),
-            _fmt(mean["f1_max"]),
-            "",
-            "",
-            "",
-            _fmt(mean["fit_seconds"], 2),
-            _fmt(mean["ms_per_image"], 1),
-        ] + [""] * len(extra_keys)
-        rows.append(
-            '<tr class="mean">'
-            + "".join(f'<td class="{"l" if i == 0 else ""}">{v}</td>' for i, v in enumerate(cells))
-            + "</tr>"
-        )
-    return "<table>" + "".join(rows) + "</table>"
-
-
-def _settings_table(run: dict[str, Any]) -> str:
-    rows = [f'<tr><th class="l">weights</th><td class="l">{html.escape(str(run["weights"]))}</td></tr>']
-    if run.get("command"):
-        rows.append(f'<tr><th class="l">command</th><td class="l"><code>{html.escape(run["command"])}</code></td></tr>')
-    for k, v in run["settings"].items():
-        text = v if isinstance(v, str) else json.dumps(v)
-        rows.append(f'<tr><th class="l">{html.escape(str(k))}</th><td class="l">{html.escape(text)}</td></tr>')
-    return "<table>" + "".join(rows) + "</table>"
 
 
 def _category_section(result: CategoryResult, figures: dict[str, Any], curves: dict[str, Any]) -> str:
@@ -373,31 +306,30 @@ def _selection_section(name: str, record: dict[str, Any]) -> str:
         f'<p class="note">spatial model <b>{html.escape(str(choice.get("spatial")))}</b>, lam_rel <b>{lam_text}</b>'
         f" ({html.escape(str(record.get('reason', '')))}; {record.get('held_out', 0)} of "
         f"{record.get('n_images', '?')} training images held out with pseudo-defects, "
-        f"{_fmt(record.get('seconds'), 3)} s of a {_fmt(record.get('fit_seconds'), 3)} s fit)</p>",
+        f"{fmt(record.get('seconds'), 3)} s of a {fmt(record.get('fit_seconds'), 3)} s fit)</p>",
     ]
     families = record.get("families") or {}
     grid = record.get("grid") or []
     if not families or not grid:
         return "\n".join(parts)
     parts.append(_img(selection_png(name, record), f"{name} label-free choice"))
-    head = "".join(f"<th>{html.escape(f)} nll</th><th>{html.escape(f)} pseudo-defects</th>" for f in families)
-    rows = [f'<tr><th class="l">lam_rel</th>{head}</tr>']
-    for g, cells_by_family in record_rows(record):
-        cells = []
-        for fam, (nll, crit) in cells_by_family.items():
-            mark = " *" if fam == choice.get("spatial") and g == lam else ""
-            lam0 = " &lt;" if families[fam].get("lam0") == g else ""
-            cells.append(f"<td>{_fmt(nll, 4)}{lam0}</td><td>{_fmt(crit, 4)}{mark}</td>")
-        rows.append(f'<tr><td class="l">{g:g}</td>{"".join(cells)}</tr>')
     parts.append(
-        '<p class="note">nll: negative Gaussian log-likelihood of the clean held-out patches (lowest = the spatial '
-        "model and lam0, marked &lt;); pseudo-defects: image AUROC of the held-out images with pseudo-defects "
-        "against the clean ones, which chooses lam_rel at or above lam0 (* = chosen)</p>"
-        + "<table>"
-        + "".join(rows)
-        + "</table>"
+        '<p class="note">held-out nll: negative Gaussian log-likelihood per dimension of the clean held-out patches '
+        "(lowest = the spatial model and lam0, marked &lt;); pseudo-defect AUROC: image AUROC of the held-out "
+        "images with pseudo-defects against the clean ones, which chooses lam_rel at or above lam0 (* = chosen)</p>"
+        + selection_table(record)
     )
     return "\n".join(parts)
+
+
+def _comparison(categories: Sequence[dict[str, Any]]) -> str:
+    """The extra figures (other scoring rules on the same features) as their own table, or nothing."""
+    table = comparison_table(categories)
+    if table is None:
+        return ""
+    peers = peer_names(categories)
+    title = f"CRD beside {', '.join(peers)} on the same features" if peers else "Further figures"
+    return f"<h3>{html.escape(title)}</h3>\n{table}"
 
 
 def _page(run: RunInfo, data: dict[str, Any], sections: list[str]) -> str:
@@ -408,12 +340,14 @@ def _page(run: RunInfo, data: dict[str, Any], sections: list[str]) -> str:
 <style>{_CSS}</style></head><body>
 <h1>{html.escape(run.title)}</h1>
 <p class="note">crd-fast {html.escape(__version__)} · {html.escape(data["created_utc"])} ·
-image score = max of the patch scores; AUPRO integrated to FPR {data["fpr_limit"]:g} (MVTec AD definition)</p>
+image score = max of the patch scores; AUPRO integrated to FPR {data["fpr_limit"]:g} (MVTec AD definition);
+pixel F1 at the pixel threshold; times on this run's machine (fit: the whole fit; predict: end to end, per image)</p>
 {banner}{notes}
 <h2>Metrics</h2>
-{_metrics_table(data)}
+{metrics_table(data["categories"], data["fpr_limit"])}
+{_comparison(data["categories"])}
 <h2>Settings</h2>
-{_settings_table(data["run"])}
+{settings_table(data["run"])}
 {"".join(sections)}
 </body></html>
 """

@@ -13,11 +13,12 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from ..choices import MAX_DIM as CHOICES_MAX_DIM
 from ..core.projection import CRDProjection
 from ..io.model_file import PathLike, require
 
 #: Largest feature dimension and training-patch count a model file may declare (2**53: exact in float64).
-MAX_DIM = 1 << 16
+MAX_DIM = CHOICES_MAX_DIM
 MAX_COUNT = 1 << 53
 _EPS64 = float(torch.finfo(torch.float64).eps)
 

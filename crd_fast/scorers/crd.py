@@ -19,9 +19,9 @@ from ..core.finite import all_finite
 from ..core.projection import CRDProjection, crd_lambda
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
-from ..ops import native as _native
+from ..ops import native
 from ._model_checks import check_state_fields, projection_mismatch
-from ._validation import ArrayLike, NumericOverflowError, as_patch_matrix, check_integer, check_real
+from ._validation import ArrayLike, NumericOverflowError, as_patch_matrix, check_bool, check_integer, check_real
 
 #: Smallest accepted lam_rel. The eigen-solver resolves eigenvalues of C only to about d * eps64 * trace(C) / d
 #: (eps64 = 2.2e-16); below lam_rel ~ d * eps64 the ridge lam drowns in that rounding and the shrink factors
@@ -51,7 +51,7 @@ class CRDScorer:
     def __init__(self, lam_rel: float = DEFAULT_LAM_REL, center: bool = True, rank: Optional[int] = None) -> None:
         lam_rel, rank = self._check_params(lam_rel, rank)
         self._lam_rel = lam_rel
-        self._center = bool(center)
+        self._center = check_bool("center", center)
         self._rank = rank
         self._stats: Optional[PatchStatistics] = None
         self._projection: Optional[CRDProjection] = None
@@ -90,7 +90,7 @@ class CRDScorer:
 
     @center.setter
     def center(self, value: bool) -> None:
-        self._center = bool(value)
+        self._center = check_bool("center", value)
         self._invalidate()
 
     @property
@@ -235,11 +235,11 @@ class CRDScorer:
         matrix, q = self._operands(y.device, dtype)
         out = torch.empty(y.shape[0], dtype=dtype, device=y.device)
         chunk = max(1, _CHUNK_ELEMENTS // max(1, matrix.shape[0]))
-        use_native = _native.has_native() and (y.device.type == "cpu" or _native.has_native_cuda())
+        use_native = native.has_native() and (y.device.type == "cpu" or native.has_native_cuda())
         for start in range(0, y.shape[0], chunk):
             z = y[start : start + chunk] @ matrix.T
             if use_native:
-                out[start : start + chunk] = _native.residual_norm(z, q)
+                out[start : start + chunk] = native.residual_norm(z, q)
             else:
                 out[start : start + chunk] = torch.linalg.vector_norm(z - q, dim=1)
         if not bool(torch.isfinite(out).all()):  # Y was checked finite: only overflow gets here
@@ -318,7 +318,7 @@ class CRDScorer:
     def save(self, path: PathLike) -> None:
         """Write the fitted scorer to ``path`` (safetensors + JSON metadata), atomically."""
         tensors, fields = self.state()
-        write_model_file(path, "crd_scorer", tensors, fields)
+        write_model_file(path, "crd_scorer", tensors, fields, check=type(self).from_state)
 
     @classmethod
     def load(cls, path: PathLike) -> "CRDScorer":

@@ -334,7 +334,7 @@ class LocalCRDScorer:
     def save(self, path: PathLike) -> None:
         """Write the fitted scorer to ``path`` (safetensors + JSON metadata), atomically."""
         tensors, fields = self.state()
-        write_model_file(path, "local_crd_scorer", tensors, fields)
+        write_model_file(path, "local_crd_scorer", tensors, fields, check=type(self).from_state)
 
     @classmethod
     def load(cls, path: PathLike) -> "LocalCRDScorer":

@@ -9,10 +9,12 @@ chunk sizes. ``subsample`` keeps a seeded random fraction of the patches (1% / 1
 from __future__ import annotations
 
 import math
-from typing import Optional
+import numbers
+from typing import Any, Mapping, Optional
 
 import torch
 
+from ..choices import MAX_SEED
 from ..core.dtypes import compute_dtype
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
 from ._validation import ArrayLike, as_patch_matrix
@@ -55,6 +57,8 @@ class NNScorer:
             raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu (or crd-fast[faiss])")
         if query_chunk < 1 or bank_chunk < 1:
             raise ValueError("query_chunk and bank_chunk must be positive")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         self.subsample = subsample
         self.backend = backend
         self.query_chunk = int(query_chunk)
@@ -158,12 +162,23 @@ class NNScorer:
     def save(self, path: PathLike) -> None:
         """Write the bank and settings to ``path`` (safetensors + JSON metadata), atomically."""
         fields = {"d": self.dim, "n": self.n_samples, "subsample": self.subsample, "seed": self.seed}
-        write_model_file(path, "nn_scorer", {"bank": self.bank}, fields)
+        write_model_file(path, "nn_scorer", {"bank": self.bank}, fields, check=type(self).from_file_state)
 
     @classmethod
     def load(cls, path: PathLike, backend: str = "auto") -> "NNScorer":
         """Read a bank written by ``save``."""
         tensors, meta = read_model_file(path, "nn_scorer")
+        return cls.from_file_state(tensors, meta, path, backend)
+
+    @classmethod
+    def from_file_state(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any],
+        path: PathLike = "<memory>",
+        backend: str = "auto",
+    ) -> "NNScorer":
+        """``load``'s checks and rebuild on a file's tensors and metadata (``save`` runs them before writing)."""
         require("bank" in tensors, path, "tensor 'bank' is missing")
         bank = tensors["bank"]
         require(
@@ -172,7 +187,11 @@ class NNScorer:
             "bank shape does not match n, d",
         )
         require(bank.dtype == torch.float32, path, f"bank dtype {bank.dtype}, expected float32")
-        scorer = cls(subsample=meta.get("subsample"), backend=backend, seed=int(meta.get("seed", 0)))
+        seed = meta.get("seed", 0)
+        try:
+            scorer = cls(subsample=meta.get("subsample"), backend=backend, seed=seed)
+        except (TypeError, ValueError) as exc:
+            require(False, path, str(exc))
         scorer._bank = bank.contiguous()
         return scorer
 

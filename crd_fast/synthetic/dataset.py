@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..io.atomic import atomic_write
+from ..io.safety import check_outputs
 from .defects import MIN_MASK_PIXELS, PAINTERS
 from .scenes import Scene, render_cap, render_fabric, render_stone
 
@@ -130,6 +131,17 @@ class SyntheticDataset:
         return {c: {k: len(v) for k, v in folders.items()} for c, folders in self.files.items()}
 
 
+def check_generated_folders(root: PathLike, categories: Sequence[str]) -> None:
+    """Refuse (FileExistsError) if a category folder exists under ``root`` that this generator did not write (no
+    marker file): its contents would be deleted."""
+    for category in categories:
+        cat_dir = Path(root) / category
+        if os.path.lexists(cat_dir) and not (cat_dir.is_dir() and (cat_dir / MARKER).is_file()):
+            raise FileExistsError(
+                f"{cat_dir} exists and was not written by crd_fast's generator; refusing to overwrite it"
+            )
+
+
 def generate_dataset(
     root: PathLike,
     categories: Sequence[str] = DEFAULT_CATEGORIES,
@@ -165,6 +177,8 @@ def generate_dataset(
     if size < 64:
         raise ValueError(f"size must be at least 64 pixels, got {size}")
     root = Path(root)
+    check_outputs(folders=[root / c for c in categories])
+    check_generated_folders(root, categories)  # all of them before any is replaced
     total = len(categories) * (n_train + n_test_good + n_test_defect)
     done = 0
     result = SyntheticDataset(root=root, categories=categories)
@@ -172,10 +186,6 @@ def generate_dataset(
         spec = CATEGORIES[category]
         cat_dir = root / category
         if cat_dir.exists():
-            if not (cat_dir / MARKER).is_file():
-                raise FileExistsError(
-                    f"{cat_dir} exists and was not written by crd_fast's generator; refusing to overwrite it"
-                )
             shutil.rmtree(cat_dir)
         files: dict[str, list[Path]] = {}
         jobs: list[tuple[str, str, Optional[str], int]] = []  # (folder, split, defect, index)

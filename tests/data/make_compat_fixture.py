@@ -1,6 +1,10 @@
 """Write the model-file compatibility fixture (run once, with the code whose file format is to be kept).
 
-    cd tests && PYTHONPATH=.. python data/make_compat_fixture.py
+    cd tests && PYTHONPATH=.. python data/make_compat_fixture.py [CASE ...]   # default: every case
+
+Each file keeps the format of the code that wrote it, so write only the cases that are new (naming them):
+``concat`` and ``patchcore`` (global CRD models) were written before the spatial option existed, ``local`` and
+``auto`` (the position-aware model, fixed and chosen without labels) before the scoring-model interface.
 
 For each case in ``CASES`` it fits a small seeded-random-weights detector on generated images and writes
 ``compat_<name>.crd`` (the model file) and ``compat_<name>.npz`` (the inputs and the scores and maps that
@@ -54,7 +58,39 @@ CASES = {
         blur_sigma=0.0,
         batch_size=4,
     ),
+    # the position-aware model with explicit options, and both chosen without labels (>= 20 images)
+    "local": dict(
+        backbone="resnet18",
+        weights="random",
+        seed=7,
+        layers=("layer1", "layer2"),
+        embedding="concat",
+        lam_rel=0.003,
+        spatial="local",
+        local_rank=3,
+        local_shrinkage=0.25,
+        resize=64,
+        crop=48,
+        blur_sigma=1.0,
+        batch_size=4,
+    ),
+    "auto": dict(
+        backbone="resnet18",
+        weights="random",
+        seed=9,
+        layers=("layer2",),
+        embedding="concat",
+        lam_rel="auto",
+        spatial="auto",
+        local_rank=4,
+        resize=64,
+        crop=64,
+        blur_sigma=2.0,
+        batch_size=8,
+    ),
 }
+#: Training images per case (the label-free choice needs at least 20).
+N_TRAIN = {"auto": 24}
 
 
 def training_images(n: int = 6) -> list[np.ndarray]:
@@ -71,9 +107,11 @@ def test_images() -> np.ndarray:
 def main() -> int:
     torch.set_num_threads(1)
     inputs = test_images()
-    for name, options in CASES.items():
-        det = CRDDetector(**options).fit(training_images(), progress=False)
-        if name == "patchcore":
+    names = sys.argv[1:] or list(CASES)
+    for name in names:
+        options = CASES[name]
+        det = CRDDetector(**options).fit(training_images(N_TRAIN.get(name, 6)), progress=False)
+        if name in ("patchcore", "local"):
             det.set_threshold(1.25)
         det.save(HERE / f"compat_{name}.crd")
         result = det.predict(list(inputs), progress=False)

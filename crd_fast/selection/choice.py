@@ -1,0 +1,180 @@
+"""The label-free choice's decision on the held-out images: which scoring model, at which lam_rel.
+
+Given the candidate models fitted on the rest of the training images (``ScoringModel.candidate()``, simplest
+first) and the held-out set (clean grids and pseudo-defect grids), :func:`choose` measures two things
+(docs/DESIGN.md "Label-free lam"):
+
+* how well each candidate describes the clean held-out patches: the Gaussian negative log-likelihood under
+  N(mu, S + lam I) over the lam grid, minimised at the candidate's lam0. A more complex candidate replaces a
+  simpler one only if, paired over the clean held-out images, its likelihood at its lam0 is better by more than
+  ``FAMILY_STANDARD_ERRORS`` standard errors;
+* how well the chosen model ranks the pseudo-defects above the clean images at each lam_rel at or above lam0
+  (``select_lam``'s image AUROC): their best replaces the default (``no_evidence_lam``) only if it beats it by more
+  than ``EVIDENCE_DEVIATIONS`` standard errors of the paired difference (DeLong).
+
+The result is facts only (a :class:`Choice`); crd_fast/selection/record.py says them in words.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..choices import DEFAULT_LAM_REL
+from ..core.lam_selection import LamSelection, paired_auroc_difference, select_lam
+from ..scoring.candidates import Candidate
+from .held_out import PSEUDO_STRENGTH, HeldOutSet
+from .record import FamilyCurves
+
+#: Standard errors by which a more complex model's held-out likelihood must beat a simpler one's (paired over the
+#: held-out images, ``paired_comparison``) to be chosen: the simpler model is the better bet otherwise.
+FAMILY_STANDARD_ERRORS = 2.0
+#: Standard errors by which the pseudo-defects' best lam_rel in the window must beat the default
+#: (``no_evidence_lam``) in image AUROC, paired over the held-out images (``paired_auroc_difference``), to replace
+#: it: with few held-out images the curve is noisy, and the default is the better bet (docs/DESIGN.md "Label-free
+#: lam").
+EVIDENCE_DEVIATIONS = 1.0
+#: What the record's curves hold, as it states them.
+CRITERION = (
+    "spatial and lam0: lowest held-out Gaussian negative log-likelihood (nll); lam_rel at or above lam0: "
+    f"{LamSelection.criterion} (curve; held-out training images, pseudo-defects x{PSEUDO_STRENGTH:g})"
+)
+
+
+@dataclass
+class Choice:
+    """The decision: the model ``spatial`` at ``lam_rel``, each candidate's curves, the likelihood comparison that
+    chose the model (None with one candidate) and the pseudo-defects' evidence for lam_rel."""
+
+    spatial: str
+    lam_rel: float
+    families: dict[str, FamilyCurves]
+    paired_likelihood: Optional[dict[str, Any]]
+    evidence: dict[str, Any]
+
+
+def _finite_or_none(values: Sequence[float]) -> list[Optional[float]]:
+    return [float(v) if math.isfinite(v) else None for v in values]
+
+
+def lam_window(lam_grid: Sequence[float], lam0: float) -> list[float]:
+    """The grid values at or above lam0 (the window the pseudo-defects search): below the likelihood's minimiser
+    the model describes normal patches worse and its scores amplify noise (docs/DESIGN.md "Label-free lam")."""
+    return [g for g in lam_grid if g >= lam0 * (1 - 1e-9)]
+
+
+def no_evidence_lam(lam_grid: Sequence[float], lam0: float) -> float:
+    """The default lam_rel, kept unless the pseudo-defects beat it clearly: DEFAULT_LAM_REL, but not below lam0
+    (a fixed lam_rel: itself). 0.01 is where the generated categories' defects are found best (docs/DESIGN.md
+    "lam_rel"), and below lam0 the model fits normal patches worse."""
+    if len(lam_grid) == 1:
+        return float(lam_grid[0])
+    return max(DEFAULT_LAM_REL, lam0)
+
+
+def paired_comparison(complex_: np.ndarray, simple: np.ndarray) -> dict[str, float]:
+    """A more complex minus a simpler model's held-out negative log-likelihood per clean held-out image (each at its
+    own lam0): mean, standard error and their ratio t. The complex one is chosen when t < -FAMILY_STANDARD_ERRORS."""
+    diff = np.asarray(complex_, dtype=np.float64) - np.asarray(simple, dtype=np.float64)
+    mean = float(diff.mean())
+    se = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else math.inf
+    t = mean / se if se > 0 else (-math.inf if mean < 0 else math.inf if mean > 0 else 0.0)
+    return {"mean_difference": mean, "standard_error": se, "t": t}
+
+
+def _likelihood_curves(
+    candidate: Candidate, rotated: Any, lam_grid: Sequence[float]
+) -> tuple[FamilyCurves, np.ndarray]:
+    """A candidate's likelihood curve over the grid, and its per-image values at lam0."""
+    per_image = [candidate.likelihood(rotated, lam) for lam in lam_grid]
+    nll = [float(x.mean()) for x in per_image]
+    best = int(np.nanargmin(np.asarray(nll, dtype=float)))
+    diffs = np.stack(per_image) - per_image[best]  # (lams, n_clean): paired against lam0
+    curves = FamilyCurves(
+        nll=_finite_or_none(nll),
+        nll_se=_finite_or_none(diffs.std(axis=1, ddof=1) / math.sqrt(diffs.shape[1])),
+        lam0=lam_grid[best],
+        window=lam_window(lam_grid, lam_grid[best]),
+    )
+    return curves, per_image[best]
+
+
+def choose(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mapping[str, Candidate]) -> Choice:
+    """Choose (model, lam_rel) on the held-out set from ``candidates`` (name -> candidate, simplest first)."""
+    lam_grid = tuple(float(g) for g in lam_grid)
+    h, w = held.masks.shape[1:]
+    if held.clean.shape[1] != h * w:
+        raise ValueError(f"held-out grids have {held.clean.shape[1]} positions, the masks {h}x{w}")
+    if not candidates:
+        raise ValueError("no candidate model to select from")
+    families: dict[str, FamilyCurves] = {}
+    rotated: dict[str, Any] = {}
+    at_lam0: dict[str, np.ndarray] = {}
+    for name, cand in candidates.items():
+        started = time.perf_counter()
+        rotated[name] = cand.rotate(held.clean)
+        families[name], at_lam0[name] = _likelihood_curves(cand, rotated[name], lam_grid)
+        families[name].seconds = round(time.perf_counter() - started, 4)  # rotation and every lam's likelihood
+    names = list(candidates)
+    spatial, paired = names[0], None
+    for name in names[1:]:
+        comparison = paired_comparison(at_lam0[name], at_lam0[spatial])
+        paired = {"model": name, "against": spatial, "standard_errors_needed": FAMILY_STANDARD_ERRORS, **comparison}
+        if comparison["t"] < -FAMILY_STANDARD_ERRORS:
+            spatial = name
+
+    # lam_rel: the pseudo-defects, in the chosen model's window
+    started = time.perf_counter()
+    cand, curves = candidates[spatial], families[spatial]
+    window = curves.window
+    prepared = cand.maps_input(rotated.pop(spatial), held.pseudo)
+    rotated.clear()
+    default = no_evidence_lam(lam_grid, curves.lam0)
+    maps = {lam: cand.maps(prepared, lam).reshape(-1, h, w) for lam in sorted(set(window) | {default})}
+    del prepared
+    in_window = select_lam(maps.__getitem__, held.labels, held.all_masks, window)
+    best = in_window.choice
+
+    def image_scores(lam: float) -> np.ndarray:
+        return maps[lam].reshape(maps[lam].shape[0], -1).max(axis=1)
+
+    evidence = paired_auroc_difference(image_scores(best), image_scores(default), held.labels)
+    beats = evidence["z"] > EVIDENCE_DEVIATIONS
+    evidence = {
+        "best": best,
+        "default": default,
+        **evidence,
+        "deviations_needed": EVIDENCE_DEVIATIONS,
+        "chosen": "best" if beats else "default",
+    }
+    lam = best if beats else default
+
+    def over_grid(values: Sequence[float]) -> list[Optional[float]]:
+        inside = dict(zip(window, _finite_or_none(values)))
+        return [inside.get(g) for g in lam_grid]
+
+    for name, family in families.items():
+        chosen = name == spatial
+        family.image_auroc = over_grid(in_window.image_auroc) if chosen else [None] * len(lam_grid)
+        family.aupro = over_grid(in_window.aupro) if chosen else [None] * len(lam_grid)
+        family.curve = over_grid(in_window.curve) if chosen else [None] * len(lam_grid)  # select_lam's criterion
+        family.lam_rel = lam if chosen else None
+    curves.window_best_auroc = max(in_window.image_auroc)
+    curves.seconds = round(curves.seconds + time.perf_counter() - started, 4)
+    return Choice(spatial, lam, families, paired, evidence)
+
+
+__all__ = [
+    "CRITERION",
+    "EVIDENCE_DEVIATIONS",
+    "FAMILY_STANDARD_ERRORS",
+    "Choice",
+    "choose",
+    "lam_window",
+    "no_evidence_lam",
+    "paired_comparison",
+]

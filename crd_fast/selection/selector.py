@@ -1,0 +1,161 @@
+"""LabelFreeSelector: the label-free choice of scoring model and lam_rel, fed batch by batch during a fit.
+
+    selector = LabelFreeSelector(templates, lam_grid, count, asked, seed)   # templates: unfitted models, simplest first
+    for x, grids in batches:                # normalised inputs (B, 3, S, S) and their patch grids (B, P, d)
+        selector.add(x, grids)
+    model, record = selector.finish(embed, mean, std, patch_grid)
+
+It holds out a few images (:class:`~crd_fast.selection.plan.HeldOutPlan`), fits every open model on the rest and
+on the held-out images apart (a model that ``derives`` another, e.g. the local CRD's pooled statistics give the
+global CRD, is fitted once for both), paints one pseudo-defect on each held-out image, lets
+:func:`~crd_fast.selection.choice.choose` decide, and returns the chosen model fitted on all images (the two parts
+merged: exact for the global statistics, a sketch merge for the local model) with its :class:`SelectionRecord`.
+docs/DESIGN.md "The detector's choice of spatial model and lam_rel".
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from ..choices import DEFAULT_LAM_REL
+from ..scoring.base import ScoringModel
+from .choice import CRITERION, choose
+from .held_out import PSEUDO_STRENGTH, HeldOutSet, pseudo_defect_batch
+from .plan import HeldOutPlan, fallback_reason
+from .record import SelectionRecord
+
+
+def default_choice(families: Sequence[str], lam_grid: Sequence[float]) -> tuple[str, float]:
+    """(model, lam_rel) without a selection: "global" when open (else the simplest open model), DEFAULT_LAM_REL
+    when lam_rel is open (else the one fixed value)."""
+    spatial = "global" if "global" in families else families[0]
+    lam = float(lam_grid[0]) if len(lam_grid) == 1 else DEFAULT_LAM_REL
+    return spatial, lam
+
+
+class LabelFreeSelector:
+    """Chooses among ``templates`` (name -> unfitted model with the detector's options, simplest first) and the
+    lam_rel values of ``lam_grid`` (one value: lam_rel is fixed) while a fit from empty streams its images.
+
+    ``count``: the number of training images when known (it spaces the held-out images evenly); ``asked``: the
+    options as given, for the record; ``seed``: the pseudo-defects' seed.
+    """
+
+    def __init__(
+        self,
+        templates: Mapping[str, ScoringModel],
+        lam_grid: Sequence[float],
+        count: Optional[int],
+        asked: Mapping[str, Any],
+        seed: int,
+    ) -> None:
+        if not templates:
+            raise ValueError("no scoring model to choose from")
+        self.families = list(templates)
+        self.lam_grid = tuple(float(g) for g in lam_grid)
+        self.asked = dict(asked)
+        self.seed = seed
+        # each open model is fitted directly unless another open model's fit gives it (``derives``)
+        self.source = {
+            f: next((g for g in self.families if g != f and f in templates[g].derives), f) for f in self.families
+        }
+        sources = [f for f in self.families if self.source[f] == f]
+        self.rest = {f: templates[f].fresh() for f in sources}
+        self.held = {f: templates[f].fresh() for f in sources}
+        self.plan = HeldOutPlan(count)
+        self.seen = 0
+        self._held_inputs: list[torch.Tensor] = []
+        self._held_grids: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor, grids: torch.Tensor) -> None:
+        """One batch of the training stream: normalised inputs (B, 3, S, S) and their patch grids (B, P, d)."""
+        hold = torch.tensor([self.plan.take(self.seen + i) for i in range(x.shape[0])], dtype=torch.bool)
+        if bool(hold.any()):
+            idx = hold.nonzero()[:, 0].to(grids.device)
+            for model in self.held.values():
+                model.partial_fit(grids[idx])
+            self._held_grids.append(grids[idx].float().cpu())
+            self._held_inputs.append(x[idx.to(x.device)].detach().cpu())
+        if not bool(hold.all()):
+            rest = grids[(~hold).nonzero()[:, 0].to(grids.device)]
+            for model in self.rest.values():
+                model.partial_fit(rest)
+        self.seen += int(x.shape[0])
+
+    def finish(
+        self,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        mean: Sequence[float],
+        std: Sequence[float],
+        patch_grid: tuple[int, int],
+    ) -> tuple[ScoringModel, SelectionRecord]:
+        """Choose, and return the chosen model fitted on every image (lam_rel set) with the record.
+
+        ``embed``: normalised inputs (n, 3, S, S) on the CPU -> their patch grids (n, P, d), float32 on the CPU (the
+        pseudo-defects' forward passes); ``mean``/``std``: the preprocessing's normalisation (to paint on the
+        picture); ``patch_grid``: (h, w).
+        """
+        if self.seen == 0:
+            raise ValueError("no images to fit on")
+        started = time.perf_counter()
+        why_not = fallback_reason(self.seen, self.plan.held)
+        if why_not is not None:
+            spatial, lam = default_choice(self.families, self.lam_grid)
+            record = SelectionRecord.without_selection(self.asked, spatial, lam, self.seen, self.plan.held)
+        else:
+            pseudo_started = time.perf_counter()
+            held_set = self._held_out_set(embed, mean, std, patch_grid)
+            pseudo_seconds = time.perf_counter() - pseudo_started
+            models_started = time.perf_counter()
+            candidates = {f: self._rest_model(f).candidate() for f in self.families}
+            model_seconds = time.perf_counter() - models_started
+            decision = choose(held_set, self.lam_grid, candidates)
+            spatial, lam = decision.spatial, decision.lam_rel
+            record = SelectionRecord(
+                asked=self.asked,
+                spatial=spatial,
+                lam_rel=lam,
+                n_images=self.seen,
+                held_out=self.plan.held,
+                grid=list(self.lam_grid),
+                families=decision.families,
+                paired_likelihood=decision.paired_likelihood,
+                evidence=decision.evidence,
+                criterion=CRITERION,
+                pseudo_strength=PSEUDO_STRENGTH,
+                pseudo_defects=sorted(set(held_set.kinds)),
+                pseudo_defect_seconds=round(pseudo_seconds, 4),
+                model_seconds=round(model_seconds, 4),
+            )
+        model = self._fitted_on_all(spatial)
+        if model.has_lam_rel:
+            model.set_lam_rel(lam)
+        record.seconds = round(time.perf_counter() - started, 4)
+        return model, record
+
+    def _rest_model(self, family: str) -> ScoringModel:
+        source = self.rest[self.source[family]]
+        return source if self.source[family] == family else source.derive(family)
+
+    def _fitted_on_all(self, family: str) -> ScoringModel:
+        name = self.source[family]
+        merged = self.rest[name].merge(self.held[name])
+        return merged if name == family else merged.derive(family)
+
+    def _held_out_set(
+        self,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        mean: Sequence[float],
+        std: Sequence[float],
+        patch_grid: tuple[int, int],
+    ) -> HeldOutSet:
+        """The held-out images' clean grids and pseudo-defect grids (one pseudo-defect each)."""
+        clean_inputs = torch.cat(self._held_inputs)
+        pseudo_x, masks, kinds = pseudo_defect_batch(clean_inputs, mean, std, self.seed)
+        return HeldOutSet.build(torch.cat(self._held_grids), embed(pseudo_x), masks, kinds, patch_grid)
+
+
+__all__ = ["LabelFreeSelector", "default_choice"]
