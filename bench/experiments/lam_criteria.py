@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-# this checkout's crd_fast first; bench/quality_*.py may live in bench/ or beside this file
+# this checkout's crd_fast first; bench/experiments/quality_*.py lie beside this file
 for _folder in (HERE.parent.parent, HERE.parent, HERE):
     sys.path.insert(0, str(_folder))
 import lam_criteria_measure as lm  # noqa: E402

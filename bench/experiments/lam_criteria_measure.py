@@ -3,9 +3,9 @@ for both spatial families, on the test images (for the oracle and the table) and
 training images (for the label-free criteria).
 
 Full models (all N training images): the global CRD and the local CRD (a 0.5, k 32, exact per-position
-eigenpairs from the N x N Gram matrices, bench/quality_methods.py's exact fit), their test patch maps at every
-lam_rel of the grid, and PaDiM's rule (per-position Gaussian, eps 0.01, bench/quality_methods.py) on the same
-features.
+eigenpairs from the N x N Gram matrices, bench/experiments/quality_methods.py's exact fit), their test patch maps
+at every lam_rel of the grid, and PaDiM's rule (per-position Gaussian, eps 0.01,
+bench/experiments/quality_methods.py) on the same features.
 
 Held-out fold f (lam_criteria_sets.fold_positions: fold 0 is the detector's own hold-out): both families fitted on
 the rest, their held-out negative log-likelihood per clean image and lam (crd_fast/detector/candidates.py, float64),
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lam_criteria_sets import quality_methods as qm  # bench/quality_methods.py, wherever it lives
+from lam_criteria_sets import quality_methods as qm  # bench/experiments/quality_methods.py, wherever it lives
 
 from crd_fast.core.local import LocalCRDModel, local_eigenpairs_from_patches, within_covariance
 from crd_fast.core.stats import PatchStatistics

@@ -12,8 +12,9 @@ Backbones (patch embedding "concat" of two layers, 160 px inputs, a 20 x 20 patc
 Sets (training images are defect-free; test images carry labels that only the oracle and the table use):
 
 * elpv polycrystalline cells (package elpv-dataset; the monocrystalline cells are never read into any set):
-  ``poly`` is bench/quality.py's seeded split (200 good for training, 100 good + 100 defective, probability 1, for
-  test); ``poly-weak`` the same training and good test cells against 100 cells of defect probability 1/3 or 2/3;
+  ``poly`` is bench/experiments/quality.py's seeded split (200 good for training, 100 good + 100 defective,
+  probability 1, for test); ``poly-weak`` the same training and good test cells against 100 cells of defect
+  probability 1/3 or 2/3;
   ``poly-dark`` / ``poly-bright`` the cells below / at or above the median brightness of the good cells (200 + 100
   good, 100 / all 64 defective of the same half); ``poly-first`` / ``poly-last`` the poly cells of the first / second
   half of the dataset's file order (the files are grouped by module), 200 + 100 good and 100 / all 89 defective.
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-for folder in (HERE, HERE.parent):  # bench/quality_data.py may live in bench/ or beside this file
+for folder in (HERE, HERE.parent):  # bench/experiments/quality_data.py lies beside this file
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 

@@ -232,7 +232,7 @@ FAMILIES: dict[str, BackboneFamily] = {
         efficientnet_lite.lite0_stages,
         lambda weights: (efficientnet_lite.LITE0_MEAN, efficientnet_lite.LITE0_STD),
         lambda name: efficientnet_lite.imagenet_identity(),
-        channels_last=True,  # 1.8x its contiguous float32 speed on the CPU (bench/RESULTS.md)
+        channels_last=True,  # 1.71x its contiguous float32 speed (bench/RESULTS.md "Backbone memory layout")
     ),
 }
 
