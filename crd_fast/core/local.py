@@ -38,12 +38,13 @@ which gives online updates and distributed fits. When the training patches fit i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
 from .dtypes import NumericOverflowError
 from .finite import all_finite
+from .lapack import eigh, inv
 from .sketch import FrequentDirections
 from .stats import PatchStatistics
 
@@ -68,7 +69,7 @@ def _check_grid(x: torch.Tensor, name: str, positions: Optional[int] = None, dim
 
 def _top_eigenpairs(sym: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenpairs of symmetric matrices (..., m, m): values (..., k) descending, vectors (..., m, k)."""
-    evals, evecs = torch.linalg.eigh(0.5 * (sym + sym.transpose(-1, -2)))
+    evals, evecs = eigh(0.5 * (sym + sym.transpose(-1, -2)))
     k = min(k, sym.shape[-1])
     vals = evals[..., -k:].flip(-1).clamp_min(0.0)  # rounding can leave tiny negative eigenvalues
     vecs = evecs[..., -k:].flip(-1)
@@ -90,7 +91,8 @@ class LocalStatistics:
         self.images = 0
         self.means = torch.zeros(positions, dim, dtype=torch.float64, device=device)
         self.pooled = PatchStatistics(dim, device=device)
-        self.fd = FrequentDirections(self.positions, self.dim, sketch, device=device)
+        # float32 until float64 grids arrive (crd_fast/core/sketch.py "Storage precision")
+        self.fd = FrequentDirections(self.positions, self.dim, sketch, device=device, dtype=torch.float32)
 
     @property
     def sketch(self) -> int:
@@ -105,21 +107,25 @@ class LocalStatistics:
         """Add a (B, P, d) batch of patch grids (one pass; any batching gives the same means and pooled statistics,
         and sketches within the FD bound)."""
         _check_grid(grids, "grids", self.positions, self.dim)
-        g = grids.to(device=self.device, dtype=torch.float64)
+        g = grids.to(device=self.device)
         b = g.shape[0]
         if b == 0:
             return self
         if not all_finite(g):
             raise ValueError("grids contain NaN or Inf")
+        # the statistics take their own float64 copy; the sketch rows are centred in float64 and, for float32
+        # features, stored in float32 (crd_fast/core/sketch.py "Storage precision")
         pooled = PatchStatistics(self.dim, device=self.device).update(g.reshape(-1, self.dim))
         if not all_finite(pooled.scatter):
             raise NumericOverflowError(
                 f"grids: the patch statistics overflowed float64 (largest |value| {float(g.abs().max()):.3g}): "
                 "scale the features down"
             )
-        batch_mean = g.mean(dim=0)
-        rows = (g - batch_mean).transpose(0, 1) if b > 1 else None  # one image centred at itself: a zero row
-        return self._absorb(b, batch_mean, pooled, rows=rows)
+        precise = g.dtype == torch.float64
+        batch_mean = g.mean(dim=0, dtype=torch.float64)
+        # one image centred at itself is a zero row: none is appended
+        rows = (g.transpose(0, 1) - batch_mean[:, None, :]) if b > 1 else None
+        return self._absorb(b, batch_mean, pooled, rows=rows, precise=precise)
 
     def merge(self, other: "LocalStatistics") -> "LocalStatistics":
         """Add statistics of other images (same P, d and sketch size) into these, as if they had been seen here."""
@@ -132,7 +138,7 @@ class LocalStatistics:
             )
         if other.images == 0:
             return self
-        return self._absorb(other.images, other.means, other.pooled, sketch=other.fd)
+        return self._absorb(other.images, other.means, other.pooled, sketch=other.fd, precise=False)
 
     def _absorb(
         self,
@@ -141,11 +147,13 @@ class LocalStatistics:
         pooled_b: PatchStatistics,
         rows: Optional[torch.Tensor] = None,
         sketch: Optional[FrequentDirections] = None,
+        precise: bool = True,
     ) -> "LocalStatistics":
         """Add n_b images with per-position means ``means_b``, pooled statistics ``pooled_b`` and their centred
         scatter as sketch ``rows`` (P, m, d) or a ``sketch``. Chan's pairwise update per position, scatter =
         S_a + S_b + (n_a n_b / n) delta delta^T, puts the last term in as one more sketch row, so the sketches
-        always hold centred data (no cancellation). Checks for overflow before anything changes."""
+        always hold centred data (no cancellation). Checks for overflow before anything changes. ``precise``:
+        the images were float64 (their rows make the sketch float64); else rows go in at the sketch's precision."""
         n_a = self.images
         n = n_a + n_b
         pooled = PatchStatistics.from_tensors(self.pooled.count, self.pooled.mean, self.pooled.scatter)
@@ -153,12 +161,14 @@ class LocalStatistics:
         if not all_finite(pooled.scatter):
             raise NumericOverflowError("the pooled patch statistics overflowed float64: scale the features down")
         delta = means_b.to(device=self.device, dtype=torch.float64) - self.means
+        if precise:
+            self.fd.promote(torch.float64)
         if sketch is not None:
             self.fd.merge(sketch)
         if rows is not None:
-            self.fd.append(rows)
+            self.fd.append(rows, narrow=True)
         if n_a > 0:
-            self.fd.append((delta * (n_a * n_b / n) ** 0.5)[:, None, :])
+            self.fd.append((delta * (n_a * n_b / n) ** 0.5)[:, None, :], narrow=True)
         self.means = self.means + delta * (n_b / n)
         self.pooled = pooled
         self.images = n
@@ -190,13 +200,23 @@ class LocalStatistics:
         if self.images < 1:
             raise ValueError("no patch grids have been added")
         k = min(rank, self.dim)
-        rows = self.fd.rows()
         vals = torch.zeros(self.positions, k, dtype=torch.float64, device=self.device)
         vecs = torch.zeros(self.positions, self.dim, k, dtype=torch.float64, device=self.device)
-        if rows.shape[1] > 0:
-            v, u = _gram_eigenpairs(rows, self.images, k)
-            vals[:, : v.shape[1]], vecs[:, :, : v.shape[1]] = v, u
+        for start, v, u in self.iter_local_eigenpairs(k):
+            vals[start : start + v.shape[0], : v.shape[1]] = v
+            vecs[start : start + v.shape[0], :, : v.shape[1]] = u
         return vals, vecs
+
+    def iter_local_eigenpairs(self, rank: int, chunk: int = 64) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``local_eigenpairs`` for ``chunk`` positions at a time (float64 whatever the sketch's precision):
+        (first position, values (c, k'), vectors (c, d, k')) with k' = min(rank, rows held), so the (P, d, k)
+        vectors need not all be in memory at once. Nothing when the sketch holds no rows."""
+        rows = self.fd.rows()
+        if rows.shape[1] == 0:
+            return
+        for start in range(0, self.positions, chunk):
+            v, u = _gram_eigenpairs(rows[start : start + chunk].to(torch.float64), self.images, rank)
+            yield start, v, u
 
     # -- persistence --------------------------------------------------------------------------------
     def state(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -205,7 +225,7 @@ class LocalStatistics:
             f"{prefix}means": self.means.cpu(),
             f"{prefix}pooled_mean": self.pooled.mean.cpu(),
             f"{prefix}pooled_scatter": self.pooled.scatter.cpu(),
-            f"{prefix}sketch_rows": self.fd.rows().cpu().clone(),
+            f"{prefix}sketch_rows": self.fd.rows().to(device="cpu", dtype=torch.float64, copy=True),
             f"{prefix}sketch_discarded": self.fd.discarded.cpu(),
         }
         fields = {
@@ -375,11 +395,47 @@ class LocalCRDModel:
                 f"local eigenpairs must be (P={p}, k) values and (P={p}, d={d}, k) vectors, got "
                 f"{tuple(local_values.shape)} and {tuple(local_vectors.shape)}"
             )
-        evals, evecs = torch.linalg.eigh(pooled_cov.to(torch.float64)) if pooled_eigh is None else pooled_eigh
+        evals, evecs = eigh(pooled_cov.to(torch.float64)) if pooled_eigh is None else pooled_eigh
         evals, evecs = evals.to(torch.float64).clamp_min(0.0), evecs.to(torch.float64)
         scale = torch.sqrt((1.0 - shrinkage) * local_values.to(torch.float64).clamp_min(0.0))
         rotated = torch.einsum("de,pdk->pek", evecs, local_vectors.to(torch.float64)) * scale[:, None, :]
         return cls(means.to(torch.float64), evals, evecs, rotated.contiguous(), float(shrinkage))
+
+    @classmethod
+    def from_statistics(
+        cls,
+        stats: "LocalStatistics",
+        rank: int,
+        shrinkage: float,
+        pooled_eigh: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> "LocalCRDModel":
+        """``build`` from one-pass statistics, a chunk of positions at a time: the (P, d, k) local vectors are
+        rotated into C's eigenbasis as they come out of the sketch, so only ``scaled_vectors`` (P, d, k) is held
+        whole (``build`` holds the vectors, their rotation and its temporaries). The same model to rounding.
+
+        ``dtype``: of ``scaled_vectors`` and of the product that rotates them, float64 (the model the detector
+        scores with) or float32 (a candidate of the label-free choice, which only compares and ranks:
+        crd_fast/scoring/candidates.py); the eigenpairs themselves are float64 either way.
+        """
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the local model is float64 or float32, not {dtype}")
+        cov = stats.within_covariance()
+        evals, evecs = eigh(cov) if pooled_eigh is None else pooled_eigh
+        evals, evecs = evals.to(torch.float64).clamp_min(0.0), evecs.to(torch.float64)
+        k = min(int(rank), stats.dim)
+        rotation = evecs.to(dtype).T.contiguous()  # U^T
+        scaled = torch.zeros(stats.positions, stats.dim, k, dtype=dtype, device=stats.device)
+        for start, values, vectors in stats.iter_local_eigenpairs(k):
+            scale = torch.sqrt((1.0 - shrinkage) * values.clamp_min(0.0))  # (c, k')
+            c, kk = values.shape
+            # U^T [V_p ...]: one (d x d)(d x c k') product per chunk
+            flat = vectors.to(dtype).transpose(0, 1).reshape(stats.dim, c * kk)
+            rotated = (rotation @ flat).reshape(stats.dim, c, kk).transpose(0, 1)
+            scaled[start : start + c, :, :kk] = rotated * scale.to(dtype)[:, None, :]
+        return cls(stats.means, evals, evecs, scaled, float(shrinkage))
 
     @property
     def positions(self) -> int:
@@ -412,7 +468,7 @@ class LocalCRDModel:
         w = inv_b[None, :, None] * self.scaled_vectors
         inner = self.scaled_vectors.transpose(1, 2) @ w  # V~^T B^-1 V~, (P, k, k)
         eye = torch.eye(self.rank, dtype=torch.float64, device=w.device)
-        k = torch.linalg.inv(eye + 0.5 * (inner + inner.transpose(1, 2)))
+        k = inv(eye + 0.5 * (inner + inner.transpose(1, 2)))
         return LocalFactors(float(lam), inv_b, w.contiguous(), 0.5 * (k + k.transpose(1, 2)))
 
     def rotate(self, grids: torch.Tensor) -> torch.Tensor:
