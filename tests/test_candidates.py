@@ -57,7 +57,7 @@ def test_local_evaluate_equals_the_dense_likelihood_and_scores(vector_dtype):
     assert got.nll.dtype == np.float64 and got.maps.dtype == np.float32
     for i, lam_rel in enumerate(GRID):
         nll, scores = _dense_local(reference, grids, lam_rel)
-        np.testing.assert_allclose(got.nll[i], nll, rtol=1e-10, atol=0)
+        np.testing.assert_allclose(got.nll[i], nll, rtol=1e-5, atol=0)
         np.testing.assert_allclose(got.maps[i], scores, rtol=2e-5, atol=0)
 
 
@@ -74,19 +74,6 @@ def test_local_maps_equal_the_dense_scores():
         np.testing.assert_allclose(got[i], _dense_local(model, grids, lam_rel)[1], rtol=2e-5, atol=0)
     # the float64 clean scores of evaluate() and the float32 ones of maps() agree
     np.testing.assert_allclose(cand.evaluate(grids, lams).maps, got, rtol=2e-5)
-
-
-def test_local_factors_are_the_model_woodbury_factors():
-    model = _local_model(7, positions=9)
-    for lam_rel in GRID:
-        got = LocalCandidate(model).factors(lam_rel)
-        want = model.factors(model.lam(lam_rel))
-        torch.testing.assert_close(got.inv_b, want.inv_b, rtol=1e-14, atol=0)
-        torch.testing.assert_close(got.k, want.k, rtol=1e-10, atol=1e-12)
-        a, u, s, sv = model.shrinkage, model.eigenvectors, model.eigenvalues, model.scaled_vectors
-        eye = torch.eye(model.dim, dtype=torch.float64)
-        sigma = u @ (a * torch.diag_embed(s) + sv @ sv.transpose(1, 2)) @ u.T + got.lam * eye
-        torch.testing.assert_close(got.logdet, torch.linalg.slogdet(sigma)[1], rtol=1e-8, atol=0)
 
 
 def test_local_candidate_of_one_pass_statistics_in_float32():
@@ -127,6 +114,43 @@ def test_global_evaluate_and_maps_equal_dense_float64():
         solved = torch.linalg.solve(sigma, r.reshape(-1, 10).T).T.reshape(r.shape)
         nll = 0.5 * ((r * solved).sum(-1).mean(1) + torch.linalg.slogdet(sigma)[1]) / 10
         scores = lam * torch.linalg.vector_norm(solved, dim=-1)
-        np.testing.assert_allclose(got.nll[i], nll.numpy(), rtol=1e-12)
-        np.testing.assert_allclose(got.maps[i], scores.numpy(), rtol=1e-6)  # float64 rotation, stored in float32
-        np.testing.assert_allclose(maps[len(GRID) - 1 - i], scores.numpy(), rtol=2e-5)  # float32 rotation
+        np.testing.assert_allclose(got.nll[i], nll.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(got.maps[i], scores.numpy(), rtol=2e-5)
+        np.testing.assert_allclose(maps[len(GRID) - 1 - i], scores.numpy(), rtol=2e-5)
+
+
+def _relu_features(seed: int, n: int, positions: int, dim: int) -> torch.Tensor:
+    """(n, P, d) float32 features like a backbone's: ReLU of a mix whose spectrum falls over six decades, a mean
+    per position well away from zero."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0] * torch.logspace(0, -3, dim)
+    base = torch.randn(positions, dim, generator=g, dtype=torch.float64)
+    x = torch.randn(n, positions, dim, generator=g, dtype=torch.float64) @ mix.T + base
+    return torch.relu(x).float()
+
+
+def test_float32_rotations_keep_the_likelihood_within_1e5_over_the_whole_grid():
+    """The detector's candidates (float32 rotations, float32 S~) against all-float64 dense solves, at every lam of
+    the default grid (down to 1e-5), on features with a steep spectrum."""
+    from crd_fast.choices import DEFAULT_LAM_GRID
+
+    train, held = _relu_features(11, 60, 4, 48), _relu_features(12, 6, 4, 48)
+    stats = LocalStatistics(4, 48, sketch=16)
+    for chunk in torch.split(train, 8):
+        stats.update(chunk)
+    exact = LocalCRDModel.from_statistics(stats, 8, 0.5)
+    got = LocalCandidate(LocalCRDModel.from_statistics(stats, 8, 0.5, dtype=torch.float32)).evaluate(
+        held, DEFAULT_LAM_GRID
+    )
+    pooled = PatchStatistics(48).update(train.reshape(-1, 48))
+    got_global = GlobalCandidate(pooled, True).evaluate(held, DEFAULT_LAM_GRID)
+    cov = pooled.covariance()
+    r = held.double() - pooled.mean
+    for i, lam_rel in enumerate(DEFAULT_LAM_GRID):
+        nll, scores = _dense_local(exact, held, lam_rel)
+        np.testing.assert_allclose(got.nll[i], nll, rtol=1e-5)
+        np.testing.assert_allclose(got.maps[i], scores, rtol=2e-5, atol=2e-5 * scores.max())
+        sigma = cov + lam_rel * float(torch.trace(cov)) / 48 * torch.eye(48, dtype=torch.float64)
+        solved = torch.linalg.solve(sigma, r.reshape(-1, 48).T).T.reshape(r.shape)
+        dense = 0.5 * ((r * solved).sum(-1).mean(1) + torch.linalg.slogdet(sigma)[1]) / 48
+        np.testing.assert_allclose(got_global.nll[i], dense.numpy(), rtol=1e-5)

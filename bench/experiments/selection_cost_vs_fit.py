@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 OPTIONS = {"global": {"spatial": "global", "lam_rel": 0.01}, "defaults": {}}
 
 
@@ -54,7 +56,7 @@ def rss_mb() -> float:
 class StepProfiler:
     """Wraps functions as named steps: self time (nested steps subtracted) and RSS sampled by a thread."""
 
-    def __init__(self, interval: float = 0.003) -> None:
+    def __init__(self, interval: float = 0.02) -> None:
         self.steps: dict[str, dict[str, float]] = {}
         self._stack: list[list[Any]] = []  # [label, start, child_seconds, rss_enter, rss_max]
         self._interval = interval
@@ -254,12 +256,26 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "patch_grid": list(det.patch_grid),
         "threads": torch.get_num_threads(),
     }
-    if det.selection is not None and det.selection.held_out:
-        out["held_out"] = det.selection.held_out
-        out["selection_s"] = det.selection.seconds
     if profiler is not None:
         profiler.stop()
         out["steps"] = profiler.steps
+    if det.selection is not None and det.selection.held_out:
+        out["held_out"] = det.selection.held_out
+        out["selection_s"] = det.selection.seconds
+        out["record"] = det.selection.to_dict()
+    if args.test:  # after the timed fit: scores of generated test images, good and defective
+        from crd_fast.metrics.scores import image_auroc
+        from crd_fast.synthetic import CATEGORIES
+
+        defects = CATEGORIES[args.category].defects
+        good = [render_sample(args.category, args.size, 0, None, i, "test")[0] for i in range(args.test)]
+        bad = [
+            render_sample(args.category, args.size, 0, defects[i % len(defects)], i, "test")[0]
+            for i in range(args.test)
+        ]
+        scores = det.predict(good + bad, progress=False).image_scores
+        out["test_scores"] = [float(x) for x in scores]
+        out["test_auroc"] = float(image_auroc([0] * args.test + [1] * args.test, scores))
     return out
 
 
@@ -282,6 +298,8 @@ def run_child(args: argparse.Namespace, code: Optional[str], option: str, catego
         str(args.batch),
         "--threads",
         str(args.threads),
+        "--test",
+        str(args.test),
     ]
     if code:
         cmd += ["--code", code]
@@ -328,23 +346,56 @@ def summarise(runs: list[dict[str, Any]], codes: list[Optional[str]], categories
                     "defaults_peak_mb": statistics.median(r["peak_rss_mb"] for r in auto),
                     "peak_ratio_median": statistics.median(a["peak_rss_mb"] / g["peak_rss_mb"] for g, a in pairs),
                     "chosen": sorted({f"{r['spatial']} {r['lam_rel']:g}" for r in auto}),
+                    "global_test_auroc": sorted({round(r["test_auroc"], 4) for r in glob if "test_auroc" in r}),
+                    "defaults_test_auroc": sorted({round(r["test_auroc"], 4) for r in auto if "test_auroc" in r}),
                 }
             )
     return rows
 
 
+def score_differences(runs: list[dict[str, Any]], codes: list[Optional[str]]) -> list[dict[str, Any]]:
+    """Largest relative difference of the test scores between the first code and each other one, per category and
+    option (the same images, the same options: how far the codes' fitted models differ where it shows)."""
+    out = []
+    scored = [r for r in runs if "test_scores" in r and "steps" not in r]
+    for code in codes[1:]:
+        for r in scored:
+            if r["code_arg"] != codes[0]:
+                continue
+            other = next(
+                (
+                    o
+                    for o in scored
+                    if o["code_arg"] == code and (o["category"], o["option"]) == (r["category"], r["option"])
+                ),
+                None,
+            )
+            if other is None or any(r[k] != other[k] for k in ("spatial", "lam_rel")):
+                continue
+            a, b = np.asarray(r["test_scores"]), np.asarray(other["test_scores"])
+            out.append(
+                {
+                    "category": r["category"],
+                    "option": r["option"],
+                    "codes": [codes[0], code],
+                    "max_relative_difference": float(np.max(np.abs(b - a) / np.abs(a))),
+                }
+            )
+    return out
+
+
 def print_table(rows: list[dict], profiles: list[dict]) -> None:
     print(
         "| code | category | global fit s | defaults fit s | time ratio (median; per round) | global peak MB "
-        "| defaults peak MB | peak ratio | chosen |"
+        "| defaults peak MB | peak ratio | chosen | test AUROC global; defaults |"
     )
-    print("|---|---|---:|---:|---|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---|---:|---:|---:|---|---|")
     for r in rows:
         print(
             f"| {r['code']} | {r['category']} | {r['global_fit_s']:.1f} | {r['defaults_fit_s']:.1f} | "
             f"{r['time_ratio_median']:.2f}x ({', '.join(f'{x:.2f}' for x in r['time_ratios'])}) | "
             f"{r['global_peak_mb']:.0f} | {r['defaults_peak_mb']:.0f} | {r['peak_ratio_median']:.2f}x | "
-            f"{'; '.join(r['chosen'])} |"
+            f"{'; '.join(r['chosen'])} | {r['global_test_auroc']}; {r['defaults_test_auroc']} |"
         )
     for prof in profiles:
         print(
@@ -372,6 +423,13 @@ def main() -> None:
     p.add_argument("--code", action="append", help="a checkout whose crd_fast to time (repeatable)")
     p.add_argument("--profile", action="store_true", help="add one profiled defaults' fit per code and category")
     p.add_argument("--out", help="write the runs and the summary as JSON here")
+    p.add_argument(
+        "--test",
+        type=int,
+        default=0,
+        help="after each (timed) fit, score this many good and as many defective generated test images (untimed): "
+        "image AUROC, and the largest relative difference of the scores between the codes",
+    )
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--option", choices=sorted(OPTIONS), help=argparse.SUPPRESS)
@@ -409,6 +467,12 @@ def main() -> None:
     rows = summarise(runs, codes, categories)
     profiles = [r for r in runs if "steps" in r]
     print_table(rows, profiles)
+    differences = score_differences(runs, codes)
+    for diff in differences:
+        print(
+            f"test scores, {diff['category']} {diff['option']}: largest relative difference between the codes "
+            f"{diff['max_relative_difference']:.2e}"
+        )
     result = {
         "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "started": started,
@@ -416,6 +480,7 @@ def main() -> None:
         "machine": _lscpu(),
         "load_average_end": os.getloadavg(),
         "summary": rows,
+        "score_differences": differences,
         "runs": runs,
     }
     if args.out:

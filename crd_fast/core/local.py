@@ -121,11 +121,9 @@ class LocalStatistics:
                 f"grids: the patch statistics overflowed float64 (largest |value| {float(g.abs().max()):.3g}): "
                 "scale the features down"
             )
-        precise = g.dtype == torch.float64
         batch_mean = g.mean(dim=0, dtype=torch.float64)
         # one image centred at itself is a zero row: none is appended
-        rows = (g.transpose(0, 1) - batch_mean[:, None, :]) if b > 1 else None
-        return self._absorb(b, batch_mean, pooled, rows=rows, precise=precise)
+        return self._absorb(b, batch_mean, pooled, batch=g if b > 1 else None, precise=g.dtype == torch.float64)
 
     def merge(self, other: "LocalStatistics") -> "LocalStatistics":
         """Add statistics of other images (same P, d and sketch size) into these, as if they had been seen here."""
@@ -145,12 +143,13 @@ class LocalStatistics:
         n_b: int,
         means_b: torch.Tensor,
         pooled_b: PatchStatistics,
-        rows: Optional[torch.Tensor] = None,
+        batch: Optional[torch.Tensor] = None,
         sketch: Optional[FrequentDirections] = None,
         precise: bool = True,
     ) -> "LocalStatistics":
         """Add n_b images with per-position means ``means_b``, pooled statistics ``pooled_b`` and their centred
-        scatter as sketch ``rows`` (P, m, d) or a ``sketch``. Chan's pairwise update per position, scatter =
+        scatter as the (n_b, P, d) ``batch`` itself (its rows centred at ``means_b`` go into the sketch) or a
+        ``sketch``. Chan's pairwise update per position, scatter =
         S_a + S_b + (n_a n_b / n) delta delta^T, puts the last term in as one more sketch row, so the sketches
         always hold centred data (no cancellation). Checks for overflow before anything changes. ``precise``:
         the images were float64 (their rows make the sketch float64); else rows go in at the sketch's precision."""
@@ -165,8 +164,8 @@ class LocalStatistics:
             self.fd.promote(torch.float64)
         if sketch is not None:
             self.fd.merge(sketch)
-        if rows is not None:
-            self.fd.append(rows, narrow=True)
+        if batch is not None:
+            self.fd.append_centred(batch, means_b)
         if n_a > 0:
             self.fd.append((delta * (n_a * n_b / n) ** 0.5)[:, None, :], narrow=True)
         self.means = self.means + delta * (n_b / n)

@@ -12,9 +12,12 @@ whole:
 
 ``evaluate`` gives, for the clean held-out grids, each image's mean over its patches of the negative Gaussian
 log-likelihood per dimension, 0.5 (r^T Sigma^-1 r + log det Sigma) / d (the 2 pi constant left out: it is the same
-for every candidate), in float64 from float64 rotations, and their patch scores; ``maps`` the patch scores of
-other grids (the pseudo-defects). Patch scores only rank images: they are float32, and ``maps`` rotates in float32
-(within 2e-5 of float64, tests/test_candidates.py).
+for every candidate), and their patch scores at every lam of a grid; ``maps`` the patch scores of other grids (the
+pseudo-defects). Precision: the grids (float32 features) are rotated in float32 and the local model's S~ may be
+float32 (its rotation is the largest product of the choice); every sum and product after the rotation that enters
+the likelihood is float64, so nothing cancels in float32, and the likelihood is within 1e-5 (relative) of an
+all-float64 computation (tests/test_candidates.py): the choice compares likelihoods whose differences are
+thousands of times larger. Patch scores only rank images: float32 throughout (within 2e-5 of float64).
 """
 
 from __future__ import annotations
@@ -71,19 +74,26 @@ def _position_chunks(grids: torch.Tensor) -> Iterator[slice]:
 
 
 class GlobalCandidate:
-    """The global CRD of some statistics."""
+    """The global CRD of some statistics. Grids are rotated in float32; the likelihood sums their squares in float64
+    (all positive: nothing cancels)."""
 
     def __init__(self, stats: PatchStatistics, center: bool) -> None:
         self.form = SpectralForm.from_covariance(stats.covariance(center).cpu(), stats.location(center).cpu())
         self.eigenvalues = self.form.eigenvalues
+        self._mean32, self._rotation32 = self.form.mean.float(), self.form.eigenvectors.float()
 
     def _lams(self, lam_rels: Sequence[float]) -> torch.Tensor:
         return torch.tensor([float(r) for r in lam_rels], dtype=torch.float64) * self.form.mean_eigenvalue
 
     def _score_weights(self, lam_rels: Sequence[float]) -> torch.Tensor:
-        """(d, L): c_i^2 = (lam / (s_i + lam))^2, so that a patch's squared score is z^2 . c^2."""
+        """(d, L) float32: c_i^2 = (lam / (s_i + lam))^2, so that a patch's squared score is z^2 . c^2."""
         lam = self._lams(lam_rels)
-        return (lam[None, :] / (self.eigenvalues[:, None] + lam[None, :])).square()
+        return (lam[None, :] / (self.eigenvalues[:, None] + lam[None, :])).square().float()
+
+    def _squares(self, grids: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(images, z^2 of those images (c, P, d) float32), z = U^T (y - mu) rotated in float32."""
+        for rows in _image_chunks(grids):
+            yield rows, ((grids[rows].cpu().float() - self._mean32) @ self._rotation32).square_()
 
     def evaluate(self, grids: torch.Tensor, lam_grid: Sequence[float]) -> Evaluation:
         """Per image: mean over patches of 0.5 (z^2 . 1 / (s + lam) + sum log (s + lam)) / d; scores ||diag(c) z||."""
@@ -91,9 +101,8 @@ class GlobalCandidate:
         weights = self._score_weights(lam_grid)
         sums = torch.empty(n, d, dtype=torch.float64)  # sum over each image's patches of z^2
         maps = np.empty((len(lam_grid), n, p), dtype=np.float32)
-        for rows in _image_chunks(grids):
-            z2 = self.form.rotate(grids[rows].cpu()).square_()  # (c, P, d) float64
-            sums[rows] = z2.sum(1)
+        for rows, z2 in self._squares(grids):
+            sums[rows] = z2.sum(1, dtype=torch.float64)
             maps[:, rows] = (z2 @ weights).sqrt_().permute(2, 0, 1).numpy()
         sigma = self.eigenvalues[None, :] + self._lams(lam_grid)[:, None]  # (L, d)
         quad = (sums @ (1.0 / sigma).T) / p  # (N, L)
@@ -101,104 +110,121 @@ class GlobalCandidate:
         return Evaluation(nll.T.contiguous().numpy(), maps)
 
     def maps(self, grids: torch.Tensor, lams: Sequence[float]) -> np.ndarray:
-        """Patch scores (L, N, P), from float32 rotations: one GEMV per lam."""
+        """Patch scores (L, N, P): one GEMV per lam."""
         n, p, _ = grids.shape
-        weights = self._score_weights(lams).float()
-        mean, rotation = self.form.mean.float(), self.form.eigenvectors.float()
+        weights = self._score_weights(lams)
         out = np.empty((len(lams), n, p), dtype=np.float32)
-        for rows in _image_chunks(grids):
-            z2 = ((grids[rows].cpu().float() - mean) @ rotation).square_()
+        for rows, z2 in self._squares(grids):
             out[:, rows] = (z2 @ weights).sqrt_().permute(2, 0, 1).numpy()
         return out
 
 
-@dataclass(frozen=True)
-class _LocalFactors:
-    """Woodbury factors at one lam: B^-1 = diag(inv_b), K_p = (I + S~_p^T B^-1 S~_p)^-1, log det (S_p + lam I)."""
-
-    lam: float
-    inv_b: torch.Tensor  # (d,)
-    k: torch.Tensor  # (P, k, k)
-    logdet: torch.Tensor  # (P,)
-
-
 class LocalCandidate:
-    """A ``LocalCRDModel`` (crd_fast/core/local.py): S~_p = ``scaled_vectors`` in float64 (or float32, then the
-    likelihood's products are still formed in float64 from them)."""
+    """A ``LocalCRDModel`` (crd_fast/core/local.py) whose ``scaled_vectors`` S~_p may be float32 (the detector's
+    candidate, ``LocalCRDModel.from_statistics(..., dtype=float32)``) or float64.
+
+    Every lam of a grid is handled in the same products: for a chunk of positions, W_l = B_l^-1 S~_p for all L
+    lams side by side is one (d, L k) matrix, so S~^T W (the Woodbury inner matrices) and z^T W (W^T z of every
+    patch) are one product each instead of 2 L small ones.
+    """
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self._factors: dict[float, _LocalFactors] = {}
+        self._rotation = model.eigenvectors.float()  # U, for float32 rotations
+        self._k32: dict[float, torch.Tensor] = {}  # K_p of the lams evaluate() saw, for maps(): (P, k, k) float32
 
-    def factors(self, lam_rel: float) -> _LocalFactors:
-        """Woodbury factors at lam_rel, float64 (kept: the likelihood and the scores of one lam share them)."""
-        if lam_rel not in self._factors:
-            m = self.model
-            lam = m.lam(lam_rel)
-            inv_b = 1.0 / (m.shrinkage * m.eigenvalues + lam)
-            eye = torch.eye(m.rank, dtype=torch.float64, device=inv_b.device)
-            ks, logdets = [], []
-            for rows in _slices(m.positions, _CHUNK_PATCHES * 512 // (m.dim * m.rank)):  # (c, d, k) ~2M numbers
-                vectors = m.scaled_vectors[rows].to(torch.float64)  # (c, d, k)
-                inner = vectors.transpose(1, 2) @ (inv_b[:, None] * vectors)
-                chol = cholesky(eye + 0.5 * (inner + inner.transpose(1, 2)))
-                ks.append(cholesky_inverse(chol))
-                # det(B + S~ S~^T) = det B det(I + S~^T B^-1 S~) (the matrix determinant lemma)
-                logdets.append(2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1))
-            logdet = -torch.log(inv_b).sum() + torch.cat(logdets)
-            self._factors[lam_rel] = _LocalFactors(lam, inv_b, torch.cat(ks), logdet)
-        return self._factors[lam_rel]
-
-    def _rotated_by_position(self, grids: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
-        """z = U^T (y - mu_p) of the positions ``rows`` of (N, P, d) grids, by position: (c, N, d) in ``dtype``."""
+    def _weights(self, lam_rels: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L,) absolute lams and (L, d) inv_b = 1 / (a s + lam), float64."""
         m = self.model
-        y = grids[:, rows].to(device=m.means.device, dtype=dtype) - m.means[rows].to(dtype)
+        lam = torch.tensor([m.lam(float(r)) for r in lam_rels], dtype=torch.float64, device=m.eigenvalues.device)
+        return lam, 1.0 / (m.shrinkage * m.eigenvalues[None, :] + lam[:, None])
+
+    def _rotated(self, grids: torch.Tensor, rows: slice) -> torch.Tensor:
+        """z = U^T (y - mu_p) of the positions ``rows`` of (N, P, d) grids, by position: (c, N, d) float32."""
+        m = self.model
+        y = grids[:, rows].to(device=m.means.device, dtype=torch.float32) - m.means[rows].float()
         n, c, d = y.shape
-        z = y.reshape(n * c, d) @ m.eigenvectors.to(dtype)
+        z = y.reshape(n * c, d) @ self._rotation
         return z.reshape(n, c, d).transpose(0, 1).contiguous()
 
+    def _chunks(self, grids: torch.Tensor, lams: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(positions, z of those positions (c, N, d) float32): rotated ~_CHUNK_PATCHES patches at a time, handed on
+        in pieces small enough for the (c, d, L k) and (c, d, N L) products of ``lams`` lams."""
+        n = grids.shape[0]
+        m = self.model
+        piece = max(1, (_CHUNK_PATCHES * 1024) // (m.dim * lams * max(m.rank, n)))
+        for outer in _position_chunks(grids):
+            z = self._rotated(grids, outer)
+            for inner in _slices(z.shape[0], piece):
+                part = z[inner]
+                start = outer.start + inner.start
+                yield slice(start, start + part.shape[0]), part
+
+    def _factors(self, vectors: torch.Tensor, inv_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For S~ (c, d, k) float64 and inv_b (L, d): W = [B_l^-1 S~]_l (c, d, L k), K (c, L, k, k) and the
+        Cholesky factors' log det part (c, L), all float64."""
+        c, d, k = vectors.shape
+        lams = inv_b.shape[0]
+        weighted = (vectors[:, :, None, :] * inv_b.T[None, :, :, None]).reshape(c, d, lams * k)
+        inner = (vectors.transpose(1, 2) @ weighted).reshape(c, k, lams, k).transpose(1, 2)  # S~^T B^-1 S~
+        eye = torch.eye(k, dtype=torch.float64, device=vectors.device)
+        chol = cholesky(eye + 0.5 * (inner + inner.transpose(-1, -2)))
+        # det(B + S~ S~^T) = det B det(I + S~^T B^-1 S~) (the matrix determinant lemma)
+        half_logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        return weighted, cholesky_inverse(chol), half_logdet
+
     @staticmethod
-    def _scores(z: torch.Tensor, vectors: torch.Tensor, kv: torch.Tensor, f: _LocalFactors) -> torch.Tensor:
-        """(c, N) patch scores lam ||B^-1 (z - S~ K W^T z)|| from z (c, N, d), S~ (c, d, k) and K W^T z (c, N, k),
-        formed directly (no expanded square to cancel) in z's dtype."""
-        inv_b = f.inv_b.to(z.dtype)
-        residual = torch.baddbmm(z, kv.to(z.dtype), vectors.transpose(1, 2), alpha=-1.0).mul_(inv_b)
-        return f.lam * torch.linalg.vector_norm(residual, dim=-1)
+    def _scores(z: torch.Tensor, vectors: torch.Tensor, kv: torch.Tensor, lam: torch.Tensor, inv_b: torch.Tensor):
+        """(c, N, L) patch scores lam ||B^-1 (z - S~ K W^T z)||, formed directly (no expanded square to cancel) in
+        float32, from z (c, N, d), S~ (c, d, k), K W^T z (c, N, L, k) and the lams' (L,) lam and (L, d) inv_b."""
+        c, n, lams, k = kv.shape
+        correction = vectors.float() @ kv.float().permute(0, 3, 1, 2).reshape(c, k, n * lams)  # (c, d, N L)
+        residual = z.transpose(1, 2)[:, :, :, None] - correction.reshape(c, -1, n, lams)  # (c, d, N, L)
+        residual.mul_(inv_b.float().T[:, None])
+        return torch.linalg.vector_norm(residual, dim=1) * lam.float()
 
     def evaluate(self, grids: torch.Tensor, lam_grid: Sequence[float]) -> Evaluation:
-        """Per image: mean over patches of z^T (S_p + lam I)^-1 z = z.inv_b z - v.K v (Woodbury, v = S~^T B^-1 z)
-        plus log det, over 2 d, in float64; patch scores in float32 from the same rotation."""
+        """Per image: mean over patches of z^T (S_p + lam I)^-1 z = z.inv_b z - v.K v (Woodbury, v = W^T z) plus
+        log det, over 2 d; the products after the float32 rotation (and from a float32 S~) in float64, so nothing
+        cancels in float32 (within 1e-5 of float64 throughout, tests/test_candidates.py). Scores in float32."""
         m = self.model
         n, p, d = grids.shape
-        factors = [self.factors(lam) for lam in lam_grid]
-        total = torch.zeros(len(lam_grid), n, dtype=torch.float64)
-        maps = np.empty((len(lam_grid), n, p), dtype=np.float32)
-        for rows in _position_chunks(grids):
-            z = self._rotated_by_position(grids, rows, torch.float64)  # (c, N, d)
-            z2, z32 = z.square(), z.float()
+        lam, inv_b = self._weights(lam_grid)
+        lams = len(lam_grid)
+        total = torch.zeros(n, lams, dtype=torch.float64)
+        maps = np.empty((lams, n, p), dtype=np.float32)
+        ks = torch.empty(p, lams, m.rank, m.rank, dtype=torch.float32)
+        for rows, z in self._chunks(grids, lams):
             vectors = m.scaled_vectors[rows].to(torch.float64)
-            vectors32 = vectors.float()
-            for i, f in enumerate(factors):
-                k = f.k[rows]
-                v = torch.bmm(z * f.inv_b, vectors)  # (c, N, k): S~^T B^-1 z
-                kv = torch.bmm(v, k)
-                quad = z2 @ f.inv_b - (kv * v).sum(-1)  # (c, N)
-                total[i] += (quad + f.logdet[rows, None]).sum(0)
-                maps[i, :, rows] = self._scores(z32, vectors32, kv, f).T.cpu().numpy()
-        nll = 0.5 * total / p / m.dim
-        return Evaluation(nll.numpy(), maps)
+            weighted, k, half_logdet = self._factors(vectors, inv_b)
+            ks[rows] = k.float()
+            z64 = z.double()
+            v = (z64 @ weighted).reshape(z.shape[0], n, lams, m.rank)  # W^T z for every lam
+            kv = torch.einsum("cnlk,clkj->cnlj", v, k)
+            quad = z64.square() @ inv_b.T - (kv * v).sum(-1)  # (c, N, L)
+            total += (quad + 2.0 * half_logdet[:, None, :]).sum(0)
+            maps[:, :, rows] = self._scores(z, vectors, kv, lam, inv_b).permute(2, 1, 0).cpu().numpy()
+        self._k32 = {float(r): ks[:, i] for i, r in enumerate(lam_grid)}
+        logdet_b = -torch.log(inv_b).sum(1)  # (L,)
+        nll = 0.5 * (total / p + logdet_b[None, :]) / m.dim
+        return Evaluation(nll.T.contiguous().numpy(), maps)
 
     def maps(self, grids: torch.Tensor, lams: Sequence[float]) -> np.ndarray:
-        """Patch scores (L, N, P), rotated and scored in float32 (they only rank images)."""
+        """Patch scores (L, N, P), in float32 (they only rank images); K_p as evaluate() had them where it saw the
+        lam, else computed here."""
         m = self.model
         n, p, _ = grids.shape
-        factors = [self.factors(lam) for lam in lams]
+        lam, inv_b = self._weights(lams)
+        known = all(float(r) in self._k32 for r in lams)
         out = np.empty((len(lams), n, p), dtype=np.float32)
-        for rows in _position_chunks(grids):
-            z = self._rotated_by_position(grids, rows, torch.float32)
-            vectors = m.scaled_vectors[rows].float()
-            for i, f in enumerate(factors):
-                v = torch.bmm(z * f.inv_b.float(), vectors)
-                kv = torch.bmm(v, f.k[rows].float())
-                out[i, :, rows] = self._scores(z, vectors, kv, f).T.cpu().numpy()
+        for rows, z in self._chunks(grids, len(lams)):
+            vectors = m.scaled_vectors[rows].to(torch.float64)
+            if known:
+                k = torch.stack([self._k32[float(r)][rows] for r in lams], dim=1)
+                weighted = (vectors[:, :, None, :] * inv_b.T[None, :, :, None]).reshape(vectors.shape[0], m.dim, -1)
+            else:
+                weighted, k, _ = self._factors(vectors, inv_b)
+            v = (z @ weighted.float()).reshape(z.shape[0], n, len(lams), m.rank)
+            kv = torch.einsum("cnlk,clkj->cnlj", v, k.float())
+            out[:, :, rows] = self._scores(z, vectors, kv, lam, inv_b).permute(2, 1, 0).cpu().numpy()
         return out

@@ -17,6 +17,7 @@ of spatial model and lam_rel".
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -27,6 +28,9 @@ from .choice import CRITERION, choose
 from .held_out import PSEUDO_STRENGTH, HeldOutSet, pseudo_defect_batch
 from .plan import HeldOutPlan, fallback_reason
 from .record import SelectionRecord
+
+#: Held-out images added to the chosen model's fit at a time.
+HELD_BATCH = 8
 
 
 def default_choice(families: Sequence[str], lam_grid: Sequence[float]) -> tuple[str, float]:
@@ -109,12 +113,18 @@ class LabelFreeSelector:
             record = SelectionRecord.without_selection(self.asked, spatial, lam, self.seen, self.plan.held)
         else:
             pseudo_started = time.perf_counter()
-            held_set = self._held_out_set(embed, mean, std, patch_grid)
+            embedding = [0.0]  # seconds of the pseudo-defects' forward passes, made when choose() needs them
+            held_set = self._held_out_set(embed, mean, std, patch_grid, embedding)
             pseudo_seconds = time.perf_counter() - pseudo_started
             models_started = time.perf_counter()
-            candidates = {f: self._rest_model(f).candidate() for f in self.families}
+            # side by side: each starts with a d x d eigendecomposition on one thread (crd_fast/core/lapack.py)
+            with ThreadPoolExecutor(max_workers=len(self.families)) as pool:
+                built = list(pool.map(lambda family: self._rest_model(family).candidate(), self.families))
+            candidates = dict(zip(self.families, built))
+            del built
             model_seconds = time.perf_counter() - models_started
             decision = choose(held_set, self.lam_grid, candidates)
+            pseudo_seconds += embedding[0]
             kinds = sorted(set(held_set.kinds))
             del candidates, held_set  # the candidates' models and the pseudo-defect grids go before the update
             spatial, lam = decision.spatial, decision.lam_rel
@@ -150,8 +160,11 @@ class LabelFreeSelector:
         model = self.rest[name]
         self.rest = {}
         device = self._grid_device if self._grid_device is not None else torch.device("cpu")
-        while self._held_grids:
-            model.partial_fit(self._held_grids.pop(0).to(device))
+        while self._held_grids:  # in batches of up to HELD_BATCH images, in the order they came
+            batch = [self._held_grids.pop(0)]
+            while self._held_grids and sum(g.shape[0] for g in batch) + self._held_grids[0].shape[0] <= HELD_BATCH:
+                batch.append(self._held_grids.pop(0))
+            model.partial_fit(torch.cat(batch).to(device))
         return model if name == family else model.derive(family)
 
     def _held_out_set(
@@ -160,15 +173,24 @@ class LabelFreeSelector:
         mean: Sequence[float],
         std: Sequence[float],
         patch_grid: tuple[int, int],
+        seconds: list[float],
     ) -> HeldOutSet:
-        """The held-out images' clean grids and pseudo-defect grids (one pseudo-defect each)."""
+        """The held-out images' clean grids and pseudo-defects (one each: painted now, embedded when the choice
+        first needs their grids, the time added to ``seconds[0]``)."""
         clean_inputs = torch.cat(self._held_inputs)
         self._held_inputs = []
         pseudo_x, masks, kinds = pseudo_defect_batch(clean_inputs, mean, std, self.seed)
         del clean_inputs
         clean = torch.cat(self._held_grids)
         self._held_grids = list(torch.split(clean, [g.shape[0] for g in self._held_grids]))  # views: one copy
-        return HeldOutSet.build(clean, embed(pseudo_x), masks, kinds, patch_grid)
+
+        def pseudo_grids() -> torch.Tensor:
+            started = time.perf_counter()
+            grids = embed(pseudo_x)
+            seconds[0] += time.perf_counter() - started
+            return grids
+
+        return HeldOutSet.build(clean, pseudo_grids, masks, kinds, patch_grid)
 
 
 __all__ = ["LabelFreeSelector", "default_choice"]
