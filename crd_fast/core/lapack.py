@@ -12,40 +12,9 @@ are passed through unchanged.
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 
-_lock = threading.Lock()
-_inside = 0  # blocks running in one_thread, over all Python threads
-_saved = 1  # torch's thread count before the first of them
-
-
-@contextmanager
-def one_thread(tensor: torch.Tensor) -> Iterator[None]:
-    """torch's intra-op threads set to one while the block runs, for a CPU ``tensor`` (else nothing changes).
-
-    Safe from several Python threads at once (candidates built side by side): the first block in saves the
-    thread count, the last one out restores it."""
-    global _inside, _saved
-    if tensor.device.type != "cpu":
-        yield
-        return
-    with _lock:
-        if _inside == 0:
-            _saved = torch.get_num_threads()
-            if _saved != 1:
-                torch.set_num_threads(1)
-        _inside += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _inside -= 1
-            if _inside == 0 and _saved != 1:
-                torch.set_num_threads(_saved)
+from .threads import one_thread
 
 
 def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,4 +41,4 @@ def cholesky_inverse(factor: torch.Tensor) -> torch.Tensor:
         return torch.cholesky_inverse(factor)
 
 
-__all__ = ["cholesky", "cholesky_inverse", "eigh", "inv", "one_thread"]
+__all__ = ["cholesky", "cholesky_inverse", "eigh", "inv"]

@@ -38,7 +38,7 @@ which gives online updates and distributed fits. When the training patches fit i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -47,9 +47,12 @@ from .finite import all_finite
 from .lapack import eigh, inv
 from .sketch import FrequentDirections
 from .stats import PatchStatistics
+from .threads import chunk_map
 
 #: Default Frequent Directions size ell (directions kept per position; the buffer holds 2 ell rows of d).
 DEFAULT_SKETCH = 64
+#: Positions whose eigenpairs are taken from the sketch at a time (each chunk one task, crd_fast/core/threads.py).
+EIGENPAIR_CHUNK = 64
 
 # Largest values a stored state may declare (model files are checked against them).
 MAX_POSITIONS = 1 << 20
@@ -201,21 +204,25 @@ class LocalStatistics:
         k = min(rank, self.dim)
         vals = torch.zeros(self.positions, k, dtype=torch.float64, device=self.device)
         vecs = torch.zeros(self.positions, self.dim, k, dtype=torch.float64, device=self.device)
-        for start, v, u in self.iter_local_eigenpairs(k):
-            vals[start : start + v.shape[0], : v.shape[1]] = v
-            vecs[start : start + v.shape[0], :, : v.shape[1]] = u
+
+        def fill(start: int) -> None:
+            found = self.chunk_eigenpairs(k, start)
+            if found is not None:
+                v, u = found
+                vals[start : start + v.shape[0], : v.shape[1]] = v
+                vecs[start : start + v.shape[0], :, : v.shape[1]] = u
+
+        chunk_map(fill, range(0, self.positions, EIGENPAIR_CHUNK), vals)
         return vals, vecs
 
-    def iter_local_eigenpairs(self, rank: int, chunk: int = 64) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """``local_eigenpairs`` for ``chunk`` positions at a time (float64 whatever the sketch's precision):
-        (first position, values (c, k'), vectors (c, d, k')) with k' = min(rank, rows held), so the (P, d, k)
-        vectors need not all be in memory at once. Nothing when the sketch holds no rows."""
+    def chunk_eigenpairs(self, rank: int, start: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``local_eigenpairs`` of the EIGENPAIR_CHUNK positions from ``start`` (float64 whatever the sketch's
+        precision): values (c, k') and vectors (c, d, k') with k' = min(rank, rows held), so the (P, d, k) vectors
+        need not all be in memory at once. None when the sketch holds no rows."""
         rows = self.fd.rows()
         if rows.shape[1] == 0:
-            return
-        for start in range(0, self.positions, chunk):
-            v, u = _gram_eigenpairs(rows[start : start + chunk].to(torch.float64), self.images, rank)
-            yield start, v, u
+            return None
+        return _gram_eigenpairs(rows[start : start + EIGENPAIR_CHUNK].to(torch.float64), self.images, rank)
 
     # -- persistence --------------------------------------------------------------------------------
     def state(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -427,13 +434,20 @@ class LocalCRDModel:
         k = min(int(rank), stats.dim)
         rotation = evecs.to(dtype).T.contiguous()  # U^T
         scaled = torch.zeros(stats.positions, stats.dim, k, dtype=dtype, device=stats.device)
-        for start, values, vectors in stats.iter_local_eigenpairs(k):
+
+        def rotate(start: int) -> None:
+            found = stats.chunk_eigenpairs(k, start)
+            if found is None:
+                return
+            values, vectors = found
             scale = torch.sqrt((1.0 - shrinkage) * values.clamp_min(0.0))  # (c, k')
             c, kk = values.shape
             # U^T [V_p ...]: one (d x d)(d x c k') product per chunk
             flat = vectors.to(dtype).transpose(0, 1).reshape(stats.dim, c * kk)
             rotated = (rotation @ flat).reshape(stats.dim, c, kk).transpose(0, 1)
             scaled[start : start + c, :, :kk] = rotated * scale.to(dtype)[:, None, :]
+
+        chunk_map(rotate, range(0, stats.positions, EIGENPAIR_CHUNK), scaled)
         return cls(stats.means, evals, evecs, scaled, float(shrinkage))
 
     @property

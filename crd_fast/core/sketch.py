@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from .lapack import eigh
+from .threads import chunk_map, one_thread
 
 #: The precisions a sketch may be stored in.
 SKETCH_DTYPES = (torch.float32, torch.float64)
@@ -129,10 +130,11 @@ class FrequentDirections:
         while start < total:
             take = min(capacity - self.filled, total - start)
             part = batch[start : start + take]
-            for first in range(0, self.positions, _APPEND_CHUNK):
-                last = first + _APPEND_CHUNK
-                centred = part[:, first:last].transpose(0, 1).to(torch.float64) - means[first:last, None, :]
-                self._buffer[first:last, self.filled : self.filled + take] = centred
+            with one_thread(part):  # small ops: threads would only synchronise (crd_fast/core/threads.py)
+                for first in range(0, self.positions, _APPEND_CHUNK):
+                    last = first + _APPEND_CHUNK
+                    centred = part[:, first:last].transpose(0, 1).to(torch.float64) - means[first:last, None, :]
+                    self._buffer[first:last, self.filled : self.filled + take] = centred
             self.filled += take
             start += take
             if self.filled == capacity:
@@ -158,8 +160,8 @@ class FrequentDirections:
         b = self._buffer[:, : self.filled]
         keep = self.ell - 1
         fresh = self._empty(b.dtype, b.device)
-        deltas = []
-        for start in range(0, self.positions, _SHRINK_CHUNK):
+
+        def shrink(start: int) -> torch.Tensor:
             chunk = b[start : start + _SHRINK_CHUNK]
             gram = chunk @ chunk.transpose(1, 2)  # (c, m, m): eigenvalues sigma_j^2 of B_p, eigenvectors its left ones
             sig2, left = eigh(0.5 * (gram + gram.transpose(1, 2)))  # ascending
@@ -172,7 +174,9 @@ class FrequentDirections:
             factor = torch.where(top > 0, torch.sqrt((1.0 - delta[:, None] / top.clamp_min(tiny)).clamp_min(0.0)), 0.0)
             kept = left[:, :, :keep].transpose(1, 2) @ chunk
             fresh[start : start + _SHRINK_CHUNK, :keep] = kept * factor[:, :, None]
-            deltas.append(delta)
+            return delta
+
+        deltas = chunk_map(shrink, range(0, self.positions, _SHRINK_CHUNK), b)
         self._buffer = fresh  # the full buffer is freed
         self.filled = keep
         self.discarded += torch.cat(deltas).to(torch.float64)

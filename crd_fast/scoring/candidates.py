@@ -31,9 +31,10 @@ import torch
 from ..core.lam_selection import SpectralForm
 from ..core.lapack import cholesky, cholesky_inverse
 from ..core.stats import PatchStatistics
+from ..core.threads import chunk_map
 
-#: Patches rotated at a time (bounds a candidate's temporaries: ~8 MB of float64 per d = 256).
-_CHUNK_PATCHES = 4096
+#: Patches rotated at a time: one task of crd_fast/core/threads.py's chunk_map (~6 MB of float32 at d = 1536).
+_CHUNK_PATCHES = 1024
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,12 @@ def _slices(total: int, step: int) -> Iterator[slice]:
 
 
 def _image_chunks(grids: torch.Tensor) -> Iterator[slice]:
-    """Images of (N, P, d) grids, about _CHUNK_PATCHES patches at a time."""
+    """Images of (N, P, d) grids, about _CHUNK_PATCHES patches at a time (one task each)."""
     return _slices(grids.shape[0], _CHUNK_PATCHES // max(1, grids.shape[1]))
 
 
-def _position_chunks(grids: torch.Tensor) -> Iterator[slice]:
-    """Positions of (N, P, d) grids, about _CHUNK_PATCHES patches at a time."""
+def _task_chunks(grids: torch.Tensor) -> Iterator[slice]:
+    """Positions of (N, P, d) grids, about _CHUNK_PATCHES patches at a time (one task each)."""
     return _slices(grids.shape[1], _CHUNK_PATCHES // max(1, grids.shape[0]))
 
 
@@ -90,10 +91,9 @@ class GlobalCandidate:
         lam = self._lams(lam_rels)
         return (lam[None, :] / (self.eigenvalues[:, None] + lam[None, :])).square().float()
 
-    def _squares(self, grids: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(images, z^2 of those images (c, P, d) float32), z = U^T (y - mu) rotated in float32."""
-        for rows in _image_chunks(grids):
-            yield rows, ((grids[rows].cpu().float() - self._mean32) @ self._rotation32).square_()
+    def _squares(self, grids: torch.Tensor, rows: slice) -> torch.Tensor:
+        """z^2 of the images ``rows`` (c, P, d) float32, z = U^T (y - mu) rotated in float32."""
+        return ((grids[rows].cpu().float() - self._mean32) @ self._rotation32).square_()
 
     def evaluate(self, grids: torch.Tensor, lam_grid: Sequence[float]) -> Evaluation:
         """Per image: mean over patches of 0.5 (z^2 . 1 / (s + lam) + sum log (s + lam)) / d; scores ||diag(c) z||."""
@@ -101,9 +101,13 @@ class GlobalCandidate:
         weights = self._score_weights(lam_grid)
         sums = torch.empty(n, d, dtype=torch.float64)  # sum over each image's patches of z^2
         maps = np.empty((len(lam_grid), n, p), dtype=np.float32)
-        for rows, z2 in self._squares(grids):
+
+        def task(rows: slice) -> None:
+            z2 = self._squares(grids, rows)
             sums[rows] = z2.sum(1, dtype=torch.float64)
             maps[:, rows] = (z2 @ weights).sqrt_().permute(2, 0, 1).numpy()
+
+        chunk_map(task, list(_image_chunks(grids)), grids)
         sigma = self.eigenvalues[None, :] + self._lams(lam_grid)[:, None]  # (L, d)
         quad = (sums @ (1.0 / sigma).T) / p  # (N, L)
         nll = 0.5 * (quad + torch.log(sigma).sum(1)[None, :]) / d
@@ -114,8 +118,11 @@ class GlobalCandidate:
         n, p, _ = grids.shape
         weights = self._score_weights(lams)
         out = np.empty((len(lams), n, p), dtype=np.float32)
-        for rows, z2 in self._squares(grids):
-            out[:, rows] = (z2 @ weights).sqrt_().permute(2, 0, 1).numpy()
+
+        def task(rows: slice) -> None:
+            out[:, rows] = (self._squares(grids, rows) @ weights).sqrt_().permute(2, 0, 1).numpy()
+
+        chunk_map(task, list(_image_chunks(grids)), grids)
         return out
 
 
@@ -147,18 +154,16 @@ class LocalCandidate:
         z = y.reshape(n * c, d) @ self._rotation
         return z.reshape(n, c, d).transpose(0, 1).contiguous()
 
-    def _chunks(self, grids: torch.Tensor, lams: int) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(positions, z of those positions (c, N, d) float32): rotated ~_CHUNK_PATCHES patches at a time, handed on
-        in pieces small enough for the (c, d, L k) and (c, d, N L) products of ``lams`` lams."""
-        n = grids.shape[0]
+    def _pieces(self, grids: torch.Tensor, positions: slice, lams: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(positions, z of those positions (c, N, d) float32) for the ``positions`` of (N, P, d) grids: rotated at
+        once, handed on in pieces small enough for the (c, d, L k) and (c, d, N L) products of ``lams`` lams."""
         m = self.model
-        piece = max(1, (_CHUNK_PATCHES * 1024) // (m.dim * lams * max(m.rank, n)))
-        for outer in _position_chunks(grids):
-            z = self._rotated(grids, outer)
-            for inner in _slices(z.shape[0], piece):
-                part = z[inner]
-                start = outer.start + inner.start
-                yield slice(start, start + part.shape[0]), part
+        piece = max(1, (_CHUNK_PATCHES * 4096) // (m.dim * lams * max(m.rank, grids.shape[0])))
+        z = self._rotated(grids, positions)
+        for inner in _slices(z.shape[0], piece):
+            part = z[inner]
+            start = positions.start + inner.start
+            yield slice(start, start + part.shape[0]), part
 
     def _factors(self, vectors: torch.Tensor, inv_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For S~ (c, d, k) float64 and inv_b (L, d): W = [B_l^-1 S~]_l (c, d, L k), K (c, L, k, k) and the
@@ -176,9 +181,10 @@ class LocalCandidate:
     @staticmethod
     def _scores(z: torch.Tensor, vectors: torch.Tensor, kv: torch.Tensor, lam: torch.Tensor, inv_b: torch.Tensor):
         """(c, N, L) patch scores lam ||B^-1 (z - S~ K W^T z)||, formed directly (no expanded square to cancel) in
-        float32, from z (c, N, d), S~ (c, d, k), K W^T z (c, N, L, k) and the lams' (L,) lam and (L, d) inv_b."""
+        float32, from z (c, N, d), S~ (c, d, k) float32, K W^T z (c, N, L, k) and the lams' (L,) lam and (L, d)
+        inv_b."""
         c, n, lams, k = kv.shape
-        correction = vectors.float() @ kv.float().permute(0, 3, 1, 2).reshape(c, k, n * lams)  # (c, d, N L)
+        correction = vectors @ kv.float().permute(0, 3, 1, 2).reshape(c, k, n * lams)  # (c, d, N L)
         residual = z.transpose(1, 2)[:, :, :, None] - correction.reshape(c, -1, n, lams)  # (c, d, N, L)
         residual.mul_(inv_b.float().T[:, None])
         return torch.linalg.vector_norm(residual, dim=1) * lam.float()
@@ -191,22 +197,28 @@ class LocalCandidate:
         n, p, d = grids.shape
         lam, inv_b = self._weights(lam_grid)
         lams = len(lam_grid)
-        total = torch.zeros(n, lams, dtype=torch.float64)
         maps = np.empty((lams, n, p), dtype=np.float32)
         ks = torch.empty(p, lams, m.rank, m.rank, dtype=torch.float32)
-        for rows, z in self._chunks(grids, lams):
-            vectors = m.scaled_vectors[rows].to(torch.float64)
-            weighted, k, half_logdet = self._factors(vectors, inv_b)
-            ks[rows] = k.float()
-            z64 = z.double()
-            v = (z64 @ weighted).reshape(z.shape[0], n, lams, m.rank)  # W^T z for every lam
-            kv = torch.einsum("cnlk,clkj->cnlj", v, k)
-            quad = z64.square() @ inv_b.T - (kv * v).sum(-1)  # (c, N, L)
-            total += (quad + 2.0 * half_logdet[:, None, :]).sum(0)
-            maps[:, :, rows] = self._scores(z, vectors, kv, lam, inv_b).permute(2, 1, 0).cpu().numpy()
+
+        def task(positions: slice) -> torch.Tensor:
+            total = torch.zeros(n, lams, dtype=torch.float64)
+            for rows, z in self._pieces(grids, positions, lams):
+                vectors32 = m.scaled_vectors[rows].float()
+                vectors = m.scaled_vectors[rows].to(torch.float64)
+                weighted, k, half_logdet = self._factors(vectors, inv_b)
+                ks[rows] = k.float()
+                z64 = z.double()
+                v = (z64 @ weighted).reshape(z.shape[0], n, lams, m.rank)  # W^T z for every lam
+                kv = torch.einsum("cnlk,clkj->cnlj", v, k)
+                quad = z64.square() @ inv_b.T - (kv * v).sum(-1)  # (c, N, L)
+                total += (quad + 2.0 * half_logdet[:, None, :]).sum(0)
+                maps[:, :, rows] = self._scores(z, vectors32, kv, lam, inv_b).permute(2, 1, 0).cpu().numpy()
+            return total
+
+        totals = chunk_map(task, list(_task_chunks(grids)), grids)
         self._k32 = {float(r): ks[:, i] for i, r in enumerate(lam_grid)}
         logdet_b = -torch.log(inv_b).sum(1)  # (L,)
-        nll = 0.5 * (total / p + logdet_b[None, :]) / m.dim
+        nll = 0.5 * (torch.stack(totals).sum(0) / p + logdet_b[None, :]) / m.dim
         return Evaluation(nll.T.contiguous().numpy(), maps)
 
     def maps(self, grids: torch.Tensor, lams: Sequence[float]) -> np.ndarray:
@@ -215,16 +227,23 @@ class LocalCandidate:
         m = self.model
         n, p, _ = grids.shape
         lam, inv_b = self._weights(lams)
+        inv_b32 = inv_b.float()
         known = all(float(r) in self._k32 for r in lams)
         out = np.empty((len(lams), n, p), dtype=np.float32)
-        for rows, z in self._chunks(grids, len(lams)):
-            vectors = m.scaled_vectors[rows].to(torch.float64)
-            if known:
-                k = torch.stack([self._k32[float(r)][rows] for r in lams], dim=1)
-                weighted = (vectors[:, :, None, :] * inv_b.T[None, :, :, None]).reshape(vectors.shape[0], m.dim, -1)
-            else:
-                weighted, k, _ = self._factors(vectors, inv_b)
-            v = (z @ weighted.float()).reshape(z.shape[0], n, len(lams), m.rank)
-            kv = torch.einsum("cnlk,clkj->cnlj", v, k.float())
-            out[:, :, rows] = self._scores(z, vectors, kv, lam, inv_b).permute(2, 1, 0).cpu().numpy()
+
+        def task(positions: slice) -> None:
+            for rows, z in self._pieces(grids, positions, len(lams)):
+                vectors32 = m.scaled_vectors[rows].float()
+                c = vectors32.shape[0]
+                if known:
+                    k = torch.stack([self._k32[float(r)][rows] for r in lams], dim=1)
+                    weighted = (vectors32[:, :, None, :] * inv_b32.T[None, :, :, None]).reshape(c, m.dim, -1)
+                else:
+                    weighted, k, _ = self._factors(m.scaled_vectors[rows].to(torch.float64), inv_b)
+                    weighted, k = weighted.float(), k.float()
+                v = (z @ weighted).reshape(c, n, len(lams), m.rank)
+                kv = torch.einsum("cnlk,clkj->cnlj", v, k)
+                out[:, :, rows] = self._scores(z, vectors32, kv, lam, inv_b).permute(2, 1, 0).cpu().numpy()
+
+        chunk_map(task, list(_task_chunks(grids)), grids)
         return out

@@ -17,7 +17,6 @@ of spatial model and lam_rel".
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -117,11 +116,7 @@ class LabelFreeSelector:
             held_set = self._held_out_set(embed, mean, std, patch_grid, embedding)
             pseudo_seconds = time.perf_counter() - pseudo_started
             models_started = time.perf_counter()
-            # side by side: each starts with a d x d eigendecomposition on one thread (crd_fast/core/lapack.py)
-            with ThreadPoolExecutor(max_workers=len(self.families)) as pool:
-                built = list(pool.map(lambda family: self._rest_model(family).candidate(), self.families))
-            candidates = dict(zip(self.families, built))
-            del built
+            candidates = {f: self._rest_model(f).candidate() for f in self.families}
             model_seconds = time.perf_counter() - models_started
             decision = choose(held_set, self.lam_grid, candidates)
             pseudo_seconds += embedding[0]
