@@ -20,8 +20,12 @@ Storage precision: float64, or float32 (``dtype``) for a sketch of float32 featu
 float32 changes it no more than the features' own rounding did; a float32 sketch is shrunk in float32 too (the
 Gram's eigenvalues to ~1e-6 of the largest, far inside the FD bound; tests/test_local_scorer.py). Appending
 float64 rows to a float32 sketch first turns it into a float64 one (``promote``), so float64 data is never
-rounded. The buffer is allocated empty and filled as rows arrive, so only the rows held are resident; a shrink
-writes the kept rows into a fresh buffer and frees the full one.
+rounded.
+
+Memory: the buffer is kept in chunks of positions, each allocated empty and filled as rows arrive, so only the
+rows held are resident; a shrink writes a chunk's kept rows into a fresh chunk and frees the full one, one chunk
+(two, shrunk side by side) at a time. So the sketch never holds more than its 2 ell rows plus a chunk or two
+(a single buffer would hold the full one and the kept rows, 1.5 times as much, while it shrinks).
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from .threads import chunk_map, one_thread
 
 #: The precisions a sketch may be stored in.
 SKETCH_DTYPES = (torch.float32, torch.float64)
-#: Positions shrunk at a time (bounds the temporaries of a shrink to this many positions' products).
-_SHRINK_CHUNK = 64
+#: Bytes per chunk of the buffer, at least (each chunk is shrunk as one task, crd_fast/core/threads.py). Above
+#: glibc's largest mmap threshold (32 MB), so a chunk is its own mapping: pages resident only once written, and
+#: all of them returned to the system when the chunk is freed (smaller blocks would come from the heap and stay).
+CHUNK_BYTES = 40 << 20
 #: Positions centred at a time by ``append_centred`` (a few MB of float64: the temporary stays in cache).
 _APPEND_CHUNK = 32
 
@@ -44,8 +50,9 @@ _APPEND_CHUNK = 32
 class FrequentDirections:
     """P independent FD sketches of d-dimensional rows, ``ell`` directions each, stored in ``dtype``.
 
-    ``rows()`` gives the current sketches B_p as a (P, m, d) view (m < 2 ell); ``discarded`` (P,) float64 bounds
-    their spectral-norm error, see the module docstring.
+    ``rows()`` gives the current sketches B_p as a (P, m, d) tensor (m < 2 ell; a copy), ``chunk_rows(i)`` those of
+    the i-th chunk of positions (``chunk_slices()``; a view); ``discarded`` (P,) float64 bounds their spectral-norm
+    error, see the module docstring.
     """
 
     def __init__(
@@ -63,37 +70,56 @@ class FrequentDirections:
         if dtype not in SKETCH_DTYPES:
             raise ValueError(f"a sketch is stored in float32 or float64, not {dtype}")
         self.positions, self.dim, self.ell = int(positions), int(dim), int(ell)
-        self._buffer = self._empty(dtype, torch.device(device) if device is not None else torch.device("cpu"))
+        # positions per chunk: CHUNK_BYTES of float32 rows (a float64 sketch's chunks are twice as large)
+        per_position = 2 * self.ell * self.dim * 4
+        self._step = min(self.positions, max(1, -(-CHUNK_BYTES // per_position)))
+        where = torch.device(device) if device is not None else torch.device("cpu")
+        self._chunks = [self._empty(c, dtype, where) for c in self.chunk_slices()]
         self.filled = 0
         self.discarded = torch.zeros(positions, dtype=torch.float64, device=device)
         self.shrinks = 0
 
-    def _empty(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def chunk_slices(self) -> list[slice]:
+        """The positions of each chunk of the buffer."""
+        return [slice(s, min(s + self._step, self.positions)) for s in range(0, self.positions, self._step)]
+
+    def _empty(self, positions: slice, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         # empty, not zeros: pages are resident once written, and nothing past ``filled`` is ever read
-        return torch.empty(self.positions, 2 * self.ell, self.dim, dtype=dtype, device=device)
+        count = positions.stop - positions.start
+        return torch.empty(count, 2 * self.ell, self.dim, dtype=dtype, device=device)
 
     @property
     def device(self) -> torch.device:
-        return self._buffer.device
+        return self._chunks[0].device
 
     @property
     def dtype(self) -> torch.dtype:
         """The storage precision (float32 or float64)."""
-        return self._buffer.dtype
+        return self._chunks[0].dtype
 
     def promote(self, dtype: torch.dtype = torch.float64) -> "FrequentDirections":
         """Store the sketch in ``dtype`` from now on, if that is wider than its precision now (never narrower)."""
         if dtype not in SKETCH_DTYPES:
             raise ValueError(f"a sketch is stored in float32 or float64, not {dtype}")
         if torch.finfo(dtype).bits > torch.finfo(self.dtype).bits:
-            wider = self._empty(dtype, self.device)
-            wider[:, : self.filled] = self._buffer[:, : self.filled]
-            self._buffer = wider
+            for i, positions in enumerate(self.chunk_slices()):
+                wider = self._empty(positions, dtype, self.device)
+                wider[:, : self.filled] = self._chunks[i][:, : self.filled]
+                self._chunks[i] = wider
         return self
 
+    def chunk_rows(self, index: int) -> torch.Tensor:
+        """The sketches of the ``index``-th chunk of positions (``chunk_slices()``): a (c, m, d) view."""
+        return self._chunks[index][:, : self.filled]
+
     def rows(self) -> torch.Tensor:
-        """The sketches B_p, a (P, m, d) view of the buffer (m = ``filled`` < 2 ell), in the storage precision."""
-        return self._buffer[:, : self.filled]
+        """The sketches B_p, (P, m, d) (m = ``filled`` < 2 ell), in the storage precision: a copy."""
+        return torch.cat([chunk[:, : self.filled] for chunk in self._chunks])
+
+    def _write(self, rows: torch.Tensor, positions: slice, at: int) -> None:
+        """Rows (c, m, d) of the ``positions`` (one chunk's) into buffer rows at.. at + m."""
+        index = positions.start // self._step
+        self._chunks[index][:, at : at + rows.shape[1]] = rows
 
     def append(self, rows: torch.Tensor, narrow: bool = False) -> "FrequentDirections":
         """Append (P, m, d) rows (row j of every position at once), shrinking whenever the buffer fills up.
@@ -106,10 +132,11 @@ class FrequentDirections:
         if rows.dtype == torch.float64 and not narrow:
             self.promote(torch.float64)
         start, total = 0, rows.shape[1]
-        capacity = self._buffer.shape[1]
+        capacity = 2 * self.ell
         while start < total:
             take = min(capacity - self.filled, total - start)
-            self._buffer[:, self.filled : self.filled + take] = rows[:, start : start + take]
+            for positions in self.chunk_slices():
+                self._write(rows[positions, start : start + take], positions, self.filled)
             self.filled += take
             start += take
             if self.filled == capacity:
@@ -126,15 +153,19 @@ class FrequentDirections:
             self.promote(torch.float64)
         means = means.to(device=self.device, dtype=torch.float64)
         start, total = 0, batch.shape[0]
-        capacity = self._buffer.shape[1]
+        capacity = 2 * self.ell
         while start < total:
             take = min(capacity - self.filled, total - start)
             part = batch[start : start + take]
             with one_thread(part):  # small ops: threads would only synchronise (crd_fast/core/threads.py)
-                for first in range(0, self.positions, _APPEND_CHUNK):
-                    last = first + _APPEND_CHUNK
-                    centred = part[:, first:last].transpose(0, 1).to(torch.float64) - means[first:last, None, :]
-                    self._buffer[first:last, self.filled : self.filled + take] = centred
+                for positions in self.chunk_slices():
+                    chunk = self._chunks[positions.start // self._step]
+                    for first in range(positions.start, positions.stop, _APPEND_CHUNK):
+                        last = min(first + _APPEND_CHUNK, positions.stop)
+                        centred = part[:, first:last].transpose(0, 1).to(torch.float64) - means[first:last, None, :]
+                        chunk[first - positions.start : last - positions.start, self.filled : self.filled + take] = (
+                            centred
+                        )
             self.filled += take
             start += take
             if self.filled == capacity:
@@ -148,7 +179,7 @@ class FrequentDirections:
                 f"cannot merge an FD sketch of (P, d, ell) = {(other.positions, other.dim, other.ell)} into "
                 f"{(self.positions, self.dim, self.ell)}"
             )
-        rows = other.rows().to(self.device).clone()  # other may be self
+        rows = other.rows().to(self.device)  # a copy: other may be self
         discarded = other.discarded.to(self.device).clone()
         self.append(rows)
         self.discarded += discarded
@@ -157,12 +188,10 @@ class FrequentDirections:
 
     def _shrink(self) -> None:
         """Keep the top ell - 1 directions of every B_p, squared singular values reduced by the ell-th one."""
-        b = self._buffer[:, : self.filled]
         keep = self.ell - 1
-        fresh = self._empty(b.dtype, b.device)
 
-        def shrink(start: int) -> torch.Tensor:
-            chunk = b[start : start + _SHRINK_CHUNK]
+        def shrink(index: int) -> torch.Tensor:
+            chunk = self._chunks[index][:, : self.filled]
             gram = chunk @ chunk.transpose(1, 2)  # (c, m, m): eigenvalues sigma_j^2 of B_p, eigenvectors its left ones
             sig2, left = eigh(0.5 * (gram + gram.transpose(1, 2)))  # ascending
             sig2, left = sig2.flip(-1).clamp_min(0.0), left.flip(-1)
@@ -172,12 +201,12 @@ class FrequentDirections:
             # sqrt(1 - delta / sigma_j^2) is in [0, 1], so a tiny sigma_j cannot blow up.
             tiny = torch.finfo(sig2.dtype).tiny
             factor = torch.where(top > 0, torch.sqrt((1.0 - delta[:, None] / top.clamp_min(tiny)).clamp_min(0.0)), 0.0)
-            kept = left[:, :, :keep].transpose(1, 2) @ chunk
-            fresh[start : start + _SHRINK_CHUNK, :keep] = kept * factor[:, :, None]
+            fresh = self._empty(slice(0, chunk.shape[0]), chunk.dtype, chunk.device)
+            torch.mul(left[:, :, :keep].transpose(1, 2) @ chunk, factor[:, :, None], out=fresh[:, :keep])
+            self._chunks[index] = fresh  # the full chunk is freed
             return delta
 
-        deltas = chunk_map(shrink, range(0, self.positions, _SHRINK_CHUNK), b)
-        self._buffer = fresh  # the full buffer is freed
+        deltas = chunk_map(shrink, range(len(self._chunks)), self._chunks[0])
         self.filled = keep
         self.discarded += torch.cat(deltas).to(torch.float64)
         self.shrinks += 1
@@ -198,7 +227,9 @@ class FrequentDirections:
         narrow = rows.to(torch.float32)
         dtype = torch.float32 if bool(torch.equal(narrow.to(rows.dtype), rows)) else torch.float64
         sketch = cls(p, d, ell, device=rows.device, dtype=dtype)
-        sketch._buffer[:, :m] = narrow if dtype == torch.float32 else rows.to(torch.float64)
+        stored = narrow if dtype == torch.float32 else rows.to(torch.float64)
+        for positions in sketch.chunk_slices():
+            sketch._write(stored[positions], positions, 0)
         sketch.filled = m
         sketch.discarded = discarded.to(device=rows.device, dtype=torch.float64).clone()
         sketch.shrinks = int(shrinks)

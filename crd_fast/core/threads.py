@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
+from .memory import release_free_memory
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -68,7 +70,9 @@ def chunk_map(fn: Callable[[T], R], items: Sequence[T], like: torch.Tensor) -> l
         if workers <= 1:
             return [fn(item) for item in items]
         with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-            return list(pool.map(single, items))
+            results = list(pool.map(single, items))
+    release_free_memory()  # the tasks' temporaries, freed on their threads' heaps (crd_fast/core/memory.py)
+    return results
 
 
 __all__ = ["chunk_map", "one_thread"]

@@ -35,6 +35,8 @@ from ..core.threads import chunk_map
 
 #: Patches rotated at a time: one task of crd_fast/core/threads.py's chunk_map (~6 MB of float32 at d = 1536).
 _CHUNK_PATCHES = 1024
+#: Numbers in the local candidate's largest per-piece temporary, W for every lam (c, d, L k) (16 MB of float64).
+_PIECE_NUMBERS = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ class LocalCandidate:
         """(positions, z of those positions (c, N, d) float32) for the ``positions`` of (N, P, d) grids: rotated at
         once, handed on in pieces small enough for the (c, d, L k) and (c, d, N L) products of ``lams`` lams."""
         m = self.model
-        piece = max(1, (_CHUNK_PATCHES * 4096) // (m.dim * lams * max(m.rank, grids.shape[0])))
+        piece = max(1, _PIECE_NUMBERS // (m.dim * lams * max(m.rank, grids.shape[0])))
         z = self._rotated(grids, positions)
         for inner in _slices(z.shape[0], piece):
             part = z[inner]

@@ -7,7 +7,8 @@ docs/DESIGN.md "Label-free lam" says why they are painted at ``PSEUDO_STRENGTH``
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -38,37 +39,20 @@ def pseudo_defect_batch(
     return ((painted - m) / s).contiguous(), np.stack(masks), kinds
 
 
+@dataclass
 class HeldOutSet:
-    """The held-out images' patch grids, clean and with pseudo-defects, and the pseudo-defect grid masks.
+    """The held-out images' patch grids, clean and with pseudo-defects, and the pseudo-defect grid masks."""
 
-    ``pseudo`` may be given as a function that embeds the pseudo-defect images when first asked for: the choice
-    needs them only after the likelihood has chosen the model, so they need not be in memory beside every
-    candidate (docs/DESIGN.md "The detector's choice of spatial model and lam_rel")."""
-
-    def __init__(
-        self,
-        clean: torch.Tensor,
-        pseudo: Union[torch.Tensor, Callable[[], torch.Tensor]],
-        masks: np.ndarray,
-        kinds: list[str],
-    ) -> None:
-        self.clean = clean  # (H, P, d) float32
-        self._pseudo = pseudo
-        self.masks = masks  # (H, h, w) bool, on the patch grid
-        self.kinds = kinds
-
-    @property
-    def pseudo(self) -> torch.Tensor:
-        """The pseudo-defect grids (H, P, d) float32 (embedded on first use when given as a function)."""
-        if callable(self._pseudo):
-            self._pseudo = self._pseudo()
-        return self._pseudo
+    clean: torch.Tensor  # (H, P, d) float32
+    pseudo: torch.Tensor  # (H, P, d) float32
+    masks: np.ndarray  # (H, h, w) bool, on the patch grid
+    kinds: list[str]
 
     @property
     def labels(self) -> np.ndarray:
         """0 for each clean image, then 1 for each pseudo-defect image."""
         n = self.clean.shape[0]
-        return np.concatenate([np.zeros(n, dtype=int), np.ones(self.masks.shape[0], dtype=int)])
+        return np.concatenate([np.zeros(n, dtype=int), np.ones(self.pseudo.shape[0], dtype=int)])
 
     @property
     def all_masks(self) -> np.ndarray:
@@ -79,7 +63,7 @@ class HeldOutSet:
     def build(
         cls,
         clean: torch.Tensor,
-        pseudo: Union[torch.Tensor, Callable[[], torch.Tensor]],
+        pseudo: torch.Tensor,
         pixel_masks: np.ndarray,
         kinds: list[str],
         grid_shape: tuple[int, int],

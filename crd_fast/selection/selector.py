@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from ..choices import DEFAULT_LAM_REL
+from ..core.memory import release_free_memory
 from ..scoring.base import ScoringModel
 from .choice import CRITERION, choose
 from .held_out import PSEUDO_STRENGTH, HeldOutSet, pseudo_defect_batch
@@ -112,14 +113,13 @@ class LabelFreeSelector:
             record = SelectionRecord.without_selection(self.asked, spatial, lam, self.seen, self.plan.held)
         else:
             pseudo_started = time.perf_counter()
-            embedding = [0.0]  # seconds of the pseudo-defects' forward passes, made when choose() needs them
-            held_set = self._held_out_set(embed, mean, std, patch_grid, embedding)
+            held_set = self._held_out_set(embed, mean, std, patch_grid)
             pseudo_seconds = time.perf_counter() - pseudo_started
+            release_free_memory()  # the forward passes' freed heap, before the candidates' memory comes on top
             models_started = time.perf_counter()
             candidates = {f: self._rest_model(f).candidate() for f in self.families}
             model_seconds = time.perf_counter() - models_started
             decision = choose(held_set, self.lam_grid, candidates)
-            pseudo_seconds += embedding[0]
             kinds = sorted(set(held_set.kinds))
             del candidates, held_set  # the candidates' models and the pseudo-defect grids go before the update
             spatial, lam = decision.spatial, decision.lam_rel
@@ -168,24 +168,15 @@ class LabelFreeSelector:
         mean: Sequence[float],
         std: Sequence[float],
         patch_grid: tuple[int, int],
-        seconds: list[float],
     ) -> HeldOutSet:
-        """The held-out images' clean grids and pseudo-defects (one each: painted now, embedded when the choice
-        first needs their grids, the time added to ``seconds[0]``)."""
+        """The held-out images' clean grids and pseudo-defect grids (one pseudo-defect each)."""
         clean_inputs = torch.cat(self._held_inputs)
         self._held_inputs = []
         pseudo_x, masks, kinds = pseudo_defect_batch(clean_inputs, mean, std, self.seed)
         del clean_inputs
         clean = torch.cat(self._held_grids)
         self._held_grids = list(torch.split(clean, [g.shape[0] for g in self._held_grids]))  # views: one copy
-
-        def pseudo_grids() -> torch.Tensor:
-            started = time.perf_counter()
-            grids = embed(pseudo_x)
-            seconds[0] += time.perf_counter() - started
-            return grids
-
-        return HeldOutSet.build(clean, pseudo_grids, masks, kinds, patch_grid)
+        return HeldOutSet.build(clean, embed(pseudo_x), masks, kinds, patch_grid)
 
 
 __all__ = ["LabelFreeSelector", "default_choice"]
