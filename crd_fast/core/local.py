@@ -115,8 +115,11 @@ class LocalStatistics:
         if not all_finite(g):
             raise ValueError("grids contain NaN or Inf")
         # the statistics take their own float64 copy; the sketch rows are centred in float64 and, for float32
-        # features, stored in float32 (crd_fast/core/sketch.py "Storage precision")
-        pooled = PatchStatistics(self.dim, device=self.device).update(g.reshape(-1, self.dim))
+        # features, stored in float32 (crd_fast/core/sketch.py "Storage precision"). The pooled statistics are
+        # updated in a copy (Chan's update of the batch's own, as a merge of them would be), so an overflow
+        # leaves these statistics as they were.
+        pooled = PatchStatistics.from_tensors(self.pooled.count, self.pooled.mean, self.pooled.scatter)
+        pooled.update(g.reshape(-1, self.dim))
         if not all_finite(pooled.scatter):
             raise NumericOverflowError(
                 f"grids: the patch statistics overflowed float64 (largest |value| {float(g.abs().max()):.3g}): "
@@ -137,29 +140,29 @@ class LocalStatistics:
             )
         if other.images == 0:
             return self
-        return self._absorb(other.images, other.means, other.pooled, sketch=other.fd, precise=False)
+        pooled = PatchStatistics.from_tensors(self.pooled.count, self.pooled.mean, self.pooled.scatter)
+        pooled.merge(other.pooled)
+        if not all_finite(pooled.scatter):
+            raise NumericOverflowError("the pooled patch statistics overflowed float64: scale the features down")
+        return self._absorb(other.images, other.means, pooled, sketch=other.fd, precise=False)
 
     def _absorb(
         self,
         n_b: int,
         means_b: torch.Tensor,
-        pooled_b: PatchStatistics,
+        pooled: PatchStatistics,
         batch: Optional[torch.Tensor] = None,
         sketch: Optional[FrequentDirections] = None,
         precise: bool = True,
     ) -> "LocalStatistics":
-        """Add n_b images with per-position means ``means_b``, pooled statistics ``pooled_b`` and their centred
-        scatter as the (n_b, P, d) ``batch`` itself (its rows centred at ``means_b`` go into the sketch) or a
-        ``sketch``. Chan's pairwise update per position, scatter =
-        S_a + S_b + (n_a n_b / n) delta delta^T, puts the last term in as one more sketch row, so the sketches
-        always hold centred data (no cancellation). Checks for overflow before anything changes. ``precise``:
-        the images were float64 (their rows make the sketch float64); else rows go in at the sketch's precision."""
+        """Add n_b images with per-position means ``means_b`` and their centred scatter as the (n_b, P, d)
+        ``batch`` itself (its rows centred at ``means_b`` go into the sketch) or a ``sketch``; ``pooled``: the
+        pooled statistics with them (checked for overflow by the caller, before anything changed). Chan's pairwise
+        update per position, scatter = S_a + S_b + (n_a n_b / n) delta delta^T, puts the last term in as one more
+        sketch row, so the sketches always hold centred data (no cancellation). ``precise``: the images were
+        float64 (their rows make the sketch float64); else rows go in at the sketch's precision."""
         n_a = self.images
         n = n_a + n_b
-        pooled = PatchStatistics.from_tensors(self.pooled.count, self.pooled.mean, self.pooled.scatter)
-        pooled.merge(pooled_b)
-        if not all_finite(pooled.scatter):
-            raise NumericOverflowError("the pooled patch statistics overflowed float64: scale the features down")
         delta = means_b.to(device=self.device, dtype=torch.float64) - self.means
         if precise:
             self.fd.promote(torch.float64)

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from .lapack import eigh
-from .threads import chunk_map, one_thread
+from .threads import chunk_map
 
 #: The precisions a sketch may be stored in.
 SKETCH_DTYPES = (torch.float32, torch.float64)
@@ -157,15 +157,15 @@ class FrequentDirections:
         while start < total:
             take = min(capacity - self.filled, total - start)
             part = batch[start : start + take]
-            with one_thread(part):  # small ops: threads would only synchronise (crd_fast/core/threads.py)
-                for positions in self.chunk_slices():
-                    chunk = self._chunks[positions.start // self._step]
-                    for first in range(positions.start, positions.stop, _APPEND_CHUNK):
-                        last = min(first + _APPEND_CHUNK, positions.stop)
-                        centred = part[:, first:last].transpose(0, 1).to(torch.float64) - means[first:last, None, :]
-                        chunk[first - positions.start : last - positions.start, self.filled : self.filled + take] = (
-                            centred
-                        )
+
+            def centre(index: int, part: torch.Tensor = part, take: int = take) -> None:
+                positions, chunk = self.chunk_slices()[index], self._chunks[index]
+                for first in range(positions.start, positions.stop, _APPEND_CHUNK):
+                    last = min(first + _APPEND_CHUNK, positions.stop)
+                    centred = part[:, first:last].transpose(0, 1).to(torch.float64) - means[first:last, None, :]
+                    chunk[first - positions.start : last - positions.start, self.filled : self.filled + take] = centred
+
+            chunk_map(centre, range(len(self._chunks)), part)  # small ops: one thread each, chunks side by side
             self.filled += take
             start += take
             if self.filled == capacity:
