@@ -388,3 +388,46 @@ def test_bad_options_are_refused(kwargs, message):
     else:
         with pytest.raises(AttributeError):
             scorer.sketch = 32
+
+
+# ---- storage: chunks of positions, float32 for float32 features ------------------------------------------
+def test_chunked_storage_is_the_one_buffer_sketch(rng, monkeypatch):
+    """Chunks of positions (each shrunk on its own) give exactly the sketch of one buffer."""
+    from crd_fast.core import sketch as sketch_module
+
+    a = torch.from_numpy(rng.normal(size=(7, 50, 12)) * 0.8 ** np.arange(12))
+    whole = FrequentDirections(7, 12, 5).append(a)
+    monkeypatch.setattr(sketch_module, "CHUNK_BYTES", 1)  # one position per chunk
+    chunked = FrequentDirections(7, 12, 5).append(a[:, :23]).append(a[:, 23:])
+    assert len(chunked.chunk_slices()) == 7 and len(whole.chunk_slices()) == 1
+    assert chunked.shrinks == whole.shrinks > 0 and chunked.filled == whole.filled
+    torch.testing.assert_close(chunked.rows(), whole.rows(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked.discarded, whole.discarded, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked.chunk_rows(3), whole.rows()[3:4], rtol=1e-12, atol=1e-12)
+
+
+def test_float32_features_are_sketched_in_float32_within_the_fd_guarantee(rng):
+    """float32 grids: the sketch is stored and shrunk in float32; its C_p eigenpairs are those of the float64 sketch
+    of the same (float32) grids to ~1e-6 of the largest eigenvalue, far inside the FD bound; float64 grids promote
+    it, and a stored float32 sketch loads as one."""
+    train = _grids(rng, 90, p=3, d=20, decay=0.8).float()
+    narrow, wide = LocalStatistics(3, 20, 6), LocalStatistics(3, 20, 6)
+    for chunk in torch.split(train, 7):
+        narrow.update(chunk)
+        wide.update(chunk.double())
+    assert narrow.fd.dtype == torch.float32 and wide.fd.dtype == torch.float64
+    assert narrow.fd.shrinks == wide.fd.shrinks > 0
+    vals, vecs = narrow.local_eigenpairs(3)
+    wide_vals, wide_vecs = wide.local_eigenpairs(3)
+    top = float(wide_vals.max())
+    torch.testing.assert_close(vals, wide_vals, rtol=0, atol=2e-6 * top)
+    torch.testing.assert_close(_projectors(vals, vecs), _projectors(wide_vals, wide_vecs), rtol=0, atol=2e-5 * top)
+    assert float((vals - wide_vals).abs().max()) < 1e-3 * float(wide.error_bounds().max())
+    _check_fd_guarantee(wide, train.double())
+    # the stored float32 rows load as a float32 sketch; float64 rows make it float64
+    tensors, fields = narrow.state()
+    loaded = LocalStatistics.from_state(tensors, fields)
+    assert loaded.fd.dtype == torch.float32
+    torch.testing.assert_close(loaded.fd.rows(), narrow.fd.rows(), rtol=0, atol=0)
+    loaded.update(train[:4].double())
+    assert loaded.fd.dtype == torch.float64

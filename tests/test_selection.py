@@ -116,7 +116,8 @@ def test_global_choice_is_select_lams_choice_on_the_rest_fit(parts):
     for lam_rel, got in zip(DEFAULT_LAM_GRID, family["nll"]):
         sigma = cov + lam_rel * torch.trace(cov) / det.dim * torch.eye(det.dim, dtype=torch.float64)
         quad = (clean * torch.linalg.solve(sigma, clean.T).T).sum(1).mean()
-        assert got == pytest.approx(float(0.5 * (quad + torch.linalg.slogdet(sigma)[1]) / det.dim), rel=1e-9)
+        # float32 rotations, float64 sums: within 1e-5 (crd_fast/scoring/candidates.py "Precision")
+        assert got == pytest.approx(float(0.5 * (quad + torch.linalg.slogdet(sigma)[1]) / det.dim), rel=1e-5)
     # lam0 minimises it; lam_rel is the default (0.01, >= lam0) unless select_lam's choice at or above lam0 beats it
     lam0 = DEFAULT_LAM_GRID[int(np.argmin(family["nll"]))]
     window = [g for g in DEFAULT_LAM_GRID if g >= lam0]
@@ -385,7 +386,7 @@ def test_aligned_parts_choose_the_local_model_and_its_curve_is_the_rest_fits(tem
         sigma = cov + model.lam(DEFAULT_LAM_GRID[i]) * eye
         quad = (r * torch.linalg.solve(sigma, r.transpose(1, 2)).transpose(1, 2)).sum(-1).mean()
         dense = float(0.5 * (quad + torch.linalg.slogdet(sigma)[1].mean()) / model.dim)
-        assert families["local"]["nll"][i] == pytest.approx(dense, rel=1e-8)
+        assert families["local"]["nll"][i] == pytest.approx(dense, rel=1e-5)  # float32 rotations (as above)
 
 
 def test_local_detector_predicts_the_float64_local_model_of_its_embeddings(local_fixed, parts):

@@ -22,6 +22,7 @@ import torch
 
 from ..choices import DEFAULT_LAM_REL
 from ..core.dtypes import compute_dtype
+from ..core.lapack import eigh
 from ..core.local import DEFAULT_SKETCH, MAX_SKETCH, LocalCRDModel, LocalFactors, LocalStatistics
 from ..core.stats import PatchStatistics
 from ..io.model_file import PathLike, read_model_file, require, write_model_file
@@ -232,13 +233,9 @@ class LocalCRDScorer:
         """The local model (float64, CPU) for the current shrinkage and rank, built once from the statistics."""
         if self._model is None:
             stats = self._require_fitted()
-            cov = stats.within_covariance()
             if self._pooled_eigh is None:
-                self._pooled_eigh = torch.linalg.eigh(cov)
-            values, vectors = stats.local_eigenpairs(self._rank)
-            self._model = LocalCRDModel.build(
-                stats.means, cov, values, vectors, self._shrinkage, pooled_eigh=self._pooled_eigh
-            )
+                self._pooled_eigh = eigh(stats.within_covariance())
+            self._model = LocalCRDModel.from_statistics(stats, self._rank, self._shrinkage, self._pooled_eigh)
         return self._model
 
     def lam(self) -> float:

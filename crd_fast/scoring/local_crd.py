@@ -14,6 +14,7 @@ from typing import Any, Hashable, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from ..core.local import LocalCRDModel
 from ..io.model_file import ModelFileError, PathLike, require
 from ..models.local_head import LocalCRDHead
 from ..models.local_head_file import LocalDeployHead
@@ -152,7 +153,9 @@ class LocalCRD(ScorerBackedModel):
 
     # ---- the label-free choice ----------------------------------------------------------------------
     def candidate(self) -> LocalCandidate:
-        return LocalCandidate(self.scorer.model())
+        # float32 S~: the choice's largest product, and the candidate only compares and ranks (candidates.py)
+        s = self.scorer
+        return LocalCandidate(LocalCRDModel.from_statistics(s.statistics, s.rank, s.shrinkage, dtype=torch.float32))
 
 
 __all__ = ["LocalCRD"]

@@ -86,14 +86,11 @@ def paired_comparison(complex_: np.ndarray, simple: np.ndarray) -> dict[str, flo
     return {"mean_difference": mean, "standard_error": se, "t": t}
 
 
-def _likelihood_curves(
-    candidate: Candidate, rotated: Any, lam_grid: Sequence[float]
-) -> tuple[FamilyCurves, np.ndarray]:
-    """A candidate's likelihood curve over the grid, and its per-image values at lam0."""
-    per_image = [candidate.likelihood(rotated, lam) for lam in lam_grid]
+def _likelihood_curves(per_image: np.ndarray, lam_grid: Sequence[float]) -> tuple[FamilyCurves, np.ndarray]:
+    """A candidate's likelihood curve over the grid from its per-image values (L, N), and those at lam0."""
     nll = [float(x.mean()) for x in per_image]
     best = int(np.nanargmin(np.asarray(nll, dtype=float)))
-    diffs = np.stack(per_image) - per_image[best]  # (lams, n_clean): paired against lam0
+    diffs = per_image - per_image[best]  # (lams, n_clean): paired against lam0
     curves = FamilyCurves(
         nll=_finite_or_none(nll),
         nll_se=_finite_or_none(diffs.std(axis=1, ddof=1) / math.sqrt(diffs.shape[1])),
@@ -112,12 +109,13 @@ def choose(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mapping[str,
     if not candidates:
         raise ValueError("no candidate model to select from")
     families: dict[str, FamilyCurves] = {}
-    rotated: dict[str, Any] = {}
+    clean_maps: dict[str, np.ndarray] = {}
     at_lam0: dict[str, np.ndarray] = {}
     for name, cand in candidates.items():
         started = time.perf_counter()
-        rotated[name] = cand.rotate(held.clean)
-        families[name], at_lam0[name] = _likelihood_curves(cand, rotated[name], lam_grid)
+        evaluation = cand.evaluate(held.clean, lam_grid)
+        clean_maps[name] = evaluation.maps
+        families[name], at_lam0[name] = _likelihood_curves(evaluation.nll, lam_grid)
         families[name].seconds = round(time.perf_counter() - started, 4)  # rotation and every lam's likelihood
     names = list(candidates)
     spatial, paired = names[0], None
@@ -131,11 +129,16 @@ def choose(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mapping[str,
     started = time.perf_counter()
     cand, curves = candidates[spatial], families[spatial]
     window = curves.window
-    prepared = cand.maps_input(rotated.pop(spatial), held.pseudo)
-    rotated.clear()
     default = no_evidence_lam(lam_grid, curves.lam0)
-    maps = {lam: cand.maps(prepared, lam).reshape(-1, h, w) for lam in sorted(set(window) | {default})}
-    del prepared
+    lams = sorted(set(window) | {default})
+    pseudo_maps = cand.maps(held.pseudo, lams)  # (lams, H, P); the clean images' came with the likelihood
+    clean = clean_maps.pop(spatial)
+    clean_maps.clear()
+    maps = {}
+    for i, lam in enumerate(lams):
+        clean_at = clean[lam_grid.index(lam)] if lam in lam_grid else cand.maps(held.clean, [lam])[0]
+        maps[lam] = np.concatenate([clean_at, pseudo_maps[i]]).reshape(-1, h, w)
+    del clean, pseudo_maps
     in_window = select_lam(maps.__getitem__, held.labels, held.all_masks, window)
     best = in_window.choice
 

@@ -5,12 +5,13 @@
         selector.add(x, grids)
     model, record = selector.finish(embed, mean, std, patch_grid)
 
-It holds out a few images (:class:`~crd_fast.selection.plan.HeldOutPlan`), fits every open model on the rest and
-on the held-out images apart (a model that ``derives`` another, e.g. the local CRD's pooled statistics give the
-global CRD, is fitted once for both), paints one pseudo-defect on each held-out image, lets
-:func:`~crd_fast.selection.choice.choose` decide, and returns the chosen model fitted on all images (the two parts
-merged: exact for the global statistics, a sketch merge for the local model) with its :class:`SelectionRecord`.
-docs/DESIGN.md "The detector's choice of spatial model and lam_rel".
+It holds out a few images (:class:`~crd_fast.selection.plan.HeldOutPlan`), fits every open model on the rest (a
+model that ``derives`` another, e.g. the local CRD's pooled statistics give the global CRD, is fitted once for both)
+and keeps the held-out images' grids, paints one pseudo-defect on each held-out image, lets
+:func:`~crd_fast.selection.choice.choose` decide, and returns the chosen model fitted on all images (the held-out
+grids added to its fit on the rest, in the order they came: exact for the global statistics, the Frequent
+Directions update for the local model) with its :class:`SelectionRecord`. docs/DESIGN.md "The detector's choice
+of spatial model and lam_rel".
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from ..choices import DEFAULT_LAM_REL
+from ..core.memory import release_free_memory
 from ..scoring.base import ScoringModel
 from .choice import CRITERION, choose
 from .held_out import PSEUDO_STRENGTH, HeldOutSet, pseudo_defect_batch
 from .plan import HeldOutPlan, fallback_reason
 from .record import SelectionRecord
+
+#: Held-out images added to the chosen model's fit at a time.
+HELD_BATCH = 8
 
 
 def default_choice(families: Sequence[str], lam_grid: Sequence[float]) -> tuple[str, float]:
@@ -64,19 +69,20 @@ class LabelFreeSelector:
         }
         sources = [f for f in self.families if self.source[f] == f]
         self.rest = {f: templates[f].fresh() for f in sources}
-        self.held = {f: templates[f].fresh() for f in sources}
         self.plan = HeldOutPlan(count)
         self.seen = 0
         self._held_inputs: list[torch.Tensor] = []
+        # the held-out images' grids as they came (one entry per batch): the choice's clean images, then the
+        # chosen model's last update; no model is fitted on them apart (it would only be merged at the end)
         self._held_grids: list[torch.Tensor] = []
+        self._grid_device: Optional[torch.device] = None
 
     def add(self, x: torch.Tensor, grids: torch.Tensor) -> None:
         """One batch of the training stream: normalised inputs (B, 3, S, S) and their patch grids (B, P, d)."""
+        self._grid_device = grids.device
         hold = torch.tensor([self.plan.take(self.seen + i) for i in range(x.shape[0])], dtype=torch.bool)
         if bool(hold.any()):
             idx = hold.nonzero()[:, 0].to(grids.device)
-            for model in self.held.values():
-                model.partial_fit(grids[idx])
             self._held_grids.append(grids[idx].float().cpu())
             self._held_inputs.append(x[idx.to(x.device)].detach().cpu())
         if not bool(hold.all()):
@@ -109,10 +115,13 @@ class LabelFreeSelector:
             pseudo_started = time.perf_counter()
             held_set = self._held_out_set(embed, mean, std, patch_grid)
             pseudo_seconds = time.perf_counter() - pseudo_started
+            release_free_memory()  # the forward passes' freed heap, before the candidates' memory comes on top
             models_started = time.perf_counter()
             candidates = {f: self._rest_model(f).candidate() for f in self.families}
             model_seconds = time.perf_counter() - models_started
             decision = choose(held_set, self.lam_grid, candidates)
+            kinds = sorted(set(held_set.kinds))
+            del candidates, held_set  # the candidates' models and the pseudo-defect grids go before the update
             spatial, lam = decision.spatial, decision.lam_rel
             record = SelectionRecord(
                 asked=self.asked,
@@ -126,7 +135,7 @@ class LabelFreeSelector:
                 evidence=decision.evidence,
                 criterion=CRITERION,
                 pseudo_strength=PSEUDO_STRENGTH,
-                pseudo_defects=sorted(set(held_set.kinds)),
+                pseudo_defects=kinds,
                 pseudo_defect_seconds=round(pseudo_seconds, 4),
                 model_seconds=round(model_seconds, 4),
             )
@@ -141,9 +150,17 @@ class LabelFreeSelector:
         return source if self.source[family] == family else source.derive(family)
 
     def _fitted_on_all(self, family: str) -> ScoringModel:
+        """The fit on the rest, updated with the held-out grids (the batches they came in); the other parts go."""
         name = self.source[family]
-        merged = self.rest[name].merge(self.held[name])
-        return merged if name == family else merged.derive(family)
+        model = self.rest[name]
+        self.rest = {}
+        device = self._grid_device if self._grid_device is not None else torch.device("cpu")
+        while self._held_grids:  # in batches of up to HELD_BATCH images, in the order they came
+            batch = [self._held_grids.pop(0)]
+            while self._held_grids and sum(g.shape[0] for g in batch) + self._held_grids[0].shape[0] <= HELD_BATCH:
+                batch.append(self._held_grids.pop(0))
+            model.partial_fit(torch.cat(batch).to(device))
+        return model if name == family else model.derive(family)
 
     def _held_out_set(
         self,
@@ -154,8 +171,12 @@ class LabelFreeSelector:
     ) -> HeldOutSet:
         """The held-out images' clean grids and pseudo-defect grids (one pseudo-defect each)."""
         clean_inputs = torch.cat(self._held_inputs)
+        self._held_inputs = []
         pseudo_x, masks, kinds = pseudo_defect_batch(clean_inputs, mean, std, self.seed)
-        return HeldOutSet.build(torch.cat(self._held_grids), embed(pseudo_x), masks, kinds, patch_grid)
+        del clean_inputs
+        clean = torch.cat(self._held_grids)
+        self._held_grids = list(torch.split(clean, [g.shape[0] for g in self._held_grids]))  # views: one copy
+        return HeldOutSet.build(clean, embed(pseudo_x), masks, kinds, patch_grid)
 
 
 __all__ = ["LabelFreeSelector", "default_choice"]
