@@ -13,10 +13,13 @@ import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..choices import WEIGHT_SOURCES
 from .options import add_detector_options, command, echo, make_detector, positive_int, progress_enabled, warn
+
+if TYPE_CHECKING:  # the CLI imports torch only when a command runs
+    from ..detector import CRDDetector
 
 #: Sizes of the full demo and of --quick: the generated categories, and the real cells ("cells_*").
 FULL = {
@@ -132,7 +135,7 @@ class DemoRun:
     evals: list
     report: Any
     seconds: float
-    detector: Any
+    detector: CRDDetector
     notes: list[str]
 
 

@@ -6,10 +6,13 @@ import argparse
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..choices import WEIGHT_SOURCES
 from .options import CLIError, add_detector_options, command, echo, fraction, make_detector, progress_enabled, warn
+
+if TYPE_CHECKING:  # the CLI imports torch only when a command runs
+    from ..detector import CRDDetector
 
 EPILOG = """\
 ROOT layout (MVTec AD):
@@ -109,7 +112,12 @@ def report_files(out_dir: str) -> list[str]:
 
 
 def run_report(
-    out_dir: str, evals: Sequence[Any], detector: Any, argv: Sequence[str], title: str, notes: Sequence[str] = ()
+    out_dir: str,
+    evals: Sequence[Any],
+    detector: CRDDetector,
+    argv: Sequence[str],
+    title: str,
+    notes: Sequence[str] = (),
 ) -> Any:
     """write_report for evaluated categories, with the detector's settings and weights in the header."""
     from ..report import RunInfo, write_report

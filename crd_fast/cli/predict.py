@@ -7,9 +7,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .options import CLIError, add_runtime_options, command, echo, finite_float, progress_enabled, warn, weights_spec
+
+if TYPE_CHECKING:  # the CLI imports torch only when a command runs
+    from ..detector import CRDDetector
 
 EPILOG = """\
 outputs in OUT/ (a new or empty folder, or --overwrite; written to a staging folder and moved into OUT when the
@@ -111,7 +114,7 @@ def _heatmap_names(paths: Sequence[str]) -> list[str]:
     return [f"{i:05d}_{n}.png" for i, n in enumerate(named)]
 
 
-def overlay_range(detector: Any) -> Optional[tuple[float, float]]:
+def overlay_range(detector: CRDDetector) -> Optional[tuple[float, float]]:
     """Anomaly-map values mapped to the ends of the colour scale, fixed per model so colours compare
     across images and runs: the threshold (or the largest training image score) sits in the middle,
     and the spread of the training image scores sets the width (as ``thresholds.normalize_scores``)."""
@@ -126,7 +129,7 @@ def overlay_range(detector: Any) -> Optional[tuple[float, float]]:
 
 
 def save_overlays(
-    detector: Any,
+    detector: CRDDetector,
     paths: Sequence[str],
     maps: Any,
     names: Sequence[str],
@@ -156,7 +159,7 @@ def _records(result: Any, indices: Sequence[int], paths: Sequence[str]) -> list[
 
 
 def _predict_local(
-    detector: Any,
+    detector: CRDDetector,
     files: list[str],
     heat_dir: Optional[Path],
     names: list[str],
@@ -182,7 +185,7 @@ def _predict_local(
     return records
 
 
-def _decode(detector: Any, path: str) -> tuple[Any, Any]:
+def _decode(detector: CRDDetector, path: str) -> tuple[Any, Any]:
     """One decode of ``path`` -> (the model input, the picture for the overlay): both come from the same
     resized crop, so they equal ``preprocess(image)`` and ``preprocess.display(image)``."""
     import numpy as np
@@ -197,7 +200,7 @@ def _decode(detector: Any, path: str) -> tuple[Any, Any]:
     return pre.normalize(crop), shown
 
 
-def _predict_decoding_once(detector: Any, paths: list[str]) -> tuple[Any, list]:
+def _predict_decoding_once(detector: CRDDetector, paths: list[str]) -> tuple[Any, list]:
     """``detector.predict(paths)`` and the overlay pictures, decoding every image once (not once for the
     scores and again for the heatmap)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -292,7 +295,7 @@ def _load(args: argparse.Namespace, device: Optional[str]) -> Any:
     return det
 
 
-def write_scores(out: Path, records: list[dict], detector: Any, model_path: str) -> tuple[Path, Path]:
+def write_scores(out: Path, records: list[dict], detector: CRDDetector, model_path: str) -> tuple[Path, Path]:
     """scores.csv (via crd_fast.distributed.write_records) and scores.json (records + model summary)."""
     from ..distributed import write_records
     from ..io.atomic import atomic_write
@@ -363,7 +366,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _summary(
-    detector: Any, records: list[dict], seconds: float, csv_path: Path, json_path: Path, heat_dir: Optional[Path]
+    detector: CRDDetector,
+    records: list[dict],
+    seconds: float,
+    csv_path: Path,
+    json_path: Path,
+    heat_dir: Optional[Path],
 ) -> None:
     n = len(records)
     echo(f"crd-fast predict: {n} images in {seconds:.1f} s ({1e3 * seconds / n:.1f} ms per image)")

@@ -47,7 +47,7 @@ from ..detector.persistence import detector_metadata
 from ..io.atomic import atomic_write_many
 from ..io.safety import check_outputs
 from ..models.head_file import check_precision
-from .head_files import HEAD_FILE_KINDS, AnyHead, file_kind
+from .head_files import HEAD_FILE_KINDS, AnyHead, ExportSource, file_kind
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .metadata import (
     DIGEST_FIELD,
@@ -145,7 +145,7 @@ def head_of(detector: CRDDetector, rank: Optional[int] = None) -> nn.Module:
 
 
 # ---- step 1: resolve ----------------------------------------------------------------------------------
-def _load_source(source: Any) -> tuple[Optional[CRDDetector], Optional[AnyHead], dict[str, Any]]:
+def _load_source(source: ExportSource) -> tuple[Optional[CRDDetector], Optional[AnyHead], dict[str, Any]]:
     """(detector or None, head file or None, provenance) from a CRDDetector, a head file object, or the path of a
     detector file or a head file of any kind."""
     if isinstance(source, CRDDetector):
@@ -175,7 +175,10 @@ def _detector_from_head(head: AnyHead) -> CRDDetector:
 
 
 def resolve_export(
-    source: Any, head_only: bool = False, rank: Optional[int] = None, layer_names: Optional[Sequence[str]] = None
+    source: ExportSource,
+    head_only: bool = False,
+    rank: Optional[int] = None,
+    layer_names: Optional[Sequence[str]] = None,
 ) -> ExportPlan:
     """What ``export_onnx`` traces for ``source`` (see its docstring): a fitted CRDDetector, a detector model file,
     or a head file (object or path) of any kind."""
@@ -397,7 +400,7 @@ def write_export(
 
 
 def export_onnx(
-    source: Any,
+    source: ExportSource,
     path: PathLike,
     head_only: bool = False,
     opset: int = DEFAULT_OPSET,

@@ -33,6 +33,10 @@ from ..scoring.global_crd import GlobalCRD
 from ..scoring.local_crd import LocalCRD
 
 AnyHead = Union[DeployHead, LocalDeployHead]
+#: What a head file is made from: a fitted detector or scorer, or the path of a detector or scorer model file.
+HeadSource = Union[CRDDetector, CRDScorer, LocalCRDScorer, PathLike]
+#: What an export starts from: a fitted detector, a head file object, or the path of either kind of file.
+ExportSource = Union[CRDDetector, DeployHead, LocalDeployHead, PathLike]
 #: Head file kind -> its class (``load_head_file``).
 HEAD_FILE_KINDS: dict[str, Any] = {HEAD_KIND: DeployHead, LOCAL_HEAD_KIND: LocalDeployHead}
 #: Bare scorers accepted as a source, and the scoring model that wraps each.
@@ -41,7 +45,7 @@ _SCORER_FILES: dict[str, Any] = {"crd_scorer": CRDScorer, "local_crd_scorer": Lo
 
 
 def head_from(
-    source: Any, precision: str = "fp64", rank: Optional[int] = None, local_rank: Optional[int] = None
+    source: HeadSource, precision: str = "fp64", rank: Optional[int] = None, local_rank: Optional[int] = None
 ) -> AnyHead:
     """The head file form of ``source``: a fitted CRDDetector, a fitted CRDScorer or LocalCRDScorer, or a
     detector or scorer model file. ``rank`` / ``local_rank``: the global / local model's reduced form."""
@@ -50,7 +54,7 @@ def head_from(
 
 
 def make_head_file(
-    source: Any,
+    source: HeadSource,
     path: PathLike,
     precision: str = "fp16",
     rank: Optional[int] = None,
@@ -69,7 +73,7 @@ def load_head_file(path: PathLike) -> AnyHead:
     return cls.load(path)
 
 
-def _model_of(source: Any) -> tuple[ScoringModel, Optional[dict[str, Any]]]:
+def _model_of(source: HeadSource) -> tuple[ScoringModel, Optional[dict[str, Any]]]:
     """(scoring model, detector metadata or None) of a head file's source."""
     if isinstance(source, CRDDetector):
         if not source.is_fitted:
@@ -101,6 +105,8 @@ def file_kind(path: Any) -> Optional[str]:
 
 
 __all__ = [
+    "ExportSource",
+    "HeadSource",
     "HEAD_FILE_KINDS",
     "HEAD_KIND",
     "LOCAL_HEAD_KIND",

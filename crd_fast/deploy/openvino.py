@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 from ..io.atomic import default_file_mode
 from ..io.commit import commit_moves, hold, recover_folder, release
 from ..io.safety import TEMP_PREFIX, check_outputs
+from .head_files import ExportSource
 from .metadata import (
     DIGEST_FIELD,
     DeployError,
@@ -51,7 +52,7 @@ def _ov():
 RT_INFO_DIGEST = "crd_fast_metadata_sha256"
 
 
-def export_openvino(source: Any, path: PathLike, **onnx_options: Any) -> dict[str, Any]:
+def export_openvino(source: ExportSource, path: PathLike, **onnx_options: Any) -> dict[str, Any]:
     """Write ``path`` (.xml), its .bin weights and ``path``.json metadata as one commit; returns the metadata.
 
     ``source`` and ``onnx_options`` (head_only, precision, rank, opset, verify) are those of ``export_onnx``. The

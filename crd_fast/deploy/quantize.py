@@ -52,7 +52,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -70,7 +70,9 @@ DEFAULT_CALIBRATION_IMAGES = 32
 BACKBONE_SCOPE = "/extractor/"
 
 
-def calibration_batches(source: Any, images: Any, limit: int, batch_size: int = 8) -> Iterator[np.ndarray]:
+def calibration_batches(
+    source: Union[CRDDetector, PathLike], images: Any, limit: int, batch_size: int = 8
+) -> Iterator[np.ndarray]:
     """Normalised (B, 3, crop, crop) float32 batches of up to ``limit`` ``images`` (the detector's preprocessing)."""
     det = source if isinstance(source, CRDDetector) else CRDDetector.load(source)
     seen = 0

@@ -23,26 +23,23 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from ..choices import DEFAULT_LAM_GRID, DEFAULT_LAM_REL, LAM_AUTO
-from ..core.embedding import embed_patches, embedding_dim, patch_grids
+from ..core.embedding import embed_patches, patch_grids
 from ..core.precision import PrecisionChoice, resolve_precision
 from ..data.images import Images
-from ..features.backbone import FeatureExtractor, module_state_sha256, weights_identity
-from ..features.preprocess import Preprocess
-from ..features.timm_backbone import TimmFeatures, is_timm
 from ..io.model_file import PathLike
 from ..models.anomaly_map import AnomalyMapper
 from ..models.inference import InferenceModel
 from ..postprocess.results import DetectionResult
-from ..scoring.base import FeatureLayout, ScoringModel
+from ..scoring.base import ScoringModel
 from ..scoring.registry import AUTO, model_class
 from ..selection.plan import MIN_IMAGES
 from ..selection.record import SelectionRecord
 from . import batches
 from .calibration import ThresholdCalibration
 from .config import OPTIONS, RUNTIME_OPTIONS, DetectorConfig
+from .feature_pipeline import build_feature_pipeline, describe_weights
 from .open_models import check_open_models, label_free_selector, open_models, settled_model
 from .persistence import MODEL_KIND, load_detector, save_detector
 from .reservoir import Reservoir
@@ -82,24 +79,11 @@ class CRDDetector(ThresholdCalibration):
         self.device = batches.resolve_device(config.device)
         self.precision_choice: PrecisionChoice = resolve_precision(config.precision, self.device)
         self.mapper = AnomalyMapper((config.crop, config.crop), config.blur_sigma)  # checks blur_sigma against crop
-        # "timm:<name>" is built here (crd_fast.features.timm_backbone) and used as a module; its name stays.
-        backbone = config.backbone
-        if is_timm(backbone):
-            backbone = TimmFeatures(backbone, config.layers, config.weights, config.seed)
-            if config.layers is None:  # its default stages, read from the model: the options record them
-                config = self._options = config.replace(layers=backbone.layers)
-        self.extractor = FeatureExtractor(backbone, config.layers, config.weights, config.seed).to(self.device)
-        self.extractor.set_precision(self.precision_choice)  # fit and predict alike
-        # The backbone's own normalisation: ImageNet's for torchvision, the model's for timm or a user module.
-        self.preprocess = Preprocess(config.resize, config.crop, self.extractor.mean, self.extractor.std)
-        self.weights_identity = weights_identity(config.weights, config.seed, config.backbone_name)
-        if isinstance(config.backbone, nn.Module):  # a user module is identified by its weights
-            self.weights_identity["state_sha256"] = module_state_sha256(config.backbone)
-        shapes = self.extractor.feature_shapes(config.crop)
-        self.layer_channels = [s[0] for s in shapes]
-        self.patch_grid = (shapes[0][1], shapes[0][2])
-        self.dim = embedding_dim(self.layer_channels, config.embedding, config.target_dim)
-        self.layout = FeatureLayout(config.embedding, config.target_dim, tuple(self.layer_channels), self.patch_grid)
+        features = build_feature_pipeline(config, self.device, self.precision_choice)
+        self._options = features.config
+        self.extractor, self.preprocess, self.layout = features.extractor, features.preprocess, features.layout
+        self.weights_identity, self.layer_channels = features.weights_identity, features.layer_channels
+        self.patch_grid, self.dim = features.patch_grid, features.dim
         self.model: Optional[ScoringModel] = None
         check_open_models(self.options.to_dict())  # a model option the model cannot take (e.g. local_rank) fails here
         self.threshold: Optional[float] = None
@@ -237,19 +221,7 @@ class CRDDetector(ThresholdCalibration):
     @property
     def weights_description(self) -> str:
         """One line for reports saying where the backbone weights came from."""
-        ident = self.weights_identity
-        if ident["kind"] == "random":
-            return (
-                f"{self.backbone_name} with seeded RANDOM weights (seed {ident['seed']}): "
-                "scores do not show the accuracy of real (ImageNet) weights"
-            )
-        if ident["kind"] == "file":
-            return f"{self.backbone_name} with weights from {ident['file']} (sha256 {ident['sha256'][:12]}...)"
-        if ident["kind"] == "imagenet" and "package" in ident:
-            return f"{self.backbone_name} with ImageNet weights from the {ident['package']} {ident['version']} package"
-        if ident["kind"] == "imagenet":
-            return f"{self.backbone_name} with torchvision ImageNet weights ({ident['name']})"
-        return f"{self.backbone_name} (user module)"
+        return describe_weights(self.weights_identity, self.backbone_name)
 
     @property
     def is_fitted(self) -> bool:
