@@ -83,7 +83,7 @@ EMBEDDINGS: tuple[str, ...] = ("concat", "patchcore")
 WEIGHT_SOURCES: tuple[str, ...] = ("imagenet", "random", "hed")
 
 #: Default ridge strength relative to the mean eigenvalue of C (lam = lam_rel * trace(C) / d).
-#: Chosen by the sweep in the README ("Choosing lam_rel"): 0.01 ranks anomalies best on average there.
+#: Chosen by a sweep, bench/RESULTS.md "The default lam_rel": 0.01 ranks anomalies best on average there.
 DEFAULT_LAM_REL = 0.01
 
 #: lam_rel="auto" (the detector's default): chosen without labels from LAM_GRID on held-out images with
