@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -73,3 +74,18 @@ def test_cli_int8_refuses_head_only(tmp_path, capsys):
     rc = main(["export", str(model), "-o", str(tmp_path / "h.onnx"), "--int8", str(tmp_path), "--head-only"])
     assert rc != 0 and "--int8 exports the whole detector" in capsys.readouterr().err
     assert not (tmp_path / "h.onnx").exists()
+
+
+def test_cli_int8_says_what_is_quantized(tmp_path, capsys):
+    """The summary line names the int8 backbone and the float32 head, not "head weights int8"."""
+    det = fitted_detector("concat")
+    model, images = tmp_path / "m.crd", tmp_path / "calibration"
+    det.save(model)
+    images.mkdir()
+    for i, picture in enumerate(demo_images(4)):
+        Image.fromarray(picture).save(images / f"{i}.png")
+    rc = main(["export", str(model), "-o", str(tmp_path / "m8.onnx"), "--int8", str(images), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "int8 (backbone convolutions" in out and "head and anomaly map float32" in out
+    assert "head weights int8" not in out

@@ -141,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
         echo(f"crd-fast export: wrote {result.onnx_path} ({size:.2f} MiB) and {result.metadata_path}")
     echo(
         f"  {'head only' if args.head_only else 'whole detector'}, opset {meta['opset']}, "
-        f"head weights {meta['precision']}, "
+        + (
+            f"int8 ({meta['quantization']['quantized']}), "
+            if "quantization" in meta
+            else f"head weights {meta['precision']}, "
+        )
         + (f"rank {meta['rank']} of d = {meta.get('d')}" if meta.get("rank") else f"full rank (d = {meta.get('d')})")
         + (f" (score error bound {meta['error_bound']:.3g})" if meta.get("error_bound") else "")
     )
