@@ -298,7 +298,7 @@ def test_choose_searches_only_the_window_at_or_above_lam0_and_ranks_2h_against_h
 # ---- the record ------------------------------------------------------------------------------------------------
 def test_the_criterion_names_both_designs_and_the_rule():
     text = sel_choice.CRITERION
-    assert "x4" in text and "like2" in text and "pooled" in text and "smallest lam_rel within 1 standard error" in text
+    assert "x4 + like2 pooled" in text and "smallest lam_rel within 1 standard error of it" in text
     names = [(d.name, d.kinds, d.strength) for d in sel_held.PSEUDO_DESIGNS]
     assert names == [("x4", tuple(PSEUDO_DEFECTS), 4.0), ("like2", tuple(DEFECT_LIKE), 2.0)]
 

@@ -47,9 +47,9 @@ SETTLE_DEVIATIONS = 1.0
 CRITERION = (
     "spatial and lam0: lowest held-out Gaussian negative log-likelihood (nll); lam_rel at or above lam0: "
     f"{LamSelection.criterion} (curve; held-out training images, pseudo-defects "
-    + " + ".join(f"{d.name} ({', '.join(d.kinds)} at x{d.strength:g})" for d in PSEUDO_DESIGNS)
-    + f" pooled); the best replaces the default if > {EVIDENCE_DEVIATIONS:g} paired DeLong standard error better, "
-    f"then the smallest lam_rel within {SETTLE_DEVIATIONS:g} standard error of the best"
+    + " + ".join(d.name for d in PSEUDO_DESIGNS)
+    + f" pooled); the best replaces the default if > {EVIDENCE_DEVIATIONS:g} paired standard error better, then "
+    f"the smallest lam_rel within {SETTLE_DEVIATIONS:g} standard error of it"
 )
 
 
