@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from crd_fast.choices import DEFAULT_LAM_REL
-from crd_fast.core.lam_selection import paired_auroc_difference
+from crd_fast.core.lam_selection import paired_auroc_difference, settled_choice
 from crd_fast.metrics.scores import image_auroc
 from crd_fast.selection.choice import FAMILY_STANDARD_ERRORS, paired_comparison
 
@@ -181,25 +181,26 @@ def pseudo_rule(
         use = list(range(len(rec.folds) if folds is None else min(folds, len(rec.folds))))
         cand = window(rec, family, use) if in_window else list(range(len(rec.grid)))
         curve = pseudo_curve(rec, family, design, use, kinds)
-        best = min(j for j in cand if curve[j] >= curve[cand].max() - 1e-9)  # ties to the smaller lam_rel
         start = {
             "detector": lambda: no_evidence_index(rec, family, use),
             "fixed": lambda: rec.index(DEFAULT_LAM_REL),
             "lam0": lambda: lam0_index(rec, family, use),
         }[default]()
+
+        def compare(a: int, b: int) -> dict[str, float]:
+            return dict(
+                zip(("difference", "standard_error", "z"), pseudo_evidence(rec, family, design, use, a, b, kinds))
+            )
+
+        # the detector's rule (crd_fast/core/lam_selection.py settled_choice), on grid indices
+        decided = settled_choice(cand, curve[cand], start, compare, z_needed, settle)
+        best, z = decided.best, decided.evidence["z"]
         note = f"curve {np.round(curve, 3).tolist()}"
         if best == start:
             return Choice(rec.grid[best], note=f"best = default, {note}")
-        diff, se, z = pseudo_evidence(rec, family, design, use, best, start, kinds)
-        if z <= z_needed:
+        if not decided.beats:
             return Choice(rec.grid[start], note=f"best {rec.grid[best]:g} z {z:+.2f}, {note}")
-        j = best
-        if settle is not None:
-            for i in (i for i in cand if i < best):
-                d, e, _ = pseudo_evidence(rec, family, design, use, best, i, kinds)
-                if d <= settle * e:
-                    j = i
-                    break
+        j = decided.choice
         return Choice(rec.grid[j], note=f"best {rec.grid[best]:g} z {z:+.2f}, settled {rec.grid[j]:g}, {note}")
 
     return rule

@@ -92,7 +92,11 @@ def local_maps(model: LocalCRDModel, x: np.ndarray, lam_rels) -> dict[float, np.
 def label_free_choice(fit: np.ndarray, clean: np.ndarray, pseudo: np.ndarray, pseudo_masks: np.ndarray, local_fit):
     """``crd_fast.selection.choice.choose`` (what CRDDetector(lam_rel="auto", spatial="auto") runs) on cached
     features: the global statistics and ``local_fit`` (a LocalCRDModel) of ``fit``, judged on the clean held-out
-    grids and their pseudo-defect grids. Returns (spatial, lam_rel, family records, the reason in words)."""
+    grids and their pseudo-defect grids. Returns (spatial, lam_rel, family records, the reason in words).
+
+    The cache holds the x4 pseudo-defects only (quality_data.py): the detector pools them with the defect-like
+    kinds at x2 (crd_fast/selection/held_out.py ``PSEUDO_DESIGNS``), so this is its rule with one design; the
+    detector's own choice is the end-to-end row (quality_e2e.py)."""
     stats = PatchStatistics(fit.shape[2])
     for i in range(0, len(fit), CHUNK):
         stats.update(torch.from_numpy(fit[i : i + CHUNK]).reshape(-1, fit.shape[2]))

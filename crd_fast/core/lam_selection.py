@@ -17,7 +17,7 @@ defects that score ~1.0 for every lam cannot choose, and ones that no lam finds 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -25,7 +25,20 @@ import torch
 from ..choices import DEFAULT_LAM_GRID  # candidate lam_rel values (relative to trace(C)/d)
 from ..metrics.scores import aupro, image_auroc
 
-__all__ = ["DEFAULT_LAM_GRID", "LamSelection", "SpectralForm", "grid_masks", "paired_auroc_difference", "select_lam"]
+__all__ = [
+    "DEFAULT_LAM_GRID",
+    "LamSelection",
+    "SettledChoice",
+    "SpectralForm",
+    "best_of_curve",
+    "grid_masks",
+    "paired_auroc_difference",
+    "select_lam",
+    "settled_choice",
+]
+
+#: Curve values within this of the curve's best are ties (they go to the smaller lam_rel).
+TIE_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -118,8 +131,8 @@ def select_lam(
         masks: (N, h, w) pseudo-defect masks on the patch grid (see :func:`grid_masks`); clean images all False.
         grid: candidate lam_rel values.
 
-    The choice maximises the image AUROC; ties (within 1e-9) go to the smaller lam_rel. AUPRO is recorded, not
-    used (see the module docstring).
+    The choice maximises the image AUROC; ties (within ``TIE_TOLERANCE``) go to the smaller lam_rel. AUPRO is
+    recorded, not used (see the module docstring).
     """
     grid = tuple(float(g) for g in grid)
     if not grid or any(not g > 0 for g in grid):
@@ -136,9 +149,22 @@ def select_lam(
         img = maps.reshape(maps.shape[0], -1).max(axis=1)
         aurocs.append(float(image_auroc(labels, img)))
         apros.append(float(aupro(masks, maps)) if masks.any() else float("nan"))
-    best = max(aurocs)
-    choice = min(g for g, a in zip(grid, aurocs) if a >= best - 1e-9)
-    return LamSelection(grid, tuple(aurocs), tuple(apros), choice)
+    return LamSelection(grid, tuple(aurocs), tuple(apros), best_of_curve(grid, aurocs))
+
+
+Key = TypeVar("Key")
+
+
+def best_of_curve(keys: Sequence[Key], curve: Sequence[float]) -> Key:
+    """The key (a lam_rel, or its grid index) of ``curve``'s largest value, ties (within ``TIE_TOLERANCE``) to the
+    smallest key (the smaller lam_rel)."""
+    if len(keys) != len(curve) or not len(keys):
+        raise ValueError(f"{len(keys)} lam_rel values but {len(curve)} curve values (both must be non-empty)")
+    values = np.asarray(curve, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"the curve must be finite, got {values.tolist()}")
+    top = float(values.max())
+    return min(k for k, v in zip(keys, values) if v >= top - TIE_TOLERANCE)
 
 
 def paired_auroc_difference(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -168,3 +194,60 @@ def paired_auroc_difference(scores_a: np.ndarray, scores_b: np.ndarray, labels: 
     se = float(np.sqrt(max(variance, 0.0)))
     z = difference / se if se > 0 else (float(np.sign(difference)) * np.inf if difference else 0.0)
     return {"auroc_a": auc_a, "auroc_b": auc_b, "difference": difference, "standard_error": se, "z": float(z)}
+
+
+@dataclass(frozen=True)
+class SettledChoice:
+    """What :func:`settled_choice` decided: the curve's ``best`` and the ``default``, their paired comparison
+    (``evidence``: ``compare(best, default)``), whether the best replaced the default (``beats``), the
+    ``settled`` comparison (``compare(best, choice)``, None while the default stands) and the ``choice``."""
+
+    best: Any
+    default: Any
+    evidence: Mapping[str, float]
+    beats: bool
+    choice: Any
+    settled: Optional[Mapping[str, float]] = None
+
+
+def settled_choice(
+    window: Sequence[Key],
+    curve: Sequence[float],
+    default: Key,
+    compare: Callable[[Key, Key], Mapping[str, float]],
+    deviations: float = 1.0,
+    settle: Optional[float] = 1.0,
+) -> SettledChoice:
+    """The pseudo-defects' rule for lam_rel (bench/RESULTS.md "Choosing lam_rel without labels"; docs/DESIGN.md
+    "The detector's choice of spatial model and lam_rel").
+
+    ``window``: the candidate lam_rel values (or their grid indices) in increasing order, ``curve`` the criterion
+    at each (image AUROC of the pseudo-defects against the clean held-out images); ``default``: kept without
+    evidence (it need not lie in the window); ``compare(a, b)``: the paired comparison of a with b, a mapping with
+    ``difference`` (a - b), ``standard_error`` and ``z`` (``paired_auroc_difference``, or a pooled one).
+
+    1. best: the curve's best in the window, ties to the smaller lam_rel (:func:`best_of_curve`);
+    2. it replaces the default only if ``compare(best, default)`` has z > ``deviations``;
+    3. then (``settle`` not None) walking up the window, the first lam_rel whose difference from the best is at
+       most ``settle`` of its standard errors (the one-standard-error rule toward lam0; the best itself at the
+       latest) is the choice.
+    """
+    window = list(window)
+    if any(b <= a for a, b in zip(window, window[1:])):
+        raise ValueError(f"the window must be in increasing order without repeats, got {window}")
+    best = best_of_curve(window, curve)
+    evidence = dict(compare(best, default))
+    missing = {"difference", "standard_error", "z"} - set(evidence)
+    if missing:
+        raise ValueError(f"compare gave no {sorted(missing)}")
+    beats = best != default and evidence["z"] > deviations
+    if not beats:
+        return SettledChoice(best, default, evidence, False, default)
+    choice, settled = best, {"difference": 0.0, "standard_error": 0.0, "z": 0.0}
+    if settle is not None:
+        for key in window[: window.index(best)]:
+            step = dict(compare(best, key))
+            if step["difference"] <= settle * step["standard_error"]:
+                choice, settled = key, step
+                break
+    return SettledChoice(best, default, evidence, True, choice, settled)

@@ -8,9 +8,11 @@ first) and the held-out set (clean grids and pseudo-defect grids), :func:`choose
   N(mu, S + lam I) over the lam grid, minimised at the candidate's lam0. A more complex candidate replaces a
   simpler one only if, paired over the clean held-out images, its likelihood at its lam0 is better by more than
   ``FAMILY_STANDARD_ERRORS`` standard errors;
-* how well the chosen model ranks the pseudo-defects above the clean images at each lam_rel at or above lam0
-  (``select_lam``'s image AUROC): their best replaces the default (``no_evidence_lam``) only if it beats it by more
-  than ``EVIDENCE_DEVIATIONS`` standard errors of the paired difference (DeLong).
+* how well the chosen model ranks the pseudo-defects (every design's, pooled) above the clean images at each
+  lam_rel at or above lam0 (``select_lam``'s image AUROC): their best replaces the default (``no_evidence_lam``)
+  only if it beats it by more than ``EVIDENCE_DEVIATIONS`` standard errors of the paired difference (DeLong); then
+  the choice settles on the smallest lam_rel of the window within ``SETTLE_DEVIATIONS`` standard errors of the best
+  (``settled_choice``; bench/RESULTS.md "Choosing lam_rel without labels").
 
 The result is facts only (a :class:`Choice`); crd_fast/selection/record.py says them in words.
 """
@@ -25,9 +27,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from ..choices import DEFAULT_LAM_REL
-from ..core.lam_selection import LamSelection, paired_auroc_difference, select_lam
+from ..core.lam_selection import LamSelection, paired_auroc_difference, select_lam, settled_choice
 from ..scoring.candidates import Candidate
-from .held_out import PSEUDO_STRENGTH, HeldOutSet
+from .held_out import PSEUDO_DESIGNS, HeldOutSet
 from .record import FamilyCurves
 
 #: Standard errors by which a more complex model's held-out likelihood must beat a simpler one's (paired over the
@@ -38,10 +40,16 @@ FAMILY_STANDARD_ERRORS = 2.0
 #: it: with few held-out images the curve is noisy, and the default is the better bet (docs/DESIGN.md "Label-free
 #: lam").
 EVIDENCE_DEVIATIONS = 1.0
-#: What the record's curves hold, as it states them.
+#: Once the best replaced the default: the smallest lam_rel of the window whose paired AUROC difference from the
+#: best is at most this many of its standard errors is taken (the one-standard-error rule, toward lam0).
+SETTLE_DEVIATIONS = 1.0
+#: What the record's curves hold and how they choose, as it states them.
 CRITERION = (
     "spatial and lam0: lowest held-out Gaussian negative log-likelihood (nll); lam_rel at or above lam0: "
-    f"{LamSelection.criterion} (curve; held-out training images, pseudo-defects x{PSEUDO_STRENGTH:g})"
+    f"{LamSelection.criterion} (curve; held-out training images, pseudo-defects "
+    + " + ".join(d.name for d in PSEUDO_DESIGNS)
+    + f" pooled); the best replaces the default if > {EVIDENCE_DEVIATIONS:g} paired standard error better, then "
+    f"the smallest lam_rel within {SETTLE_DEVIATIONS:g} standard error of it"
 )
 
 
@@ -140,21 +148,29 @@ def choose(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mapping[str,
         maps[lam] = np.concatenate([clean_at, pseudo_maps[i]]).reshape(-1, h, w)
     del clean, pseudo_maps
     in_window = select_lam(maps.__getitem__, held.labels, held.all_masks, window)
-    best = in_window.choice
+    scores = {lam: image_map.reshape(image_map.shape[0], -1).max(axis=1) for lam, image_map in maps.items()}
 
-    def image_scores(lam: float) -> np.ndarray:
-        return maps[lam].reshape(maps[lam].shape[0], -1).max(axis=1)
+    def compare(a: float, b: float) -> dict[str, float]:
+        return paired_auroc_difference(scores[a], scores[b], held.labels)
 
-    evidence = paired_auroc_difference(image_scores(best), image_scores(default), held.labels)
-    beats = evidence["z"] > EVIDENCE_DEVIATIONS
+    rule = settled_choice(window, in_window.image_auroc, default, compare, EVIDENCE_DEVIATIONS, SETTLE_DEVIATIONS)
     evidence = {
-        "best": best,
+        "best": rule.best,
         "default": default,
-        **evidence,
+        **rule.evidence,
         "deviations_needed": EVIDENCE_DEVIATIONS,
-        "chosen": "best" if beats else "default",
+        "chosen": "best" if rule.beats else "default",
+        "pseudo_defects": len(held.pseudo),
+        "clean": len(held.clean),
     }
-    lam = best if beats else default
+    if rule.settled is not None:
+        evidence["settled"] = {
+            "lam_rel": rule.choice,
+            "difference": rule.settled["difference"],
+            "standard_error": rule.settled["standard_error"],
+            "deviations": SETTLE_DEVIATIONS,
+        }
+    lam = rule.choice
 
     def over_grid(values: Sequence[float]) -> list[Optional[float]]:
         inside = dict(zip(window, _finite_or_none(values)))
@@ -175,6 +191,7 @@ __all__ = [
     "CRITERION",
     "EVIDENCE_DEVIATIONS",
     "FAMILY_STANDARD_ERRORS",
+    "SETTLE_DEVIATIONS",
     "Choice",
     "choose",
     "lam_window",

@@ -1,52 +1,106 @@
-"""The held-out images of the label-free choice: their clean patch grids and one pseudo-defect painted on each.
+"""The held-out images of the label-free choice: their clean patch grids and the pseudo-defects painted on them.
 
-The pseudo-defects (crd_fast/synthetic/pseudo.py) are painted on the de-normalised picture (the backbone's own
-mean and std, so HED's BGR 0-255 convention as well), normalised again and embedded by the detector.
-docs/DESIGN.md "Label-free lam" says why they are painted at ``PSEUDO_STRENGTH``.
+Each design of ``PSEUDO_DESIGNS`` paints one pseudo-defect on every held-out image (crd_fast/synthetic/pseudo.py),
+on the de-normalised picture (the backbone's own mean and std, so HED's BGR 0-255 convention as well), the other
+held-out pictures as cut-and-paste donors; they are normalised again and embedded by the detector. Two designs,
+pooled: the faint kinds at ``PSEUDO_STRENGTH`` ("x4") and the defect-like kinds at strength 2 ("like2"), as
+bench/RESULTS.md "Choosing lam_rel without labels" recommends (docs/DESIGN.md "Label-free lam").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..core.lam_selection import grid_masks
-from ..synthetic.pseudo import make_pseudo_defects
+from ..synthetic.pseudo import DEFECT_LIKE, PSEUDO_DEFECTS, make_pseudo_defects
 
-#: The pseudo-defects' painted change is multiplied by this (``make_pseudo_defects``'s strength): at 1 a random
-#: backbone on the development set told none of them from clean images at any lam (docs/DESIGN.md "Label-free lam").
+#: The faint pseudo-defects' painted change is multiplied by this (``make_pseudo_defects``'s strength): at 1 a
+#: random backbone on the development set told none of them from clean images at any lam (docs/DESIGN.md
+#: "Label-free lam").
 PSEUDO_STRENGTH = 4.0
+#: The defect-like pseudo-defects' strength (bench/RESULTS.md "Choosing lam_rel without labels": "like x2").
+DEFECT_LIKE_STRENGTH = 2.0
+
+
+@dataclass(frozen=True)
+class PseudoDesign:
+    """One pseudo-defect per held-out image: ``kinds`` (names of crd_fast/synthetic/pseudo.py, in turn) at
+    ``strength``. ``stream``: None draws from ``default_rng(seed)`` (the detector's first design, as earlier
+    versions painted it); a number from an independent stream ``default_rng([seed, stream])``, as the study
+    seeded each design apart (bench/experiments/lam_criteria_sets.py ``pseudo_fold``)."""
+
+    name: str
+    kinds: tuple[str, ...]
+    strength: float
+    stream: Optional[int] = None
+
+    def rng(self, seed: int) -> np.random.Generator:
+        return np.random.default_rng(seed if self.stream is None else [seed, self.stream])
+
+    def to_dict(self, images: int) -> dict[str, Any]:
+        """The record's form: name, kinds, strength and the number of images painted."""
+        return {"name": self.name, "kinds": list(self.kinds), "strength": self.strength, "images": images}
+
+
+#: The designs painted on the held-out images and pooled by the choice of lam_rel (the study's "x4 + like x2").
+PSEUDO_DESIGNS: tuple[PseudoDesign, ...] = (
+    PseudoDesign("x4", tuple(PSEUDO_DEFECTS), PSEUDO_STRENGTH),
+    PseudoDesign("like2", tuple(DEFECT_LIKE), DEFECT_LIKE_STRENGTH, zlib.crc32(b"like2")),
+)
 
 
 def pseudo_defect_batch(
-    clean: torch.Tensor, mean: Sequence[float], std: Sequence[float], seed: int, strength: float = PSEUDO_STRENGTH
+    clean: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    strength: float = PSEUDO_STRENGTH,
+    design: Optional[PseudoDesign] = None,
 ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """One pseudo-defect (at ``strength``) per normalised input of ``clean`` (H, 3, S, S), made on the
-    de-normalised picture.
+    """One pseudo-defect per normalised input of ``clean`` (H, 3, S, S), made on the de-normalised picture: of
+    ``design``, or (None) of the faint kinds at ``strength`` drawn from ``default_rng(seed)``.
 
     Returns the pseudo-defect inputs normalised again with ``mean``/``std`` (H, 3, S, S) float32, their pixel
     masks (H, S, S) bool and the kinds painted. The other held-out pictures are the cut-and-paste donors.
     """
+    design = design or PseudoDesign("x", tuple(PSEUDO_DEFECTS), strength)
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
     pictures = (clean.float().cpu() * s + m).clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous().numpy()
-    rng = np.random.default_rng(seed)
-    images, masks, kinds = make_pseudo_defects(rng, list(pictures), list(pictures), strength=strength)
+    images, masks, kinds = make_pseudo_defects(
+        design.rng(seed), list(pictures), list(pictures), kinds=design.kinds, strength=design.strength
+    )
     painted = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     return ((painted - m) / s).contiguous(), np.stack(masks), kinds
 
 
 @dataclass
 class HeldOutSet:
-    """The held-out images' patch grids, clean and with pseudo-defects, and the pseudo-defect grid masks."""
+    """The held-out images' patch grids, clean and with pseudo-defects (every design's in turn, ``designs``: name
+    -> images), and the pseudo-defect grid masks."""
 
     clean: torch.Tensor  # (H, P, d) float32
-    pseudo: torch.Tensor  # (H, P, d) float32
-    masks: np.ndarray  # (H, h, w) bool, on the patch grid
+    pseudo: torch.Tensor  # (D H, P, d) float32: D designs' H images each
+    masks: np.ndarray  # (D H, h, w) bool, on the patch grid
     kinds: list[str]
+    designs: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.pseudo.shape[0]
+        if self.masks.shape[0] != n or (self.kinds and len(self.kinds) != n):
+            raise ValueError(f"{n} pseudo-defect grids but {self.masks.shape[0]} masks and {len(self.kinds)} kinds")
+        if self.designs and sum(self.designs.values()) != n:
+            raise ValueError(f"the designs {self.designs} do not add up to the {n} pseudo-defect grids")
+        if self.clean.shape[1:] != self.pseudo.shape[1:]:
+            raise ValueError(
+                f"clean grids {tuple(self.clean.shape)} and pseudo-defect grids "
+                f"{tuple(self.pseudo.shape)} differ in positions or dimension"
+            )
 
     @property
     def labels(self) -> np.ndarray:
@@ -57,7 +111,8 @@ class HeldOutSet:
     @property
     def all_masks(self) -> np.ndarray:
         """The grid masks of the clean images (all False), then the pseudo-defects'."""
-        return np.concatenate([np.zeros_like(self.masks), self.masks])
+        clean = np.zeros((self.clean.shape[0],) + self.masks.shape[1:], dtype=bool)
+        return np.concatenate([clean, self.masks])
 
     @classmethod
     def build(
@@ -67,9 +122,17 @@ class HeldOutSet:
         pixel_masks: np.ndarray,
         kinds: list[str],
         grid_shape: tuple[int, int],
+        designs: Optional[dict[str, int]] = None,
     ) -> "HeldOutSet":
         """From the grids and the pseudo-defects' pixel masks (reduced to the (h, w) patch grid)."""
-        return cls(clean, pseudo, grid_masks(pixel_masks, grid_shape), kinds)
+        return cls(clean, pseudo, grid_masks(pixel_masks, grid_shape), kinds, dict(designs or {}))
 
 
-__all__ = ["PSEUDO_STRENGTH", "HeldOutSet", "pseudo_defect_batch"]
+__all__ = [
+    "DEFECT_LIKE_STRENGTH",
+    "PSEUDO_DESIGNS",
+    "PSEUDO_STRENGTH",
+    "HeldOutSet",
+    "PseudoDesign",
+    "pseudo_defect_batch",
+]

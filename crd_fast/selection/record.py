@@ -75,10 +75,12 @@ class SelectionRecord:
     ``asked``: the options as given; ``spatial``, ``lam_rel``: the choice; ``n_images``, ``held_out``: training
     images and how many were held out. A selection made: ``grid``, ``families`` (curves per candidate model),
     ``paired_likelihood`` (the comparison that chose the spatial model; None with one candidate), ``evidence`` (the
-    pseudo-defects' best lam_rel against the default, paired), ``criterion``, ``pseudo_strength``,
-    ``pseudo_defects`` (kinds painted). None made: ``fallback`` says why (too few images). Seconds:
-    ``pseudo_defect_seconds`` (painting and embedding them), ``model_seconds`` (building the candidate models),
-    ``seconds`` (the whole choice), ``fit_seconds`` (the whole fit).
+    pseudo-defects' best lam_rel against the default, paired, and where the best replaced it the ``settled`` step:
+    the lam_rel taken, its difference and standard error from the best), ``criterion``, ``pseudo_strength`` (the
+    faint kinds' strength), ``pseudo_defects`` (kinds painted), ``pseudo_designs`` (each design pooled: name,
+    kinds, strength, images; empty in records of versions that painted one design). None made: ``fallback`` says
+    why (too few images). Seconds: ``pseudo_defect_seconds`` (painting and embedding them), ``model_seconds``
+    (building the candidate models), ``seconds`` (the whole choice), ``fit_seconds`` (the whole fit).
     """
 
     asked: dict[str, Any]
@@ -93,6 +95,7 @@ class SelectionRecord:
     criterion: Optional[str] = None
     pseudo_strength: Optional[float] = None
     pseudo_defects: list[str] = field(default_factory=list)
+    pseudo_designs: list[dict[str, Any]] = field(default_factory=list)
     fallback: Optional[str] = None
     pseudo_defect_seconds: Optional[float] = None
     model_seconds: Optional[float] = None
@@ -141,19 +144,36 @@ class SelectionRecord:
             f"{paired['t']:+.1f} standard errors; {model} needs < -{margin:g}"
         )
 
+    def _designs(self) -> str:
+        """The pooled designs in words ("x4 + like2"), or "" for a record of one design."""
+        return " + ".join(str(d.get("name", "?")) for d in self.pseudo_designs)
+
     def _lam_reason(self, chosen: FamilyCurves) -> str:
         ev = self.evidence or {}
         window = chosen.window
         span = f"[{window[0]:g}, {window[-1]:g}]" if window else "[]"
         needed = ev.get("deviations_needed", 1.0)
+        designs = self._designs()
+        whose = "the pseudo-defects'" if not designs else f"the pseudo-defects' ({designs} pooled)"
         if ev.get("chosen") == "best" or (ev.get("chosen") is None and self.lam_rel == ev.get("best")):
-            return (
-                f"{ev['best']:g}, the pseudo-defects' best in the window {span} (image AUROC {ev['auroc_a']:.3f} "
+            text = (
+                f"{ev['best']:g}, {whose} best in the window {span} (image AUROC {ev['auroc_a']:.3f} "
                 f"against {ev['auroc_b']:.3f} at the default {ev['default']:g}: {ev['z']:+.1f} standard errors, "
                 f"paired; it needs > {needed:g})"
             )
+            settled = ev.get("settled")
+            if not settled:
+                return text
+            within = settled.get("deviations", 1.0)
+            if settled["lam_rel"] == ev["best"]:
+                return f"{text}; no smaller lam_rel of the window is within {within:g} standard error of it"
+            return (
+                f"settled from {text} to the smallest lam_rel of the window within {within:g} standard error of "
+                f"it ({settled['lam_rel']:g}: {settled['difference']:+.3f} below it, standard error "
+                f"{settled['standard_error']:.3f})"
+            )
         return (
-            f"the default {ev['default']:g} (0.01, not below lam0): the pseudo-defects' best in the window {span}, "
+            f"the default {ev['default']:g} (0.01, not below lam0): {whose} best in the window {span}, "
             f"{ev['best']:g}, did not beat it by more than {needed:g} standard error (image AUROC "
             f"{ev['auroc_a']:.3f} against {ev['auroc_b']:.3f}, {ev['z']:+.1f} standard errors, paired)"
         )
@@ -181,6 +201,8 @@ class SelectionRecord:
                 pseudo_defect_seconds=self.pseudo_defect_seconds,
                 local_model_seconds=self.model_seconds,
             )
+            if self.pseudo_designs:
+                out["pseudo_designs"] = [dict(d) for d in self.pseudo_designs]
         if self.fallback is not None:
             out["fallback"] = self.fallback
         if self.fit_seconds is not None:
@@ -212,6 +234,7 @@ class SelectionRecord:
             criterion=data.get("criterion"),
             pseudo_strength=data.get("pseudo_strength"),
             pseudo_defects=list(data.get("pseudo_defects") or []),
+            pseudo_designs=_designs(data.get("pseudo_designs")),
             fallback=data.get("fallback"),
             pseudo_defect_seconds=data.get("pseudo_defect_seconds"),
             model_seconds=data.get("local_model_seconds"),
@@ -219,6 +242,15 @@ class SelectionRecord:
             fit_seconds=data.get("fit_seconds"),
             stored_reason=data.get("reason"),
         )
+
+
+def _designs(data: Any) -> list[dict[str, Any]]:
+    """The record's ``pseudo_designs`` (absent from earlier versions' records: none)."""
+    if data is None:
+        return []
+    if not isinstance(data, list) or not all(isinstance(d, Mapping) and "name" in d for d in data):
+        raise ValueError("the selection record's 'pseudo_designs' is not a list of objects with a 'name'")
+    return [dict(d) for d in data]
 
 
 def record_rows(record: SelectionRecord) -> list[tuple[float, dict[str, tuple[Optional[float], Optional[float]]]]]:

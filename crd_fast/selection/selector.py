@@ -7,7 +7,7 @@
 
 It holds out a few images (:class:`~crd_fast.selection.plan.HeldOutPlan`), fits every open model on the rest (a
 model that ``derives`` another, e.g. the local CRD's pooled statistics give the global CRD, is fitted once for both)
-and keeps the held-out images' grids, paints one pseudo-defect on each held-out image, lets
+and keeps the held-out images' grids, paints the pseudo-defects of each design on the held-out images, lets
 :func:`~crd_fast.selection.choice.choose` decide, and returns the chosen model fitted on all images (the held-out
 grids added to its fit on the rest, in the order they came: exact for the global statistics, the Frequent
 Directions update for the local model) with its :class:`SelectionRecord`. docs/DESIGN.md "The detector's choice
@@ -19,13 +19,14 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..choices import DEFAULT_LAM_REL
 from ..core.memory import release_free_memory
 from ..scoring.base import ScoringModel
 from .choice import CRITERION, choose
-from .held_out import PSEUDO_STRENGTH, HeldOutSet, pseudo_defect_batch
+from .held_out import PSEUDO_DESIGNS, PSEUDO_STRENGTH, HeldOutSet, pseudo_defect_batch
 from .plan import HeldOutPlan, fallback_reason
 from .record import SelectionRecord
 
@@ -121,6 +122,7 @@ class LabelFreeSelector:
             model_seconds = time.perf_counter() - models_started
             decision = choose(held_set, self.lam_grid, candidates)
             kinds = sorted(set(held_set.kinds))
+            designs = [d.to_dict(held_set.designs[d.name]) for d in PSEUDO_DESIGNS]
             del candidates, held_set  # the candidates' models and the pseudo-defect grids go before the update
             spatial, lam = decision.spatial, decision.lam_rel
             record = SelectionRecord(
@@ -136,6 +138,7 @@ class LabelFreeSelector:
                 criterion=CRITERION,
                 pseudo_strength=PSEUDO_STRENGTH,
                 pseudo_defects=kinds,
+                pseudo_designs=designs,
                 pseudo_defect_seconds=round(pseudo_seconds, 4),
                 model_seconds=round(model_seconds, 4),
             )
@@ -169,14 +172,27 @@ class LabelFreeSelector:
         std: Sequence[float],
         patch_grid: tuple[int, int],
     ) -> HeldOutSet:
-        """The held-out images' clean grids and pseudo-defect grids (one pseudo-defect each)."""
+        """The held-out images' clean grids and pseudo-defect grids (one pseudo-defect per image and design of
+        ``PSEUDO_DESIGNS``, in that order). Each design is painted and embedded in turn into one (D H, P, d)
+        float32 grid, so no design's inputs are held beside another's."""
         clean_inputs = torch.cat(self._held_inputs)
         self._held_inputs = []
-        pseudo_x, masks, kinds = pseudo_defect_batch(clean_inputs, mean, std, self.seed)
-        del clean_inputs
         clean = torch.cat(self._held_grids)
         self._held_grids = list(torch.split(clean, [g.shape[0] for g in self._held_grids]))  # views: one copy
-        return HeldOutSet.build(clean, embed(pseudo_x), masks, kinds, patch_grid)
+        h = clean_inputs.shape[0]
+        pseudo = torch.empty((len(PSEUDO_DESIGNS) * h,) + tuple(clean.shape[1:]), dtype=torch.float32)
+        masks, kinds = [], []
+        for i, design in enumerate(PSEUDO_DESIGNS):
+            pseudo_x, design_masks, design_kinds = pseudo_defect_batch(
+                clean_inputs, mean, std, self.seed, design=design
+            )
+            pseudo[i * h : (i + 1) * h] = embed(pseudo_x)
+            del pseudo_x
+            masks.append(design_masks)
+            kinds += design_kinds
+        del clean_inputs
+        designs = {design.name: h for design in PSEUDO_DESIGNS}
+        return HeldOutSet.build(clean, pseudo, np.concatenate(masks), kinds, patch_grid, designs)
 
 
 __all__ = ["LabelFreeSelector", "default_choice"]

@@ -5,9 +5,9 @@ images (the donors of cut-and-paste), and returns the changed image and its bool
 purpose: defects that every setting finds (dark blotches, bold scratches) score ~1.0 everywhere and cannot
 tell settings apart (docs/DESIGN.md "Position-aware CRD"). ``make_pseudo_defects(strength=...)`` multiplies the
 painted change: the detector's choice of lam_rel uses them 4x stronger, where subtle ones go unseen by a weak
-backbone (docs/DESIGN.md "Label-free lam"). Sizes are in pixels of a ~224 px image, except the defect-like
-kinds (``DEFECT_LIKE``: cracks, dark regions, finger breaks, blended patches, shading), sized relative to the
-image side.
+backbone, pooled with the defect-like kinds at 2x (docs/DESIGN.md "Label-free lam"). Sizes are in pixels of a
+~224 px image, except the defect-like kinds (``DEFECT_LIKE``: cracks, dark regions, finger breaks, blended
+patches, shading), sized relative to the image side.
 """
 
 from __future__ import annotations
@@ -267,8 +267,9 @@ def shading(rng: np.random.Generator, image: np.ndarray, donors: Sequence[np.nda
     return _apply(image, image * gain, alpha), alpha >= 0.5
 
 
-#: Defect-like pseudo-defects, at real defects' strength and scale (the detector's default kinds are the faint
-#: ``PSEUDO_DEFECTS``; how these choose lam_rel: bench/RESULTS.md "Choosing lam_rel without labels").
+#: Defect-like pseudo-defects, at real defects' strength and scale (``make_pseudo_defects``'s default kinds are the
+#: faint ``PSEUDO_DEFECTS``; the detector's choice of lam_rel pools both, crd_fast/selection/held_out.py
+#: ``PSEUDO_DESIGNS``; how these choose lam_rel: bench/RESULTS.md "Choosing lam_rel without labels").
 DEFECT_LIKE: dict[str, PseudoPainter] = {
     "dark_crack": dark_crack,
     "dark_region": dark_region,
