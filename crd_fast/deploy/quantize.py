@@ -155,7 +155,7 @@ class QuantizeSettings:
 
 
 def _quantized(
-    detector: Any, tmp: Path, tag: str, calibration: Any, settings: QuantizeSettings
+    detector: CRDDetector, tmp: Path, tag: str, calibration: Any, settings: QuantizeSettings
 ) -> tuple[ExportResult, Any, set[str], list[str], int]:
     """Export ``detector`` to float32 ONNX and quantize its backbone (QDQ, ranges calibrated on up to
     ``settings.calibration_images`` of ``calibration``): (the float32 export, the quantized onnx ModelProto, the
@@ -212,7 +212,7 @@ def _quantize_static(prepared: Path, quantized: Path, reader: Any, settings: Qua
 
 
 def export_onnx_int8(
-    source: Any,
+    source: Union[CRDDetector, PathLike],
     path: PathLike,
     calibration: Any,
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,

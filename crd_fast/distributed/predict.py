@@ -15,7 +15,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -147,7 +147,7 @@ def write_records(records: Sequence[dict], output: PathLike) -> Path:
 
 
 def predict_sharded(
-    model: Any,
+    model: Union[CRDDetector, CRDScorer, Callable[[list[Any]], Sequence[Any]]],
     items: Sequence[Any],
     *,
     output: Optional[PathLike] = None,
