@@ -18,7 +18,7 @@ large pictures to a working resolution before tiling.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,9 +30,7 @@ from ..features.preprocess import load_image, to_unit_tensor
 from ..metrics.pixels import pixel_quantile_threshold
 from ..metrics.thresholds import quantile_threshold
 from ..postprocess.results import DetectionResult
-
-if TYPE_CHECKING:  # detector.py does not import this module; the type is for readers and checkers
-    from .detector import CRDDetector
+from .detector import CRDDetector
 
 logger = logging.getLogger(__name__)
 
