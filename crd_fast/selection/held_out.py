@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..core.lam_selection import grid_masks
+from ..core.memory import release_free_memory
 from ..scoring.candidates import Candidate
 from ..synthetic.pseudo import DEFECT_LIKE, PSEUDO_DEFECTS, make_pseudo_defects
 
@@ -148,6 +149,7 @@ class EmbeddedInBatches:
             for start in range(0, design_inputs.shape[0], self.batch):
                 started = time.perf_counter()
                 grids = self.embed(design_inputs[start : start + self.batch])
+                release_free_memory()  # the forward pass's freed heap, before the scoring threads' memory
                 self.seconds += time.perf_counter() - started
                 if tuple(grids.shape[1:]) != self._grid_shape:
                     raise ValueError(

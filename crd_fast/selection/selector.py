@@ -88,6 +88,9 @@ class LabelFreeSelector:
             self._held_inputs.append(x[idx.to(x.device)].detach().cpu())
         if not bool(hold.all()):
             rest = grids[(~hold).nonzero()[:, 0].to(grids.device)]
+            # the batch's forward pass left freed heap resident (crd_fast/core/memory.py); the statistics' float64
+            # copy is mmap'd and would come on top of it, beside the sketches and held-out grids plain fits lack
+            release_free_memory()
             for model in self.rest.values():
                 model.partial_fit(rest)
         self.seen += int(x.shape[0])
