@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from crd_fast.core import sketch as sketch_module
 from crd_fast.core.local import LocalCRDModel, LocalStatistics
 from crd_fast.core.stats import PatchStatistics
 from crd_fast.scoring import candidates as cands
@@ -91,6 +92,22 @@ def test_local_candidate_of_one_pass_statistics_in_float32():
     np.testing.assert_allclose(
         LocalCandidate(narrow).evaluate(held, GRID).nll, LocalCandidate(exact).evaluate(held, GRID).nll, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("group", [1, 3, 64])
+def test_a_model_built_a_few_positions_at_a_time_is_the_chunks_model(group, monkeypatch):
+    """``from_statistics(group=...)`` (the candidate's: fewer positions' float64 rows at a time) gives the model of
+    a sketch chunk at a time, to rounding, in float64 and float32, over chunks of several positions."""
+    monkeypatch.setattr(sketch_module, "CHUNK_BYTES", 2 * 8 * 12 * 4 * 4)  # 4 positions per chunk
+    g = torch.Generator().manual_seed(9)
+    grids = torch.randn(20, 11, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g).double()
+    stats = LocalStatistics(11, 12, sketch=8).update(grids[:9].float()).update(grids[9:].float())
+    assert len(stats.fd.chunk_slices()) == 3 and stats.fd.shrinks > 0
+    for dtype in (torch.float64, torch.float32):
+        whole = LocalCRDModel.from_statistics(stats, 4, 0.5, dtype=dtype)
+        grouped = LocalCRDModel.from_statistics(stats, 4, 0.5, dtype=dtype, group=group)
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(grouped.scaled_vectors, whole.scaled_vectors, rtol=tol, atol=tol)
 
 
 def _global_stats(seed: int, n: int = 300, d: int = 10) -> PatchStatistics:

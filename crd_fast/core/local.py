@@ -217,13 +217,16 @@ class LocalStatistics:
         chunk_map(fill, range(len(self.fd.chunk_slices())), vals)
         return vals, vecs
 
-    def chunk_eigenpairs(self, rank: int, index: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def chunk_eigenpairs(
+        self, rank: int, index: int, within: slice = slice(None)
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """``local_eigenpairs`` of the positions of the sketch's ``index``-th chunk (``fd.chunk_slices()``), float64
         whatever the sketch's precision: values (c, k') and vectors (c, d, k') with k' = min(rank, rows held), so the
-        (P, d, k) vectors need not all be in memory at once. None when the sketch holds no rows."""
+        (P, d, k) vectors need not all be in memory at once; ``within``: only those positions of the chunk (counted
+        from its start), so that only their rows are copied to float64. None when the sketch holds no rows."""
         if self.fd.filled == 0:
             return None
-        return _gram_eigenpairs(self.fd.chunk_rows(index).to(torch.float64), self.images, rank)
+        return _gram_eigenpairs(self.fd.chunk_rows(index)[within].to(torch.float64), self.images, rank)
 
     # -- persistence --------------------------------------------------------------------------------
     def state(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -426,6 +429,7 @@ class LocalCRDModel:
         shrinkage: float,
         pooled_eigh: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         dtype: torch.dtype = torch.float64,
+        group: Optional[int] = None,
     ) -> "LocalCRDModel":
         """``build`` from one-pass statistics, a chunk of positions at a time: the (P, d, k) local vectors are
         rotated into C's eigenbasis as they come out of the sketch, so only ``scaled_vectors`` (P, d, k) is held
@@ -433,7 +437,10 @@ class LocalCRDModel:
 
         ``dtype``: of ``scaled_vectors`` and of the product that rotates them, float64 (the model the detector
         scores with) or float32 (a candidate of the label-free choice, which only compares and ranks:
-        crd_fast/scoring/candidates.py); the eigenpairs themselves are float64 either way.
+        crd_fast/scoring/candidates.py); the eigenpairs themselves are float64 either way. ``group``: positions
+        whose eigenpairs are found and rotated at a time (None: a sketch chunk's, ~50 at d = 1536, whose float64
+        rows, vectors and rotation take ~170 MB per task); fewer take less memory, the same model to rounding
+        (batched products of another size round differently).
         """
         if not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
@@ -449,17 +456,21 @@ class LocalCRDModel:
         chunks = stats.fd.chunk_slices()
 
         def rotate(index: int) -> None:
-            found = stats.chunk_eigenpairs(k, index)
-            if found is None:
-                return
-            start = chunks[index].start
-            values, vectors = found
-            scale = torch.sqrt((1.0 - shrinkage) * values.clamp_min(0.0))  # (c, k')
-            c, kk = values.shape
-            # U^T [V_p ...]: one (d x d)(d x c k') product per chunk
-            flat = vectors.to(dtype).transpose(0, 1).reshape(stats.dim, c * kk)
-            rotated = (rotation @ flat).reshape(stats.dim, c, kk).transpose(0, 1)
-            scaled[start : start + c, :, :kk] = rotated * scale.to(dtype)[:, None, :]
+            size = chunks[index].stop - chunks[index].start
+            step = size if group is None else max(1, int(group))
+            for first in range(0, size, step):
+                within = slice(first, min(first + step, size))
+                found = stats.chunk_eigenpairs(k, index, within)
+                if found is None:
+                    return
+                start = chunks[index].start + first
+                values, vectors = found
+                scale = torch.sqrt((1.0 - shrinkage) * values.clamp_min(0.0))  # (c, k')
+                c, kk = values.shape
+                # U^T [V_p ...]: one (d x d)(d x c k') product per group of positions
+                flat = vectors.to(dtype).transpose(0, 1).reshape(stats.dim, c * kk)
+                rotated = (rotation @ flat).reshape(stats.dim, c, kk).transpose(0, 1)
+                scaled[start : start + c, :, :kk] = rotated * scale.to(dtype)[:, None, :]
 
         chunk_map(rotate, range(len(chunks)), scaled)
         return cls(stats.means, evals, evecs, scaled, float(shrinkage))

@@ -307,7 +307,9 @@ class CRDDetector(ThresholdCalibration):
                 selector.add(x, patch_grids(self.embed(x)))
                 self._scores.remember(x)
                 bar.update(x.shape[0])
-        model, record = selector.finish(self._cpu_grids, self.preprocess.mean, self.preprocess.std, self.patch_grid)
+        model, record = selector.finish(
+            self._cpu_grids, self.preprocess.mean, self.preprocess.std, self.patch_grid, batch=self.batch_size
+        )
         record.fit_seconds = round(time.perf_counter() - started, 4)
         self.model, self._lam_resolved, self.selection = model, True, record
         self.n_images += selector.seen

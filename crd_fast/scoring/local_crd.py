@@ -28,6 +28,8 @@ from .global_crd import GlobalCRD
 
 PREFIX = "local."
 FIELD = "local"
+#: Positions the candidate's eigenpairs are found and rotated for at a time (``LocalCRDModel.from_statistics``).
+CANDIDATE_GROUP = 8
 
 
 class LocalCRD(ScorerBackedModel):
@@ -153,9 +155,13 @@ class LocalCRD(ScorerBackedModel):
 
     # ---- the label-free choice ----------------------------------------------------------------------
     def candidate(self) -> LocalCandidate:
-        # float32 S~: the choice's largest product, and the candidate only compares and ranks (candidates.py)
+        # float32 S~: the choice's largest product, and the candidate only compares and ranks (candidates.py); a
+        # few positions at a time, so the build's temporaries stay small beside the fit's sketches (its peak)
         s = self.scorer
-        return LocalCandidate(LocalCRDModel.from_statistics(s.statistics, s.rank, s.shrinkage, dtype=torch.float32))
+        model = LocalCRDModel.from_statistics(
+            s.statistics, s.rank, s.shrinkage, dtype=torch.float32, group=CANDIDATE_GROUP
+        )
+        return LocalCandidate(model)
 
 
 __all__ = ["LocalCRD"]

@@ -108,12 +108,29 @@ def _likelihood_curves(per_image: np.ndarray, lam_grid: Sequence[float]) -> tupl
     return curves, per_image[best]
 
 
-def choose(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mapping[str, Candidate]) -> Choice:
-    """Choose (model, lam_rel) on the held-out set from ``candidates`` (name -> candidate, simplest first)."""
-    lam_grid = tuple(float(g) for g in lam_grid)
+@dataclass
+class FamilyChoice:
+    """The first half of the decision: the model ``spatial``, every candidate's likelihood curves, the paired
+    comparison (None with one candidate) and the chosen candidate's clean patch scores over the grid (L, H, P)."""
+
+    spatial: str
+    families: dict[str, FamilyCurves]
+    paired_likelihood: Optional[dict[str, Any]]
+    clean_maps: np.ndarray
+
+
+def _check_grid(held: HeldOutSet) -> tuple[int, int]:
     h, w = held.masks.shape[1:]
     if held.clean.shape[1] != h * w:
         raise ValueError(f"held-out grids have {held.clean.shape[1]} positions, the masks {h}x{w}")
+    return h, w
+
+
+def choose_family(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mapping[str, Candidate]) -> FamilyChoice:
+    """The model, by the clean held-out images' likelihood, from ``candidates`` (name -> candidate, simplest
+    first): it needs no pseudo-defect, so the caller may free the other candidates before they are made."""
+    lam_grid = tuple(float(g) for g in lam_grid)
+    _check_grid(held)
     if not candidates:
         raise ValueError("no candidate model to select from")
     families: dict[str, FamilyCurves] = {}
@@ -132,21 +149,34 @@ def choose(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mapping[str,
         paired = {"model": name, "against": spatial, "standard_errors_needed": FAMILY_STANDARD_ERRORS, **comparison}
         if comparison["t"] < -FAMILY_STANDARD_ERRORS:
             spatial = name
+    return FamilyChoice(spatial, families, paired, clean_maps[spatial])
 
-    # lam_rel: the pseudo-defects, in the chosen model's window
+
+def choose(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mapping[str, Candidate]) -> Choice:
+    """Choose (model, lam_rel) on the held-out set from ``candidates`` (name -> candidate, simplest first)."""
+    family = choose_family(held, lam_grid, candidates)
+    return choose_lam(held, lam_grid, candidates[family.spatial], family)
+
+
+def choose_lam(held: HeldOutSet, lam_grid: Sequence[float], cand: Candidate, family: FamilyChoice) -> Choice:
+    """lam_rel by the pseudo-defects, in the window of ``family``'s chosen model ``cand``; the whole decision."""
+    lam_grid = tuple(float(g) for g in lam_grid)
+    h, w = _check_grid(held)
     started = time.perf_counter()
-    cand, curves = candidates[spatial], families[spatial]
+    spatial, families = family.spatial, family.families
+    curves = families[spatial]
     window = curves.window
     default = no_evidence_lam(lam_grid, curves.lam0)
     lams = sorted(set(window) | {default})
-    pseudo_maps = cand.maps(held.pseudo, lams)  # (lams, H, P); the clean images' came with the likelihood
-    clean = clean_maps.pop(spatial)
-    clean_maps.clear()
-    maps = {}
+    embedding = held.pseudo.seconds
+    pseudo_maps = held.pseudo.maps(cand, lams)  # (lams, D H, P); the clean images' came with the likelihood
+    embedding = held.pseudo.seconds - embedding  # the forward passes are the pseudo-defects' time, not the model's
+    clean = family.clean_maps
+    maps: dict[float, np.ndarray] = {}
     for i, lam in enumerate(lams):
         clean_at = clean[lam_grid.index(lam)] if lam in lam_grid else cand.maps(held.clean, [lam])[0]
         maps[lam] = np.concatenate([clean_at, pseudo_maps[i]]).reshape(-1, h, w)
-    del clean, pseudo_maps
+    del pseudo_maps
     in_window = select_lam(maps.__getitem__, held.labels, held.all_masks, window)
     scores = {lam: image_map.reshape(image_map.shape[0], -1).max(axis=1) for lam, image_map in maps.items()}
 
@@ -176,15 +206,15 @@ def choose(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mapping[str,
         inside = dict(zip(window, _finite_or_none(values)))
         return [inside.get(g) for g in lam_grid]
 
-    for name, family in families.items():
+    for name, other in families.items():
         chosen = name == spatial
-        family.image_auroc = over_grid(in_window.image_auroc) if chosen else [None] * len(lam_grid)
-        family.aupro = over_grid(in_window.aupro) if chosen else [None] * len(lam_grid)
-        family.curve = over_grid(in_window.curve) if chosen else [None] * len(lam_grid)  # select_lam's criterion
-        family.lam_rel = lam if chosen else None
+        other.image_auroc = over_grid(in_window.image_auroc) if chosen else [None] * len(lam_grid)
+        other.aupro = over_grid(in_window.aupro) if chosen else [None] * len(lam_grid)
+        other.curve = over_grid(in_window.curve) if chosen else [None] * len(lam_grid)  # select_lam's criterion
+        other.lam_rel = lam if chosen else None
     curves.window_best_auroc = max(in_window.image_auroc)
-    curves.seconds = round(curves.seconds + time.perf_counter() - started, 4)
-    return Choice(spatial, lam, families, paired, evidence)
+    curves.seconds = round(curves.seconds + time.perf_counter() - started - embedding, 4)
+    return Choice(spatial, lam, families, family.paired_likelihood, evidence)
 
 
 __all__ = [
@@ -193,7 +223,10 @@ __all__ = [
     "FAMILY_STANDARD_ERRORS",
     "SETTLE_DEVIATIONS",
     "Choice",
+    "FamilyChoice",
     "choose",
+    "choose_family",
+    "choose_lam",
     "lam_window",
     "no_evidence_lam",
     "paired_comparison",

@@ -9,14 +9,17 @@ bench/RESULTS.md "Choosing lam_rel without labels" recommends (docs/DESIGN.md "L
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..core.lam_selection import grid_masks
+from ..core.memory import release_free_memory
+from ..scoring.candidates import Candidate
 from ..synthetic.pseudo import DEFECT_LIKE, PSEUDO_DEFECTS, make_pseudo_defects
 
 #: The faint pseudo-defects' painted change is multiplied by this (``make_pseudo_defects``'s strength): at 1 a
@@ -79,34 +82,122 @@ def pseudo_defect_batch(
     return ((painted - m) / s).contiguous(), np.stack(masks), kinds
 
 
+class PseudoGrids(Protocol):
+    """The pseudo-defect grids as the choice reads them: how many (``len``), their (P, d) (``grid_shape``), their
+    patch scores (L, n, P) under a candidate at some lams (``maps``), and the seconds spent making the grids."""
+
+    seconds: float
+
+    def __len__(self) -> int: ...
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]: ...
+
+    def maps(self, candidate: Candidate, lams: Sequence[float]) -> np.ndarray: ...
+
+
+class GridsInMemory:
+    """Pseudo-defect grids (n, P, d) held whole (small sets: tests, studies)."""
+
+    def __init__(self, grids: torch.Tensor) -> None:
+        self.grids = grids
+        self.seconds = 0.0
+
+    def __len__(self) -> int:
+        return int(self.grids.shape[0])
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(self.grids.shape[1:])
+
+    def maps(self, candidate: Candidate, lams: Sequence[float]) -> np.ndarray:
+        return candidate.maps(self.grids, lams)
+
+
+class EmbeddedInBatches:
+    """Pseudo-defect inputs (each design's (H, 3, S, S), normalised) embedded ``batch`` images at a time when they
+    are scored, each batch's grids dropped once scored: the (D H, P, d) float32 grid (231 MB for 48 images of
+    784 x 1536) is never held, nor is it beside the candidate models. ``embed``: inputs -> (n, P, d) grids; with
+    ``batch`` the detector's batch size the grids are those of embedding each design's inputs whole."""
+
+    def __init__(
+        self,
+        inputs: Sequence[torch.Tensor],
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        grid_shape: tuple[int, ...],
+        batch: int,
+    ) -> None:
+        if batch < 1:
+            raise ValueError(f"the pseudo-defects' batch must be a positive number of images, got {batch}")
+        self.inputs = list(inputs)
+        self.embed = embed
+        self._grid_shape = tuple(grid_shape)
+        self.batch = int(batch)
+        self.seconds = 0.0  # forward passes, over every call of maps()
+
+    def __len__(self) -> int:
+        return sum(int(x.shape[0]) for x in self.inputs)
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return self._grid_shape
+
+    def _batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first image, grids) of each batch, design by design (a batch never spans two designs)."""
+        first = 0
+        for design_inputs in self.inputs:
+            for start in range(0, design_inputs.shape[0], self.batch):
+                started = time.perf_counter()
+                grids = self.embed(design_inputs[start : start + self.batch])
+                release_free_memory()  # the forward pass's freed heap, before the scoring threads' memory
+                self.seconds += time.perf_counter() - started
+                if tuple(grids.shape[1:]) != self._grid_shape:
+                    raise ValueError(
+                        f"the pseudo-defects embed to {tuple(grids.shape[1:])} grids, the clean ones are "
+                        f"{self._grid_shape}"
+                    )
+                yield first + start, grids
+            first += design_inputs.shape[0]
+
+    def maps(self, candidate: Candidate, lams: Sequence[float]) -> np.ndarray:
+        out = np.empty((len(lams), len(self), self._grid_shape[0]), dtype=np.float32)
+        for first, grids in self._batches():
+            out[:, first : first + grids.shape[0]] = candidate.maps(grids, lams)
+            del grids
+        return out
+
+
 @dataclass
 class HeldOutSet:
     """The held-out images' patch grids, clean and with pseudo-defects (every design's in turn, ``designs``: name
-    -> images), and the pseudo-defect grid masks."""
+    -> images), and the pseudo-defect grid masks. ``pseudo``: (D H, P, d) grids (held as ``GridsInMemory``) or
+    any ``PseudoGrids``."""
 
     clean: torch.Tensor  # (H, P, d) float32
-    pseudo: torch.Tensor  # (D H, P, d) float32: D designs' H images each
+    pseudo: Union[torch.Tensor, PseudoGrids]  # D designs' H images each
     masks: np.ndarray  # (D H, h, w) bool, on the patch grid
     kinds: list[str]
     designs: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n = self.pseudo.shape[0]
+        if isinstance(self.pseudo, torch.Tensor):
+            self.pseudo = GridsInMemory(self.pseudo)
+        n = len(self.pseudo)
         if self.masks.shape[0] != n or (self.kinds and len(self.kinds) != n):
             raise ValueError(f"{n} pseudo-defect grids but {self.masks.shape[0]} masks and {len(self.kinds)} kinds")
         if self.designs and sum(self.designs.values()) != n:
             raise ValueError(f"the designs {self.designs} do not add up to the {n} pseudo-defect grids")
-        if self.clean.shape[1:] != self.pseudo.shape[1:]:
+        if tuple(self.clean.shape[1:]) != self.pseudo.grid_shape:
             raise ValueError(
                 f"clean grids {tuple(self.clean.shape)} and pseudo-defect grids "
-                f"{tuple(self.pseudo.shape)} differ in positions or dimension"
+                f"{(n,) + self.pseudo.grid_shape} differ in positions or dimension"
             )
 
     @property
     def labels(self) -> np.ndarray:
         """0 for each clean image, then 1 for each pseudo-defect image."""
         n = self.clean.shape[0]
-        return np.concatenate([np.zeros(n, dtype=int), np.ones(self.pseudo.shape[0], dtype=int)])
+        return np.concatenate([np.zeros(n, dtype=int), np.ones(len(self.pseudo), dtype=int)])
 
     @property
     def all_masks(self) -> np.ndarray:
@@ -118,7 +209,7 @@ class HeldOutSet:
     def build(
         cls,
         clean: torch.Tensor,
-        pseudo: torch.Tensor,
+        pseudo: Union[torch.Tensor, PseudoGrids],
         pixel_masks: np.ndarray,
         kinds: list[str],
         grid_shape: tuple[int, int],
@@ -132,7 +223,10 @@ __all__ = [
     "DEFECT_LIKE_STRENGTH",
     "PSEUDO_DESIGNS",
     "PSEUDO_STRENGTH",
+    "EmbeddedInBatches",
+    "GridsInMemory",
     "HeldOutSet",
+    "PseudoGrids",
     "PseudoDesign",
     "pseudo_defect_batch",
 ]

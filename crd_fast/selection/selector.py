@@ -25,8 +25,8 @@ import torch
 from ..choices import DEFAULT_LAM_REL
 from ..core.memory import release_free_memory
 from ..scoring.base import ScoringModel
-from .choice import CRITERION, choose
-from .held_out import PSEUDO_DESIGNS, PSEUDO_STRENGTH, HeldOutSet, pseudo_defect_batch
+from .choice import CRITERION, choose_family, choose_lam
+from .held_out import PSEUDO_DESIGNS, PSEUDO_STRENGTH, EmbeddedInBatches, HeldOutSet, pseudo_defect_batch
 from .plan import HeldOutPlan, fallback_reason
 from .record import SelectionRecord
 
@@ -88,6 +88,9 @@ class LabelFreeSelector:
             self._held_inputs.append(x[idx.to(x.device)].detach().cpu())
         if not bool(hold.all()):
             rest = grids[(~hold).nonzero()[:, 0].to(grids.device)]
+            # the batch's forward pass left freed heap resident (crd_fast/core/memory.py); the statistics' float64
+            # copy is mmap'd and would come on top of it, beside the sketches and held-out grids plain fits lack
+            release_free_memory()
             for model in self.rest.values():
                 model.partial_fit(rest)
         self.seen += int(x.shape[0])
@@ -98,12 +101,13 @@ class LabelFreeSelector:
         mean: Sequence[float],
         std: Sequence[float],
         patch_grid: tuple[int, int],
+        batch: int = HELD_BATCH,
     ) -> tuple[ScoringModel, SelectionRecord]:
         """Choose, and return the chosen model fitted on every image (lam_rel set) with the record.
 
         ``embed``: normalised inputs (n, 3, S, S) on the CPU -> their patch grids (n, P, d), float32 on the CPU (the
-        pseudo-defects' forward passes); ``mean``/``std``: the preprocessing's normalisation (to paint on the
-        picture); ``patch_grid``: (h, w).
+        pseudo-defects' forward passes, ``batch`` images at a time); ``mean``/``std``: the preprocessing's
+        normalisation (to paint on the picture); ``patch_grid``: (h, w).
         """
         if self.seen == 0:
             raise ValueError("no images to fit on")
@@ -113,17 +117,22 @@ class LabelFreeSelector:
             spatial, lam = default_choice(self.families, self.lam_grid)
             record = SelectionRecord.without_selection(self.asked, spatial, lam, self.seen, self.plan.held)
         else:
-            pseudo_started = time.perf_counter()
-            held_set = self._held_out_set(embed, mean, std, patch_grid)
-            pseudo_seconds = time.perf_counter() - pseudo_started
-            release_free_memory()  # the forward passes' freed heap, before the candidates' memory comes on top
+            painting_started = time.perf_counter()
+            held_set = self._held_out_set(embed, mean, std, patch_grid, batch)
+            painting_seconds = time.perf_counter() - painting_started
+            release_free_memory()  # the stream's freed heap, before the candidates' memory comes on top
             models_started = time.perf_counter()
             candidates = {f: self._rest_model(f).candidate() for f in self.families}
             model_seconds = time.perf_counter() - models_started
-            decision = choose(held_set, self.lam_grid, candidates)
+            family = choose_family(held_set, self.lam_grid, candidates)
+            chosen = candidates[family.spatial]
+            del candidates  # the other candidates' models go before the pseudo-defects are embedded beside the chosen
+            release_free_memory()
+            decision = choose_lam(held_set, self.lam_grid, chosen, family)
+            pseudo_seconds = painting_seconds + held_set.pseudo.seconds
             kinds = sorted(set(held_set.kinds))
             designs = [d.to_dict(held_set.designs[d.name]) for d in PSEUDO_DESIGNS]
-            del candidates, held_set  # the candidates' models and the pseudo-defect grids go before the update
+            del chosen, family, held_set  # the candidate's model goes before the update
             spatial, lam = decision.spatial, decision.lam_rel
             record = SelectionRecord(
                 asked=self.asked,
@@ -171,27 +180,26 @@ class LabelFreeSelector:
         mean: Sequence[float],
         std: Sequence[float],
         patch_grid: tuple[int, int],
+        batch: int,
     ) -> HeldOutSet:
-        """The held-out images' clean grids and pseudo-defect grids (one pseudo-defect per image and design of
-        ``PSEUDO_DESIGNS``, in that order). Each design is painted and embedded in turn into one (D H, P, d)
-        float32 grid, so no design's inputs are held beside another's."""
+        """The held-out images' clean grids and pseudo-defects (one per image and design of ``PSEUDO_DESIGNS``, in
+        that order): each design painted now (its inputs are small, (H, 3, S, S)), embedded ``batch`` images at a
+        time only when the chosen candidate scores them (``EmbeddedInBatches``)."""
         clean_inputs = torch.cat(self._held_inputs)
         self._held_inputs = []
         clean = torch.cat(self._held_grids)
         self._held_grids = list(torch.split(clean, [g.shape[0] for g in self._held_grids]))  # views: one copy
-        h = clean_inputs.shape[0]
-        pseudo = torch.empty((len(PSEUDO_DESIGNS) * h,) + tuple(clean.shape[1:]), dtype=torch.float32)
-        masks, kinds = [], []
-        for i, design in enumerate(PSEUDO_DESIGNS):
+        painted, masks, kinds = [], [], []
+        for design in PSEUDO_DESIGNS:
             pseudo_x, design_masks, design_kinds = pseudo_defect_batch(
                 clean_inputs, mean, std, self.seed, design=design
             )
-            pseudo[i * h : (i + 1) * h] = embed(pseudo_x)
-            del pseudo_x
+            painted.append(pseudo_x)
             masks.append(design_masks)
             kinds += design_kinds
         del clean_inputs
-        designs = {design.name: h for design in PSEUDO_DESIGNS}
+        pseudo = EmbeddedInBatches(painted, embed, tuple(clean.shape[1:]), batch)
+        designs = {design.name: int(x.shape[0]) for design, x in zip(PSEUDO_DESIGNS, painted)}
         return HeldOutSet.build(clean, pseudo, np.concatenate(masks), kinds, patch_grid, designs)
 
 
