@@ -249,9 +249,11 @@ class CRDDetector(ThresholdCalibration):
     def _cpu_grids(self, x: torch.Tensor) -> torch.Tensor:
         """(n, P, d) float32 CPU patch grids of normalised CPU inputs, ``batch_size`` at a time."""
         step = self.batch_size
-        return torch.cat(
-            [patch_grids(self.embed(x[i : i + step].to(self.device))).float().cpu() for i in range(0, x.shape[0], step)]
-        )
+        grids = [
+            patch_grids(self.embed(x[i : i + step].to(self.device))).float().cpu() for i in range(0, x.shape[0], step)
+        ]
+        # one batch (the pseudo-defects' calls): no concatenated copy beside it, at the choice's peak
+        return grids[0] if len(grids) == 1 else torch.cat(grids)
 
     # ---- fitting ----------------------------------------------------------------------------------
     def fit(self, images: Images, progress: bool = True) -> "CRDDetector":

@@ -111,24 +111,32 @@ def _likelihood_curves(per_image: np.ndarray, lam_grid: Sequence[float]) -> tupl
 @dataclass
 class FamilyChoice:
     """The first half of the decision: the model ``spatial``, every candidate's likelihood curves, the paired
-    comparison (None with one candidate) and the chosen candidate's clean patch scores over the grid (L, H, P)."""
+    comparison (None with one candidate) and the chosen candidate's clean patch scores (H, P) at every lam_rel the
+    second half reads (``lams``: its window and its default), so the clean grids may go before the pseudo-defects
+    are scored."""
 
     spatial: str
     families: dict[str, FamilyCurves]
     paired_likelihood: Optional[dict[str, Any]]
-    clean_maps: np.ndarray
+    clean_maps: dict[float, np.ndarray]
+
+    @property
+    def lams(self) -> list[float]:
+        """The lam_rel values ``choose_lam`` scores: the chosen model's window and its default, ascending."""
+        return sorted(self.clean_maps)
 
 
 def _check_grid(held: HeldOutSet) -> tuple[int, int]:
     h, w = held.masks.shape[1:]
-    if held.clean.shape[1] != h * w:
-        raise ValueError(f"held-out grids have {held.clean.shape[1]} positions, the masks {h}x{w}")
+    if held.clean_shape[1] != h * w:
+        raise ValueError(f"held-out grids have {held.clean_shape[1]} positions, the masks {h}x{w}")
     return h, w
 
 
 def choose_family(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mapping[str, Candidate]) -> FamilyChoice:
     """The model, by the clean held-out images' likelihood, from ``candidates`` (name -> candidate, simplest
-    first): it needs no pseudo-defect, so the caller may free the other candidates before they are made."""
+    first), and its clean images' patch scores at the lam_rel values ``choose_lam`` reads: it needs no
+    pseudo-defect, so the caller may free the other candidates and the clean grids before those are made."""
     lam_grid = tuple(float(g) for g in lam_grid)
     _check_grid(held)
     if not candidates:
@@ -138,7 +146,7 @@ def choose_family(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mappi
     at_lam0: dict[str, np.ndarray] = {}
     for name, cand in candidates.items():
         started = time.perf_counter()
-        evaluation = cand.evaluate(held.clean, lam_grid)
+        evaluation = cand.evaluate(held.clean_grids, lam_grid)
         clean_maps[name] = evaluation.maps
         families[name], at_lam0[name] = _likelihood_curves(evaluation.nll, lam_grid)
         families[name].seconds = round(time.perf_counter() - started, 4)  # rotation and every lam's likelihood
@@ -149,7 +157,16 @@ def choose_family(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mappi
         paired = {"model": name, "against": spatial, "standard_errors_needed": FAMILY_STANDARD_ERRORS, **comparison}
         if comparison["t"] < -FAMILY_STANDARD_ERRORS:
             spatial = name
-    return FamilyChoice(spatial, families, paired, clean_maps[spatial])
+    curves = families[spatial]
+    started = time.perf_counter()
+    lams = sorted(set(curves.window) | {no_evidence_lam(lam_grid, curves.lam0)})
+    chosen = clean_maps[spatial]
+    clean = {
+        lam: chosen[lam_grid.index(lam)] if lam in lam_grid else candidates[spatial].maps(held.clean_grids, [lam])[0]
+        for lam in lams
+    }
+    curves.seconds = round(curves.seconds + time.perf_counter() - started, 4)
+    return FamilyChoice(spatial, families, paired, clean)
 
 
 def choose(held: HeldOutSet, lam_grid: Sequence[float], candidates: Mapping[str, Candidate]) -> Choice:
@@ -167,15 +184,13 @@ def choose_lam(held: HeldOutSet, lam_grid: Sequence[float], cand: Candidate, fam
     curves = families[spatial]
     window = curves.window
     default = no_evidence_lam(lam_grid, curves.lam0)
-    lams = sorted(set(window) | {default})
+    lams = family.lams
     embedding = held.pseudo.seconds
     pseudo_maps = held.pseudo.maps(cand, lams)  # (lams, D H, P); the clean images' came with the likelihood
     embedding = held.pseudo.seconds - embedding  # the forward passes are the pseudo-defects' time, not the model's
-    clean = family.clean_maps
     maps: dict[float, np.ndarray] = {}
     for i, lam in enumerate(lams):
-        clean_at = clean[lam_grid.index(lam)] if lam in lam_grid else cand.maps(held.clean, [lam])[0]
-        maps[lam] = np.concatenate([clean_at, pseudo_maps[i]]).reshape(-1, h, w)
+        maps[lam] = np.concatenate([family.clean_maps[lam], pseudo_maps[i]]).reshape(-1, h, w)
     del pseudo_maps
     in_window = select_lam(maps.__getitem__, held.labels, held.all_masks, window)
     scores = {lam: image_map.reshape(image_map.shape[0], -1).max(axis=1) for lam, image_map in maps.items()}
@@ -191,7 +206,7 @@ def choose_lam(held: HeldOutSet, lam_grid: Sequence[float], cand: Candidate, fam
         "deviations_needed": EVIDENCE_DEVIATIONS,
         "chosen": "best" if rule.beats else "default",
         "pseudo_defects": len(held.pseudo),
-        "clean": len(held.clean),
+        "clean": held.n_clean,
     }
     if rule.settled is not None:
         evidence["settled"] = {

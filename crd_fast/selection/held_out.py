@@ -173,13 +173,17 @@ class HeldOutSet:
     -> images), and the pseudo-defect grid masks. ``pseudo``: (D H, P, d) grids (held as ``GridsInMemory``) or
     any ``PseudoGrids``."""
 
-    clean: torch.Tensor  # (H, P, d) float32
+    clean: Optional[torch.Tensor]  # (H, P, d) float32; None once released (``release_clean``)
     pseudo: Union[torch.Tensor, PseudoGrids]  # D designs' H images each
     masks: np.ndarray  # (D H, h, w) bool, on the patch grid
     kinds: list[str]
     designs: dict[str, int] = field(default_factory=dict)
+    clean_shape: tuple[int, ...] = field(init=False)  # (H, P, d), kept when the grids are released
 
     def __post_init__(self) -> None:
+        if self.clean is None:
+            raise ValueError("a held-out set needs its clean grids")
+        self.clean_shape = tuple(self.clean.shape)
         if isinstance(self.pseudo, torch.Tensor):
             self.pseudo = GridsInMemory(self.pseudo)
         n = len(self.pseudo)
@@ -187,22 +191,38 @@ class HeldOutSet:
             raise ValueError(f"{n} pseudo-defect grids but {self.masks.shape[0]} masks and {len(self.kinds)} kinds")
         if self.designs and sum(self.designs.values()) != n:
             raise ValueError(f"the designs {self.designs} do not add up to the {n} pseudo-defect grids")
-        if tuple(self.clean.shape[1:]) != self.pseudo.grid_shape:
+        if self.clean_shape[1:] != self.pseudo.grid_shape:
             raise ValueError(
-                f"clean grids {tuple(self.clean.shape)} and pseudo-defect grids "
+                f"clean grids {self.clean_shape} and pseudo-defect grids "
                 f"{(n,) + self.pseudo.grid_shape} differ in positions or dimension"
             )
 
     @property
+    def n_clean(self) -> int:
+        """The number of clean held-out images (also once their grids are released)."""
+        return int(self.clean_shape[0])
+
+    @property
+    def clean_grids(self) -> torch.Tensor:
+        """The clean grids (H, P, d); a clear error once they were released."""
+        if self.clean is None:
+            raise ValueError("the clean held-out grids were released (release_clean): score them before that")
+        return self.clean
+
+    def release_clean(self) -> None:
+        """Drop this set's reference to the clean grids, once every score of them the choice needs was taken
+        (the selector adds them to the chosen model's fit before the pseudo-defects' forward passes)."""
+        self.clean = None
+
+    @property
     def labels(self) -> np.ndarray:
         """0 for each clean image, then 1 for each pseudo-defect image."""
-        n = self.clean.shape[0]
-        return np.concatenate([np.zeros(n, dtype=int), np.ones(len(self.pseudo), dtype=int)])
+        return np.concatenate([np.zeros(self.n_clean, dtype=int), np.ones(len(self.pseudo), dtype=int)])
 
     @property
     def all_masks(self) -> np.ndarray:
         """The grid masks of the clean images (all False), then the pseudo-defects'."""
-        clean = np.zeros((self.clean.shape[0],) + self.masks.shape[1:], dtype=bool)
+        clean = np.zeros((self.n_clean,) + self.masks.shape[1:], dtype=bool)
         return np.concatenate([clean, self.masks])
 
     @classmethod

@@ -8,10 +8,11 @@
 It holds out a few images (:class:`~crd_fast.selection.plan.HeldOutPlan`), fits every open model on the rest (a
 model that ``derives`` another, e.g. the local CRD's pooled statistics give the global CRD, is fitted once for both)
 and keeps the held-out images' grids, paints the pseudo-defects of each design on the held-out images, lets
-:func:`~crd_fast.selection.choice.choose` decide, and returns the chosen model fitted on all images (the held-out
-grids added to its fit on the rest, in the order they came: exact for the global statistics, the Frequent
-Directions update for the local model) with its :class:`SelectionRecord`. docs/DESIGN.md "The detector's choice
-of spatial model and lam_rel".
+:func:`~crd_fast.selection.choice.choose_family` choose the model on the clean held-out grids, adds those grids to
+the chosen model's fit on the rest (in the order they came: exact for the global statistics, the Frequent
+Directions update for the local model) and drops them, then lets :func:`~crd_fast.selection.choice.choose_lam`
+choose lam_rel on the pseudo-defects; it returns the chosen model fitted on all images with its
+:class:`SelectionRecord`. docs/DESIGN.md "The detector's choice of spatial model and lam_rel".
 """
 
 from __future__ import annotations
@@ -32,6 +33,31 @@ from .record import SelectionRecord
 
 #: Held-out images added to the chosen model's fit at a time.
 HELD_BATCH = 8
+#: Pseudo-defect images embedded at a time, at most (they are still scored a whole batch at a time: the local
+#: candidate's cost per call hardly depends on the images): with the chosen candidate, the sketches and the fit's
+#: statistics alive, the forward pass's temporaries are the choice's peak (at 224 px with wide_resnet50_2 about
+#: 350 MB for 8 images, 160 MB for 4: bench/RESULTS.md "The label-free choice's cost against a plain fit"). A
+#: backbone embeds each image alike in a batch of 4 or 8 (bitwise on the CPU there; to rounding elsewhere).
+PSEUDO_BATCH = 4
+
+
+def embedded_in_pieces(
+    embed: Callable[[torch.Tensor], torch.Tensor], piece: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``embed`` applied ``piece`` images at a time, the grids written into one (n, P, d) tensor as they come."""
+
+    def pieces(x: torch.Tensor) -> torch.Tensor:
+        first = embed(x[:piece])
+        if x.shape[0] <= piece:
+            return first
+        out = torch.empty((x.shape[0],) + tuple(first.shape[1:]), dtype=first.dtype, device=first.device)
+        out[:piece] = first
+        del first
+        for start in range(piece, x.shape[0], piece):
+            out[start : start + piece] = embed(x[start : start + piece])
+        return out
+
+    return pieces
 
 
 def default_choice(families: Sequence[str], lam_grid: Sequence[float]) -> tuple[str, float]:
@@ -106,8 +132,8 @@ class LabelFreeSelector:
         """Choose, and return the chosen model fitted on every image (lam_rel set) with the record.
 
         ``embed``: normalised inputs (n, 3, S, S) on the CPU -> their patch grids (n, P, d), float32 on the CPU (the
-        pseudo-defects' forward passes, ``batch`` images at a time); ``mean``/``std``: the preprocessing's
-        normalisation (to paint on the picture); ``patch_grid``: (h, w).
+        pseudo-defects' forward passes, scored ``batch`` images at a time and embedded at most PSEUDO_BATCH at a
+        time); ``mean``/``std``: the preprocessing's normalisation (to paint on the picture); ``patch_grid``: (h, w).
         """
         if self.seen == 0:
             raise ValueError("no images to fit on")
@@ -116,23 +142,30 @@ class LabelFreeSelector:
         if why_not is not None:
             spatial, lam = default_choice(self.families, self.lam_grid)
             record = SelectionRecord.without_selection(self.asked, spatial, lam, self.seen, self.plan.held)
+            model = self._fitted_on_all(spatial)
         else:
             painting_started = time.perf_counter()
-            held_set = self._held_out_set(embed, mean, std, patch_grid, batch)
+            held_set = self._held_out_set(embedded_in_pieces(embed, PSEUDO_BATCH), mean, std, patch_grid, batch)
             painting_seconds = time.perf_counter() - painting_started
             release_free_memory()  # the stream's freed heap, before the candidates' memory comes on top
             models_started = time.perf_counter()
             candidates = {f: self._rest_model(f).candidate() for f in self.families}
             model_seconds = time.perf_counter() - models_started
-            family = choose_family(held_set, self.lam_grid, candidates)
+            family = choose_family(held_set, self.lam_grid, candidates)  # with the clean maps choose_lam reads
             chosen = candidates[family.spatial]
             del candidates  # the other candidates' models go before the pseudo-defects are embedded beside the chosen
+            # the clean grids are scored: add them to the chosen model's fit now and drop them, so they are not
+            # alive beside the pseudo-defects' forward passes (the candidate holds arrays of its own: the update
+            # rebinds the statistics' tensors, never writes into them)
+            held_set.release_clean()
+            release_free_memory()
+            model = self._fitted_on_all(family.spatial)
             release_free_memory()
             decision = choose_lam(held_set, self.lam_grid, chosen, family)
             pseudo_seconds = painting_seconds + held_set.pseudo.seconds
             kinds = sorted(set(held_set.kinds))
             designs = [d.to_dict(held_set.designs[d.name]) for d in PSEUDO_DESIGNS]
-            del chosen, family, held_set  # the candidate's model goes before the update
+            del chosen, family, held_set
             spatial, lam = decision.spatial, decision.lam_rel
             record = SelectionRecord(
                 asked=self.asked,
@@ -151,7 +184,6 @@ class LabelFreeSelector:
                 pseudo_defect_seconds=round(pseudo_seconds, 4),
                 model_seconds=round(model_seconds, 4),
             )
-        model = self._fitted_on_all(spatial)
         if model.has_lam_rel:
             model.set_lam_rel(lam)
         record.seconds = round(time.perf_counter() - started, 4)
@@ -162,16 +194,23 @@ class LabelFreeSelector:
         return source if self.source[family] == family else source.derive(family)
 
     def _fitted_on_all(self, family: str) -> ScoringModel:
-        """The fit on the rest, updated with the held-out grids (the batches they came in); the other parts go."""
+        """The fit on the rest, updated with the held-out grids (in the order they came, up to HELD_BATCH images
+        at a time) and those dropped; the other models fitted on the rest go."""
         name = self.source[family]
         model = self.rest[name]
         self.rest = {}
         device = self._grid_device if self._grid_device is not None else torch.device("cpu")
+        batches = []
         while self._held_grids:  # in batches of up to HELD_BATCH images, in the order they came
             batch = [self._held_grids.pop(0)]
             while self._held_grids and sum(g.shape[0] for g in batch) + self._held_grids[0].shape[0] <= HELD_BATCH:
                 batch.append(self._held_grids.pop(0))
-            model.partial_fit(torch.cat(batch).to(device))
+            batches.append(torch.cat(batch))  # a copy of its own: the held-out grids (views of one) go now
+        while batches:  # each batch freed once added, and the update's freed heap handed back before the next
+            grids = batches.pop(0)
+            release_free_memory()
+            model.partial_fit(grids.to(device))
+            del grids
         return model if name == family else model.derive(family)
 
     def _held_out_set(
