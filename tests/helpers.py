@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,22 @@ def cli_detector_args(px: int, batch_size: int) -> list[str]:
     """The small, fast detector the CLI tests fit: random resnet18 at ``px`` pixels, no progress bars."""
     return ["--backbone", "resnet18", "--weights", "random", "--resize", str(px), "--crop", str(px),
             "--batch-size", str(batch_size), "--no-progress"]  # fmt: skip
+
+
+def small_fabric(root: Path, px: int) -> Path:
+    """A tiny generated "fabric" category (4 training, 2 good + 2 defective test images at ``px``) under ``root``."""
+    from crd_fast.synthetic import generate_dataset
+
+    generate_dataset(root, categories=("fabric",), n_train=4, n_test_good=2, n_test_defect=2, size=px, seed=3)
+    return root / "fabric"
+
+
+def fit_with_cli(data: Path, path: Path, detector_args: list[str]) -> Path:
+    """``crd-fast fit data -o path --threshold 1.0`` with ``detector_args``; the model's path."""
+    from crd_fast.cli.main import main
+
+    assert main(["fit", str(data), "-o", str(path), "--threshold", "1.0", *detector_args]) == 0
+    return path
 
 
 def torchrun_command(nproc: int, *extra: str) -> list[str]:

@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import cli_detector_args, random_bank, run_unprivileged
+from helpers import cli_detector_args, fit_with_cli, random_bank, run_unprivileged, small_fabric
 from PIL import Image
 
 from crd_fast import CRDDetector, CRDScorer, ModelFileError
 from crd_fast.cli.main import main
 from crd_fast.io.images import ImageReadError, load_image
-from crd_fast.synthetic import generate_dataset
 
 PX = 64
 DET = cli_detector_args(PX, batch_size=2)
@@ -41,16 +40,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("mvtec")
-    generate_dataset(root, categories=("fabric",), n_train=4, n_test_good=2, n_test_defect=2, size=PX, seed=3)
-    return root / "fabric"
+    return small_fabric(tmp_path_factory.mktemp("mvtec"), PX)
 
 
 @pytest.fixture(scope="module")
 def model(data, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "fabric.crd"
-    assert main(["fit", str(data), "-o", str(path), "--threshold", "1.0", *DET]) == 0
-    return path
+    return fit_with_cli(data, tmp_path_factory.mktemp("model") / "fabric.crd", DET)
 
 
 def _error(capsys) -> str:

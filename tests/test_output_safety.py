@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli_detector_args, random_bank, run_unprivileged
+from helpers import cli_detector_args, fit_with_cli, random_bank, run_unprivileged, small_fabric
 
 import crd_fast
 from crd_fast import CRDDetector, CRDScorer, ModelFileError
@@ -37,16 +37,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("mvtec")
-    generate_dataset(root, categories=("fabric",), n_train=4, n_test_good=2, n_test_defect=2, size=PX, seed=3)
-    return root / "fabric"
+    return small_fabric(tmp_path_factory.mktemp("mvtec"), PX)
 
 
 @pytest.fixture(scope="module")
 def model(data, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "m.crd"
-    assert main(["fit", str(data), "-o", str(path), "--threshold", "1.0", *O]) == 0
-    return path
+    return fit_with_cli(data, tmp_path_factory.mktemp("model") / "m.crd", O)
 
 
 def _copy_images(data: Path, folder: Path, n: int = 3) -> list[Path]:
