@@ -41,6 +41,8 @@ def sweep_category(root: Path, category: str, args: argparse.Namespace) -> list[
         crop=args.crop,
         embedding=args.embedding,
         batch_size=8,
+        spatial="global",  # one d x d model whose lam_rel and centring are rescored below
+        lam_rel=0.01,
     )
     det.fit(MVTecAD(root, category, "train"), progress=False)
     test = MVTecAD(root, category, "test")
@@ -51,8 +53,9 @@ def sweep_category(root: Path, category: str, args: argparse.Namespace) -> list[
     rows = []
     for center in (True, False):
         for lam_rel in LAM_RELS:
-            det.scorer.lam_rel, det.scorer.center = lam_rel, center
-            patch_maps = det.scorer.score(patches).reshape(b, h, w).float()
+            scorer = det.model.scorer
+            scorer.lam_rel, scorer.center = lam_rel, center
+            patch_maps = scorer.score(patches).reshape(b, h, w).float()
             maps = det.mapper(patch_maps).numpy()
             image_scores = patch_maps.flatten(1).max(dim=1).values.numpy()
             rows.append(

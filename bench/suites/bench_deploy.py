@@ -51,7 +51,15 @@ def images(n: int, defect: bool = False) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def setup():
     folder = Path(tempfile.mkdtemp(prefix="crd_bench_deploy_"))
-    det = CRDDetector(backbone=BACKBONE, weights="random", resize=CROP * 8 // 7, crop=CROP, batch_size=BATCH)
+    det = CRDDetector(
+        backbone=BACKBONE,
+        weights="random",
+        resize=CROP * 8 // 7,
+        crop=CROP,
+        batch_size=BATCH,
+        spatial="global",
+        lam_rel=0.01,
+    )
     det.fit(images(N_TRAIN), progress=False)
     det.save(folder / "model.crd")
     whole = export_onnx(det, folder / "model.onnx")
@@ -89,7 +97,7 @@ def test_summary_throughput_and_sizes(setup):
     mb = 1e6
     for name in ("fp16", "fp32"):
         export_onnx(det, folder / f"head_{name}.onnx", head_only=True, precision=name)
-    DeployHead.from_scorer(det.scorer, "fp16").save(folder / "head_fp16.crdh")
+    DeployHead.from_scorer(det.model.scorer, "fp16").save(folder / "head_fp16.crdh")
     rows = [
         ("CRD detector file (float64 statistics + M_pre)", (folder / "model.crd").stat().st_size),
         ("CRD head file, fp16 M_pre", (folder / "head_fp16.crdh").stat().st_size),
@@ -132,7 +140,7 @@ def test_summary_score_errors(setup):
         torch.randn(16 * 784, d // 8, generator=gen) @ basis.T + 0.2 * torch.randn(16 * 784, d, generator=gen)
     ).float()
     cases = [
-        (det.scorer, synthetic, grid, f"synthetic fabric set, {len(test)} images, d={det.dim}"),
+        (det.model.scorer, synthetic, grid, f"synthetic fabric set, {len(test)} images, d={det.dim}"),
         (rand_scorer, random_feats, 784, f"random features, 16 x 784 patches, d={d}"),
     ]
     for scorer, feats, per_image, label in cases:

@@ -140,7 +140,15 @@ def _worker(workload: str, result_path: str) -> None:
             from crd_fast.detector.detector import CRDDetector
 
             crop = cfg["crop"]
-            model = CRDDetector(backbone="resnet18", weights="random", resize=crop, crop=crop, batch_size=8)
+            model = CRDDetector(
+                backbone="resnet18",
+                weights="random",
+                resize=crop,
+                crop=crop,
+                batch_size=8,
+                spatial="global",
+                lam_rel=0.01,
+            )
             g = np.random.default_rng(0)
             items = [g.random((crop, crop, 3), dtype=np.float32) for _ in range(n)]
             d, n_patches = model.dim, n * model.patch_grid[0] * model.patch_grid[1]
@@ -150,7 +158,7 @@ def _worker(workload: str, result_path: str) -> None:
         fit_distributed(model, items)
         dist.barrier()
         fit_s = time.perf_counter() - start
-        stats = model.scorer.statistics if workload == "images" else model.statistics
+        stats = model.model.scorer.statistics if workload == "images" else model.statistics
         start = time.perf_counter()
         all_reduce_statistics(stats)
         combine_s = time.perf_counter() - start
