@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from crd_fast.deploy.local_head_file import measure_local_error
+from crd_fast.deploy.head_errors import measure_local_error
 from crd_fast.scorers.local import LocalCRDScorer
 
 
